@@ -112,11 +112,11 @@ def save_quantized(
         names = [SINGLE_FILE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    for name, shard in zip(names, shards, strict=True):
         with atomic_path(out / name) as tmp:
             save_file(shard, str(tmp), metadata=meta)
     if len(shards) > 1:
-        weight_map = {t: n for n, shard in zip(names, shards) for t in shard}
+        weight_map = {t: n for n, shard in zip(names, shards, strict=True) for t in shard}
         total = sum(t.numel() * t.element_size() for t in state.values())
         write_json(out / INDEX_FILE, {"metadata": {"total_size": total, "aliases": aliases},
                                       "weight_map": weight_map})

@@ -1,0 +1,234 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear layer column by column, each column's rounding
+error compensated on the columns not yet quantized, weighted by the inverse input Hessian.
+
+For a layer ``y = x W^T`` and calibration inputs ``X [T, K]`` the output error of a quantized
+``W_hat`` is ``tr((W - W_hat) H (W - W_hat)^T)`` with ``H = X^T X / T``. GPTQ minimizes it greedily:
+quantize column ``i``, then move the remaining columns by ``-(w_i - q_i) / [H^-1]_ii *
+[H^-1]_{i, i:}``, using the upper Cholesky factor of ``H^-1`` (numerically stable) and lazy
+block updates (columns in blocks of ``block_size``; the rest of W is updated once per block).
+
+**Groups: static, act-order.** Each group's parameters (scale, bias) are computed once, from the
+original (un-updated) weights of its ``G`` consecutive inputs, before any column is quantized
+(MSE-optimal shrink search, :mod:`.scale_search`). Columns are then processed in descending
+order of ``diag(H)`` ("act-order": the most important inputs are quantized first, while the
+most error can still be compensated), each with the fixed parameters of the group it belongs to
+in the original order. So the result is an ordinary checkpoint in the canonical layout: no
+permutation is stored and inference needs no reordering (the "static groups" variant of
+GPTQ; dynamic groups with act-order would make groups non-contiguous in K).
+
+The codes and parameters are those of the format's ``encode``/``decode`` (docs/FORMAT.md), so
+the kernels' dequantization of the packed result equals GPTQ's own reconstruction exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .. import formats as F
+from ..formats import GroupParams, QuantizedTensor
+from .scale_search import DEFAULT_GRID, DEFAULT_MIN_SHRINK, search_group_params
+
+log = logging.getLogger("metal_marlin_torch")
+
+DEFAULT_DAMP = 0.01
+DEFAULT_BLOCK = 128
+MAX_DAMP_RETRIES = 6
+
+
+class HessianAccumulator:
+    """Running ``H = X^T X / T`` of a layer's inputs, in float32 on ``device``.
+
+    ``add(x)`` takes inputs ``[..., K]`` of any float dtype (a forward hook's ``args[0]``).
+    """
+
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"HessianAccumulator: k must be a positive int, got {k!r}")
+        self.k = k
+        self.sum = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.k:
+            raise ValueError(f"HessianAccumulator.add: inputs must end in K={self.k}, got {tuple(x.shape)}")
+        x = x.detach().reshape(-1, self.k).to(device=self.sum.device, dtype=torch.float32)
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """``X^T X / T``; ValueError when no input was seen."""
+        if self.count == 0:
+            raise ValueError("HessianAccumulator: no inputs were added (did the layer run?)")
+        return self.sum / self.count
+
+    def hook(self):
+        """A forward hook ``fn(module, args, output)`` that adds the module's input."""
+        def fn(module, args, output):  # noqa: ARG001 (hook signature)
+            self.add(args[0])
+        return fn
+
+
+@dataclass
+class GPTQResult:
+    """Output of :func:`gptq_quantize`.
+
+    Attributes:
+        qt: the packed layer (canonical layout, original column order).
+        w_hat: ``float32 [N, K]`` GPTQ's reconstruction, equal to dequantizing ``qt``.
+        damp: the relative damping finally used (raised automatically if Cholesky failed).
+        loss: GPTQ's objective proxy ``sum_i (w_i - q_i)^2 / [U]_ii^2 / 2`` over all columns.
+    """
+
+    qt: QuantizedTensor
+    w_hat: torch.Tensor
+    damp: float
+    loss: float
+
+
+def damped_inverse_cholesky(
+    h: torch.Tensor, damp: float, retries: int = MAX_DAMP_RETRIES
+) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` and the damp used.
+
+    If ``H`` (plus damping) is not positive definite the damping is multiplied by 10 and
+    retried, up to ``retries`` times (logged); then ValueError.
+    """
+    if not torch.isfinite(h).all():
+        raise ValueError("gptq: the Hessian contains NaN or Inf (non-finite calibration activations?)")
+    k = h.shape[0]
+    mean_diag = torch.diagonal(h).mean()
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    d = damp
+    for attempt in range(retries + 1):
+        hd = h + (d * mean_diag) * eye
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                if attempt:
+                    log.info("gptq: Cholesky needed damp=%g (asked %g)", d, damp)
+                return upper, d
+        d *= 10.0
+    raise ValueError(f"gptq: Hessian not positive definite even with damp={d / 10:g} (relative)")
+
+
+def _column_params(params: GroupParams, g: int) -> GroupParams:
+    """Group ``g``'s parameters shaped ``[N, 1]`` for encoding one column ``[N, 1, 1]``."""
+    return GroupParams(
+        params.scales[:, g:g + 1],
+        None if params.biases is None else params.biases[:, g:g + 1],
+        params.global_scale,
+    )
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    format: str,
+    group_size: int = 128,
+    scale_dtype: torch.dtype = torch.float16,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK,
+    act_order: bool = True,
+    scale_search: bool = True,
+    search_grid: int = DEFAULT_GRID,
+    min_shrink: float = DEFAULT_MIN_SHRINK,
+) -> GPTQResult:
+    """GPTQ-quantize ``w [N, K]`` given the input Hessian ``hessian [K, K]``.
+
+    Args:
+        w: the layer's weight (any float dtype, any device; computed in float32 there).
+        hessian: ``X^T X / T`` of the layer's inputs (:class:`HessianAccumulator`).
+        format: a weight format name (every format of :mod:`metal_marlin_torch.formats`).
+        group_size: as in docs/FORMAT.md (mxfp4: 32, nvfp4: 16).
+        scale_dtype: scale storage dtype (formats with a fixed one ignore it).
+        damp: relative damping, a fraction of ``mean(diag H)`` added to the diagonal.
+        block_size: lazy-update block (columns).
+        act_order: process columns by descending ``diag(H)`` (static groups either way).
+        scale_search: MSE-optimal group parameters (weighted by ``diag H``) instead of the
+            format's plain absmax / min-max rule.
+        search_grid, min_shrink: the search's candidates (:func:`search_group_params`).
+    """
+    fmt = F.get_format(format)
+    if w.dim() != 2 or not w.dtype.is_floating_point:
+        raise ValueError(f"gptq_quantize: w must be a 2-D float tensor [N, K], got {w.dtype} {tuple(w.shape)}")
+    n, k = w.shape
+    if tuple(hessian.shape) != (k, k):
+        raise ValueError(
+            f"gptq_quantize: hessian must be [{k}, {k}] for w {tuple(w.shape)}, got {tuple(hessian.shape)}"
+        )
+    if not torch.isfinite(w).all():
+        raise ValueError("gptq_quantize: w contains NaN or Inf")
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"gptq_quantize: block_size must be a positive int, got {block_size!r}")
+    if not 0.0 <= damp < 1e3:
+        raise ValueError(f"gptq_quantize: damp must be >= 0, got {damp!r}")
+    g = fmt.check_group_size(group_size, k)
+    sdt = fmt.scale_dtype(scale_dtype)
+
+    work = w.detach().to(torch.float32).clone()
+    h = hessian.detach().to(device=work.device, dtype=torch.float32).clone()
+    dead = torch.diagonal(h) == 0  # inputs that never fire: weight irrelevant, set to 0
+    h[dead, dead] = 1.0
+    work[:, dead] = 0.0
+
+    groups = work.view(n, k // g, g)
+    if scale_search:
+        importance = torch.diagonal(h).clamp_min(0).view(1, k // g, g)
+        params = search_group_params(fmt, groups, sdt, importance, search_grid, min_shrink)
+    else:
+        params = fmt.group_params(groups, sdt)
+    col_params = [_column_params(params, j) for j in range(k // g)]
+
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        work = work[:, perm]
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(k, device=work.device)
+    group_of = (perm // g).tolist()
+
+    u, used_damp = damped_inverse_cholesky(h, damp)
+    del h
+    codes = torch.empty(n, k, dtype=torch.int64, device=work.device)
+    w_hat = torch.empty_like(work)
+    losses = torch.zeros(n, dtype=torch.float32, device=work.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = work[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            p = col_params[group_of[i1 + i]]
+            c = fmt.encode(col.view(n, 1, 1), p)
+            q = fmt.decode(c, p).view(n)
+            codes[:, i1 + i] = c.view(n)
+            w_hat[:, i1 + i] = q
+            d = u1[i, i]
+            e = (col - q) / d
+            losses += e * e / 2
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        if i2 < k:
+            work[:, i2:] -= err1 @ u[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    codes = codes[:, inv]
+    w_hat = w_hat[:, inv]
+    qt = QuantizedTensor(
+        weight=F.pack(codes, fmt.bits), scales=params.scales, biases=params.biases,
+        global_scale=params.global_scale, format=fmt.name, group_size=group_size, shape=(n, k),
+    )
+    return GPTQResult(qt=qt, w_hat=w_hat, damp=used_damp, loss=float(losses.sum()))
+
+
+def rtn_quantize(
+    w: torch.Tensor, format: str, group_size: int = 128, scale_dtype: torch.dtype = torch.float16,
+) -> QuantizedTensor:
+    """Plain round-to-nearest (the formats' own quantizer), for comparisons."""
+    return F.quantize(w, format, group_size, scale_dtype)

@@ -40,6 +40,7 @@ from ..nn.config import LayerPlan
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
 from .gptq import HessianAccumulator
+from .hadamard import unrotate
 from .mr_gptq import DEFAULT_ROTATION_BLOCK, Rotation, quantize_linear, rotation_for
 
 log = logging.getLogger("metal_marlin_torch")
@@ -50,6 +51,38 @@ GPTQ_KEYS = ("damp", "block_size", "act_order", "scale_search", "search_grid", "
 
 class _Stop(Exception):
     """Raised by the capture hook to end the forward pass at the first block."""
+
+
+class _Dequantized(nn.Module):
+    """Stand-in for a finished :class:`MarlinLinear` while its block is still being processed:
+    the dequantized weight with the rotation folded back, so calibration passes need not
+    unpack codes on every call. It computes what ``marlin.gemm`` computes (fp32 accumulation,
+    result in the input's dtype)."""
+
+    def __init__(self, layer: MarlinLinear) -> None:
+        super().__init__()
+        w = layer.dequantized_weight(torch.float32)
+        if layer.rotation_block:
+            w = unrotate(w, layer.rotation_block, layer.rotation_signs)
+        self.register_buffer("weight", w)
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.float()
+        return nn.functional.linear(x.float(), self.weight, b).to(x.dtype)
+
+
+def _swap_in_standins(block: nn.Module) -> dict[str, MarlinLinear]:
+    """Replace the block's MarlinLinear layers by :class:`_Dequantized`; returns the originals."""
+    finals = {n: m for n, m in block.named_modules() if isinstance(m, MarlinLinear)}
+    for name, layer in finals.items():
+        replace_module(block, name, _Dequantized(layer))
+    return finals
+
+
+def _restore(block: nn.Module, finals: dict[str, MarlinLinear]) -> None:
+    for name, layer in finals.items():
+        replace_module(block, name, layer)
 
 
 @dataclass
@@ -355,7 +388,11 @@ def quantize_layerwise(
                     save_block(path, block)
                 report["quantized_blocks"].append(i)
             if i + 1 < len(blocks):
-                outs = _run_block(block, inputs, device, store)
+                finals = _swap_in_standins(block)
+                try:
+                    outs = _run_block(block, inputs, device, store)
+                finally:
+                    _restore(block, finals)
                 inputs = [_replace_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
         block.to(block_home)
         if device.type == "cuda":
@@ -383,24 +420,38 @@ def _quantize_block(
         stages = _stages(block, names, inputs[0], device)
     else:
         stages = [names]
-    for stage in stages:
-        hessians: dict[str, torch.Tensor] = {}
-        if options.hessian:
-            accs = {n: HessianAccumulator(block.get_submodule(n).in_features, device) for n in stage}
-            handles = [block.get_submodule(n).register_forward_hook(accs[n].hook()) for n in stage]
-            try:
-                for args, kwargs in inputs:
-                    block(*_to(args, device), **_to(kwargs, device))
-            finally:
-                for h in handles:
-                    h.remove()
-            hessians = {n: a.hessian() for n, a in accs.items()}
-        for name in stage:
-            linear = block.get_submodule(name)
-            rot = rotation_for(linear.in_features, options.rotation_block, options.rotation_signs, options.seed) \
-                if options.rotate else Rotation()
-            if rot.signs is not None:
-                rot = Rotation(rot.block, rot.signs.to(device))
-            layer = layer_fn(linear, plans[name], dcfg, hessians.get(name), rot, gptq_opts)
-            replace_module(block, name, layer)
-        hessians.clear()
+    finals: dict[str, MarlinLinear] = {}
+    try:
+        for stage in stages:
+            _quantize_stage(block, stage, plans, inputs, options, gptq_opts, dcfg, device, layer_fn, finals)
+    finally:
+        _restore(block, finals)
+
+
+def _quantize_stage(
+    block: nn.Module, stage: list[str], plans: dict[str, LayerPlan], inputs: list[tuple[tuple, dict]],
+    options: DriverOptions, gptq_opts: dict[str, Any], dcfg: DTypeConfig, device,
+    layer_fn: Callable[..., MarlinLinear], finals: dict[str, MarlinLinear],
+) -> None:
+    """Collect the stage's Hessians (earlier stages run as stand-ins), then quantize its layers."""
+    hessians: dict[str, torch.Tensor] = {}
+    if options.hessian:
+        accs = {n: HessianAccumulator(block.get_submodule(n).in_features, device) for n in stage}
+        handles = [block.get_submodule(n).register_forward_hook(accs[n].hook()) for n in stage]
+        try:
+            for args, kwargs in inputs:
+                block(*_to(args, device), **_to(kwargs, device))
+        finally:
+            for h in handles:
+                h.remove()
+        hessians = {n: a.hessian() for n, a in accs.items()}
+    for name in stage:
+        linear = block.get_submodule(name)
+        rot = rotation_for(linear.in_features, options.rotation_block, options.rotation_signs, options.seed) \
+            if options.rotate else Rotation()
+        if rot.signs is not None:
+            rot = Rotation(rot.block, rot.signs.to(device))
+        layer = layer_fn(linear, plans[name], dcfg, hessians.get(name), rot, gptq_opts)
+        finals[name] = layer
+        replace_module(block, name, _Dequantized(layer))
+    hessians.clear()

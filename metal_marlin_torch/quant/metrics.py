@@ -86,7 +86,9 @@ def eval_windows(tokens: torch.Tensor, seq_len: int, max_tokens: int) -> torch.T
         raise ValueError(f"eval_windows: tokens must be 1-D, got shape {tuple(tokens.shape)}")
     n = min(tokens.numel(), max_tokens) // seq_len
     if n < 1:
-        raise ValueError(f"eval_windows: {tokens.numel()} tokens (budget {max_tokens}) is less than one window of {seq_len}")
+        raise ValueError(
+            f"eval_windows: {tokens.numel()} tokens (budget {max_tokens}) is less than one window of {seq_len}"
+        )
     return tokens[: n * seq_len].view(n, seq_len)
 
 

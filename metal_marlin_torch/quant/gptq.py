@@ -36,6 +36,7 @@ log = logging.getLogger("metal_marlin_torch")
 DEFAULT_DAMP = 0.01
 DEFAULT_BLOCK = 128
 MAX_DAMP_RETRIES = 6
+MIN_RETRY_DAMP = 1e-4
 
 
 class HessianAccumulator:
@@ -93,8 +94,8 @@ def damped_inverse_cholesky(
 ) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) * I)^-1`` and the damp used.
 
-    If ``H`` (plus damping) is not positive definite the damping is multiplied by 10 and
-    retried, up to ``retries`` times (logged); then ValueError.
+    If ``H`` (plus damping) is not positive definite the damping is multiplied by 10 (at least
+    ``MIN_RETRY_DAMP``) and retried, up to ``retries`` times (logged); then ValueError.
     """
     if not torch.isfinite(h).all():
         raise ValueError("gptq: the Hessian contains NaN or Inf (non-finite calibration activations?)")
@@ -102,6 +103,7 @@ def damped_inverse_cholesky(
     mean_diag = torch.diagonal(h).mean()
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
     d = damp
+    last = d
     for attempt in range(retries + 1):
         hd = h + (d * mean_diag) * eye
         lower, info = torch.linalg.cholesky_ex(hd)
@@ -111,8 +113,9 @@ def damped_inverse_cholesky(
                 if attempt:
                     log.info("gptq: Cholesky needed damp=%g (asked %g)", d, damp)
                 return upper, d
-        d *= 10.0
-    raise ValueError(f"gptq: Hessian not positive definite even with damp={d / 10:g} (relative)")
+        last = d
+        d = max(d * 10.0, MIN_RETRY_DAMP)
+    raise ValueError(f"gptq: Hessian not positive definite even with damp={last:g} (relative)")
 
 
 def _column_params(params: GroupParams, g: int) -> GroupParams:
@@ -199,23 +202,27 @@ def gptq_quantize(
     losses = torch.zeros(n, dtype=torch.float32, device=work.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
-        w1 = work[:, i1:i2].clone()
+        # the block is processed transposed ([columns, N]) so each column is contiguous
+        w1 = work[:, i1:i2].T.contiguous()
         err1 = torch.empty_like(w1)
+        q1 = torch.empty_like(w1)
+        c1 = torch.empty(i2 - i1, n, dtype=torch.int64, device=work.device)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, i]
+            col = w1[i]
             p = col_params[group_of[i1 + i]]
             c = fmt.encode(col.view(n, 1, 1), p)
             q = fmt.decode(c, p).view(n)
-            codes[:, i1 + i] = c.view(n)
-            w_hat[:, i1 + i] = q
-            d = u1[i, i]
-            e = (col - q) / d
-            losses += e * e / 2
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+            c1[i] = c.view(n)
+            q1[i] = q
+            e = (col - q) / u1[i, i]
+            err1[i] = e
+            w1[i:].addr_(u1[i, i:], e, alpha=-1.0)  # w1[j] -= U[i, j] * e for j >= i
+        losses += err1.pow(2).sum(0) / 2
+        codes[:, i1:i2] = c1.T
+        w_hat[:, i1:i2] = q1.T
         if i2 < k:
-            work[:, i2:] -= err1 @ u[i1:i2, i2:]
+            work[:, i2:].addmm_(err1.T, u[i1:i2, i2:], alpha=-1.0)
 
     inv = torch.argsort(perm)
     codes = codes[:, inv]

@@ -1,0 +1,153 @@
+"""The layer-by-layer driver on tiny models built from configs: stages, GPTQ end to end,
+MR-GPTQ rotation, encoders, and resume after a simulated interruption."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from metal_marlin_torch import QuantConfig, quantize_model
+from metal_marlin_torch.nn import MarlinLinear, plan_layers
+from metal_marlin_torch.quant.driver import DriverOptions, _stages, capture_inputs, find_blocks, quantize_layerwise
+from metal_marlin_torch.quant.mr_gptq import quantize_linear
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_bert(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def tokens(n: int = 4, length: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_find_blocks_and_stages():
+    model = tiny_llama()
+    prefix, blocks = find_blocks(model)
+    assert prefix == "model.layers" and len(blocks) == 2
+    inputs = capture_inputs(model, blocks, tokens(2), 2, "cpu", "cpu")
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert _stages(blocks[0], names, inputs[0], "cpu") == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def output_error(model: nn.Module, ref: torch.Tensor, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(input_ids=ids).logits - ref).pow(2).mean())
+
+
+def test_gptq_model_beats_rtn_and_converts_every_layer():
+    ids = tokens(8, 32, seed=1)
+    base = tiny_llama()
+    with torch.no_grad():
+        ref = base(input_ids=ids).logits
+    errs = {}
+    for method in ("rtn", "gptq", "mr-gptq"):
+        model = tiny_llama()
+        summary = quantize_model(model, QuantConfig(format="int3", group_size=32, method=method),
+                                 calibration=ids, progress=False)
+        assert len(summary.layers) == 14  # 7 per block, lm_head excluded
+        errs[method] = output_error(model, ref, ids)
+        blocks = {m.in_features: m.rotation_block for m in model.modules() if isinstance(m, MarlinLinear)}
+        # default rotation block 128, cut to the largest power of two dividing K
+        assert blocks == ({64: 64, 128: 128} if method == "mr-gptq" else {64: 0, 128: 0})
+    assert errs["gptq"] < errs["rtn"], errs
+    assert errs["mr-gptq"] < errs["rtn"], errs
+
+
+def test_mr_gptq_layers_carry_their_rotation():
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(format="fp4", group_size=32, method="mr-gptq",
+                                      method_options={"rotation_block": 32, "rotation_signs": True}),
+                   calibration=tokens(4), progress=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.rotation_block == 32 and q.rotation_signs is not None and q.rotation_signs.shape == (64,)
+
+
+def test_encoder_model():
+    model = tiny_bert()
+    ids = tokens(4, 16)
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    summary = quantize_model(model, QuantConfig(format="int4", group_size=32, method="gptq"),
+                             calibration=ids, progress=False)
+    assert "encoder.layer.0.attention.self.query" in summary.layers
+    assert isinstance(model.pooler.dense, MarlinLinear)  # outside the blocks: round to nearest
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min()
+    assert cos > 0.99
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_redoes_nothing_finished(tmp_path):
+    ids = tokens(4, 32, seed=2)
+    cfg = QuantConfig(format="int4", group_size=32, method="gptq")
+    options = DriverOptions.from_options("gptq", {})
+
+    # uninterrupted run, for comparison
+    full = tiny_llama()
+    plans, _ = plan_layers(full, cfg)
+    quantize_layerwise(full, plans, ids, options, progress=False)
+
+    calls: list[str] = []
+
+    def interrupting(linear, plan, *args, **kwargs):
+        calls.append(plan_name[id(linear)])
+        if plan_name[id(linear)].startswith("model.layers.1."):
+            raise Interrupt
+        return quantize_linear(linear, plan, *args, **kwargs)
+
+    first = tiny_llama()
+    plan_name = {id(m): n for n, m in first.named_modules()}
+    with pytest.raises(Interrupt):
+        quantize_layerwise(first, plans, ids, options, work_dir=tmp_path, progress=False, layer_fn=interrupting)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block_00000.safetensors", "run.json"]  # no temp files
+
+    calls.clear()
+    second = tiny_llama()
+    plan_name = {id(m): n for n, m in second.named_modules()}
+    def counting(linear, *args, **kwargs):
+        calls.append(plan_name[id(linear)])
+        return quantize_linear(linear, *args, **kwargs)
+
+    report = quantize_layerwise(second, plans, ids, options, work_dir=tmp_path, progress=False, layer_fn=counting)
+    assert report["resumed_blocks"] == [0] and report["quantized_blocks"] == [1]
+    assert calls and all(c.startswith("model.layers.1.") for c in calls)
+    a, b = full.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_work_dir_with_other_settings_is_refused(tmp_path):
+    ids = tokens(2, 16)
+    model = tiny_llama()
+    plans, _ = plan_layers(model, QuantConfig(format="int4", group_size=32))
+    quantize_layerwise(model, plans, ids, DriverOptions(hessian=False), work_dir=tmp_path, progress=False)
+    other = tiny_llama()
+    plans3, _ = plan_layers(other, QuantConfig(format="int3", group_size=32))
+    with pytest.raises(ValueError, match="other settings"):
+        quantize_layerwise(other, plans3, ids, DriverOptions(hessian=False), work_dir=tmp_path, progress=False)
+
+
+def test_unknown_method_option_is_an_error():
+    with pytest.raises(ValueError, match="unknown keys"):
+        DriverOptions.from_options("gptq", {"dampp": 0.1})

@@ -2,8 +2,9 @@
 written plainly (``gptq_reference.py``), same settings, same run, same inputs.
 
 Layers (out x in): 4096 x 4096 and 14336 x 4096 (a Llama-3-8B ``q_proj`` and ``up_proj``).
-Calibration: 128 x 2048 = 262144 token activations of width 4096 (synthetic: Gaussian with
-correlated channels of unequal scale, fixed seed; the timing does not depend on the values).
+Calibration: 128 x 2048 = 262144 token activations of width 4096 (synthetic: Gaussian channels
+of unequal scale plus a shared rank-16 component, fixed seed; the timing does not depend on the
+values).
 Settings: int4, group 128, damp 0.01, lazy block 128, act-order with static groups.
 Phases timed separately: Hessian accumulation (``X^T X`` in chunks of 2048 tokens) and the
 column-by-column solve. Ours is also timed with its MSE scale search (its default).
@@ -66,12 +67,15 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere, both implementations
     k = LAYERS[0][1]
     gen = torch.Generator(device="cpu").manual_seed(0)
-    mix = (torch.randn(k, k, generator=gen) * 0.02 + torch.eye(k)).to(device)
+    # channels of unequal scale plus a shared rank-16 component (correlation), cheap to draw
     col_scale = torch.linspace(0.2, 4.0, k)[torch.randperm(k, generator=gen)].to(device)
+    basis = (torch.randn(16, k, generator=gen) * 0.5).to(device)
     chunks = []
     dgen = torch.Generator(device=device).manual_seed(1)
     for _ in range(args.samples):  # activations, generated before timing
-        chunks.append((torch.randn(args.seq_len, k, generator=dgen, device=device) @ mix) * col_scale)
+        x = torch.randn(args.seq_len, k, generator=dgen, device=device) * col_scale
+        x += torch.randn(args.seq_len, 16, generator=dgen, device=device) @ basis
+        chunks.append(x)
 
     def hessian_ours():
         acc = HessianAccumulator(k, device)

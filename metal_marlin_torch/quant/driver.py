@@ -117,7 +117,7 @@ class DriverOptions:
         """Options for ``method`` (``gptq`` / ``mr-gptq``) from a flat dict; unknown keys are errors."""
         opts = dict(options)
         gptq = {k: opts.pop(k) for k in GPTQ_KEYS if k in opts}
-        known = set(cls.__dataclass_fields__) - {"gptq", "hessian"}
+        known = set(cls.__dataclass_fields__) - {"gptq"}
         bad = set(opts) - known - {"n_samples", "seq_len", "calibration_seed"}
         if bad:
             raise ValueError(f"method_options: unknown keys {sorted(bad)}; known: {sorted(known | set(GPTQ_KEYS))}")

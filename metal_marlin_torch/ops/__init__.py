@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import autograd, fake, library, reference, registry  # noqa: F401  (registration)
+from . import autograd, fake, kv_fake, library, reference, registry  # noqa: F401  (registration)
 from .registry import active_kernels, override, reset_kernel, set_kernel
 
 

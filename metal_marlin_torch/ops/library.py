@@ -24,6 +24,27 @@ SCHEMAS: dict[str, str] = {
     "quantize": "quantize(Tensor w, str format, int group_size, ScalarType scale_dtype) -> Tensor[]",
     "fake_quantize": "fake_quantize(Tensor x, int bits) -> Tensor",
     "hadamard": "hadamard(Tensor x, int block) -> Tensor",
+    # quantized KV cache (ops/kv.py, docs/KV_CACHE.md)
+    "kv_quantize": (
+        "kv_quantize(Tensor x, Tensor positions, Tensor(a!) packed, Tensor(b!) norms, Tensor codebook, "
+        "int bits) -> ()"
+    ),
+    "kv_dequantize": "kv_dequantize(Tensor packed, Tensor norms, Tensor codebook, SymInt pos, int bits) -> Tensor",
+    "kv_dequantize.out": (
+        "kv_dequantize.out(Tensor packed, Tensor norms, Tensor codebook, SymInt pos, int bits, "
+        "Tensor(a!) out) -> ()"
+    ),
+    "kv_dequantize_seq": (
+        "kv_dequantize_seq(Tensor packed, Tensor norms, Tensor codebook, SymInt start, SymInt n, int bits) -> Tensor"
+    ),
+    "kv_dequantize_seq.out": (
+        "kv_dequantize_seq.out(Tensor packed, Tensor norms, Tensor codebook, SymInt start, SymInt n, int bits, "
+        "Tensor(a!) out) -> ()"
+    ),
+    "kv_attention": (
+        "kv_attention(Tensor q, Tensor k_packed, Tensor k_norms, Tensor v_packed, Tensor v_norms, Tensor codebook, "
+        "SymInt length, int bits, float scale) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import reference
+from . import kv, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -26,6 +26,7 @@ REFERENCE: dict[str, Callable] = {
     "quantize": reference.quantize,
     "fake_quantize": reference.fake_quantize,
     "hadamard": reference.hadamard,
+    **kv.REFERENCE,  # quantized KV cache ops
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
 

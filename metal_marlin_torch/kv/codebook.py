@@ -111,7 +111,7 @@ def _lloyd(t: np.ndarray, w: np.ndarray, levels: int, density) -> np.ndarray:
     return (c - c[::-1]) * 0.5  # exact symmetry (the densities are even)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codebook(bits: int, block: int, distribution: str) -> tuple[float, ...]:
     t, w = _grid(block, distribution)
     return tuple(_lloyd(t, w, 2 ** bits, lambda x: _density(x, block, distribution)).tolist())

@@ -34,7 +34,7 @@ import math
 import numpy as np
 import torch
 
-_GRID = 1 << 20
+_GRID = 1 << 18
 _LLOYD_STEPS = 50
 _NEWTON_STEPS = 50
 _TOL = 1e-9

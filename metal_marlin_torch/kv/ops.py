@@ -24,7 +24,7 @@ def kv_dequantize(packed: torch.Tensor, norms: torch.Tensor, codebook: torch.Ten
     """Position ``pos`` -> float32 ``[H, D]`` in the rotated domain (into ``out`` if given)."""
     if out is None:
         return torch.ops.marlin.kv_dequantize(packed, norms, codebook, pos, bits)
-    torch.ops.marlin.kv_dequantize.out(packed, norms, codebook, pos, bits, out)
+    torch.ops.marlin.kv_dequantize_out(packed, norms, codebook, pos, bits, out)
     return out
 
 
@@ -33,7 +33,7 @@ def kv_dequantize_seq(packed: torch.Tensor, norms: torch.Tensor, codebook: torch
     """Positions ``[start, start + n)`` -> float32 ``[H, n, D]`` in the rotated domain, one call."""
     if out is None:
         return torch.ops.marlin.kv_dequantize_seq(packed, norms, codebook, start, n, bits)
-    torch.ops.marlin.kv_dequantize_seq.out(packed, norms, codebook, start, n, bits, out)
+    torch.ops.marlin.kv_dequantize_seq_out(packed, norms, codebook, start, n, bits, out)
     return out
 
 

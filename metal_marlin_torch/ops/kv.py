@@ -199,12 +199,12 @@ def kv_dequantize(packed, norms, codebook, pos, bits):
 
 
 def kv_dequantize_out(packed, norms, codebook, pos, bits, out):
-    h, c, d = check_cache("marlin.kv_dequantize.out", packed, norms, codebook, bits)
-    check_out("marlin.kv_dequantize.out", out, h * d, packed.device)
+    h, c, d = check_cache("marlin.kv_dequantize_out", packed, norms, codebook, bits)
+    check_out("marlin.kv_dequantize_out", out, h * d, packed.device)
     if h == 0:
         return
     if not 0 <= pos < c:
-        raise ValueError(f"marlin.kv_dequantize.out: pos must lie in [0, {c}), got {pos}")
+        raise ValueError(f"marlin.kv_dequantize_out: pos must lie in [0, {c}), got {pos}")
     out.view(-1)[: h * d].view(h, d).copy_(_dequantize_range(packed, norms, codebook, pos, 1, bits)[:, 0])
 
 
@@ -217,7 +217,7 @@ def kv_dequantize_seq(packed, norms, codebook, start, n, bits):
 
 
 def kv_dequantize_seq_out(packed, norms, codebook, start, n, bits, out):
-    where = "marlin.kv_dequantize_seq.out"
+    where = "marlin.kv_dequantize_seq_out"
     h, c, d = check_cache(where, packed, norms, codebook, bits)
     check_out(where, out, h * max(n, 0) * d, packed.device)
     if h == 0 or n == 0:
@@ -253,8 +253,8 @@ def kv_attention(q, k_packed, k_norms, v_packed, v_norms, codebook, length, bits
 REFERENCE = {
     "kv_quantize": kv_quantize,
     "kv_dequantize": kv_dequantize,
-    "kv_dequantize.out": kv_dequantize_out,
+    "kv_dequantize_out": kv_dequantize_out,
     "kv_dequantize_seq": kv_dequantize_seq,
-    "kv_dequantize_seq.out": kv_dequantize_seq_out,
+    "kv_dequantize_seq_out": kv_dequantize_seq_out,
     "kv_attention": kv_attention,
 }

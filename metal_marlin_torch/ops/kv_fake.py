@@ -23,10 +23,10 @@ def _kv_dequantize_fake(packed, norms, codebook, pos, bits):
     return packed.new_empty((h, d), dtype=torch.float32)
 
 
-@torch.library.register_fake(f"{NAMESPACE}::kv_dequantize.out")
+@torch.library.register_fake(f"{NAMESPACE}::kv_dequantize_out")
 def _kv_dequantize_out_fake(packed, norms, codebook, pos, bits, out):
-    h, _, d = check_cache("marlin.kv_dequantize.out", packed, norms, codebook, bits)
-    check_out("marlin.kv_dequantize.out", out, h * d, packed.device)
+    h, _, d = check_cache("marlin.kv_dequantize_out", packed, norms, codebook, bits)
+    check_out("marlin.kv_dequantize_out", out, h * d, packed.device)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::kv_dequantize_seq")
@@ -35,10 +35,10 @@ def _kv_dequantize_seq_fake(packed, norms, codebook, start, n, bits):
     return packed.new_empty((h, n, d), dtype=torch.float32)
 
 
-@torch.library.register_fake(f"{NAMESPACE}::kv_dequantize_seq.out")
+@torch.library.register_fake(f"{NAMESPACE}::kv_dequantize_seq_out")
 def _kv_dequantize_seq_out_fake(packed, norms, codebook, start, n, bits, out):
-    h, _, d = check_cache("marlin.kv_dequantize_seq.out", packed, norms, codebook, bits)
-    check_out("marlin.kv_dequantize_seq.out", out, h * n * d, packed.device)
+    h, _, d = check_cache("marlin.kv_dequantize_seq_out", packed, norms, codebook, bits)
+    check_out("marlin.kv_dequantize_seq_out", out, h * n * d, packed.device)
 
 
 @torch.library.register_fake(f"{NAMESPACE}::kv_attention")

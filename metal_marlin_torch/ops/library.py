@@ -30,15 +30,15 @@ SCHEMAS: dict[str, str] = {
         "int bits) -> ()"
     ),
     "kv_dequantize": "kv_dequantize(Tensor packed, Tensor norms, Tensor codebook, SymInt pos, int bits) -> Tensor",
-    "kv_dequantize.out": (
-        "kv_dequantize.out(Tensor packed, Tensor norms, Tensor codebook, SymInt pos, int bits, "
+    "kv_dequantize_out": (
+        "kv_dequantize_out(Tensor packed, Tensor norms, Tensor codebook, SymInt pos, int bits, "
         "Tensor(a!) out) -> ()"
     ),
     "kv_dequantize_seq": (
         "kv_dequantize_seq(Tensor packed, Tensor norms, Tensor codebook, SymInt start, SymInt n, int bits) -> Tensor"
     ),
-    "kv_dequantize_seq.out": (
-        "kv_dequantize_seq.out(Tensor packed, Tensor norms, Tensor codebook, SymInt start, SymInt n, int bits, "
+    "kv_dequantize_seq_out": (
+        "kv_dequantize_seq_out(Tensor packed, Tensor norms, Tensor codebook, SymInt start, SymInt n, int bits, "
         "Tensor(a!) out) -> ()"
     ),
     "kv_attention": (

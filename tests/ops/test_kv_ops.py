@@ -301,9 +301,9 @@ def _opcheck_cases():
         (torch.ops.marlin.kv_quantize.default,
          (torch.randn(2, 3, d), torch.tensor([5, 0, 2]), packed.clone(), norms.clone(), cb, bits)),
         (torch.ops.marlin.kv_dequantize.default, (packed, norms, cb, 3, bits)),
-        (torch.ops.marlin.kv_dequantize.out, (packed, norms, cb, 3, bits, torch.empty(2 * d))),
+        (torch.ops.marlin.kv_dequantize_out.default, (packed, norms, cb, 3, bits, torch.empty(2 * d))),
         (torch.ops.marlin.kv_dequantize_seq.default, (packed, norms, cb, 1, 4, bits)),
-        (torch.ops.marlin.kv_dequantize_seq.out, (packed, norms, cb, 1, 4, bits, torch.empty(2, 4, d))),
+        (torch.ops.marlin.kv_dequantize_seq_out.default, (packed, norms, cb, 1, 4, bits, torch.empty(2, 4, d))),
         (torch.ops.marlin.kv_attention.default, (q, packed, norms, packed, norms, cb, 5, bits, 0.125)),
     ]
 
@@ -318,8 +318,8 @@ def test_every_kv_op_is_routed_through_the_registry():
     from metal_marlin_torch.ops import active_kernels, override
 
     names = [op for op in active_kernels("cpu") if op.startswith("kv_")]
-    assert sorted(names) == sorted(["kv_quantize", "kv_dequantize", "kv_dequantize.out", "kv_dequantize_seq",
-                                    "kv_dequantize_seq.out", "kv_attention"])
+    assert sorted(names) == sorted(["kv_quantize", "kv_dequantize", "kv_dequantize_out", "kv_dequantize_seq",
+                                    "kv_dequantize_seq_out", "kv_attention"])
     calls = []
     with override({"kv_dequantize": lambda *a: calls.append(a) or torch.zeros(2, 64)}, "cpu", "probe"):
         packed, norms = random_cache(2, 2, 64, 8)

@@ -462,3 +462,20 @@ void bind_error(const KernelArgs& a, int index, const char* param, const char* w
                            std::to_string(index) + ") for parameter '" + param + "' " + what);
 }
 }  // namespace metal_emu
+
+// float -> bfloat16 with round-to-nearest-even, NaN kept quiet. Clang lowers `__bf16(float)`
+// to this compiler-rt builtin on x86-64; libgcc 12 lacks it, and compiler-rt's builtins
+// archive is not always installed with clang, so the emulator carries its own.
+extern "C" __bf16 __truncsfbf2(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint16_t r;
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
+    r = uint16_t((u >> 16) | 0x40u);
+  } else {
+    r = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  }
+  __bf16 out;
+  std::memcpy(&out, &r, 2);
+  return out;
+}

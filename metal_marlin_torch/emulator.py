@@ -68,6 +68,7 @@ KERNEL_FLAGS = [
     "-fvisibility=hidden",
     "-fexcess-precision=16",
     "-fno-strict-aliasing",
+    "-ffp-contract=off",
     "-U_FORTIFY_SOURCE",
     "-Wno-unknown-attributes",
     "-Wno-ignored-attributes",
@@ -442,51 +443,55 @@ def host_kernel_names() -> tuple[str, ...]:
 # Routing torch.ops.marlin.* through marlin_emu.
 
 
-class _EmulatorMode(torch.utils._python_dispatch.TorchDispatchMode):
-    """Sends `marlin::<op>` calls on CPU tensors to `marlin_emu::<op>` when it exists."""
+def emulated_ops() -> tuple[str, ...]:
+    """The marlin ops that have an emulated Metal kernel (a CPU kernel in marlin_emu)."""
+    from .ops.library import SCHEMAS  # noqa: PLC0415 (ops imports are cheap; avoids a cycle)
 
-    def __init__(self, lib: EmulatorLibrary) -> None:
-        super().__init__()
-        self.lib = lib
-        self.routed: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        kwargs = kwargs or {}
-        if func.namespace == "marlin":
-            name = func._schema.name.split("::", 1)[1]
-            target = getattr(self.lib.ops, name, None) if _has_op(self.lib, name) else None
-            if target is not None and _all_cpu(args, kwargs):
-                self.routed.append(name)
-                return target(*args, **kwargs)
-        return func(*args, **kwargs)
+    load()
+    cpu = set(torch._C._dispatch_get_registrations_for_dispatch_key("CPU"))
+    return tuple(op for op in SCHEMAS if f"marlin_emu::{op}" in cpu)
 
 
-def _has_op(lib: EmulatorLibrary, name: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{lib.namespace}::{name}", "CPU")
+@dataclass
+class EmulatorSession:
+    """What :func:`use` yields: the ops it routes, and every routed call's op name in order."""
 
-
-def _all_cpu(args: tuple, kwargs: dict) -> bool:
-    flat = list(args) + list(kwargs.values())
-    tensors = [a for a in flat if isinstance(a, torch.Tensor)]
-    return all(t.device.type == "cpu" for t in tensors)
+    ops: tuple[str, ...]
+    calls: list[str]
 
 
 @contextlib.contextmanager
-def use() -> Iterator[_EmulatorMode]:
-    """Route every `torch.ops.marlin.*` call on CPU tensors through the emulated Metal kernels.
+def use() -> Iterator[EmulatorSession]:
+    """Route every ``torch.ops.marlin.*`` call on CPU tensors through the emulated Metal kernels.
 
-    Ops without an emulated kernel (and non-CPU tensors) keep their normal implementation.
-    The yielded mode's `routed` list records which ops went through the emulator, in order.
+    Uses the ops registry's override hook (metal_marlin_torch.ops.registry), so autograd,
+    fake tensors and the Python wrappers behave exactly as without it; only the CPU kernel
+    changes. Ops without an emulated kernel keep the pure-torch one (listed by
+    :func:`emulated_ops`; ``backend_info()`` shows the routing while the context is active).
     """
+    from .ops import registry  # noqa: PLC0415
+
     lib = load()
-    mode = _EmulatorMode(lib)
-    with mode:
-        yield mode
+    session = EmulatorSession(emulated_ops(), [])
+
+    def route(op: str):  # noqa: ANN202
+        target = getattr(lib.ops, op)
+
+        def kernel(*args):  # noqa: ANN002, ANN202
+            session.calls.append(op)
+            return target(*args)
+
+        return kernel
+
+    with registry.override({op: route(op) for op in session.ops}, "cpu", "metal-emulator"):
+        yield session
 
 
 __all__ = [
     "EmulatorError",
     "EmulatorLibrary",
+    "EmulatorSession",
+    "emulated_ops",
     "available",
     "build_library",
     "compiler",

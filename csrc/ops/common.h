@@ -21,7 +21,7 @@ inline const char* kernel_dtype_name(at::ScalarType t) {
 }
 
 inline void check_activation_dtype(const char* op, const char* arg, at::ScalarType t) {
-  TORCH_CHECK(kernel_dtype_name(t) != nullptr, op, ": ", arg,
+  TORCH_CHECK_VALUE(kernel_dtype_name(t) != nullptr, op, ": ", arg,
               " must be float16, bfloat16 or float32 (the Metal kernels' types), got ", t);
 }
 
@@ -30,7 +30,7 @@ inline const at::ScalarType kActivationTypes[] = {at::kHalf, at::kBFloat16, at::
 inline uint32_t ceil_div(uint64_t a, uint64_t b) { return uint32_t((a + b - 1) / b); }
 
 inline void check_u32(const char* op, const char* what, int64_t v) {
-  TORCH_CHECK(v >= 0 && v <= int64_t(UINT32_MAX), op, ": ", what, " = ", v,
+  TORCH_CHECK_VALUE(v >= 0 && v <= int64_t(UINT32_MAX), op, ": ", what, " = ", v,
               " does not fit the kernels' 32-bit indexing");
 }
 

@@ -25,7 +25,7 @@ std::string kernel_name(const FormatInfo& f, at::ScalarType dtype, int group_siz
 uint32_t scale_kind(const FormatInfo& f, const at::Tensor& s, const char* arg) {
   const std::string req = f.scale_req;
   if (req == "e8m0") {
-    TORCH_CHECK(s.scalar_type() == at::kByte, kOp, ": ", arg, " of format '", f.name,
+    TORCH_CHECK_VALUE(s.scalar_type() == at::kByte, kOp, ": ", arg, " of format '", f.name,
                 "' must be uint8 (E8M0 exponents), got ", s.scalar_type());
     return MARLIN_SCALE_E8M0;
   }
@@ -35,7 +35,7 @@ uint32_t scale_kind(const FormatInfo& f, const at::Tensor& s, const char* arg) {
     case at::kFloat: return MARLIN_SCALE_F32;
     case at::kFloat8_e4m3fn: return MARLIN_SCALE_E4M3;
     default:
-      TORCH_CHECK(false, kOp, ": ", arg, " must be float16, bfloat16, float32 or float8_e4m3fn, got ",
+      TORCH_CHECK_VALUE(false, kOp, ": ", arg, " must be float16, bfloat16, float32 or float8_e4m3fn, got ",
                   s.scalar_type());
   }
 }
@@ -47,26 +47,26 @@ at::Tensor dequantize(Launcher& launcher, const at::Tensor& weight, const at::Te
                       const std::optional<at::Tensor>& global_scale, const std::string& format,
                       int64_t group_size, int64_t in_features, at::ScalarType dtype) {
   const FormatInfo* f = find_format(format);
-  TORCH_CHECK(f != nullptr, kOp, ": unknown format '", format, "'");
+  TORCH_CHECK_VALUE(f != nullptr, kOp, ": unknown format '", format, "'");
   bool group_ok = false;
   for (int g : f->group_sizes) group_ok |= g == group_size;
-  TORCH_CHECK(group_ok, kOp, ": format '", format, "' takes group_size in ", c10::IntArrayRef(
+  TORCH_CHECK_VALUE(group_ok, kOp, ": format '", format, "' takes group_size in ", c10::IntArrayRef(
       std::vector<int64_t>(f->group_sizes.begin(), f->group_sizes.end())), ", got ", group_size);
-  TORCH_CHECK(in_features > 0, kOp, ": in_features must be positive, got ", in_features);
+  TORCH_CHECK_VALUE(in_features > 0, kOp, ": in_features must be positive, got ", in_features);
   const int64_t K = in_features;
   const int64_t G = group_size == kPerChannel ? K : group_size;
-  TORCH_CHECK(K % G == 0, kOp, ": in_features K=", K, " is not divisible by group_size=", G);
+  TORCH_CHECK_VALUE(K % G == 0, kOp, ": in_features K=", K, " is not divisible by group_size=", G);
   check_activation_dtype(kOp, "dtype", dtype);
 
   const int64_t words = (K * f->bits + 31) / 32;
-  TORCH_CHECK(weight.dim() == 2 && (weight.scalar_type() == at::kUInt32 || weight.scalar_type() == at::kInt),
+  TORCH_CHECK_VALUE(weight.dim() == 2 && (weight.scalar_type() == at::kUInt32 || weight.scalar_type() == at::kInt),
               kOp, ": weight must be uint32 [N, ", words, "], got ", weight.scalar_type(), " ",
               weight.sizes());
-  TORCH_CHECK(weight.size(1) == words, kOp, ": weight: format '", format, "' with K=", K, " needs ",
+  TORCH_CHECK_VALUE(weight.size(1) == words, kOp, ": weight: format '", format, "' with K=", K, " needs ",
               words, " words per row, got shape ", weight.sizes());
   const int64_t N = weight.size(0);
   check_u32(kOp, "N * K", N * K);
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / G, kOp,
+  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / G, kOp,
               ": scales must have shape [", N, ", ", K / G, "], got ", scales.sizes());
   DequantizeArgs args{};
   args.n = uint32_t(N);
@@ -76,7 +76,7 @@ at::Tensor dequantize(Launcher& launcher, const at::Tensor& weight, const at::Te
   args.scale_kind = scale_kind(*f, scales, "scales");
   at::Tensor b;
   if (f->affine) {
-    TORCH_CHECK(biases.has_value() && biases->sizes() == scales.sizes(), kOp,
+    TORCH_CHECK_VALUE(biases.has_value() && biases->sizes() == scales.sizes(), kOp,
                 ": biases must have shape ", scales.sizes(), " for format '", format, "', got ",
                 biases.has_value() ? biases->sizes() : c10::IntArrayRef{});
     args.bias_kind = scale_kind(*f, *biases, "biases");
@@ -84,13 +84,13 @@ at::Tensor dequantize(Launcher& launcher, const at::Tensor& weight, const at::Te
   }
   at::Tensor gs;
   if (f->global_scale) {
-    TORCH_CHECK(global_scale.has_value() && global_scale->numel() == 1 &&
+    TORCH_CHECK_VALUE(global_scale.has_value() && global_scale->numel() == 1 &&
                     global_scale->scalar_type() == at::kFloat,
                 kOp, ": global_scale must be a float32 tensor of 1 element for format '", format, "'");
     gs = global_scale->contiguous();
   }
   for (const at::Tensor* t : {&scales, static_cast<const at::Tensor*>(&b), static_cast<const at::Tensor*>(&gs)})
-    TORCH_CHECK(!t->defined() || t->device() == weight.device(), kOp,
+    TORCH_CHECK_VALUE(!t->defined() || t->device() == weight.device(), kOp,
                 ": all tensors must be on weight's device ", weight.device(), ", got ", t->device());
 
   at::Tensor out = at::empty({N, K}, weight.options().dtype(dtype));

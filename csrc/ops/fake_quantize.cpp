@@ -29,12 +29,12 @@ FakeQuantizeVariant parse_fake_quantize_variant(const std::string& s) {
   if (s == "auto") return FakeQuantizeVariant::Auto;
   if (s == "vec") return FakeQuantizeVariant::Vector;
   if (s == "block") return FakeQuantizeVariant::Block;
-  TORCH_CHECK(false, kOp, ": variant must be 'auto', 'vec' or 'block', got '", s, "'");
+  TORCH_CHECK_VALUE(false, kOp, ": variant must be 'auto', 'vec' or 'block', got '", s, "'");
 }
 
 at::Tensor fake_quantize(Launcher& launcher, const at::Tensor& x, int64_t bits,
                          FakeQuantizeVariant variant) {
-  TORCH_CHECK(bits >= 1 && bits <= 16, kOp, ": bits must be an int in 1..16, got ", bits);
+  TORCH_CHECK_VALUE(bits >= 1 && bits <= 16, kOp, ": bits must be an int in 1..16, got ", bits);
   check_activation_dtype(kOp, "x", x.scalar_type());
   const int64_t n = x.numel();
   check_u32(kOp, "x.numel()", n);

@@ -22,10 +22,10 @@ std::string kernel_name(at::ScalarType t, int64_t block) {
 }  // namespace
 
 at::Tensor hadamard(Launcher& launcher, const at::Tensor& x, int64_t block) {
-  TORCH_CHECK(block >= kMinBlock && block <= kMaxBlock && (block & (block - 1)) == 0, kOp,
+  TORCH_CHECK_VALUE(block >= kMinBlock && block <= kMaxBlock && (block & (block - 1)) == 0, kOp,
               ": block must be a power of two in ", kMinBlock, "..", kMaxBlock,
               " for the Metal kernel, got ", block);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % block == 0, kOp, ": last dim of x (shape ", x.sizes(),
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) % block == 0, kOp, ": last dim of x (shape ", x.sizes(),
               ") must be divisible by block=", block);
   check_activation_dtype(kOp, "x", x.scalar_type());
   check_u32(kOp, "x.numel()", x.numel());

@@ -113,14 +113,13 @@ kernel void emu_bug_two_barriers(device float* y [[buffer(0)]],
   y[tid] = 1.0f;
 }
 
-// BUG: reads threadgroup memory that no thread wrote (t[tid + 1] for the last thread).
+// BUG: reads threadgroup memory that no thread wrote: t[63] (thread 62 reads it).
 kernel void emu_bug_uninit_tg(device float* y [[buffer(0)]],
-                              uint tid [[thread_position_in_threadgroup]],
-                              uint n [[threads_per_threadgroup]]) {
+                              uint tid [[thread_position_in_threadgroup]]) {
   threadgroup float t[64];
-  if (tid < n) t[tid] = float(tid);
+  if (tid < 63) t[tid] = float(tid);
   threadgroup_barrier(mem_flags::mem_threadgroup);
-  y[tid] = t[tid + 1];
+  y[tid] = t[(tid + 1) % 64];
 }
 
 // BUG: lanes of one simdgroup call simd_sum from two different branches.

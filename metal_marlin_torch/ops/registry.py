@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .._native import load_extension
 from . import kv, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
@@ -82,13 +83,17 @@ def register_torch_kernels(device_types: tuple[str, ...]) -> None:
             LIB.impl(op, _routed(op, device_type), key)
 
 
-def _metal_extension_loaded() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gemm", "MPS")
+def _has_metal_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "MPS")
 
 
 register_torch_kernels(("cpu", "cuda"))
-if not _metal_extension_loaded():
-    # Without the compiled Metal kernels, MPS tensors still work through the pure-torch ops.
-    register_torch_kernels(("mps",))
-    if torch.backends.mps.is_available():
-        log.info("metal_marlin_torch: Metal extension not loaded; MPS ops use the pure-torch kernels")
+load_extension()  # metal_marlin_torch._C registers its Metal kernels for MPS (macOS arm64 only)
+# Ops with a Metal kernel (from _C) keep it; the others run pure torch on MPS tensors too.
+METAL_OPS: tuple[str, ...] = tuple(op for op in SCHEMAS if _has_metal_kernel(op))
+for _op in SCHEMAS:
+    if _op not in METAL_OPS:
+        LIB.impl(_op, _routed(_op, "mps"), "MPS")
+if torch.backends.mps.is_available() and len(METAL_OPS) < len(SCHEMAS):
+    log.info("metal_marlin_torch: MPS ops without a Metal kernel use the pure-torch kernels: %s",
+             ", ".join(op for op in SCHEMAS if op not in METAL_OPS))

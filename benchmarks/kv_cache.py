@@ -122,9 +122,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=Path(os.environ.get("MARLIN_SHARED", ROOT.parent / "shared"))
                     / "models" / "pylm-s")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 512, 1024])
-    ap.add_argument("--regions", type=int, default=4, help="text regions, spread over the eval text")
-    ap.add_argument("--region", type=int, default=1024, help="tokens per region (a multiple of every length)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512],
+                    help="context lengths (pylm-s was trained on 512-token sequences)")
+    ap.add_argument("--regions", type=int, default=8, help="text regions, spread over the eval text")
+    ap.add_argument("--region", type=int, default=512, help="tokens per region (a multiple of every length)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "kv_cache")
     args = ap.parse_args()

@@ -404,7 +404,8 @@ def build_library(
         host_srcs = [CSRC / "emu" / "runtime.cpp", CSRC / "emu" / "emu_launcher.cpp",
                      CSRC / "emu" / "register_raw.cpp"]
         if with_ops:
-            host_srcs += _all_files(CSRC / "ops", "*.cpp") + [CSRC / "emu" / "register_ops.cpp"]
+            host_srcs += _all_files(CSRC / "ops", "*.cpp") + [CSRC / "emu" / "register_ops.cpp",
+                                                                 CSRC / "emu" / "register_kv.cpp"]
         workers = max(1, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
             kfuts = [pool.submit(b.kernel_object, m, extra_includes) for m in metal_sources]

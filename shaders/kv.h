@@ -153,7 +153,8 @@ METAL_FUNC void kv_attention_impl(device const float* q, device const uchar* k_p
     qv[i] = q[ulong(qh) * D + lane + 32 * i];
     acc[i] = 0.0f;
   }
-  float m = -INFINITY, l = 0.0f;
+  // -FLT_MAX, not -INFINITY: no infinities even under fast math; exp(-FLT_MAX - s) is 0
+  float m = -FLT_MAX, l = 0.0f;
   const uint pd = kv_packed_dim<BITS>(D);
   for (uint p = first + sgid; p < last; p += SG) {
     const ulong slot = ulong(row) * a.capacity + p;
@@ -182,7 +183,7 @@ METAL_FUNC void kv_attention_impl(device const float* q, device const uchar* k_p
   const ulong part = ulong(qh) * a.chunks + c;
   for (uint e = tid; e < uint(D); e += 32 * SG) {
     float t = 0.0f;
-    for (uint s = 0; s < SG; ++s) t += sacc[s * D + e] * exp(sm[s] - big);  // exp(-inf) = 0: idle simdgroup
+    for (uint s = 0; s < SG; ++s) t += sacc[s * D + e] * exp(sm[s] - big);  // an idle simdgroup has m = -FLT_MAX: weight 0
     part_acc[part * D + e] = t;
   }
   if (tid == 0) {

@@ -172,3 +172,15 @@ def test_emulator_routes_the_cache_layer(emu):
         out = store.read(5, torch.float32)
     assert "kv_quantize" in session.calls and "kv_dequantize_seq" in session.calls
     torch.testing.assert_close(out, ref.read(5, torch.float32), rtol=1e-5, atol=1e-5)
+
+
+def test_head_dims_without_a_kernel_are_named(emu):
+    # dequantize has one kernel for every head_dim; quantize and attention are instantiated for 32..512
+    packed, norms = random_cache(2, 4, 16, 8)
+    cb = codebook(8, 16)
+    assert bits_equal(emu.kv_dequantize(packed, norms, cb, 1, 8),
+                      torch.ops.marlin.kv_dequantize(packed, norms, cb, 1, 8))
+    with pytest.raises(ValueError, match="head_dim must be in 32..512 for the Metal kernel, got 16"):
+        emu.kv_quantize(torch.randn(2, 1, 16), torch.tensor([0]), packed, norms, cb, 8)
+    with pytest.raises(ValueError, match="head_dim must be in 32..512 for the Metal kernel, got 16"):
+        emu.kv_attention(torch.randn(2, 1, 16), packed, norms, packed, norms, cb, 2, 8, 0.25)

@@ -15,7 +15,7 @@ from .. import ops  # noqa: F401  (registers torch.ops.marlin.*)
 def kv_quantize(x: torch.Tensor, positions: torch.Tensor, packed: torch.Tensor, norms: torch.Tensor,
                 codebook: torch.Tensor, bits: int) -> None:
     """Rotate, normalize and quantize ``x [H, n, D]`` into ``packed``/``norms`` at ``positions``
-    (int64 ``[n]``, already wrapped into ``[0, capacity)``), in place."""
+    (int64 ``[n]``, distinct, already wrapped into ``[0, capacity)``), in place."""
     torch.ops.marlin.kv_quantize(x, positions, packed, norms, codebook, bits)
 
 

@@ -16,6 +16,7 @@ using namespace metal;
 
 constant constexpr uint KV_MAX_THREADS = 256;  // threads of a quantize/dequantize threadgroup
 constant constexpr uint KV_ATTN_SIMDGROUPS = 4;  // simdgroups of an attention threadgroup
+constant constexpr uint KV_ATTN_HEADS = 8;       // query heads (of one GQA group) per attention threadgroup
 
 // Bytes per position of a row's codes.
 template <int BITS>
@@ -129,68 +130,81 @@ METAL_FUNC void kv_dequantize_impl(device const uchar* packed, device const floa
 }
 
 // ---- decode attention, flash-decoding split ----------------------------------------------------
-// Threadgroup (query head qh = row * G + g, chunk c) covers positions [c * chunk, min((c + 1) *
-// chunk, length)). Its 4 simdgroups take every 4th position; the 32 lanes split D (lane l holds
-// elements l, l + 32, ...), read the codes straight from the cache (no dequantized copy), reduce
-// the score with simd_sum and keep an online softmax (running max m, sum l, accumulator). The
-// simdgroups are merged in threadgroup memory and the chunk's (m, l, acc[D]) written; a second
-// kernel merges the chunks. q is already rotated; the output stays in the rotated domain.
+// Threadgroup (row r, head slice j, chunk c) serves query heads r * G + g for g in
+// [j * 8, min(j * 8 + 8, G)) (GQA: the heads that share row r's keys and values) over positions
+// [c * chunk, min((c + 1) * chunk, length)). Its 4 simdgroups take every 4th position; the 32
+// lanes split D (lane l holds elements l, l + 32, ...), decode each position's codes straight
+// from the cache once for all the slice's heads (no dequantized copy), reduce each head's score
+// with simd_sum and keep an online softmax per head (running max m, sum l, accumulator). The
+// simdgroups are merged through threadgroup memory, one head at a time, and the chunk's
+// (m, l, acc[D]) written per head; a second kernel merges the chunks. q is already rotated and
+// the output stays in the rotated domain.
 template <int BITS,  // code width
           int D>     // head_dim (32..512)
 METAL_FUNC void kv_attention_impl(device const float* q, device const uchar* k_packed, device const float* k_norms,
                                   device const uchar* v_packed, device const float* v_norms,
                                   device const float* codebook, device float* part_m, device float* part_l,
                                   device float* part_acc, constant KVArgs& a, threadgroup float* sm,
-                                  threadgroup float* sl, threadgroup float* sacc, uint2 group, uint sgid,
+                                  threadgroup float* sl, threadgroup float* sacc, uint3 group, uint sgid,
                                   uint lane) {
   constexpr uint EPL = D / 32;  // elements per lane
   constexpr uint SG = KV_ATTN_SIMDGROUPS;
-  const uint qh = group.x, c = group.y;
-  const uint row = qh / a.group;
+  constexpr uint MG = KV_ATTN_HEADS;
+  const uint row = group.x, g0 = group.y * MG, c = group.z;
+  const uint ng = min(MG, a.group - g0);  // heads of this slice
   const uint first = c * a.chunk, last = min(first + a.chunk, a.length);
-  float qv[EPL], acc[EPL];
-  for (uint i = 0; i < EPL; ++i) {
-    qv[i] = q[ulong(qh) * D + lane + 32 * i];
-    acc[i] = 0.0f;
+  float qv[MG][EPL], acc[MG][EPL], m[MG], l[MG];
+  for (uint g = 0; g < MG; ++g) {
+    // -FLT_MAX, not -INFINITY: no infinities even under fast math; exp(-FLT_MAX - s) is 0
+    m[g] = -FLT_MAX;
+    l[g] = 0.0f;
+    for (uint i = 0; i < EPL; ++i) {
+      qv[g][i] = g < ng ? q[(ulong(row) * a.group + g0 + g) * D + lane + 32 * i] : 0.0f;
+      acc[g][i] = 0.0f;
+    }
   }
-  // -FLT_MAX, not -INFINITY: no infinities even under fast math; exp(-FLT_MAX - s) is 0
-  float m = -FLT_MAX, l = 0.0f;
   const uint pd = kv_packed_dim<BITS>(D);
   for (uint p = first + sgid; p < last; p += SG) {
     const ulong slot = ulong(row) * a.capacity + p;
-    float dot = 0.0f;
-    for (uint i = 0; i < EPL; ++i)
-      dot += qv[i] * kv_value<BITS>(k_packed + slot * pd, k_norms + slot * a.norms_per_pos, codebook, a, lane + 32 * i);
-    const float s = simd_sum(dot) * a.scale;
-    const float m_new = max(m, s);
-    const float corr = exp(m - m_new), w = exp(s - m_new);
-    l = l * corr + w;
+    float kval[EPL], vval[EPL];
     for (uint i = 0; i < EPL; ++i) {
-      const float v = kv_value<BITS>(v_packed + slot * pd, v_norms + slot * a.norms_per_pos, codebook, a, lane + 32 * i);
-      acc[i] = acc[i] * corr + w * v;
+      kval[i] = kv_value<BITS>(k_packed + slot * pd, k_norms + slot * a.norms_per_pos, codebook, a, lane + 32 * i);
+      vval[i] = kv_value<BITS>(v_packed + slot * pd, v_norms + slot * a.norms_per_pos, codebook, a, lane + 32 * i);
     }
-    m = m_new;
+    for (uint g = 0; g < ng; ++g) {
+      float dot = 0.0f;
+      for (uint i = 0; i < EPL; ++i) dot += qv[g][i] * kval[i];
+      const float s = simd_sum(dot) * a.scale;
+      const float m_new = max(m[g], s);
+      const float corr = exp(m[g] - m_new), w = exp(s - m_new);
+      l[g] = l[g] * corr + w;
+      for (uint i = 0; i < EPL; ++i) acc[g][i] = acc[g][i] * corr + w * vval[i];
+      m[g] = m_new;
+    }
   }
-  if (lane == 0) {
-    sm[sgid] = m;
-    sl[sgid] = l;
-  }
-  for (uint i = 0; i < EPL; ++i) sacc[sgid * D + lane + 32 * i] = acc[i];
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  float big = sm[0];
-  for (uint s = 1; s < SG; ++s) big = max(big, sm[s]);  // finite: the chunk is never empty
   const uint tid = sgid * 32 + lane;
-  const ulong part = ulong(qh) * a.chunks + c;
-  for (uint e = tid; e < uint(D); e += 32 * SG) {
-    float t = 0.0f;
-    for (uint s = 0; s < SG; ++s) t += sacc[s * D + e] * exp(sm[s] - big);  // an idle simdgroup has m = -FLT_MAX: weight 0
-    part_acc[part * D + e] = t;
-  }
-  if (tid == 0) {
-    float total = 0.0f;
-    for (uint s = 0; s < SG; ++s) total += sl[s] * exp(sm[s] - big);
-    part_m[part] = big;
-    part_l[part] = total;
+  for (uint g = 0; g < ng; ++g) {
+    if (lane == 0) {
+      sm[sgid] = m[g];
+      sl[sgid] = l[g];
+    }
+    for (uint i = 0; i < EPL; ++i) sacc[sgid * D + lane + 32 * i] = acc[g][i];
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    float big = sm[0];
+    for (uint s = 1; s < SG; ++s) big = max(big, sm[s]);  // a real score: the chunk is never empty
+    const ulong part = (ulong(row) * a.group + g0 + g) * a.chunks + c;
+    for (uint e = tid; e < uint(D); e += 32 * SG) {
+      float t = 0.0f;
+      for (uint s = 0; s < SG; ++s) t += sacc[s * D + e] * exp(sm[s] - big);  // idle simdgroup: weight 0
+      part_acc[part * D + e] = t;
+    }
+    if (tid == 0) {
+      float total = 0.0f;
+      for (uint s = 0; s < SG; ++s) total += sl[s] * exp(sm[s] - big);
+      part_m[part] = big;
+      part_l[part] = total;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // before the next head reuses sm, sl, sacc
   }
 }
 
@@ -242,7 +256,7 @@ METAL_FUNC void kv_attention_reduce_impl(device const float* part_m, device cons
       device const float* v_norms [[buffer(4)]], device const float* codebook [[buffer(5)]],               \
       device float* part_m [[buffer(6)]], device float* part_l [[buffer(7)]],                              \
       device float* part_acc [[buffer(8)]], constant KVArgs& args [[buffer(9)]],                           \
-      uint2 group [[threadgroup_position_in_grid]], uint sgid [[simdgroup_index_in_threadgroup]],          \
+      uint3 group [[threadgroup_position_in_grid]], uint sgid [[simdgroup_index_in_threadgroup]],          \
       uint lane [[thread_index_in_simdgroup]]) {                                                           \
     threadgroup float sm[KV_ATTN_SIMDGROUPS];                                                              \
     threadgroup float sl[KV_ATTN_SIMDGROUPS];                                                              \

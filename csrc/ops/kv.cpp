@@ -18,6 +18,7 @@ constexpr int64_t kNormBlock = 256;                           // one norm per 25
 constexpr int64_t kMinKernelDim = 32, kMaxKernelDim = 512;    // instantiate_kv_head_dims
 constexpr uint32_t kMaxThreads = 256;                         // KV_MAX_THREADS
 constexpr uint32_t kAttnThreads = 4 * 32;                     // KV_ATTN_SIMDGROUPS simdgroups
+constexpr int64_t kAttnHeads = 8;                             // KV_ATTN_HEADS: query heads per threadgroup
 constexpr int64_t kAttnChunk = 256;  // positions per attention threadgroup; not tuned (no Apple GPU here)
 
 void check_bits(const char* op, int64_t bits) {
@@ -247,7 +248,10 @@ at::Tensor kv_attention(Launcher& l, const at::Tensor& q, const at::Tensor& k_pa
   l.bind_tensor(7, part_l, Access::Write, "part_l");
   l.bind_tensor(8, part_acc, Access::Write, "part_acc");
   l.bind_value(9, a, "args");
-  l.dispatch_threadgroups({uint32_t(heads), uint32_t(chunks), 1}, {kAttnThreads, 1, 1});
+  // one threadgroup per (row, slice of up to 8 of its query heads, chunk): the slice shares each
+  // position's decoded key and value
+  const int64_t slices = (g + kAttnHeads - 1) / kAttnHeads;
+  l.dispatch_threadgroups({uint32_t(k.rows), uint32_t(slices), uint32_t(chunks)}, {kAttnThreads, 1, 1});
   l.set_kernel("marlin_kv_attention_reduce");
   l.bind_tensor(0, part_m, Access::Read, "part_m");
   l.bind_tensor(1, part_l, Access::Read, "part_l");

@@ -40,6 +40,16 @@ CACHES = [("fp32", None), ("bf16", None), ("fp8", None), ("turboquant", 8), ("tu
           ("turboquant", 4)]
 
 
+def default_model() -> Path:
+    """pylm-s under $MARLIN_SHARED, else under the nearest ``shared/`` beside an ancestor folder."""
+    if "MARLIN_SHARED" in os.environ:
+        return Path(os.environ["MARLIN_SHARED"]) / "models" / "pylm-s"
+    for parent in ROOT.parents:
+        if (parent / "shared" / "models" / "pylm-s").is_dir():
+            return parent / "shared" / "models" / "pylm-s"
+    return ROOT.parent / "shared" / "models" / "pylm-s"
+
+
 def label(method: str, bits: int | None) -> str:
     return f"turboquant-{bits}" if method == "turboquant" else method
 
@@ -120,8 +130,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", type=Path, default=Path(os.environ.get("MARLIN_SHARED", ROOT.parent / "shared"))
-                    / "models" / "pylm-s")
+    ap.add_argument("--model", type=Path, default=default_model())
     ap.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512],
                     help="context lengths (pylm-s was trained on 512-token sequences)")
     ap.add_argument("--regions", type=int, default=8, help="text regions, spread over the eval text")

@@ -9,7 +9,20 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MARLIN_SHARED", ROOT.parent / "shared"))
+
+
+def _find_shared() -> Path:
+    """$MARLIN_SHARED, else the nearest ``shared/`` folder with models beside an ancestor of the
+    checkout (a git worktree may sit deeper than the main checkout)."""
+    if "MARLIN_SHARED" in os.environ:
+        return Path(os.environ["MARLIN_SHARED"])
+    for parent in ROOT.parents:
+        if (parent / "shared" / "models").is_dir():
+            return parent / "shared"
+    return ROOT.parent / "shared"
+
+
+SHARED = _find_shared()
 PYLM_S = SHARED / "models" / "pylm-s"
 
 

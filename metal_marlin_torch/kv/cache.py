@@ -34,6 +34,7 @@ def make_cache(
     method: str | None = None,
     bits: int = 4,
     max_cache_len: int | None = None,
+    fused: bool = False,
 ) -> QuantizedKVCache:
     """A KV cache for a decoder whose layers all use full attention.
 
@@ -45,6 +46,9 @@ def make_cache(
         bits: TurboQuant code width (4, 5, 6 or 8).
         max_cache_len: preallocate this many positions (the compile-friendly static layers);
             None grows on demand.
+        fused: TurboQuant only: decode steps run ``marlin::kv_attention`` on the codes instead of
+            attending over dequantized keys and values; needs
+            ``model.set_attn_implementation("marlin_kv")`` (kv/attention.py).
 
     Example::
 
@@ -59,7 +63,12 @@ def make_cache(
     other = sorted(set(layer_types) - {"full_attention"})
     if other:
         raise ValueError(f"make_cache: only full-attention layers are supported, the config also has {other}")
-    if max_cache_len is None:
+    if fused and (method != "turboquant" or max_cache_len is not None):
+        raise ValueError(f"make_cache: fused=True needs method='turboquant' and no max_cache_len, "
+                         f"got method={method!r}, max_cache_len={max_cache_len!r}")
+    if fused:
+        layers = [QuantizedKVLayer(store_cls, fused_config=text, **options) for _ in layer_types]
+    elif max_cache_len is None:
         layers = [QuantizedKVLayer(store_cls, **options) for _ in layer_types]
     else:
         layers = [StaticQuantizedKVLayer(max_cache_len, store_cls, **options) for _ in layer_types]

@@ -77,11 +77,14 @@ class QuantizedKVLayer(_StoreMixin, DynamicLayer):
         **store_options: passed to the store (``bits=`` for TurboQuant, ``dtype=`` for Cast).
     """
 
-    def __init__(self, store_cls: type[KVStore], **store_options: Any) -> None:
+    def __init__(self, store_cls: type[KVStore], fused_config: Any = None, **store_options: Any) -> None:
         super().__init__()
         self.store_cls, self.store_options = store_cls, store_options
         self.key_store = self.value_store = None
         self.cumulative_length = 0
+        # fused: the model's config, whose attention implementation must be "marlin_kv"
+        # (kv/attention.py); update then returns the new states tagged with this layer
+        self.fused_config = fused_config
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.store_cls.__name__}, {self.store_options})"
@@ -105,7 +108,20 @@ class QuantizedKVLayer(_StoreMixin, DynamicLayer):
         self.key_store.write(_rows(key_states), positions)
         self.value_store.write(_rows(value_states), positions)
         self.cumulative_length = end
+        if self.fused_config is not None:
+            return self._tagged(key_states), value_states
         return self._read(end)
+
+    def _tagged(self, key_states: torch.Tensor) -> torch.Tensor:
+        from .attention import ATTN_IMPLEMENTATION, LAYER_ATTR
+
+        impl = getattr(self.fused_config, "_attn_implementation", None)
+        if impl != ATTN_IMPLEMENTATION:
+            raise ValueError(f"a fused quantized KV cache needs the model's attn_implementation to be "
+                             f"{ATTN_IMPLEMENTATION!r} (model.set_attn_implementation), got {impl!r}")
+        tagged = key_states.view(key_states.shape)
+        setattr(tagged, LAYER_ATTR, self)
+        return tagged
 
     def get_seq_length(self) -> int:
         return self.cumulative_length

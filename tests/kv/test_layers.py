@@ -162,3 +162,38 @@ def test_beam_search_and_crop(model, tokens):
     assert c2.get_seq_length() == 6
     b = logits(model, tokens[:, 6:10], c2)
     torch.testing.assert_close(b, a[:, 6:10], rtol=1e-4, atol=1e-4)
+
+
+def test_fused_decode_runs_kv_attention_on_the_codes(model, tokens):
+    from metal_marlin_torch.ops import override
+    from metal_marlin_torch.ops.kv import kv_attention as torch_kv_attention
+
+    ids = tokens[:, :24]
+    ref = make_cache(model.config, method="turboquant", bits=4)
+    want = [logits(model, ids[:, :16], ref)] + [logits(model, ids[:, t:t + 1], ref) for t in range(16, 24)]
+    calls = []
+
+    def counting(*args):
+        calls.append(args[6])  # the attended length
+        return torch_kv_attention(*args)
+
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("marlin_kv")
+    try:
+        fused = make_cache(model.config, method="turboquant", bits=4, fused=True)
+        with override({"kv_attention": counting}, "cpu", "probe"):
+            got = [logits(model, ids[:, :16], fused)] + [logits(model, ids[:, t:t + 1], fused) for t in range(16, 24)]
+    finally:
+        model.set_attn_implementation(previous)
+    # prefill goes through sdpa on the dequantized cache, each decode step through kv_attention
+    assert calls == [n for n in range(17, 25) for _ in range(model.config.num_hidden_layers)]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_cache_needs_the_marlin_kv_attention(model, tokens):
+    fused = make_cache(model.config, method="turboquant", bits=4, fused=True)
+    with pytest.raises(ValueError, match="attn_implementation to be 'marlin_kv'"):
+        logits(model, tokens[:, :8], fused)
+    with pytest.raises(ValueError, match="fused=True needs method='turboquant'"):
+        make_cache(model.config, method="fp8", fused=True)

@@ -185,3 +185,27 @@ def test_head_dims_without_a_kernel_are_named(emu):
         emu.kv_quantize(torch.randn(2, 1, 16), torch.tensor([0]), packed, norms, cb, 8)
     with pytest.raises(ValueError, match="head_dim must be in 32..512 for the Metal kernel, got 16"):
         emu.kv_attention(torch.randn(2, 1, 16), packed, norms, packed, norms, cb, 2, 8, 0.25)
+
+
+def test_pylm_s_decodes_through_the_emulated_attention_kernel(emu, pylm_s_path):
+    # the whole path of a Mac decode step: kv_quantize, kv_attention (+ hadamard) as kernels
+    from transformers import AutoModelForCausalLM
+
+    from metal_marlin_torch.kv import make_cache
+
+    model = AutoModelForCausalLM.from_pretrained(pylm_s_path, dtype=torch.float32).eval()
+    model.set_attn_implementation("marlin_kv")
+    ids = torch.tensor([[5, 17, 300, 41, 9, 1200, 77, 3, 64, 8]])
+
+    def run():
+        cache = make_cache(model.config, method="turboquant", bits=4, fused=True)
+        with torch.no_grad():
+            return [model(ids[:, :8], past_key_values=cache).logits,
+                    *(model(ids[:, t:t + 1], past_key_values=cache).logits for t in (8, 9))]
+
+    want = run()
+    with emulator.use() as session:
+        got = run()
+    assert {"kv_quantize", "kv_attention", "kv_dequantize_seq", "hadamard"} <= set(session.calls)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -197,3 +197,27 @@ def test_fused_cache_needs_the_marlin_kv_attention(model, tokens):
         logits(model, tokens[:, :8], fused)
     with pytest.raises(ValueError, match="fused=True needs method='turboquant'"):
         make_cache(model.config, method="fp8", fused=True)
+
+
+def test_static_cache_decode_step_compiles_once_with_fullgraph(model, tokens):
+    # the preallocated layers in a whole compiled model: one graph, no breaks, no recompiles
+    ids = tokens[:, :20]
+    compiled_cache = make_cache(model.config, method="turboquant", bits=4, max_cache_len=32)
+    eager_cache = make_cache(model.config, method="turboquant", bits=4, max_cache_len=32)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(model.forward, fullgraph=True, backend=backend, dynamic=False)
+    with torch.no_grad():
+        for cache in (compiled_cache, eager_cache):
+            model(ids[:, :16], past_key_values=cache, position_ids=torch.arange(16)[None])
+        for t in range(16, 19):
+            pos = torch.tensor([[t]])
+            got = step(input_ids=ids[:, t:t + 1], past_key_values=compiled_cache, position_ids=pos).logits
+            want = model(input_ids=ids[:, t:t + 1], past_key_values=eager_cache, position_ids=pos).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert len(graphs) == 1

@@ -84,7 +84,7 @@ def _as_words(weight: torch.Tensor) -> torch.Tensor:
     return weight.view(torch.uint32)
 
 
-def _scale_dtype(*tensors: torch.Tensor) -> torch.dtype:
+def lossless_scale_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """fp16 if every tensor converts to fp16 and back unchanged, else fp32 (both lossless)."""
     for t in tensors:
         if t.dtype == torch.float16:
@@ -94,7 +94,7 @@ def _scale_dtype(*tensors: torch.Tensor) -> torch.dtype:
             if not (torch.isfinite(half).all() and torch.equal(half.to(t.dtype), t)):
                 return torch.float32
             continue
-        raise ValueError(f"import_mlx: scales/biases must be floating point, got {t.dtype}")
+        raise ValueError(f"scales/biases must be floating point, got {t.dtype}")
     return torch.float16
 
 
@@ -135,7 +135,7 @@ def convert_mlx_tensors(
                 f"import_mlx: scales/biases must be [{n}, {k // group_size}] for weight {tuple(words.shape)} "
                 f"with bits={bits}, group_size={group_size}; got {tuple(scales.shape)} / {tuple(biases.shape)}"
             )
-        sdt = _scale_dtype(scales, biases)
+        sdt = lossless_scale_dtype(scales, biases)
         target = {1: 2, 5: 8, 6: 8}.get(bits, bits)
         if target != bits:  # no Marlin format of this width: the same codes, wider
             words = F.pack(F.unpack(words, bits, k), target)

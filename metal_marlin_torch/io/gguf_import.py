@@ -344,9 +344,6 @@ def import_gguf(path: str | os.PathLike, dense_dtype: torch.dtype = torch.bfloat
                 result.report[gname].target += f" -> dense {str(dense_dtype).replace('torch.', '')}"
             tensors[hf_name] = value.to(dense_dtype) if value.is_floating_point() else value
     convert_to_marlin(model, layers, device="meta")
-    for name in layers:  # the layer's own bias stays in the activation dtype, as from_linear stores it
-        if f"{name}.bias" in tensors:
-            tensors[f"{name}.bias"] = tensors[f"{name}.bias"].to(DTypeConfig(activations=act).torch_activations)
     tied = {}
     if hf_config.tie_word_embeddings and "lm_head.weight" not in tensors:
         tied = {"lm_head.weight": "model.embed_tokens.weight"}

@@ -237,9 +237,6 @@ def import_mlx(path: str | os.PathLike, device: str | torch.device = "cpu",
             tensors.update({f"{name}.{s}": t for s, t in (("weight", qt.weight), ("scales", qt.scales),
                                                            ("biases", qt.biases), ("global_scale", qt.global_scale))
                             if t is not None})
-            bias = raw.pop(f"{name}.bias", None)
-            if bias is not None:
-                tensors[f"{name}.bias"] = bias.to(DTypeConfig(activations=act).torch_activations)
         else:  # quantized embeddings and other non-linear modules: dense
             tensors[f"{name}.weight"] = F.dequantize(qt, torch.bfloat16 if act == "bf16" else torch.float16)
             info = MLXLayerImport(info.source, "dense", True, f"{type(module).__name__} dequantized")

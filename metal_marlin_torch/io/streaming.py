@@ -252,7 +252,6 @@ def quantize_checkpoint(
     dtype_config = resolve(config.dtype_config)
     scale_dtype = dtype_config.torch_scales
     planned_weights = {f"{n}.weight": n for n in plans}
-    planned_biases = {f"{n}.bias" for n in plans}
 
     out.mkdir(parents=True, exist_ok=True)
     for stale_tmp in out.glob(".*.tmp-*"):  # left by a run that was killed mid-write
@@ -287,9 +286,7 @@ def quantize_checkpoint(
                     for suffix, q in _quantize_rows(t, plan.format, plan.group_size, scale_dtype,
                                                     chunk_elements).items():
                         tensors[f"{layer}.{suffix}"] = q
-                elif key in planned_biases:
-                    tensors[key] = t.to(dtype_config.torch_activations)  # as MarlinLinear.from_linear stores it
-                else:
+                else:  # including the layers' own biases, kept in their dtype as from_linear does
                     tensors[key] = t
                 del t
                 bar.update(1)

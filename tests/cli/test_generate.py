@@ -15,12 +15,8 @@ import torch
 from metal_marlin_torch.cli import generate as G
 from metal_marlin_torch.cli import main
 
-PYLM = Path("/work/shared/models/pylm-s")
 PROMPT = "Once upon a time"
 NEW = 3
-
-pytestmark = pytest.mark.skipif(not (PYLM / "config.json").is_file(), reason=f"needs the test model {PYLM}")
-
 
 def greedy_text(model, tokenizer) -> str:
     ids = tokenizer(PROMPT, return_tensors="pt")
@@ -30,23 +26,23 @@ def greedy_text(model, tokenizer) -> str:
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
+def tokenizer(pylm_s_path):
     from transformers import AutoTokenizer  # noqa: PLC0415
 
-    return AutoTokenizer.from_pretrained(str(PYLM))
+    return AutoTokenizer.from_pretrained(str(pylm_s_path))
 
 
 @pytest.fixture(scope="module")
-def int8_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+def int8_checkpoint(tmp_path_factory, pylm_s_path) -> tuple[Path, torch.nn.Module]:
     from metal_marlin_torch.io import save_quantized  # noqa: PLC0415
     from metal_marlin_torch.io.hf import copy_tokenizer, load_pretrained  # noqa: PLC0415
     from metal_marlin_torch.nn import QuantConfig, quantize_model  # noqa: PLC0415
 
-    model = load_pretrained(PYLM, dtype=torch.float32)
+    model = load_pretrained(pylm_s_path, dtype=torch.float32)
     quantize_model(model, QuantConfig(format="int8", group_size=64))
     out = tmp_path_factory.mktemp("ckpt")
     save_quantized(model, out)
-    copy_tokenizer(PYLM, out)
+    copy_tokenizer(pylm_s_path, out)
     return out, model
 
 
@@ -69,9 +65,9 @@ def test_generate_prequantized(int8_checkpoint, expected_text, capsys) -> None:
     assert abs(mib - on_disk) < 0.02 * on_disk
 
 
-def test_generate_quantize_on_the_fly(expected_text, capsys) -> None:
+def test_generate_quantize_on_the_fly(expected_text, pylm_s_path, capsys) -> None:
     # the same quantization as the checkpoint fixture, done by the command itself
-    assert main(["generate", str(PYLM), PROMPT, "--max-new-tokens", str(NEW), "--format", "int8",
+    assert main(["generate", str(pylm_s_path), PROMPT, "--max-new-tokens", str(NEW), "--format", "int8",
                  "--group-size", "64", "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert captured.out.rstrip("\n") == expected_text
@@ -106,10 +102,10 @@ def test_cast_dense_keeps_quantized_tensors() -> None:
     assert model[0].biases.dtype == model[0].dtype_config.torch_scales
 
 
-def test_errors(tmp_path: Path, int8_checkpoint, capsys) -> None:
+def test_errors(tmp_path: Path, int8_checkpoint, pylm_s_path, capsys) -> None:
     assert main(["generate", str(tmp_path), PROMPT]) == 2
     assert "error" in capsys.readouterr().err
-    assert main(["generate", str(PYLM), PROMPT, "--max-new-tokens", "0"]) == 2
+    assert main(["generate", str(pylm_s_path), PROMPT, "--max-new-tokens", "0"]) == 2
     assert "--max-new-tokens" in capsys.readouterr().err
     path, _ = int8_checkpoint
     assert main(["generate", str(path), PROMPT, "--format", "fp4", "--device", "cpu"]) == 2

@@ -26,12 +26,14 @@ from metal_marlin_torch.nn import QuantConfig, quantize_model
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def llama_config(hidden: int, inter: int, layers: int, vocab: int = 256, tied: bool = False) -> dict:
+def llama_config(hidden: int, inter: int, layers: int, vocab: int = 256, tied: bool = False,
+                 bias: bool = False) -> dict:
     from transformers import LlamaConfig  # noqa: PLC0415
 
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                      max_position_embeddings=64, tie_word_embeddings=tied).to_dict()
+                      max_position_embeddings=64, tie_word_embeddings=tied,
+                      attention_bias=bias).to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
     return cfg
 
@@ -76,7 +78,7 @@ def reference_state(src: Path, config: QuantConfig) -> tuple[torch.nn.Module, di
 @pytest.fixture(scope="module")
 def small_ckpt(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
-    write_checkpoint(src, llama_config(64, 128, 3), shard_bytes=120_000)
+    write_checkpoint(src, llama_config(64, 128, 3, bias=True), shard_bytes=120_000)  # biases: q/k/v/o
     return src
 
 

@@ -224,7 +224,7 @@ def test_peak_rss_bounded(tmp_path: Path) -> None:
     rss = json.loads(proc.stdout.strip().splitlines()[-1])
     growth = (rss["peak_kib"] - rss["base_kib"]) * 1024
     print(f"checkpoint {total / 2**20:.1f} MiB, largest shard {largest / 2**20:.1f} MiB, "
-          f"peak RSS growth {growth / 2**20:.1f} MiB")
+          f"{len(_shards(src))} shards, peak RSS growth {growth / 2**20:.1f} MiB")
     # holding the model would cost at least `total`; streaming holds about one shard
     assert growth < 0.3 * total
     assert growth < 4 * largest

@@ -245,8 +245,8 @@ def import_mlx(path: str | os.PathLike, device: str | torch.device = "cpu",
     convert_to_marlin(model, layers, device="meta")
     tensors = {k: v.to(device) for k, v in tensors.items()}
     tied = {}
-    if getattr(config, "get", None) and config.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
-        tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    if config.get("tie_word_embeddings") and "lm_head.weight" not in tensors:
+        tied = {"lm_head.weight": "model.embed_tokens.weight"}  # mlx-lm drops a tied head
     load_state(model, tensors, tied)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:

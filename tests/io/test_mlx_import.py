@@ -116,20 +116,23 @@ def test_bad_inputs() -> None:
         convert_mlx_tensors(w.float(), s, s, 4, 32)
 
 
-def write_mlx_llama(path: Path, bits: int, group: int, overrides: dict) -> dict:
+def write_mlx_llama(path: Path, bits: int, group: int, overrides: dict, tied: bool = False) -> dict:
     """A tiny Llama quantized the way mlx-lm does it (embeddings and lm_head too), saved by MLX."""
     from transformers import LlamaConfig  # noqa: PLC0415
 
     from metal_marlin_torch.io.skeleton import hf_skeleton  # noqa: PLC0415
 
     cfg = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64).to_dict()
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+                      tie_word_embeddings=tied).to_dict()
     cfg["architectures"] = ["LlamaForCausalLM"]
     skeleton = hf_skeleton(cfg)
     arrays, dense_ref = {}, {}
     rng = np.random.default_rng(1)
     for name, t in skeleton.state_dict().items():
         module = name.rsplit(".", 1)[0]
+        if tied and module == "lm_head":  # mlx-lm saves a tied head once, as the embedding
+            continue
         w = mx.array((rng.standard_normal(tuple(t.shape)) * 0.05).astype(np.float32)).astype(mx.bfloat16)
         if t.dim() == 2:
             p = overrides.get(module, {"bits": bits, "group_size": group})
@@ -177,8 +180,9 @@ def test_import_model_and_save(tmp_path: Path) -> None:
 def test_cli_import_mlx(tmp_path: Path, capsys) -> None:
     from metal_marlin_torch.cli import main  # noqa: PLC0415
 
-    write_mlx_llama(tmp_path / "mlx", 4, 32, {})
+    write_mlx_llama(tmp_path / "mlx", 4, 32, {}, tied=True)
     assert main(["import-mlx", str(tmp_path / "mlx"), str(tmp_path / "out")]) == 0
     assert "affine4/g32 -> int4/g32" in capsys.readouterr().out
     model = load_quantized(tmp_path / "out")
     assert model.model.layers[1].mlp.up_proj.format == "int4"
+    assert model.lm_head.weight is model.model.embed_tokens.weight

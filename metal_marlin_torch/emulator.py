@@ -69,6 +69,7 @@ KERNEL_FLAGS = [
     "-fexcess-precision=16",
     "-fno-strict-aliasing",
     "-ffp-contract=off",
+    "-fstack-clash-protection",  # big private arrays touch the fiber's guard page first
     "-U_FORTIFY_SOURCE",
     "-Wno-unknown-attributes",
     "-Wno-ignored-attributes",

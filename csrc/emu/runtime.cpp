@@ -103,7 +103,6 @@ thread_local void* volatile t_fault_addr = nullptr;
 thread_local volatile int t_fault_sig = 0;
 
 struct sigaction g_old_segv, g_old_bus;
-std::once_flag g_handler_once;
 
 void on_fault(int sig, siginfo_t* si, void* uc) {
   if (t_fault_jmp != nullptr) {
@@ -122,15 +121,22 @@ void on_fault(int sig, siginfo_t* si, void* uc) {
   }
 }
 
+// Installs on_fault for SIGSEGV/SIGBUS unless it is already installed; whatever handler was
+// there (Python's faulthandler, the default action) is kept for faults that are not ours.
+// Checked at every launch: something may have installed its own handler since the last one.
 void install_handler() {
-  std::call_once(g_handler_once, [] {
+  static std::mutex m;
+  std::lock_guard<std::mutex> lock(m);
+  for (int sig : {SIGSEGV, SIGBUS}) {
+    struct sigaction cur {};
+    sigaction(sig, nullptr, &cur);
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_fault) continue;
     struct sigaction sa {};
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, &g_old_segv);
-    sigaction(SIGBUS, &sa, &g_old_bus);
-  });
+    sigaction(sig, &sa, sig == SIGSEGV ? &g_old_segv : &g_old_bus);
+  }
 }
 
 std::string coords(uint3_t v) {

@@ -261,3 +261,13 @@ def test_reports_stack_overflow(lib):
     msg = run_bug(lib, "emu_bug_stack_overflow",
                   {0: torch.empty(2), 1: torch.tensor([200000], dtype=torch.int32)}, (2,), (2,))
     assert "stack overflow in kernel 'emu_bug_stack_overflow'" in msg
+
+
+def test_faults_are_reported_even_after_faulthandler_reinstalls(lib):
+    # faulthandler (pytest enables it) replacing the SIGSEGV handler between launches must not
+    # turn an out-of-bounds report into a crash
+    import faulthandler
+
+    faulthandler.enable()
+    msg = run_bug(lib, "emu_bug_oob", {0: torch.randn(5), 1: torch.empty(5)}, (5,), (5,))
+    assert "out-of-bounds" in msg

@@ -89,6 +89,9 @@ HOST_FLAGS = [
 ]
 
 
+# The runtime (scheduler, fault handler) is hot and shared: optimized, symbols visible.
+RUNTIME_FLAGS = ["-O2", "-fvisibility=default"]
+
 # Headers every host file includes (csrc/ops, csrc/emu), precompiled once per torch version.
 TORCH_PCH_HEADER = """
 #include <ATen/core/Tensor.h>
@@ -349,6 +352,20 @@ class _Builder:
             _atomic_write(obj, tmp_obj.read_bytes())
         return obj
 
+    def runtime_library(self, digest: str) -> Path:
+        """The fiber runtime as its own shared library, linked by every emulator library, so a
+        process has one kernel registry and one fault handler however many are loaded."""
+        obj = self.host_object(CSRC / "emu" / "runtime.cpp", RUNTIME_FLAGS, digest, None)
+        lib = cache_root() / "lib" / f"libmarlin_emu_runtime-{_sha(self.version, obj.name)[:16]}.so"
+        if lib.exists():
+            return lib
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as td:
+            tmp = Path(td) / "lib.so"
+            _run([self.cxx, "-shared", str(obj), "-lpthread", "-o", str(tmp)], "linking the emulator runtime")
+            _atomic_write(lib, tmp.read_bytes())
+        return lib
+
     def link(self, objs: Sequence[Path], name: str) -> Path:
         _, link = _torch_flags()
         key = _sha(self.version, name, *[o.name for o in objs])
@@ -443,12 +460,12 @@ def build_library(
         with ThreadPoolExecutor(workers) as pool:
             # Kernel files compile while the torch headers are precompiled.
             kfuts = [pool.submit(b.kernel_object, m, extra_includes) for m in metal_sources]
-            # The scheduler is hot (every barrier and simd operation): optimized.
-            runtime = pool.submit(b.host_object, CSRC / "emu" / "runtime.cpp", ["-O2"], digest, None)
+            runtime = pool.submit(b.runtime_library, digest)
             pch = b.torch_pch()
-            hfuts = [runtime] + [pool.submit(b.host_object, s, d, digest, pch) for s, d in host_srcs]
+            hfuts = [pool.submit(b.host_object, s, d, digest, pch) for s, d in host_srcs]
             kres = [f.result() for f in kfuts]
-            objs = [o for o, _ in kres] + [f.result() for f in hfuts]
+            # The runtime library is linked by its absolute path: the loader finds it (once).
+            objs = [o for o, _ in kres] + [f.result() for f in hfuts] + [runtime.result()]
         lib = b.link(objs, namespace)
         torch.ops.load_library(str(lib))
         names = tuple(sorted(n for _, ns in kres for n in ns))

@@ -24,7 +24,8 @@ def lib():
 
 def test_kernels_are_registered(lib):
     assert "emu_positions" in lib.kernels and "emu_bug_oob" in lib.kernels
-    assert set(lib.kernels) == set(lib.ops._kernels())
+    # one registry per process: this library's kernels are among all registered ones
+    assert set(lib.kernels) <= set(lib.ops._kernels())
 
 
 def test_builtin_positions_with_partial_threadgroups(lib):

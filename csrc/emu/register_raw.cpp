@@ -1,6 +1,6 @@
 // Raw entry points of an emulator library, in the namespace given by -DMETAL_EMU_NS:
 //   _launch: run one kernel on CPU tensors bound by index (tests of the engine itself);
-//   _kernels: every kernel compiled into this library.
+//   _kernels: every kernel registered in the process (one runtime library is shared).
 #include <torch/library.h>
 
 #include <string>

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdlib>
 #include <csetjmp>
 #include <cstdio>
 #include <cstring>
@@ -34,8 +35,13 @@ std::map<std::string, Trampoline>& registry() {
 
 enum class State { Runnable, Barrier, Simd, Done };
 
+// Context switches: a fiber's first entry goes through its ucontext (makecontext); after
+// that, switches use _setjmp/_longjmp, which unlike swapcontext do not save and restore the
+// signal mask (two system calls per switch), several times faster for barrier-heavy kernels.
 struct Fiber {
   ucontext_t ctx;
+  jmp_buf jb;
+  bool started = false;
   State state = State::Runnable;
   uint3_t tpos{};
   unsigned linear = 0, simd = 0, lane = 0;
@@ -81,6 +87,7 @@ struct Worker {
   std::vector<Fiber> fibers;
   Stacks stacks;
   ucontext_t sched;
+  jmp_buf sched_jb;
   Fiber* cur = nullptr;
   uint3_t group{}, group_size{};
   std::string error;
@@ -96,7 +103,6 @@ thread_local void* volatile t_fault_addr = nullptr;
 thread_local volatile int t_fault_sig = 0;
 
 struct sigaction g_old_segv, g_old_bus;
-std::once_flag g_handler_once;
 
 void on_fault(int sig, siginfo_t* si, void* uc) {
   if (t_fault_jmp != nullptr) {
@@ -115,15 +121,22 @@ void on_fault(int sig, siginfo_t* si, void* uc) {
   }
 }
 
+// Installs on_fault for SIGSEGV/SIGBUS unless it is already installed; whatever handler was
+// there (Python's faulthandler, the default action) is kept for faults that are not ours.
+// Checked at every launch: something may have installed its own handler since the last one.
 void install_handler() {
-  std::call_once(g_handler_once, [] {
+  static std::mutex m;
+  std::lock_guard<std::mutex> lock(m);
+  for (int sig : {SIGSEGV, SIGBUS}) {
+    struct sigaction cur {};
+    sigaction(sig, nullptr, &cur);
+    if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == on_fault) continue;
     struct sigaction sa {};
     sa.sa_sigaction = on_fault;
     sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, &g_old_segv);
-    sigaction(SIGBUS, &sa, &g_old_bus);
-  });
+    sigaction(sig, &sa, sig == SIGSEGV ? &g_old_segv : &g_old_bus);
+  }
 }
 
 std::string coords(uint3_t v) {
@@ -152,7 +165,7 @@ void fiber_entry() {
     if (w.error.empty()) w.error = "thread " + coords(f.tpos) + ": unknown exception";
   }
   f.state = State::Done;
-  swapcontext(&f.ctx, &w.sched);  // never resumed
+  _longjmp(w.sched_jb, 1);  // never resumed
 }
 
 void yield(Worker& w, State s, const char* file, int line) {
@@ -160,7 +173,20 @@ void yield(Worker& w, State s, const char* file, int line) {
   f.state = s;
   f.file = file;
   f.line = line;
-  swapcontext(&f.ctx, &w.sched);
+  if (_setjmp(f.jb) == 0) _longjmp(w.sched_jb, 1);
+}
+
+// Runs fiber f until it yields or finishes.
+void resume(Worker& w, Fiber& f) {
+  w.cur = &f;
+  if (_setjmp(w.sched_jb) == 0) {
+    if (!f.started) {
+      f.started = true;
+      swapcontext(&w.sched, &f.ctx);  // first entry; the fiber comes back by _longjmp
+    } else {
+      _longjmp(f.jb, 1);
+    }
+  }
 }
 
 void run_group(Worker& w, uint3_t group, uint3_t size) {
@@ -173,6 +199,7 @@ void run_group(Worker& w, uint3_t group, uint3_t size) {
   for (unsigned i = 0; i < n; ++i) {
     Fiber& f = w.fibers[i];
     f.state = State::Runnable;
+    f.started = false;
     f.linear = i;
     f.tpos = {i % size.x, (i / size.x) % size.y, i / (size.x * size.y)};
     f.simd = i / kSimdWidth;
@@ -188,8 +215,7 @@ void run_group(Worker& w, uint3_t group, uint3_t size) {
   for (;;) {
     for (unsigned i = 0; i < n; ++i) {
       if (w.fibers[i].state != State::Runnable) continue;
-      w.cur = &w.fibers[i];
-      swapcontext(&w.sched, &w.fibers[i].ctx);
+      resume(w, w.fibers[i]);
       if (!w.error.empty()) fail(w, w.error);
     }
     // Nobody can run: release simdgroups whose live lanes all wait at one simd operation.
@@ -438,6 +464,7 @@ void launch(const LaunchSpec& spec) {
               (spec.grid.z + tg.z - 1) / tg.z};
   const uint64_t total = uint64_t(groups.x) * groups.y * groups.z;
   unsigned hw = std::max(1u, std::thread::hardware_concurrency());
+  if (const char* env = std::getenv("METAL_MARLIN_EMU_THREADS")) hw = std::max(1, std::atoi(env));
   unsigned nworkers = spec.max_workers > 0 ? unsigned(spec.max_workers) : hw;
   nworkers = unsigned(std::min<uint64_t>(nworkers, total));
   std::atomic<uint64_t> next{0};

@@ -40,7 +40,7 @@ TORCH_LIBRARY_IMPL(marlin, MPS, m) {
   m.impl("hadamard", &hadamard_mps);
 }
 
-TORCH_LIBRARY(marlin_metal, m) {
+TORCH_LIBRARY_FRAGMENT(marlin_metal, m) {
   m.def("fake_quantize_variant(Tensor x, int bits, str variant) -> Tensor");
 }
 

@@ -26,23 +26,37 @@ def run_check(*files: Path) -> subprocess.CompletedProcess:
                                "METAL_MARLIN_EMU_CXX": emulator.compiler() or ""})
 
 
+PROBE = """
+#include <ATen/mps/MPSStream.h>
+void probe() {
+  at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
+  dispatch_sync(stream->queue(), ^() {
+    id<MTLComputeCommandEncoder> encoder = stream->ENCODER();
+    [encoder dispatchThreads:MTLSizeMake(1, 1, 1) threadsPerThreadgroup:MTLSizeMake(1, 1, 1)];
+  });
+}
+"""
+
+
 @needs_clang
 def test_objc_glue_compiles_against_torch_headers():
     proc = run_check()
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("ok: ") == len(list((ROOT / "csrc" / "metal").glob("*.mm")))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    for f in (ROOT / "csrc" / "metal").glob("*.mm"):
+        assert f"ok: csrc/metal/{f.name}" in proc.stdout
 
 
 @needs_clang
 def test_syntax_check_catches_a_torch_api_mistake(tmp_path):
-    # Planted bug: a misspelled MPSStream method must fail the check (the stubs hide nothing
-    # of torch's API).
-    src = (ROOT / "csrc" / "metal" / "metal_launcher.mm").read_text()
-    assert "stream->commandEncoder()" in src
-    bad = tmp_path / "metal_launcher.mm"
-    bad.write_text(src.replace("stream->commandEncoder()", "stream->computeEncoder()"))
-    proc = run_check(bad)
-    assert proc.returncode != 0 and "computeEncoder" in proc.stdout
+    # The same probe passes with the real MPSStream method and fails with a misspelled one:
+    # the stubs hide nothing of torch's API.
+    good, bad = tmp_path / "good.mm", tmp_path / "planted.mm"
+    good.write_text(PROBE.replace("ENCODER", "commandEncoder"))
+    bad.write_text(PROBE.replace("ENCODER", "computeEncoder"))
+    proc = run_check(good, bad)
+    assert f"ok: {good}" in proc.stdout, proc.stdout[-3000:]
+    assert proc.returncode != 0 and f"FAILED: {bad}" in proc.stdout
+    assert "no member named 'computeEncoder'" in proc.stdout
 
 
 def test_flattened_shader_source_inlines_each_header_once():

@@ -161,3 +161,62 @@ kernel void emu_bug_tg_too_big(device float* y [[buffer(0)]],
   threadgroup_barrier(mem_flags::mem_threadgroup);
   y[tid] = big[tid];
 }
+
+// --- more of the shim ----------------------------------------------------------------------
+
+// Math and relational functions, one row of results per input element.
+kernel void emu_math(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                     uint i [[thread_position_in_grid]]) {
+  const float v = x[i];
+  device float* o = out + 12 * i;
+  o[0] = round(v);                       // halfway away from zero
+  o[1] = rint(v);                        // halfway to even
+  o[2] = clamp(v, -1.0f, 1.0f);          // NaN -> -1 (fmin/fmax semantics)
+  o[3] = select(0.0f, 1.0f, isnan(v));
+  o[4] = fast::exp(v * 0.1f);
+  o[5] = precise::sqrt(fabs(v));
+  o[6] = fma(v, 2.0f, 1.0f);
+  o[7] = float(half(v));                 // round to half
+  o[8] = float(bfloat(v));               // round to bfloat
+  o[9] = max(v, 0.5f);
+  o[10] = float(as_type<uint>(v) >> 31);
+  o[11] = float(int(v));                 // truncation toward zero
+}
+
+// Integer and bool vectors: arithmetic wraps in the element type; comparisons give bool vectors.
+kernel void emu_int_vectors(device const uchar4* a [[buffer(0)]], device ushort4* s [[buffer(1)]],
+                            device int4* cmp [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  const uchar4 v = a[i];
+  const uchar4 w = v + uchar4(200);      // wraps modulo 256
+  s[i] = ushort4(w) * ushort4(300);      // wraps modulo 65536
+  const bool4 gt = v > uchar4(100);
+  cmp[i] = int4(select(int4(0), int4(1), gt)) + int4(all(gt) ? 10 : 0, any(gt) ? 20 : 0, 0, 0);
+}
+
+// Device atomics from every thread of many threadgroups (which run on several OS threads).
+kernel void emu_atomics(device atomic_uint* counter [[buffer(0)]], device atomic_int* maxv [[buffer(1)]],
+                        uint i [[thread_position_in_grid]]) {
+  atomic_fetch_add_explicit(counter, 1u, memory_order_relaxed);
+  atomic_fetch_max_explicit(maxv, int(i), memory_order_relaxed);
+}
+
+// The remaining simd functions, and simdgroup_barrier.
+kernel void emu_simd_more(device const float* x [[buffer(0)]], device float* out [[buffer(1)]],
+                          uint i [[thread_position_in_grid]]) {
+  const float v = x[i];
+  out[6 * i + 0] = simd_min(v);
+  out[6 * i + 1] = simd_shuffle_up(v, 2);
+  out[6 * i + 2] = simd_broadcast_first(v);
+  simdgroup_barrier(mem_flags::mem_none);
+  out[6 * i + 3] = simd_any(v > 1.5f) ? 1.0f : 0.0f;
+  out[6 * i + 4] = simd_all(v > -10.0f) ? 1.0f : 0.0f;
+  out[6 * i + 5] = simd_is_first() ? 1.0f : 0.0f;
+}
+
+// BUG: a thread-private array larger than the fiber stack.
+kernel void emu_bug_stack_overflow(device float* y [[buffer(0)]], constant uint& n [[buffer(1)]],
+                                   uint i [[thread_position_in_grid]]) {
+  float big[200000];
+  for (uint k = 0; k < n; ++k) big[k] = float(k);
+  y[i] = big[n - 1 - i];
+}

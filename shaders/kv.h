@@ -1,8 +1,9 @@
 // Quantized KV cache (TurboQuant-style): the kernels of marlin::kv_quantize, kv_dequantize,
 // kv_dequantize_seq and kv_attention. The layout and the rule are docs/KV_CACHE.md §3; the
 // pure-torch oracle is metal_marlin_torch/ops/kv.py, and every float operation here is the
-// oracle's, in the same order, wherever the oracle fixes the order (the norm's sum of squares
-// is the one reduction whose order torch leaves open).
+// oracle's, in the same order (the norm's sum of squares is the oracle's halving tree), so the
+// kernels' results are bitwise the oracle's wherever sqrt and division are correctly rounded
+// (the emulator; Apple documents sqrt without fast math as precise, not its exact ULP bound).
 //
 // Cache of one stream (K or V): codes uint8 [H, C, D/2] (4-bit, element 2j in the low nibble
 // of byte j) or [H, C, D] (5/6/8-bit), norms float [H, C, P], codebook float [2^bits].
@@ -54,7 +55,8 @@ METAL_FUNC uint kv_nearest(device const float* codebook, float u) {
 // ---- quantize: one threadgroup per (row, token) ------------------------------------------------
 // Loads x in float into threadgroup memory, runs the FWHT stages of span 1, 2, ..., D/2 as the
 // torch hadamard op does ((a, b) -> (a + b, a - b), then * 1/sqrt(D)), sums squares per block by
-// a tree in threadgroup memory, quantizes, and writes the position given by `positions`
+// the oracle's halving tree (first half + second half) in threadgroup memory, quantizes, and
+// writes the position given by `positions`
 // (positions outside [0, C) write nothing: on MPS the host cannot check them without a sync).
 template <typename T,  // element type of x: half, bfloat or float
           int BITS,    // code width: 4, 5, 6 or 8

@@ -15,9 +15,10 @@ codebook float32 ``[2^bits]``      strictly increasing levels for ``sqrt(B) * y 
 ======== ========================= ===========================================================
 
 Quantize (per position, per row): ``y = hadamard(x, D)`` (normalized FWHT, fp32); for each
-block ``b`` of ``B`` coordinates ``n_b = ||y_b||``, ``u = y * (sqrt(B) / n_b)`` (``u = 0`` when
-``n_b = 0``), ``code = #{j : mid_j < u}`` with ``mid_j = (c_j + c_{j+1}) / 2`` (nearest level;
-a tie goes to the lower level). Dequantize: ``y_hat = c[code] * (n_b * (1 / sqrt(B)))`` in
+block ``b`` of ``B`` coordinates ``n_b = sqrt(Σ y²)`` (the sum as a fixed halving tree, the
+square root correctly rounded), ``u = y * (sqrt(B) / n_b)`` (``u = 0`` when ``n_b = 0``),
+``code = #{j : mid_j < u}`` with ``mid_j = (c_j + c_{j+1}) / 2`` (nearest level; a tie goes to
+the lower level). Dequantize: ``y_hat = c[code] * (n_b * (1 / sqrt(B)))`` in
 fp32, with ``sqrt(B)`` and ``1 / sqrt(B)`` rounded once to float32. Dequantized values stay in
 the rotated domain: attention scores are rotation-invariant, so a caller rotates ``q`` instead
 of un-rotating every key (``hadamard`` is its own inverse).
@@ -132,13 +133,23 @@ def check_quantize_args(x: torch.Tensor, positions: torch.Tensor, packed: torch.
 
 # ---- kernels ------------------------------------------------------------------------------------
 
+def tree_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (a power of two) as a fixed tree: first half + second half, until
+    one element is left. The Metal kernel reduces in this order, so norms match bitwise."""
+    while t.shape[-1] > 1:
+        half = t.shape[-1] // 2
+        t = t[..., :half] + t[..., half:]
+    return t[..., 0]
+
+
 def encode(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [..., D]`` (original domain) -> ``(codes int64 [..., D], norms float32 [..., P])``."""
     d = x.shape[-1]
     b, p = block_of(d), norms_per_pos(d)
     sq, _ = block_constants(d)
     y = hadamard(x.float(), d).reshape(*x.shape[:-1], p, b)
-    norm = torch.linalg.vector_norm(y, dim=-1)
+    # torch's float32 sqrt on CPU is not always correctly rounded; through float64 it is
+    norm = torch.sqrt(tree_sum(y * y).double()).float()
     inv = torch.where(norm > 0, sq / norm, torch.zeros_like(norm))
     u = y * inv.unsqueeze(-1)
     mids = (codebook[1:] + codebook[:-1]) * 0.5

@@ -74,7 +74,7 @@ def test_per_channel_sizes(emu, fmt_name, n, k):
 
 
 @pytest.mark.parametrize("fmt_name", ["fp4", "int4", "nf3", "fp8_e4m3"])
-def test_large(emu, fmt_name):
+def test_large(emu, fmt_name, thread_order):
     check(emu, fmt_name, 128, 96, 1024, torch.float16)
 
 

@@ -17,7 +17,7 @@ BLOCKS = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", BLOCKS)
-def test_matches_torch_bitwise(emu, block, dtype):
+def test_matches_torch_bitwise(emu, block, dtype, thread_order):
     # 3 blocks: for small blocks fewer than one threadgroup holds, so idle threads still
     # reach every barrier; leading batch dims are flattened
     x = torch.randn(3, block).to(dtype)

@@ -284,3 +284,8 @@ def test_reverse_order_exposes_a_missing_barrier(lib, monkeypatch):
     monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", "reverse")
     lib.launch("emu_bug_missing_barrier", {0: y}, (1,), (64,), dispatch_threads=False)
     assert torch.isnan(y[1:]).all() and y[0] == 63.0
+
+
+def test_reports_divergent_simdgroup_matrix_operations(lib):
+    msg = run_bug(lib, "emu_bug_matrix_divergence", {0: torch.randn(64), 1: torch.empty(64)}, (32,), (32,))
+    assert "simd divergence in simdgroup 0" in msg

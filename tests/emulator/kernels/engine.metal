@@ -230,3 +230,11 @@ kernel void emu_bug_missing_barrier(device float* y [[buffer(0)]],
   y[tid] = t[(tid + 63) % 64];
   threadgroup_barrier(mem_flags::mem_threadgroup);
 }
+
+// BUG: half of the simdgroup skips a simdgroup_load (matrix operations must be uniform).
+kernel void emu_bug_matrix_divergence(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                                      uint lane [[thread_index_in_simdgroup]]) {
+  simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  if (lane < 16) simdgroup_load(m, x);
+  simdgroup_store(m, y);
+}

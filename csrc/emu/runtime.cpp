@@ -61,7 +61,9 @@ struct Stacks {
   char* get(size_t i, size_t need) {
     if (need > count) {
       if (base) munmap(base, count * (kStackSize + page()));
-      size_t n = kMaxThreadsPerGroup;
+      // Grow in powers of two (worker threads are made per launch: map only what is needed).
+      size_t n = 32;
+      while (n < need) n *= 2;
       size_t stride = kStackSize + page();
       void* p = mmap(nullptr, n * stride, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import reference
+from . import moe, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -26,6 +26,8 @@ REFERENCE: dict[str, Callable] = {
     "quantize": reference.quantize,
     "fake_quantize": reference.fake_quantize,
     "hadamard": reference.hadamard,
+    "moe_gemm": moe.moe_gemm,
+    "moe_gemm_backward": moe.moe_gemm_backward,
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
 
@@ -91,3 +93,9 @@ if not _metal_extension_loaded():
     register_torch_kernels(("mps",))
     if torch.backends.mps.is_available():
         log.info("metal_marlin_torch: Metal extension not loaded; MPS ops use the pure-torch kernels")
+else:
+    # ops the compiled extension does not implement (moe_gemm has no Metal kernel yet) still run on
+    # MPS tensors through their pure-torch kernels
+    for _op in SCHEMAS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{_op}", "MPS"):
+            LIB.impl(_op, _routed(_op, "mps"), "MPS")

@@ -192,23 +192,31 @@ class MarlinExperts(nn.Module):
                     getattr(layer, f"{proj}_bias").copy_(getattr(experts, f"{proj}_bias"))
         return layer
 
-    def load_quantized(self, proj: str, w: torch.Tensor) -> None:
-        """RTN-quantize ``w [E, N, K]`` (one 2-D matrix per expert) into projection ``proj``."""
+    def quantize_projection(self, proj: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        """RTN-quantize ``w [E, N, K]`` (one 2-D matrix per expert) for projection ``proj``:
+        attribute name (``proj``, ``proj_scales``, ...) -> tensor. ``self`` is not modified."""
         n, k = self.shape.projections()[proj]
         if tuple(w.shape) != (self.num_experts, n, k):
             raise ValueError(
-                f"MarlinExperts.load_quantized: {proj} needs [{self.num_experts}, {n}, {k}], got {tuple(w.shape)}"
+                f"MarlinExperts: {proj} needs a [{self.num_experts}, {n}, {k}] weight, got {tuple(w.shape)}"
             )
         plan = self.plans[proj]
         # one quantize call per expert: nvfp4's global scale is per matrix, i.e. per expert
         qts = [F.quantize(w[e], plan.format, plan.group_size, self.dtype_config.torch_scales)
                for e in range(self.num_experts)]
-        device = getattr(self, proj).device
+        out = {}
         for suffix, attr in (("", "weight"), ("_scales", "scales"), ("_biases", "biases"),
                              ("_global_scale", "global_scale")):
             parts = [getattr(q, attr) for q in qts]
             if parts[0] is not None:
-                setattr(self, proj + suffix, torch.stack(parts).to(device))
+                out[proj + suffix] = torch.stack(parts)
+        return out
+
+    def load_quantized(self, proj: str, w: torch.Tensor) -> None:
+        """RTN-quantize ``w [E, N, K]`` into projection ``proj``."""
+        device = getattr(self, f"{proj}_scales").device
+        for name, t in self.quantize_projection(proj, w).items():
+            setattr(self, name, t.to(device))
 
     # ---- forward ----------------------------------------------------------------------------
     def project(self, proj: str, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -79,8 +79,10 @@ def gpt_oss_experts() -> nn.Module:
     return experts
 
 
-@pytest.mark.parametrize("source", ["qwen3_moe", "mixtral", "gpt_oss"])
-@pytest.mark.parametrize("fmt,group", [("fp4", 32), ("int4", 64), ("nvfp4", 16)])
+@pytest.mark.parametrize(
+    "source,fmt,group",  # each source once; formats: codebook, affine (biases), per-expert global scale
+    [("qwen3_moe", "fp4", 32), ("mixtral", "int4", 64), ("gpt_oss", "nvfp4", 16), ("qwen3_moe", "int8", -1)],
+)
 def test_module_matches_transformers_forward_on_dequantized_weights(source, fmt, group):
     if source == "gpt_oss":  # transposed [E, K, N] weights, biases, interleaved clamped gate
         experts = gpt_oss_experts()

@@ -198,6 +198,16 @@ def test_tied_embeddings_round_trip(tmp_path):
         assert torch.equal(logits(loaded, ids), expected)
 
 
+def test_loaded_model_compiles_fullgraph(tmp_path):
+    # the quantizer says is_compileable: the whole model traces into one graph (the marlin ops
+    # are opaque, with fake kernels) and computes the same logits
+    model = Auto.from_pretrained(save_tiny_llama(tmp_path), quantization_config=MarlinConfig(format="int4",
+                                                                                            group_size=64))
+    ids = token_ids(256, n=8)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    assert torch.equal(logits(compiled, ids), logits(model, ids))
+
+
 # ---- MoE through from_pretrained -------------------------------------------------------------------
 def tiny_moe(kind: str) -> transformers.PreTrainedModel:
     common = dict(vocab_size=256, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -264,7 +274,8 @@ def test_loading_without_the_import_fails_loudly(tmp_path):
     model = Auto.from_pretrained(save_tiny_llama(tmp_path / "dense"),
                                  quantization_config=MarlinConfig(format="fp8_e4m3", group_size=32))
     model.save_pretrained(tmp_path / "q")
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, HF_HUB_OFFLINE="1")
     run = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "q")], capture_output=True,
                          text=True, env=env, timeout=240)
     assert run.returncode == 0, run.stderr[-2000:]

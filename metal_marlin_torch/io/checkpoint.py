@@ -135,6 +135,8 @@ def save_quantized(
     qcfg["tied"] = aliases
     hf_config = getattr(model, "config", None)
     config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else {}
+    if config and not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]  # models built from a config lack it
     config["quantization_config"] = qcfg
     write_json(out / CONFIG_FILE, config)
     return out
@@ -214,7 +216,8 @@ def convert_to_marlin(model: nn.Module, layers: dict[str, dict[str, Any]], devic
         dcfg = DTypeConfig.from_dict(spec["dtype_config"]) if "dtype_config" in spec else None
         replace_module(model, name, MarlinLinear(
             linear.in_features, linear.out_features, linear.bias is not None, spec["format"],
-            spec["group_size"], dcfg, spec.get("rotation_block", 0), device=device))
+            spec["group_size"], dcfg, spec.get("rotation_block", 0), device=device,
+            bias_dtype=None if linear.bias is None else linear.bias.dtype))
 
 
 def _check_against(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:

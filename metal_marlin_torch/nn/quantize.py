@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import formats as F
 from ..dtypes import resolve
@@ -77,7 +78,7 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def _rtn(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, **_: Any) -> None:
     dtype_config = resolve(config.dtype_config)
-    for name, plan in plans.items():
+    for name, plan in tqdm(plans.items(), desc="quantize (rtn)", unit="layer", disable=None):
         linear = model.get_submodule(name)
         replace_module(model, name, MarlinLinear.from_linear(
             linear, plan.format, plan.group_size, dtype_config))

@@ -16,7 +16,7 @@ in exactly the 2-D layout of docs/FORMAT.md (rows = output features, packed alon
     p_scales        [E, N, K/G]
     p_biases        [E, N, K/G]     affine integer formats only
     p_global_scale  float32 [E, 1]  nvfp4 only (one second-level scale per expert)
-    p_bias          [E, N]          the projection's own bias, if the model has one (gpt-oss)
+    p_bias          [E, N]          the projection's own bias, if the model has one (gpt-oss), in its dtype
 
 Each projection runs through ``torch.ops.marlin.moe_gemm`` (rows gathered by expert id). The
 gate (``act_fn(gate) * up`` or the model's own ``_apply_gate``) and any post-expert norm come
@@ -116,6 +116,7 @@ class MarlinExperts(nn.Module):
         act_fn: nn.Module | None = None,
         gate_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
         device: torch.device | str | None = None,
+        bias_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.shape = shape
@@ -142,8 +143,8 @@ class MarlinExperts(nn.Module):
             self.register_buffer(f"{proj}_global_scale", torch.ones(e, 1, dtype=torch.float32, device=device)
                                  if fmt.has_global_scale else None)
             if shape.has_bias:
-                act = self.dtype_config.torch_activations
-                self.register_parameter(f"{proj}_bias", nn.Parameter(torch.zeros(e, n, dtype=act, device=device)))
+                bdt = bias_dtype or self.dtype_config.torch_activations
+                self.register_parameter(f"{proj}_bias", nn.Parameter(torch.zeros(e, n, dtype=bdt, device=device)))
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -157,13 +158,16 @@ class MarlinExperts(nn.Module):
         """An empty (zero) quantized twin of the transformers experts module ``experts``.
 
         Takes the module's activation, gate function, post-expert norm and scalar attributes
-        (e.g. gpt-oss's ``alpha``/``limit``, which its ``_apply_gate`` reads).
+        (e.g. gpt-oss's ``alpha``/``limit``, which its ``_apply_gate`` reads). Expert biases keep
+        the module's dtype, as ``MarlinLinear`` keeps an ``nn.Linear``'s.
         """
         shape = experts_shape(experts)
         if shape is None:
             raise TypeError(f"MarlinExperts: {type(experts).__name__} is not a fused experts module")
         gate_fn = getattr(type(experts), "_apply_gate", None)
-        layer = cls(shape, plans, dtype_config, getattr(experts, "act_fn", None), gate_fn, device)
+        bias = getattr(experts, f"{shape.up_name}_bias", None) if shape.has_bias else None
+        layer = cls(shape, plans, dtype_config, getattr(experts, "act_fn", None), gate_fn, device,
+                    bias_dtype=None if bias is None else bias.dtype)
         for key, value in vars(experts).items():
             if not key.startswith("_") and isinstance(value, (bool, int, float, str)) and not hasattr(layer, key):
                 setattr(layer, key, value)

@@ -36,8 +36,6 @@ from metal_marlin_torch.io import layer_table
 from metal_marlin_torch.io.hf_quantizer import MarlinHfQuantizer, register
 from metal_marlin_torch.nn import MIXED_4_3_RULES
 
-PYLM = Path("/work/shared/models/pylm-s")
-needs_pylm = pytest.mark.skipif(not PYLM.is_dir(), reason="needs the pylm-s test model")
 REPO = Path(__file__).resolve().parents[2]
 Auto = transformers.AutoModelForCausalLM
 
@@ -137,17 +135,16 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 
 
 @pytest.fixture(scope="module")
-def pylm():
+def pylm(pylm_s_path):
     """(quantized on load, its logits, dense + quantize_model, dense logits, token ids)."""
-    on_load = Auto.from_pretrained(PYLM, quantization_config=MarlinConfig(**PYLM_CONFIG))
-    dense = Auto.from_pretrained(PYLM)
+    on_load = Auto.from_pretrained(pylm_s_path, quantization_config=MarlinConfig(**PYLM_CONFIG))
+    dense = Auto.from_pretrained(pylm_s_path)
     ids = token_ids(dense.config.vocab_size)
     dense_logits = logits(dense, ids)
     quantize_model(dense, MarlinConfig(**PYLM_CONFIG).quant_config())
     return on_load, logits(on_load, ids), dense, dense_logits, ids
 
 
-@needs_pylm
 def test_quantize_on_load_equals_quantize_model(pylm):
     on_load, out, reference, dense_logits, _ = pylm
     quantized = {n for n, m in on_load.named_modules() if isinstance(m, MarlinLinear)}
@@ -160,7 +157,6 @@ def test_quantize_on_load_equals_quantize_model(pylm):
     assert 0 < rel < 0.15, rel  # 3/4-bit RTN of two blocks of a real model: close to dense, not equal
 
 
-@needs_pylm
 def test_save_pretrained_writes_the_format_and_reloads_identically(pylm, tmp_path):
     on_load, expected, _, _, ids = pylm
     on_load.save_pretrained(tmp_path)
@@ -178,7 +174,6 @@ def test_save_pretrained_writes_the_format_and_reloads_identically(pylm, tmp_pat
     assert_same_state(load_quantized(tmp_path), on_load)
 
 
-@needs_pylm
 def test_from_pretrained_reads_save_quantized(pylm, tmp_path):
     _, _, reference, _, _ = pylm
     save_quantized(reference, tmp_path)

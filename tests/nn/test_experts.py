@@ -54,8 +54,7 @@ def routed_inputs(t: int, h: int, e: int, k: int, seed: int = 0):
 
 
 def with_dequantized_weights(experts: nn.Module, q: MarlinExperts) -> nn.Module:
-    """A copy of the transformers module holding ``q``'s dequantized weights (and its biases,
-    which are stored in the activation dtype)."""
+    """A copy of the transformers module holding ``q``'s dequantized weights and its biases."""
     ref = copy.deepcopy(experts)
     with torch.no_grad():
         for proj in q.shape.projections():

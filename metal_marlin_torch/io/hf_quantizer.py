@@ -31,6 +31,7 @@ How loading works (transformers 5.x):
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from ..nn.quantize import plan_layers, replace_module
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD, _dedupe_tied, convert_to_marlin, layer_table
 from .hf_config import MarlinConfig
 
+log = logging.getLogger("metal_marlin_torch")
 
 def _split(name: str) -> tuple[str, str]:
     module, _, tensor = name.rpartition(".")
@@ -127,7 +129,10 @@ class MarlinHfQuantizer(HfQuantizer):
         )
         config = self.quantization_config.quant_config(extra_exclude=keep)
         dtype_config = resolve(config.dtype_config)
-        plans, _ = plan_layers(model, config)
+        plans, skipped = plan_layers(model, config)
+        expert_plans, expert_skipped = plan_experts(model, config)
+        for name, reason in {**skipped, **expert_skipped}.items():
+            log.warning("metal_marlin_torch: leaving %s unquantized: %s", name, reason)
         for name, plan in plans.items():
             linear = model.get_submodule(name)
             layer = MarlinLinear(linear.in_features, linear.out_features, linear.bias is not None, plan.format,
@@ -136,7 +141,6 @@ class MarlinHfQuantizer(HfQuantizer):
             # the checkpoint's float weight lands here and is quantized by MarlinQuantize
             layer.weight = torch.empty_like(linear.weight, device="meta")
             replace_module(model, name, layer)
-        expert_plans, _ = plan_experts(model, config)
         for name, projections in expert_plans.items():
             experts = model.get_submodule(name)
             layer = MarlinExperts.like(experts, projections, dtype_config, device="meta")

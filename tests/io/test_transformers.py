@@ -211,14 +211,18 @@ def tiny_moe(kind: str) -> transformers.PreTrainedModel:
         cfg = transformers.Qwen3MoeConfig(intermediate_size=256, moe_intermediate_size=128, num_experts=4,
                                           decoder_sparse_step=1, mlp_only_layers=[], **common)
         cls = transformers.Qwen3MoeForCausalLM
-    else:
+    elif kind == "mixtral":
         cfg = transformers.MixtralConfig(intermediate_size=128, num_local_experts=4, **common)
         cls = transformers.MixtralForCausalLM
+    else:  # gpt-oss: transposed [E, K, N] expert weights with biases
+        cfg = transformers.GptOssConfig(intermediate_size=128, num_local_experts=4, layer_types=["full_attention"] * 2,
+                                        **common)
+        cls = transformers.GptOssForCausalLM
     torch.manual_seed(0)
     return cls(cfg).to(torch.bfloat16)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_moe_quantize_on_load_save_and_reload(kind, tmp_path):
     # save_pretrained of the dense model writes transformers' per-expert checkpoint layout, so
     # loading it exercises the expert merge before the quantization op
@@ -229,8 +233,10 @@ def test_moe_quantize_on_load_save_and_reload(kind, tmp_path):
     quantize_model(reference, config.quant_config())
     experts = [m for n, m in model.named_modules() if n.endswith(".experts")]
     assert len(experts) == 2 and all(isinstance(m, MarlinExperts) for m in experts)
-    for m in experts:  # no bf16 expert weight left
-        assert sum(t.numel() for t in list(m.parameters()) + list(m.buffers()) if t.dtype == torch.bfloat16) == 0
+    for m in experts:  # no bf16 expert weight left (gpt-oss's expert biases stay bf16)
+        tensors = dict(m.named_parameters()) | dict(m.named_buffers())
+        assert not [n for n, t in tensors.items() if t.dtype == torch.bfloat16 and not n.endswith("_bias")]
+        assert tensors["gate_up_proj"].dtype == torch.uint32
     ids = token_ids(256)
     expected = logits(model, ids)
     assert torch.equal(expected, logits(reference, ids))

@@ -199,3 +199,19 @@ def test_bad_input():
         MarlinExperts.from_experts(experts, {"gate_up_proj": LayerPlan("fp4", 32)})
     with pytest.raises(TypeError, match="not a fused experts module"):
         MarlinExperts.from_experts(nn.Linear(4, 4), {})
+
+
+def test_input_gradient_matches_transformers_on_dequantized_weights():
+    # is_trainable: adapters upstream of the experts need d(out)/d(hidden_states)
+    experts = next(iter(experts_modules(tiny_mixtral()).values()))
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    q = MarlinExperts.from_experts(experts, {p: LayerPlan("int4", 32) for p in experts_shape(experts).projections()})
+    ref = with_dequantized_weights(experts, q)
+    x, ids, weights = routed_inputs(7, 128, 4, 2)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    go = torch.randn(7, 128)
+    q(x1, ids, weights).backward(go)
+    ref(x2, ids, weights).backward(go)
+    torch.testing.assert_close(x1.grad, x2.grad, atol=2e-5, rtol=2e-5)

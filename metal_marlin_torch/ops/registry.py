@@ -30,6 +30,8 @@ REFERENCE: dict[str, Callable] = {
     "moe_gemm_backward": moe.moe_gemm_backward,
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
+# ops whose MPS kernel is the pure-torch one registered here (not a Metal kernel of the extension)
+TORCH_ON_MPS: set[str] = set()
 
 
 def set_kernel(op: str, device_type: str, fn: Callable, name: str) -> None:
@@ -81,6 +83,8 @@ def register_torch_kernels(device_types: tuple[str, ...]) -> None:
         key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device_type]
         for op in SCHEMAS:
             LIB.impl(op, _routed(op, device_type), key)
+            if device_type == "mps":
+                TORCH_ON_MPS.add(op)
 
 
 def _metal_extension_loaded() -> bool:
@@ -99,3 +103,4 @@ else:
     for _op in SCHEMAS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{_op}", "MPS"):
             LIB.impl(_op, _routed(_op, "mps"), "MPS")
+            TORCH_ON_MPS.add(_op)

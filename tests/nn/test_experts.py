@@ -215,3 +215,17 @@ def test_input_gradient_matches_transformers_on_dequantized_weights():
     q(x1, ids, weights).backward(go)
     ref(x2, ids, weights).backward(go)
     torch.testing.assert_close(x1.grad, x2.grad, atol=2e-5, rtol=2e-5)
+
+
+def test_checkpoint_with_wrong_expert_tensor_is_rejected_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_qwen3_moe()
+    quantize_model(model, QuantConfig(format="int4", group_size=64))
+    save_quantized(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    key = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[key] = tensors[key][:, :, :1].contiguous()  # one group per row instead of two
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=key):
+        load_quantized(tmp_path)

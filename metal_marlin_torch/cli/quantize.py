@@ -31,7 +31,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
 
     from ..dtypes import DTypeConfig  # noqa: PLC0415
     from ..io import save_quantized  # noqa: PLC0415
@@ -50,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         args.stream = args.method == "rtn" and is_sharded(args.src)
     if args.stream:
         return run_streaming(args, config)
-    model = load_pretrained(args.src, dtype=torch.float32)
+    # the checkpoint's own dtype: tensors that stay unquantized (embeddings, norms) keep their size
+    model = load_pretrained(args.src)
     summary = quantize_model(model, config)
     print(summary)
     out = save_quantized(model, args.out, max_shard_size=args.max_shard_size,

@@ -1,0 +1,188 @@
+"""What the CUDA kernels need to know about a weight, in plain Python and torch (no Triton).
+
+* :class:`KernelFormat`: a format's code width, decode path and value table, derived from the
+  format table in :mod:`metal_marlin_torch.formats` (the one place formats are defined).
+* :func:`kernel_scales`: group scales as a float tensor the kernels multiply by (E8M0 bytes of
+  ``mxfp4`` and E4M3 scales times ``global_scale`` of ``nvfp4`` become float32).
+* :func:`interleave` / :func:`deinterleave`: the optional load-time repack of docs/CUDA.md.
+* :func:`gemv_chunk`: how the GEMV kernel cuts a row into chunks that never straddle a group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from ... import formats as F
+from ...formats.base import GroupParams
+
+DECODE_INT = 0  # must match kernels.DECODE_INT
+DECODE_E2M1 = 1  # must match kernels.DECODE_E2M1
+DECODE_LUT = 2  # must match kernels.DECODE_LUT
+E2M1_SCALE_MUL = 2.0**14  # kernels decode E2M1 as value / 2^14 (fp16 bit placement)
+FLOAT_SCALES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    """A weight format as the kernels see it.
+
+    Attributes:
+        name: format name.
+        bits: code width.
+        decode: ``DECODE_INT`` (affine integers), ``DECODE_E2M1`` (the E2M1 family) or
+            ``DECODE_LUT`` (any other format: a table of ``2**bits`` float32 values).
+        affine: the format has per-group biases (``w = s * q + b``).
+        scale_mul: constant the kernels fold into each scale.
+        lut: the ``2**bits`` code values (``DECODE_LUT`` only), else empty.
+    """
+
+    name: str
+    bits: int
+    decode: int
+    affine: bool
+    scale_mul: float
+    lut: tuple[float, ...]
+
+
+def _is_e2m1(fmt: F.WeightFormat) -> bool:
+    """Codes decode (at unit scale) to the E2M1 values: the fp16 bit-placement path applies."""
+    if fmt.bits != 4 or fmt.has_biases:
+        return False
+    return all(float(v) == float(e) for v, e in zip(_code_values(fmt), F.E2M1_VALUES, strict=True))
+
+
+def _unit_params(fmt: F.WeightFormat) -> GroupParams:
+    """Group parameters under which a code decodes to its bare value (scale 1)."""
+    if fmt.fixed_scale_dtype == torch.uint8:  # E8M0: 127 is 2^0
+        scales = torch.full((1, 1), 127, dtype=torch.uint8)
+    else:
+        scales = torch.ones(1, 1, dtype=fmt.fixed_scale_dtype or torch.float32)
+    biases = torch.zeros(1, 1) if fmt.has_biases else None
+    global_scale = torch.ones(1) if fmt.has_global_scale else None
+    return GroupParams(scales, biases, global_scale)
+
+
+def _code_values(fmt: F.WeightFormat) -> tuple[float, ...]:
+    codes = torch.arange(1 << fmt.bits, dtype=torch.int64).view(1, 1, -1)
+    return tuple(fmt.decode(codes, _unit_params(fmt)).reshape(-1).tolist())
+
+
+@cache
+def kernel_format(name: str) -> KernelFormat:
+    """The :class:`KernelFormat` of format ``name`` (unknown names raise ``ValueError``)."""
+    fmt = F.get_format(name)
+    if fmt.bits not in (2, 3, 4, 8):
+        raise ValueError(f"CUDA kernels take 2-, 3-, 4- or 8-bit formats, {name!r} has {fmt.bits}")
+    if fmt.has_biases:
+        return KernelFormat(name, fmt.bits, DECODE_INT, True, 1.0, ())
+    if _is_e2m1(fmt):
+        return KernelFormat(name, fmt.bits, DECODE_E2M1, False, E2M1_SCALE_MUL, ())
+    return KernelFormat(name, fmt.bits, DECODE_LUT, False, 1.0, _code_values(fmt))
+
+
+def kernel_scales(
+    format: str, scales: torch.Tensor, global_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``scales`` as a float tensor ``[N, n_groups]`` holding each group's effective scale.
+
+    Float scales pass through unchanged (the kernels read fp16/bf16/fp32). Other storage
+    (E8M0 bytes, E4M3 with a tensor scale) is turned into float32 by the format's own decode:
+    the effective scale is the decoded value of a code whose bare value is 1.
+    """
+    fmt = F.get_format(format)
+    if scales.dtype in FLOAT_SCALES and not fmt.has_global_scale:
+        return scales
+    values = _code_values(fmt)
+    one = values.index(1.0)
+    params = fmt.params_from_tensors(scales, None, global_scale)
+    codes = torch.full((scales.shape[0], scales.shape[1], 1), one, dtype=torch.int64,
+                       device=scales.device)
+    return fmt.decode(codes, params)[..., 0].float().contiguous()
+
+
+def items_per_row(k: int, bits: int) -> int:
+    """Kernel items of a row: words for 2/4/8 bits, 3-word units of 32 codes for 3 bits."""
+    return -(-k // 32) if bits == 3 else F.packed_words(k, bits)
+
+
+def codes_per_item(bits: int) -> int:
+    return 32 if bits == 3 else 32 // bits
+
+
+def items_per_group(group: int, k: int, bits: int) -> int:
+    """Items of one scale group of ``group`` inputs (the whole row when per-channel)."""
+    if group == k:
+        return items_per_row(k, bits)
+    return group // 32 if bits == 3 else group * bits // 32
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def gemv_chunk(k: int, group: int, bits: int, chunk_items: int, interleave_block: int = 0
+               ) -> tuple[int, int]:
+    """``(GPB, WT)``: the GEMV kernel's chunk is ``GPB`` groups of ``WT`` items.
+
+    A chunk never straddles a group boundary: either it lies inside one group (``GPB = 1``,
+    ``WT`` a power of two dividing the group's items, or the whole per-channel row), or it
+    holds whole groups (``WT`` = items per group). With an interleaved weight ``WT`` is the
+    interleave block. ``chunk_items`` (a power of two) is the target size.
+    """
+    ipg = items_per_group(group, k, bits)
+    if interleave_block:
+        wt = interleave_block
+        gpb = max(1, chunk_items // wt) if wt == ipg else 1
+        return gpb, wt
+    if group == k:
+        return 1, min(chunk_items, _next_pow2(ipg))
+    if ipg >= chunk_items:
+        return 1, chunk_items
+    return chunk_items // ipg, ipg
+
+
+def interleave_block(k: int, group: int, bits: int, block: int) -> int:
+    """The interleave block (words) usable for this weight, or 0 when it cannot be interleaved:
+    3-bit codes straddle words, and a block must tile every group (and the row) exactly."""
+    if bits == 3:
+        return 0
+    ipg = items_per_group(group, k, bits)
+    kw = F.packed_words(k, bits)
+    wt = min(block, ipg)
+    if kw % wt or ipg % wt or k * bits % 32:
+        return 0
+    return wt
+
+
+def interleave(weight: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Repack a canonical ``uint32 [N, KW]`` weight into the interleaved layout.
+
+    Within each aligned block of ``block`` words (``block * 32 / bits`` codes) of a row, input
+    ``i`` of the block moves to code slot ``i // block`` of word ``i % block``; in the canonical
+    layout it sits in slot ``i % (32 / bits)`` of word ``i // (32 / bits)``.
+    """
+    n, kw = weight.shape
+    cpw = 32 // bits
+    if bits == 3 or kw % block:
+        raise ValueError(f"interleave: {kw} words of {bits} bits do not tile into blocks of {block}")
+    k = kw * cpw
+    codes = F.unpack(weight, bits, k).to(torch.int64)  # [N, k] canonical order
+    # canonical code i of a block -> (slot i // block, word i % block)
+    codes = codes.view(n, kw // block, cpw, block).transpose(2, 3)  # [N, blocks, word, slot]
+    shifts = torch.arange(cpw, dtype=torch.int64, device=weight.device) * bits
+    words = (codes << shifts).sum(-1)  # disjoint bit fields: sum is OR
+    return words.reshape(n, kw).to(torch.uint32)
+
+
+def deinterleave(weight: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """Inverse of :func:`interleave` (for tests and for saving a repacked layer)."""
+    n, kw = weight.shape
+    cpw = 32 // bits
+    w64 = weight.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(cpw, dtype=torch.int64, device=weight.device) * bits
+    slots = (w64.view(n, kw // block, block, 1) >> shifts) & ((1 << bits) - 1)  # [N,b,word,slot]
+    codes = slots.transpose(2, 3).reshape(n, kw * cpw)
+    return F.pack(codes, bits)

@@ -227,7 +227,8 @@ def gemm_prepared(
     if path == "gemv":
         cfg = config or default_gemv_config(m, n, k, kf.bits, sms)
         if not isinstance(cfg, GemvConfig):
-            raise TypeError(f"gemm_prepared: gemv path takes a GemvConfig, got {type(cfg).__name__}")
+            raise TypeError(
+                f"gemm_prepared: gemv path takes a GemvConfig, got {type(cfg).__name__}")
         cpi = layout.codes_per_item(kf.bits)
         chunk_items = max(1, cfg.chunk_codes // cpi)
         gpb, wt = layout.gemv_chunk(k, group, kf.bits, chunk_items, pw.interleave_block)

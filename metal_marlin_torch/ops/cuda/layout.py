@@ -167,7 +167,8 @@ def interleave(weight: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     n, kw = weight.shape
     cpw = 32 // bits
     if bits == 3 or kw % block:
-        raise ValueError(f"interleave: {kw} words of {bits} bits do not tile into blocks of {block}")
+        raise ValueError(
+            f"interleave: {kw} words of {bits} bits do not tile into blocks of {block}")
     k = kw * cpw
     codes = F.unpack(weight, bits, k).to(torch.int64)  # [N, k] canonical order
     # canonical code i of a block -> (slot i // block, word i % block)

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -138,7 +139,20 @@ def dequant_matmul(fmt: str, group: int, k: int):
     return fn
 
 
+def mlx_matmul(mlx, xm, wq, sc, bi, group: int, bits: int) -> None:
+    mlx.eval(mlx.quantized_matmul(xm, wq, sc, bi, transpose=True, group_size=group, bits=bits))
+
+
 # ---- the benchmark --------------------------------------------------------------------------
+
+
+def add_row(rows: list, k: int, n: int, m: int, method: str, fmt: str, ms: float, wbytes: int,
+            note: str = "") -> None:
+    flops = 2.0 * m * n * k
+    rows.append({"K": k, "N": n, "M": m, "method": method, "format": fmt, "ms": ms,
+                 "weight_GBps": wbytes / (ms * 1e6), "TFLOPS": flops / (ms * 1e9), "note": note})
+    print(f"K={k:5d} N={n:5d} M={m:3d} {method:22s} {fmt:9s} {ms:8.4f} ms {note}", flush=True)
+
 
 
 def pick_device(name: str | None) -> str:
@@ -235,47 +249,36 @@ def bench(args) -> dict:
         compiled = {}
         for m in m_values:
             x = (torch.randn(m, k, generator=gen) / math.sqrt(k)).to(device=device, dtype=dtype)
-            flops = 2.0 * m * n * k
 
-            def add(method, fmt, ms, wbytes, note=""):
-                rows.append({"K": k, "N": n, "M": m, "method": method, "format": fmt,
-                             "ms": ms, "weight_GBps": wbytes / (ms * 1e6),
-                             "TFLOPS": flops / (ms * 1e9), "note": note})
-                print(f"K={k:5d} N={n:5d} M={m:3d} {method:22s} {fmt:9s} {ms:8.4f} ms", flush=True)
-
+            add = partial(add_row, rows, k, n, m)
             add("dense", str(dtype).replace("torch.", ""),
-                timer([lambda w_=w_: TF.linear(x, w_) for w_ in dense_copies]), nbytes(dense_w))
+                timer([partial(TF.linear, x, w_) for w_ in dense_copies]), nbytes(dense_w))
             if tiny is not None:
                 p0, sz0 = tiny[0]
                 ref = ops.gemm(x, *quant["int4"][1][0], None, "int4", quant["int4"][0])
                 got = torch.ops.aten._weight_int4pack_mm(x, p0, GROUP, sz0)
                 err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-                add("tinygemm", "int4", timer([
-                    lambda p=p, sz=sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz)
-                    for p, sz in tiny]), nbytes(p0, sz0), f"rel err vs marlin int4 {err:.1e}")
+                add("tinygemm", "int4",
+                    timer([partial(torch.ops.aten._weight_int4pack_mm, x, p, GROUP, sz)
+                           for p, sz in tiny]),
+                    nbytes(p0, sz0), f"rel err vs marlin int4 {err:.1e}")
             for fmt, (group, copies, qbytes) in quant.items():
-                add("marlin", fmt, timer([
-                    lambda c=c: ops.gemm(x, c[0], c[1], c[2], c[3], None, fmt, group)
-                    for c in copies]), qbytes)
+                add("marlin", fmt, timer([partial(ops.gemm, x, *c, None, fmt, group)
+                                          for c in copies]), qbytes)
                 if device == "cuda":
                     fn = dequant_matmul(fmt, group, k)
-                    add("dequant+mm", fmt, timer([lambda c=c: fn(x, *c) for c in copies]), qbytes)
+                    add("dequant+mm", fmt, timer([partial(fn, x, *c) for c in copies]), qbytes)
                     if fmt in compiled_formats:
                         if fmt not in compiled:
                             compiled[fmt] = torch.compile(fn, dynamic=False)
-                        cf = compiled[fmt]
                         add("dequant+mm compiled", fmt,
-                            timer([lambda c=c: cf(x, *c) for c in copies]), qbytes)
+                            timer([partial(compiled[fmt], x, *c) for c in copies]), qbytes)
                 if mlx is not None and fmt.startswith("int"):
                     bits = F.get_format(fmt).bits
                     wq, sc, bi = mlx.quantize(mlx.array(w.numpy()).astype(mlx.float16),
                                               group_size=group, bits=bits)
                     xm = mlx.array(x.float().cpu().numpy()).astype(mlx.float16)
-
-                    def run_mlx(wq=wq, sc=sc, bi=bi, xm=xm, group=group, bits=bits):
-                        mlx.eval(mlx.quantized_matmul(xm, wq, sc, bi, transpose=True,
-                                                      group_size=group, bits=bits))
-
+                    run_mlx = partial(mlx_matmul, mlx, xm, wq, sc, bi, group, bits)
                     add("mlx", fmt, time_wall([run_mlx], lambda: None), qbytes)
     dense = {(r["K"], r["N"], r["M"]): r["ms"] for r in rows if r["method"] == "dense"}
     for r in rows:

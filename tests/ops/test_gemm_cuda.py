@@ -27,6 +27,8 @@ from metal_marlin_torch.ops.cuda import layout as L
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+if DEVICE == "cuda" and HAS_TRITON:
+    C.register()  # torch.ops.marlin.gemm on CUDA tensors -> the Triton kernels
 needs_kernels = pytest.mark.skipif(
     DEVICE is None or not HAS_TRITON,
     reason="needs CUDA" if DEVICE is None else "needs Triton",
@@ -194,10 +196,8 @@ def test_kernel_format_table_matches_format_decode():
             assert len(kf.lut) == 1 << fmt.bits
     for name, values in (("nf4", F.NF4_VALUES), ("nf3", F.NF3_VALUES)):
         assert L.kernel_format(name).lut == tuple(torch.tensor(values).tolist())  # float32
-    e4m3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    lut = torch.tensor(L.kernel_format("fp8_e4m3").lut)
-    assert torch.equal(lut.isnan(), e4m3.isnan())
-    assert torch.equal(lut[~lut.isnan()], e4m3[~e4m3.isnan()])
+    assert L.kernel_format("fp8_e4m3").decode == L.DECODE_E4M3
+    assert L.kernel_format("fp8_e5m2").decode == L.DECODE_E5M2
     assert L.kernel_format("fp4").decode == L.DECODE_E2M1 and e2m1[8] == 0.0
 
 
@@ -207,6 +207,21 @@ def test_e2m1_fp16_bit_placement():
     h = ((q & 7) << 9) | ((q & 8) << 12)
     v = h.to(torch.int16).view(torch.float16).float() * L.E2M1_SCALE_MUL
     assert v.tolist() == [float(x) for x in F.E2M1_VALUES]
+
+
+@pytest.mark.parametrize("dtype,mul", [(torch.float8_e4m3fn, L.E4M3_SCALE_MUL),
+                                       (torch.float8_e5m2, 1.0)])
+def test_fp8_fp16_bit_placement(dtype, mul):
+    """The kernels' float8 decode, written in torch, equals torch's float8 (finite codes)."""
+    q = torch.arange(256, dtype=torch.int32)
+    if dtype == torch.float8_e4m3fn:
+        h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)
+    else:
+        h = q << 8
+    v = h.to(torch.int16).view(torch.float16).float() * mul
+    ref = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    finite = torch.isfinite(ref)
+    assert torch.equal(v[finite], ref[finite])
 
 
 def test_int_magic_number_decode():

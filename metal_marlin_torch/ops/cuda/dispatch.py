@@ -140,7 +140,7 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int) -> GemvConf
     """Tuned on an H100 (benchmarks/results): 8 rows x 512 inputs per chunk, 4 warps, so each
     thread loads 16 bytes of 4-bit weight per chunk; split K only when the N blocks alone
     cannot give every SM two programs."""
-    block_m = min(8, 1 << max(0, (m - 1).bit_length()))
+    block_m = min(4, 1 << max(0, (m - 1).bit_length()))  # the kernel takes 1, 2 or 4
     block_n = 8
     chunk = 512 if bits != 8 else 256
     programs = -(-n // block_n) * -(-m // block_m)
@@ -237,6 +237,7 @@ def gemm_prepared(
         split = max(1, min(cfg.split_k, n_chunks))
         per_split = triton_cdiv(n_chunks, split)
         split = triton_cdiv(n_chunks, per_split)
+        even = items % (gpb * wt) == 0 and n_chunks % split == 0 and n % cfg.block_n == 0
         y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
              else torch.empty(m, n, dtype=x.dtype, device=x.device))
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split)
@@ -248,7 +249,7 @@ def gemm_prepared(
             BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, HAS_BIAS=has_bias,
             SCALE_MUL=kf.scale_mul, INTERLEAVED=pw.interleave_block > 0,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GPB=gpb, WT=wt, SPLIT_K=split,
-            num_warps=cfg.num_warps,
+            EVEN=even, num_warps=cfg.num_warps,
         )
         return y.to(x.dtype).reshape(*lead, n)
 

@@ -17,8 +17,12 @@ its group scale; the host folds any constant factor into ``SCALE_MUL``:
 * ``DECODE_E2M1`` (``fp4``, ``mxfp4``, ``nvfp4``): the three magnitude bits placed into an fp16's
   exponent and top mantissa bit and the sign bit into bit 15 give ``e2m1(q) / 2^14`` exactly
   (index 1 lands on the fp16 subnormal 2^-15); ``SCALE_MUL = 2^14`` restores it.
-* ``DECODE_LUT`` (``nf4``, ``nf3``, ``fp8_*``, the generic path): ``lut[q]`` from a float32
-  table of ``2^bits`` entries (64 bytes to 1 KiB) that stays in L1.
+* ``DECODE_E4M3`` / ``DECODE_E5M2`` (``fp8_e4m3`` / ``fp8_e5m2``): the byte's exponent and
+  mantissa placed into an fp16 (E4M3: value / 2^8, subnormals included; E5M2 is fp16's top
+  byte, exact). E4M3's two NaN codes decode as 480 * 2^-8 * 2 instead of NaN; the quantizer
+  never writes them.
+* ``DECODE_LUT`` (``nf4``, ``nf3``, the generic path for any other format): ``lut[q]`` from a
+  float32 table of ``2^bits`` entries that stays in L1.
 
 Accumulation is float32 throughout; group scales (and the affine biases, as
 ``b * sum(x)``) are applied once per group per row, outside the per-code loop.
@@ -32,6 +36,8 @@ import triton.language as tl
 DECODE_INT = 0  # value = q                      (affine: scale * q + bias)
 DECODE_E2M1 = 1  # value = e2m1(q) / 2^14         (SCALE_MUL = 2^14)
 DECODE_LUT = 2  # value = lut[q]
+DECODE_E4M3 = 3  # value = e4m3(q) / 2^8          (SCALE_MUL = 2^8)
+DECODE_E5M2 = 4  # value = e5m2(q)                (fp16's top byte)
 
 
 @triton.jit
@@ -42,9 +48,42 @@ def _decode(q, lut_ptr, DECODE: tl.constexpr):
     elif DECODE == 1:
         h = ((q & 7) << 9) | ((q & 8) << 12)
         v = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif DECODE == 3:
+        h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)
+        v = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif DECODE == 4:
+        v = (q << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     else:
         v = tl.load(lut_ptr + q.to(tl.int32))
     return v
+
+
+@triton.jit
+def _ld(ptrs, mask, EVEN: tl.constexpr):
+    """``ptrs`` loaded under ``mask`` (zero where false), or unmasked when ``EVEN``."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def _int_field(w, C: tl.constexpr, BITS: tl.constexpr):
+    """float32 value of code slot ``C`` of words ``w`` (2/4/8-bit integer codes) in two ops.
+
+    The field is masked in place (no shift) and OR-ed into the mantissa of 2^23, giving
+    ``2^23 + q * 2^SH``; one FMA by ``2^-SH`` minus ``2^(23-SH)`` returns ``q`` exactly. Fields
+    that would reach bit 23 (the exponent) are taken from ``w >> 12`` instead.
+    """
+    SH0: tl.constexpr = C * BITS
+    if SH0 + BITS <= 23:
+        SH: tl.constexpr = SH0
+        src = w
+    else:
+        SH: tl.constexpr = SH0 - 12
+        src = w >> 12
+    f = ((src & (((1 << BITS) - 1) << SH)) | 0x4B000000).to(tl.float32, bitcast=True)
+    return f * (1.0 / (1 << SH)) - (8388608.0 / (1 << SH))
 
 
 @triton.jit
@@ -66,6 +105,23 @@ def _code_of_3bit(w0, w1, w2, C: tl.constexpr):
     return q & 7
 
 
+@triton.jit
+def _gemv_row(acc, x_row, m_ok, v, items, i0, offs_g, offs_j, K,
+              CPI: tl.constexpr, C: tl.constexpr, WT: tl.constexpr, INTERLEAVED: tl.constexpr,
+              EVEN: tl.constexpr):
+    """One code slot ``C`` of one activation row: ``acc += x[k(C)] * v``; returns the new acc
+    and the x values (for the affine bias term)."""
+    if INTERLEAVED:
+        kk = (i0 + offs_g[:, None] * WT) * CPI + C * WT + offs_j[None, :]
+    else:
+        kk = items * CPI + C
+    if EVEN:
+        xc = tl.load(x_row + kk, mask=m_ok, other=0.0).to(tl.float32)  # [GPB, WT]
+    else:
+        xc = tl.load(x_row + kk, mask=m_ok & (kk < K), other=0.0).to(tl.float32)
+    return acc + xc[None, :, :] * v, xc
+
+
 @triton.jit(do_not_specialize=["M"])
 def gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
@@ -82,18 +138,22 @@ def gemv_kernel(
     HAS_BIAS: tl.constexpr,  # layer bias [N]
     SCALE_MUL: tl.constexpr,  # constant folded into every scale (2^14 for E2M1)
     INTERLEAVED: tl.constexpr,  # weight in the interleaved layout with blocks of WT words
-    BLOCK_M: tl.constexpr,  # activation rows per program (each decoded weight used BLOCK_M times)
+    BLOCK_M: tl.constexpr,  # activation rows per program: 1, 2 or 4 (each decoded code reused)
     BLOCK_N: tl.constexpr,  # output features per program
     GPB: tl.constexpr,  # scale groups per chunk (1 when a group spans several chunks)
     WT: tl.constexpr,  # items per group per chunk
     SPLIT_K: tl.constexpr,  # >1: fp32 partial sums are atomically added into y (fp32)
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the splits' chunks cover the row exactly: no masks
 ):
-    """``y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])`` for a few rows ``m``.
+    """``y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])`` for 1, 2 or 4 rows ``m``.
 
     Each program owns BLOCK_N weight rows and walks K in chunks of ``GPB * WT`` items, loading
-    the chunk's words once (contiguous along K: 16-byte loads) and unrolling over the codes of a
-    word, so the decoded values never leave registers. Per-code partial sums are scaled once per
-    (row, group, item) when the chunk ends.
+    the chunk's words once (contiguous along K) and unrolling over the codes of a word, so the
+    decoded values never leave registers. All per-chunk tensors are 3-D ``[BLOCK_N, GPB, WT]``
+    in the layout of the weight load (the activation rows are separate accumulators rather
+    than a 4th dimension, which would make Triton move every decoded code through shared
+    memory). Partial sums are scaled once per (row, group, item) when the chunk ends; the
+    affine bias enters as ``b * sum(x)`` per group.
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -102,20 +162,25 @@ def gemv_kernel(
     MASK: tl.constexpr = (1 << BITS) - 1
     CHUNK: tl.constexpr = GPB * WT
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_g = tl.arange(0, GPB)
     offs_j = tl.arange(0, WT)
-    m_ok = offs_m < M
     n_ok = offs_n < N
     tile = offs_g[:, None] * WT + offs_j[None, :]  # [GPB, WT] item index inside a chunk
-    x_rows = x_ptr + offs_m[:, None, None] * stride_xm  # [BM, 1, 1]
     w_rows = w_ptr + offs_n[:, None, None] * stride_wn  # [BN, 1, 1]
     s_rows = s_ptr + offs_n[:, None] * stride_sn  # [BN, 1]
     b_rows = b_ptr + offs_n[:, None] * stride_sn
+    x0 = x_ptr + m0 * stride_xm
+    ok0 = m0 < M
+    ok1 = m0 + 1 < M
+    ok2 = m0 + 2 < M
+    ok3 = m0 + 3 < M
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N, GPB, WT], dtype=tl.float32)
-    accb = tl.zeros([BLOCK_M, BLOCK_N, GPB], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
     c_lo = pid_k * CHUNKS_PER_SPLIT
     for chunk in range(c_lo, c_lo + CHUNKS_PER_SPLIT):  # past the row end all loads are masked
         i0 = chunk * CHUNK
@@ -123,54 +188,88 @@ def gemv_kernel(
         item_ok = items < ITEMS
         gidx = (i0 + offs_g * WT) // IPG  # [GPB]: a chunk never straddles a group (host plan)
         sb_mask = n_ok[:, None] & (gidx < NG)[None, :]
-        s = tl.load(s_rows + gidx[None, :], mask=sb_mask, other=0.0).to(tl.float32) * SCALE_MUL
         wmask = n_ok[:, None, None] & item_ok[None, :, :]
+        s = _ld(s_rows + gidx[None, :], sb_mask, EVEN).to(tl.float32) * SCALE_MUL
         if BITS == 3:
             wp = w_rows + items[None, :, :] * 3
-            w0 = tl.load(wp, mask=wmask & (items * 3 < KW)[None, :, :], other=0)
-            w1 = tl.load(wp + 1, mask=wmask & (items * 3 + 1 < KW)[None, :, :], other=0)
-            w2 = tl.load(wp + 2, mask=wmask & (items * 3 + 2 < KW)[None, :, :], other=0)
+            w0 = _ld(wp, wmask & (items * 3 < KW)[None, :, :], EVEN)
+            w1 = _ld(wp + 1, wmask & (items * 3 + 1 < KW)[None, :, :], EVEN)
+            w2 = _ld(wp + 2, wmask & (items * 3 + 2 < KW)[None, :, :], EVEN)
             w0 = w0.to(tl.uint32, bitcast=True)
             w1 = w1.to(tl.uint32, bitcast=True)
             w2 = w2.to(tl.uint32, bitcast=True)
         else:
-            w = tl.load(w_rows + items[None, :, :], mask=wmask, other=0).to(tl.uint32, bitcast=True)
-        part = tl.zeros([BLOCK_M, BLOCK_N, GPB, WT], dtype=tl.float32)
-        xs = tl.zeros([BLOCK_M, GPB, WT], dtype=tl.float32)
+            w = _ld(w_rows + items[None, :, :], wmask, EVEN).to(tl.uint32, bitcast=True)
+        p0 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+        p1 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+        p2 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+        p3 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+        xs0 = tl.zeros([GPB, WT], dtype=tl.float32)
+        xs1 = tl.zeros([GPB, WT], dtype=tl.float32)
+        xs2 = tl.zeros([GPB, WT], dtype=tl.float32)
+        xs3 = tl.zeros([GPB, WT], dtype=tl.float32)
         for c in tl.static_range(CPI):
             if BITS == 3:
-                q = _code_of_3bit(w0, w1, w2, c)
+                v = _decode(_code_of_3bit(w0, w1, w2, c), lut_ptr, DECODE)
+            elif DECODE == 0:
+                v = _int_field(w, c, BITS)
             else:
-                q = (w >> (c * BITS)) & MASK
-            v = _decode(q, lut_ptr, DECODE)  # [BN, GPB, WT]
-            if INTERLEAVED:
-                kk = (i0 + offs_g[:, None] * WT) * CPI + c * WT + offs_j[None, :]
-            else:
-                kk = items * CPI + c
-            xmask = m_ok[:, None, None] & (kk < K)[None, :, :]
-            xc = tl.load(x_rows + kk[None, :, :], mask=xmask, other=0.0).to(tl.float32)
-            part += xc[:, None, :, :] * v[None, :, :, :]
-            if AFFINE:
-                xs += xc
-        acc += part * s[None, :, :, None]
+                v = _decode((w >> (c * BITS)) & MASK, lut_ptr, DECODE)  # [BN, GPB, WT]
+            p0, xc = _gemv_row(p0, x0, ok0, v, items, i0, offs_g, offs_j, K, CPI, c, WT,
+                               INTERLEAVED, EVEN)
+            xs0 += xc
+            if BLOCK_M > 1:
+                p1, xc = _gemv_row(p1, x0 + stride_xm, ok1, v, items, i0, offs_g, offs_j, K,
+                                   CPI, c, WT, INTERLEAVED, EVEN)
+                xs1 += xc
+            if BLOCK_M > 2:
+                p2, xc = _gemv_row(p2, x0 + 2 * stride_xm, ok2, v, items, i0, offs_g, offs_j,
+                                   K, CPI, c, WT, INTERLEAVED, EVEN)
+                xs2 += xc
+                p3, xc = _gemv_row(p3, x0 + 3 * stride_xm, ok3, v, items, i0, offs_g, offs_j,
+                                   K, CPI, c, WT, INTERLEAVED, EVEN)
+                xs3 += xc
+        s3 = s[:, :, None]
         if AFFINE:
-            b = tl.load(b_rows + gidx[None, :], mask=sb_mask, other=0.0).to(tl.float32)
-            accb += tl.sum(xs, axis=2)[:, None, :] * b[None, :, :]
+            b3 = _ld(b_rows + gidx[None, :], sb_mask, EVEN).to(tl.float32)[:, :, None]
+            acc0 += p0 * s3 + xs0[None, :, :] * b3
+            if BLOCK_M > 1:
+                acc1 += p1 * s3 + xs1[None, :, :] * b3
+            if BLOCK_M > 2:
+                acc2 += p2 * s3 + xs2[None, :, :] * b3
+                acc3 += p3 * s3 + xs3[None, :, :] * b3
+        else:
+            acc0 += p0 * s3
+            if BLOCK_M > 1:
+                acc1 += p1 * s3
+            if BLOCK_M > 2:
+                acc2 += p2 * s3
+                acc3 += p3 * s3
 
-    y = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BM, BN]
-    if AFFINE:
-        y += tl.sum(accb, axis=2)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SPLIT_K > 1:
             bias = bias * (pid_k == 0).to(tl.float32)
-        y += bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, y, mask=out_mask)
     else:
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=out_mask)
+        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    y_row = y_ptr + m0 * stride_ym + offs_n
+    _gemv_store(y_row, tl.sum(tl.sum(acc0, axis=2), axis=1) + bias, n_ok & ok0, SPLIT_K)
+    if BLOCK_M > 1:
+        _gemv_store(y_row + stride_ym, tl.sum(tl.sum(acc1, axis=2), axis=1) + bias, n_ok & ok1,
+                    SPLIT_K)
+    if BLOCK_M > 2:
+        _gemv_store(y_row + 2 * stride_ym, tl.sum(tl.sum(acc2, axis=2), axis=1) + bias,
+                    n_ok & ok2, SPLIT_K)
+        _gemv_store(y_row + 3 * stride_ym, tl.sum(tl.sum(acc3, axis=2), axis=1) + bias,
+                    n_ok & ok3, SPLIT_K)
+
+
+@triton.jit
+def _gemv_store(ptrs, y, mask, SPLIT_K: tl.constexpr):
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, y, mask=mask)
+    else:
+        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

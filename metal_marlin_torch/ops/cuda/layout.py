@@ -21,7 +21,10 @@ from ...formats.base import GroupParams
 DECODE_INT = 0  # must match kernels.DECODE_INT
 DECODE_E2M1 = 1  # must match kernels.DECODE_E2M1
 DECODE_LUT = 2  # must match kernels.DECODE_LUT
+DECODE_E4M3 = 3  # must match kernels.DECODE_E4M3
+DECODE_E5M2 = 4  # must match kernels.DECODE_E5M2
 E2M1_SCALE_MUL = 2.0**14  # kernels decode E2M1 as value / 2^14 (fp16 bit placement)
+E4M3_SCALE_MUL = 2.0**8  # kernels decode E4M3 as value / 2^8 (fp16 bit placement)
 FLOAT_SCALES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -32,8 +35,9 @@ class KernelFormat:
     Attributes:
         name: format name.
         bits: code width.
-        decode: ``DECODE_INT`` (affine integers), ``DECODE_E2M1`` (the E2M1 family) or
-            ``DECODE_LUT`` (any other format: a table of ``2**bits`` float32 values).
+        decode: ``DECODE_INT`` (affine integers), ``DECODE_E2M1`` (the E2M1 family),
+            ``DECODE_E4M3`` / ``DECODE_E5M2`` (float8 bytes) or ``DECODE_LUT`` (any other
+            format: a table of ``2**bits`` float32 values).
         affine: the format has per-group biases (``w = s * q + b``).
         scale_mul: constant the kernels fold into each scale.
         lut: the ``2**bits`` code values (``DECODE_LUT`` only), else empty.
@@ -52,6 +56,16 @@ def _is_e2m1(fmt: F.WeightFormat) -> bool:
     if fmt.bits != 4 or fmt.has_biases:
         return False
     return all(float(v) == float(e) for v, e in zip(_code_values(fmt), F.E2M1_VALUES, strict=True))
+
+
+def _decodes_as(fmt: F.WeightFormat, fp8: torch.dtype) -> bool:
+    """Codes decode (at unit scale) to the float8 value of the same byte (NaN codes aside)."""
+    if fmt.bits != 8 or fmt.has_biases:
+        return False
+    ref = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+    got = torch.tensor(_code_values(fmt))
+    finite = torch.isfinite(ref)
+    return bool(torch.equal(got[finite], ref[finite]))
 
 
 def _unit_params(fmt: F.WeightFormat) -> GroupParams:
@@ -80,6 +94,10 @@ def kernel_format(name: str) -> KernelFormat:
         return KernelFormat(name, fmt.bits, DECODE_INT, True, 1.0, ())
     if _is_e2m1(fmt):
         return KernelFormat(name, fmt.bits, DECODE_E2M1, False, E2M1_SCALE_MUL, ())
+    if _decodes_as(fmt, torch.float8_e4m3fn):
+        return KernelFormat(name, fmt.bits, DECODE_E4M3, False, E4M3_SCALE_MUL, ())
+    if _decodes_as(fmt, torch.float8_e5m2):
+        return KernelFormat(name, fmt.bits, DECODE_E5M2, False, 1.0, ())
     return KernelFormat(name, fmt.bits, DECODE_LUT, False, 1.0, _code_values(fmt))
 
 

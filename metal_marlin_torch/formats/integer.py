@@ -1,0 +1,47 @@
+"""Asymmetric affine integer formats ``int8``, ``int4``, ``int3``, ``int2``: per group
+``w = scale * q + bias`` with unsigned ``q`` in ``[0, 2^bits - 1]`` (the MLX convention)."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import GroupParams, WeightFormat, round_scale, safe_divisor
+
+
+class _Affine(WeightFormat):
+    has_biases = True
+
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def group_params(self, groups: torch.Tensor, scale_dtype: torch.dtype) -> GroupParams:
+        lo = groups.amin(-1)
+        hi = groups.amax(-1)
+        scale = round_scale((hi - lo) / self.levels, scale_dtype)
+        bias = round_scale(lo, scale_dtype, what="bias")
+        return GroupParams(scale, bias)
+
+    def encode(self, values: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        q = torch.round((values - params.biases.float().unsqueeze(-1))
+                        / safe_divisor(params.scales).unsqueeze(-1))
+        q = q.clamp(0, self.levels)
+        return torch.where(params.scales.unsqueeze(-1) == 0, torch.zeros_like(q), q).to(torch.int64)
+
+    def decode(self, codes: torch.Tensor, params: GroupParams) -> torch.Tensor:
+        return (codes.float() * params.scales.float().unsqueeze(-1)
+                + params.biases.float().unsqueeze(-1))
+
+
+def _make(bits: int) -> type[_Affine]:
+    return type(
+        f"INT{bits}", (_Affine,),
+        {"name": f"int{bits}", "bits": bits,
+         "description": f"INT{bits}: asymmetric affine, scale and bias per group"},
+    )
+
+
+INT8 = _make(8)
+INT4 = _make(4)
+INT3 = _make(3)
+INT2 = _make(2)

@@ -1,0 +1,269 @@
+"""Quantized checkpoints: safetensors shards + ``config.json`` (docs/FORMAT.md §6).
+
+``save_quantized`` writes the model's whole ``state_dict`` in the Hugging Face layout (one
+file, or shards plus an index), every file atomically, with a ``quantization_config`` that
+lists each quantized layer. ``load_quantized`` rebuilds the model skeleton on the meta device,
+swaps in :class:`MarlinLinear` where the config says, validates every tensor's shape and dtype
+against it, and loads the tensors memory-mapped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import formats as F
+from ..dtypes import DTypeConfig, get_default_config
+from ..nn.linear import MarlinLinear
+from ..nn.quantize import replace_module
+from .atomic import atomic_path, write_json
+from .skeleton import hf_skeleton
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "metal_marlin"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+DEFAULT_SHARD_BYTES = 2 * 2**30
+
+
+def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every :class:`MarlinLinear` of ``model``: name -> format, bits, group, rotation, dtypes."""
+    return {
+        name: {"format": m.format, "bits": m.bits, "group_size": m.group_size,
+               "rotation_block": m.rotation_block, "dtype_config": m.dtype_config.to_dict()}
+        for name, m in model.named_modules() if isinstance(m, MarlinLinear)
+    }
+
+
+def quantization_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` for ``model``."""
+    layers = layer_table(model)
+    first = next(iter(layers.values()), None)
+    cfg: dict[str, Any] = {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "format": first["format"] if first else None,
+        "group_size": first["group_size"] if first else None,
+        "dtype_config": first["dtype_config"] if first else get_default_config().to_dict(),
+        "layers": layers,
+    }
+    cfg.update(extra or {})
+    return cfg
+
+
+def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that share storage with an earlier one (tied embeddings); return aliases."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen and t.numel():
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t.detach().contiguous().cpu()
+    return unique, aliases
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def save_quantized(
+    model: nn.Module,
+    path: str | os.PathLike,
+    max_shard_size: int = DEFAULT_SHARD_BYTES,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``model`` (quantized by :func:`quantize_model`) to the directory ``path``.
+
+    Args:
+        model: the model; a Hugging Face model's ``config`` is written too.
+        path: output directory (created if needed).
+        max_shard_size: bytes per safetensors file before the checkpoint is sharded.
+        extra_config: extra keys for ``quantization_config`` (e.g. the method used).
+    """
+    if max_shard_size <= 0:
+        raise ValueError(f"save_quantized: max_shard_size must be positive, got {max_shard_size}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    state, aliases = _dedupe_tied(model.state_dict())
+    shards = _shards(state, max_shard_size)
+    meta = {"format": "pt", "metal_marlin_version": str(FORMAT_VERSION)}
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards, strict=True):
+        with atomic_path(out / name) as tmp:
+            save_file(shard, str(tmp), metadata=meta)
+    if len(shards) > 1:
+        weight_map = {t: n for n, shard in zip(names, shards, strict=True) for t in shard}
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(out / INDEX_FILE, {"metadata": {"total_size": total, "aliases": aliases},
+                                      "weight_map": weight_map})
+    # files of an earlier save with a different sharding would otherwise confuse readers
+    stale = [out / INDEX_FILE] if len(shards) == 1 else [out / SINGLE_FILE]
+    stale += [p for p in out.glob("model-*-of-*.safetensors") if p.name not in names]
+    for p in stale:
+        if p.exists():
+            p.unlink()
+    qcfg = quantization_config(model, extra_config)
+    qcfg["tied"] = aliases
+    hf_config = getattr(model, "config", None)
+    config = hf_config.to_dict() if hasattr(hf_config, "to_dict") else {}
+    if config and not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]  # models built from a config lack it
+    config["quantization_config"] = qcfg
+    write_json(out / CONFIG_FILE, config)
+    return out
+
+
+def read_config(path: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a checkpoint, with its ``quantization_config`` validated."""
+    cfg_path = Path(path) / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"load_quantized: {cfg_path} not found")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"load_quantized: {cfg_path} is not valid JSON: {err}") from None
+    q = config.get("quantization_config")
+    if not isinstance(q, dict) or q.get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            f"load_quantized: {cfg_path} has no quantization_config with quant_method "
+            f"{QUANT_METHOD!r}"
+        )
+    if q.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"load_quantized: format_version {q.get('format_version')!r} is not supported "
+            f"(this version reads {FORMAT_VERSION})"
+        )
+    for name, layer in q.get("layers", {}).items():
+        if layer.get("format") not in F.FORMATS:
+            raise ValueError(
+                f"load_quantized: layer {name!r} has unknown format {layer.get('format')!r}; "
+                f"expected one of {sorted(F.FORMATS)}"
+            )
+    return config
+
+
+def _files(path: Path) -> list[Path]:
+    if (path / INDEX_FILE).is_file():
+        index = json.loads((path / INDEX_FILE).read_text())
+        return [path / n for n in sorted(set(index["weight_map"].values()))]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise FileNotFoundError(f"load_quantized: no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+
+
+def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (memory-mapped reads); corrupt files name themselves."""
+    tensors: dict[str, torch.Tensor] = {}
+    for file in _files(Path(path)):
+        if not file.is_file():
+            raise FileNotFoundError(f"load_quantized: shard {file} is missing")
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as err:
+            raise ValueError(f"load_quantized: {file} is corrupt or truncated: {err}") from None
+    return tensors
+
+
+def convert_to_marlin(model: nn.Module, layers: dict[str, dict[str, Any]], device=None) -> None:
+    """Swap the ``nn.Linear`` layers named in ``layers`` for empty :class:`MarlinLinear` layers."""
+    for name, spec in layers.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load_quantized: the model has no layer {name!r}") from None
+        if isinstance(linear, MarlinLinear):
+            continue
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"load_quantized: {name!r} is a {type(linear).__name__}, not nn.Linear")
+        dcfg = DTypeConfig.from_dict(spec["dtype_config"]) if "dtype_config" in spec else None
+        replace_module(model, name, MarlinLinear(
+            linear.in_features, linear.out_features, linear.bias is not None, spec["format"],
+            spec["group_size"], dcfg, spec.get("rotation_block", 0), device=device,
+            bias_dtype=None if linear.bias is None else linear.bias.dtype))
+
+
+def _check_against(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    expected = model.state_dict()
+    marlin_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MarlinLinear))
+    missing = [k for k in expected if k not in tensors and k not in tied]
+    optional = [k for k in missing if k.endswith("rotation_signs")]
+    missing = [k for k in missing if k not in optional]
+    if missing:
+        raise ValueError(f"load_quantized: checkpoint is missing tensors {missing[:8]}")
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise ValueError(f"load_quantized: checkpoint has unexpected tensors {unexpected[:8]}")
+    for key, t in tensors.items():
+        ref = expected[key]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(
+                f"load_quantized: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
+            )
+        strict = key.startswith(marlin_prefixes) and not key.endswith(".bias")
+        if strict and t.dtype != ref.dtype:
+            raise ValueError(f"load_quantized: tensor {key!r} has dtype {t.dtype}, expected {ref.dtype}")
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    """Validate ``tensors`` against ``model`` and load them (``assign``: no copies)."""
+    _check_against(model, tensors, tied)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    for alias, source in tied.items():
+        parent, _, attr = alias.rpartition(".")
+        src_parent, _, src_attr = source.rpartition(".")
+        setattr(model.get_submodule(parent), attr,
+                getattr(model.get_submodule(src_parent), src_attr))
+
+
+def load_quantized(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    model: nn.Module | None = None,
+) -> nn.Module:
+    """Load a checkpoint written by :func:`save_quantized`.
+
+    Args:
+        path: checkpoint directory.
+        device: where the tensors go.
+        model: a skeleton of the same architecture (any device, meta is best); None rebuilds
+            a Hugging Face model from ``config.json``.
+    """
+    path = Path(path)
+    config = read_config(path)
+    q = config["quantization_config"]
+    if model is None:
+        model = hf_skeleton(config)
+    convert_to_marlin(model, q.get("layers", {}), device="meta")
+    tensors = read_tensors(path, device)
+    load_state(model, tensors, q.get("tied", {}))
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                if t.is_meta]
+    if leftover:
+        raise ValueError(f"load_quantized: tensors never loaded: {leftover[:8]}")
+    return model.eval()

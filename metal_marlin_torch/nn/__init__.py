@@ -1,0 +1,18 @@
+"""Modules: :class:`MarlinLinear` and the one call :func:`quantize_model`."""
+
+from .config import DEFAULT_EXCLUDE, MIXED_4_3_RULES, LayerPlan, QuantConfig
+from .linear import MarlinLinear
+from .quantize import (
+    QUANTIZERS,
+    QuantizeSummary,
+    plan_layers,
+    quantize_model,
+    register_quantizer,
+    replace_module,
+)
+
+__all__ = [
+    "DEFAULT_EXCLUDE", "MIXED_4_3_RULES", "QUANTIZERS", "LayerPlan", "MarlinLinear",
+    "QuantConfig", "QuantizeSummary", "plan_layers", "quantize_model", "register_quantizer",
+    "replace_module",
+]

@@ -1,0 +1,124 @@
+"""`QuantConfig`: what :func:`quantize_model` does, in one small dataclass (torchao style)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from typing import Any
+
+from .. import formats as F
+from ..dtypes import DTypeConfig
+
+DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head", "*.lm_head", "*embed*")
+
+# Mixed precision of seeds/002: attention projections at 4 bits (FP4), the MLP at 3 bits (NF3)
+# except down_proj, which feeds the residual stream directly and keeps 4 bits. First match wins.
+MIXED_4_3_RULES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("*.down_proj", {"format": "fp4"}),
+    ("*.mlp.*", {"format": "nf3"}),
+    ("*.self_attn.*", {"format": "fp4"}),
+)
+
+METHODS: tuple[str, ...] = ("rtn", "gptq", "mr-gptq")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is quantized: format and group size after the rules are applied."""
+
+    format: str
+    group_size: int
+
+
+@dataclass
+class QuantConfig:
+    """Configuration of :func:`~metal_marlin_torch.quantize_model`.
+
+    Attributes:
+        format: weight format (``fp4``, ``mxfp4``, ``nvfp4``, ``int8``/``4``/``3``/``2``,
+            ``nf4``, ``nf3``, ``fp8_e4m3``, ``fp8_e5m2``).
+        group_size: group length (32/64/128/256, -1 per-channel); None = the format's default.
+        method: ``rtn`` (round to nearest), ``gptq`` or ``mr-gptq`` (need calibration data).
+        include: glob patterns of module names to convert (None = every ``nn.Linear``).
+        exclude: glob patterns never converted (default: ``lm_head`` and embeddings).
+        rules: ``(pattern, overrides)`` pairs; the first pattern matching a layer's name
+            overrides ``format``/``group_size`` for it (mixed precision, e.g.
+            :data:`MIXED_4_3_RULES`).
+        dtype_config: dtypes (scales, activations); None = the process default.
+        method_options: extra options of the method (e.g. GPTQ damping).
+    """
+
+    format: str = "fp4"
+    group_size: int | None = None
+    method: str = "rtn"
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    rules: tuple[tuple[str, dict[str, Any]], ...] = ()
+    dtype_config: DTypeConfig | None = None
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        fmt = F.get_format(self.format)
+        if self.group_size is not None and self.group_size not in fmt.group_sizes:
+            raise ValueError(
+                f"QuantConfig.group_size: format {self.format!r} takes {fmt.group_sizes}, "
+                f"got {self.group_size!r}"
+            )
+        if self.method not in METHODS:
+            raise ValueError(f"QuantConfig.method must be one of {METHODS}, got {self.method!r}")
+        self.include = None if self.include is None else tuple(self.include)
+        self.exclude = tuple(self.exclude)
+        self.rules = tuple((p, dict(o)) for p, o in self.rules)
+        for pattern, overrides in self.rules:
+            bad = set(overrides) - {"format", "group_size"}
+            if bad:
+                raise ValueError(
+                    f"QuantConfig.rules[{pattern!r}]: only 'format' and 'group_size' can be "
+                    f"overridden, got {sorted(bad)}"
+                )
+            self.plan_for("", overrides)  # validates the override's format/group
+
+    def selects(self, name: str) -> bool:
+        """Whether the module called ``name`` is to be converted."""
+        if any(fnmatchcase(name, p) for p in self.exclude):
+            return False
+        return self.include is None or any(fnmatchcase(name, p) for p in self.include)
+
+    def plan(self, name: str) -> LayerPlan:
+        """The format and group size for the layer called ``name``."""
+        for pattern, overrides in self.rules:
+            if fnmatchcase(name, pattern):
+                return self.plan_for(name, overrides)
+        return self.plan_for(name, {})
+
+    def plan_for(self, name: str, overrides: dict[str, Any]) -> LayerPlan:
+        """Apply ``overrides`` to the config's format and group size.
+
+        Group size precedence: the override's, else the config's if the (possibly overridden)
+        format takes it, else that format's default (e.g. 32 for mxfp4).
+        """
+        fmt_name = overrides.get("format", self.format)
+        fmt = F.get_format(fmt_name)
+        if "group_size" in overrides:
+            group = overrides["group_size"]
+            if group not in fmt.group_sizes:
+                raise ValueError(
+                    f"QuantConfig rule for {name!r}: format {fmt_name!r} takes "
+                    f"group_size in {fmt.group_sizes}, got {group!r}"
+                )
+        elif self.group_size in fmt.group_sizes:
+            group = self.group_size
+        else:
+            group = F.default_group_size(fmt_name)
+        return LayerPlan(fmt_name, group)
+
+    def with_(self, **changes: Any) -> QuantConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format, "group_size": self.group_size, "method": self.method,
+            "include": list(self.include) if self.include is not None else None,
+            "exclude": list(self.exclude), "rules": [[p, o] for p, o in self.rules],
+            "method_options": dict(self.method_options),
+        }

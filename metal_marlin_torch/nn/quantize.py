@@ -1,0 +1,128 @@
+"""`quantize_model`: one call that replaces a model's ``nn.Linear`` layers in place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import formats as F
+from ..dtypes import resolve
+from .config import LayerPlan, QuantConfig
+from .linear import MarlinLinear
+
+log = logging.getLogger("metal_marlin_torch")
+
+
+@dataclass
+class QuantizeSummary:
+    """What :func:`quantize_model` did.
+
+    Attributes:
+        layers: converted module name -> ``(format, group_size)``.
+        skipped: selected layers left as they were -> reason (shape the format cannot take).
+        bytes_before: bytes of the converted layers' weights and biases before.
+        bytes_after: the same layers' bytes after (packed codes, scales, biases).
+    """
+
+    layers: dict[str, tuple[str, int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    @property
+    def compression(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else 1.0
+
+    def __str__(self) -> str:
+        return (
+            f"quantized {len(self.layers)} layers ({len(self.skipped)} skipped): "
+            f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
+            f"({self.compression:.2f}x)"
+        )
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[dict[str, LayerPlan], dict[str, str]]:
+    """Which ``nn.Linear`` layers to convert and how; plus the selected ones that cannot be."""
+    plans: dict[str, LayerPlan] = {}
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or not config.selects(name):
+            continue
+        plan = config.plan(name)
+        try:
+            F.get_format(plan.format).check_group_size(plan.group_size, module.in_features)
+        except ValueError as err:
+            skipped[name] = str(err)
+            continue
+        plans[name] = plan
+    return plans, skipped
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule called ``name`` is."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _rtn(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, **_: Any) -> None:
+    dtype_config = resolve(config.dtype_config)
+    for name, plan in tqdm(plans.items(), desc="quantize (rtn)", unit="layer", disable=None):
+        linear = model.get_submodule(name)
+        replace_module(model, name, MarlinLinear.from_linear(
+            linear, plan.format, plan.group_size, dtype_config))
+
+
+# method name -> function(model, plans, config, **kwargs) that converts the planned layers
+QUANTIZERS: dict[str, Callable[..., None]] = {"rtn": _rtn}
+
+
+def register_quantizer(method: str, fn: Callable[..., None]) -> None:
+    """Register the implementation of a :class:`QuantConfig` method (GPTQ lives in ``quant``)."""
+    QUANTIZERS[method] = fn
+
+
+def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method_kwargs: Any) -> QuantizeSummary:
+    """Replace ``model``'s ``nn.Linear`` layers in place by :class:`MarlinLinear`.
+
+    Args:
+        model: any module (a Hugging Face model, a plain ``nn.Sequential``, ...).
+        config: :class:`QuantConfig`; None = FP4, group 128, round to nearest.
+        **method_kwargs: passed to the method (e.g. ``calibration=`` for GPTQ).
+
+    Returns:
+        :class:`QuantizeSummary`. Selected layers whose shape the format cannot take (K not
+        divisible by the group) are left unquantized and listed in ``summary.skipped``, with a
+        warning, rather than silently padded.
+    """
+    config = config or QuantConfig()
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize_model: config must be a QuantConfig, got {type(config).__name__}")
+    if config.method not in QUANTIZERS:
+        if config.method in ("gptq", "mr-gptq"):
+            from .. import quant  # noqa: F401  (registers the GPTQ methods)
+        if config.method not in QUANTIZERS:
+            raise ValueError(f"quantize_model: method {config.method!r} is not available")
+    plans, skipped = plan_layers(model, config)
+    for name, reason in skipped.items():
+        log.warning("metal_marlin_torch: leaving %s unquantized: %s", name, reason)
+    before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
+    QUANTIZERS[config.method](model, plans, config, **method_kwargs)
+    summary = QuantizeSummary(skipped=skipped)
+    for name in plans:
+        module = model.get_submodule(name)
+        if isinstance(module, MarlinLinear):
+            summary.layers[name] = (module.format, module.group_size)
+            summary.bytes_before += before[name]
+            summary.bytes_after += _tensor_bytes(module)
+    return summary

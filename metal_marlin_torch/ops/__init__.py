@@ -1,0 +1,64 @@
+"""``torch.ops.marlin.*``: schemas, pure-torch CPU/CUDA kernels, fake kernels, autograd, and
+typed Python wrappers. See docs/FORMAT.md for the tensors' layout."""
+
+from __future__ import annotations
+
+import torch
+
+from . import autograd, fake, library, reference, registry  # noqa: F401  (registration)
+from .registry import active_kernels, override, reset_kernel, set_kernel
+
+
+def gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    format: str,
+    group_size: int,
+) -> torch.Tensor:
+    """``x[..., K] @ dequant(weight).T + bias`` -> ``[..., N]`` in ``x.dtype`` (fp32 accumulation)."""
+    return torch.ops.marlin.gemm(x, weight, scales, biases, global_scale, bias, format, group_size)
+
+
+def dequantize(
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    format: str,
+    group_size: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``W_hat [N, in_features]`` in ``dtype``."""
+    return torch.ops.marlin.dequantize(
+        weight, scales, biases, global_scale, format, group_size, in_features, dtype
+    )
+
+
+def quantize(
+    w: torch.Tensor, format: str, group_size: int, scale_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """RTN quantize ``w [N, K]``: ``(weight, scales, biases or None, global_scale or None)``."""
+    weight, scales, biases, global_scale = torch.ops.marlin.quantize(w, format, group_size, scale_dtype)
+    return (weight, scales, biases if biases.numel() else None,
+            global_scale if global_scale.numel() else None)
+
+
+def fake_quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Clip to [-1, 1], quantize to ``2^(bits-1) - 1`` steps per unit, dequantize (seed 001)."""
+    return torch.ops.marlin.fake_quantize(x, bits)
+
+
+def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Normalized fast Walsh–Hadamard transform of each ``block`` of the last dimension."""
+    return torch.ops.marlin.hadamard(x, block)
+
+
+__all__ = [
+    "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "override", "quantize",
+    "reset_kernel", "set_kernel",
+]

@@ -1,0 +1,46 @@
+"""Fake (meta) kernels: output shapes and dtypes without computing, for ``torch.compile``."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import formats as F
+from .library import NAMESPACE
+from .reference import check_fake_quantize_args, check_hadamard_args
+
+
+@torch.library.register_fake(f"{NAMESPACE}::gemm")
+def _gemm_fake(x, weight, scales, biases, global_scale, bias, format, group_size):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::dequantize")
+def _dequantize_fake(weight, scales, biases, global_scale, format, group_size, in_features, dtype):
+    return weight.new_empty((weight.shape[0], in_features), dtype=dtype)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::quantize")
+def _quantize_fake(w, format, group_size, scale_dtype):
+    fmt = F.get_format(format)
+    n, k = w.shape
+    g = fmt.check_group_size(group_size, k)
+    sdt = fmt.scale_dtype(scale_dtype)
+    empty = w.new_empty(0, dtype=torch.float32)
+    return [
+        w.new_empty((n, F.packed_words(k, fmt.bits)), dtype=torch.uint32),
+        w.new_empty((n, k // g), dtype=sdt),
+        w.new_empty((n, k // g), dtype=sdt) if fmt.has_biases else empty,
+        w.new_empty(1, dtype=torch.float32) if fmt.has_global_scale else empty,
+    ]
+
+
+@torch.library.register_fake(f"{NAMESPACE}::fake_quantize")
+def _fake_quantize_fake(x, bits):
+    check_fake_quantize_args(x, bits)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::hadamard")
+def _hadamard_fake(x, block):
+    check_hadamard_args(x, block)
+    return torch.empty_like(x)

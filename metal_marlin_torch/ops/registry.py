@@ -1,0 +1,93 @@
+"""Which kernel runs each ``marlin`` op on each device type.
+
+The pure-torch kernels are registered with the dispatcher for CPU and CUDA (and for MPS when
+the compiled Metal extension is absent). Each registered function looks up the active kernel
+here, so a faster backend (the CUDA Triton kernels) or a verification backend (the Metal
+emulator's ``marlin_emu`` ops, under ``metal_marlin_torch.emulator.use()``) can take over an
+op for a device type without redefining schemas. :func:`active_kernels` reports the choice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+
+from . import reference
+from .library import LIB, NAMESPACE, SCHEMAS
+
+log = logging.getLogger("metal_marlin_torch")
+
+REFERENCE: dict[str, Callable] = {
+    "gemm": reference.gemm,
+    "dequantize": reference.dequantize,
+    "quantize": reference.quantize,
+    "fake_quantize": reference.fake_quantize,
+    "hadamard": reference.hadamard,
+}
+_active: dict[tuple[str, str], tuple[str, Callable]] = {}
+
+
+def set_kernel(op: str, device_type: str, fn: Callable, name: str) -> None:
+    """Make ``fn`` (same signature as the op) the kernel of ``op`` on ``device_type``."""
+    if op not in SCHEMAS:
+        raise ValueError(f"set_kernel: unknown op {op!r}; expected one of {sorted(SCHEMAS)}")
+    _active[(op, device_type)] = (name, fn)
+
+
+def reset_kernel(op: str, device_type: str) -> None:
+    """Back to the pure-torch kernel."""
+    _active.pop((op, device_type), None)
+
+
+@contextlib.contextmanager
+def override(kernels: dict[str, Callable], device_type: str, name: str) -> Iterator[None]:
+    """Temporarily route ``kernels`` (op name -> function) on ``device_type``."""
+    saved = {op: _active.get((op, device_type)) for op in kernels}
+    try:
+        for op, fn in kernels.items():
+            set_kernel(op, device_type, fn, name)
+        yield
+    finally:
+        for op, prev in saved.items():
+            if prev is None:
+                reset_kernel(op, device_type)
+            else:
+                _active[(op, device_type)] = prev
+
+
+def active_kernels(device_type: str) -> dict[str, str]:
+    """Op name -> name of the kernel that runs it on ``device_type``."""
+    return {op: _active.get((op, device_type), ("torch",))[0] for op in SCHEMAS}
+
+
+def _routed(op: str, device_type: str) -> Callable:
+    ref = REFERENCE[op]
+
+    def kernel(*args):
+        entry = _active.get((op, device_type))
+        return ref(*args) if entry is None else entry[1](*args)
+
+    kernel.__name__ = f"{op}_{device_type}"
+    return kernel
+
+
+def register_torch_kernels(device_types: tuple[str, ...]) -> None:
+    for device_type in device_types:
+        key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device_type]
+        for op in SCHEMAS:
+            LIB.impl(op, _routed(op, device_type), key)
+
+
+def _metal_extension_loaded() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gemm", "MPS")
+
+
+register_torch_kernels(("cpu", "cuda"))
+if not _metal_extension_loaded():
+    # Without the compiled Metal kernels, MPS tensors still work through the pure-torch ops.
+    register_torch_kernels(("mps",))
+    if torch.backends.mps.is_available():
+        log.info("metal_marlin_torch: Metal extension not loaded; MPS ops use the pure-torch kernels")

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from .ops import active_kernels
+from .ops import cuda as _cuda
 
 
 def _metal_extension() -> bool:
@@ -22,4 +23,4 @@ def backend_info() -> dict[str, Any]:
     kernels = {d: active_kernels(d) for d in ("cpu", "cuda")}
     kernels["mps"] = ({op: "metal" for op in kernels["cpu"]} if metal else active_kernels("mps"))
     return {"torch": torch.__version__, "devices": devices, "metal_extension": metal,
-            "kernels": kernels}
+            "kernels": kernels, "cuda_fast_path": _cuda.info()}

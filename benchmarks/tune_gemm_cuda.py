@@ -1,5 +1,5 @@
 """Sweep the CUDA ``marlin.gemm`` kernel configurations (tile sizes, warps, split-K, the
-interleaved layout) over the Llama-3-8B projection shapes; the winners are the defaults in
+K-major GEMV chunk) over the Llama-3-8B projection shapes; the winners are the defaults in
 ``metal_marlin_torch/ops/cuda/dispatch.py``.
 
     python benchmarks/tune_gemm_cuda.py --json sweep.json [--jobs 8]
@@ -30,35 +30,35 @@ from bench_gemm import LLAMA_SHAPES, copies_for, nbytes, time_cuda, write_atomic
 from metal_marlin_torch import formats as F  # noqa: E402
 from metal_marlin_torch.ops.cuda import dispatch as D  # noqa: E402
 
-GEMV = [  # block_n, chunk_codes, num_warps, split_k
-    (4, 512, 4, 1), (8, 512, 4, 1), (16, 512, 4, 1), (8, 256, 4, 1), (16, 256, 4, 1),
-    (8, 1024, 4, 1), (4, 1024, 4, 1), (16, 512, 8, 1), (32, 256, 8, 1), (8, 512, 2, 1),
-    (8, 512, 4, 2), (16, 512, 4, 2),
+GEMV = [  # block_n, chunk (items per K step), num_warps, split_k
+    (16, 64, 4, 1), (16, 32, 4, 1), (32, 64, 4, 1), (8, 64, 4, 1), (16, 128, 4, 1),
+    (32, 32, 4, 1), (16, 64, 8, 1), (32, 64, 8, 1), (64, 32, 4, 1), (16, 64, 4, 2),
+    (8, 128, 4, 1), (32, 128, 8, 1),
 ]
 GEMM = [  # block_m, block_n, block_k, split_k, num_warps, num_stages
     (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 4), (16, 64, 128, 4, 4, 4),
-    (16, 64, 256, 1, 4, 3), (16, 64, 128, 2, 4, 4),
+    (16, 64, 256, 1, 4, 3), (16, 64, 128, 2, 4, 4), (16, 128, 64, 2, 4, 4),
     (32, 64, 128, 1, 4, 4), (32, 128, 64, 1, 4, 4), (32, 64, 128, 2, 4, 4),
     (64, 64, 64, 1, 4, 4), (64, 128, 64, 1, 4, 4), (64, 128, 128, 1, 8, 3),
-    (64, 256, 64, 1, 8, 3), (64, 64, 64, 2, 4, 4),
-    (128, 128, 64, 1, 8, 3), (128, 128, 64, 1, 4, 4), (128, 256, 64, 1, 8, 3),
-    (128, 128, 128, 1, 8, 3), (128, 64, 64, 1, 4, 4), (256, 128, 64, 1, 8, 3),
+    (64, 256, 64, 1, 8, 3), (64, 64, 64, 2, 4, 4), (64, 128, 64, 2, 4, 4),
+    (128, 128, 64, 1, 8, 3), (128, 128, 64, 1, 8, 4), (128, 128, 64, 1, 4, 4),
+    (128, 256, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4), (256, 128, 64, 1, 8, 3),
 ]
 GEMM_M = [8, 16, 32, 64, 128, 256, 512]
+GEMV_FORMATS = "int4,fp4,nf4,int8,fp8_e4m3,int3"
 
 
 @cache
-def case(k: int, n: int, fmt: str, interleave: bool):
+def case(k: int, n: int, fmt: str):
     """Weight copies (prepared) for one shape and format, on the GPU."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, generator=gen, device="cuda") * 0.02
     group = 128 if 128 in F.get_format(fmt).group_sizes else F.default_group_size(fmt)
     qt = F.quantize(w, fmt, group)
-    pw = D.prepare_cuda_weight(qt.weight, qt.scales, qt.biases, qt.global_scale, fmt, group, k,
-                               interleave=interleave)
+    pw = D.prepare_cuda_weight(qt.weight, qt.scales, qt.biases, qt.global_scale, fmt, group, k)
     reps = copies_for(nbytes(pw.weight, pw.scales, pw.biases), "cuda")
-    copies = [pw] + [D.PreparedWeight(pw.kfmt, pw.group_size, k, pw.weight.clone(),
-                                      pw.interleave_block, pw.scales.clone(),
+    copies = [pw] + [D.PreparedWeight(pw.kfmt, pw.group_size, k, n, pw.weight.clone(),
+                                      pw.scales.clone(),
                                       None if pw.biases is None else pw.biases.clone(), pw.lut)
                      for _ in range(reps - 1)]
     return copies
@@ -68,19 +68,16 @@ def tasks(formats: list[str]) -> list[tuple]:
     out = []
     for k, n in LLAMA_SHAPES:
         for fmt in formats:
-            for il in (False, True):
-                for c in GEMV:
-                    out.append((k, n, fmt, il, 1, "gemv", ("gemv", 1, *c)))
-        for c in GEMV[:8]:
-            out.append((k, n, "int4", False, 4, "gemv", ("gemv", 4, *c)))
+            for c in GEMV:
+                out.append((k, n, fmt, 1, "gemv", ("gemv", 1, *c)))
+        for m, bm in ((2, 2), (4, 4), (8, 4)):
+            for c in GEMV[:8]:
+                out.append((k, n, "int4", m, "gemv", ("gemv", bm, *c)))
         for m in GEMM_M:
             for c in GEMM:
                 if c[0] <= max(16, 1 << (m - 1).bit_length()):
-                    out.append((k, n, "int4", False, m, "gemm", ("gemm", *c)))
-            if m <= 16:
-                for c in GEMV[:6]:
-                    out.append((k, n, "int4", False, m, "gemv", ("gemv", 8, *c)))
-            out.append((k, n, "int4", False, m, "dequant", None))
+                    out.append((k, n, "int4", m, "gemm", ("gemm", *c)))
+            out.append((k, n, "int4", m, "dequant", None))
     return out
 
 
@@ -95,10 +92,10 @@ def config_of(spec):
 
 
 def run_once(task) -> str:
-    k, n, fmt, il, m, path, spec = task
+    k, n, fmt, m, path, spec = task
     try:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        D.gemm_prepared(x, case(k, n, fmt, il)[0], None, path=path, config=config_of(spec))
+        D.gemm_prepared(x, case(k, n, fmt)[0], None, path=path, config=config_of(spec))
         torch.cuda.synchronize()
         return ""
     except Exception as exc:  # noqa: BLE001 - reported in the sweep output
@@ -108,7 +105,7 @@ def run_once(task) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", required=True)
-    p.add_argument("--formats", default="int4,fp4,nf4")
+    p.add_argument("--formats", default=GEMV_FORMATS, help="formats swept at M = 1")
     p.add_argument("--jobs", type=int, default=8)
     args = p.parse_args()
     todo = tasks(args.formats.split(","))
@@ -120,21 +117,20 @@ def main() -> None:
     results = []
     dense = {}
     for task in todo:
-        k, n, fmt, il, m, path, spec = task
+        k, n, fmt, m, path, spec = task
         err = run_once(task)
-        row = {"K": k, "N": n, "format": fmt, "interleave": il, "M": m, "path": path,
-               "config": spec, "error": err}
+        row = {"K": k, "N": n, "format": fmt, "M": m, "path": path, "config": spec, "error": err}
         if not err:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cfg = config_of(spec)
             row["ms"] = time_cuda([partial(D.gemm_prepared, x, pw, None, path=path, config=cfg)
-                                   for pw in case(k, n, fmt, il)], repeats=15, loops=3)
+                                   for pw in case(k, n, fmt)], repeats=10, loops=3)
             if (k, n, m) not in dense:
                 wd = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
                 reps = copies_for(nbytes(wd), "cuda")
                 ws = [wd] + [wd.clone() for _ in range(reps - 1)]
                 dense[(k, n, m)] = time_cuda([partial(torch.nn.functional.linear, x, w)
-                                              for w in ws], repeats=15, loops=3)
+                                              for w in ws], repeats=10, loops=3)
             row["dense_ms"] = dense[(k, n, m)]
             row["ratio_to_dense"] = row["dense_ms"] / row["ms"]
         else:
@@ -150,20 +146,18 @@ def main() -> None:
             best[key] = r
     for key in sorted(best):
         r = best[key]
-        print(f"K={key[0]:5d} N={key[1]:5d} {key[2]:5s} M={key[3]:3d} best {r['path']:7s} "
-              f"il={int(r['interleave'])} {r['config']} {r['ms'] * 1e3:7.1f} us "
-              f"x{r['ratio_to_dense']:.2f} dense", flush=True)
+        print(f"K={key[0]:5d} N={key[1]:5d} {key[2]:8s} M={key[3]:3d} best {r['path']:7s} "
+              f"{r['config']} {r['ms'] * 1e3:7.1f} us x{r['ratio_to_dense']:.2f} dense", flush=True)
     # per-M view of each GEMM config's mean ratio (robust defaults across shapes)
     by_cfg: dict = {}
     for r in results:
         if "ms" in r and r["format"] == "int4":
-            by_cfg.setdefault((r["M"], r["path"], str(r["config"]), r["interleave"]),
-                              []).append(r["ratio_to_dense"])
+            by_cfg.setdefault((r["M"], r["path"], str(r["config"])), []).append(r["ratio_to_dense"])
     for m in sorted({key[0] for key in by_cfg}):
         ranked = sorted(((math.prod(v) ** (1 / len(v)), key) for key, v in by_cfg.items()
                          if key[0] == m and len(v) == len(LLAMA_SHAPES)), reverse=True)[:3]
         for score, key in ranked:
-            print(f"M={m:3d} geo-mean x{score:.2f} dense: {key[1]} {key[2]} il={int(key[3])}")
+            print(f"M={m:3d} geo-mean x{score:.2f} dense: {key[1]} {key[2]}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ tests measure kernel error, not quantization error. Inputs are scaled by 1/sqrt(
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 
 import pytest
@@ -63,8 +62,7 @@ def fast(x, weight, scales, biases, gscale, bias, fmt, group, **kw):
     args = to_dev(x, weight, scales, biases, gscale, bias)
     if DEVICE == "cuda" and not kw:
         return ops.gemm(*args, fmt, group)
-    interleave = kw.pop("interleave", False)
-    pw = D.prepare_cuda_weight(*args[1:5], fmt, group, x.shape[-1], interleave=interleave)
+    pw = D.prepare_cuda_weight(*args[1:5], fmt, group, x.shape[-1])
     return D.gemm_prepared(args[0], pw, args[5], **kw)
 
 
@@ -133,19 +131,18 @@ def test_3d_and_non_contiguous_input():
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int3", 32), ("nf4", -1), ("fp8_e4m3", 64),
                                        ("int2", 256)])
 @pytest.mark.parametrize("path,config", [
-    ("gemv", D.GemvConfig(2, 8, 256, 3, 4)),  # split-K: fp32 atomics
-    ("gemv", D.GemvConfig(8, 16, 1024, 1, 8)),
+    ("gemv", D.GemvConfig(2, 8, 8, 3, 4)),  # split-K: fp32 atomics
+    ("gemv", D.GemvConfig(4, 32, 32, 1, 8)),
+    ("gemv", D.GemvConfig(1, 16, 64, 1, 4)),
     ("gemm", D.GemmConfig(16, 32, 64, 3, 4, 2)),  # split-K
     ("gemm", D.GemmConfig(64, 64, 32, 1, 4, 3)),  # BLOCK_K below the group length
     ("dequant", None),
 ])
-@pytest.mark.parametrize("interleave", [False, True])
-def test_forced_paths_and_configs(fmt, group, path, config, interleave):
-    k, n, m = 1024, 40, 5
+def test_forced_paths_and_configs(fmt, group, path, config):
+    k, n, m = 1024, 48, 5
     weight, scales, biases, gscale, bias = make(fmt, group, n, k)
     x = (torch.randn(m, k) / k**0.5).to(ACT)
-    y = fast(x, weight, scales, biases, gscale, bias, fmt, group, path=path, config=config,
-             interleave=interleave)
+    y = fast(x, weight, scales, biases, gscale, bias, fmt, group, path=path, config=config)
     assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), ACT)
 
 
@@ -243,39 +240,46 @@ def test_kernel_scales(fmt):
     assert torch.equal(w_one[:, ::group], s.float())
 
 
-@pytest.mark.parametrize("bits,block", [(4, 16), (4, 64), (8, 8), (2, 4)])
-def test_interleave_mapping_and_inverse(bits, block):
-    n, cpw = 3, 32 // bits
-    k = block * cpw * 2
-    codes = torch.randint(0, 1 << bits, (n, k))
-    canon = F.pack(codes, bits)
-    inter = L.interleave(canon, bits, block)
-    # docs/CUDA.md: input i of a block sits in slot i // block of word i % block
-    words = inter.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    for i in [0, 1, block - 1, block, 3 * block + 2, block * cpw - 1, block * cpw + 5]:
-        blk, r = divmod(i, block * cpw)
-        word = blk * block + r % block
-        slot = r // block
-        got = (words[:, word] >> (slot * bits)) & ((1 << bits) - 1)
-        assert torch.equal(got, codes[:, i])
-    assert torch.equal(L.deinterleave(inter, bits, block), canon)
-
-
-@pytest.mark.parametrize("k,group,bits,chunk", list(itertools.product(
-    [256, 4096, 14336, 100], [16, 32, 64, 128, 256, -1], [2, 3, 4, 8], [8, 32, 64, 128])))
-def test_gemv_chunks_never_straddle_groups(k, group, bits, chunk):
-    g = k if group == -1 else group
-    if k % g or (bits == 3 and g < 32) or (g == 16 and bits != 4):
-        return
-    gpb, wt = L.gemv_chunk(k, g, bits, chunk)
-    ipg = L.items_per_group(g, k, bits)
-    assert gpb & (gpb - 1) == 0 and wt & (wt - 1) == 0  # tl.arange needs powers of two
-    if g == k:
-        assert gpb == 1 and wt >= min(chunk, ipg)
-    elif gpb == 1:
-        assert ipg % wt == 0  # a chunk inside one group
+@pytest.mark.parametrize("fmt,group,k", [("int4", 32, 256), ("int3", -1, 100), ("nf3", 64, 192),
+                                         ("mxfp4", 32, 128), ("int8", -1, 40)])
+def test_prepared_weight_is_k_major(fmt, group, k):
+    """docs/CUDA.md: word w of row n moves to [w, n]; 3-bit rows padded to whole 3-word units;
+    scales and biases transposed; mxfp4 scales become float32 2^(e - 127)."""
+    n = 6
+    weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
+    pw = D.prepare_cuda_weight(weight, scales, biases, gscale, fmt, group, k)
+    kw = weight.shape[1]
+    assert pw.weight.dtype == torch.int32 and pw.weight.is_contiguous()
+    assert torch.equal(pw.weight[:kw], weight.view(torch.int32).t())
+    assert not pw.weight[kw:].any()
+    if fmt in ("int3", "nf3"):
+        assert pw.weight.shape[0] == 3 * -(-k // 32)
+    assert torch.equal(L.from_k_major(pw.weight, k, F.get_format(fmt).bits), weight)
+    if fmt == "mxfp4":
+        assert torch.equal(pw.scales, torch.exp2(scales.float() - 127).t())
     else:
-        assert wt == ipg  # whole groups
+        assert torch.equal(pw.scales, scales.t())
+    assert (pw.biases is None) == (biases is None)
+    if biases is not None:
+        assert torch.equal(pw.biases, biases.t())
+    assert (pw.in_features, pw.out_features) == (k, n)
+
+
+def test_weight_cache_follows_the_tensors():
+    weight, scales, biases, gscale = ops.quantize(torch.randn(8, 64), "int4", 32)
+    D.clear_weight_cache()
+    a = D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64)
+    assert D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64) is a
+    scales.mul_(2)  # in-place update: new version -> new entry, the stale one dropped
+    b = D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64)
+    assert b is not a and torch.equal(b.scales, scales.t())
+    assert len(D._CACHE) == 1
+    D.set_weight_cache(False)
+    try:
+        assert D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64) is not b
+        assert not D._CACHE
+    finally:
+        D.set_weight_cache(True)
 
 
 def test_info_reports_availability():

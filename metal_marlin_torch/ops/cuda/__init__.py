@@ -25,10 +25,12 @@ from .dispatch import (
     GemvConfig,
     PreparedWeight,
     choose_path,
+    clear_weight_cache,
     gemm,
     gemm_prepared,
     interpreting,
     prepare_cuda_weight,
+    set_weight_cache,
 )
 
 log = logging.getLogger("metal_marlin_torch")
@@ -79,6 +81,6 @@ def info() -> dict:
 
 __all__ = [
     "DEQUANT_MIN_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "KERNEL_NAME", "PreparedWeight",
-    "choose_path", "gemm", "gemm_prepared", "info", "prepare_cuda_weight", "register",
-    "triton_version", "unavailable_reason",
+    "choose_path", "clear_weight_cache", "gemm", "gemm_prepared", "info", "prepare_cuda_weight",
+    "register", "set_weight_cache", "triton_version", "unavailable_reason",
 ]

@@ -13,6 +13,7 @@ docs/CUDA.md and benchmarks/results/):
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -29,31 +30,28 @@ PATHS = ("gemv", "gemm", "dequant")
 
 @dataclass(frozen=True)
 class PreparedWeight:
-    """A quantized weight in the form the kernels read (see :func:`prepare_cuda_weight`).
+    """A quantized weight in the K-major form the kernels read (see :func:`prepare_cuda_weight`).
 
     Attributes:
         kfmt: the format as the kernels see it.
         group_size: G as stored (-1 = per-channel).
         in_features: K.
-        weight: ``int32 [N, KW]`` (the uint32 words reinterpreted), canonical or interleaved.
-        interleave_block: words per interleave block (docs/CUDA.md), 0 for canonical.
-        scales: float ``[N, n_groups]`` effective scales.
-        biases: ``[N, n_groups]`` affine biases or None.
+        out_features: N.
+        weight: ``int32 [KW, N]``: the canonical uint32 words, transposed (3-bit rows padded to
+            whole 3-word units).
+        scales: float ``[n_groups, N]`` effective scales.
+        biases: ``[n_groups, N]`` affine biases or None.
         lut: float32 code values on the weight's device (one dummy entry when unused).
     """
 
     kfmt: KernelFormat
     group_size: int
     in_features: int
+    out_features: int
     weight: torch.Tensor
-    interleave_block: int
     scales: torch.Tensor
     biases: torch.Tensor | None
     lut: torch.Tensor
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
 
     @property
     def group(self) -> int:
@@ -62,9 +60,9 @@ class PreparedWeight:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    block_m: int  # activation rows per program
-    block_n: int  # weight rows per program
-    chunk_codes: int  # inputs per K chunk (a power of two)
+    block_m: int  # activation rows per program: 1, 2 or 4
+    block_n: int  # output features per program
+    chunk: int  # items (words; 3-word units for 3 bits) per K step, a power of two
     split_k: int  # K splits (fp32 atomics when > 1)
     num_warps: int
 
@@ -98,36 +96,76 @@ def prepare_cuda_weight(
     format: str,
     group_size: int,
     in_features: int,
-    interleave: bool = False,
-    block: int = 64,
     check: bool = True,
 ) -> PreparedWeight:
-    """Turn canonical tensors (docs/FORMAT.md) into a :class:`PreparedWeight`.
+    """The load-time repack of docs/CUDA.md: canonical tensors (docs/FORMAT.md) -> K-major.
 
-    Does the per-weight work once instead of per call: effective float scales for ``mxfp4`` /
-    ``nvfp4``, and with ``interleave=True`` the load-time repack of docs/CUDA.md (a new
-    tensor; the canonical one is not modified). Call it when a layer moves to CUDA and keep
-    the result; :func:`gemm_prepared` then runs the GEMM.
+    Allocates new tensors (the weight's size again, plus its scales); the canonical ones are
+    not modified. Also turns ``mxfp4`` / ``nvfp4`` scales into float32 effective scales. Call
+    it once per layer (``torch.ops.marlin.gemm`` on CUDA does, through a per-weight cache) and
+    run :func:`gemm_prepared` with the result.
     """
     kfmt = layout.kernel_format(format)
     if check:
         reference.F.get_format(format).check_tensors(
             weight, scales, biases, global_scale, group_size, in_features)
-    group = in_features if group_size == -1 else group_size
-    w = weight.contiguous()
-    iblock = layout.interleave_block(in_features, group, kfmt.bits, block) if interleave else 0
-    if iblock:
-        w = layout.interleave(w, kfmt.bits, iblock)
+    eff = layout.kernel_scales(format, scales, global_scale)
     return PreparedWeight(
         kfmt=kfmt,
         group_size=group_size,
         in_features=in_features,
-        weight=w.view(torch.int32),
-        interleave_block=iblock,
-        scales=layout.kernel_scales(format, scales, global_scale).contiguous(),
-        biases=biases.contiguous() if kfmt.affine else None,
+        out_features=weight.shape[0],
+        weight=layout.k_major(weight, kfmt.bits),
+        scales=eff.t().contiguous(),
+        biases=biases.t().contiguous() if kfmt.affine else None,
         lut=_lut(kfmt.lut, weight.device),
     )
+
+
+# ---- per-weight cache of prepared weights ------------------------------------------------------
+
+_cache_enabled = True
+_CACHE: dict[tuple, tuple[weakref.ref, PreparedWeight]] = {}
+
+
+def set_weight_cache(enabled: bool) -> None:
+    """Keep (default) or do not keep the K-major copy of each weight between calls of
+    ``torch.ops.marlin.gemm``. Without the cache every call repacks (correct, slower); with
+    it each CUDA weight also occupies its K-major copy (the packed size again)."""
+    global _cache_enabled
+    _cache_enabled = bool(enabled)
+    if not enabled:
+        _CACHE.clear()
+
+
+def clear_weight_cache() -> None:
+    """Drop every cached K-major weight (they are rebuilt on next use)."""
+    _CACHE.clear()
+
+
+def _key(t: torch.Tensor | None) -> tuple:
+    return (0, 0) if t is None else (t.data_ptr(), t._version)
+
+
+def cached_prepare(weight, scales, biases, global_scale, format, group_size, in_features):
+    """:func:`prepare_cuda_weight` through the cache: keyed by the tensors' storage and their
+    version counters (an in-place update of any of them makes a new entry), held while the
+    weight tensor object is alive."""
+    if not _cache_enabled:
+        return prepare_cuda_weight(weight, scales, biases, global_scale, format, group_size,
+                                   in_features, check=False)
+    key = (_key(weight), _key(scales), _key(biases), _key(global_scale), format, group_size,
+           in_features, weight.shape[0], weight.device)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is weight:
+        return hit[1]
+    for k in [k for k, (ref, _) in _CACHE.items()
+              if ref() is None or k[0][0] == key[0][0]]:  # dead weights, stale versions
+        del _CACHE[k]
+    pw = prepare_cuda_weight(weight, scales, biases, global_scale, format, group_size,
+                             in_features, check=False)
+    _CACHE[key] = (weakref.ref(weight), pw)
+    return pw
 
 
 def _sm_count(device: torch.device) -> int:
@@ -137,17 +175,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int) -> GemvConfig:
-    """Tuned on an H100 (benchmarks/results): 8 rows x 512 inputs per chunk, 4 warps, so each
-    thread loads 16 bytes of 4-bit weight per chunk; split K only when the N blocks alone
-    cannot give every SM two programs."""
-    block_m = min(4, 1 << max(0, (m - 1).bit_length()))  # the kernel takes 1, 2 or 4
-    block_n = 8
-    chunk = 512 if bits != 8 else 256
+    """Tuned on an H100 (benchmarks/results/): 16 features x 64 items per step, 4 warps
+    (each thread: one 16-byte vector = one word of 4 features); split K only when the N blocks
+    alone cannot give every SM two programs."""
+    block_m = 1 if m == 1 else (2 if m == 2 else 4)  # the kernel takes 1, 2 or 4
+    block_n, chunk = 16, 64
     programs = -(-n // block_n) * -(-m // block_m)
-    chunks = -(-k // chunk)
+    steps = -(-layout.items_per_row(k, bits) // chunk)
     split = 1
     if programs < 2 * sms:
-        split = max(1, min(chunks // 2, -(-2 * sms // programs)))
+        split = max(1, min(steps // 2, -(-2 * sms // programs)))
     return GemvConfig(block_m, block_n, chunk, split, 4)
 
 
@@ -207,49 +244,46 @@ def gemm_prepared(
     biases = pw.biases if pw.biases is not None else pw.scales  # dummy pointer when unused
     has_bias = bias is not None
     bias_arg = bias if has_bias else pw.scales
-    sms = _sm_count(x.device)
+    common = dict(BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul)
 
     if path == "dequant":
-        w_hat = torch.empty(n, k, dtype=x.dtype, device=x.device)
-        block_n, block_k = 32, 256
+        w_t = torch.empty(k, n, dtype=x.dtype, device=x.device)
+        block_n, block_k = 64, 64
         grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
         kernels.dequant_kernel[grid](
-            pw.weight, pw.scales, biases, pw.lut, w_hat,
-            n, k, group, pw.weight.stride(0), pw.scales.stride(0), w_hat.stride(0),
-            BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul,
-            INTERLEAVED=pw.interleave_block > 0, WT=max(pw.interleave_block, 1),
+            pw.weight, pw.scales, biases, pw.lut, w_t, n, k, group, **common,
             SCALE_ROW=(group % block_k == 0 or group == k),
             BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
         )
-        y = torch.nn.functional.linear(x2, w_hat, bias)
+        y = x2 @ w_t
+        if has_bias:
+            y += bias
         return y.reshape(*lead, n)
 
+    sms = _sm_count(x.device)
     if path == "gemv":
         cfg = config or default_gemv_config(m, n, k, kf.bits, sms)
         if not isinstance(cfg, GemvConfig):
             raise TypeError(
                 f"gemm_prepared: gemv path takes a GemvConfig, got {type(cfg).__name__}")
-        cpi = layout.codes_per_item(kf.bits)
-        chunk_items = max(1, cfg.chunk_codes // cpi)
-        gpb, wt = layout.gemv_chunk(k, group, kf.bits, chunk_items, pw.interleave_block)
+        if cfg.block_m not in (1, 2, 4):
+            raise ValueError(f"GemvConfig.block_m must be 1, 2 or 4, got {cfg.block_m}")
         items = layout.items_per_row(k, kf.bits)
-        n_chunks = triton_cdiv(items, gpb * wt)
-        split = max(1, min(cfg.split_k, n_chunks))
-        per_split = triton_cdiv(n_chunks, split)
-        split = triton_cdiv(n_chunks, per_split)
-        even = items % (gpb * wt) == 0 and n_chunks % split == 0 and n % cfg.block_n == 0
+        steps = triton_cdiv(items, cfg.chunk)
+        split = max(1, min(cfg.split_k, steps))
+        per_split = triton_cdiv(steps, split)
+        split = triton_cdiv(steps, per_split)
+        even = (items * layout.codes_per_item(kf.bits) == k and items % cfg.chunk == 0
+                and steps % split == 0 and n % cfg.block_n == 0)
         y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
              else torch.empty(m, n, dtype=x.dtype, device=x.device))
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split)
         kernels.gemv_kernel[grid](
             x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y,
-            m, n, k, pw.weight.shape[1], items,
-            layout.items_per_group(group, k, kf.bits), pw.scales.shape[1], per_split,
-            x2.stride(0), pw.weight.stride(0), pw.scales.stride(0), y.stride(0),
-            BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, HAS_BIAS=has_bias,
-            SCALE_MUL=kf.scale_mul, INTERLEAVED=pw.interleave_block > 0,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GPB=gpb, WT=wt, SPLIT_K=split,
-            EVEN=even, num_warps=cfg.num_warps,
+            m, n, k, items, layout.items_per_group(group, k, kf.bits), per_split,
+            x2.stride(0), y.stride(0), **common, HAS_BIAS=has_bias,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CH=cfg.chunk, SPLIT_K=split, EVEN=even,
+            num_warps=cfg.num_warps,
         )
         return y.to(x.dtype).reshape(*lead, n)
 
@@ -263,11 +297,7 @@ def gemm_prepared(
     grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n), split)
     kernels.gemm_kernel[grid](
         x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y,
-        m, n, k, group, k_per_split,
-        x2.stride(0), pw.weight.stride(0), pw.scales.stride(0), y.stride(0),
-        BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, HAS_BIAS=has_bias,
-        SCALE_MUL=kf.scale_mul, INTERLEAVED=pw.interleave_block > 0,
-        WT=max(pw.interleave_block, 1),
+        m, n, k, group, k_per_split, x2.stride(0), y.stride(0), **common, HAS_BIAS=has_bias,
         SCALE_ROW=(group % cfg.block_k == 0 or group == k),
         FP32_DOT=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -284,13 +314,12 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     """The CUDA kernel of ``marlin::gemm`` (same arguments as the op): checks as the pure-torch
     kernel does, then runs :func:`gemm_prepared` on the canonical weight."""
     reference.check_gemm_args(x, weight, scales, biases, global_scale, bias, format, group_size)
-    pw = prepare_cuda_weight(weight, scales, biases, global_scale, format, group_size,
-                             x.shape[-1], check=False)
+    pw = cached_prepare(weight, scales, biases, global_scale, format, group_size, x.shape[-1])
     return gemm_prepared(x, pw, bias)
 
 
 __all__ = [
     "DEQUANT_MIN_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "PreparedWeight", "choose_path",
-    "default_gemm_config", "default_gemv_config", "gemm", "gemm_prepared", "interpreting",
-    "prepare_cuda_weight",
+    "clear_weight_cache", "default_gemm_config", "default_gemv_config", "gemm", "gemm_prepared",
+    "interpreting", "prepare_cuda_weight", "set_weight_cache",
 ]

@@ -2,11 +2,13 @@
 dequantize-GEMM on the tensor cores for larger M, and a dequantize kernel (for the very large M
 path: dequantize once into a temporary, then cuBLAS).
 
-All three read the packed weight in the canonical layout of docs/FORMAT.md (``uint32 [N, KW]``,
-row ``n`` one little-endian bit stream along K), or in the load-time *interleaved* layout of
-docs/CUDA.md (``INTERLEAVED``: inside each aligned block of ``WT`` words of a row, code slot
-``c`` of word ``j`` holds input ``c * WT + j`` of the block, so one code slot of all the block's
-words covers ``WT`` consecutive inputs and the activations load as contiguous vectors).
+All three read the weight in the *K-major* layout made once per weight at load time
+(docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
+docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``). Word ``w`` of
+row ``n`` is unchanged, only its address moves, so consecutive output features are adjacent in
+memory: a thread loads one 16-byte vector holding the same word of 4 rows, decodes the word's
+codes for all 4 rows, and shares each activation value (loaded and converted once) between
+them; a warp's loads are coalesced along N.
 
 Decoding (``DECODE``) is one of three branch-free paths, each giving the code's value *before*
 its group scale; the host folds any constant factor into ``SCALE_MUL``:
@@ -106,145 +108,128 @@ def _code_of_3bit(w0, w1, w2, C: tl.constexpr):
 
 
 @triton.jit
-def _gemv_row(acc, x_row, m_ok, v, items, i0, offs_g, offs_j, K,
-              CPI: tl.constexpr, C: tl.constexpr, WT: tl.constexpr, INTERLEAVED: tl.constexpr,
-              EVEN: tl.constexpr):
-    """One code slot ``C`` of one activation row: ``acc += x[k(C)] * v``; returns the new acc
-    and the x values (for the affine bias term)."""
-    if INTERLEAVED:
-        kk = (i0 + offs_g[:, None] * WT) * CPI + C * WT + offs_j[None, :]
-    else:
-        kk = items * CPI + C
+def _load_word_rows(w_ptr, items, offs_n, N, mask, T: tl.constexpr, EVEN: tl.constexpr):
+    """Words ``T`` of units ``items`` (3-bit: 3 words per unit) for rows ``offs_n``: [CH, BN]."""
+    return _ld(w_ptr + (items * 3 + T)[:, None] * N + offs_n[None, :], mask, EVEN)
+
+
+@triton.jit
+def _gemv_row(acc, x_row, m_ok, v, kk, K, EVEN: tl.constexpr):
+    """One code slot of one activation row: ``acc += x[kk] * v`` (x loaded once per item and
+    shared by the BLOCK_N rows); returns the new acc and the x values (for the affine term)."""
     if EVEN:
-        xc = tl.load(x_row + kk, mask=m_ok, other=0.0).to(tl.float32)  # [GPB, WT]
+        xc = tl.load(x_row + kk, mask=m_ok, other=0.0).to(tl.float32)  # [CH]
     else:
         xc = tl.load(x_row + kk, mask=m_ok & (kk < K), other=0.0).to(tl.float32)
-    return acc + xc[None, :, :] * v, xc
+    return acc + xc[:, None] * v, xc
 
 
 @triton.jit(do_not_specialize=["M"])
 def gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
     M, N, K,
-    KW,  # words per weight row
     ITEMS,  # items per row: words (bits 2, 4, 8) or 3-word units (bits 3)
     IPG,  # items per scale group (ITEMS when per-channel)
-    NG,  # scale groups per row
-    CHUNKS_PER_SPLIT,  # chunks of GPB * WT items each split-K program reduces
-    stride_xm, stride_wn, stride_sn, stride_ym,
+    CHUNKS_PER_SPLIT,  # chunks of CH items each split-K program reduces
+    stride_xm, stride_ym,
     BITS: tl.constexpr,  # code width: 2, 3, 4 or 8
-    DECODE: tl.constexpr,  # DECODE_INT / DECODE_E2M1 / DECODE_LUT
+    DECODE: tl.constexpr,  # DECODE_*
     AFFINE: tl.constexpr,  # biases present: w = s * v + b
     HAS_BIAS: tl.constexpr,  # layer bias [N]
-    SCALE_MUL: tl.constexpr,  # constant folded into every scale (2^14 for E2M1)
-    INTERLEAVED: tl.constexpr,  # weight in the interleaved layout with blocks of WT words
+    SCALE_MUL: tl.constexpr,  # constant folded into every scale (2^14 for E2M1, 2^8 for E4M3)
     BLOCK_M: tl.constexpr,  # activation rows per program: 1, 2 or 4 (each decoded code reused)
     BLOCK_N: tl.constexpr,  # output features per program
-    GPB: tl.constexpr,  # scale groups per chunk (1 when a group spans several chunks)
-    WT: tl.constexpr,  # items per group per chunk
+    CH: tl.constexpr,  # items per K step
     SPLIT_K: tl.constexpr,  # >1: fp32 partial sums are atomically added into y (fp32)
-    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the splits' chunks cover the row exactly: no masks
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the chunks cover K exactly: no masks
 ):
-    """``y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])`` for 1, 2 or 4 rows ``m``.
+    """``y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])`` for 1, 2 or 4 rows ``m``, K-major weight.
 
-    Each program owns BLOCK_N weight rows and walks K in chunks of ``GPB * WT`` items, loading
-    the chunk's words once (contiguous along K) and unrolling over the codes of a word, so the
-    decoded values never leave registers. All per-chunk tensors are 3-D ``[BLOCK_N, GPB, WT]``
-    in the layout of the weight load (the activation rows are separate accumulators rather
-    than a 4th dimension, which would make Triton move every decoded code through shared
-    memory). Partial sums are scaled once per (row, group, item) when the chunk ends; the
-    affine bias enters as ``b * sum(x)`` per group.
+    A program owns BLOCK_N output features and walks K in steps of CH items (words, or 3-word
+    units of 32 codes), a ``[CH, BLOCK_N]`` tile of words per step. The codes of a word are
+    unrolled; each code's activation is loaded once per item and multiplies the decoded code of
+    every row the thread holds. Per-code partial sums are scaled once per (item, row) at the end
+    of the step; the affine bias enters as ``b * sum(x)``. The activation rows are separate
+    accumulators (a 3rd tensor dimension would make Triton move every decoded code through
+    shared memory).
     """
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     CPI: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per item
     MASK: tl.constexpr = (1 << BITS) - 1
-    CHUNK: tl.constexpr = GPB * WT
 
     m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_g = tl.arange(0, GPB)
-    offs_j = tl.arange(0, WT)
+    offs_i = tl.arange(0, CH)
     n_ok = offs_n < N
-    tile = offs_g[:, None] * WT + offs_j[None, :]  # [GPB, WT] item index inside a chunk
-    w_rows = w_ptr + offs_n[:, None, None] * stride_wn  # [BN, 1, 1]
-    s_rows = s_ptr + offs_n[:, None] * stride_sn  # [BN, 1]
-    b_rows = b_ptr + offs_n[:, None] * stride_sn
     x0 = x_ptr + m0 * stride_xm
     ok0 = m0 < M
     ok1 = m0 + 1 < M
     ok2 = m0 + 2 < M
     ok3 = m0 + 3 < M
 
-    acc0 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
+    acc0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
     c_lo = pid_k * CHUNKS_PER_SPLIT
     for chunk in range(c_lo, c_lo + CHUNKS_PER_SPLIT):  # past the row end all loads are masked
-        i0 = chunk * CHUNK
-        items = i0 + tile  # [GPB, WT]
-        item_ok = items < ITEMS
-        gidx = (i0 + offs_g * WT) // IPG  # [GPB]: a chunk never straddles a group (host plan)
-        sb_mask = n_ok[:, None] & (gidx < NG)[None, :]
-        wmask = n_ok[:, None, None] & item_ok[None, :, :]
-        s = _ld(s_rows + gidx[None, :], sb_mask, EVEN).to(tl.float32) * SCALE_MUL
+        items = chunk * CH + offs_i  # [CH]
+        mask = (items < ITEMS)[:, None] & n_ok[None, :]
+        g = items // IPG
+        s = _ld(s_ptr + g[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.float32) * SCALE_MUL
         if BITS == 3:
-            wp = w_rows + items[None, :, :] * 3
-            w0 = _ld(wp, wmask & (items * 3 < KW)[None, :, :], EVEN)
-            w1 = _ld(wp + 1, wmask & (items * 3 + 1 < KW)[None, :, :], EVEN)
-            w2 = _ld(wp + 2, wmask & (items * 3 + 2 < KW)[None, :, :], EVEN)
-            w0 = w0.to(tl.uint32, bitcast=True)
-            w1 = w1.to(tl.uint32, bitcast=True)
-            w2 = w2.to(tl.uint32, bitcast=True)
+            w0 = _load_word_rows(w_ptr, items, offs_n, N, mask, 0, EVEN).to(tl.uint32, bitcast=True)
+            w1 = _load_word_rows(w_ptr, items, offs_n, N, mask, 1, EVEN).to(tl.uint32, bitcast=True)
+            w2 = _load_word_rows(w_ptr, items, offs_n, N, mask, 2, EVEN).to(tl.uint32, bitcast=True)
         else:
-            w = _ld(w_rows + items[None, :, :], wmask, EVEN).to(tl.uint32, bitcast=True)
-        p0 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
-        p1 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
-        p2 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
-        p3 = tl.zeros([BLOCK_N, GPB, WT], dtype=tl.float32)
-        xs0 = tl.zeros([GPB, WT], dtype=tl.float32)
-        xs1 = tl.zeros([GPB, WT], dtype=tl.float32)
-        xs2 = tl.zeros([GPB, WT], dtype=tl.float32)
-        xs3 = tl.zeros([GPB, WT], dtype=tl.float32)
+            w = _ld(w_ptr + items[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.uint32,
+                                                                                bitcast=True)
+        p0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        p1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        p2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        p3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        xs0 = tl.zeros([CH], dtype=tl.float32)
+        xs1 = tl.zeros([CH], dtype=tl.float32)
+        xs2 = tl.zeros([CH], dtype=tl.float32)
+        xs3 = tl.zeros([CH], dtype=tl.float32)
         for c in tl.static_range(CPI):
             if BITS == 3:
                 v = _decode(_code_of_3bit(w0, w1, w2, c), lut_ptr, DECODE)
             elif DECODE == 0:
                 v = _int_field(w, c, BITS)
             else:
-                v = _decode((w >> (c * BITS)) & MASK, lut_ptr, DECODE)  # [BN, GPB, WT]
-            p0, xc = _gemv_row(p0, x0, ok0, v, items, i0, offs_g, offs_j, K, CPI, c, WT,
-                               INTERLEAVED, EVEN)
+                v = _decode((w >> (c * BITS)) & MASK, lut_ptr, DECODE)  # [CH, BN]
+            kk = items * CPI + c
+            if not EVEN:
+                ok_k = kk < K
+                v = tl.where(ok_k[:, None], v, 0.0)  # padding codes of a per-channel row
+            p0, xc = _gemv_row(p0, x0, ok0, v, kk, K, EVEN)
             xs0 += xc
             if BLOCK_M > 1:
-                p1, xc = _gemv_row(p1, x0 + stride_xm, ok1, v, items, i0, offs_g, offs_j, K,
-                                   CPI, c, WT, INTERLEAVED, EVEN)
+                p1, xc = _gemv_row(p1, x0 + stride_xm, ok1, v, kk, K, EVEN)
                 xs1 += xc
             if BLOCK_M > 2:
-                p2, xc = _gemv_row(p2, x0 + 2 * stride_xm, ok2, v, items, i0, offs_g, offs_j,
-                                   K, CPI, c, WT, INTERLEAVED, EVEN)
+                p2, xc = _gemv_row(p2, x0 + 2 * stride_xm, ok2, v, kk, K, EVEN)
                 xs2 += xc
-                p3, xc = _gemv_row(p3, x0 + 3 * stride_xm, ok3, v, items, i0, offs_g, offs_j,
-                                   K, CPI, c, WT, INTERLEAVED, EVEN)
+                p3, xc = _gemv_row(p3, x0 + 3 * stride_xm, ok3, v, kk, K, EVEN)
                 xs3 += xc
-        s3 = s[:, :, None]
         if AFFINE:
-            b3 = _ld(b_rows + gidx[None, :], sb_mask, EVEN).to(tl.float32)[:, :, None]
-            acc0 += p0 * s3 + xs0[None, :, :] * b3
+            b = _ld(b_ptr + g[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.float32)
+            acc0 += p0 * s + xs0[:, None] * b
             if BLOCK_M > 1:
-                acc1 += p1 * s3 + xs1[None, :, :] * b3
+                acc1 += p1 * s + xs1[:, None] * b
             if BLOCK_M > 2:
-                acc2 += p2 * s3 + xs2[None, :, :] * b3
-                acc3 += p3 * s3 + xs3[None, :, :] * b3
+                acc2 += p2 * s + xs2[:, None] * b
+                acc3 += p3 * s + xs3[:, None] * b
         else:
-            acc0 += p0 * s3
+            acc0 += p0 * s
             if BLOCK_M > 1:
-                acc1 += p1 * s3
+                acc1 += p1 * s
             if BLOCK_M > 2:
-                acc2 += p2 * s3
-                acc3 += p3 * s3
+                acc2 += p2 * s
+                acc3 += p3 * s
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -253,15 +238,12 @@ def gemv_kernel(
     else:
         bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     y_row = y_ptr + m0 * stride_ym + offs_n
-    _gemv_store(y_row, tl.sum(tl.sum(acc0, axis=2), axis=1) + bias, n_ok & ok0, SPLIT_K)
+    _gemv_store(y_row, tl.sum(acc0, axis=0) + bias, n_ok & ok0, SPLIT_K)
     if BLOCK_M > 1:
-        _gemv_store(y_row + stride_ym, tl.sum(tl.sum(acc1, axis=2), axis=1) + bias, n_ok & ok1,
-                    SPLIT_K)
+        _gemv_store(y_row + stride_ym, tl.sum(acc1, axis=0) + bias, n_ok & ok1, SPLIT_K)
     if BLOCK_M > 2:
-        _gemv_store(y_row + 2 * stride_ym, tl.sum(tl.sum(acc2, axis=2), axis=1) + bias,
-                    n_ok & ok2, SPLIT_K)
-        _gemv_store(y_row + 3 * stride_ym, tl.sum(tl.sum(acc3, axis=2), axis=1) + bias,
-                    n_ok & ok3, SPLIT_K)
+        _gemv_store(y_row + 2 * stride_ym, tl.sum(acc2, axis=0) + bias, n_ok & ok2, SPLIT_K)
+        _gemv_store(y_row + 3 * stride_ym, tl.sum(acc3, axis=0) + bias, n_ok & ok3, SPLIT_K)
 
 
 @triton.jit
@@ -275,40 +257,49 @@ def _gemv_store(ptrs, y, mask, SPLIT_K: tl.constexpr):
 @triton.jit
 def _dequant_tile(
     w_ptr, s_ptr, b_ptr, lut_ptr,
-    offs_n, n_ok, k0, offs_k, K, G, stride_wn, stride_sn,
+    offs_n, n_ok, k0, offs_k, N, K, G,
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
-    INTERLEAVED: tl.constexpr, WT: tl.constexpr,
     SCALE_ROW: tl.constexpr,  # the tile [k0, k0 + BLOCK_K) lies inside one group
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """float32 ``W_hat[offs_n, k0 + offs_k]`` (``[BN, BK]``), zero outside the matrix."""
+    """float32 ``W_hat[offs_n, k0 + offs_k]`` transposed: ``[BK, BN]``, zero outside W.
+
+    Bits 2/4/8: the tile's ``BK * BITS / 32`` K-major word rows are loaded once (coalesced
+    along N) and unpacked by shifting along a new middle axis of code slots, then reshaped to
+    input order. Bits 3 (codes straddle words): each input row reads its word (and the next
+    one for codes 10 and 21); inputs of one word read the same addresses, which L1 serves.
+    """
     kk = k0 + offs_k
     k_ok = kk < K
-    if INTERLEAVED:
-        CPW: tl.constexpr = 32 // BITS
-        r = kk % (WT * CPW)
-        word = (kk // (WT * CPW)) * WT + r % WT
-        sh = (r // WT) * BITS
-    else:
+    mask = k_ok[:, None] & n_ok[None, :]
+    if BITS == 3:
         word = (kk * BITS) // 32
         sh = (kk * BITS) % 32
-    mask = n_ok[:, None] & k_ok[None, :]
-    wp = w_ptr + offs_n[:, None] * stride_wn + word[None, :]
-    q = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True) >> sh[None, :].to(tl.uint32)
-    if BITS == 3:
+        wp = w_ptr + word[:, None] * N + offs_n[None, :]
+        q = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True) >> sh[:, None].to(tl.uint32)
         straddle = (sh > 29) & k_ok
-        hi = tl.load(wp + 1, mask=n_ok[:, None] & straddle[None, :], other=0)
-        q = q | (hi.to(tl.uint32, bitcast=True) << ((32 - sh) % 32)[None, :].to(tl.uint32))
+        hi = tl.load(wp + N, mask=straddle[:, None] & n_ok[None, :], other=0)
+        q = q | (hi.to(tl.uint32, bitcast=True) << ((32 - sh) % 32)[:, None].to(tl.uint32))
+    else:
+        # the tile's distinct words [BK / CPW, BN], unpacked along a middle axis of code slots
+        CPW: tl.constexpr = 32 // BITS
+        offs_w = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
+        wmask = (offs_w * CPW < K)[:, None] & n_ok[None, :]
+        wv = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+        shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
+        q = wv.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]
+        q = tl.reshape(q, [BLOCK_K, BLOCK_N])  # row k = word * CPW + slot: input order
     q = q & ((1 << BITS) - 1)
     v = _decode(q, lut_ptr, DECODE)
     if SCALE_ROW:
         g = k0 // G
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        v = v * (s * SCALE_MUL)[:, None]
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        v = v * (s * SCALE_MUL)[None, :]
         if AFFINE:
-            b = tl.load(b_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            v = v + b[:, None]
+            b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            v = v + b[None, :]
     else:
-        sp = offs_n[:, None] * stride_sn + (kk // G)[None, :]
+        sp = (kk // G)[:, None] * N + offs_n[None, :]
         s = tl.load(s_ptr + sp, mask=mask, other=0.0).to(tl.float32)
         v = v * (s * SCALE_MUL)
         if AFFINE:
@@ -322,16 +313,16 @@ def gemm_kernel(
     M, N, K,
     G,  # group length (K when per-channel)
     K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
-    stride_xm, stride_wn, stride_sn, stride_ym,
+    stride_xm, stride_ym,
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALE_MUL: tl.constexpr, INTERLEAVED: tl.constexpr, WT: tl.constexpr,
-    SCALE_ROW: tl.constexpr,  # G % BLOCK_K == 0 (or per-channel): one scale per row per tile
+    SCALE_MUL: tl.constexpr,
+    SCALE_ROW: tl.constexpr,  # G % BLOCK_K == 0 (or per-channel): one scale per feature per tile
     FP32_DOT: tl.constexpr,  # float32 activations: exact (non-TF32) dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # M tiles that run next to each other on one weight tile (L2 reuse)
     SPLIT_K: tl.constexpr,  # >1: fp32 partial tiles are atomically added into y (fp32)
 ):
-    """``y = x @ W_hat.T (+ bias)``: each K step dequantizes a ``[BLOCK_N, BLOCK_K]`` weight
+    """``y = x @ W_hat.T (+ bias)``: each K step dequantizes a ``[BLOCK_K, BLOCK_N]`` weight
     tile in registers (scale applied, rounded to the activation dtype) and feeds it with the
     ``[BLOCK_M, BLOCK_K]`` activation tile to ``tl.dot`` (tensor cores, fp32 accumulator)."""
     pid = tl.program_id(0)
@@ -355,13 +346,12 @@ def gemm_kernel(
         kk = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                     mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, K, G,
-                          stride_wn, stride_sn, BITS, DECODE, AFFINE, SCALE_MUL, INTERLEAVED, WT,
-                          SCALE_ROW)
+        w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
+                          BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N)
         if FP32_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+            acc = tl.dot(x, w.to(x.dtype), acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SPLIT_K > 1:
@@ -378,21 +368,19 @@ def gemm_kernel(
 @triton.jit
 def dequant_kernel(
     w_ptr, s_ptr, b_ptr, lut_ptr, out_ptr,
-    N, K, G, stride_wn, stride_sn, stride_on,
+    N, K, G,
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
-    INTERLEAVED: tl.constexpr, WT: tl.constexpr, SCALE_ROW: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SCALE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``out[N, K] = W_hat`` in ``out``'s dtype (the large-M path feeds it to cuBLAS)."""
+    """``out[K, N] = W_hat.T`` in ``out``'s dtype (the large-M path multiplies it with cuBLAS)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     k0 = pid_k * BLOCK_K
-    w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, K, G,
-                      stride_wn, stride_sn, BITS, DECODE, AFFINE, SCALE_MUL, INTERLEAVED, WT,
-                      SCALE_ROW)
+    w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
+                      BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N)
     kk = k0 + offs_k
-    tl.store(out_ptr + offs_n[:, None] * stride_on + kk[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & (kk < K)[None, :])
+    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(kk < K)[:, None] & n_ok[None, :])

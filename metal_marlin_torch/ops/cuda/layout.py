@@ -4,8 +4,8 @@
   format table in :mod:`metal_marlin_torch.formats` (the one place formats are defined).
 * :func:`kernel_scales`: group scales as a float tensor the kernels multiply by (E8M0 bytes of
   ``mxfp4`` and E4M3 scales times ``global_scale`` of ``nvfp4`` become float32).
-* :func:`interleave` / :func:`deinterleave`: the optional load-time repack of docs/CUDA.md.
-* :func:`gemv_chunk`: how the GEMV kernel cuts a row into chunks that never straddle a group.
+* :func:`k_major`: the load-time repack of docs/CUDA.md (``[N, KW]`` -> ``[KW, N]``).
+* :func:`items_per_row` / :func:`items_per_group`: the GEMV kernel's unit of work along K.
 """
 
 from __future__ import annotations
@@ -137,71 +137,21 @@ def items_per_group(group: int, k: int, bits: int) -> int:
     return group // 32 if bits == 3 else group * bits // 32
 
 
-def _next_pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
+def k_major(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The K-major repack: canonical ``uint32 [N, KW]`` -> ``int32 [KW', N]``, contiguous.
 
-
-def gemv_chunk(k: int, group: int, bits: int, chunk_items: int, interleave_block: int = 0
-               ) -> tuple[int, int]:
-    """``(GPB, WT)``: the GEMV kernel's chunk is ``GPB`` groups of ``WT`` items.
-
-    A chunk never straddles a group boundary: either it lies inside one group (``GPB = 1``,
-    ``WT`` a power of two dividing the group's items, or the whole per-channel row), or it
-    holds whole groups (``WT`` = items per group). With an interleaved weight ``WT`` is the
-    interleave block. ``chunk_items`` (a power of two) is the target size.
+    Words are not changed, only transposed. For 3 bits the row is padded with zero words to
+    whole 3-word units (``KW' = 3 * ceil(K / 32)``) so the kernels never read past a row.
     """
-    ipg = items_per_group(group, k, bits)
-    if interleave_block:
-        wt = interleave_block
-        gpb = max(1, chunk_items // wt) if wt == ipg else 1
-        return gpb, wt
-    if group == k:
-        return 1, min(chunk_items, _next_pow2(ipg))
-    if ipg >= chunk_items:
-        return 1, chunk_items
-    return chunk_items // ipg, ipg
-
-
-def interleave_block(k: int, group: int, bits: int, block: int) -> int:
-    """The interleave block (words) usable for this weight, or 0 when it cannot be interleaved:
-    3-bit codes straddle words, and a block must tile every group (and the row) exactly."""
+    w = weight.view(torch.int32)
     if bits == 3:
-        return 0
-    ipg = items_per_group(group, k, bits)
-    kw = F.packed_words(k, bits)
-    wt = min(block, ipg)
-    if kw % wt or ipg % wt or k * bits % 32:
-        return 0
-    return wt
+        n, kw = w.shape
+        units_words = 3 * -(-kw // 3)
+        if units_words != kw:
+            w = torch.nn.functional.pad(w, (0, units_words - kw))
+    return w.t().contiguous()
 
 
-def interleave(weight: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """Repack a canonical ``uint32 [N, KW]`` weight into the interleaved layout.
-
-    Within each aligned block of ``block`` words (``block * 32 / bits`` codes) of a row, input
-    ``i`` of the block moves to code slot ``i // block`` of word ``i % block``; in the canonical
-    layout it sits in slot ``i % (32 / bits)`` of word ``i // (32 / bits)``.
-    """
-    n, kw = weight.shape
-    cpw = 32 // bits
-    if bits == 3 or kw % block:
-        raise ValueError(
-            f"interleave: {kw} words of {bits} bits do not tile into blocks of {block}")
-    k = kw * cpw
-    codes = F.unpack(weight, bits, k).to(torch.int64)  # [N, k] canonical order
-    # canonical code i of a block -> (slot i // block, word i % block)
-    codes = codes.view(n, kw // block, cpw, block).transpose(2, 3)  # [N, blocks, word, slot]
-    shifts = torch.arange(cpw, dtype=torch.int64, device=weight.device) * bits
-    words = (codes << shifts).sum(-1)  # disjoint bit fields: sum is OR
-    return words.reshape(n, kw).to(torch.uint32)
-
-
-def deinterleave(weight: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """Inverse of :func:`interleave` (for tests and for saving a repacked layer)."""
-    n, kw = weight.shape
-    cpw = 32 // bits
-    w64 = weight.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(cpw, dtype=torch.int64, device=weight.device) * bits
-    slots = (w64.view(n, kw // block, block, 1) >> shifts) & ((1 << bits) - 1)  # [N,b,word,slot]
-    codes = slots.transpose(2, 3).reshape(n, kw * cpw)
-    return F.pack(codes, bits)
+def from_k_major(weight_t: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`k_major` (for tests and for saving a prepared layer)."""
+    return weight_t.t()[:, : F.packed_words(k, bits)].contiguous().view(torch.uint32)

@@ -64,12 +64,14 @@ def case(k: int, n: int, fmt: str):
     return copies
 
 
-def tasks(formats: list[str]) -> list[tuple]:
+def tasks(formats: list[str], m1_only: bool = False) -> list[tuple]:
     out = []
     for k, n in LLAMA_SHAPES:
         for fmt in formats:
             for c in GEMV:
                 out.append((k, n, fmt, 1, "gemv", ("gemv", 1, *c)))
+        if m1_only:
+            continue
         for m, bm in ((2, 2), (4, 4), (8, 4)):
             for c in GEMV[:8]:
                 out.append((k, n, "int4", m, "gemv", ("gemv", bm, *c)))
@@ -107,8 +109,9 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--formats", default=GEMV_FORMATS, help="formats swept at M = 1")
     p.add_argument("--jobs", type=int, default=8)
+    p.add_argument("--m1-only", action="store_true", help="only the GEMV configurations at M = 1")
     args = p.parse_args()
-    todo = tasks(args.formats.split(","))
+    todo = tasks(args.formats.split(","), args.m1_only)
     print(f"{len(todo)} configurations", flush=True)
     if args.jobs > 1:
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:

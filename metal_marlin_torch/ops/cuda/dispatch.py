@@ -23,8 +23,10 @@ from .. import reference
 from . import layout
 from .layout import KernelFormat
 
-GEMV_MAX_M = 8  # above this, tensor cores win over re-decoding the weight per 8 rows
-DEQUANT_MIN_M = 4096  # from here a dequantized copy plus cuBLAS beats the fused GEMM
+# Thresholds measured on an H100 (benchmarks/results/sweep_h100.json, int4, Llama-3-8B shapes):
+GEMV_MAX_M = 4  # M = 8: the tensor-core kernel (16-row tile, split-K 4) is 0.95x dense, the
+#                 GEMV (two 4-row blocks) 0.74x
+DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton GEMM 0.41x
 PATHS = ("gemv", "gemm", "dequant")
 
 
@@ -175,33 +177,37 @@ def _sm_count(device: torch.device) -> int:
 
 
 def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int) -> GemvConfig:
-    """Tuned on an H100 (benchmarks/results/): 16 features x 64 items per step, 4 warps
-    (each thread: one 16-byte vector = one word of 4 features); split K only when the N blocks
-    alone cannot give every SM two programs."""
-    block_m = 1 if m == 1 else (2 if m == 2 else 4)  # the kernel takes 1, 2 or 4
-    block_n, chunk = 16, 64
+    """Tuned on an H100 (benchmarks/results/sweep_h100.json). M = 1: 8 features x 128 words
+    per step, 4 warps (each thread: two 16-byte vectors = 2 words of 4 features) was best or
+    within 10% on all three shapes; M = 2 and 4: 16 x 64. Split K only when the N blocks
+    alone cannot give every SM two programs (never for the Llama shapes)."""
+    if m == 1:
+        block_m, block_n, chunk, warps = 1, 8, 128, 4
+    elif m == 2:
+        block_m, block_n, chunk, warps = 2, 16, 64, 8
+    else:
+        block_m, block_n, chunk, warps = 4, 16, 64, 4  # the kernel takes 1, 2 or 4 rows
     programs = -(-n // block_n) * -(-m // block_m)
     steps = -(-layout.items_per_row(k, bits) // chunk)
     split = 1
     if programs < 2 * sms:
         split = max(1, min(steps // 2, -(-2 * sms // programs)))
-    return GemvConfig(block_m, block_n, chunk, split, 4)
+    return GemvConfig(block_m, block_n, chunk, split, warps)
 
 
 def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConfig:
-    """Tile by M (tuned on an H100, benchmarks/results): small M uses narrow tiles and split-K
-    so that there are enough programs; large M uses 128 x 128 tiles."""
+    """Tile by M, tuned on an H100 (benchmarks/results/sweep_h100.json): a 16-row tile with
+    split-K 4 up to M = 16, 32 rows split 2 up to 32, 64 x 64 split 2 up to 64 (split-K gives
+    the narrow-M tiles enough programs to keep the weight stream busy)."""
     if m <= 16:
-        cfg = GemmConfig(16, 64, 128, 1, 4, 4)
+        cfg = GemmConfig(16, 64, 128, 4, 4, 4)
+    elif m <= 32:
+        cfg = GemmConfig(32, 64, 128, 2, 4, 4)
     elif m <= 64:
-        cfg = GemmConfig(64, 64, 64, 1, 4, 4)
+        cfg = GemmConfig(64, 64, 64, 2, 4, 4)
     else:
-        cfg = GemmConfig(128, 128, 64, 1, 8, 3)
-    tiles = -(-m // cfg.block_m) * -(-n // cfg.block_n)
-    if tiles < sms:
-        split = max(1, min(-(-sms // tiles), k // (4 * cfg.block_k)))
-        cfg = replace(cfg, split_k=split)
-    return cfg
+        cfg = GemmConfig(128, 64, 64, 1, 4, 4)
+    return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
 
 
 def choose_path(m: int) -> str:

@@ -114,6 +114,30 @@ def _load_word_rows(w_ptr, items, offs_n, N, mask, T: tl.constexpr, EVEN: tl.con
 
 
 @triton.jit
+def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ITEMS, IPG,
+               BITS: tl.constexpr, AFFINE: tl.constexpr, EVEN: tl.constexpr):
+    """One GEMV K step's loads: words ``[CH, BN]`` (three of them for 3-bit units; else the
+    same tensor three times), float32 scales and biases (zeros when not affine)."""
+    mask = (items < ITEMS)[:, None] & n_ok[None, :]
+    sg = (items // IPG)[:, None] * N + offs_n[None, :]
+    s = _ld(s_ptr + sg, mask, EVEN).to(tl.float32)
+    if AFFINE:
+        b = _ld(b_ptr + sg, mask, EVEN).to(tl.float32)
+    else:
+        b = tl.zeros_like(s)
+    if BITS == 3:
+        w0 = _load_word_rows(w_ptr, items, offs_n, N, mask, 0, EVEN).to(tl.uint32, bitcast=True)
+        w1 = _load_word_rows(w_ptr, items, offs_n, N, mask, 1, EVEN).to(tl.uint32, bitcast=True)
+        w2 = _load_word_rows(w_ptr, items, offs_n, N, mask, 2, EVEN).to(tl.uint32, bitcast=True)
+    else:
+        w0 = _ld(w_ptr + items[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.uint32,
+                                                                             bitcast=True)
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2, s, b
+
+
+@triton.jit
 def _gemv_row(acc, x_row, m_ok, v, kk, K, EVEN: tl.constexpr):
     """One code slot of one activation row: ``acc += x[kk] * v`` (x loaded once per item and
     shared by the BLOCK_N rows); returns the new acc and the x values (for the affine term)."""
@@ -174,18 +198,23 @@ def gemv_kernel(
     acc2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
     c_lo = pid_k * CHUNKS_PER_SPLIT
+    c_last = c_lo + CHUNKS_PER_SPLIT - 1
+    # software prefetch: step i+1's words and scales are loaded before step i is decoded, so
+    # each warp has a load in flight while it computes (measured: loads and ALU work added up
+    # without it)
+    w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, c_lo * CH + offs_i, offs_n, n_ok, N,
+                                       ITEMS, IPG, BITS, AFFINE, EVEN)
     for chunk in range(c_lo, c_lo + CHUNKS_PER_SPLIT):  # past the row end all loads are masked
         items = chunk * CH + offs_i  # [CH]
-        mask = (items < ITEMS)[:, None] & n_ok[None, :]
-        g = items // IPG
-        s = _ld(s_ptr + g[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.float32) * SCALE_MUL
-        if BITS == 3:
-            w0 = _load_word_rows(w_ptr, items, offs_n, N, mask, 0, EVEN).to(tl.uint32, bitcast=True)
-            w1 = _load_word_rows(w_ptr, items, offs_n, N, mask, 1, EVEN).to(tl.uint32, bitcast=True)
-            w2 = _load_word_rows(w_ptr, items, offs_n, N, mask, 2, EVEN).to(tl.uint32, bitcast=True)
-        else:
-            w = _ld(w_ptr + items[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.uint32,
-                                                                                bitcast=True)
+        w0 = w0n
+        w1 = w1n
+        w2 = w2n
+        s = sn * SCALE_MUL
+        b = bn
+        nxt = tl.minimum(chunk + 1, c_last) * CH + offs_i  # the last step reloads itself
+        w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ITEMS, IPG,
+                                           BITS, AFFINE, EVEN)
+        w = w0
         p0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
         p1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
         p2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
@@ -216,7 +245,6 @@ def gemv_kernel(
                 p3, xc = _gemv_row(p3, x0 + 3 * stride_xm, ok3, v, kk, K, EVEN)
                 xs3 += xc
         if AFFINE:
-            b = _ld(b_ptr + g[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.float32)
             acc0 += p0 * s + xs0[:, None] * b
             if BLOCK_M > 1:
                 acc1 += p1 * s + xs1[:, None] * b

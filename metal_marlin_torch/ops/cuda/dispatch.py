@@ -259,7 +259,8 @@ def gemm_prepared(
         kernels.dequant_kernel[grid](
             pw.weight, pw.scales, biases, pw.lut, w_t, n, k, group, **common,
             SCALE_ROW=(group % block_k == 0 or group == k),
-            BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+            BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and n % block_n == 0),
+            num_warps=4,
         )
         y = x2 @ w_t
         if has_bias:
@@ -307,7 +308,9 @@ def gemm_prepared(
         SCALE_ROW=(group % cfg.block_k == 0 or group == k),
         FP32_DOT=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        SPLIT_K=split, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SPLIT_K=split, EVEN=(k % k_per_split == 0 and k_per_split % cfg.block_k == 0
+                             and n % cfg.block_n == 0),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.to(x.dtype).reshape(*lead, n)
 

@@ -289,6 +289,7 @@ def _dequant_tile(
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
     SCALE_ROW: tl.constexpr,  # the tile [k0, k0 + BLOCK_K) lies inside one group
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks
 ):
     """float32 ``W_hat[offs_n, k0 + offs_k]`` transposed: ``[BK, BN]``, zero outside W.
 
@@ -313,7 +314,7 @@ def _dequant_tile(
         CPW: tl.constexpr = 32 // BITS
         offs_w = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
         wmask = (offs_w * CPW < K)[:, None] & n_ok[None, :]
-        wv = tl.load(w_ptr + offs_w[:, None] * N + offs_n[None, :], mask=wmask, other=0)
+        wv = _ld(w_ptr + offs_w[:, None] * N + offs_n[None, :], wmask, EVEN)
         shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
         q = wv.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]
         q = tl.reshape(q, [BLOCK_K, BLOCK_N])  # row k = word * CPW + slot: input order
@@ -321,18 +322,20 @@ def _dequant_tile(
     v = _decode(q, lut_ptr, DECODE)
     if SCALE_ROW:
         g = k0 // G
-        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        s = _ld(s_ptr + g * N + offs_n, n_ok, EVEN).to(tl.float32)
         v = v * (s * SCALE_MUL)[None, :]
         if AFFINE:
-            b = tl.load(b_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+            b = _ld(b_ptr + g * N + offs_n, n_ok, EVEN).to(tl.float32)
             v = v + b[None, :]
     else:
         sp = (kk // G)[:, None] * N + offs_n[None, :]
-        s = tl.load(s_ptr + sp, mask=mask, other=0.0).to(tl.float32)
+        s = _ld(s_ptr + sp, mask, EVEN).to(tl.float32)
         v = v * (s * SCALE_MUL)
         if AFFINE:
-            v = v + tl.load(b_ptr + sp, mask=mask, other=0.0).to(tl.float32)
-    return tl.where(mask, v, 0.0)
+            v = v + _ld(b_ptr + sp, mask, EVEN).to(tl.float32)
+    if not EVEN:
+        v = tl.where(mask, v, 0.0)
+    return v
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -349,6 +352,7 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # M tiles that run next to each other on one weight tile (L2 reuse)
     SPLIT_K: tl.constexpr,  # >1: fp32 partial tiles are atomically added into y (fp32)
+    EVEN: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0, N % BLOCK_N == 0: weight loads unmasked
 ):
     """``y = x @ W_hat.T (+ bias)``: each K step dequantizes a ``[BLOCK_K, BLOCK_N]`` weight
     tile in registers (scale applied, rounded to the activation dtype) and feeds it with the
@@ -375,7 +379,7 @@ def gemm_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                     mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
         w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
-                          BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N)
+                          BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
         if FP32_DOT:
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
@@ -399,6 +403,7 @@ def dequant_kernel(
     N, K, G,
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
     SCALE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks
 ):
     """``out[K, N] = W_hat.T`` in ``out``'s dtype (the large-M path multiplies it with cuBLAS)."""
     pid_n = tl.program_id(0)
@@ -408,7 +413,7 @@ def dequant_kernel(
     n_ok = offs_n < N
     k0 = pid_k * BLOCK_K
     w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
-                      BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N)
+                      BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
     kk = k0 + offs_k
     tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(kk < K)[:, None] & n_ok[None, :])

@@ -275,7 +275,7 @@ def bench(args) -> dict:
                     add("dequant+mm", fmt, timer([partial(fn, x, *c) for c in copies]), qbytes)
                     if fmt in compiled_formats:
                         if fmt not in compiled:
-                            compiled[fmt] = torch.compile(fn, dynamic=True)
+                            compiled[fmt] = torch.compile(fn, dynamic=False)
                         try:
                             add("dequant+mm compiled", fmt,
                                 timer([partial(compiled[fmt], x, *c) for c in copies]), qbytes)

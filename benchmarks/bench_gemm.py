@@ -223,6 +223,10 @@ def bench(args) -> dict:
     def timer(calls):
         return time_cuda(calls) if device == "cuda" else time_wall(calls, sync)
 
+    # one compiled dequantize+matmul per (shape, M): more than dynamo's default recompile limit
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
     mlx = None
     if device == "mps":
         try:

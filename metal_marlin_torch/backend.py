@@ -8,10 +8,12 @@ import torch
 
 from .ops import active_kernels
 from .ops import cuda as _cuda
+from .ops.registry import TORCH_ON_MPS
 
 
 def _metal_extension() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("marlin::gemm", "MPS")
+    # the pure-torch MPS registrations also count as MPS kernels for the dispatcher: exclude them
+    return "gemm" not in TORCH_ON_MPS and torch._C._dispatch_has_kernel_for_dispatch_key("marlin::gemm", "MPS")
 
 
 def backend_info() -> dict[str, Any]:
@@ -21,6 +23,6 @@ def backend_info() -> dict[str, Any]:
     devices = {"cpu": True, "cuda": torch.cuda.is_available(),
                "mps": torch.backends.mps.is_available()}
     kernels = {d: active_kernels(d) for d in ("cpu", "cuda")}
-    kernels["mps"] = ({op: "metal" for op in kernels["cpu"]} if metal else active_kernels("mps"))
+    kernels["mps"] = {op: kernel if op in TORCH_ON_MPS else "metal" for op, kernel in active_kernels("mps").items()}
     return {"torch": torch.__version__, "devices": devices, "metal_extension": metal,
             "kernels": kernels, "cuda_fast_path": _cuda.info()}

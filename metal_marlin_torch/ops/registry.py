@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import reference
+from . import moe, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -26,8 +26,12 @@ REFERENCE: dict[str, Callable] = {
     "quantize": reference.quantize,
     "fake_quantize": reference.fake_quantize,
     "hadamard": reference.hadamard,
+    "moe_gemm": moe.moe_gemm,
+    "moe_gemm_backward": moe.moe_gemm_backward,
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
+# ops whose MPS kernel is the pure-torch one registered here (not a Metal kernel of the extension)
+TORCH_ON_MPS: set[str] = set()
 
 
 def set_kernel(op: str, device_type: str, fn: Callable, name: str) -> None:
@@ -79,6 +83,8 @@ def register_torch_kernels(device_types: tuple[str, ...]) -> None:
         key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device_type]
         for op in SCHEMAS:
             LIB.impl(op, _routed(op, device_type), key)
+            if device_type == "mps":
+                TORCH_ON_MPS.add(op)
 
 
 def _metal_extension_loaded() -> bool:
@@ -91,3 +97,10 @@ if not _metal_extension_loaded():
     register_torch_kernels(("mps",))
     if torch.backends.mps.is_available():
         log.info("metal_marlin_torch: Metal extension not loaded; MPS ops use the pure-torch kernels")
+else:
+    # ops the compiled extension does not implement (moe_gemm has no Metal kernel yet) still run on
+    # MPS tensors through their pure-torch kernels
+    for _op in SCHEMAS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{_op}", "MPS"):
+            LIB.impl(_op, _routed(_op, "mps"), "MPS")
+            TORCH_ON_MPS.add(_op)

@@ -3,11 +3,12 @@
 Paths (thresholds in :data:`GEMV_MAX_M` / :data:`DEQUANT_MIN_M`, measured on an H100, see
 docs/CUDA.md and benchmarks/results/):
 
-* ``gemv``: M <= GEMV_MAX_M. Memory bound: every packed word read once, decoded in registers,
-  used for all M rows of the program.
+* ``gemv``: M <= GEMV_MAX_M. Every packed word read once, decoded in registers, used for all
+  M rows of the program.
 * ``gemm``: the tensor-core kernel, weight tiles dequantized in registers.
-* ``dequant``: M >= DEQUANT_MIN_M. One Triton pass writes W_hat in the activation dtype, then
-  cuBLAS; the extra 4 bytes per weight of traffic are small next to the matmul there.
+* ``dequant``: M >= DEQUANT_MIN_M. One Triton pass writes W_hat^T in the activation dtype, then
+  cuBLAS. Its extra traffic (write and re-read 2 bytes per weight) costs less there than the
+  fused kernel loses by not overlapping dequantization with the tensor cores (docs/CUDA.md).
 """
 
 from __future__ import annotations

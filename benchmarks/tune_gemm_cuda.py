@@ -64,11 +64,20 @@ def case(k: int, n: int, fmt: str):
     return copies
 
 
-def tasks(formats: list[str], m1_only: bool = False) -> list[tuple]:
+@cache
+def w_hat(k: int, n: int, fmt: str) -> torch.Tensor:
+    """float32 dequantized weight of :func:`case` (the reference for each configuration)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, generator=gen, device="cuda") * 0.02
+    group = 128 if 128 in F.get_format(fmt).group_sizes else F.default_group_size(fmt)
+    return F.dequantize(F.quantize(w, fmt, group), torch.float32)
+
+
+def tasks(formats: list[str], m1_only: bool = False, gemv: list[tuple] = GEMV) -> list[tuple]:
     out = []
     for k, n in LLAMA_SHAPES:
         for fmt in formats:
-            for c in GEMV:
+            for c in gemv:
                 out.append((k, n, fmt, 1, "gemv", ("gemv", 1, *c)))
         if m1_only:
             continue
@@ -110,8 +119,12 @@ def main() -> None:
     p.add_argument("--formats", default=GEMV_FORMATS, help="formats swept at M = 1")
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--m1-only", action="store_true", help="only the GEMV configurations at M = 1")
+    p.add_argument("--gemv", help="GEMV configurations 'block_n,chunk,warps,split;...' (M = 1)")
     args = p.parse_args()
-    todo = tasks(args.formats.split(","), args.m1_only)
+    gemv = GEMV
+    if args.gemv:
+        gemv = [tuple(int(v) for v in c.split(",")) for c in args.gemv.split(";")]
+    todo = tasks(args.formats.split(","), args.m1_only, gemv)
     print(f"{len(todo)} configurations", flush=True)
     if args.jobs > 1:
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -126,6 +139,9 @@ def main() -> None:
         if not err:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             cfg = config_of(spec)
+            y = D.gemm_prepared(x, case(k, n, fmt)[0], None, path=path, config=cfg).float()
+            ref = x.float() @ w_hat(k, n, fmt).T
+            row["rel_err"] = ((y - ref).norm() / ref.norm()).item()
             row["ms"] = time_cuda([partial(D.gemm_prepared, x, pw, None, path=path, config=cfg)
                                    for pw in case(k, n, fmt)], repeats=10, loops=3)
             if (k, n, m) not in dense:
@@ -150,7 +166,10 @@ def main() -> None:
     for key in sorted(best):
         r = best[key]
         print(f"K={key[0]:5d} N={key[1]:5d} {key[2]:8s} M={key[3]:3d} best {r['path']:7s} "
-              f"{r['config']} {r['ms'] * 1e3:7.1f} us x{r['ratio_to_dense']:.2f} dense", flush=True)
+              f"{r['config']} {r['ms'] * 1e3:7.1f} us x{r['ratio_to_dense']:.2f} dense "
+              f"(rel err {r['rel_err']:.1e})", flush=True)
+    worst = max((r.get("rel_err", 0.0) for r in results), default=0.0)
+    print(f"largest relative error of any configuration: {worst:.2e}", flush=True)
     # per-M view of each GEMM config's mean ratio (robust defaults across shapes)
     by_cfg: dict = {}
     for r in results:

@@ -287,9 +287,10 @@ def test_weight_cache_follows_the_tensors():
 def test_dispatch_tables_are_valid(m, n, k, bits):
     path = D.choose_path(m)
     assert path == ("gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_MIN_M else "dequant")
-    gv = D.default_gemv_config(m, n, k, bits, 132)
-    assert gv.block_m in (1, 2, 4) and gv.split_k >= 1  # the GEMV kernel takes 1, 2 or 4 rows
-    assert gv.chunk & (gv.chunk - 1) == 0 and gv.block_n & (gv.block_n - 1) == 0
+    for decode in (L.DECODE_INT, L.DECODE_E2M1, L.DECODE_LUT):
+        gv = D.default_gemv_config(m, n, k, bits, 132, decode)
+        assert gv.block_m in (1, 2, 4) and gv.split_k >= 1  # the GEMV kernel takes 1, 2 or 4 rows
+        assert gv.chunk & (gv.chunk - 1) == 0 and gv.block_n & (gv.block_n - 1) == 0
     gm = D.default_gemm_config(m, n, k, bits, 132)
     assert gm.block_m >= 16 and gm.split_k >= 1  # tl.dot needs 16-row tiles
     assert gm.split_k == 1 or k // gm.split_k >= 2 * gm.block_k  # every split gets K tiles

@@ -177,13 +177,17 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int) -> GemvConfig:
-    """Tuned on an H100 (benchmarks/results/sweep_h100.json). M = 1: 8 features x 128 words
-    per step, 4 warps (each thread: two 16-byte vectors = 2 words of 4 features) was best or
-    within 10% on all three shapes; M = 2 and 4: 16 x 64. Split K only when the N blocks
-    alone cannot give every SM two programs (never for the Llama shapes)."""
+def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
+                        decode: int = layout.DECODE_LUT) -> GemvConfig:
+    """Tuned on an H100 (benchmarks/results/sweep_h100*.json). M = 1: 16 features x 128 words
+    per step with 8 warps for the integer formats (2.04-2.21x dense for int4 in
+    sweep_h100_gemv_m1_b.json, ~12% ahead of 8 x 128 with 4 warps in the same run), 8 x 128 with
+    4 warps for the others (3% ahead for fp4); each thread holds 16-byte vectors = one word of 4
+    features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give every SM
+    two programs (never for the Llama shapes)."""
     if m == 1:
-        block_m, block_n, chunk, warps = 1, 8, 128, 4
+        block_m, chunk = 1, 128
+        block_n, warps = (16, 8) if decode == layout.DECODE_INT else (8, 4)
     elif m == 2:
         block_m, block_n, chunk, warps = 2, 16, 64, 8
     else:
@@ -270,7 +274,7 @@ def gemm_prepared(
 
     sms = _sm_count(x.device)
     if path == "gemv":
-        cfg = config or default_gemv_config(m, n, k, kf.bits, sms)
+        cfg = config or default_gemv_config(m, n, k, kf.bits, sms, kf.decode)
         if not isinstance(cfg, GemvConfig):
             raise TypeError(
                 f"gemm_prepared: gemv path takes a GemvConfig, got {type(cfg).__name__}")

@@ -21,7 +21,7 @@ its group scale; the host folds any constant factor into ``SCALE_MUL``:
   (index 1 lands on the fp16 subnormal 2^-15); ``SCALE_MUL = 2^14`` restores it.
 * ``DECODE_E4M3`` / ``DECODE_E5M2`` (``fp8_e4m3`` / ``fp8_e5m2``): the byte's exponent and
   mantissa placed into an fp16 (E4M3: value / 2^8, subnormals included; E5M2 is fp16's top
-  byte, exact). E4M3's two NaN codes decode as 480 * 2^-8 * 2 instead of NaN; the quantizer
+  byte, exact). E4M3's two NaN codes (0x7F, 0xFF) decode as +-480 instead of NaN; the quantizer
   never writes them.
 * ``DECODE_LUT`` (``nf4``, ``nf3``, the generic path for any other format): ``lut[q]`` from a
   float32 table of ``2^bits`` entries that stays in L1.

@@ -8,6 +8,7 @@ import torch
 
 from . import _native
 from .ops import active_kernels, registry
+from .ops import cuda as _cuda
 
 
 def backend_info() -> dict[str, Any]:
@@ -27,4 +28,5 @@ def backend_info() -> dict[str, Any]:
         "metal_extension_error": _native.STATE["error"],
         "metal_ops": list(registry.METAL_OPS),
         "kernels": kernels,
+        "cuda_fast_path": _cuda.info(),
     }

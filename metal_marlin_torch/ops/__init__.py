@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from . import autograd, fake, kv_fake, library, moe, reference, registry  # noqa: F401  (registration)
+from . import autograd, cuda, fake, kv_fake, library, moe, reference, registry  # noqa: F401  (registration)
 from .registry import active_kernels, override, reset_kernel, set_kernel
+
+cuda.register()  # marlin::gemm on CUDA tensors -> Triton kernels when Triton and a GPU exist
 
 
 def gemm(

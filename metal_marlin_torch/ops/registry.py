@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from .._native import load_extension
 from . import moe, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
@@ -87,20 +88,19 @@ def register_torch_kernels(device_types: tuple[str, ...]) -> None:
                 TORCH_ON_MPS.add(op)
 
 
-def _metal_extension_loaded() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gemm", "MPS")
+def _has_metal_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "MPS")
 
 
 register_torch_kernels(("cpu", "cuda"))
-if not _metal_extension_loaded():
-    # Without the compiled Metal kernels, MPS tensors still work through the pure-torch ops.
-    register_torch_kernels(("mps",))
-    if torch.backends.mps.is_available():
-        log.info("metal_marlin_torch: Metal extension not loaded; MPS ops use the pure-torch kernels")
-else:
-    # ops the compiled extension does not implement (moe_gemm has no Metal kernel yet) still run on
-    # MPS tensors through their pure-torch kernels
-    for _op in SCHEMAS:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{_op}", "MPS"):
-            LIB.impl(_op, _routed(_op, "mps"), "MPS")
-            TORCH_ON_MPS.add(_op)
+load_extension()  # metal_marlin_torch._C registers its Metal kernels for MPS (macOS arm64 only)
+# Ops with a Metal kernel (from _C) keep it; the others (all of them without the extension, and
+# e.g. moe_gemm, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
+METAL_OPS: tuple[str, ...] = tuple(op for op in SCHEMAS if _has_metal_kernel(op))
+for _op in SCHEMAS:
+    if _op not in METAL_OPS:
+        LIB.impl(_op, _routed(_op, "mps"), "MPS")
+        TORCH_ON_MPS.add(_op)
+if torch.backends.mps.is_available() and len(METAL_OPS) < len(SCHEMAS):
+    log.info("metal_marlin_torch: MPS ops without a Metal kernel use the pure-torch kernels: %s",
+             ", ".join(op for op in SCHEMAS if op not in METAL_OPS))

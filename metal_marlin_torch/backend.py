@@ -6,20 +6,27 @@ from typing import Any
 
 import torch
 
-from .ops import active_kernels
-
-
-def _metal_extension() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("marlin::gemm", "MPS")
+from . import _native
+from .ops import active_kernels, registry
+from .ops import cuda as _cuda
 
 
 def backend_info() -> dict[str, Any]:
-    """A dict: torch version, devices present, whether the Metal extension is loaded, and for
-    each device type the kernel each ``marlin`` op uses there."""
-    metal = _metal_extension()
+    """A dict: torch version, devices present, whether the Metal extension is loaded (and why
+    not), and for each device type the kernel each ``marlin`` op uses there ("metal" for the
+    extension's Metal kernels, "metal-emulator" for CPU ops routed by ``emulator.use()``,
+    otherwise "torch")."""
     devices = {"cpu": True, "cuda": torch.cuda.is_available(),
                "mps": torch.backends.mps.is_available()}
-    kernels = {d: active_kernels(d) for d in ("cpu", "cuda")}
-    kernels["mps"] = ({op: "metal" for op in kernels["cpu"]} if metal else active_kernels("mps"))
-    return {"torch": torch.__version__, "devices": devices, "metal_extension": metal,
-            "kernels": kernels}
+    kernels = {d: active_kernels(d) for d in ("cpu", "cuda", "mps")}
+    for op in registry.METAL_OPS:
+        kernels["mps"][op] = "metal"
+    return {
+        "torch": torch.__version__,
+        "devices": devices,
+        "metal_extension": bool(_native.STATE["loaded"]),
+        "metal_extension_error": _native.STATE["error"],
+        "metal_ops": list(registry.METAL_OPS),
+        "kernels": kernels,
+        "cuda_fast_path": _cuda.info(),
+    }

@@ -32,6 +32,7 @@ class MarlinLinear(nn.Module):
         dtype_config: DTypeConfig | None = None,
         rotation_block: int = 0,
         device: torch.device | str | None = None,
+        bias_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         fmt = F.get_format(format)
@@ -58,8 +59,8 @@ class MarlinLinear(nn.Module):
         self.register_buffer("global_scale", torch.ones(1, dtype=torch.float32, device=device)
                              if fmt.has_global_scale else None)
         self.register_buffer("rotation_signs", None)
-        act = self.dtype_config.torch_activations
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=act, device=device)) if bias else None
+        bias_dtype = bias_dtype or self.dtype_config.torch_activations
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
 
     @property
     def bits(self) -> int:
@@ -76,8 +77,9 @@ class MarlinLinear(nn.Module):
         """Round-to-nearest quantize an ``nn.Linear`` (its weight is not modified)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear: expected nn.Linear, got {type(linear).__name__}")
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, format,
-                    group_size, dtype_config, device=linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, format, group_size,
+                    dtype_config, device=linear.weight.device,
+                    bias_dtype=None if linear.bias is None else linear.bias.dtype)
         qt = F.quantize(linear.weight, format, layer.group_size, layer.dtype_config.torch_scales)
         layer.load_quantized(qt, bias=linear.bias)
         return layer

@@ -24,6 +24,37 @@ SCHEMAS: dict[str, str] = {
     "quantize": "quantize(Tensor w, str format, int group_size, ScalarType scale_dtype) -> Tensor[]",
     "fake_quantize": "fake_quantize(Tensor x, int bits) -> Tensor",
     "hadamard": "hadamard(Tensor x, int block) -> Tensor",
+    # mixture of experts: row m of x times expert expert_ids[m] of 3-D weights [E, N, words]
+    "moe_gemm": (
+        "moe_gemm(Tensor x, Tensor expert_ids, Tensor weight, Tensor scales, Tensor? biases, "
+        "Tensor? global_scale, Tensor? bias, str format, int group_size) -> Tensor"
+    ),
+    # its gradient w.r.t. x: grad_x[m] = grad[m] @ dequant(weight[expert_ids[m]]) -> [M, in_features]
+    "moe_gemm_backward": (
+        "moe_gemm_backward(Tensor grad, Tensor expert_ids, Tensor weight, Tensor scales, Tensor? biases, "
+        "Tensor? global_scale, str format, int group_size, int in_features) -> Tensor"
+    ),
+    # quantized KV cache (ops/kv.py, docs/KV_CACHE.md)
+    "kv_quantize": (
+        "kv_quantize(Tensor x, Tensor positions, Tensor(a!) packed, Tensor(b!) norms, Tensor codebook, "
+        "int bits) -> ()"
+    ),
+    "kv_dequantize": "kv_dequantize(Tensor packed, Tensor norms, Tensor codebook, SymInt pos, int bits) -> Tensor",
+    "kv_dequantize_out": (
+        "kv_dequantize_out(Tensor packed, Tensor norms, Tensor codebook, SymInt pos, int bits, "
+        "Tensor(a!) out) -> ()"
+    ),
+    "kv_dequantize_seq": (
+        "kv_dequantize_seq(Tensor packed, Tensor norms, Tensor codebook, SymInt start, SymInt n, int bits) -> Tensor"
+    ),
+    "kv_dequantize_seq_out": (
+        "kv_dequantize_seq_out(Tensor packed, Tensor norms, Tensor codebook, SymInt start, SymInt n, int bits, "
+        "Tensor(a!) out) -> ()"
+    ),
+    "kv_attention": (
+        "kv_attention(Tensor q, Tensor k_packed, Tensor k_norms, Tensor v_packed, Tensor v_norms, Tensor codebook, "
+        "SymInt length, int bits, float scale) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():

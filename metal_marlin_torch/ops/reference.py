@@ -16,6 +16,11 @@ from .. import formats as F
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or kept in fp64 when it is fp64 (never computed below fp32)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _same_device(where: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != ref.device:
@@ -79,7 +84,7 @@ def check_fake_quantize_args(x: torch.Tensor, bits: int) -> None:
 
 def fake_quantize(x, bits):
     check_fake_quantize_args(x, bits)
-    xf = x.float()
+    xf = _wide(x)
     if bits == 1:
         # One bit has two levels: sign quantization (+1 for x >= 0). NaN stays NaN.
         y = torch.where(xf < 0, -1.0, 1.0)
@@ -102,10 +107,10 @@ def check_hadamard_args(x: torch.Tensor, block: int) -> None:
 
 
 def hadamard(x, block):
-    """Normalized FWHT of each ``block`` of the last dim, Sylvester order, in fp32."""
+    """Normalized FWHT of each ``block`` of the last dim, Sylvester order, in fp32 (fp64 for fp64)."""
     check_hadamard_args(x, block)
     shape = x.shape
-    y = x.float().reshape(-1, shape[-1] // block, block)
+    y = _wide(x).reshape(-1, shape[-1] // block, block)
     h = 1
     while h < block:
         # butterflies of span h: (a, b) -> (a + b, a - b) over pairs h apart

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from . import reference
+from .._native import load_extension
+from . import kv, moe, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -26,8 +27,13 @@ REFERENCE: dict[str, Callable] = {
     "quantize": reference.quantize,
     "fake_quantize": reference.fake_quantize,
     "hadamard": reference.hadamard,
+    "moe_gemm": moe.moe_gemm,
+    "moe_gemm_backward": moe.moe_gemm_backward,
+    **kv.REFERENCE,  # quantized KV cache ops
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
+# ops whose MPS kernel is the pure-torch one registered here (not a Metal kernel of the extension)
+TORCH_ON_MPS: set[str] = set()
 
 
 def set_kernel(op: str, device_type: str, fn: Callable, name: str) -> None:
@@ -79,15 +85,23 @@ def register_torch_kernels(device_types: tuple[str, ...]) -> None:
         key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device_type]
         for op in SCHEMAS:
             LIB.impl(op, _routed(op, device_type), key)
+            if device_type == "mps":
+                TORCH_ON_MPS.add(op)
 
 
-def _metal_extension_loaded() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::gemm", "MPS")
+def _has_metal_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{op}", "MPS")
 
 
 register_torch_kernels(("cpu", "cuda"))
-if not _metal_extension_loaded():
-    # Without the compiled Metal kernels, MPS tensors still work through the pure-torch ops.
-    register_torch_kernels(("mps",))
-    if torch.backends.mps.is_available():
-        log.info("metal_marlin_torch: Metal extension not loaded; MPS ops use the pure-torch kernels")
+load_extension()  # metal_marlin_torch._C registers its Metal kernels for MPS (macOS arm64 only)
+# Ops with a Metal kernel (from _C) keep it; the others (all of them without the extension, and
+# e.g. moe_gemm, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
+METAL_OPS: tuple[str, ...] = tuple(op for op in SCHEMAS if _has_metal_kernel(op))
+for _op in SCHEMAS:
+    if _op not in METAL_OPS:
+        LIB.impl(_op, _routed(_op, "mps"), "MPS")
+        TORCH_ON_MPS.add(_op)
+if torch.backends.mps.is_available() and len(METAL_OPS) < len(SCHEMAS):
+    log.info("metal_marlin_torch: MPS ops without a Metal kernel use the pure-torch kernels: %s",
+             ", ".join(op for op in SCHEMAS if op not in METAL_OPS))

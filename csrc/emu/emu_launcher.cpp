@@ -1,0 +1,120 @@
+// EmuLauncher: each bound buffer is copied into an exact-size region that ends where a
+// PROT_NONE page begins (with another guard page before it), so any device access past the
+// end faults and the runtime reports kernel, buffer and offset; results are copied back.
+#include "emu/emu_launcher.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <c10/util/Exception.h>
+
+#include <cstring>
+#include <stdexcept>
+
+#include "emu/runtime.h"
+
+namespace marlin {
+namespace {
+
+class GuardedRegion {
+ public:
+  explicit GuardedRegion(size_t size) : size_(size) {
+    page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    const size_t body = (size + page_ - 1) / page_ * page_;
+    total_ = body + 2 * page_;
+    void* p = mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "metal_emu: cannot map a guarded buffer of ", size, " bytes");
+    base_ = static_cast<char*>(p);
+    mprotect(base_, page_, PROT_NONE);
+    mprotect(base_ + page_ + body, page_, PROT_NONE);
+    data_ = base_ + page_ + body - size;
+  }
+  ~GuardedRegion() { munmap(base_, total_); }
+  GuardedRegion(const GuardedRegion&) = delete;
+  GuardedRegion& operator=(const GuardedRegion&) = delete;
+  char* data() const { return data_; }
+  size_t size() const { return size_; }
+  const char* lo_guard() const { return base_; }
+  const char* hi_guard() const { return base_ + total_ - page_; }
+  size_t page() const { return page_; }
+
+ private:
+  char* base_ = nullptr;
+  char* data_ = nullptr;
+  size_t size_ = 0, total_ = 0, page_ = 0;
+};
+
+}  // namespace
+
+void EmuLauncher::set_kernel(const std::string& name) {
+  kernel_ = name;
+  bindings_.clear();
+}
+
+void EmuLauncher::bind_tensor(int index, const at::Tensor& t, Access access, const char* name) {
+  TORCH_CHECK(index >= 0 && index < 31, "metal_emu: buffer index must be 0..30, got ", index);
+  TORCH_CHECK(t.device().is_cpu(), "metal_emu: buffer '", name, "' must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.is_contiguous(), "metal_emu: buffer '", name, "' must be contiguous");
+  bindings_.push_back({index, t, {}, access, name});
+}
+
+void EmuLauncher::bind_bytes(int index, const void* data, size_t size, const char* name) {
+  TORCH_CHECK(index >= 0 && index < 31, "metal_emu: buffer index must be 0..30, got ", index);
+  auto p = static_cast<const unsigned char*>(data);
+  bindings_.push_back({index, at::Tensor(), std::vector<unsigned char>(p, p + size), Access::Read, name});
+}
+
+void EmuLauncher::dispatch_threads(Dim3 grid, Dim3 threadgroup) { run(grid, threadgroup, true); }
+void EmuLauncher::dispatch_threadgroups(Dim3 groups, Dim3 threadgroup) {
+  run(groups, threadgroup, false);
+}
+
+void EmuLauncher::run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {
+  TORCH_CHECK(!kernel_.empty(), "metal_emu: dispatch without set_kernel");
+  metal_emu::LaunchSpec spec{};
+  spec.kernel = kernel_.c_str();
+  spec.args.kernel = spec.kernel;
+  spec.grid = {grid.x, grid.y, grid.z};
+  spec.threadgroup = {threadgroup.x, threadgroup.y, threadgroup.z};
+  spec.dispatch_threads = dispatch_threads;
+  std::vector<std::unique_ptr<GuardedRegion>> regions;
+  for (const Binding& b : bindings_) {
+    const size_t size = b.tensor.defined() ? b.tensor.numel() * b.tensor.element_size() : b.bytes.size();
+    auto r = std::make_unique<GuardedRegion>(size);
+    const void* src = b.tensor.defined() ? b.tensor.const_data_ptr() : b.bytes.data();
+    if (b.access == Access::Write) {
+      std::memset(r->data(), 0xFF, size);  // NaN in every float type: unwritten outputs show
+    } else if (size) {
+      std::memcpy(r->data(), src, size);
+    }
+    TORCH_CHECK(!spec.args.buffers[b.index].bound, "metal_emu: kernel '", kernel_, "': buffer(",
+                b.index, ") bound twice");
+    spec.args.buffers[b.index] = {r->data(), size, true};
+    spec.guards[spec.num_guards++] = {r->lo_guard(), r->lo_guard() + r->page(), r->data(),
+                                      b.index, b.name.c_str(), size};
+    spec.guards[spec.num_guards++] = {r->hi_guard(), r->hi_guard() + r->page(), r->data(),
+                                      b.index, b.name.c_str(), size};
+    regions.push_back(std::move(r));
+  }
+  try {
+    metal_emu::launch(spec);
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  for (size_t i = 0; i < bindings_.size(); ++i) {
+    const Binding& b = bindings_[i];
+    const GuardedRegion& r = *regions[i];
+    if (!b.tensor.defined() || r.size() == 0) continue;
+    if (b.access == Access::Read) {
+      TORCH_CHECK(std::memcmp(r.data(), b.tensor.const_data_ptr(), r.size()) == 0,
+                  "metal_emu: kernel '", kernel_, "' wrote to read-only buffer(", b.index, ") '",
+                  b.name, "'");
+    } else {
+      std::memcpy(b.tensor.data_ptr(), r.data(), r.size());
+    }
+  }
+  bindings_.clear();
+}
+
+}  // namespace marlin

@@ -1,0 +1,52 @@
+// Op host code: argument checks, output allocation, kernel choice and grid, written once
+// against Launcher (launcher.h) and used by the Metal glue (csrc/metal) and the emulator
+// (csrc/emu). Each function's schema is the marlin op's (metal_marlin_torch/ops/library.py).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include <string>
+#include <vector>
+
+#include "ops/launcher.h"
+
+namespace marlin {
+
+at::Tensor dequantize(Launcher& launcher, const at::Tensor& weight, const at::Tensor& scales,
+                      const std::optional<at::Tensor>& biases,
+                      const std::optional<at::Tensor>& global_scale, const std::string& format,
+                      int64_t group_size, int64_t in_features, at::ScalarType dtype);
+// Every kernel name dequantize() can dispatch.
+std::vector<std::string> dequantize_kernel_names();
+
+enum class FakeQuantizeVariant { Auto, Vector, Block };
+FakeQuantizeVariant parse_fake_quantize_variant(const std::string& s);
+at::Tensor fake_quantize(Launcher& launcher, const at::Tensor& x, int64_t bits,
+                         FakeQuantizeVariant variant = FakeQuantizeVariant::Auto);
+std::vector<std::string> fake_quantize_kernel_names();
+
+at::Tensor hadamard(Launcher& launcher, const at::Tensor& x, int64_t block);
+std::vector<std::string> hadamard_kernel_names();
+
+// Quantized KV cache (csrc/ops/kv.cpp, shaders/kv.h).
+void kv_quantize(Launcher& launcher, const at::Tensor& x, const at::Tensor& positions, const at::Tensor& packed,
+                 const at::Tensor& norms, const at::Tensor& codebook, int64_t bits);
+at::Tensor kv_dequantize(Launcher& launcher, const at::Tensor& packed, const at::Tensor& norms,
+                         const at::Tensor& codebook, int64_t pos, int64_t bits);
+void kv_dequantize_out(Launcher& launcher, const at::Tensor& packed, const at::Tensor& norms,
+                       const at::Tensor& codebook, int64_t pos, int64_t bits, const at::Tensor& out);
+at::Tensor kv_dequantize_seq(Launcher& launcher, const at::Tensor& packed, const at::Tensor& norms,
+                             const at::Tensor& codebook, int64_t start, int64_t n, int64_t bits);
+void kv_dequantize_seq_out(Launcher& launcher, const at::Tensor& packed, const at::Tensor& norms,
+                           const at::Tensor& codebook, int64_t start, int64_t n, int64_t bits,
+                           const at::Tensor& out);
+at::Tensor kv_attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k_packed,
+                        const at::Tensor& k_norms, const at::Tensor& v_packed, const at::Tensor& v_norms,
+                        const at::Tensor& codebook, int64_t length, int64_t bits, double scale);
+std::vector<std::string> kv_kernel_names();
+
+// Union of the above: what a test compares with the instantiated kernels.
+std::vector<std::string> host_kernel_names();
+
+}  // namespace marlin

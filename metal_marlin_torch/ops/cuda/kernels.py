@@ -1,0 +1,419 @@
+"""Triton kernels of ``marlin::gemm`` on CUDA: a fused dequantize-GEMV for small M, a tiled
+dequantize-GEMM on the tensor cores for larger M, and a dequantize kernel (for the very large M
+path: dequantize once into a temporary, then cuBLAS).
+
+All three read the weight in the *K-major* layout made once per weight at load time
+(docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
+docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``). Word ``w`` of
+row ``n`` is unchanged, only its address moves, so consecutive output features are adjacent in
+memory: a thread loads one 16-byte vector holding the same word of 4 rows, decodes the word's
+codes for all 4 rows, and shares each activation value (loaded and converted once) between
+them; a warp's loads are coalesced along N.
+
+Decoding (``DECODE``) is one of three branch-free paths, each giving the code's value *before*
+its group scale; the host folds any constant factor into ``SCALE_MUL``:
+
+* ``DECODE_INT`` (affine ``int8/4/3/2``): the exact float of ``q`` by the 2^23 magic number
+  (``bits(q | 0x4B000000) - 2^23``): one logic op and one add, where ``int -> float``
+  conversion instructions run at an eighth of the FMA rate on Hopper.
+* ``DECODE_E2M1`` (``fp4``, ``mxfp4``, ``nvfp4``): the three magnitude bits placed into an fp16's
+  exponent and top mantissa bit and the sign bit into bit 15 give ``e2m1(q) / 2^14`` exactly
+  (index 1 lands on the fp16 subnormal 2^-15); ``SCALE_MUL = 2^14`` restores it.
+* ``DECODE_E4M3`` / ``DECODE_E5M2`` (``fp8_e4m3`` / ``fp8_e5m2``): the byte's exponent and
+  mantissa placed into an fp16 (E4M3: value / 2^8, subnormals included; E5M2 is fp16's top
+  byte, exact). E4M3's two NaN codes (0x7F, 0xFF) decode as +-480 instead of NaN; the quantizer
+  never writes them.
+* ``DECODE_LUT`` (``nf4``, ``nf3``, the generic path for any other format): ``lut[q]`` from a
+  float32 table of ``2^bits`` entries that stays in L1.
+
+Accumulation is float32 throughout; group scales (and the affine biases, as
+``b * sum(x)``) are applied once per group per row, outside the per-code loop.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+DECODE_INT = 0  # value = q                      (affine: scale * q + bias)
+DECODE_E2M1 = 1  # value = e2m1(q) / 2^14         (SCALE_MUL = 2^14)
+DECODE_LUT = 2  # value = lut[q]
+DECODE_E4M3 = 3  # value = e4m3(q) / 2^8          (SCALE_MUL = 2^8)
+DECODE_E5M2 = 4  # value = e5m2(q)                (fp16's top byte)
+
+
+@triton.jit
+def _decode(q, lut_ptr, DECODE: tl.constexpr):
+    """float32 value of uint32 codes ``q`` before the group scale (see the module docstring)."""
+    if DECODE == 0:
+        v = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    elif DECODE == 1:
+        h = ((q & 7) << 9) | ((q & 8) << 12)
+        v = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif DECODE == 3:
+        h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)
+        v = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    elif DECODE == 4:
+        v = (q << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        v = tl.load(lut_ptr + q.to(tl.int32))
+    return v
+
+
+@triton.jit
+def _ld(ptrs, mask, EVEN: tl.constexpr):
+    """``ptrs`` loaded under ``mask`` (zero where false), or unmasked when ``EVEN``."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def _int_field(w, C: tl.constexpr, BITS: tl.constexpr):
+    """float32 value of code slot ``C`` of words ``w`` (2/4/8-bit integer codes) in two ops.
+
+    The field is masked in place (no shift) and OR-ed into the mantissa of 2^23, giving
+    ``2^23 + q * 2^SH``; one FMA by ``2^-SH`` minus ``2^(23-SH)`` returns ``q`` exactly. Fields
+    that would reach bit 23 (the exponent) are taken from ``w >> 12`` instead.
+    """
+    SH0: tl.constexpr = C * BITS
+    if SH0 + BITS <= 23:
+        SH: tl.constexpr = SH0
+        src = w
+    else:
+        SH: tl.constexpr = SH0 - 12
+        src = w >> 12
+    f = ((src & (((1 << BITS) - 1) << SH)) | 0x4B000000).to(tl.float32, bitcast=True)
+    return f * (1.0 / (1 << SH)) - (8388608.0 / (1 << SH))
+
+
+@triton.jit
+def _code_of_3bit(w0, w1, w2, C: tl.constexpr):
+    """Code ``C`` (0..31) of a 3-bit unit (32 codes in 3 words); codes 10 and 21 straddle."""
+    SH: tl.constexpr = (C * 3) % 32
+    if (C * 3) // 32 == 0:
+        lo = w0
+        hi = w1
+    elif (C * 3) // 32 == 1:
+        lo = w1
+        hi = w2
+    else:
+        lo = w2
+        hi = w2
+    q = lo >> SH
+    if SH > 29:
+        q = q | (hi << (32 - SH))
+    return q & 7
+
+
+@triton.jit
+def _load_word_rows(w_ptr, items, offs_n, N, mask, T: tl.constexpr, EVEN: tl.constexpr):
+    """Words ``T`` of units ``items`` (3-bit: 3 words per unit) for rows ``offs_n``: [CH, BN]."""
+    return _ld(w_ptr + (items * 3 + T)[:, None] * N + offs_n[None, :], mask, EVEN)
+
+
+@triton.jit
+def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ITEMS, IPG,
+               BITS: tl.constexpr, AFFINE: tl.constexpr, EVEN: tl.constexpr):
+    """One GEMV K step's loads: words ``[CH, BN]`` (three of them for 3-bit units; else the
+    same tensor three times), float32 scales and biases (zeros when not affine)."""
+    mask = (items < ITEMS)[:, None] & n_ok[None, :]
+    sg = (items // IPG)[:, None] * N + offs_n[None, :]
+    s = _ld(s_ptr + sg, mask, EVEN).to(tl.float32)
+    if AFFINE:
+        b = _ld(b_ptr + sg, mask, EVEN).to(tl.float32)
+    else:
+        b = tl.zeros_like(s)
+    if BITS == 3:
+        w0 = _load_word_rows(w_ptr, items, offs_n, N, mask, 0, EVEN).to(tl.uint32, bitcast=True)
+        w1 = _load_word_rows(w_ptr, items, offs_n, N, mask, 1, EVEN).to(tl.uint32, bitcast=True)
+        w2 = _load_word_rows(w_ptr, items, offs_n, N, mask, 2, EVEN).to(tl.uint32, bitcast=True)
+    else:
+        w0 = _ld(w_ptr + items[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.uint32,
+                                                                             bitcast=True)
+        w1 = w0
+        w2 = w0
+    return w0, w1, w2, s, b
+
+
+@triton.jit
+def _gemv_row(acc, x_row, m_ok, v, kk, K, EVEN: tl.constexpr):
+    """One code slot of one activation row: ``acc += x[kk] * v`` (x loaded once per item and
+    shared by the BLOCK_N rows); returns the new acc and the x values (for the affine term)."""
+    if EVEN:
+        xc = tl.load(x_row + kk, mask=m_ok, other=0.0).to(tl.float32)  # [CH]
+    else:
+        xc = tl.load(x_row + kk, mask=m_ok & (kk < K), other=0.0).to(tl.float32)
+    return acc + xc[:, None] * v, xc
+
+
+@triton.jit(do_not_specialize=["M"])
+def gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    ITEMS,  # items per row: words (bits 2, 4, 8) or 3-word units (bits 3)
+    IPG,  # items per scale group (ITEMS when per-channel)
+    CHUNKS_PER_SPLIT,  # chunks of CH items each split-K program reduces
+    stride_xm, stride_ym,
+    BITS: tl.constexpr,  # code width: 2, 3, 4 or 8
+    DECODE: tl.constexpr,  # DECODE_*
+    AFFINE: tl.constexpr,  # biases present: w = s * v + b
+    HAS_BIAS: tl.constexpr,  # layer bias [N]
+    SCALE_MUL: tl.constexpr,  # constant folded into every scale (2^14 for E2M1, 2^8 for E4M3)
+    BLOCK_M: tl.constexpr,  # activation rows per program: 1, 2 or 4 (each decoded code reused)
+    BLOCK_N: tl.constexpr,  # output features per program
+    CH: tl.constexpr,  # items per K step
+    SPLIT_K: tl.constexpr,  # >1: fp32 partial sums are atomically added into y (fp32)
+    EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the chunks cover K exactly: no masks
+):
+    """``y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])`` for 1, 2 or 4 rows ``m``, K-major weight.
+
+    A program owns BLOCK_N output features and walks K in steps of CH items (words, or 3-word
+    units of 32 codes), a ``[CH, BLOCK_N]`` tile of words per step. The codes of a word are
+    unrolled; each code's activation is loaded once per item and multiplies the decoded code of
+    every row the thread holds. Per-code partial sums are scaled once per (item, row) at the end
+    of the step; the affine bias enters as ``b * sum(x)``. The activation rows are separate
+    accumulators (a 3rd tensor dimension would make Triton move every decoded code through
+    shared memory).
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    CPI: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per item
+    MASK: tl.constexpr = (1 << BITS) - 1
+
+    m0 = pid_m * BLOCK_M
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_i = tl.arange(0, CH)
+    n_ok = offs_n < N
+    x0 = x_ptr + m0 * stride_xm
+    ok0 = m0 < M
+    ok1 = m0 + 1 < M
+    ok2 = m0 + 2 < M
+    ok3 = m0 + 3 < M
+
+    acc0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    c_lo = pid_k * CHUNKS_PER_SPLIT
+    c_last = c_lo + CHUNKS_PER_SPLIT - 1
+    # software prefetch: step i+1's words and scales are loaded before step i is decoded, so
+    # each warp has a load in flight while it computes (measured: loads and ALU work added up
+    # without it)
+    w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, c_lo * CH + offs_i, offs_n, n_ok, N,
+                                       ITEMS, IPG, BITS, AFFINE, EVEN)
+    for chunk in range(c_lo, c_lo + CHUNKS_PER_SPLIT):  # past the row end all loads are masked
+        items = chunk * CH + offs_i  # [CH]
+        w0 = w0n
+        w1 = w1n
+        w2 = w2n
+        s = sn * SCALE_MUL
+        b = bn
+        nxt = tl.minimum(chunk + 1, c_last) * CH + offs_i  # the last step reloads itself
+        w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ITEMS, IPG,
+                                           BITS, AFFINE, EVEN)
+        w = w0
+        p0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        p1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        p2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        p3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+        xs0 = tl.zeros([CH], dtype=tl.float32)
+        xs1 = tl.zeros([CH], dtype=tl.float32)
+        xs2 = tl.zeros([CH], dtype=tl.float32)
+        xs3 = tl.zeros([CH], dtype=tl.float32)
+        for c in tl.static_range(CPI):
+            if BITS == 3:
+                v = _decode(_code_of_3bit(w0, w1, w2, c), lut_ptr, DECODE)
+            elif DECODE == 0:
+                v = _int_field(w, c, BITS)
+            else:
+                v = _decode((w >> (c * BITS)) & MASK, lut_ptr, DECODE)  # [CH, BN]
+            kk = items * CPI + c
+            if not EVEN:
+                ok_k = kk < K
+                v = tl.where(ok_k[:, None], v, 0.0)  # padding codes of a per-channel row
+            p0, xc = _gemv_row(p0, x0, ok0, v, kk, K, EVEN)
+            xs0 += xc
+            if BLOCK_M > 1:
+                p1, xc = _gemv_row(p1, x0 + stride_xm, ok1, v, kk, K, EVEN)
+                xs1 += xc
+            if BLOCK_M > 2:
+                p2, xc = _gemv_row(p2, x0 + 2 * stride_xm, ok2, v, kk, K, EVEN)
+                xs2 += xc
+                p3, xc = _gemv_row(p3, x0 + 3 * stride_xm, ok3, v, kk, K, EVEN)
+                xs3 += xc
+        if AFFINE:
+            acc0 += p0 * s + xs0[:, None] * b
+            if BLOCK_M > 1:
+                acc1 += p1 * s + xs1[:, None] * b
+            if BLOCK_M > 2:
+                acc2 += p2 * s + xs2[:, None] * b
+                acc3 += p3 * s + xs3[:, None] * b
+        else:
+            acc0 += p0 * s
+            if BLOCK_M > 1:
+                acc1 += p1 * s
+            if BLOCK_M > 2:
+                acc2 += p2 * s
+                acc3 += p3 * s
+
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = bias * (pid_k == 0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    y_row = y_ptr + m0 * stride_ym + offs_n
+    _gemv_store(y_row, tl.sum(acc0, axis=0) + bias, n_ok & ok0, SPLIT_K)
+    if BLOCK_M > 1:
+        _gemv_store(y_row + stride_ym, tl.sum(acc1, axis=0) + bias, n_ok & ok1, SPLIT_K)
+    if BLOCK_M > 2:
+        _gemv_store(y_row + 2 * stride_ym, tl.sum(acc2, axis=0) + bias, n_ok & ok2, SPLIT_K)
+        _gemv_store(y_row + 3 * stride_ym, tl.sum(acc3, axis=0) + bias, n_ok & ok3, SPLIT_K)
+
+
+@triton.jit
+def _gemv_store(ptrs, y, mask, SPLIT_K: tl.constexpr):
+    if SPLIT_K > 1:
+        tl.atomic_add(ptrs, y, mask=mask)
+    else:
+        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_tile(
+    w_ptr, s_ptr, b_ptr, lut_ptr,
+    offs_n, n_ok, k0, offs_k, N, K, G,
+    BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
+    SCALE_ROW: tl.constexpr,  # the tile [k0, k0 + BLOCK_K) lies inside one group
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    EVEN: tl.constexpr,  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks
+):
+    """float32 ``W_hat[offs_n, k0 + offs_k]`` transposed: ``[BK, BN]``, zero outside W.
+
+    Bits 2/4/8: the tile's ``BK * BITS / 32`` K-major word rows are loaded once (coalesced
+    along N) and unpacked by shifting along a new middle axis of code slots, then reshaped to
+    input order. Bits 3 (codes straddle words): each input row reads its word (and the next
+    one for codes 10 and 21); inputs of one word read the same addresses, which L1 serves.
+    """
+    kk = k0 + offs_k
+    k_ok = kk < K
+    mask = k_ok[:, None] & n_ok[None, :]
+    if BITS == 3:
+        word = (kk * BITS) // 32
+        sh = (kk * BITS) % 32
+        wp = w_ptr + word[:, None] * N + offs_n[None, :]
+        q = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True) >> sh[:, None].to(tl.uint32)
+        straddle = (sh > 29) & k_ok
+        hi = tl.load(wp + N, mask=straddle[:, None] & n_ok[None, :], other=0)
+        q = q | (hi.to(tl.uint32, bitcast=True) << ((32 - sh) % 32)[:, None].to(tl.uint32))
+    else:
+        # the tile's distinct words [BK / CPW, BN], unpacked along a middle axis of code slots
+        CPW: tl.constexpr = 32 // BITS
+        offs_w = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
+        wmask = (offs_w * CPW < K)[:, None] & n_ok[None, :]
+        wv = _ld(w_ptr + offs_w[:, None] * N + offs_n[None, :], wmask, EVEN)
+        shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
+        q = wv.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]
+        q = tl.reshape(q, [BLOCK_K, BLOCK_N])  # row k = word * CPW + slot: input order
+    q = q & ((1 << BITS) - 1)
+    v = _decode(q, lut_ptr, DECODE)
+    if SCALE_ROW:
+        g = k0 // G
+        s = _ld(s_ptr + g * N + offs_n, n_ok, EVEN).to(tl.float32)
+        v = v * (s * SCALE_MUL)[None, :]
+        if AFFINE:
+            b = _ld(b_ptr + g * N + offs_n, n_ok, EVEN).to(tl.float32)
+            v = v + b[None, :]
+    else:
+        sp = (kk // G)[:, None] * N + offs_n[None, :]
+        s = _ld(s_ptr + sp, mask, EVEN).to(tl.float32)
+        v = v * (s * SCALE_MUL)
+        if AFFINE:
+            v = v + _ld(b_ptr + sp, mask, EVEN).to(tl.float32)
+    if not EVEN:
+        v = tl.where(mask, v, 0.0)
+    return v
+
+
+@triton.jit(do_not_specialize=["M"])
+def gemm_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    G,  # group length (K when per-channel)
+    K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
+    stride_xm, stride_ym,
+    BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_MUL: tl.constexpr,
+    SCALE_ROW: tl.constexpr,  # G % BLOCK_K == 0 (or per-channel): one scale per feature per tile
+    FP32_DOT: tl.constexpr,  # float32 activations: exact (non-TF32) dot
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # M tiles that run next to each other on one weight tile (L2 reuse)
+    SPLIT_K: tl.constexpr,  # >1: fp32 partial tiles are atomically added into y (fp32)
+    EVEN: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0, N % BLOCK_N == 0: weight loads unmasked
+):
+    """``y = x @ W_hat.T (+ bias)``: each K step dequantizes a ``[BLOCK_K, BLOCK_N]`` weight
+    tile in registers (scale applied, rounded to the activation dtype) and feeds it with the
+    ``[BLOCK_M, BLOCK_K]`` activation tile to ``tl.dot`` (tensor cores, fp32 accumulator)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):  # past K all loads are masked
+        kk = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                    mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
+                          BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
+        if FP32_DOT:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = bias * (pid_k == 0).to(tl.float32)
+        acc += bias[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def dequant_kernel(
+    w_ptr, s_ptr, b_ptr, lut_ptr, out_ptr,
+    N, K, G,
+    BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
+    SCALE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN: tl.constexpr,  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks
+):
+    """``out[K, N] = W_hat.T`` in ``out``'s dtype (the large-M path multiplies it with cuBLAS)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    k0 = pid_k * BLOCK_K
+    w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
+                      BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
+    kk = k0 + offs_k
+    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(kk < K)[:, None] & n_ok[None, :])

@@ -1,0 +1,157 @@
+"""What the CUDA kernels need to know about a weight, in plain Python and torch (no Triton).
+
+* :class:`KernelFormat`: a format's code width, decode path and value table, derived from the
+  format table in :mod:`metal_marlin_torch.formats` (the one place formats are defined).
+* :func:`kernel_scales`: group scales as a float tensor the kernels multiply by (E8M0 bytes of
+  ``mxfp4`` and E4M3 scales times ``global_scale`` of ``nvfp4`` become float32).
+* :func:`k_major`: the load-time repack of docs/CUDA.md (``[N, KW]`` -> ``[KW, N]``).
+* :func:`items_per_row` / :func:`items_per_group`: the GEMV kernel's unit of work along K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+from ... import formats as F
+from ...formats.base import GroupParams
+
+DECODE_INT = 0  # must match kernels.DECODE_INT
+DECODE_E2M1 = 1  # must match kernels.DECODE_E2M1
+DECODE_LUT = 2  # must match kernels.DECODE_LUT
+DECODE_E4M3 = 3  # must match kernels.DECODE_E4M3
+DECODE_E5M2 = 4  # must match kernels.DECODE_E5M2
+E2M1_SCALE_MUL = 2.0**14  # kernels decode E2M1 as value / 2^14 (fp16 bit placement)
+E4M3_SCALE_MUL = 2.0**8  # kernels decode E4M3 as value / 2^8 (fp16 bit placement)
+FLOAT_SCALES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    """A weight format as the kernels see it.
+
+    Attributes:
+        name: format name.
+        bits: code width.
+        decode: ``DECODE_INT`` (affine integers), ``DECODE_E2M1`` (the E2M1 family),
+            ``DECODE_E4M3`` / ``DECODE_E5M2`` (float8 bytes) or ``DECODE_LUT`` (any other
+            format: a table of ``2**bits`` float32 values).
+        affine: the format has per-group biases (``w = s * q + b``).
+        scale_mul: constant the kernels fold into each scale.
+        lut: the ``2**bits`` code values (``DECODE_LUT`` only), else empty.
+    """
+
+    name: str
+    bits: int
+    decode: int
+    affine: bool
+    scale_mul: float
+    lut: tuple[float, ...]
+
+
+def _is_e2m1(fmt: F.WeightFormat) -> bool:
+    """Codes decode (at unit scale) to the E2M1 values: the fp16 bit-placement path applies."""
+    if fmt.bits != 4 or fmt.has_biases:
+        return False
+    return all(float(v) == float(e) for v, e in zip(_code_values(fmt), F.E2M1_VALUES, strict=True))
+
+
+def _decodes_as(fmt: F.WeightFormat, fp8: torch.dtype) -> bool:
+    """Codes decode (at unit scale) to the float8 value of the same byte (NaN codes aside)."""
+    if fmt.bits != 8 or fmt.has_biases:
+        return False
+    ref = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+    got = torch.tensor(_code_values(fmt))
+    finite = torch.isfinite(ref)
+    return bool(torch.equal(got[finite], ref[finite]))
+
+
+def _unit_params(fmt: F.WeightFormat) -> GroupParams:
+    """Group parameters under which a code decodes to its bare value (scale 1)."""
+    if fmt.fixed_scale_dtype == torch.uint8:  # E8M0: 127 is 2^0
+        scales = torch.full((1, 1), 127, dtype=torch.uint8)
+    else:
+        scales = torch.ones(1, 1, dtype=fmt.fixed_scale_dtype or torch.float32)
+    biases = torch.zeros(1, 1) if fmt.has_biases else None
+    global_scale = torch.ones(1) if fmt.has_global_scale else None
+    return GroupParams(scales, biases, global_scale)
+
+
+def _code_values(fmt: F.WeightFormat) -> tuple[float, ...]:
+    codes = torch.arange(1 << fmt.bits, dtype=torch.int64).view(1, 1, -1)
+    return tuple(fmt.decode(codes, _unit_params(fmt)).reshape(-1).tolist())
+
+
+@cache
+def kernel_format(name: str) -> KernelFormat:
+    """The :class:`KernelFormat` of format ``name`` (unknown names raise ``ValueError``)."""
+    fmt = F.get_format(name)
+    if fmt.bits not in (2, 3, 4, 8):
+        raise ValueError(f"CUDA kernels take 2-, 3-, 4- or 8-bit formats, {name!r} has {fmt.bits}")
+    if fmt.has_biases:
+        return KernelFormat(name, fmt.bits, DECODE_INT, True, 1.0, ())
+    if _is_e2m1(fmt):
+        return KernelFormat(name, fmt.bits, DECODE_E2M1, False, E2M1_SCALE_MUL, ())
+    if _decodes_as(fmt, torch.float8_e4m3fn):
+        return KernelFormat(name, fmt.bits, DECODE_E4M3, False, E4M3_SCALE_MUL, ())
+    if _decodes_as(fmt, torch.float8_e5m2):
+        return KernelFormat(name, fmt.bits, DECODE_E5M2, False, 1.0, ())
+    return KernelFormat(name, fmt.bits, DECODE_LUT, False, 1.0, _code_values(fmt))
+
+
+def kernel_scales(
+    format: str, scales: torch.Tensor, global_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """``scales`` as a float tensor ``[N, n_groups]`` holding each group's effective scale.
+
+    Float scales pass through unchanged (the kernels read fp16/bf16/fp32). Other storage
+    (E8M0 bytes, E4M3 with a tensor scale) is turned into float32 by the format's own decode:
+    the effective scale is the decoded value of a code whose bare value is 1.
+    """
+    fmt = F.get_format(format)
+    if scales.dtype in FLOAT_SCALES and not fmt.has_global_scale:
+        return scales
+    values = _code_values(fmt)
+    one = values.index(1.0)
+    params = fmt.params_from_tensors(scales, None, global_scale)
+    codes = torch.full((scales.shape[0], scales.shape[1], 1), one, dtype=torch.int64,
+                       device=scales.device)
+    return fmt.decode(codes, params)[..., 0].float().contiguous()
+
+
+def items_per_row(k: int, bits: int) -> int:
+    """Kernel items of a row: words for 2/4/8 bits, 3-word units of 32 codes for 3 bits."""
+    return -(-k // 32) if bits == 3 else F.packed_words(k, bits)
+
+
+def codes_per_item(bits: int) -> int:
+    return 32 if bits == 3 else 32 // bits
+
+
+def items_per_group(group: int, k: int, bits: int) -> int:
+    """Items of one scale group of ``group`` inputs (the whole row when per-channel)."""
+    if group == k:
+        return items_per_row(k, bits)
+    return group // 32 if bits == 3 else group * bits // 32
+
+
+def k_major(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The K-major repack: canonical ``uint32 [N, KW]`` -> ``int32 [KW', N]``, contiguous.
+
+    Words are not changed, only transposed. For 3 bits the row is padded with zero words to
+    whole 3-word units (``KW' = 3 * ceil(K / 32)``) so the kernels never read past a row.
+    """
+    w = weight.view(torch.int32)
+    if bits == 3:
+        n, kw = w.shape
+        units_words = 3 * -(-kw // 3)
+        if units_words != kw:
+            w = torch.nn.functional.pad(w, (0, units_words - kw))
+    return w.t().contiguous()
+
+
+def from_k_major(weight_t: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Inverse of :func:`k_major` (for tests and for saving a prepared layer)."""
+    return weight_t.t()[:, : F.packed_words(k, bits)].contiguous().view(torch.uint32)

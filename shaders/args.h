@@ -1,0 +1,42 @@
+// Argument blocks shared by the kernels (bound with setBytes at the [[buffer(n)]] the
+// kernel names) and the host code in csrc/ops. Scalars only: the emulator lays vectors out
+// without MSL's vector alignment padding (docs/METAL.md), scalars are laid out identically.
+#pragma once
+
+#if defined(__METAL_VERSION__)
+typedef uint marlin_u32;
+#ifndef METAL_FUNC  // helpers are forced inline (as MLX's METAL_FUNC)
+#define METAL_FUNC inline __attribute__((always_inline))
+#endif
+#else
+#include <cstdint>
+typedef uint32_t marlin_u32;
+#endif
+
+// Element type of a scale or bias buffer; the checkpoint decides it (docs/FORMAT.md §3).
+enum MarlinScaleKind : marlin_u32 {
+  MARLIN_SCALE_F16 = 0,
+  MARLIN_SCALE_BF16 = 1,
+  MARLIN_SCALE_F32 = 2,
+  MARLIN_SCALE_E4M3 = 3,  // float8_e4m3fn byte (nvfp4 block scales)
+  MARLIN_SCALE_E8M0 = 4,  // power-of-two exponent byte, 2^(e - 127) (mxfp4)
+};
+
+struct DequantizeArgs {
+  marlin_u32 n;               // rows (out features)
+  marlin_u32 k;               // columns (in features)
+  marlin_u32 words_per_row;   // ceil(k * bits / 32)
+  marlin_u32 groups_per_row;  // k / group_size
+  marlin_u32 scale_kind;      // MarlinScaleKind of scales
+  marlin_u32 bias_kind;       // MarlinScaleKind of biases (affine formats)
+};
+
+struct FakeQuantizeArgs {
+  marlin_u32 n;  // elements
+  float steps;   // 2^(bits-1) - 1; 0 selects sign quantization (bits = 1)
+};
+
+struct HadamardArgs {
+  marlin_u32 rows;  // number of blocks (numel / block)
+  float norm;       // 1/sqrt(block), rounded once on the host like the torch op does
+};

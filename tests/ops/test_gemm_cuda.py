@@ -1,0 +1,305 @@
+"""The CUDA fast path of ``marlin.gemm`` (Triton) against the pure-torch op on CPU.
+
+The kernels run on a CUDA device; without one they are skipped ("needs CUDA"), except under
+Triton's CPU interpreter (``TRITON_INTERPRET=1`` with Triton installed), which runs the same
+kernels on CPU tensors (slow; a development aid). The layout helpers (format table, chunk
+plan, interleave repack) are plain torch and always run.
+
+The oracle is ``torch.ops.marlin.gemm`` on CPU (fp32 dequantize then fp32 matmul), so the
+tests measure kernel error, not quantization error. Inputs are scaled by 1/sqrt(K).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from metal_marlin_torch import formats as F
+from metal_marlin_torch import ops
+from metal_marlin_torch.ops import cuda as C
+from metal_marlin_torch.ops.cuda import dispatch as D
+from metal_marlin_torch.ops.cuda import layout as L
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1" and HAS_TRITON
+DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+if DEVICE == "cuda" and HAS_TRITON:
+    C.register()  # torch.ops.marlin.gemm on CUDA tensors -> the Triton kernels
+needs_kernels = pytest.mark.skipif(
+    DEVICE is None or not HAS_TRITON,
+    reason="needs CUDA" if DEVICE is None else "needs Triton",
+)
+# relative error ||y - ref|| / ||ref|| by activation dtype: the GEMM path rounds the dequantized
+# weight to the activation dtype before the tensor-core product.
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
+# The interpreter emulates bf16 tl.dot wrongly (numpy has no bf16): it uses fp16 activations.
+ACT = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+ALL_CASES = [(f, g) for f in sorted(F.FORMATS) for g in F.get_format(f).group_sizes]
+
+
+def make(fmt: str, group: int, n: int, k: int, bias: bool = True, dtype=ACT):
+    """Quantized weight (on CPU), layer bias, and the CPU oracle as a closure."""
+    w = torch.randn(n, k)
+    weight, scales, biases, gscale = ops.quantize(w, fmt, group)
+    b = torch.randn(n).to(dtype) if bias else None
+    return weight, scales, biases, gscale, b
+
+
+def to_dev(*ts):
+    return [t.to(DEVICE) if t is not None else None for t in ts]
+
+
+def oracle(x, weight, scales, biases, gscale, bias, fmt, group):
+    return ops.gemm(x.cpu(), weight, scales, biases, gscale,
+                    None if bias is None else bias.cpu(), fmt, group)
+
+
+def fast(x, weight, scales, biases, gscale, bias, fmt, group, **kw):
+    """The Triton path: through the registered op on CUDA, directly under the interpreter."""
+    args = to_dev(x, weight, scales, biases, gscale, bias)
+    if DEVICE == "cuda" and not kw:
+        return ops.gemm(*args, fmt, group)
+    pw = D.prepare_cuda_weight(*args[1:5], fmt, group, x.shape[-1])
+    return D.gemm_prepared(args[0], pw, args[5], **kw)
+
+
+def assert_close(y, ref, dtype):
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    y = y.float().cpu()
+    ref = ref.float()
+    assert torch.isfinite(y).all()
+    err = ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    assert err < TOL[dtype], f"relative error {err:.3g} >= {TOL[dtype]}"
+
+
+# ---- kernels (CUDA, or the Triton interpreter) -------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,group", ALL_CASES)
+@pytest.mark.parametrize("m", [1, 3, 33, 130])  # gemv (1 row, 4-row block), gemm, gemm 2 tiles
+def test_every_format_and_group(fmt, group, m):
+    k, n = 256, 72  # N off every block size
+    weight, scales, biases, gscale, bias = make(fmt, group, n, k)
+    x = (torch.randn(m, k) / k**0.5).to(ACT)
+    y = fast(x, weight, scales, biases, gscale, bias, fmt, group)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), ACT)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("fp4", 32), ("nf4", 64)])
+@pytest.mark.parametrize("m", [1, 2, 5, 7, 8, 9, 15, 17, 31, 63, 65, 127, 129, 255, 257, 383, 511,
+                               512])
+def test_every_m(fmt, group, m):
+    k, n = 512, 136
+    weight, scales, biases, gscale, bias = make(fmt, group, n, k)
+    x = (torch.randn(m, k) / k**0.5).to(ACT)
+    y = fast(x, weight, scales, biases, gscale, bias, fmt, group)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), ACT)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m", [1, 6, 40])
+def test_dtypes_no_bias(dtype, m):
+    if DEVICE == "cpu" and dtype == torch.bfloat16 and m > D.GEMV_MAX_M:
+        pytest.skip("Triton interpreter: bf16 tl.dot is not emulated (numpy has no bf16)")
+    k, n = 384, 40
+    weight, scales, biases, gscale, _ = make("int4", 64, n, k, bias=False)
+    x = (torch.randn(m, k) / k**0.5).to(dtype)
+    y = fast(x, weight, scales, biases, gscale, None, "int4", 64)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, None, "int4", 64), dtype)
+
+
+@needs_kernels
+def test_3d_and_non_contiguous_input():
+    k, n = 256, 48
+    weight, scales, biases, gscale, bias = make("fp4", 128, n, k)
+    x = (torch.randn(2, 5, k) / k**0.5).to(ACT)
+    y = fast(x, weight, scales, biases, gscale, bias, "fp4", 128)
+    assert y.shape == (2, 5, n)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, bias, "fp4", 128), ACT)
+    xt = (torch.randn(k, 3) / k**0.5).to(ACT).t()  # [3, K] with stride (1, 3)
+    y = fast(xt, weight, scales, biases, gscale, bias, "fp4", 128)
+    assert_close(y, oracle(xt, weight, scales, biases, gscale, bias, "fp4", 128), ACT)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("int3", 32), ("nf4", -1), ("fp8_e4m3", 64),
+                                       ("int2", 256)])
+@pytest.mark.parametrize("path,config", [
+    ("gemv", D.GemvConfig(2, 8, 8, 3, 4)),  # split-K: fp32 atomics
+    ("gemv", D.GemvConfig(4, 32, 32, 1, 8)),
+    ("gemv", D.GemvConfig(1, 16, 64, 1, 4)),
+    ("gemm", D.GemmConfig(16, 32, 64, 3, 4, 2)),  # split-K
+    ("gemm", D.GemmConfig(64, 64, 32, 1, 4, 3)),  # BLOCK_K below the group length
+    ("dequant", None),
+])
+def test_forced_paths_and_configs(fmt, group, path, config):
+    k, n, m = 1024, 48, 5
+    weight, scales, biases, gscale, bias = make(fmt, group, n, k)
+    x = (torch.randn(m, k) / k**0.5).to(ACT)
+    y = fast(x, weight, scales, biases, gscale, bias, fmt, group, path=path, config=config)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), ACT)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int3", "nf3", "int4", "int2"])
+@pytest.mark.parametrize("m", [1, 20])
+def test_per_channel_k_not_word_aligned(fmt, m):
+    # K = 100: 3-bit rows end inside a word (zero padding bits), 4-bit rows in half a word
+    k, n = 100, 24
+    weight, scales, biases, gscale, bias = make(fmt, -1, n, k)
+    x = (torch.randn(m, k) / k**0.5).to(ACT)
+    y = fast(x, weight, scales, biases, gscale, bias, fmt, -1)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, -1), ACT)
+
+
+@needs_kernels
+def test_zero_rows_and_bad_k():
+    weight, scales, biases, gscale, bias = make("int4", 32, 16, 64)
+    y = fast(torch.randn(0, 64).to(ACT), weight, scales, biases, gscale, bias, "int4", 32)
+    assert y.shape == (0, 16)
+    pw = D.prepare_cuda_weight(*to_dev(weight, scales, biases, gscale), "int4", 32, 64)
+    with pytest.raises(ValueError, match="last dim K=64"):
+        D.gemm_prepared(torch.randn(2, 32, device=DEVICE), pw)
+    with pytest.raises(ValueError, match="path must be one of"):
+        D.gemm_prepared(torch.randn(2, 64, device=DEVICE), pw, path="cublas")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA")
+def test_registered_for_cuda():
+    assert C.register()
+    assert ops.active_kernels("cuda")["gemm"] == C.KERNEL_NAME
+    assert C.info()["registered"]
+
+
+# ---- layout helpers (plain torch: run everywhere) -----------------------------------------------
+
+
+def test_kernel_format_table_matches_format_decode():
+    """Every format gets a decode path, and E2M1 / LUT values equal the format's own decode."""
+    e2m1 = [abs(v) if v == 0 else v for v in F.E2M1_VALUES]
+    for name in F.FORMATS:
+        kf = L.kernel_format(name)
+        fmt = F.get_format(name)
+        assert kf.bits == fmt.bits and kf.affine == fmt.has_biases
+        if kf.decode == L.DECODE_E2M1:
+            assert name in ("fp4", "mxfp4", "nvfp4")
+        if kf.decode == L.DECODE_LUT:
+            assert len(kf.lut) == 1 << fmt.bits
+    for name, values in (("nf4", F.NF4_VALUES), ("nf3", F.NF3_VALUES)):
+        assert L.kernel_format(name).lut == tuple(torch.tensor(values).tolist())  # float32
+    assert L.kernel_format("fp8_e4m3").decode == L.DECODE_E4M3
+    assert L.kernel_format("fp8_e5m2").decode == L.DECODE_E5M2
+    assert L.kernel_format("fp4").decode == L.DECODE_E2M1 and e2m1[8] == 0.0
+
+
+def test_e2m1_fp16_bit_placement():
+    """The kernels' E2M1 decode, written in torch: fp16 bits -> value / 2^14 equals the table."""
+    q = torch.arange(16, dtype=torch.int32)
+    h = ((q & 7) << 9) | ((q & 8) << 12)
+    v = h.to(torch.int16).view(torch.float16).float() * L.E2M1_SCALE_MUL
+    assert v.tolist() == [float(x) for x in F.E2M1_VALUES]
+
+
+@pytest.mark.parametrize("dtype,mul", [(torch.float8_e4m3fn, L.E4M3_SCALE_MUL),
+                                       (torch.float8_e5m2, 1.0)])
+def test_fp8_fp16_bit_placement(dtype, mul):
+    """The kernels' float8 decode, written in torch, equals torch's float8 (finite codes)."""
+    q = torch.arange(256, dtype=torch.int32)
+    if dtype == torch.float8_e4m3fn:
+        h = ((q & 0x7F) << 7) | ((q & 0x80) << 8)
+    else:
+        h = q << 8
+    v = h.to(torch.int16).view(torch.float16).float() * mul
+    ref = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    finite = torch.isfinite(ref)
+    assert torch.equal(v[finite], ref[finite])
+
+
+def test_int_magic_number_decode():
+    q = torch.arange(256, dtype=torch.int32)
+    v = (q | 0x4B000000).view(torch.float32) - 8388608.0
+    assert torch.equal(v, q.float())
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp4"])
+def test_kernel_scales(fmt):
+    group = F.default_group_size(fmt)
+    w = torch.randn(8, 256)
+    weight, scales, biases, gscale = ops.quantize(w, fmt, group)
+    s = L.kernel_scales(fmt, scales, gscale)
+    assert s.dtype.is_floating_point and s.shape == scales.shape
+    # dequantized code 2 (E2M1 value 1.0) of every group is the effective scale
+    codes = torch.full((8, 256), 2, dtype=torch.int64)
+    w_one = ops.dequantize(F.pack(codes, 4), scales, biases, gscale, fmt, group, 256)
+    assert torch.equal(w_one[:, ::group], s.float())
+
+
+@pytest.mark.parametrize("fmt,group,k", [("int4", 32, 256), ("int3", -1, 100), ("nf3", 64, 192),
+                                         ("mxfp4", 32, 128), ("int8", -1, 40)])
+def test_prepared_weight_is_k_major(fmt, group, k):
+    """docs/CUDA.md: word w of row n moves to [w, n]; 3-bit rows padded to whole 3-word units;
+    scales and biases transposed; mxfp4 scales become float32 2^(e - 127)."""
+    n = 6
+    weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
+    pw = D.prepare_cuda_weight(weight, scales, biases, gscale, fmt, group, k)
+    kw = weight.shape[1]
+    assert pw.weight.dtype == torch.int32 and pw.weight.is_contiguous()
+    assert torch.equal(pw.weight[:kw], weight.view(torch.int32).t())
+    assert not pw.weight[kw:].any()
+    if fmt in ("int3", "nf3"):
+        assert pw.weight.shape[0] == 3 * -(-k // 32)
+    assert torch.equal(L.from_k_major(pw.weight, k, F.get_format(fmt).bits), weight)
+    if fmt == "mxfp4":
+        assert torch.equal(pw.scales, torch.exp2(scales.float() - 127).t())
+    else:
+        assert torch.equal(pw.scales, scales.t())
+    assert (pw.biases is None) == (biases is None)
+    if biases is not None:
+        assert torch.equal(pw.biases, biases.t())
+    assert (pw.in_features, pw.out_features) == (k, n)
+
+
+def test_weight_cache_follows_the_tensors():
+    weight, scales, biases, gscale = ops.quantize(torch.randn(8, 64), "int4", 32)
+    D.clear_weight_cache()
+    a = D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64)
+    assert D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64) is a
+    scales.mul_(2)  # in-place update: new version -> new entry, the stale one dropped
+    b = D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64)
+    assert b is not a and torch.equal(b.scales, scales.t())
+    assert len(D._CACHE) == 1
+    D.set_weight_cache(False)
+    try:
+        assert D.cached_prepare(weight, scales, biases, gscale, "int4", 32, 64) is not b
+        assert not D._CACHE
+    finally:
+        D.set_weight_cache(True)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 64, 65, 512])
+@pytest.mark.parametrize("n,k,bits", [(4096, 4096, 4), (24, 100, 3), (14336, 4096, 8)])
+def test_dispatch_tables_are_valid(m, n, k, bits):
+    path = D.choose_path(m)
+    assert path == ("gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_MIN_M else "dequant")
+    for decode in (L.DECODE_INT, L.DECODE_E2M1, L.DECODE_LUT):
+        gv = D.default_gemv_config(m, n, k, bits, 132, decode)
+        assert gv.block_m in (1, 2, 4) and gv.split_k >= 1  # the GEMV kernel takes 1, 2 or 4 rows
+        assert gv.chunk & (gv.chunk - 1) == 0 and gv.block_n & (gv.block_n - 1) == 0
+    gm = D.default_gemm_config(m, n, k, bits, 132)
+    assert gm.block_m >= 16 and gm.split_k >= 1  # tl.dot needs 16-row tiles
+    assert gm.split_k == 1 or k // gm.split_k >= 2 * gm.block_k  # every split gets K tiles
+
+
+def test_info_reports_availability():
+    info = C.info()
+    assert set(info) >= {"available", "reason", "triton", "registered"}
+    if not torch.cuda.is_available() and not INTERPRET:
+        assert not info["available"] and info["reason"]
+        assert C.register() is False
+        assert ops.active_kernels("cuda")["gemm"] == "torch"

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf")
+COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

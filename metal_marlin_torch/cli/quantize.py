@@ -27,7 +27,41 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="quantize shard by shard, never loading the model (default for sharded sources with "
                         "--method rtn); an interrupted run resumes when started again")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model first")
+    g = p.add_argument_group("GPTQ / MR-GPTQ (--method gptq | mr-gptq)")
+    g.add_argument("--calibration", action="append", default=None, metavar="PATH",
+                   help="calibration text: a file or a folder of text files (repeatable; default: a fixed "
+                        "list of Python standard-library modules)")
+    g.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
+    g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--damp", type=float, default=0.01, help="relative Hessian damping (default 0.01)")
+    g.add_argument("--no-act-order", dest="act_order", action="store_false", help="keep the column order")
+    g.add_argument("--rotation-block", type=int, default=128,
+                   help="mr-gptq: Hadamard block along K (default 128; cut to a power of two dividing K)")
+    g.add_argument("--rotation-signs", action="store_true", help="mr-gptq: random +-1 signs before the rotation")
+    g.add_argument("--device", default=None, help="compute device for GPTQ (cpu, cuda, mps; default: cuda if "
+                   "available, else mps, else cpu)")
+    g.add_argument("--work-dir", default=None,
+                   help="folder for finished blocks: an interrupted GPTQ run resumes from it (default OUT.work)")
     p.set_defaults(func=run)
+
+
+def gptq_options(args: argparse.Namespace) -> dict:
+    """``QuantConfig.method_options`` from the GPTQ arguments."""
+    opts = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "damp": args.damp,
+            "act_order": args.act_order}
+    if args.method == "mr-gptq":
+        opts.update(rotation_block=args.rotation_block, rotation_signs=args.rotation_signs)
+    return opts
+
+
+def default_device() -> str:
+    import torch  # noqa: PLC0415
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,20 +76,35 @@ def run(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
         rules=MIXED_4_3_RULES if args.mixed else (),
         dtype_config=DTypeConfig(scales=args.scales),
+        method_options=gptq_options(args) if args.method != "rtn" else {},
     )
     if args.stream is None:
         from ..io.streaming import is_sharded  # noqa: PLC0415
 
         args.stream = args.method == "rtn" and is_sharded(args.src)
     if args.stream:
+        if args.method != "rtn":
+            raise ValueError(f"--stream quantizes shard by shard and supports --method rtn only, got {args.method}")
         return run_streaming(args, config)
     # the checkpoint's own dtype: tensors that stay unquantized (embeddings, norms) keep their size
     model = load_pretrained(args.src)
-    summary = quantize_model(model, config)
+    if args.method == "rtn":
+        summary = quantize_model(model, config)
+    else:
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        tokenizer = AutoTokenizer.from_pretrained(args.src, local_files_only=True)
+        summary = quantize_model(model, config, calibration=args.calibration, tokenizer=tokenizer,
+                                 device=args.device or default_device(),
+                                 work_dir=args.work_dir or f"{Path(args.out)}.work")
     print(summary)
     out = save_quantized(model, args.out, max_shard_size=args.max_shard_size,
                          extra_config={"method": args.method, "config": config.to_dict()})
     copy_tokenizer(args.src, out)
+    if args.method != "rtn" and args.work_dir is None:
+        import shutil  # noqa: PLC0415
+
+        shutil.rmtree(f"{Path(args.out)}.work", ignore_errors=True)  # resume data, no longer needed
     print(f"wrote {Path(out).resolve()}")
     return 0
 

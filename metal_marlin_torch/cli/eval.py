@@ -1,0 +1,77 @@
+"""``marlin eval MODEL``: quality of a (quantized) model against its unquantized original.
+
+Causal LMs: perplexity on text files, and with ``--reference`` the mean / percentile KL
+divergence of the next-token distributions and the top-1 agreement. Encoders
+(``--sentences``): cosine between the model's and the reference's mean-pooled sentence
+embeddings. MODEL is a metal_marlin checkpoint or a plain Hugging Face model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity, KL divergence, top-1 agreement or embedding cosine of a model")
+    p.add_argument("model", help="checkpoint or Hugging Face model directory")
+    p.add_argument("--reference", default=None,
+                   help="unquantized model directory to compare against (KL, top-1, cosine)")
+    p.add_argument("--text", action="append", default=None, metavar="PATH",
+                   help="evaluation text: a file or a folder (repeatable)")
+    p.add_argument("--sentences", default=None, metavar="FILE",
+                   help="encoder mode: one sentence per line; reports embedding cosine vs --reference")
+    p.add_argument("--tokens", type=int, default=16384, help="evaluation token budget (default 16384)")
+    p.add_argument("--seq-len", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    p.set_defaults(func=run)
+
+
+def load_any(path: str, device: str):
+    """A metal_marlin checkpoint (config.json with quantization_config) or a plain HF model."""
+    cfg = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").is_file() else {}
+    if cfg.get("quantization_config", {}).get("quant_method") == "metal_marlin":
+        from ..io import load_quantized  # noqa: PLC0415
+
+        return load_quantized(path, device=device)
+    from ..io.hf import load_pretrained  # noqa: PLC0415
+
+    return load_pretrained(path).to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from ..quant import metrics as M  # noqa: PLC0415
+    from ..quant.calibration import read_text, text_files, tokenize  # noqa: PLC0415
+
+    if (args.text is None) == (args.sentences is None):
+        raise ValueError("marlin eval: give --text (causal LM) or --sentences (encoder), exactly one")
+    if args.sentences is not None and args.reference is None:
+        raise ValueError("marlin eval: --sentences needs --reference (cosine against the unquantized model)")
+    tok = AutoTokenizer.from_pretrained(args.reference or args.model, local_files_only=True)
+    model = load_any(args.model, args.device).float().eval()
+    ref = load_any(args.reference, args.device).float().eval() if args.reference else None
+    if args.sentences is not None:
+        sentences = [s for s in Path(args.sentences).read_text().splitlines() if s.strip()]
+        if not sentences:
+            raise ValueError(f"marlin eval: {args.sentences} has no sentences")
+        result = M.embedding_quality(M.sentence_embeddings(ref, tok, sentences),
+                                     M.sentence_embeddings(model, tok, sentences))
+        result["sentences"] = len(sentences)
+    else:
+        windows = M.eval_windows(tokenize(read_text(text_files(args.text)), tok), args.seq_len, args.tokens)
+        ref_lp = M.causal_lm_logprobs(ref, windows, args.batch_size) if ref is not None else None
+        with torch.no_grad():
+            result = M.evaluate_causal_lm(model, windows, ref_lp, args.batch_size).to_dict()
+    for key, value in result.items():
+        print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
+    if args.json:
+        from ..io.atomic import write_json  # noqa: PLC0415
+
+        write_json(args.json, result)
+    return 0

@@ -54,8 +54,28 @@ def timed(fn, device, repeats):
     return statistics.median(times), out
 
 
+def render(paths: list[str]) -> str:
+    """A markdown table of result JSON files written by this script."""
+    lines = ["| machine | layer | Hessian s (ours / ref) | solve s ours | solve s ours + scale search | "
+             "solve s reference | ours vs ref (solve) | rel. output error ours / +search / ref |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        name = f"{r['device_name']} ({r['device']}, {r['cpu_threads']} threads)"
+        for row in r["layers"]:
+            lines.append(
+                f"| {name} | {row['layer']} | {r['hessian_s_ours']:.3f} / {r['hessian_s_reference']:.3f} | "
+                f"{row['solve_s_ours']:.3f} | {row['solve_s_ours_scale_search']:.3f} | "
+                f"{row['solve_s_reference']:.3f} | "
+                f"{row['speedup_vs_reference']:.2f}x | {row['rel_output_error_ours']:.5f} / "
+                f"{row['rel_output_error_ours_scale_search']:.5f} / {row['rel_output_error_reference']:.5f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--render", nargs="*", default=None, metavar="JSON",
+                    help="print a markdown table of earlier result files and exit")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -63,6 +83,9 @@ def main() -> None:
     ap.add_argument("--hessian-repeats", type=int, default=1)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.render is not None:
+        print(render(args.render), end="")
+        return
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 everywhere, both implementations
     k = LAYERS[0][1]

@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--damp", type=float, default=0.01, help="relative Hessian damping (default 0.01)")
     g.add_argument("--no-act-order", dest="act_order", action="store_false", help="keep the column order")
+    g.add_argument("--no-scale-search", dest="scale_search", action="store_false",
+                   help="use the format's plain absmax/min-max group parameters (faster, a little less accurate)")
     g.add_argument("--rotation-block", type=int, default=128,
                    help="mr-gptq: Hadamard block along K (default 128; cut to a power of two dividing K)")
     g.add_argument("--rotation-signs", action="store_true", help="mr-gptq: random +-1 signs before the rotation")
@@ -48,7 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def gptq_options(args: argparse.Namespace) -> dict:
     """``QuantConfig.method_options`` from the GPTQ arguments."""
     opts = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len, "damp": args.damp,
-            "act_order": args.act_order}
+            "act_order": args.act_order, "scale_search": args.scale_search}
     if args.method == "mr-gptq":
         opts.update(rotation_block=args.rotation_block, rotation_signs=args.rotation_signs)
     return opts

@@ -229,10 +229,20 @@ def _check_against(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dic
     missing = [k for k in missing if k not in optional]
     if missing:
         raise ValueError(f"load_quantized: checkpoint is missing tensors {missing[:8]}")
-    unexpected = [k for k in tensors if k not in expected]
+    # a rotated layer's signs (docs/FORMAT.md §5) are optional: a fresh layer has none yet
+    linears = {f"{n}.rotation_signs": m for n, m in model.named_modules() if isinstance(m, MarlinLinear)}
+    unexpected = [k for k in tensors if k not in expected and k not in linears]
     if unexpected:
         raise ValueError(f"load_quantized: checkpoint has unexpected tensors {unexpected[:8]}")
     for key, t in tensors.items():
+        if key not in expected:  # rotation signs: [in_features] of a rotated layer
+            layer = linears[key]
+            if not layer.rotation_block or tuple(t.shape) != (layer.in_features,):
+                raise ValueError(
+                    f"load_quantized: tensor {key!r} of shape {tuple(t.shape)} needs a rotated layer with "
+                    f"in_features={layer.in_features} (rotation_block={layer.rotation_block})"
+                )
+            continue
         ref = expected[key]
         if tuple(t.shape) != tuple(ref.shape):
             raise ValueError(

@@ -151,3 +151,18 @@ def test_work_dir_with_other_settings_is_refused(tmp_path):
 def test_unknown_method_option_is_an_error():
     with pytest.raises(ValueError, match="unknown keys"):
         DriverOptions.from_options("gptq", {"dampp": 0.1})
+
+
+def test_rotated_checkpoint_round_trip(tmp_path):
+    from metal_marlin_torch import load_quantized, save_quantized
+    model = tiny_llama()
+    quantize_model(model, QuantConfig(format="mxfp4", method="mr-gptq",
+                                      method_options={"rotation_block": 32, "rotation_signs": True}),
+                   calibration=tokens(4), progress=False)
+    ids = tokens(2, 16, seed=5)
+    save_quantized(model, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    q = loaded.model.layers[1].mlp.down_proj
+    assert q.rotation_block == 32 and q.rotation_signs is not None
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

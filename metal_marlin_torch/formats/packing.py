@@ -10,8 +10,9 @@ and its high bits to word ``a + 1``. All arithmetic is int64 (torch has no shift
 
 from __future__ import annotations
 
+import sys
 from functools import cache
-from math import gcd
+from math import gcd, lcm
 
 import torch
 
@@ -73,6 +74,43 @@ def unpack(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
         raise ValueError(
             f"unpack: {k} codes of {bits} bits need {packed_words(k, bits)} words per row, got {w}"
         )
+    if sys.byteorder == "little":
+        return _unpack_bytes(words, bits, k)
+    return _unpack_words(words, bits, k)
+
+
+def _unpack_bytes(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Fast path on little-endian hosts: the word stream is the byte stream.
+
+    ``lcm(bits, 8)`` bits always hold a whole number of bytes (B) and of codes (C): 1 byte per
+    8/bits codes when bits divides 8, 3 bytes per 8 codes for 3-bit. Each group of B bytes is
+    combined into one integer and the C codes are shifted out of it.
+    """
+    n = words.shape[0]
+    span = lcm(bits, 8)
+    n_bytes, n_codes = span // 8, span // bits
+    data = words.contiguous().view(torch.uint8)  # [N, 4W], byte j holds stream bits 8j..8j+7
+    n_groups = -(-k // n_codes)
+    need = n_groups * n_bytes
+    if data.shape[1] < need:
+        data = torch.nn.functional.pad(data, (0, need - data.shape[1]))
+    data = data[:, :need].view(n, n_groups, n_bytes)
+    if n_bytes == 1:
+        value = data[..., 0]
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=words.device)
+    else:
+        wide = torch.int32 if span <= 31 else torch.int64
+        value = data[..., 0].to(wide)
+        for i in range(1, n_bytes):
+            value = value | (data[..., i].to(wide) << (8 * i))
+        shifts = torch.arange(0, span, bits, dtype=wide, device=words.device)
+    codes = (value.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(n, n_groups * n_codes)[:, :k].to(torch.uint8)
+
+
+def _unpack_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Portable path: per-period word index and bit offset of every code, int64 arithmetic."""
+    n, w = words.shape
     w64 = words.view(torch.int32).to(torch.int64) & _MASK32
     period, wpp, word_idx, offsets = _period(bits)
     n_periods = -(-k // period)

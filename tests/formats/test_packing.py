@@ -47,3 +47,12 @@ def test_bad_input():
         pack(torch.tensor([[1.0]]), 4)
     with pytest.raises(ValueError, match="words per row"):
         unpack(torch.zeros(2, 3, dtype=torch.uint32), 4, 32)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_byte_and_word_unpack_paths_agree(bits):
+    from metal_marlin_torch.formats.packing import _unpack_bytes, _unpack_words
+
+    for k in (1, 9, 64, 100):
+        words = pack(torch.randint(0, 1 << bits, (4, k)), bits)
+        assert torch.equal(_unpack_bytes(words, bits, k), _unpack_words(words, bits, k))

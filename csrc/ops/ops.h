@@ -29,6 +29,13 @@ std::vector<std::string> fake_quantize_kernel_names();
 at::Tensor hadamard(Launcher& launcher, const at::Tensor& x, int64_t block);
 std::vector<std::string> hadamard_kernel_names();
 
+// y[..., N] = x[..., K] @ dequantize(weight)^T + bias (shaders/gemm.h, csrc/ops/gemm.cpp).
+at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weight,
+                const at::Tensor& scales, const std::optional<at::Tensor>& biases,
+                const std::optional<at::Tensor>& global_scale, const std::optional<at::Tensor>& bias,
+                const std::string& format, int64_t group_size);
+std::vector<std::string> gemm_kernel_names();
+
 // Union of the above: what a test compares with the instantiated kernels.
 std::vector<std::string> host_kernel_names();
 

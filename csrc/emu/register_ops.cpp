@@ -49,6 +49,7 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("hadamard(Tensor x, int block) -> Tensor");
   m.def("gemm(Tensor x, Tensor weight, Tensor scales, Tensor? biases, Tensor? global_scale, "
         "Tensor? bias, str format, int group_size) -> Tensor");
+  m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
 }
 

@@ -242,6 +242,14 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
   return out.reshape(out_shape);
 }
 
+std::vector<int64_t> gemm_plan(int64_t M, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0, kOp, ": plan needs positive M, N, K, got ", M, ", ", N, ", ", K);
+  const Variant v = choose_variant(M);
+  if (v != Variant::Gemm) return {int64_t(v), K, 1};
+  const auto [per, splits] = choose_splits(M, N, K);
+  return {int64_t(v), int64_t(per), int64_t(splits)};
+}
+
 std::vector<std::string> gemm_kernel_names() {
   std::vector<std::string> names;
   for (const auto& f : all_formats())

@@ -112,11 +112,10 @@ def metal_extension():
     )
 
     class BuildMetal(BuildExtension):
-        """BuildExtension that also compiles .mm files and installs the metallib."""
+        """torch's BuildExtension (which compiles .mm sources on MPS builds of torch), plus
+        installing the precompiled metallib next to the module."""
 
         def build_extensions(self) -> None:
-            if ".mm" not in self.compiler.src_extensions:
-                self.compiler.src_extensions.append(".mm")
             super().build_extensions()
             if have_metallib:
                 dest = Path(self.get_ext_fullpath(ext.name)).parent / METALLIB_NAME

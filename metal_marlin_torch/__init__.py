@@ -21,13 +21,13 @@ from .dtypes import (
     reset_default_config,
     set_default_config,
 )
-from .io import load_quantized, save_quantized
-from .nn import MarlinLinear, QuantConfig, QuantizeSummary, quantize_model
+from .io import MarlinConfig, load_quantized, save_quantized
+from .nn import MarlinExperts, MarlinLinear, QuantConfig, QuantizeSummary, quantize_model
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DTypeConfig", "MarlinLinear", "QuantConfig", "QuantizeSummary", "backend_info",
+    "DTypeConfig", "MarlinConfig", "MarlinExperts", "MarlinLinear", "QuantConfig", "QuantizeSummary", "backend_info",
     "bf16_config", "fp16_config", "get_default_config", "high_precision_config",
     "load_quantized", "memory_efficient_config", "quantize_model", "reset_default_config",
     "save_quantized", "set_default_config",

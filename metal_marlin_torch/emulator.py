@@ -115,8 +115,19 @@ def compiler() -> str | None:
 
 
 def cache_root() -> Path:
+    """Where objects and libraries are cached: METAL_MARLIN_EMU_CACHE, else
+    ~/.cache/metal_marlin_torch/emu, else (home not writable) a per-user temp directory."""
     env = os.environ.get("METAL_MARLIN_EMU_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "metal_marlin_torch" / "emu"
+    if env:
+        return Path(env)
+    home = Path.home() / ".cache" / "metal_marlin_torch" / "emu"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / f"metal_marlin_torch-emu-{os.getuid()}"
+        log.info("metal_marlin_torch: %s is not writable; caching the emulator in %s", home, fallback)
+        return fallback
 
 
 def _sha(*parts: bytes | str) -> str:

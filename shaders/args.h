@@ -5,6 +5,9 @@
 
 #if defined(__METAL_VERSION__)
 typedef uint marlin_u32;
+#ifndef METAL_FUNC  // helpers are forced inline (as MLX's METAL_FUNC)
+#define METAL_FUNC inline __attribute__((always_inline))
+#endif
 #else
 #include <cstdint>
 typedef uint32_t marlin_u32;

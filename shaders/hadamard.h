@@ -30,7 +30,7 @@ struct HadamardShape {
 };
 
 template <typename T,  // element type: half, bfloat or float
-          int B>       // block length, a power of two in 16..4096
+          int B>       // block length, a power of two in 1..4096
 METAL_FUNC void hadamard_impl(device const T* x, device T* y, constant HadamardArgs& args,
                               threadgroup float* tile, uint group, uint tid) {
   typedef HadamardShape<B> S;
@@ -83,6 +83,10 @@ METAL_FUNC void hadamard_impl(device const T* x, device T* y, constant HadamardA
   }
 
 #define instantiate_hadamard_blocks(type_name, T) \
+  instantiate_hadamard(type_name, T, 1)           \
+  instantiate_hadamard(type_name, T, 2)           \
+  instantiate_hadamard(type_name, T, 4)           \
+  instantiate_hadamard(type_name, T, 8)           \
   instantiate_hadamard(type_name, T, 16)          \
   instantiate_hadamard(type_name, T, 32)          \
   instantiate_hadamard(type_name, T, 64)          \

@@ -1,4 +1,4 @@
-// hadamard kernels: every power-of-two block 16..4096 per activation dtype.
+// hadamard kernels: every power-of-two block 1..4096 per activation dtype.
 #include "hadamard.h"
 
 instantiate_hadamard_blocks(float16, half)

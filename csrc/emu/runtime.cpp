@@ -61,7 +61,9 @@ struct Stacks {
   char* get(size_t i, size_t need) {
     if (need > count) {
       if (base) munmap(base, count * (kStackSize + page()));
-      size_t n = kMaxThreadsPerGroup;
+      // Grow in powers of two (worker threads are made per launch: map only what is needed).
+      size_t n = 32;
+      while (n < need) n *= 2;
       size_t stride = kStackSize + page();
       void* p = mmap(nullptr, n * stride, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -90,6 +92,7 @@ struct Worker {
   jmp_buf sched_jb;
   Fiber* cur = nullptr;
   uint3_t group{}, group_size{};
+  bool reverse = false;  // run the threads of a group last to first between rendezvous
   std::string error;
   std::vector<std::pair<void*, size_t>> tg_allocs;
   size_t tg_bytes = 0;
@@ -213,7 +216,8 @@ void run_group(Worker& w, uint3_t group, uint3_t size) {
   }
   const unsigned nsimd = (n + kSimdWidth - 1) / kSimdWidth;
   for (;;) {
-    for (unsigned i = 0; i < n; ++i) {
+    for (unsigned k = 0; k < n; ++k) {
+      const unsigned i = w.reverse ? n - 1 - k : k;
       if (w.fibers[i].state != State::Runnable) continue;
       resume(w, w.fibers[i]);
       if (!w.error.empty()) fail(w, w.error);
@@ -317,6 +321,10 @@ std::string work(const LaunchSpec& spec, Trampoline tramp, std::atomic<uint64_t>
   Worker& w = *t_pool_worker;
   w.spec = &spec;
   w.tramp = tramp;
+  // METAL_MARLIN_EMU_ORDER=reverse: between two barriers Metal gives no order among a group's
+  // threads; a kernel that misses a barrier may pass in one order and fail in the other.
+  const char* order = std::getenv("METAL_MARLIN_EMU_ORDER");
+  w.reverse = order != nullptr && std::strcmp(order, "reverse") == 0;
   w.error.clear();
   w.cur = nullptr;
   const uint3_t tg = spec.threadgroup;

@@ -49,7 +49,7 @@ TORCH_LIBRARY_IMPL(marlin, MPS, m) {
   m.impl("gemm", &gemm_mps);
 }
 
-TORCH_LIBRARY(marlin_metal, m) {
+TORCH_LIBRARY_FRAGMENT(marlin_metal, m) {
   m.def("fake_quantize_variant(Tensor x, int bits, str variant) -> Tensor");
 }
 

@@ -12,7 +12,8 @@ namespace marlin {
 namespace {
 
 constexpr const char* kOp = "marlin.hadamard";
-constexpr int64_t kMinBlock = 16, kMaxBlock = 4096;  // instantiate_hadamard_blocks
+// instantiate_hadamard_blocks; 4096 floats fill half of the 32 KiB of threadgroup memory.
+constexpr int64_t kMinBlock = 1, kMaxBlock = 4096;
 constexpr uint32_t kThreads = 256;                     // HADAMARD_THREADS
 
 std::string kernel_name(at::ScalarType t, int64_t block) {

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS: tuple[str, ...] = ("quantize", "info", "demo")
+COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .. import formats as F
 from ..dtypes import DTypeConfig, get_default_config
+from ..nn.experts import MarlinExperts, experts_shape
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
 from .atomic import atomic_path, write_json
@@ -35,12 +36,16 @@ DEFAULT_SHARD_BYTES = 2 * 2**30
 
 
 def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Every :class:`MarlinLinear` of ``model``: name -> format, bits, group, rotation, dtypes."""
-    return {
-        name: {"format": m.format, "bits": m.bits, "group_size": m.group_size,
-               "rotation_block": m.rotation_block, "dtype_config": m.dtype_config.to_dict()}
-        for name, m in model.named_modules() if isinstance(m, MarlinLinear)
-    }
+    """Every :class:`MarlinLinear` of ``model``: name -> format, bits, group, rotation, dtypes;
+    and every :class:`MarlinExperts`: its :meth:`~MarlinExperts.layer_spec` (``kind: experts``)."""
+    table = {}
+    for name, m in model.named_modules():
+        if isinstance(m, MarlinLinear):
+            table[name] = {"format": m.format, "bits": m.bits, "group_size": m.group_size,
+                           "rotation_block": m.rotation_block, "dtype_config": m.dtype_config.to_dict()}
+        elif isinstance(m, MarlinExperts):
+            table[name] = m.layer_spec()
+    return table
 
 
 def quantization_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -197,7 +202,14 @@ def convert_to_marlin(model: nn.Module, layers: dict[str, dict[str, Any]], devic
             linear = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"load_quantized: the model has no layer {name!r}") from None
-        if isinstance(linear, MarlinLinear):
+        if isinstance(linear, (MarlinLinear, MarlinExperts)):
+            continue
+        if spec.get("kind") == "experts":
+            if experts_shape(linear) is None:
+                raise ValueError(f"load_quantized: {name!r} is a {type(linear).__name__}, not a fused experts module")
+            dcfg = DTypeConfig.from_dict(spec["dtype_config"]) if "dtype_config" in spec else None
+            replace_module(model, name, MarlinExperts.like(
+                linear, MarlinExperts.plans_from_spec(spec), dcfg, device=device))
             continue
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"load_quantized: {name!r} is a {type(linear).__name__}, not nn.Linear")
@@ -210,7 +222,8 @@ def convert_to_marlin(model: nn.Module, layers: dict[str, dict[str, Any]], devic
 
 def _check_against(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
     expected = model.state_dict()
-    marlin_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, MarlinLinear))
+    marlin_prefixes = tuple(f"{n}." for n, m in model.named_modules()
+                            if isinstance(m, (MarlinLinear, MarlinExperts)))
     missing = [k for k in expected if k not in tensors and k not in tied]
     optional = [k for k in missing if k.endswith("rotation_signs")]
     missing = [k for k in missing if k not in optional]
@@ -225,7 +238,7 @@ def _check_against(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dic
             raise ValueError(
                 f"load_quantized: tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}"
             )
-        strict = key.startswith(marlin_prefixes) and not key.endswith(".bias")
+        strict = key.startswith(marlin_prefixes) and not key.endswith((".bias", "_bias"))
         if strict and t.dtype != ref.dtype:
             raise ValueError(f"load_quantized: tensor {key!r} has dtype {t.dtype}, expected {ref.dtype}")
 

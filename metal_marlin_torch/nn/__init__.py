@@ -1,6 +1,7 @@
 """Modules: :class:`MarlinLinear` and the one call :func:`quantize_model`."""
 
 from .config import DEFAULT_EXCLUDE, MIXED_4_3_RULES, LayerPlan, QuantConfig
+from .experts import MarlinExperts, plan_experts
 from .linear import MarlinLinear
 from .quantize import (
     QUANTIZERS,
@@ -12,7 +13,7 @@ from .quantize import (
 )
 
 __all__ = [
-    "DEFAULT_EXCLUDE", "MIXED_4_3_RULES", "QUANTIZERS", "LayerPlan", "MarlinLinear",
-    "QuantConfig", "QuantizeSummary", "plan_layers", "quantize_model", "register_quantizer",
+    "DEFAULT_EXCLUDE", "MIXED_4_3_RULES", "QUANTIZERS", "LayerPlan", "MarlinExperts", "MarlinLinear",
+    "QuantConfig", "QuantizeSummary", "plan_experts", "plan_layers", "quantize_model", "register_quantizer",
     "replace_module",
 ]

@@ -46,6 +46,8 @@ class QuantConfig:
             :data:`MIXED_4_3_RULES`).
         dtype_config: dtypes (scales, activations); None = the process default.
         method_options: extra options of the method (e.g. GPTQ damping).
+        experts: also convert fused mixture-of-experts modules (transformers 5's 3-D
+            ``gate_up_proj``/``down_proj`` experts) to ``MarlinExperts``; False leaves them dense.
     """
 
     format: str = "fp4"
@@ -56,6 +58,7 @@ class QuantConfig:
     rules: tuple[tuple[str, dict[str, Any]], ...] = ()
     dtype_config: DTypeConfig | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
+    experts: bool = True
 
     def __post_init__(self) -> None:
         fmt = F.get_format(self.format)
@@ -120,5 +123,5 @@ class QuantConfig:
             "format": self.format, "group_size": self.group_size, "method": self.method,
             "include": list(self.include) if self.include is not None else None,
             "exclude": list(self.exclude), "rules": [[p, o] for p, o in self.rules],
-            "method_options": dict(self.method_options),
+            "method_options": dict(self.method_options), "experts": self.experts,
         }

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .. import formats as F
 from ..dtypes import resolve
 from .config import LayerPlan, QuantConfig
+from .experts import MarlinExperts, plan_experts
 from .linear import MarlinLinear
 
 log = logging.getLogger("metal_marlin_torch")
@@ -100,6 +101,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         config: :class:`QuantConfig`; None = FP4, group 128, round to nearest.
         **method_kwargs: passed to the method (e.g. ``calibration=`` for GPTQ).
 
+    Fused mixture-of-experts modules (transformers 5's 3-D expert weights) become
+    :class:`MarlinExperts` unless ``config.experts`` is False; they are always quantized by
+    round to nearest (the config's method applies to the ``nn.Linear`` layers).
+
     Returns:
         :class:`QuantizeSummary`. Selected layers whose shape the format cannot take (K not
         divisible by the group) are left unquantized and listed in ``summary.skipped``, with a
@@ -114,6 +119,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         if config.method not in QUANTIZERS:
             raise ValueError(f"quantize_model: method {config.method!r} is not available")
     plans, skipped = plan_layers(model, config)
+    expert_plans, expert_skipped = plan_experts(model, config)
+    skipped.update(expert_skipped)
     for name, reason in skipped.items():
         log.warning("metal_marlin_torch: leaving %s unquantized: %s", name, reason)
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
@@ -125,4 +132,15 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
             summary.layers[name] = (module.format, module.group_size)
             summary.bytes_before += before[name]
             summary.bytes_after += _tensor_bytes(module)
+    if expert_plans and config.method != "rtn":
+        log.info("metal_marlin_torch: experts are quantized by rtn (%s applies to nn.Linear layers)", config.method)
+    dtype_config = resolve(config.dtype_config)
+    for name, projections in expert_plans.items():
+        experts = model.get_submodule(name)
+        summary.bytes_before += _tensor_bytes(experts)
+        layer = MarlinExperts.from_experts(experts, projections, dtype_config)
+        replace_module(model, name, layer)
+        first = projections[layer.shape.up_name]
+        summary.layers[name] = (first.format, first.group_size)
+        summary.bytes_after += _tensor_bytes(layer)
     return summary

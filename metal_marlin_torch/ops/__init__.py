@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import autograd, fake, library, reference, registry  # noqa: F401  (registration)
+from . import autograd, fake, library, moe, reference, registry  # noqa: F401  (registration)
 from .registry import active_kernels, override, reset_kernel, set_kernel
 
 
@@ -58,7 +58,27 @@ def hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
     return torch.ops.marlin.hadamard(x, block)
 
 
+def moe_gemm(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor,
+    biases: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    format: str,
+    group_size: int,
+) -> torch.Tensor:
+    """``y[m] = x[m] @ dequant(weight[expert_ids[m]]).T + bias[expert_ids[m]]``.
+
+    ``x [M, K]``, ``expert_ids`` int ``[M]``, ``weight`` uint32 ``[E, N, words]`` (each expert in
+    the layout of docs/FORMAT.md), ``scales``/``biases`` ``[E, N, K/G]``, ``global_scale``
+    ``[E, 1]`` (nvfp4), ``bias [E, N]``. Output ``[M, N]`` in ``x.dtype``, fp32 accumulation.
+    """
+    return torch.ops.marlin.moe_gemm(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
+
+
 __all__ = [
-    "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "override", "quantize",
-    "reset_kernel", "set_kernel",
+    "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "moe_gemm", "override",
+    "quantize", "reset_kernel", "set_kernel",
 ]

@@ -29,3 +29,30 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd(f"{NAMESPACE}::gemm", _backward, setup_context=_setup_context)
+
+
+def _moe_setup_context(ctx, inputs, output):
+    x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size = inputs
+    ctx.save_for_backward(expert_ids, weight, scales, biases, global_scale)
+    ctx.format = format
+    ctx.group_size = group_size
+    ctx.in_features = x.shape[-1]
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _moe_backward(ctx, grad):
+    # grad_x[m] = grad[m] @ W_hat[e_m] (its own op: the per-expert loop is opaque to tracing);
+    # grad_bias[e] = the sum of grad over the rows routed to expert e
+    expert_ids, weight, scales, biases, global_scale = ctx.saved_tensors
+    grad_x = torch.ops.marlin.moe_gemm_backward(
+        grad, expert_ids, weight, scales, biases, global_scale, ctx.format, ctx.group_size, ctx.in_features
+    )
+    grad_bias = None
+    if ctx.bias_needs_grad:
+        grad_bias = grad.new_zeros((weight.shape[0], weight.shape[1]), dtype=torch.float32)
+        grad_bias = grad_bias.index_add(0, expert_ids.long(), grad.float()).to(ctx.bias_dtype)
+    return grad_x, None, None, None, None, None, grad_bias, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::moe_gemm", _moe_backward, setup_context=_moe_setup_context)

@@ -6,6 +6,7 @@ import torch
 
 from .. import formats as F
 from .library import NAMESPACE
+from .moe import check_moe_gemm_args
 from .reference import check_fake_quantize_args, check_hadamard_args
 
 
@@ -44,3 +45,17 @@ def _fake_quantize_fake(x, bits):
 def _hadamard_fake(x, block):
     check_hadamard_args(x, block)
     return torch.empty_like(x)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::moe_gemm")
+def _moe_gemm_fake(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size):
+    check_moe_gemm_args(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
+    return x.new_empty((x.shape[0], weight.shape[1]))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::moe_gemm_backward")
+def _moe_gemm_backward_fake(grad, expert_ids, weight, scales, biases, global_scale, format, group_size,
+                            in_features):
+    x_like = grad.new_empty((grad.shape[0], in_features))
+    check_moe_gemm_args(x_like, expert_ids, weight, scales, biases, global_scale, None, format, group_size)
+    return x_like

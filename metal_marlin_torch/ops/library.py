@@ -24,6 +24,16 @@ SCHEMAS: dict[str, str] = {
     "quantize": "quantize(Tensor w, str format, int group_size, ScalarType scale_dtype) -> Tensor[]",
     "fake_quantize": "fake_quantize(Tensor x, int bits) -> Tensor",
     "hadamard": "hadamard(Tensor x, int block) -> Tensor",
+    # mixture of experts: row m of x times expert expert_ids[m] of 3-D weights [E, N, words]
+    "moe_gemm": (
+        "moe_gemm(Tensor x, Tensor expert_ids, Tensor weight, Tensor scales, Tensor? biases, "
+        "Tensor? global_scale, Tensor? bias, str format, int group_size) -> Tensor"
+    ),
+    # its gradient w.r.t. x: grad_x[m] = grad[m] @ dequant(weight[expert_ids[m]]) -> [M, in_features]
+    "moe_gemm_backward": (
+        "moe_gemm_backward(Tensor grad, Tensor expert_ids, Tensor weight, Tensor scales, Tensor? biases, "
+        "Tensor? global_scale, str format, int group_size, int in_features) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .._native import load_extension
-from . import reference
+from . import moe, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -27,8 +27,12 @@ REFERENCE: dict[str, Callable] = {
     "quantize": reference.quantize,
     "fake_quantize": reference.fake_quantize,
     "hadamard": reference.hadamard,
+    "moe_gemm": moe.moe_gemm,
+    "moe_gemm_backward": moe.moe_gemm_backward,
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
+# ops whose MPS kernel is the pure-torch one registered here (not a Metal kernel of the extension)
+TORCH_ON_MPS: set[str] = set()
 
 
 def set_kernel(op: str, device_type: str, fn: Callable, name: str) -> None:
@@ -80,6 +84,8 @@ def register_torch_kernels(device_types: tuple[str, ...]) -> None:
         key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device_type]
         for op in SCHEMAS:
             LIB.impl(op, _routed(op, device_type), key)
+            if device_type == "mps":
+                TORCH_ON_MPS.add(op)
 
 
 def _has_metal_kernel(op: str) -> bool:
@@ -88,11 +94,13 @@ def _has_metal_kernel(op: str) -> bool:
 
 register_torch_kernels(("cpu", "cuda"))
 load_extension()  # metal_marlin_torch._C registers its Metal kernels for MPS (macOS arm64 only)
-# Ops with a Metal kernel (from _C) keep it; the others run pure torch on MPS tensors too.
+# Ops with a Metal kernel (from _C) keep it; the others (all of them without the extension, and
+# e.g. moe_gemm, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
 METAL_OPS: tuple[str, ...] = tuple(op for op in SCHEMAS if _has_metal_kernel(op))
 for _op in SCHEMAS:
     if _op not in METAL_OPS:
         LIB.impl(_op, _routed(_op, "mps"), "MPS")
+        TORCH_ON_MPS.add(_op)
 if torch.backends.mps.is_available() and len(METAL_OPS) < len(SCHEMAS):
     log.info("metal_marlin_torch: MPS ops without a Metal kernel use the pure-torch kernels: %s",
              ", ".join(op for op in SCHEMAS if op not in METAL_OPS))

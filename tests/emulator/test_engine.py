@@ -272,3 +272,20 @@ def test_faults_are_reported_even_after_faulthandler_reinstalls(lib):
     faulthandler.enable()
     msg = run_bug(lib, "emu_bug_oob", {0: torch.randn(5), 1: torch.empty(5)}, (5,), (5,))
     assert "out-of-bounds" in msg
+
+
+def test_reverse_order_exposes_a_missing_barrier(lib, monkeypatch):
+    # Forward order lets thread i read thread i-1's slot after it was written; reverse order
+    # shows the race (poison NaN) - the kernel tests run in both orders for this reason.
+    expect = torch.tensor([63.0] + list(range(63)))
+    y = torch.empty(64)
+    lib.launch("emu_bug_missing_barrier", {0: y}, (1,), (64,), dispatch_threads=False)
+    assert torch.equal(y[1:], expect[1:])
+    monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", "reverse")
+    lib.launch("emu_bug_missing_barrier", {0: y}, (1,), (64,), dispatch_threads=False)
+    assert torch.isnan(y[1:]).all() and y[0] == 63.0
+
+
+def test_reports_divergent_simdgroup_matrix_operations(lib):
+    msg = run_bug(lib, "emu_bug_matrix_divergence", {0: torch.randn(64), 1: torch.empty(64)}, (32,), (32,))
+    assert "simd divergence in simdgroup 0" in msg

@@ -17,3 +17,12 @@ def emu():
     if not emulator.available():
         pytest.skip("needs clang-19 (apt-get install clang-19) for the MSL emulator")
     return emulator.load().ops
+
+
+@pytest.fixture(params=["forward", "reverse"])
+def thread_order(request, monkeypatch):
+    """Run the emulated threads of each group first-to-last or last-to-first between
+    rendezvous: Metal guarantees no order, so a missing barrier shows up in one of the two."""
+    if request.param == "reverse":
+        monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", "reverse")
+    return request.param

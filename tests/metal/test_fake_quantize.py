@@ -24,7 +24,7 @@ def inputs(n: int, dtype: torch.dtype) -> torch.Tensor:
 @pytest.mark.parametrize("variant", ["vec", "block"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8, 16])
-def test_matches_torch(emu, variant, dtype, bits):
+def test_matches_torch(emu, variant, dtype, bits, thread_order):
     # sizes: one element, odd, just under / over a 1024-element block and a 256-thread group
     for n in (1, 15, 1023, 1025):
         x = inputs(n, dtype)

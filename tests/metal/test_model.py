@@ -57,7 +57,7 @@ def test_dequantized_weight_and_routing_report(emu):
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
-def test_fake_quantize_autograd_free_call_under_use(emu):
+def test_fake_quantize_routed_under_use(emu):
     x = torch.randn(300)
     with emulator.use() as session:
         y = torch.ops.marlin.fake_quantize(x, 3)

@@ -220,3 +220,21 @@ kernel void emu_bug_stack_overflow(device float* y [[buffer(0)]], constant uint&
   for (uint k = 0; k < n; ++k) big[k] = float(k);
   y[i] = big[n - 1 - i];
 }
+
+// BUG: missing barrier between writing and reading threadgroup memory: each thread reads its
+// neighbour's slot. Correct only if the neighbour happened to run first.
+kernel void emu_bug_missing_barrier(device float* y [[buffer(0)]],
+                                    uint tid [[thread_position_in_threadgroup]]) {
+  threadgroup float t[64];
+  t[tid] = float(tid);
+  y[tid] = t[(tid + 63) % 64];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// BUG: half of the simdgroup skips a simdgroup_load (matrix operations must be uniform).
+kernel void emu_bug_matrix_divergence(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                                      uint lane [[thread_index_in_simdgroup]]) {
+  simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(0.0f);
+  if (lane < 16) simdgroup_load(m, x);
+  simdgroup_store(m, y);
+}

@@ -1,0 +1,210 @@
+"""``marlin generate MODEL "prompt"``: stream a quantized model's continuation, then its speed and memory.
+
+``MODEL`` is a metal_marlin checkpoint (loaded with ``load_quantized``) or a Hugging Face model
+directory, quantized on the fly (``--format``, default fp4; ``--no-quantize`` runs it dense).
+The text streams to stdout as it is generated; the statistics (prefill time, decode tokens/s,
+process RSS, model bytes, device memory) go to stderr so that stdout stays the text alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import formats as F
+
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with a quantized model, streaming tokens")
+    p.add_argument("model", help="metal_marlin checkpoint or Hugging Face model directory")
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("--format", default=None, choices=sorted(F.FORMATS),
+                   help="quantize a Hugging Face model on the fly to this format (default fp4)")
+    p.add_argument("--group-size", type=int, default=None, help="group size for --format (default: the format's)")
+    p.add_argument("--no-quantize", action="store_true", help="run a Hugging Face model unquantized (reference)")
+    p.add_argument("--device", default="auto", help="auto (mps > cuda > cpu), cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="activation dtype of the dense layers (auto: fp16 on mps, bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.set_defaults(func=run)
+
+
+def pick_device(name: str = "auto"):
+    """``auto``: MPS if available, else CUDA, else CPU; otherwise the named device (checked)."""
+    import torch  # noqa: PLC0415
+
+    if name == "auto":
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda[:N] or mps, got {name!r}") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available on this machine")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda[:N] or mps, got {name!r}")
+    return device
+
+
+def pick_dtype(name: str, device):
+    import torch  # noqa: PLC0415
+
+    if name == "auto":
+        return {"mps": torch.float16, "cuda": torch.bfloat16}.get(device.type, torch.float32)
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def cast_dense(model, dtype) -> None:
+    """Cast the floating parameters of every layer except :class:`MarlinLinear` to ``dtype``.
+
+    ``model.to(dtype)`` would also cast the quantized layers' scales (whose dtype is part of
+    the checkpoint format) and the rotary ``inv_freq`` buffers (kept in fp32 on purpose).
+    """
+    from ..nn import MarlinLinear  # noqa: PLC0415
+
+    for module in model.modules():
+        if isinstance(module, MarlinLinear):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
+def is_marlin_checkpoint(path: Path) -> bool:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    q = json.loads(cfg.read_text()).get("quantization_config")
+    return isinstance(q, dict) and q.get("quant_method") == "metal_marlin"
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, str]:
+    """The model (on CPU) and a line saying how it was obtained."""
+    import torch  # noqa: PLC0415
+
+    path = Path(args.model)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: no config.json")
+    if is_marlin_checkpoint(path):
+        if args.format or args.no_quantize:
+            raise ValueError(f"{path} is already quantized; --format/--no-quantize apply to Hugging Face models")
+        from ..io import load_quantized  # noqa: PLC0415
+
+        return load_quantized(path), "pre-quantized checkpoint"
+    from ..io.hf import load_pretrained  # noqa: PLC0415
+
+    model = load_pretrained(path, dtype=torch.float32)
+    if args.no_quantize:
+        return model, "unquantized"
+    from ..nn import QuantConfig, quantize_model  # noqa: PLC0415
+
+    summary = quantize_model(model, QuantConfig(format=args.format or "fp4", group_size=args.group_size))
+    return model, f"quantized on the fly: {summary}"
+
+
+def model_bytes(model) -> int:
+    """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        storage = t.untyped_storage()
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def rss_bytes() -> tuple[int | None, int]:
+    """(current RSS or None where /proc is absent, peak RSS) of this process."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * resource.getpagesize(), peak
+    except (OSError, ValueError, IndexError):
+        return None, peak
+
+
+def device_memory(device) -> str:
+    import torch  # noqa: PLC0415
+
+    if device.type == "cuda":
+        return f", CUDA peak allocated {torch.cuda.max_memory_allocated(device) / 2**20:.1f} MiB"
+    if device.type == "mps":
+        return f", MPS allocated {torch.mps.current_allocated_memory() / 2**20:.1f} MiB"
+    return ""
+
+
+def make_streamer(tokenizer):
+    """A transformers ``TextStreamer`` to stdout that also records when each new token arrived."""
+    from transformers import TextStreamer  # noqa: PLC0415
+
+    class TimedStreamer(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(tokenizer, skip_prompt=True)
+            self.times: list[float] = []
+            self.start = time.perf_counter()
+
+        def put(self, value) -> None:
+            if not self.next_tokens_are_prompt:
+                self.times.extend([time.perf_counter()] * value.numel())
+            super().put(value)
+
+    return TimedStreamer()
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch  # noqa: PLC0415
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    if args.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no tokenizer in {args.model}: {err}") from None
+    t0 = time.perf_counter()
+    model, how = load_model(args)
+    cast_dense(model, dtype)
+    model = model.to(device).eval()
+    load_s = time.perf_counter() - t0
+    print(f"[{how}; {device}, {str(dtype).replace('torch.', '')}; loaded in {load_s:.1f} s]", file=sys.stderr)
+
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    sample = args.temperature > 0
+    kwargs: dict[str, Any] = {"do_sample": sample}
+    if sample:
+        torch.manual_seed(args.seed)
+        kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    streamer = make_streamer(tokenizer)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **kwargs)
+    n_new = out.shape[-1] - inputs["input_ids"].shape[-1]
+    times = streamer.times
+    prefill = times[0] - streamer.start if times else float("nan")
+    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else float("nan")
+    rss, peak = rss_bytes()
+    rss_text = f"RSS {rss / 2**20:.1f} MiB, " if rss is not None else ""
+    print(f"[{n_new} tokens; prompt {inputs['input_ids'].shape[-1]} tokens, first token after {prefill:.3f} s; "
+          f"decode {decode:.2f} tokens/s]", file=sys.stderr)
+    print(f"[memory: {rss_text}peak RSS {peak / 2**20:.1f} MiB, model {model_bytes(model) / 2**20:.2f} MiB"
+          f"{device_memory(device)}]", file=sys.stderr)
+    return 0

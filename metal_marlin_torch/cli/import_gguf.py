@@ -1,0 +1,41 @@
+"""``marlin import-gguf FILE OUT``: a GGUF model (llama.cpp) as a metal_marlin checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import formats as F
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import-gguf",
+                       help="convert a GGUF model: Q4_0/Q4_1/Q5_x/Q8_0/MXFP4 exactly, others re-quantized")
+    p.add_argument("src", help="the .gguf file")
+    p.add_argument("out", help="output checkpoint directory")
+    p.add_argument("--requantize", default=None, choices=sorted(F.FORMATS),
+                   help="format for block types without an exact mapping "
+                        "(default: int4 below 5 bits/weight, else int8)")
+    p.add_argument("--group-size", type=int, default=32, help="group size of re-quantized tensors (default 32)")
+    p.add_argument("--exact-k", action="store_true",
+                   help="keep Q4_K/Q5_K codes exactly (fp32 scale and bias per 32 weights) instead of re-quantizing")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..io import save_quantized  # noqa: PLC0415
+    from ..io.gguf_import import import_gguf  # noqa: PLC0415
+
+    model, result = import_gguf(args.src, requantize=args.requantize, group_size=args.group_size,
+                                exact_k=args.exact_k)
+    print(result.summary())
+    out = save_quantized(model, args.out, extra_config={"method": "import-gguf"})
+    src = Path(args.src)
+    try:
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name).save_pretrained(str(out))
+    except Exception as err:  # noqa: BLE001  (the weights are written; say why the tokenizer is not)
+        print(f"note: no tokenizer written ({type(err).__name__}: {err})")
+    print(f"wrote {Path(out).resolve()}")
+    return 0

@@ -136,6 +136,19 @@ def test_split_k(emu, fmt_name, g, m, n, k, dtype):
     run_case(emu, fmt_name, g, m, n, k, dtype, with_bias=True)
 
 
+@pytest.mark.parametrize("m", [1, 5])  # gemv, gemv_rows
+@pytest.mark.parametrize(
+    ("fmt_name", "g", "k"),
+    [
+        ("int4", 128, 2304),     # 72 chunks: lanes take 2 or 3 chunks each (the K loop wraps)
+        ("nf3", -1, 1100),       # 35 chunks, the last one short (12 codes, straddling words)
+        ("fp8_e5m2", 64, 2112),  # 8 words per chunk: two vector loads
+    ],
+)
+def test_long_k_decode(emu, fmt_name, g, k, m):
+    run_case(emu, fmt_name, g, m, 12, k, torch.float16, with_bias=True)
+
+
 @pytest.mark.parametrize("shape", [(2, 3), (2, 9)])  # M = 6 (gemv_rows), 18 (gemm)
 def test_leading_batch_dims(emu, shape):
     k, n = 64, 24

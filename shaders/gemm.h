@@ -92,6 +92,24 @@ METAL_FUNC void load_chunk(device const uint* row, uint chunk, uint words_per_ro
   }
 }
 
+// `count` (a multiple of 4) activations starting at p, as fp32. When the host found x's rows
+// 8-element aligned (args.x_wide_loads) they are read as 4-vectors: a quarter of the load
+// instructions of scalar reads, which matters where x is re-read per weight row (gemv_rows).
+template <typename T, int count>
+METAL_FUNC void load_x(device const T* p, bool wide, thread float* out) {
+  if (wide) {
+    for (int j = 0; j < count; j += 4) {
+      const float4 v = float4(*(device const vec<T, 4>*)(p + j));
+      out[j] = v.x;
+      out[j + 1] = v.y;
+      out[j + 2] = v.z;
+      out[j + 3] = v.w;
+    }
+  } else {
+    for (int j = 0; j < count; ++j) out[j] = float(p[j]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Chunk dot products (gemv): d[p] = sum over slice p of x[i] * code_value(i), slices of
 // 32 / parts codes (parts = 2 only for nvfp4's 16-element groups). The scale is applied by
@@ -188,7 +206,7 @@ METAL_FUNC void gemv_impl(device const uint* weight, device const uchar* scales,
     const uint k0 = c * 32;
     float xv[32];
     if (k0 + 32 <= args.k) {
-      for (int i = 0; i < 32; ++i) xv[i] = float(xm[k0 + i]);
+      load_x<T, 32>(xm + k0, args.x_wide_loads != 0, xv);
     } else {  // the short last chunk of a per-channel row: zeros past K
       for (int i = 0; i < 32; ++i) xv[i] = k0 + i < args.k ? float(xm[k0 + i]) : 0.0f;
     }
@@ -280,12 +298,14 @@ METAL_FUNC void gemv_rows_impl(device const uint* weight, device const uchar* sc
       for (int r = 0; r < ROWS; ++r) {
         if (uint(r) >= rows) break;
         device const T* xr = x + ulong(m0 + r) * args.k + k0;
-        float d = 0.0f;
+        float xv[32];
         if (valid == 32) {
-          for (int j = 0; j < 32; ++j) d = fma(float(xr[j]), v[j], d);
+          load_x<T, 32>(xr, args.x_wide_loads != 0, xv);
         } else {  // short last chunk of a per-channel row: never read x past K
-          for (int j = 0; j < 32; ++j) d = fma(uint(j) < valid ? float(xr[j]) : 0.0f, v[j], d);
+          for (int j = 0; j < 32; ++j) xv[j] = uint(j) < valid ? float(xr[j]) : 0.0f;
         }
+        float d = 0.0f;
+        for (int j = 0; j < 32; ++j) d = fma(xv[j], v[j], d);
         acc[r][i] += d;
       }
     }
@@ -329,7 +349,8 @@ struct GemmTile {
     THREADS = 128,     // 4 simdgroups, 2 x 2 over the tile
     SM = 16,           // rows of the tile per simdgroup
     SN = 16,           // columns of the tile per simdgroup
-    X_PER_THREAD = BM * BK / THREADS,  // 8 activations loaded by each thread per step
+    X_PER_THREAD = BM * BK / THREADS,  // 8 activations loaded by each thread per step (the
+                                       // two 4-vector loads of GemmLoader::fetch)
   };
 };
 
@@ -342,7 +363,7 @@ struct GemmLoader {
   device const uchar* biases;
   device const T* x;
   uint m, n, k, words_per_row, groups_per_row, scale_kind, bias_kind;  // copied from GemmArgs
-  bool wide;
+  bool wide, x_wide;
   uint tid, m0, n0, k_end;
   float gscale;
   // registers of the step in flight
@@ -357,17 +378,24 @@ struct GemmLoader {
       : weight(weight_), scales(scales_), biases(biases_), x(x_), m(args_.m), n(args_.n),
         k(args_.k), words_per_row(args_.words_per_row), groups_per_row(args_.groups_per_row),
         scale_kind(args_.scale_kind), bias_kind(args_.bias_kind), wide(args_.wide_loads != 0),
-        tid(tid_), m0(m0_), n0(n0_), k_end(k_end_), gscale(gscale_), k0(0) {}
+        x_wide(args_.x_wide_loads != 0), tid(tid_), m0(m0_), n0(n0_), k_end(k_end_), gscale(gscale_), k0(0) {}
 
   // Issue the device reads of the step starting at k (a multiple of 32).
   METAL_FUNC void fetch(uint kstart) {
     k0 = kstart;
     const uint row = tid / (GemmTile::BK / GemmTile::X_PER_THREAD);
     const uint col = tid % (GemmTile::BK / GemmTile::X_PER_THREAD) * GemmTile::X_PER_THREAD;
-    const uint xm = m0 + row;
-    for (int j = 0; j < GemmTile::X_PER_THREAD; ++j) {
-      const uint kk = kstart + col + j;
-      xreg[j] = xm < m && kk < k_end ? x[ulong(xm) * k + kk] : T(0.0f);
+    static_assert(GemmTile::X_PER_THREAD == 8, "fetch reads x as two 4-vectors");
+    const uint xm = m0 + row, kx = kstart + col;
+    if (xm < m && kx + GemmTile::X_PER_THREAD <= k_end && x_wide) {
+      // 8 adjacent activations: two 4-vector loads (col and k are multiples of 8).
+      device const vec<T, 4>* src = (device const vec<T, 4>*)(x + ulong(xm) * k + kx);
+      const vec<T, 4> a = src[0], b = src[1];
+      xreg[0] = a.x; xreg[1] = a.y; xreg[2] = a.z; xreg[3] = a.w;
+      xreg[4] = b.x; xreg[5] = b.y; xreg[6] = b.z; xreg[7] = b.w;
+    } else {
+      for (int j = 0; j < GemmTile::X_PER_THREAD; ++j)
+        xreg[j] = xm < m && kx + j < k_end ? x[ulong(xm) * k + kx + j] : T(0.0f);
     }
     const uint wn = n0 + tid;
     if (tid < GemmTile::BN && wn < n) {

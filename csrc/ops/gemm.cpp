@@ -192,6 +192,10 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
   const int64_t vec = f->bits == 3 ? 0 : std::min(f->bits, 4);
   args.wide_loads = vec > 0 && words % vec == 0 && wc.storage_offset() % vec == 0 ? 1u : 0u;
 
+  // x's rows (and every 32-chunk / 8-column offset in them) are 8-element aligned when K is a
+  // multiple of 8 and the binding starts aligned: then the kernels read x as 4-vectors.
+  args.x_wide_loads = K % 8 == 0 && x2.storage_offset() % 8 == 0 ? 1u : 0u;
+
   // 3. Variant and grid.
   const Variant v = choose_variant(M);
   const auto [k_per_split, splits] = v == Variant::Gemm ? choose_splits(M, N, K)

@@ -168,6 +168,26 @@ def test_non_contiguous_input(emu, m):
     run_case(emu, "fp4", 32, m, 24, k, torch.bfloat16, with_bias=True, x=xs)
 
 
+@pytest.mark.parametrize("m", [1, 4, 12])  # gemv, gemv_rows, gemm
+def test_storage_offsets(emu, m):
+    # Tensors that start inside their storage at an offset that breaks the vector alignment
+    # (x by 3 elements, weight by 1 word): the host must fall back to scalar loads, and the
+    # Launcher must bind from the storage offset.
+    n, k, g = 16, 64, 32
+    qt = make_layer("int4", g, n, k)
+    words = qt.weight.shape[1]
+    w_store = torch.zeros(1 + n * words, dtype=qt.weight.dtype)
+    w_store[1:] = qt.weight.reshape(-1)
+    weight = w_store[1:].view(n, words)
+    x_store = torch.randn(3 + m * k).to(torch.float16)
+    x = x_store[3:].view(m, k)
+    assert weight.storage_offset() == 1 and x.storage_offset() == 3
+    ref = torch.ops.marlin.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g)
+    out = emu.gemm(x, weight, qt.scales, qt.biases, None, None, "int4", g)
+    lim = bound(x, qt, ref, weights_rounded=m > 8)
+    assert ((out.double() - ref.double()).abs() <= lim).all()
+
+
 def test_empty_batch_and_single_output(emu):
     qt = make_layer("int8", 32, 1, 64)
     x = torch.zeros(0, 64, dtype=torch.float16)

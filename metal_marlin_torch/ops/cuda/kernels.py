@@ -1,8 +1,9 @@
 """Triton kernels of ``marlin::gemm`` on CUDA: a fused dequantize-GEMV for small M, a tiled
-dequantize-GEMM on the tensor cores for larger M, and a dequantize kernel (for the very large M
-path: dequantize once into a temporary, then cuBLAS).
+dequantize-GEMM on the tensor cores for larger M (plus ``gemm_int4_kernel``, its int4 form that
+decodes two codes per 32-bit operation), and a dequantize kernel (for the very large M path:
+dequantize once into a temporary, then cuBLAS).
 
-All three read the weight in the *K-major* layout made once per weight at load time
+All of them read the weight in the *K-major* layout made once per weight at load time
 (docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
 docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``). Word ``w`` of
 row ``n`` is unchanged, only its address moves, so consecutive output features are adjacent in

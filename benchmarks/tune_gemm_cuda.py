@@ -73,22 +73,27 @@ def w_hat(k: int, n: int, fmt: str) -> torch.Tensor:
     return F.dequantize(F.quantize(w, fmt, group), torch.float32)
 
 
-def tasks(formats: list[str], m1_only: bool = False, gemv: list[tuple] = GEMV) -> list[tuple]:
+def tasks(formats: list[str], m1_only: bool = False, gemv: list[tuple] = GEMV,
+          gemm: list[tuple] = GEMM, gemm_m: list[int] = GEMM_M, gemm_only: bool = False,
+          gemm_formats: tuple[str, ...] = ("int4",)) -> list[tuple]:
     out = []
     for k, n in LLAMA_SHAPES:
-        for fmt in formats:
-            for c in gemv:
-                out.append((k, n, fmt, 1, "gemv", ("gemv", 1, *c)))
+        if not gemm_only:
+            for fmt in formats:
+                for c in gemv:
+                    out.append((k, n, fmt, 1, "gemv", ("gemv", 1, *c)))
         if m1_only:
             continue
-        for m, bm in ((2, 2), (4, 4), (8, 4)):
-            for c in GEMV[:8]:
-                out.append((k, n, "int4", m, "gemv", ("gemv", bm, *c)))
-        for m in GEMM_M:
-            for c in GEMM:
-                if c[0] <= max(16, 1 << (m - 1).bit_length()):
-                    out.append((k, n, "int4", m, "gemm", ("gemm", *c)))
-            out.append((k, n, "int4", m, "dequant", None))
+        if not gemm_only:
+            for m, bm in ((2, 2), (4, 4), (8, 4)):
+                for c in GEMV[:8]:
+                    out.append((k, n, "int4", m, "gemv", ("gemv", bm, *c)))
+        for fmt in gemm_formats:
+            for m in gemm_m:
+                for c in gemm:
+                    if min(64, m) <= c[0] <= max(16, 1 << (m - 1).bit_length()):
+                        out.append((k, n, fmt, m, "gemm", ("gemm", *c)))
+                out.append((k, n, fmt, m, "dequant", None))
     return out
 
 
@@ -98,8 +103,9 @@ def config_of(spec):
     if spec[0] == "gemv":
         _, bm, bn, chunk, warps, split = spec
         return D.GemvConfig(bm, bn, chunk, split, warps)
-    _, bm, bn, bk, split, warps, stages = spec
-    return D.GemmConfig(bm, bn, bk, split, warps, stages)
+    _, bm, bn, bk, split, warps, stages, *rest = spec
+    pairs, asm = (bool(rest[0]), bool(rest[1])) if rest else (True, True)
+    return D.GemmConfig(bm, bn, bk, split, warps, stages, pairs=pairs, asm=asm)
 
 
 def run_once(task) -> str:
@@ -120,11 +126,20 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--m1-only", action="store_true", help="only the GEMV configurations at M = 1")
     p.add_argument("--gemv", help="GEMV configurations 'block_n,chunk,warps,split;...' (M = 1)")
+    p.add_argument("--gemm", help="GEMM configurations 'bm,bn,bk,split,warps,stages[,pairs,asm];...'")
+    p.add_argument("--gemm-m", default=",".join(map(str, GEMM_M)), help="M values of the GEMM sweep")
+    p.add_argument("--gemm-formats", default="int4", help="formats of the GEMM sweep")
+    p.add_argument("--gemm-only", action="store_true", help="only the GEMM / dequantize sweep")
     args = p.parse_args()
     gemv = GEMV
     if args.gemv:
         gemv = [tuple(int(v) for v in c.split(",")) for c in args.gemv.split(";")]
-    todo = tasks(args.formats.split(","), args.m1_only, gemv)
+    gemm = GEMM
+    if args.gemm:
+        gemm = [tuple(int(v) for v in c.split(",")) for c in args.gemm.split(";")]
+    todo = tasks(args.formats.split(","), args.m1_only, gemv, gemm,
+                 [int(v) for v in args.gemm_m.split(",")], args.gemm_only,
+                 tuple(args.gemm_formats.split(",")))
     print(f"{len(todo)} configurations", flush=True)
     if args.jobs > 1:
         with cf.ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
@@ -173,7 +188,7 @@ def main() -> None:
     # per-M view of each GEMM config's mean ratio (robust defaults across shapes)
     by_cfg: dict = {}
     for r in results:
-        if "ms" in r and r["format"] == "int4":
+        if "ms" in r and r["format"] == "int4" and r["M"] > 1:
             by_cfg.setdefault((r["M"], r["path"], str(r["config"])), []).append(r["ratio_to_dense"])
     for m in sorted({key[0] for key in by_cfg}):
         ranked = sorted(((math.prod(v) ** (1 / len(v)), key) for key, v in by_cfg.items()

@@ -40,3 +40,19 @@ struct HadamardArgs {
   marlin_u32 rows;  // number of blocks (numel / block)
   float norm;       // 1/sqrt(block), rounded once on the host like the torch op does
 };
+
+// marlin::gemm (shaders/gemm.h, csrc/ops/gemm.cpp). y[M, N] = x[M, K] @ W_hat[N, K]^T + bias.
+struct GemmArgs {
+  marlin_u32 m;               // rows of x (leading dims flattened)
+  marlin_u32 n;               // out features
+  marlin_u32 k;               // in features
+  marlin_u32 words_per_row;   // ceil(k * bits / 32)
+  marlin_u32 groups_per_row;  // k / group_size
+  marlin_u32 scale_kind;      // MarlinScaleKind of scales
+  marlin_u32 bias_kind;       // MarlinScaleKind of biases (affine formats)
+  marlin_u32 has_bias;        // 1: add the layer bias (float32 [n]) bound at its slot
+  marlin_u32 wide_loads;      // 1: a 32-code chunk's words may be read as uint2/uint4 (aligned)
+  marlin_u32 x_wide_loads;    // 1: x rows start 8-element aligned (k % 8 == 0): 4-vector loads
+  marlin_u32 k_per_split;     // gemm: K range of one split (multiple of 32); >= k when no split
+  marlin_u32 splits;          // gemm: number of K splits (threadgroups along z); 1 = no split
+};

@@ -32,6 +32,13 @@ at::Tensor hadamard(const at::Tensor& x, int64_t block) {
   return marlin::hadamard(l, x, block);
 }
 
+at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                const std::optional<at::Tensor>& biases, const std::optional<at::Tensor>& global_scale,
+                const std::optional<at::Tensor>& bias, std::string format, int64_t group_size) {
+  marlin::EmuLauncher l;
+  return marlin::gemm(l, x, weight, scales, biases, global_scale, bias, format, group_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
@@ -40,6 +47,9 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("fake_quantize(Tensor x, int bits) -> Tensor");
   m.def("fake_quantize_variant(Tensor x, int bits, str variant) -> Tensor");
   m.def("hadamard(Tensor x, int block) -> Tensor");
+  m.def("gemm(Tensor x, Tensor weight, Tensor scales, Tensor? biases, Tensor? global_scale, "
+        "Tensor? bias, str format, int group_size) -> Tensor");
+  m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
 }
 
@@ -48,4 +58,5 @@ TORCH_LIBRARY_IMPL(marlin_emu, CPU, m) {
   m.impl("fake_quantize", &fake_quantize);
   m.impl("fake_quantize_variant", &fake_quantize_variant);
   m.impl("hadamard", &hadamard);
+  m.impl("gemm", &gemm);
 }

@@ -32,12 +32,21 @@ at::Tensor hadamard_mps(const at::Tensor& x, int64_t block) {
   return marlin::hadamard(l, x, block);
 }
 
+at::Tensor gemm_mps(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
+                    const std::optional<at::Tensor>& biases,
+                    const std::optional<at::Tensor>& global_scale,
+                    const std::optional<at::Tensor>& bias, std::string format, int64_t group_size) {
+  marlin::MetalLauncher l;
+  return marlin::gemm(l, x, weight, scales, biases, global_scale, bias, format, group_size);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(marlin, MPS, m) {
   m.impl("dequantize", &dequantize_mps);
   m.impl("fake_quantize", &fake_quantize_mps);
   m.impl("hadamard", &hadamard_mps);
+  m.impl("gemm", &gemm_mps);
 }
 
 TORCH_LIBRARY_FRAGMENT(marlin_metal, m) {

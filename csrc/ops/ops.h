@@ -46,6 +46,16 @@ at::Tensor kv_attention(Launcher& launcher, const at::Tensor& q, const at::Tenso
                         const at::Tensor& codebook, int64_t length, int64_t bits, double scale);
 std::vector<std::string> kv_kernel_names();
 
+// y[..., N] = x[..., K] @ dequantize(weight)^T + bias (shaders/gemm.h, csrc/ops/gemm.cpp).
+at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weight,
+                const at::Tensor& scales, const std::optional<at::Tensor>& biases,
+                const std::optional<at::Tensor>& global_scale, const std::optional<at::Tensor>& bias,
+                const std::string& format, int64_t group_size);
+std::vector<std::string> gemm_kernel_names();
+// The dispatch decision for [M, K] x [N, K]^T: {variant (0 gemv, 1 gemv_rows, 2 gemm),
+// K per split, splits}. Exposed so tests can check which kernels their shapes exercise.
+std::vector<int64_t> gemm_plan(int64_t M, int64_t N, int64_t K);
+
 // Union of the above: what a test compares with the instantiated kernels.
 std::vector<std::string> host_kernel_names();
 

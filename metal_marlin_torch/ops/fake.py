@@ -26,12 +26,11 @@ def _quantize_fake(w, format, group_size, scale_dtype):
     n, k = w.shape
     g = fmt.check_group_size(group_size, k)
     sdt = fmt.scale_dtype(scale_dtype)
-    empty = w.new_empty(0, dtype=torch.float32)
     return [
         w.new_empty((n, F.packed_words(k, fmt.bits)), dtype=torch.uint32),
         w.new_empty((n, k // g), dtype=sdt),
-        w.new_empty((n, k // g), dtype=sdt) if fmt.has_biases else empty,
-        w.new_empty(1, dtype=torch.float32) if fmt.has_global_scale else empty,
+        w.new_empty((n, k // g) if fmt.has_biases else (0,), dtype=sdt if fmt.has_biases else torch.float32),
+        w.new_empty(1 if fmt.has_global_scale else 0, dtype=torch.float32),
     ]
 
 

@@ -69,10 +69,10 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
 
 def quantize(w, format, group_size, scale_dtype):
     qt = F.get_format(format).quantize(w, group_size, scale_dtype)
-    empty = w.new_empty(0, dtype=torch.float32)
+    # unused outputs are distinct empty tensors: custom-op outputs must not alias each other
     return [qt.weight, qt.scales,
-            qt.biases if qt.biases is not None else empty,
-            qt.global_scale if qt.global_scale is not None else empty]
+            qt.biases if qt.biases is not None else w.new_empty(0, dtype=torch.float32),
+            qt.global_scale if qt.global_scale is not None else w.new_empty(0, dtype=torch.float32)]
 
 
 def check_fake_quantize_args(x: torch.Tensor, bits: int) -> None:

@@ -36,8 +36,11 @@ def test_tiny_llama_same_logits_under_the_emulator(emu):
         with emulator.use() as session:
             out = model(ids).logits
     assert "hadamard" in session.calls  # the rotation ran on the emulated Metal kernel
-    # the FWHT kernel is bitwise the torch op, so the logits are identical
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert "gemm" in session.calls  # and every projection on the emulated GEMM kernels
+    # The FWHT kernel is bitwise the torch op; the GEMM kernels accumulate in fp32 like it but
+    # in another order (tests/metal/test_gemm_emu.py bounds that per call), so the fp32
+    # logits agree to rounding, not bitwise.
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_dequantized_weight_and_routing_report(emu):

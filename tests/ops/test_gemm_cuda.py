@@ -136,6 +136,9 @@ def test_3d_and_non_contiguous_input():
     ("gemv", D.GemvConfig(1, 16, 64, 1, 4)),
     ("gemm", D.GemmConfig(16, 32, 64, 3, 4, 2)),  # split-K
     ("gemm", D.GemmConfig(64, 64, 32, 1, 4, 3)),  # BLOCK_K below the group length
+    ("gemm", D.GemmConfig(128, 64, 64, 2, 4, 4)),  # int4: two codes per op, split-K
+    ("gemm", D.GemmConfig(64, 64, 64, 1, 4, 3, asm=True)),  # int4 pairs, packed bf16x2 PTX
+    ("gemm", D.GemmConfig(32, 64, 64, 1, 4, 3, pairs=False)),  # int4: the generic tile decode
     ("dequant", None),
 ])
 def test_forced_paths_and_configs(fmt, group, path, config):
@@ -285,8 +288,12 @@ def test_weight_cache_follows_the_tensors():
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 16, 17, 64, 65, 512])
 @pytest.mark.parametrize("n,k,bits", [(4096, 4096, 4), (24, 100, 3), (14336, 4096, 8)])
 def test_dispatch_tables_are_valid(m, n, k, bits):
-    path = D.choose_path(m)
-    assert path == ("gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_MIN_M else "dequant")
+    kf = L.kernel_format("int4" if bits == 4 else "int3" if bits == 3 else "int8")
+    path = D.choose_path(m, n, 132, kf, True)
+    # 224 N tiles of 64 on 132 SMs: fused for 4-bit int / E2M1 codes (docs/CUDA.md)
+    wide = n == 14336 and m <= 128 and bits == 4
+    assert path == ("gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_MIN_M or wide
+                    else "dequant")
     for decode in (L.DECODE_INT, L.DECODE_E2M1, L.DECODE_LUT):
         gv = D.default_gemv_config(m, n, k, bits, 132, decode)
         assert gv.block_m in (1, 2, 4) and gv.split_k >= 1  # the GEMV kernel takes 1, 2 or 4 rows
@@ -294,6 +301,36 @@ def test_dispatch_tables_are_valid(m, n, k, bits):
     gm = D.default_gemm_config(m, n, k, bits, 132)
     assert gm.block_m >= 16 and gm.split_k >= 1  # tl.dot needs 16-row tiles
     assert gm.split_k == 1 or k // gm.split_k >= 2 * gm.block_k  # every split gets K tiles
+
+
+def test_wide_layers_at_128_rows_run_fused():
+    int4, fp4, nf4 = (L.kernel_format(f) for f in ("int4", "fp4", "nf4"))
+    assert D.choose_path(128, 14336, 132, int4, True) == "gemm"  # 224 tiles of 64, 132 SMs
+    assert D.choose_path(100, 14336, 132, fp4, True) == "gemm"
+    assert D.choose_path(128, 14336, 132, fp4, False) == "dequant"  # groups of 16 / 32
+    assert D.choose_path(128, 14336, 132, nf4, True) == "dequant"  # table decode: slow fused
+    assert D.choose_path(128, 4096, 132, int4, True) == "dequant"  # 64 tiles
+    assert D.choose_path(129, 14336, 132, int4, True) == "dequant"
+    assert D.choose_path(512, 14336, 132, int4, True) == "dequant"
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("asm", [False, True])
+@pytest.mark.parametrize("group,k", [(64, 384), (-1, 200)])
+def test_int4_pair_kernel(dtype, asm, group, k):
+    """The int4 two-codes-per-op GEMM in both decode modes, both 16-bit dtypes, grouped and
+    per-channel (K = 200: the last word half empty, the last K tile partial)."""
+    if DEVICE == "cpu" and (asm or dtype == torch.bfloat16):
+        pytest.skip("Triton interpreter: no inline PTX, no bf16 tl.dot")
+    n, m = 72, 37
+    weight, scales, biases, gscale, bias = make("int4", group, n, k, dtype=dtype)
+    x = (torch.randn(m, k) / k**0.5).to(dtype)
+    cfg = D.GemmConfig(32, 32, 32 if group == 64 else 64, 1, 4, 3, asm=asm)
+    assert D.pairs_eligible(L.kernel_format("int4"), dtype, k if group == -1 else group, k,
+                            cfg.block_k)
+    y = fast(x, weight, scales, biases, gscale, bias, "int4", group, path="gemm", config=cfg)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, bias, "int4", group), dtype)
 
 
 def test_info_reports_availability():

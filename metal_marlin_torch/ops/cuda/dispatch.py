@@ -6,7 +6,7 @@ docs/CUDA.md and benchmarks/results/):
 * ``gemv``: M <= GEMV_MAX_M. Every packed word read once, decoded in registers, used for all
   M rows of the program.
 * ``gemm``: the tensor-core kernel, weight tiles dequantized in registers.
-* ``dequant``: M >= DEQUANT_MIN_M. One Triton pass writes W_hat^T in the activation dtype, then
+* ``dequant``: M >= DEQUANT_MIN_M (but see FUSED_MAX_M). One Triton pass writes W_hat^T in the activation dtype, then
   cuBLAS. Its extra traffic (write and re-read 2 bytes per weight) costs less there than the
   fused kernel loses by not overlapping dequantization with the tensor cores (docs/CUDA.md).
 """
@@ -28,6 +28,11 @@ from .layout import KernelFormat
 GEMV_MAX_M = 4  # M = 8: the tensor-core kernel (16-row tile, split-K 4) is 0.95x dense, the
 #                 GEMV (two 4-row blocks) 0.74x
 DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton GEMM 0.41x
+# ... except where one 128-row tile covers M and its 64-feature N tiles alone fill the GPU:
+# 4096 x 14336 at M = 128, 0.64x dense fused (128 x 64 x 64) against 0.45x for dequantize +
+# cuBLAS (benchmarks/results/sweep_h100_gemm_pairs.json); at N = 4096 (64 tiles) 0.26x vs 0.54x.
+FUSED_MAX_M = 128
+FUSED_MIN_TILES_PER_SM = 1.5
 PATHS = ("gemv", "gemm", "dequant")
 
 
@@ -79,6 +84,8 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     group_m: int = 8
+    pairs: bool = True  # int4 affine, bf16/fp16: gemm_int4_kernel (two codes per 32-bit op)
+    asm: bool = False  # its scale and bias in packed bf16x2/f16x2 PTX (faster, less exact)
 
 
 @cache
@@ -203,24 +210,44 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
 def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConfig:
     """Tile by M, tuned on an H100 (benchmarks/results/sweep_h100.json): a 16-row tile with
     split-K 4 up to M = 16, 32 rows split 2 up to 32, 64 x 64 split 2 up to 64 (split-K gives
-    the narrow-M tiles enough programs to keep the weight stream busy)."""
+    the narrow-M tiles enough programs to keep the weight stream busy). int4 uses the
+    two-codes-per-op kernel up to M = 32 (benchmarks/results/sweep_h100_gemm_pairs.json: M = 16
+    geo-mean 1.04x dense vs 0.99x, M = 32 0.69x vs 0.66x), the generic tile decode above."""
     if m <= 16:
         cfg = GemmConfig(16, 64, 128, 4, 4, 4)
     elif m <= 32:
         cfg = GemmConfig(32, 64, 128, 2, 4, 4)
-    elif m <= 64:
-        cfg = GemmConfig(64, 64, 64, 2, 4, 4)
-    else:
-        cfg = GemmConfig(128, 64, 64, 1, 4, 4)
+    elif m <= 64:  # the generic tile decode: 0.54x vs 0.49x dense for the int4 pair kernel
+        cfg = GemmConfig(64, 64, 64, 2, 4, 4, pairs=False)
+    else:  # likewise 0.64x vs 0.47x (4096 x 14336, M = 128)
+        cfg = GemmConfig(128, 64, 64, 1, 4, 4, pairs=False)
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
 
 
-def choose_path(m: int) -> str:
+def pairs_eligible(kf: KernelFormat, dtype: torch.dtype, group: int, k: int, block_k: int) -> bool:
+    """``gemm_int4_kernel`` applies: 4-bit affine codes, bf16/fp16 activations, a tile of
+    ``block_k`` inputs (>= 32, so each half-tile dot has 16) inside one scale group."""
+    return (kf.decode == layout.DECODE_INT and kf.bits == 4 and kf.affine
+            and dtype in (torch.bfloat16, torch.float16) and block_k >= 32 and block_k % 8 == 0
+            and (group % block_k == 0 or group == k))
+
+
+def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
+                group_tiles: bool = False) -> str:
+    """``gemv`` up to GEMV_MAX_M rows, ``gemm`` below DEQUANT_MIN_M and, for int4 / E2M1
+    formats whose scale groups hold whole 64-input tiles (``group_tiles``: measured with group
+    128), for the wide layers of FUSED_MAX_M rows at most (see the constants), else
+    ``dequant``. (Table formats stay on ``dequant``: nf4 ran 0.06x dense fused at 4096 x 14336,
+    M = 128, the table lookups of a 128 x 64 tile serializing.)"""
     if m <= GEMV_MAX_M:
         return "gemv"
-    if m >= DEQUANT_MIN_M:
-        return "dequant"
-    return "gemm"
+    if m < DEQUANT_MIN_M:
+        return "gemm"
+    wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
+    if m <= FUSED_MAX_M and wide and group_tiles and kf is not None and kf.bits == 4 and kf.decode in (
+            layout.DECODE_INT, layout.DECODE_E2M1):
+        return "gemm"
+    return "dequant"
 
 
 def gemm_prepared(
@@ -247,7 +274,8 @@ def gemm_prepared(
     m = x2.shape[0]
     if m == 0 or n == 0:
         return x.new_zeros(*lead, n)
-    path = path or choose_path(m)
+    sms = _sm_count(x.device)
+    path = path or choose_path(m, n, sms, pw.kfmt, pw.group % 64 == 0 or pw.group == k)
     if path not in PATHS:
         raise ValueError(f"gemm_prepared: path must be one of {PATHS}, got {path!r}")
     kf = pw.kfmt
@@ -272,7 +300,6 @@ def gemm_prepared(
             y += bias
         return y.reshape(*lead, n)
 
-    sms = _sm_count(x.device)
     if path == "gemv":
         cfg = config or default_gemv_config(m, n, k, kf.bits, sms, kf.decode)
         if not isinstance(cfg, GemvConfig):
@@ -307,14 +334,23 @@ def gemm_prepared(
     y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
          else torch.empty(m, n, dtype=x.dtype, device=x.device))
     grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n), split)
+    even = k % k_per_split == 0 and k_per_split % cfg.block_k == 0 and n % cfg.block_n == 0
+    if cfg.pairs and pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
+        kernels.gemm_int4_kernel[grid](
+            x2, pw.weight, pw.scales, biases, bias_arg, y,
+            m, n, k, pw.weight.shape[0], group, k_per_split, x2.stride(0), y.stride(0),
+            AFFINE=kf.affine, HAS_BIAS=has_bias, FP16=x.dtype == torch.float16, ASM=cfg.asm,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            SPLIT_K=split, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return y.to(x.dtype).reshape(*lead, n)
     kernels.gemm_kernel[grid](
         x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y,
         m, n, k, group, k_per_split, x2.stride(0), y.stride(0), **common, HAS_BIAS=has_bias,
         SCALE_ROW=(group % cfg.block_k == 0 or group == k),
         FP32_DOT=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        SPLIT_K=split, EVEN=(k % k_per_split == 0 and k_per_split % cfg.block_k == 0
-                             and n % cfg.block_n == 0),
+        SPLIT_K=split, EVEN=even,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.to(x.dtype).reshape(*lead, n)
@@ -333,7 +369,7 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
 
 
 __all__ = [
-    "DEQUANT_MIN_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "PreparedWeight", "choose_path",
+    "DEQUANT_MIN_M", "FUSED_MAX_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "PreparedWeight", "choose_path",
     "clear_weight_cache", "default_gemm_config", "default_gemv_config", "gemm", "gemm_prepared",
     "interpreting", "prepare_cuda_weight", "set_weight_cache",
 ]

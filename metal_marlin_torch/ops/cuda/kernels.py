@@ -1,8 +1,9 @@
 """Triton kernels of ``marlin::gemm`` on CUDA: a fused dequantize-GEMV for small M, a tiled
-dequantize-GEMM on the tensor cores for larger M, and a dequantize kernel (for the very large M
-path: dequantize once into a temporary, then cuBLAS).
+dequantize-GEMM on the tensor cores for larger M (plus ``gemm_int4_kernel``, its int4 form that
+decodes two codes per 32-bit operation), and a dequantize kernel (for the very large M path:
+dequantize once into a temporary, then cuBLAS).
 
-All three read the weight in the *K-major* layout made once per weight at load time
+All of them read the weight in the *K-major* layout made once per weight at load time
 (docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
 docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``). Word ``w`` of
 row ``n`` is unchanged, only its address moves, so consecutive output features are adjacent in
@@ -417,3 +418,144 @@ def dequant_kernel(
     kk = k0 + offs_k
     tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(kk < K)[:, None] & n_ok[None, :])
+
+
+# ---- int4 affine GEMM: two codes per 32-bit op ----------------------------------------------
+
+# (128 + q, 128 + q') as two bf16 in one word -> s * q + b for both, packed bf16x2 arithmetic:
+# one exact FMA by 1 minus 128 gives q exactly (integers below 2^8), then one rounding of
+# s * q + b. fp16 uses 1024 + q (0x6400) the same way.
+_PAIR_BF16 = tl.constexpr("""{
+.reg .b32 v, sb, bb, one, off;
+mov.b32 one, 0x3F803F80;
+mov.b32 off, 0xC300C300;
+fma.rn.bf16x2 v, $2, one, off;
+mov.b32 sb, {$3, $3};
+mov.b32 bb, {$4, $4};
+fma.rn.bf16x2 v, v, sb, bb;
+mov.b32 {$0, $1}, v;
+}""")
+_PAIR_FP16 = tl.constexpr("""{
+.reg .b32 v, sb, bb, off;
+mov.b32 off, 0x64006400;
+sub.f16x2 v, $2, off;
+mov.b32 sb, {$3, $3};
+mov.b32 bb, {$4, $4};
+fma.rn.f16x2 v, v, sb, bb;
+mov.b32 {$0, $1}, v;
+}""")
+
+
+@triton.jit
+def _int4_pair_decode(t, s, b, FP16: tl.constexpr, ASM: tl.constexpr, ROWS: tl.constexpr,
+                      COLS: tl.constexpr):
+    """Words ``t`` holding ``MAGIC | q`` in each 16-bit half -> (lo, hi) ``s * q + b`` in the
+    activation dtype; ``s``, ``b``: float32 ``[1, BLOCK_N]`` scale and bias of the tile.
+
+    ``ASM``: packed bf16x2 / f16x2 arithmetic by inline PTX (scale and bias rounded to the
+    activation dtype first). Else float32: for bf16 a half's bits shifted into a float32's top
+    half are ``128 + q`` exactly (one op), then one FMA with the bias ``b - 128 s``; for fp16
+    the 2^23 magic number gives ``q``.
+    """
+    if ASM:  # 16-bit operands travel as int16 (bit patterns) through the asm
+        dt = tl.float16 if FP16 else tl.bfloat16
+        si = tl.broadcast_to(s.to(dt).to(tl.int16, bitcast=True), [ROWS, COLS])
+        bi = tl.broadcast_to(b.to(dt).to(tl.int16, bitcast=True), [ROWS, COLS])
+        lo, hi = tl.inline_asm_elementwise(_PAIR_FP16 if FP16 else _PAIR_BF16, "=h,=h,r,h,h",
+                                           [t, si, bi], dtype=(tl.int16, tl.int16),
+                                           is_pure=True, pack=1)
+        lo = lo.to(dt, bitcast=True)
+        hi = hi.to(dt, bitcast=True)
+    elif FP16:
+        u = t.to(tl.uint32, bitcast=True)
+        ql = ((u & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        qh = (((u >> 16) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        lo = (ql * s + b).to(tl.float16)
+        hi = (qh * s + b).to(tl.float16)
+    else:
+        b128 = b - 128.0 * s
+        fl = (t << 16).to(tl.float32, bitcast=True)  # 128 + q_lo
+        fh = (t & -65536).to(tl.float32, bitcast=True)  # 128 + q_hi (0xFFFF0000)
+        lo = (fl * s + b128).to(tl.bfloat16)
+        hi = (fh * s + b128).to(tl.bfloat16)
+    return lo, hi
+
+
+@triton.jit(do_not_specialize=["M"])
+def gemm_int4_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    KW,  # words per row
+    G,  # group length (K when per-channel); a multiple of BLOCK_K, or K
+    K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
+    stride_xm, stride_ym,
+    AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    FP16: tl.constexpr,  # activations fp16 (else bf16)
+    ASM: tl.constexpr,  # packed decode by inline PTX (else the same math in float32)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0, N % BLOCK_N == 0: weight loads unmasked
+):
+    """``y = x @ W_hat.T (+ bias)`` for 4-bit affine codes, bf16/fp16 activations.
+
+    A K step loads the tile's ``[BLOCK_K / 8, BLOCK_N]`` K-major words once and decodes two
+    codes per 32-bit operation: ``(w >> 4j) & 0x000F000F | MAGIC`` holds codes ``j`` and
+    ``j + 4`` of the word as two bf16 ``128 + q`` (fp16: ``1024 + q``); one packed FMA removes
+    the offset exactly and one packed FMA applies the group's scale and bias (a tile lies in
+    one group). The two halves go to two ``tl.dot`` calls of ``BLOCK_K / 2`` inputs each
+    against the matching activation columns (a dot does not care about the order of K).
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    R: tl.constexpr = BLOCK_K // 8
+    MAGIC: tl.constexpr = 0x64006400 if FP16 else 0x43004300
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    c = tl.arange(0, BLOCK_K // 2)
+    k_lo = (c // 4) * 8 + c % 4  # input of row c of the low-half tile (code j of word c // 4)
+    shifts = (tl.arange(0, 4) * 4).to(tl.uint32)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):  # past K all loads are masked
+        kl = k0 + k_lo
+        kh = kl + 4
+        x_lo = tl.load(x_rows + kl[None, :], mask=m_ok[:, None] & (kl < K)[None, :], other=0.0)
+        x_hi = tl.load(x_rows + kh[None, :], mask=m_ok[:, None] & (kh < K)[None, :], other=0.0)
+        offs_w = k0 // 8 + offs_r
+        wv = _ld(w_ptr + offs_w[:, None] * N + offs_n[None, :],
+                 (offs_w < KW)[:, None] & n_ok[None, :], EVEN).to(tl.uint32, bitcast=True)
+        t = ((wv[:, None, :] >> shifts[None, :, None]) & 0x000F000F) | MAGIC
+        t = tl.reshape(t, [BLOCK_K // 2, BLOCK_N]).to(tl.int32, bitcast=True)
+        g = k0 // G
+        sg = g * N + offs_n
+        s = _ld(s_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
+        if AFFINE:
+            b = _ld(b_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
+        else:
+            b = tl.zeros_like(s)
+        lo, hi = _int4_pair_decode(t, s[None, :], b[None, :], FP16, ASM, BLOCK_K // 2, BLOCK_N)
+        acc = tl.dot(x_lo, lo, acc)
+        acc = tl.dot(x_hi, hi, acc)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = bias * (pid_k == 0).to(tl.float32)
+        acc += bias[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    out_mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:
+        tl.atomic_add(y_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)

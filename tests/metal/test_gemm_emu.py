@@ -1,0 +1,262 @@
+"""marlin_emu.gemm (host code + Metal kernels, emulated) against the pure-torch marlin.gemm.
+
+The kernels sum in another order than the torch op and the prefill kernel rounds dequantized
+weights to the activation type before the simdgroup MMA, so results are not bitwise equal.
+Each output is instead held to an error bound derived from the arithmetic (see `bound`):
+fp32 accumulation error of both sides, the weight rounding of the gemm path, and the final
+rounding to the activation type. A wrong scale, group, code or edge element breaks it by
+orders of magnitude.
+
+Which kernel a shape reaches is asked from the host dispatcher itself (`_gemm_plan`), so the
+tests can assert that every variant (gemv, gemv_rows, gemm, gemm + split-K) is exercised.
+The emulator runs every GPU thread as a CPU fiber: shapes are small and the full format x
+group x dtype grid runs only at M = 1 (gemv) and M = 9 (gemm).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from metal_marlin_torch import emulator
+from metal_marlin_torch import formats as F
+
+from .conftest import needs_emulator
+
+pytestmark = needs_emulator
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Unit roundoff of each activation type (half an ulp of 1.0).
+UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+GEMV, GEMV_ROWS, GEMM = 0, 1, 2  # variant codes of _gemm_plan (csrc/ops/gemm.cpp)
+CASES = [(name, g) for name, fmt in F.FORMATS.items() for g in fmt.group_sizes]
+
+
+def k_for(g: int) -> int:
+    """Two groups of G, or for per-channel a K that is not a multiple of the 32-code chunk."""
+    return 2 * g if g > 0 else 100
+
+
+def make_layer(fmt_name: str, g: int, n: int, k: int, seed: int = 0) -> F.QuantizedTensor:
+    """RTN-quantized random weights (real codes, scales and biases of every format)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen)
+    return F.quantize(w, fmt_name, g, torch.float16)
+
+
+def magnitude(qt: F.QuantizedTensor, k: int) -> torch.Tensor:
+    """|s*q| + |b| per weight (= |W| for codebook formats): the size of the terms the kernels
+    add, which bounds their rounding errors even where s*q and b cancel."""
+    w = torch.ops.marlin.dequantize(qt.weight, qt.scales, qt.biases, qt.global_scale, qt.format,
+                                    qt.group_size, k, torch.float32).double()
+    if qt.biases is None:
+        return w.abs()
+    g = k if qt.group_size == -1 else qt.group_size
+    b = qt.biases.double().repeat_interleave(g, dim=1)
+    return (w - b).abs() + b.abs()
+
+
+def bound(x: torch.Tensor, qt: F.QuantizedTensor, ref: torch.Tensor, weights_rounded: bool) -> torch.Tensor:
+    """Largest |kernel - reference| the arithmetic allows, per output.
+
+    Both sides accumulate K products in fp32 (each within K * 2^-24 of sum |x| |w|); the gemm
+    path also rounds each dequantized weight to the activation type (UNIT[dtype] * |w|); both
+    round the result to the activation type (UNIT[dtype] * |y| each).
+    """
+    k = x.shape[-1]
+    u = UNIT[x.dtype]
+    terms = x.reshape(-1, k).double().abs() @ magnitude(qt, k).T
+    rel = 2 * k * 2.0**-24 + (u if weights_rounded else 0.0)
+    return (rel * terms + 2 * u * ref.reshape(terms.shape).double().abs()).reshape(ref.shape)
+
+
+def run_case(emu, fmt_name: str, g: int, m: int, n: int, k: int, dtype: torch.dtype, with_bias: bool,
+             x: torch.Tensor | None = None) -> int:
+    """One marlin_emu.gemm call checked against marlin.gemm; returns the variant used."""
+    qt = make_layer(fmt_name, g, n, k)
+    gen = torch.Generator().manual_seed(1)
+    if x is None:
+        x = (torch.randn(m, k, generator=gen) / k**0.5).to(dtype)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    args = (qt.weight, qt.scales, qt.biases, qt.global_scale, bias, fmt_name, g)
+    ref = torch.ops.marlin.gemm(x, *args)
+    out = emu.gemm(x, *args)
+    assert out.dtype == dtype and out.shape == ref.shape
+    variant = emu._gemm_plan(x.numel() // k, n, k)[0]
+    err = (out.double() - ref.double()).abs()
+    lim = bound(x, qt, ref, weights_rounded=variant == GEMM)
+    worst = (err - lim).max().item()
+    assert worst <= 0, (
+        f"{fmt_name} G={g} M={m} N={n} K={k} {dtype} bias={with_bias}: error exceeds the bound by "
+        f"{worst:.3g} (max err {err.max().item():.3g})"
+    )
+    return variant
+
+
+@pytest.mark.parametrize("m", [1, 9])  # gemv, gemm
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("fmt_name", "g"), CASES)
+def test_every_format_group_and_dtype(emu, fmt_name, g, dtype, m):
+    # N = 20: not a multiple of the 8 outputs of a gemv threadgroup nor of the 32-wide tile.
+    # Layer bias on the gemm path here; test_m_sweep covers both paths with and without it.
+    variant = run_case(emu, fmt_name, g, m, 20, k_for(g), dtype, with_bias=m == 9)
+    assert variant == (GEMV if m == 1 else GEMM)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 8, 9, 17, 64, 100, 257])
+@pytest.mark.parametrize(
+    ("fmt_name", "g", "n", "dtype"),
+    [
+        ("fp4", 32, 40, torch.float16),        # E2M1 bit trick, 4 words per chunk (vector loads)
+        ("int4", 64, 33, torch.bfloat16),      # affine: factored s*sum(xq) + b*sum(x) in gemv
+        ("int3", -1, 17, torch.float16),       # K = 100: short last chunk, straddling codes
+        ("nvfp4", 16, 9, torch.float32),       # two groups per chunk, E4M3 scales, global scale
+    ],
+)
+def test_m_sweep(emu, fmt_name, g, n, dtype, m, with_bias):
+    variant = run_case(emu, fmt_name, g, m, n, k_for(g), dtype, with_bias)
+    assert variant == (GEMV if m == 1 else GEMV_ROWS if m <= 8 else GEMM)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("fmt_name", "g", "m", "n", "k"),
+    [
+        ("int4", 128, 17, 40, 1024),    # 2 x 2 tiles, K = 1024: split in two
+        ("fp8_e4m3", 32, 9, 8, 2048),   # one tile: split in four
+        ("nf3", -1, 33, 24, 1100),      # per-channel K not a multiple of the split or the tile
+    ],
+)
+def test_split_k(emu, fmt_name, g, m, n, k, dtype):
+    _, per, splits = emu._gemm_plan(m, n, k)
+    assert splits > 1 and per % 32 == 0 and (splits - 1) * per < k <= splits * per
+    run_case(emu, fmt_name, g, m, n, k, dtype, with_bias=True)
+
+
+@pytest.mark.parametrize("m", [1, 5])  # gemv, gemv_rows
+@pytest.mark.parametrize(
+    ("fmt_name", "g", "k"),
+    [
+        ("int4", 128, 2304),     # 72 chunks: lanes take 2 or 3 chunks each (the K loop wraps)
+        ("nf3", -1, 1100),       # 35 chunks, the last one short (12 codes, straddling words)
+        ("fp8_e5m2", 64, 2112),  # 8 words per chunk: two vector loads
+    ],
+)
+def test_long_k_decode(emu, fmt_name, g, k, m):
+    run_case(emu, fmt_name, g, m, 12, k, torch.float16, with_bias=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 9)])  # M = 6 (gemv_rows), 18 (gemm)
+def test_leading_batch_dims(emu, shape):
+    k, n = 64, 24
+    x = (torch.randn(*shape, k) / 8).to(torch.float16)
+    run_case(emu, "int4", 32, x.numel() // k, n, k, torch.float16, with_bias=True, x=x)
+
+
+@pytest.mark.parametrize("m", [1, 5, 12])
+def test_non_contiguous_input(emu, m):
+    # A transposed view (of every other column, so it is non-contiguous even for M = 1; the
+    # host copies it once) and a strided slice of a wider tensor.
+    k = 64
+    xt = (torch.randn(k, 2 * m) / 8).to(torch.bfloat16)[:, ::2].T
+    assert not xt.is_contiguous()
+    run_case(emu, "fp4", 32, m, 24, k, torch.bfloat16, with_bias=False, x=xt)
+    xs = (torch.randn(m, 2 * k) / 8).to(torch.bfloat16)[:, ::2]
+    run_case(emu, "fp4", 32, m, 24, k, torch.bfloat16, with_bias=True, x=xs)
+
+
+@pytest.mark.parametrize("m", [1, 4, 12])  # gemv, gemv_rows, gemm
+def test_storage_offsets(emu, m):
+    # Tensors that start inside their storage at an offset that breaks the vector alignment
+    # (x by 3 elements, weight by 1 word): the host must fall back to scalar loads, and the
+    # Launcher must bind from the storage offset.
+    n, k, g = 16, 64, 32
+    qt = make_layer("int4", g, n, k)
+    words = qt.weight.shape[1]
+    w_store = torch.zeros(1 + n * words, dtype=qt.weight.dtype)
+    w_store[1:] = qt.weight.reshape(-1)
+    weight = w_store[1:].view(n, words)
+    x_store = torch.randn(3 + m * k).to(torch.float16)
+    x = x_store[3:].view(m, k)
+    assert weight.storage_offset() == 1 and x.storage_offset() == 3
+    ref = torch.ops.marlin.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g)
+    out = emu.gemm(x, weight, qt.scales, qt.biases, None, None, "int4", g)
+    lim = bound(x, qt, ref, weights_rounded=m > 8)
+    assert ((out.double() - ref.double()).abs() <= lim).all()
+
+
+def test_empty_batch_and_single_output(emu):
+    qt = make_layer("int8", 32, 1, 64)
+    x = torch.zeros(0, 64, dtype=torch.float16)
+    out = emu.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int8", 32)
+    assert out.shape == (0, 1)
+    run_case(emu, "int8", 32, 3, 1, 64, torch.float16, with_bias=True)  # N = 1
+
+
+def test_nan_activation_propagates(emu):
+    # A NaN input reaches the outputs of its row only (no masking hides it, no row leaks it).
+    qt = make_layer("fp4", 32, 16, 64)
+    for m in (1, 4, 12):
+        x = torch.randn(m, 64, dtype=torch.float16)
+        x[0, 5] = float("nan")
+        out = emu.gemm(x, qt.weight, qt.scales, None, None, None, "fp4", 32)
+        assert torch.isnan(out[0]).all() and not torch.isnan(out[1:]).any()
+
+
+def test_dispatch_rule(emu):
+    # csrc/ops/gemm.cpp: M = 1 gemv, M <= 8 gemv_rows, else gemm; split-K only for few tiles
+    # and long K.
+    plan = emu._gemm_plan
+    assert [plan(m, 4096, 4096)[0] for m in (1, 2, 8, 9, 512)] == [GEMV, GEMV_ROWS, GEMV_ROWS, GEMM, GEMM]
+    assert plan(512, 4096, 4096)[2] == 1          # 2048 tiles: enough parallelism
+    assert plan(16, 4096, 4096)[2] == 1           # 128 tiles
+    assert plan(16, 256, 14336)[2] > 1            # 8 tiles, long K
+    assert plan(16, 256, 512)[2] == 1             # short K is never split
+
+
+def test_every_gemm_kernel_name_is_instantiated(emu):
+    # The names the dispatcher can produce, spelled independently from the Python format table.
+    expect = {
+        f"marlin_{op}_{name}_{dt}_gs{'K' if g == -1 else g}"
+        for op, (name, fmt), dt in itertools.product(
+            ("gemv", "gemv_rows", "gemm"), F.FORMATS.items(), ("float16", "bfloat16", "float32")
+        )
+        for g in fmt.group_sizes
+    } | {f"marlin_gemm_reduce_{dt}" for dt in ("float16", "bfloat16", "float32")}
+    host = {n for n in emulator.host_kernel_names() if n.startswith(("marlin_gemm", "marlin_gemv"))}
+    assert host == expect
+    missing = sorted(expect - set(emulator.kernel_names()))
+    assert not missing, f"not instantiated: {missing[:10]}"
+
+
+def test_emulator_use_routes_marlin_gemm(emu):
+    qt = make_layer("int4", 32, 8, 64)
+    x = torch.randn(3, 64)
+    args = (qt.weight, qt.scales, qt.biases, None, None, "int4", 32)
+    with emulator.use() as session:
+        y = torch.ops.marlin.gemm(x, *args)
+    assert session.calls == ["gemm"]
+    torch.testing.assert_close(y, emu.gemm(x, *args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"group_size": 48}, "group_size"),
+        ({"x": torch.zeros(2, 100)}, "divisible|words per row"),
+        ({"x": torch.zeros(2, 128, dtype=torch.float64)}, "x must be float16, bfloat16 or float32"),
+        ({"format": "int5"}, "unknown format"),
+        ({"biases": None}, "biases must have shape"),
+        ({"bias": torch.zeros(5)}, "bias must have shape"),
+    ],
+)
+def test_bad_arguments_raise(emu, change, match):
+    qt = make_layer("int4", 64, 4, 128)
+    args = {"x": torch.zeros(2, 128), "weight": qt.weight, "scales": qt.scales, "biases": qt.biases,
+            "global_scale": None, "bias": None, "format": "int4", "group_size": 64}
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        emu.gemm(*args.values())

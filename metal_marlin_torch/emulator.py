@@ -466,7 +466,7 @@ def build_library(
                      (CSRC / "emu" / "register_raw.cpp", [f"-DMETAL_EMU_NS={namespace}"])]
         if with_ops:
             host_srcs += [(p, []) for p in _all_files(CSRC / "ops", "*.cpp")]
-            host_srcs += [(CSRC / "emu" / "register_ops.cpp", []), (CSRC / "emu" / "register_kv.cpp", [])]
+            host_srcs += [(CSRC / "emu" / "register_ops.cpp", [])]
         workers = max(1, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
             # Kernel files compile while the torch headers are precompiled.

@@ -9,6 +9,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstring>
+#include <memory>
 #include <stdexcept>
 
 #include "emu/runtime.h"
@@ -46,28 +47,14 @@ class GuardedRegion {
 
 }  // namespace
 
-void EmuLauncher::set_kernel(const std::string& name) {
-  kernel_ = name;
-  bindings_.clear();
+void EmuLauncher::check_index(int index) {
+  TORCH_CHECK(index >= 0 && index < 31, "metal_emu: buffer index must be 0..30, got ", index);
 }
 
-void EmuLauncher::bind_tensor(int index, const at::Tensor& t, Access access, const char* name) {
-  TORCH_CHECK(index >= 0 && index < 31, "metal_emu: buffer index must be 0..30, got ", index);
+void EmuLauncher::check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "metal_emu: buffer '", name, "' must be a CPU tensor, got ",
               t.device());
   TORCH_CHECK(t.is_contiguous(), "metal_emu: buffer '", name, "' must be contiguous");
-  bindings_.push_back({index, t, {}, access, name});
-}
-
-void EmuLauncher::bind_bytes(int index, const void* data, size_t size, const char* name) {
-  TORCH_CHECK(index >= 0 && index < 31, "metal_emu: buffer index must be 0..30, got ", index);
-  auto p = static_cast<const unsigned char*>(data);
-  bindings_.push_back({index, at::Tensor(), std::vector<unsigned char>(p, p + size), Access::Read, name});
-}
-
-void EmuLauncher::dispatch_threads(Dim3 grid, Dim3 threadgroup) { run(grid, threadgroup, true); }
-void EmuLauncher::dispatch_threadgroups(Dim3 groups, Dim3 threadgroup) {
-  run(groups, threadgroup, false);
 }
 
 void EmuLauncher::run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {

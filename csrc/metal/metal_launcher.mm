@@ -83,29 +83,13 @@ id<MTLComputePipelineState> pipeline(id<MTLDevice> device, const std::string& na
 
 }  // namespace
 
-void MetalLauncher::set_kernel(const std::string& name) {
-  kernel_ = name;
-  bindings_.clear();
-}
-
-void MetalLauncher::bind_tensor(int index, const at::Tensor& t, Access, const char* name) {
+void MetalLauncher::check_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_mps(), "metal_marlin_torch: buffer '", name, "' must be an MPS tensor, got ",
               t.device());
   TORCH_CHECK(t.is_contiguous(), "metal_marlin_torch: buffer '", name, "' must be contiguous");
-  bindings_.push_back({index, t, {}});
 }
 
-void MetalLauncher::bind_bytes(int index, const void* data, size_t size, const char*) {
-  auto p = static_cast<const unsigned char*>(data);
-  bindings_.push_back({index, at::Tensor(), std::vector<unsigned char>(p, p + size)});
-}
-
-void MetalLauncher::dispatch_threads(Dim3 grid, Dim3 threadgroup) { encode(grid, threadgroup, true); }
-void MetalLauncher::dispatch_threadgroups(Dim3 groups, Dim3 threadgroup) {
-  encode(groups, threadgroup, false);
-}
-
-void MetalLauncher::encode(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {
+void MetalLauncher::run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {
   TORCH_CHECK(!kernel_.empty(), "metal_marlin_torch: dispatch without set_kernel");
   at::mps::MPSStream* stream = at::mps::getCurrentMPSStream();
   id<MTLComputePipelineState> pso = pipeline(stream->device(), kernel_);

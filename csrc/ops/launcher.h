@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 namespace marlin {
 
@@ -41,6 +42,48 @@ class Launcher {
     static_assert(std::is_trivially_copyable_v<T>, "bind_value needs a POD argument struct");
     bind_bytes(index, &value, sizeof(T), name);
   }
+};
+
+// What both backends do with the calls above: remember the kernel and its bindings, check each
+// tensor as the backend needs (check_tensor), and hand them all to run() at dispatch. Metal
+// encodes them on the MPS stream; the emulator copies them into guarded buffers.
+class RecordingLauncher : public Launcher {
+ public:
+  void set_kernel(const std::string& name) final {
+    kernel_ = name;
+    bindings_.clear();
+  }
+  void bind_tensor(int index, const at::Tensor& t, Access access, const char* name) final {
+    check_index(index);
+    check_tensor(t, name);
+    bindings_.push_back({index, t, {}, access, name});
+  }
+  void bind_bytes(int index, const void* data, size_t size, const char* name) final {
+    check_index(index);
+    auto p = static_cast<const unsigned char*>(data);
+    bindings_.push_back({index, at::Tensor(), std::vector<unsigned char>(p, p + size), Access::Read, name});
+  }
+  void dispatch_threads(Dim3 grid, Dim3 threadgroup) final { run(grid, threadgroup, true); }
+  void dispatch_threadgroups(Dim3 groups, Dim3 threadgroup) final { run(groups, threadgroup, false); }
+
+ protected:
+  struct Binding {
+    int index;
+    at::Tensor tensor;  // undefined for bytes
+    std::vector<unsigned char> bytes;
+    Access access;
+    std::string name;
+  };
+  // Rejects a [[buffer(index)]] the backend cannot bind (TORCH_CHECK); by default any index.
+  virtual void check_index(int /*index*/) {}
+  // Rejects a tensor the backend cannot bind (wrong device, not contiguous) with TORCH_CHECK.
+  virtual void check_tensor(const at::Tensor& t, const char* name) = 0;
+  // Runs kernel_ with bindings_ (then clears them); `dispatch_threads` says whether `grid`
+  // counts threads (dispatchThreads) or threadgroups (dispatchThreadgroups).
+  virtual void run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) = 0;
+
+  std::string kernel_;
+  std::vector<Binding> bindings_;
 };
 
 }  // namespace marlin

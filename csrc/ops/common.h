@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 namespace marlin {
@@ -23,6 +24,14 @@ inline const char* kernel_dtype_name(at::ScalarType t) {
 inline void check_activation_dtype(const char* op, const char* arg, at::ScalarType t) {
   TORCH_CHECK_VALUE(kernel_dtype_name(t) != nullptr, op, ": ", arg,
               " must be float16, bfloat16 or float32 (the Metal kernels' types), got ", t);
+}
+
+// Every defined tensor in `ts` must be on weight's device (no silent copies between devices).
+inline void check_on_weight_device(const char* op, const at::Tensor& weight,
+                                   std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    TORCH_CHECK_VALUE(!t->defined() || t->device() == weight.device(), op,
+                      ": all tensors must be on weight's device ", weight.device(), ", got ", t->device());
 }
 
 inline const at::ScalarType kActivationTypes[] = {at::kHalf, at::kBFloat16, at::kFloat};

@@ -6,6 +6,7 @@
 #include "ops/common.h"
 #include "ops/formats.h"
 #include "ops/ops.h"
+#include "ops/weight_args.h"
 #include "shaders/args.h"
 
 namespace marlin {
@@ -31,10 +32,6 @@ enum Slot { kWeight = 0, kScales, kBiases, kGlobalScale, kX, kBias, kOut, kParti
 
 enum class Variant { Gemv, GemvRows, Gemm };
 
-std::string group_name(int group_size) {
-  return group_size == kPerChannel ? "K" : std::to_string(group_size);
-}
-
 const char* variant_name(Variant v) {
   switch (v) {
     case Variant::Gemv: return "gemv";
@@ -51,24 +48,6 @@ std::string kernel_name(Variant v, const FormatInfo& f, at::ScalarType dtype, in
 
 std::string reduce_kernel_name(at::ScalarType dtype) {
   return std::string("marlin_gemm_reduce_") + kernel_dtype_name(dtype);
-}
-
-// Same rules as dequantize's: fp16/bf16/fp32 (or E4M3 for nvfp4) scales, E8M0 bytes for mxfp4.
-uint32_t scale_kind(const FormatInfo& f, const at::Tensor& s, const char* arg) {
-  if (std::string(f.scale_req) == "e8m0") {
-    TORCH_CHECK_VALUE(s.scalar_type() == at::kByte, kOp, ": ", arg, " of format '", f.name,
-                      "' must be uint8 (E8M0 exponents), got ", s.scalar_type());
-    return MARLIN_SCALE_E8M0;
-  }
-  switch (s.scalar_type()) {
-    case at::kHalf: return MARLIN_SCALE_F16;
-    case at::kBFloat16: return MARLIN_SCALE_BF16;
-    case at::kFloat: return MARLIN_SCALE_F32;
-    case at::kFloat8_e4m3fn: return MARLIN_SCALE_E4M3;
-    default:
-      TORCH_CHECK_VALUE(false, kOp, ": ", arg, " must be float16, bfloat16, float32 or float8_e4m3fn, got ",
-                        s.scalar_type());
-  }
 }
 
 // Variant by M (rows of x after flattening):
@@ -106,14 +85,6 @@ std::pair<uint32_t, uint32_t> choose_splits(int64_t M, int64_t N, int64_t K) {
   return {per, ceil_div(K, per)};
 }
 
-void check_group_size(const FormatInfo& f, int64_t group_size) {
-  bool ok = false;
-  for (int g : f.group_sizes) ok |= g == group_size;
-  TORCH_CHECK_VALUE(ok, kOp, ": format '", f.name, "' takes group_size in ",
-                    c10::IntArrayRef(std::vector<int64_t>(f.group_sizes.begin(), f.group_sizes.end())),
-                    ", got ", group_size);
-}
-
 }  // namespace
 
 at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weight,
@@ -121,41 +92,18 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
                 const std::optional<at::Tensor>& global_scale, const std::optional<at::Tensor>& bias,
                 const std::string& format, int64_t group_size) {
   // 1. Checks.
-  const FormatInfo* f = find_format(format);
-  TORCH_CHECK_VALUE(f != nullptr, kOp, ": unknown format '", format, "'");
+  const FormatInfo& f = check_format(kOp, format);
   check_activation_dtype(kOp, "x", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have at least one dimension [..., K]");
-  check_group_size(*f, group_size);
+  check_group_size(kOp, f, group_size);
   const int64_t K = x.size(-1);
   TORCH_CHECK_VALUE(K > 0, kOp, ": x's last dimension K must be positive, got shape ", x.sizes());
   const int64_t G = group_size == kPerChannel ? K : group_size;
   TORCH_CHECK_VALUE(K % G == 0, kOp, ": format '", format, "': in_features K=", K,
                     " is not divisible by group_size=", G);
-  const int64_t words = (K * f->bits + 31) / 32;
-  TORCH_CHECK_VALUE(weight.dim() == 2 && (weight.scalar_type() == at::kUInt32 || weight.scalar_type() == at::kInt),
-                    kOp, ": weight must be uint32 [N, ", words, "], got ", weight.scalar_type(), " ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == words, kOp, ": weight: format '", format, "' with K=", K,
-                    " needs ", words, " words per row, got shape ", weight.sizes());
-  const int64_t N = weight.size(0);
-  TORCH_CHECK_VALUE(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / G, kOp,
-                    ": scales must have shape [", N, ", ", K / G, "], got ", scales.sizes());
-  GemmArgs args{};
-  args.scale_kind = scale_kind(*f, scales, "scales");
-  at::Tensor b, gs, lb;
-  if (f->affine) {
-    TORCH_CHECK_VALUE(biases.has_value() && biases->sizes() == scales.sizes(), kOp,
-                      ": biases must have shape ", scales.sizes(), " for format '", format, "', got ",
-                      biases.has_value() ? biases->sizes() : c10::IntArrayRef{});
-    args.bias_kind = scale_kind(*f, *biases, "biases");
-    b = biases->contiguous();
-  }
-  if (f->global_scale) {
-    TORCH_CHECK_VALUE(global_scale.has_value() && global_scale->numel() == 1 &&
-                          global_scale->scalar_type() == at::kFloat,
-                      kOp, ": global_scale must be a float32 tensor of 1 element for format '", format, "'");
-    gs = global_scale->contiguous();
-  }
+  const WeightArgs w = check_weight_args(kOp, f, weight, scales, biases, global_scale, K, G);
+  const int64_t N = w.n;
+  at::Tensor lb;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, kOp, ": bias must have shape (", N,
                       ",), got ", bias->sizes());
@@ -164,10 +112,10 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
     // The torch op adds bias.float() to the fp32 accumulator; so does the kernel (exact copy).
     lb = bias->to(at::kFloat).contiguous();
   }
-  for (const at::Tensor* t : {&x, &scales, static_cast<const at::Tensor*>(&b),
-                              static_cast<const at::Tensor*>(&gs), static_cast<const at::Tensor*>(&lb)})
-    TORCH_CHECK_VALUE(!t->defined() || t->device() == weight.device(), kOp,
-                      ": all tensors must be on weight's device ", weight.device(), ", got ", t->device());
+  check_on_weight_device(kOp, weight, {&x, &scales, &w.biases, &w.global_scale, &lb});
+  GemmArgs args{};
+  args.scale_kind = w.scale_kind;
+  args.bias_kind = w.bias_kind;
 
   // 2. Flatten the leading dims; non-contiguous x (a transposed view, a slice) is copied once.
   const at::Tensor x2 = x.reshape({-1, K}).contiguous();
@@ -183,14 +131,14 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
   args.m = uint32_t(M);
   args.n = uint32_t(N);
   args.k = uint32_t(K);
-  args.words_per_row = uint32_t(words);
+  args.words_per_row = uint32_t(w.words);
   args.groups_per_row = uint32_t(K / G);
   args.has_bias = lb.defined() ? 1u : 0u;
   const at::Tensor wc = weight.contiguous();
   // A chunk's words are one uint2 (2-bit) or uint4 (4, 8-bit) load when every row and the
   // binding start on that boundary; otherwise scalar words (ChunkLoad in shaders/gemm.h).
-  const int64_t vec = f->bits == 3 ? 0 : std::min(f->bits, 4);
-  args.wide_loads = vec > 0 && words % vec == 0 && wc.storage_offset() % vec == 0 ? 1u : 0u;
+  const int64_t vec = f.bits == 3 ? 0 : std::min(f.bits, 4);
+  args.wide_loads = vec > 0 && w.words % vec == 0 && wc.storage_offset() % vec == 0 ? 1u : 0u;
 
   // x's rows (and every 32-chunk / 8-column offset in them) are 8-element aligned when K is a
   // multiple of 8 and the binding starts aligned: then the kernels read x as 4-vectors.
@@ -204,11 +152,11 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
   args.splits = splits;
 
   // 4./5. Kernel name and buffers in [[buffer(n)]] order.
-  launcher.set_kernel(kernel_name(v, *f, x.scalar_type(), int(group_size)));
+  launcher.set_kernel(kernel_name(v, f, x.scalar_type(), int(group_size)));
   launcher.bind_tensor(kWeight, wc, Access::Read, "weight");
   launcher.bind_tensor(kScales, scales.contiguous(), Access::Read, "scales");
-  if (b.defined()) launcher.bind_tensor(kBiases, b, Access::Read, "biases");
-  if (gs.defined()) launcher.bind_tensor(kGlobalScale, gs, Access::Read, "global_scale");
+  if (w.biases.defined()) launcher.bind_tensor(kBiases, w.biases, Access::Read, "biases");
+  if (w.global_scale.defined()) launcher.bind_tensor(kGlobalScale, w.global_scale, Access::Read, "global_scale");
   launcher.bind_tensor(kX, x2, Access::Read, "x");
   if (lb.defined()) launcher.bind_tensor(kBias, lb, Access::Read, "bias");
   at::Tensor partials;

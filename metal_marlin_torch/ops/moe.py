@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .. import formats as F
-from .reference import ACTIVATION_DTYPES, _same_device
+from .reference import _same_device, check_activation
 
 _ID_DTYPES = (torch.int32, torch.int64)
 
@@ -37,8 +37,7 @@ def check_moe_gemm_args(
     """Validate ``marlin::moe_gemm`` arguments (shapes and dtypes only, no data reads)."""
     fmt = F.get_format(format)
     where = "marlin.moe_gemm"
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise ValueError(f"{where}: x must be float16/bfloat16/float32, got {x.dtype}")
+    check_activation(where, x)
     if x.dim() != 2:
         raise ValueError(f"{where}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
     if expert_ids.dtype not in _ID_DTYPES or tuple(expert_ids.shape) != (x.shape[0],):

@@ -27,6 +27,12 @@ def _same_device(where: str, ref: torch.Tensor, **tensors: torch.Tensor | None) 
             raise ValueError(f"{where}: {name} is on {t.device} but x/weight is on {ref.device}")
 
 
+def check_activation(where: str, x: torch.Tensor) -> None:
+    """``x`` has one of the kernels' activation dtypes (``ACTIVATION_DTYPES``)."""
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{where}: x must be float16/bfloat16/float32, got {x.dtype}")
+
+
 def check_gemm_args(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -39,8 +45,7 @@ def check_gemm_args(
 ) -> F.WeightFormat:
     """Validate ``marlin::gemm`` arguments; returns the format. Errors name the argument."""
     fmt = F.get_format(format)
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise ValueError(f"marlin.gemm: x must be float16/bfloat16/float32, got {x.dtype}")
+    check_activation("marlin.gemm", x)
     if x.dim() < 1:
         raise ValueError("marlin.gemm: x must have at least one dimension [..., K]")
     _same_device("marlin.gemm", weight, x=x, scales=scales, biases=biases,

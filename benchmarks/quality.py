@@ -24,10 +24,8 @@ per row in the JSON, so an interrupted run continues. Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +34,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_common import (  # noqa: E402
     RESULTS,
-    bits_per_weight,
-    densify,
     eval_files,
+    load_pylm,
     machine,
     md_table,
     models_dir,
-    stdlib_root,  # noqa: E402
+    quantized_copy,
+    stdlib_root,
     write_json,
     write_text,
 )
@@ -121,10 +119,7 @@ class PylmBench:
     name = "pylm-s"
 
     def __init__(self, md: Path, tokens: int, calib_samples: int, device: str, stdlib: str | None) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        path = md / "pylm-s"
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
+        self.tok, self.base = load_pylm(md, device)
         ev = eval_files(md, stdlib)
         root = stdlib_root(stdlib)
         cal_files = [root / f for f in C.DEFAULT_STDLIB_FILES if (root / f).is_file()]
@@ -180,12 +175,8 @@ def run_rows(bench: Any, plan: list[tuple[str, int | None, str]], cache: dict[st
             continue
         n, sl = (bench.calib.shape[0], bench.calib.shape[1])
         cfg = quant_config(fmt, group, method, n, sl)
-        model = copy.deepcopy(bench.base)
-        t0 = time.perf_counter()
-        apply(model, cfg, bench.calib)
-        qtime = time.perf_counter() - t0
-        bpw = bits_per_weight(model)
-        densify(model, bench.calib[:1, :64])
+        model, qtime, bpw = quantized_copy(bench.base, lambda m, cfg=cfg: apply(m, cfg, bench.calib),
+                                           bench.calib[:1, :64])
         row = {"model": bench.name, "format": fmt, "group_size": group,
                "method": method, "bits_per_weight": bpw, "quantize_s": qtime, **bench.score(model)}
         cache[key] = row

@@ -6,10 +6,13 @@ override with ``--models-dir`` or ``MARLIN_MODELS_DIR``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
 import sysconfig
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,29 @@ def models_dir(arg: str | None = None) -> Path:
         if (up / "shared" / "models" / "pylm-s").is_dir():
             return up / "shared" / "models"
     raise FileNotFoundError("no shared/models/pylm-s beside the checkout; pass --models-dir")
+
+
+def load_pylm(models: Path, device: str = "cpu") -> tuple[Any, nn.Module]:
+    """``(tokenizer, model)`` of pylm-s: the unquantized model in fp32, eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = models / "pylm-s"
+    tok = AutoTokenizer.from_pretrained(path)
+    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
+
+
+def quantized_copy(
+    base: nn.Module, quantize: Callable[[nn.Module], None], check_input: torch.Tensor
+) -> tuple[nn.Module, float, float]:
+    """``(model, seconds, bits per weight)``: a deep copy of ``base`` quantized in place by
+    ``quantize`` (timed), its stored bits per weight, then densified (checked on ``check_input``)."""
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    quantize(model)
+    seconds = time.perf_counter() - t0
+    bpw = bits_per_weight(model)
+    densify(model, check_input)
+    return model, seconds, bpw
 
 
 def stdlib_root(arg: str | None = None) -> Path:

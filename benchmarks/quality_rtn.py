@@ -11,22 +11,18 @@ stored bits (and bytes) per weight. Writes ``benchmarks/results/quality_rtn.{jso
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_common import (  # noqa: E402
     RESULTS,
-    bits_per_weight,
-    densify,
     eval_files,
+    load_pylm,
     machine,
     md_table,
     models_dir,
+    quantized_copy,
     write_json,
     write_text,
 )
@@ -48,12 +44,8 @@ def main() -> None:
     ap.add_argument("--formats", nargs="*", default=list(FORMATS))
     ap.add_argument("--out", default=str(RESULTS / "quality_rtn"))
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     md = models_dir(args.models_dir)
-    path = md / "pylm-s"
-    tok = AutoTokenizer.from_pretrained(path)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok, base = load_pylm(md)
     windows = eval_windows(tokenize(read_text(eval_files(md)), tok), args.seq_len, args.tokens)
     ref = causal_lm_logprobs(base, windows)
     ref_q = evaluate_causal_lm(base, windows)
@@ -63,12 +55,8 @@ def main() -> None:
     for fmt in args.formats:
         spec = F.get_format(fmt)
         g = args.group_size if args.group_size in spec.group_sizes else F.default_group_size(fmt)
-        model = copy.deepcopy(base)
-        t0 = time.perf_counter()
-        quantize_model(model, QuantConfig(format=fmt, group_size=g))
-        qtime = time.perf_counter() - t0
-        bpw = bits_per_weight(model)
-        densify(model, windows[:1, :128])
+        cfg = QuantConfig(format=fmt, group_size=g)
+        model, qtime, bpw = quantized_copy(base, lambda m, cfg=cfg: quantize_model(m, cfg), windows[:1, :128])
         q = evaluate_causal_lm(model, windows, ref)
         rows.append({"format": fmt, "group_size": g, "bits_per_weight": bpw, "bytes_per_weight": bpw / 8,
                      "quantize_s": qtime, **q.to_dict()})

@@ -368,25 +368,22 @@ class _Builder:
         process has one kernel registry and one fault handler however many are loaded."""
         obj = self.host_object(CSRC / "emu" / "runtime.cpp", RUNTIME_FLAGS, digest, None)
         lib = cache_root() / "lib" / f"libmarlin_emu_runtime-{_sha(self.version, obj.name)[:16]}.so"
-        if lib.exists():
-            return lib
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as td:
-            tmp = Path(td) / "lib.so"
-            _run([self.cxx, "-shared", str(obj), "-lpthread", "-o", str(tmp)], "linking the emulator runtime")
-            _atomic_write(lib, tmp.read_bytes())
-        return lib
+        return self._shared_library(lib, [str(obj), "-lpthread"], "linking the emulator runtime")
 
     def link(self, objs: Sequence[Path], name: str) -> Path:
         _, link = _torch_flags()
         key = _sha(self.version, name, *[o.name for o in objs])
         lib = cache_root() / "lib" / f"{name}-{key[:16]}.so"
+        return self._shared_library(lib, [*map(str, objs), *link], f"linking {name}")
+
+    def _shared_library(self, lib: Path, args: Sequence[str], what: str) -> Path:
+        """``lib`` from the cache, or linked now from ``args`` (objects and flags) and cached."""
         if lib.exists():
             return lib
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as td:
             tmp = Path(td) / "lib.so"
-            _run([self.cxx, "-shared", *map(str, objs), *link, "-o", str(tmp)], f"linking {name}")
+            _run([self.cxx, "-shared", *args, "-o", str(tmp)], what)
             _atomic_write(lib, tmp.read_bytes())
         return lib
 

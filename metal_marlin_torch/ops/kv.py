@@ -91,10 +91,15 @@ def check_cache(where: str, packed: torch.Tensor, norms: torch.Tensor, codebook:
     if codebook.dtype != torch.float32 or tuple(codebook.shape) != (2 ** bits,):
         raise ValueError(f"{where}: codebook must be float32 [{2 ** bits}] for bits={bits}, "
                          f"got {codebook.dtype} {tuple(codebook.shape)}")
-    for name, t in (("norms", norms), ("codebook", codebook)):
+    check_on_packed_device(where, packed, norms=norms, codebook=codebook)
+    return h, c, d
+
+
+def check_on_packed_device(where: str, packed: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Each of ``tensors`` is on ``packed``'s device (no silent copies); errors name the tensor."""
+    for name, t in tensors.items():
         if t.device != packed.device:
             raise ValueError(f"{where}: {name} is on {t.device} but packed is on {packed.device}")
-    return h, c, d
 
 
 def check_out(where: str, out: torch.Tensor, required: int, device: torch.device) -> None:
@@ -125,9 +130,7 @@ def check_quantize_args(x: torch.Tensor, positions: torch.Tensor, packed: torch.
     if positions.dtype != torch.int64 or tuple(positions.shape) != (n,):
         raise ValueError(f"{where}: positions must be int64 [{n}] (one per token of x), "
                          f"got {positions.dtype} {tuple(positions.shape)}")
-    for name, t in (("x", x), ("positions", positions)):
-        if t.device != packed.device:
-            raise ValueError(f"{where}: {name} is on {t.device} but packed is on {packed.device}")
+    check_on_packed_device(where, packed, x=x, positions=positions)
     return h, n, d
 
 

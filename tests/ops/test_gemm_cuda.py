@@ -142,6 +142,8 @@ def test_3d_and_non_contiguous_input():
     ("dequant", None),
 ])
 def test_forced_paths_and_configs(fmt, group, path, config):
+    if DEVICE == "cpu" and getattr(config, "asm", False) and fmt == "int4":
+        pytest.skip("Triton interpreter: no inline PTX")
     k, n, m = 1024, 48, 5
     weight, scales, biases, gscale, bias = make(fmt, group, n, k)
     x = (torch.randn(m, k) / k**0.5).to(ACT)
@@ -244,20 +246,26 @@ def test_kernel_scales(fmt):
 
 
 @pytest.mark.parametrize("fmt,group,k", [("int4", 32, 256), ("int3", -1, 100), ("nf3", 64, 192),
-                                         ("mxfp4", 32, 128), ("int8", -1, 40)])
+                                         ("mxfp4", 32, 128), ("int8", -1, 40), ("nf4", -1, 60)])
 def test_prepared_weight_is_k_major(fmt, group, k):
     """docs/CUDA.md: word w of row n moves to [w, n]; 3-bit rows padded to whole 3-word units;
-    scales and biases transposed; mxfp4 scales become float32 2^(e - 127)."""
+    4-bit words hold their codes in pair order; scales and biases transposed; mxfp4 scales
+    become float32 2^(e - 127)."""
     n = 6
+    bits = F.get_format(fmt).bits
     weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
     pw = D.prepare_cuda_weight(weight, scales, biases, gscale, fmt, group, k)
     kw = weight.shape[1]
+    expected = weight
+    if bits == 4:  # pair order = the canonical packing of each word's codes 0,2,4,6,1,3,5,7
+        codes = F.unpack(weight, 4, 8 * kw).reshape(n, kw, 8)[:, :, [0, 2, 4, 6, 1, 3, 5, 7]]
+        expected = F.pack(codes.reshape(n, 8 * kw), 4)
     assert pw.weight.dtype == torch.int32 and pw.weight.is_contiguous()
-    assert torch.equal(pw.weight[:kw], weight.view(torch.int32).t())
+    assert torch.equal(pw.weight[:kw], expected.view(torch.int32).t())
     assert not pw.weight[kw:].any()
     if fmt in ("int3", "nf3"):
         assert pw.weight.shape[0] == 3 * -(-k // 32)
-    assert torch.equal(L.from_k_major(pw.weight, k, F.get_format(fmt).bits), weight)
+    assert torch.equal(L.from_k_major(pw.weight, k, bits), weight)
     if fmt == "mxfp4":
         assert torch.equal(pw.scales, torch.exp2(scales.float() - 127).t())
     else:
@@ -305,13 +313,18 @@ def test_dispatch_tables_are_valid(m, n, k, bits):
 
 def test_wide_layers_at_128_rows_run_fused():
     int4, fp4, nf4 = (L.kernel_format(f) for f in ("int4", "fp4", "nf4"))
-    assert D.choose_path(128, 14336, 132, int4, True) == "gemm"  # 224 tiles of 64, 132 SMs
-    assert D.choose_path(100, 14336, 132, fp4, True) == "gemm"
-    assert D.choose_path(128, 14336, 132, fp4, False) == "dequant"  # groups of 16 / 32
-    assert D.choose_path(128, 14336, 132, nf4, True) == "dequant"  # table decode: slow fused
-    assert D.choose_path(128, 4096, 132, int4, True) == "dequant"  # 64 tiles
-    assert D.choose_path(129, 14336, 132, int4, True) == "dequant"
-    assert D.choose_path(512, 14336, 132, int4, True) == "dequant"
+    # int4: the A-operand kernel on layers of more than 2^25 weights (docs/CUDA.md)
+    assert D.choose_path(128, 14336, 132, int4, True, 4096) == "gemm"
+    assert D.choose_path(128, 4096, 132, int4, True, 14336) == "gemm"
+    assert D.choose_path(128, 4096, 132, int4, True, 4096) == "dequant"  # 16.8 M weights
+    assert D.choose_path(128, 14336, 132, int4, False, 4096) == "dequant"  # groups below 64
+    assert D.choose_path(129, 14336, 132, int4, True, 4096) == "dequant"
+    assert D.choose_path(512, 14336, 132, int4, True, 4096) == "dequant"
+    # E2M1: the generic tile on the wide layers (224 tiles of 64 features on 132 SMs)
+    assert D.choose_path(100, 14336, 132, fp4, True, 4096) == "gemm"
+    assert D.choose_path(128, 4096, 132, fp4, True, 14336) == "dequant"
+    assert D.choose_path(128, 14336, 132, fp4, False, 4096) == "dequant"  # groups of 16 / 32
+    assert D.choose_path(128, 14336, 132, nf4, True, 4096) == "dequant"  # table decode: slow fused
 
 
 @needs_kernels
@@ -319,7 +332,7 @@ def test_wide_layers_at_128_rows_run_fused():
 @pytest.mark.parametrize("asm", [False, True])
 @pytest.mark.parametrize("group,k", [(64, 384), (-1, 200)])
 def test_int4_pair_kernel(dtype, asm, group, k):
-    """The int4 two-codes-per-op GEMM in both decode modes, both 16-bit dtypes, grouped and
+    """The int4 A-operand GEMM in both decode modes, both 16-bit dtypes, grouped and
     per-channel (K = 200: the last word half empty, the last K tile partial)."""
     if DEVICE == "cpu" and (asm or dtype == torch.bfloat16):
         pytest.skip("Triton interpreter: no inline PTX, no bf16 tl.dot")
@@ -340,3 +353,18 @@ def test_info_reports_availability():
         assert not info["available"] and info["reason"]
         assert C.register() is False
         assert ops.active_kernels("cuda")["gemm"] == "torch"
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [5, 16, 31, 64, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_default_tiles(m, bias):
+    """``gemm_int4_kernel`` with the default tiles of every M range (N = 192: the last
+    128-feature tile partial)."""
+    k, n = 512, 192
+    weight, scales, biases, gscale, b = make("int4", 128, n, k, bias=bias)
+    cfg = D.default_int4_config(m, n, k, 132)
+    assert D.pairs_eligible(L.kernel_format("int4"), ACT, 128, k, cfg.block_k)
+    x = (torch.randn(m, k) / k**0.5).to(ACT)
+    y = fast(x, weight, scales, biases, gscale, b, "int4", 128, path="gemm")
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", 128), ACT)

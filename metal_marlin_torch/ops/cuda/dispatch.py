@@ -33,6 +33,10 @@ DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton
 # cuBLAS (benchmarks/results/sweep_h100_gemm_pairs.json); at N = 4096 (64 tiles) 0.26x vs 0.54x.
 FUSED_MAX_M = 128
 FUSED_MIN_TILES_PER_SM = 1.5
+# int4 at M = 65-128 (gemm_int4_kernel, benchmarks/results/sweep_h100_int4_a.json): 0.81x dense at
+# 4096 x 14336 and 0.53x at 14336 x 4096 against 0.65x / 0.48x before; at 4096 x 4096 (16.8 M
+# weights) 0.43x against 0.54x for dequantize + cuBLAS, which stays there.
+FUSED_INT4_MIN_WEIGHTS = 1 << 25
 PATHS = ("gemv", "gemm", "dequant")
 
 
@@ -83,8 +87,9 @@ class GemmConfig:
     split_k: int
     num_warps: int
     num_stages: int
-    group_m: int = 8
-    pairs: bool = True  # int4 affine, bf16/fp16: gemm_int4_kernel (two codes per 32-bit op)
+    group_m: int = 8  # tiles grouped for L2 reuse (M tiles; weight tiles in gemm_int4_kernel)
+    pairs: bool = True  # int4 affine, bf16/fp16: gemm_int4_kernel (weight as the A operand;
+    #                     block_n output features, block_m activation rows per tile)
     asm: bool = False  # its scale and bias in packed bf16x2/f16x2 PTX (faster, less exact)
 
 
@@ -191,7 +196,9 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     sweep_h100_gemv_m1_b.json, ~12% ahead of 8 x 128 with 4 warps in the same run), 8 x 128 with
     4 warps for the others (3% ahead for fp4); each thread holds 16-byte vectors = one word of 4
     features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give every SM
-    two programs (never for the Llama shapes)."""
+    one program: at N = 4096 (256 programs of 16 features on 132 SMs) splitting in two cost
+    the zeroed fp32 buffer, the atomics and the cast, 11.7 us against 8.1 us unsplit on the H100
+    (the "harness disagreement" of an earlier docs/CUDA.md: the tuner ran unsplit configs)."""
     if m == 1:
         block_m, chunk = 1, 128
         block_n, warps = (16, 8) if decode == layout.DECODE_INT else (8, 4)
@@ -202,50 +209,69 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     programs = -(-n // block_n) * -(-m // block_m)
     steps = -(-layout.items_per_row(k, bits) // chunk)
     split = 1
-    if programs < 2 * sms:
+    if programs < sms:  # not one program per SM: split K (fp32 atomics, a zeroed buffer, a cast)
         split = max(1, min(steps // 2, -(-2 * sms // programs)))
     return GemvConfig(block_m, block_n, chunk, split, warps)
 
 
 def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConfig:
-    """Tile by M, tuned on an H100 (benchmarks/results/sweep_h100.json): a 16-row tile with
-    split-K 4 up to M = 16, 32 rows split 2 up to 32, 64 x 64 split 2 up to 64 (split-K gives
-    the narrow-M tiles enough programs to keep the weight stream busy). int4 uses the
-    two-codes-per-op kernel up to M = 32 (benchmarks/results/sweep_h100_gemm_pairs.json: M = 16
-    geo-mean 1.04x dense vs 0.99x, M = 32 0.69x vs 0.66x), the generic tile decode above."""
+    """``gemm_kernel`` tiles by M, tuned on an H100 (benchmarks/results/sweep_h100.json): a
+    16-row tile with split-K 4 up to M = 16, 32 rows split 2 up to 32, 64 x 64 split 2 up to 64
+    (split-K gives the narrow-M tiles enough programs to keep the weight stream busy). int4 with
+    16-bit activations runs ``gemm_int4_kernel`` with :func:`default_int4_config` instead."""
     if m <= 16:
         cfg = GemmConfig(16, 64, 128, 4, 4, 4)
     elif m <= 32:
         cfg = GemmConfig(32, 64, 128, 2, 4, 4)
-    elif m <= 64:  # the generic tile decode: 0.54x vs 0.49x dense for the int4 pair kernel
+    elif m <= 64:
         cfg = GemmConfig(64, 64, 64, 2, 4, 4, pairs=False)
-    else:  # likewise 0.64x vs 0.47x (4096 x 14336, M = 128)
+    else:  # 4096 x 14336, M = 128: 0.64x dense vs 0.47x for the 64 x 64 tile
         cfg = GemmConfig(128, 64, 64, 1, 4, 4, pairs=False)
+    return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
+
+
+def default_int4_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
+    """``gemm_int4_kernel`` tiles, tuned on an H100 (benchmarks/results/sweep_h100_int4_a.json):
+    16 rows x 64 features split-K 4 up to M = 16; 128 x 128 over all of K where the 128-row,
+    128-feature tiles alone nearly fill the GPU (4096 x 14336 at M = 128), else 64 x 128 split 2.
+    ``block_n`` (features) is the MMA's M: 64 per warpgroup."""
+    if m <= 16:
+        cfg = GemmConfig(16, 64, 128, 4, 4, 3)
+    elif m <= 32:
+        cfg = GemmConfig(32, 64, 128, 4, 4, 3)
+    elif m <= 64 or -(-m // 128) * -(-n // 128) < 0.75 * sms:
+        cfg = GemmConfig(64, 128, 64, 2, 8, 4)
+    else:
+        cfg = GemmConfig(128, 128, 128, 1, 8, 3)
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
 
 
 def pairs_eligible(kf: KernelFormat, dtype: torch.dtype, group: int, k: int, block_k: int) -> bool:
     """``gemm_int4_kernel`` applies: 4-bit affine codes, bf16/fp16 activations, a tile of
-    ``block_k`` inputs (>= 32, so each half-tile dot has 16) inside one scale group."""
+    ``block_k`` inputs (a multiple of 16: the MMA's K) inside one scale group."""
     return (kf.decode == layout.DECODE_INT and kf.bits == 4 and kf.affine
-            and dtype in (torch.bfloat16, torch.float16) and block_k >= 32 and block_k % 8 == 0
+            and dtype in (torch.bfloat16, torch.float16) and block_k >= 16 and block_k % 16 == 0
             and (group % block_k == 0 or group == k))
 
 
 def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
-                group_tiles: bool = False) -> str:
-    """``gemv`` up to GEMV_MAX_M rows, ``gemm`` below DEQUANT_MIN_M and, for int4 / E2M1
-    formats whose scale groups hold whole 64-input tiles (``group_tiles``: measured with group
-    128), for the wide layers of FUSED_MAX_M rows at most (see the constants), else
+                group_tiles: bool = False, k: int = 0) -> str:
+    """``gemv`` up to GEMV_MAX_M rows, ``gemm`` below DEQUANT_MIN_M; up to FUSED_MAX_M rows also
+    ``gemm`` for 4-bit formats whose scale groups hold whole 64-input tiles (``group_tiles``:
+    measured with group 128): int4 (``gemm_int4_kernel``) on layers of more than
+    FUSED_INT4_MIN_WEIGHTS weights, E2M1 on the wide layers (see the constants); else
     ``dequant``. (Table formats stay on ``dequant``: nf4 ran 0.06x dense fused at 4096 x 14336,
     M = 128, the table lookups of a 128 x 64 tile serializing.)"""
     if m <= GEMV_MAX_M:
         return "gemv"
     if m < DEQUANT_MIN_M:
         return "gemm"
+    if m > FUSED_MAX_M or not group_tiles or kf is None or kf.bits != 4:
+        return "dequant"
+    if kf.decode == layout.DECODE_INT and k * n > FUSED_INT4_MIN_WEIGHTS:
+        return "gemm"
     wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
-    if m <= FUSED_MAX_M and wide and group_tiles and kf is not None and kf.bits == 4 and kf.decode in (
-            layout.DECODE_INT, layout.DECODE_E2M1):
+    if kf.decode == layout.DECODE_E2M1 and wide:
         return "gemm"
     return "dequant"
 
@@ -275,7 +301,7 @@ def gemm_prepared(
     if m == 0 or n == 0:
         return x.new_zeros(*lead, n)
     sms = _sm_count(x.device)
-    path = path or choose_path(m, n, sms, pw.kfmt, pw.group % 64 == 0 or pw.group == k)
+    path = path or choose_path(m, n, sms, pw.kfmt, pw.group % 64 == 0 or pw.group == k, k)
     if path not in PATHS:
         raise ValueError(f"gemm_prepared: path must be one of {PATHS}, got {path!r}")
     kf = pw.kfmt
@@ -326,7 +352,11 @@ def gemm_prepared(
         )
         return y.to(x.dtype).reshape(*lead, n)
 
-    cfg = config or default_gemm_config(m, n, k, kf.bits, sms)
+    cfg = config
+    if cfg is None:
+        cfg = default_int4_config(m, n, k, sms)
+        if not pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
+            cfg = default_gemm_config(m, n, k, kf.bits, sms)
     if not isinstance(cfg, GemmConfig):
         raise TypeError(f"gemm_prepared: gemm path takes a GemmConfig, got {type(cfg).__name__}")
     k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
@@ -339,8 +369,8 @@ def gemm_prepared(
         kernels.gemm_int4_kernel[grid](
             x2, pw.weight, pw.scales, biases, bias_arg, y,
             m, n, k, pw.weight.shape[0], group, k_per_split, x2.stride(0), y.stride(0),
-            AFFINE=kf.affine, HAS_BIAS=has_bias, FP16=x.dtype == torch.float16, ASM=cfg.asm,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            HAS_BIAS=has_bias, FP16=x.dtype == torch.float16, ASM=cfg.asm,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_m,
             SPLIT_K=split, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return y.to(x.dtype).reshape(*lead, n)
@@ -370,6 +400,7 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
 
 __all__ = [
     "DEQUANT_MIN_M", "FUSED_MAX_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "PreparedWeight", "choose_path",
-    "clear_weight_cache", "default_gemm_config", "default_gemv_config", "gemm", "gemm_prepared",
+    "clear_weight_cache", "default_gemm_config", "default_gemv_config", "default_int4_config", "gemm",
+    "gemm_prepared",
     "interpreting", "prepare_cuda_weight", "set_weight_cache",
 ]

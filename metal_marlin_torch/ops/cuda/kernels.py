@@ -70,6 +70,15 @@ def _ld(ptrs, mask, EVEN: tl.constexpr):
         return tl.load(ptrs, mask=mask, other=0)
 
 
+@triton.constexpr_function
+def _slot_shift(c, bits):
+    """Bit position of code slot ``c`` in a K-major word: ``c * bits``, except that 4-bit words
+    hold their 8 codes in *pair order* (``layout.pair_order``: even slots in the low half, odd
+    slots in the high half) so that ``(w >> 4j) & 0x000F000F`` is the pair (2j, 2j + 1)."""
+    c, bits = int(c), int(bits)
+    return (c % 2) * 16 + (c // 2) * 4 if bits == 4 else c * bits
+
+
 @triton.jit
 def _int_field(w, C: tl.constexpr, BITS: tl.constexpr):
     """float32 value of code slot ``C`` of words ``w`` (2/4/8-bit integer codes) in two ops.
@@ -78,7 +87,7 @@ def _int_field(w, C: tl.constexpr, BITS: tl.constexpr):
     ``2^23 + q * 2^SH``; one FMA by ``2^-SH`` minus ``2^(23-SH)`` returns ``q`` exactly. Fields
     that would reach bit 23 (the exponent) are taken from ``w >> 12`` instead.
     """
-    SH0: tl.constexpr = C * BITS
+    SH0: tl.constexpr = _slot_shift(C, BITS)
     if SH0 + BITS <= 23:
         SH: tl.constexpr = SH0
         src = w
@@ -230,7 +239,7 @@ def gemv_kernel(
             elif DECODE == 0:
                 v = _int_field(w, c, BITS)
             else:
-                v = _decode((w >> (c * BITS)) & MASK, lut_ptr, DECODE)  # [CH, BN]
+                v = _decode((w >> _slot_shift(c, BITS)) & MASK, lut_ptr, DECODE)  # [CH, BN]
             kk = items * CPI + c
             if not EVEN:
                 ok_k = kk < K
@@ -316,7 +325,11 @@ def _dequant_tile(
         offs_w = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
         wmask = (offs_w * CPW < K)[:, None] & n_ok[None, :]
         wv = _ld(w_ptr + offs_w[:, None] * N + offs_n[None, :], wmask, EVEN)
-        shifts = (tl.arange(0, CPW) * BITS).to(tl.uint32)
+        slots = tl.arange(0, CPW)
+        if BITS == 4:  # pair order (docs/CUDA.md): slot c at bit 16 * (c % 2) + 4 * (c // 2)
+            shifts = ((slots % 2) * 16 + (slots // 2) * 4).to(tl.uint32)
+        else:
+            shifts = (slots * BITS).to(tl.uint32)
         q = wv.to(tl.uint32, bitcast=True)[:, None, :] >> shifts[None, :, None]
         q = tl.reshape(q, [BLOCK_K, BLOCK_N])  # row k = word * CPW + slot: input order
     q = q & ((1 << BITS) - 1)
@@ -420,65 +433,69 @@ def dequant_kernel(
              mask=(kk < K)[:, None] & n_ok[None, :])
 
 
-# ---- int4 affine GEMM: two codes per 32-bit op ----------------------------------------------
+# ---- int4 affine GEMM: the weight as the MMA's A operand, two codes per 32-bit op -----------
 
-# (128 + q, 128 + q') as two bf16 in one word -> s * q + b for both, packed bf16x2 arithmetic:
-# one exact FMA by 1 minus 128 gives q exactly (integers below 2^8), then one rounding of
-# s * q + b. fp16 uses 1024 + q (0x6400) the same way.
+# Packed decode of one pair word (two codes as 16-bit 128 + q / 1024 + q, see gemm_int4_kernel):
+# one exact packed FMA removes the offset, one applies the group's scale and bias, both in
+# bf16x2 / f16x2 (scale and bias rounded to the activation dtype first: the fast, less exact
+# option ``GemmConfig.asm``).
 _PAIR_BF16 = tl.constexpr("""{
 .reg .b32 v, sb, bb, one, off;
 mov.b32 one, 0x3F803F80;
 mov.b32 off, 0xC300C300;
-fma.rn.bf16x2 v, $2, one, off;
-mov.b32 sb, {$3, $3};
-mov.b32 bb, {$4, $4};
-fma.rn.bf16x2 v, v, sb, bb;
-mov.b32 {$0, $1}, v;
+fma.rn.bf16x2 v, $1, one, off;
+mov.b32 sb, {$2, $2};
+mov.b32 bb, {$3, $3};
+fma.rn.bf16x2 $0, v, sb, bb;
 }""")
 _PAIR_FP16 = tl.constexpr("""{
 .reg .b32 v, sb, bb, off;
 mov.b32 off, 0x64006400;
-sub.f16x2 v, $2, off;
-mov.b32 sb, {$3, $3};
-mov.b32 bb, {$4, $4};
-fma.rn.f16x2 v, v, sb, bb;
-mov.b32 {$0, $1}, v;
+sub.f16x2 v, $1, off;
+mov.b32 sb, {$2, $2};
+mov.b32 bb, {$3, $3};
+fma.rn.f16x2 $0, v, sb, bb;
 }""")
 
 
 @triton.jit
-def _int4_pair_decode(t, s, b, FP16: tl.constexpr, ASM: tl.constexpr, ROWS: tl.constexpr,
-                      COLS: tl.constexpr):
-    """Words ``t`` holding ``MAGIC | q`` in each 16-bit half -> (lo, hi) ``s * q + b`` in the
-    activation dtype; ``s``, ``b``: float32 ``[1, BLOCK_N]`` scale and bias of the tile.
+def _int4_a_tile(wv, s, b, FP16: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """K-major words ``wv [BLOCK_N, BLOCK_K / 8]`` (4-bit pair order, docs/CUDA.md) -> the A
+    tile ``[BLOCK_N, BLOCK_K]`` of ``s * q + b`` in the activation dtype, inputs in K order.
 
-    ``ASM``: packed bf16x2 / f16x2 arithmetic by inline PTX (scale and bias rounded to the
-    activation dtype first). Else float32: for bf16 a half's bits shifted into a float32's top
-    half are ``128 + q`` exactly (one op), then one FMA with the bias ``b - 128 s``; for fp16
-    the 2^23 magic number gives ``q``.
+    ``(w >> 4j) & 0x000F000F`` holds codes 2j and 2j + 1 of the word in its two 16-bit halves:
+    exactly the pair of consecutive inputs one 32-bit register of an MMA A fragment holds. The
+    halves are joined along a new minor axis and reshaped to input order; Triton keeps that in
+    registers (no shared-memory round trip: the packed words are what the pipeline stages).
     """
-    if ASM:  # 16-bit operands travel as int16 (bit patterns) through the asm
-        dt = tl.float16 if FP16 else tl.bfloat16
-        si = tl.broadcast_to(s.to(dt).to(tl.int16, bitcast=True), [ROWS, COLS])
-        bi = tl.broadcast_to(b.to(dt).to(tl.int16, bitcast=True), [ROWS, COLS])
-        lo, hi = tl.inline_asm_elementwise(_PAIR_FP16 if FP16 else _PAIR_BF16, "=h,=h,r,h,h",
-                                           [t, si, bi], dtype=(tl.int16, tl.int16),
-                                           is_pure=True, pack=1)
-        lo = lo.to(dt, bitcast=True)
-        hi = hi.to(dt, bitcast=True)
-    elif FP16:
-        u = t.to(tl.uint32, bitcast=True)
-        ql = ((u & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        qh = (((u >> 16) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        lo = (ql * s + b).to(tl.float16)
-        hi = (qh * s + b).to(tl.float16)
+    dt: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
+    shifts = tl.arange(0, 4) * 4
+    t = (wv[:, :, None] >> shifts[None, None, :]) & 0x000F000F  # [BN, BK / 8, 4]
+    if ASM:
+        si = tl.broadcast_to(s.to(dt).to(tl.int16, bitcast=True)[:, None, None],
+                             [BLOCK_N, BLOCK_K // 8, 4])
+        bi = tl.broadcast_to(b.to(dt).to(tl.int16, bitcast=True)[:, None, None],
+                             [BLOCK_N, BLOCK_K // 8, 4])
+        magic = 0x64006400 if FP16 else 0x43004300  # 1024 + q (fp16), 128 + q (bf16)
+        v = tl.inline_asm_elementwise(_PAIR_FP16 if FP16 else _PAIR_BF16, "=r,r,h,h",
+                                      [t | magic, si, bi], dtype=tl.int32, is_pure=True, pack=1)
+        lo = v.to(tl.int16).to(dt, bitcast=True)
+        hi = (v >> 16).to(tl.int16).to(dt, bitcast=True)
     else:
-        b128 = b - 128.0 * s
-        fl = (t << 16).to(tl.float32, bitcast=True)  # 128 + q_lo
-        fh = (t & -65536).to(tl.float32, bitcast=True)  # 128 + q_hi (0xFFFF0000)
-        lo = (fl * s + b128).to(tl.bfloat16)
-        hi = (fh * s + b128).to(tl.bfloat16)
-    return lo, hi
+        s3 = s[:, None, None]
+        if FP16:  # q by the 2^23 magic number (the subtraction is exact, 2^23 * s would not be)
+            ql = ((t & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            qh = ((t >> 16) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            b3 = b[:, None, None]
+        else:  # bf16 128 + q in each half; a half's bits in a float32's top half: one op each
+            t = t | 0x43004300
+            ql = (t << 16).to(tl.float32, bitcast=True)
+            qh = (t & -65536).to(tl.float32, bitcast=True)  # 0xFFFF0000
+            b3 = (b - 128.0 * s)[:, None, None]
+        lo = (ql * s3 + b3).to(dt)
+        hi = (qh * s3 + b3).to(dt)
+    return tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_K])
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -489,72 +506,65 @@ def gemm_int4_kernel(
     G,  # group length (K when per-channel); a multiple of BLOCK_K, or K
     K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
     stride_xm, stride_ym,
-    AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     FP16: tl.constexpr,  # activations fp16 (else bf16)
-    ASM: tl.constexpr,  # packed decode by inline PTX (else the same math in float32)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    ASM: tl.constexpr,  # packed bf16x2 / f16x2 decode (else float32 FMA per code, exact scale)
+    BLOCK_M: tl.constexpr,  # activation rows per tile (the MMA's N)
+    BLOCK_N: tl.constexpr,  # output features per tile (the MMA's M: 64 per warpgroup on Hopper)
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,  # weight tiles whose M tiles run next to each other (L2 reuse)
+    SPLIT_K: tl.constexpr,
     EVEN: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0, N % BLOCK_N == 0: weight loads unmasked
 ):
-    """``y = x @ W_hat.T (+ bias)`` for 4-bit affine codes, bf16/fp16 activations.
+    """``y = x @ W_hat.T (+ bias)`` for 4-bit affine codes, bf16/fp16 activations, computed
+    as ``y^T = W_hat @ x^T``: the weight is the MMA's A operand.
 
-    A K step loads the tile's ``[BLOCK_K / 8, BLOCK_N]`` K-major words once and decodes two
-    codes per 32-bit operation: ``(w >> 4j) & 0x000F000F | MAGIC`` holds codes ``j`` and
-    ``j + 4`` of the word as two bf16 ``128 + q`` (fp16: ``1024 + q``); one packed FMA removes
-    the offset exactly and one packed FMA applies the group's scale and bias (a tile lies in
-    one group). The two halves go to two ``tl.dot`` calls of ``BLOCK_K / 2`` inputs each
-    against the matching activation columns (a dot does not care about the order of K).
+    Why A: Hopper's wgmma (and mma.sync) take A from registers, so the tile decoded in
+    registers goes straight into the MMA; as the B operand it would be written to shared memory
+    and read back for every tile. The pipeline stages only the packed words (4 bits per weight)
+    and the activation tile in shared memory. Each K step loads ``[BLOCK_N, BLOCK_K / 8]``
+    K-major words, decodes two codes per 32-bit operation (:func:`_int4_a_tile`: a tile lies in
+    one scale group, so the scale and bias are one value per feature) and multiplies with the
+    ``[BLOCK_K, BLOCK_M]`` activation tile, fp32 accumulation.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    # M tiles of GROUP_N consecutive weight tiles run together: each weight tile is read from
+    # DRAM once while its M tiles are resident, the activations stay in L2
+    width = GROUP_N * num_m
+    first_n = (pid // width) * GROUP_N
+    group_cols = tl.minimum(num_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % width) % group_cols
+    pid_m = (pid % width) // group_cols
 
-    R: tl.constexpr = BLOCK_K // 8
-    MAGIC: tl.constexpr = 0x64006400 if FP16 else 0x43004300
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R)
-    c = tl.arange(0, BLOCK_K // 2)
-    k_lo = (c // 4) * 8 + c % 4  # input of row c of the low-half tile (code j of word c // 4)
-    shifts = (tl.arange(0, 4) * 4).to(tl.uint32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_w = tl.arange(0, BLOCK_K // 8)
+    offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_cols = x_ptr + offs_m[None, :] * stride_xm
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):  # past K all loads are masked
-        kl = k0 + k_lo
-        kh = kl + 4
-        x_lo = tl.load(x_rows + kl[None, :], mask=m_ok[:, None] & (kl < K)[None, :], other=0.0)
-        x_hi = tl.load(x_rows + kh[None, :], mask=m_ok[:, None] & (kh < K)[None, :], other=0.0)
-        offs_w = k0 // 8 + offs_r
-        wv = _ld(w_ptr + offs_w[:, None] * N + offs_n[None, :],
-                 (offs_w < KW)[:, None] & n_ok[None, :], EVEN).to(tl.uint32, bitcast=True)
-        t = ((wv[:, None, :] >> shifts[None, :, None]) & 0x000F000F) | MAGIC
-        t = tl.reshape(t, [BLOCK_K // 2, BLOCK_N]).to(tl.int32, bitcast=True)
-        g = k0 // G
-        sg = g * N + offs_n
+        wr = k0 // 8 + offs_w
+        wv = _ld(w_ptr + wr[None, :] * N + offs_n[:, None],
+                 (wr < KW)[None, :] & n_ok[:, None], EVEN).to(tl.uint32, bitcast=True)
+        kk = k0 + offs_k
+        xa = tl.load(x_cols + kk[:, None], mask=m_ok[None, :] & (kk < K)[:, None], other=0.0)
+        sg = (k0 // G) * N + offs_n
         s = _ld(s_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
-        if AFFINE:
-            b = _ld(b_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
-        else:
-            b = tl.zeros_like(s)
-        lo, hi = _int4_pair_decode(t, s[None, :], b[None, :], FP16, ASM, BLOCK_K // 2, BLOCK_N)
-        acc = tl.dot(x_lo, lo, acc)
-        acc = tl.dot(x_hi, hi, acc)
+        b = _ld(b_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
+        acc = tl.dot(_int4_a_tile(wv, s, b, FP16, ASM, BLOCK_N, BLOCK_K), xa, acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SPLIT_K > 1:
             bias = bias * (pid_k == 0).to(tl.float32)
-        acc += bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_mask = m_ok[:, None] & n_ok[None, :]
+        acc += bias[:, None]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    out_mask = m_ok[None, :] & n_ok[:, None]
     if SPLIT_K > 1:
         tl.atomic_add(y_ptrs, acc, mask=out_mask)
     else:

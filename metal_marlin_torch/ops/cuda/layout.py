@@ -4,7 +4,8 @@
   format table in :mod:`metal_marlin_torch.formats` (the one place formats are defined).
 * :func:`kernel_scales`: group scales as a float tensor the kernels multiply by (E8M0 bytes of
   ``mxfp4`` and E4M3 scales times ``global_scale`` of ``nvfp4`` become float32).
-* :func:`k_major`: the load-time repack of docs/CUDA.md (``[N, KW]`` -> ``[KW, N]``).
+* :func:`k_major`: the load-time repack of docs/CUDA.md (``[N, KW]`` -> ``[KW, N]``; 4-bit
+  words in :func:`pair_order`).
 * :func:`items_per_row` / :func:`items_per_group`: the GEMV kernel's unit of work along K.
 """
 
@@ -137,11 +138,35 @@ def items_per_group(group: int, k: int, bits: int) -> int:
     return group // 32 if bits == 3 else group * bits // 32
 
 
+def pair_order(words: torch.Tensor) -> torch.Tensor:
+    """4-bit words with their 8 codes re-placed in *pair order*: code ``2j`` at bit ``4j``,
+    code ``2j + 1`` at bit ``16 + 4j``, so that ``(w >> 4j) & 0x000F000F`` holds the pair of
+    consecutive inputs (2j, 2j + 1) in its two 16-bit halves (what one 32-bit register of an
+    MMA A fragment holds; docs/CUDA.md). ``int32`` in, ``int32`` out, same shape."""
+    u = words.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(u)
+    for j in range(4):
+        out |= ((u >> (8 * j)) & 0xF) << (4 * j)
+        out |= ((u >> (8 * j + 4)) & 0xF) << (16 + 4 * j)
+    return (out - ((out >> 31) << 32)).to(torch.int32)  # back to int32's range, same bits
+
+
+def canonical_order(words: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pair_order`."""
+    u = words.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    out = torch.zeros_like(u)
+    for j in range(4):
+        out |= ((u >> (4 * j)) & 0xF) << (8 * j)
+        out |= ((u >> (16 + 4 * j)) & 0xF) << (8 * j + 4)
+    return (out - ((out >> 31) << 32)).to(torch.int32)
+
+
 def k_major(weight: torch.Tensor, bits: int) -> torch.Tensor:
     """The K-major repack: canonical ``uint32 [N, KW]`` -> ``int32 [KW', N]``, contiguous.
 
-    Words are not changed, only transposed. For 3 bits the row is padded with zero words to
-    whole 3-word units (``KW' = 3 * ceil(K / 32)``) so the kernels never read past a row.
+    Words are transposed; 4-bit words also have their codes re-placed in :func:`pair_order`.
+    For 3 bits the row is padded with zero words to whole 3-word units
+    (``KW' = 3 * ceil(K / 32)``) so the kernels never read past a row.
     """
     w = weight.view(torch.int32)
     if bits == 3:
@@ -149,9 +174,14 @@ def k_major(weight: torch.Tensor, bits: int) -> torch.Tensor:
         units_words = 3 * -(-kw // 3)
         if units_words != kw:
             w = torch.nn.functional.pad(w, (0, units_words - kw))
+    if bits == 4:
+        w = pair_order(w)
     return w.t().contiguous()
 
 
 def from_k_major(weight_t: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     """Inverse of :func:`k_major` (for tests and for saving a prepared layer)."""
-    return weight_t.t()[:, : F.packed_words(k, bits)].contiguous().view(torch.uint32)
+    w = weight_t.t()[:, : F.packed_words(k, bits)]
+    if bits == 4:
+        w = canonical_order(w)
+    return w.contiguous().view(torch.uint32)

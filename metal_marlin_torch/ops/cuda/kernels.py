@@ -491,7 +491,7 @@ def _int4_a_tile(wv, s, b, FP16: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.co
         else:  # bf16 128 + q in each half; a half's bits in a float32's top half: one op each
             t = t | 0x43004300
             ql = (t << 16).to(tl.float32, bitcast=True)
-            qh = (t & -65536).to(tl.float32, bitcast=True)  # 0xFFFF0000
+            qh = (t & 0xFFFF0000).to(tl.float32, bitcast=True)
             b3 = (b - 128.0 * s)[:, None, None]
         lo = (ql * s3 + b3).to(dt)
         hi = (qh * s3 + b3).to(dt)

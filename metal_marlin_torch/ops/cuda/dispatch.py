@@ -34,8 +34,8 @@ DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton
 FUSED_MAX_M = 128
 FUSED_MIN_TILES_PER_SM = 1.5
 # int4 at M = 65-128 (gemm_int4_kernel, benchmarks/results/sweep_h100_int4_a.json): 0.81x dense at
-# 4096 x 14336 and 0.53x at 14336 x 4096 against 0.65x / 0.48x before; at 4096 x 4096 (16.8 M
-# weights) 0.43x against 0.54x for dequantize + cuBLAS, which stays there.
+# 4096 x 14336 and 0.58x at 14336 x 4096 against 0.45x / 0.48x for dequantize + cuBLAS; at
+# 4096 x 4096 (16.8 M weights) 0.43x against 0.54x, so dequantize + cuBLAS stays there.
 FUSED_INT4_MIN_WEIGHTS = 1 << 25
 PATHS = ("gemv", "gemm", "dequant")
 
@@ -231,18 +231,20 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConf
 
 
 def default_int4_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """``gemm_int4_kernel`` tiles, tuned on an H100 (benchmarks/results/sweep_h100_int4_a.json):
-    16 rows x 64 features split-K 4 up to M = 16; 128 x 128 over all of K where the 128-row,
-    128-feature tiles alone nearly fill the GPU (4096 x 14336 at M = 128), else 64 x 128 split 2.
+    """``gemm_int4_kernel`` tiles, tuned on an H100 (benchmarks/results/sweep_h100_int4_a.json,
+    ratios to dense bf16 at 4096 x 4096 / 4096 x 14336 / 14336 x 4096): M <= 16: 16 rows x 64
+    features, split-K 4 (1.07 / 1.34 / 1.24x at M = 16); M <= 32: 32 x 64 split 4 (0.79 / 1.16 /
+    1.13x); above, where the 128-feature tiles alone nearly fill the GPU, 64 x 128 split 2 (M <= 64,
+    0.96x at 4096 x 14336) or 128 x 128 over all of K (M <= 128, 0.81x), else 64 x 64 split 4
+    (0.63 / 0.95x at M = 64 for the N = 4096 layers, 0.58x at 14336 x 4096, M = 128).
     ``block_n`` (features) is the MMA's M: 64 per warpgroup."""
-    if m <= 16:
-        cfg = GemmConfig(16, 64, 128, 4, 4, 3)
-    elif m <= 32:
-        cfg = GemmConfig(32, 64, 128, 4, 4, 3)
-    elif m <= 64 or -(-m // 128) * -(-n // 128) < 0.75 * sms:
-        cfg = GemmConfig(64, 128, 64, 2, 8, 4)
+    wide = -(-n // 128) * -(-m // 128) >= 0.75 * sms
+    if m <= 32:
+        cfg = GemmConfig(16 if m <= 16 else 32, 64, 128, 4, 4, 3)
+    elif wide:
+        cfg = GemmConfig(64, 128, 128, 2, 8, 3) if m <= 64 else GemmConfig(128, 128, 128, 1, 8, 3)
     else:
-        cfg = GemmConfig(128, 128, 128, 1, 8, 3)
+        cfg = GemmConfig(64, 64, 128, 4, 4, 3)
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
 
 

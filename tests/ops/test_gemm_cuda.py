@@ -325,6 +325,8 @@ def test_wide_layers_at_128_rows_run_fused():
     assert D.choose_path(128, 4096, 132, fp4, True, 14336) == "dequant"
     assert D.choose_path(128, 14336, 132, fp4, False, 4096) == "dequant"  # groups of 16 / 32
     assert D.choose_path(128, 14336, 132, nf4, True, 4096) == "dequant"  # table decode: slow fused
+    assert D.choose_path(64, 4096, 132, nf4, True, 4096) == "dequant"
+    assert D.choose_path(32, 4096, 132, nf4, True, 4096) == "gemm"
 
 
 @needs_kernels

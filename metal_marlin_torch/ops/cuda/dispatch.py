@@ -33,6 +33,10 @@ DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton
 # cuBLAS (benchmarks/results/sweep_h100_gemm_pairs.json); at N = 4096 (64 tiles) 0.26x vs 0.54x.
 FUSED_MAX_M = 128
 FUSED_MIN_TILES_PER_SM = 1.5
+# Table formats (nf4, nf3): the 64-row tile serializes on its lookups (nf4 at M = 64: 0.06-0.08x
+# dense fused, benchmarks/results/bench_gemm_h100.json, where dequantize + cuBLAS runs ~0.45x);
+# at M = 32 the two are even (0.39-0.42x fused).
+LUT_GEMM_MAX_M = 32
 # int4 at M = 65-128 (gemm_int4_kernel, benchmarks/results/sweep_h100_int4_a.json): 0.81x dense at
 # 4096 x 14336 and 0.58x at 14336 x 4096 against 0.45x / 0.48x for dequantize + cuBLAS; at
 # 4096 x 4096 (16.8 M weights) 0.43x against 0.54x, so dequantize + cuBLAS stays there.
@@ -262,10 +266,12 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
     ``gemm`` for 4-bit formats whose scale groups hold whole 64-input tiles (``group_tiles``:
     measured with group 128): int4 (``gemm_int4_kernel``) on layers of more than
     FUSED_INT4_MIN_WEIGHTS weights, E2M1 on the wide layers (see the constants); else
-    ``dequant``. (Table formats stay on ``dequant``: nf4 ran 0.06x dense fused at 4096 x 14336,
-    M = 128, the table lookups of a 128 x 64 tile serializing.)"""
+    ``dequant``. Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a
+    64-row tile serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
     if m <= GEMV_MAX_M:
         return "gemv"
+    if kf is not None and kf.decode == layout.DECODE_LUT and m > LUT_GEMM_MAX_M:
+        return "dequant"
     if m < DEQUANT_MIN_M:
         return "gemm"
     if m > FUSED_MAX_M or not group_tiles or kf is None or kf.bits != 4:

@@ -358,15 +358,35 @@ def test_info_reports_availability():
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
 @pytest.mark.parametrize("m", [5, 16, 31, 64, 100])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int4_default_tiles(m, bias):
-    """``gemm_int4_kernel`` with the default tiles of every M range (N = 192: the last
-    128-feature tile partial)."""
+def test_pairs_default_tiles(fmt, m, bias):
+    """``gemm_pairs_kernel`` with the default tiles of every M range (N = 192: the last
+    128-feature tile partial), affine int4 and E2M1."""
     k, n = 512, 192
-    weight, scales, biases, gscale, b = make("int4", 128, n, k, bias=bias)
-    cfg = D.default_int4_config(m, n, k, 132)
-    assert D.pairs_eligible(L.kernel_format("int4"), ACT, 128, k, cfg.block_k)
+    weight, scales, biases, gscale, b = make(fmt, 128, n, k, bias=bias)
+    cfg = D.default_pairs_config(m, n, k, 132)
+    assert D.pairs_eligible(L.kernel_format(fmt), ACT, 128, k, cfg.block_k)
     x = (torch.randn(m, k) / k**0.5).to(ACT)
-    y = fast(x, weight, scales, biases, gscale, b, "int4", 128, path="gemm")
-    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", 128), ACT)
+    y = fast(x, weight, scales, biases, gscale, b, fmt, 128, path="gemm")
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, fmt, 128), ACT)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt,group,k", [("fp4", -1, 200), ("mxfp4", 32, 256), ("nvfp4", 16, 256)])
+def test_pairs_kernel_e2m1(dtype, fmt, group, k):
+    """The E2M1 decode of ``gemm_pairs_kernel``: per-channel (K = 200, partial last word and
+    tile), E8M0 group scales (mxfp4, 32-input tiles), E4M3 scales times a tensor scale
+    (nvfp4, 16-input tiles)."""
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton interpreter: no bf16 tl.dot")
+    n, m = 72, 37
+    weight, scales, biases, gscale, bias = make(fmt, group, n, k, dtype=dtype)
+    x = (torch.randn(m, k) / k**0.5).to(dtype)
+    block_k = {32: 32, 16: 16}.get(group, 64)
+    cfg = D.GemmConfig(32, 64, block_k, 1, 4, 3)
+    assert D.pairs_eligible(L.kernel_format(fmt), dtype, k if group == -1 else group, k, block_k)
+    y = fast(x, weight, scales, biases, gscale, bias, fmt, group, path="gemm", config=cfg)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), dtype)

@@ -37,7 +37,7 @@ FUSED_MIN_TILES_PER_SM = 1.5
 # dense fused, benchmarks/results/bench_gemm_h100.json, where dequantize + cuBLAS runs ~0.45x);
 # at M = 32 the two are even (0.39-0.42x fused).
 LUT_GEMM_MAX_M = 32
-# int4 at M = 65-128 (gemm_int4_kernel, benchmarks/results/sweep_h100_int4_a.json): 0.81x dense at
+# int4 at M = 65-128 (gemm_pairs_kernel, benchmarks/results/sweep_h100_int4_a.json): 0.81x dense at
 # 4096 x 14336 and 0.58x at 14336 x 4096 against 0.45x / 0.48x for dequantize + cuBLAS; at
 # 4096 x 4096 (16.8 M weights) 0.43x against 0.54x, so dequantize + cuBLAS stays there.
 FUSED_INT4_MIN_WEIGHTS = 1 << 25
@@ -91,10 +91,10 @@ class GemmConfig:
     split_k: int
     num_warps: int
     num_stages: int
-    group_m: int = 8  # tiles grouped for L2 reuse (M tiles; weight tiles in gemm_int4_kernel)
-    pairs: bool = True  # int4 affine, bf16/fp16: gemm_int4_kernel (weight as the A operand;
+    group_m: int = 8  # tiles grouped for L2 reuse (M tiles; weight tiles in gemm_pairs_kernel)
+    pairs: bool = True  # int4 / E2M1, bf16/fp16: gemm_pairs_kernel (weight as the A operand;
     #                     block_n output features, block_m activation rows per tile)
-    asm: bool = False  # its scale and bias in packed bf16x2/f16x2 PTX (faster, less exact)
+    asm: bool = False  # int4: its scale and bias in packed bf16x2/f16x2 PTX (faster, less exact)
 
 
 @cache
@@ -222,7 +222,7 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConf
     """``gemm_kernel`` tiles by M, tuned on an H100 (benchmarks/results/sweep_h100.json): a
     16-row tile with split-K 4 up to M = 16, 32 rows split 2 up to 32, 64 x 64 split 2 up to 64
     (split-K gives the narrow-M tiles enough programs to keep the weight stream busy). int4 with
-    16-bit activations runs ``gemm_int4_kernel`` with :func:`default_int4_config` instead."""
+    16-bit activations runs ``gemm_pairs_kernel`` with :func:`default_pairs_config` instead."""
     if m <= 16:
         cfg = GemmConfig(16, 64, 128, 4, 4, 4)
     elif m <= 32:
@@ -234,8 +234,8 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConf
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
 
 
-def default_int4_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """``gemm_int4_kernel`` tiles, tuned on an H100 (benchmarks/results/sweep_h100_int4_a.json,
+def default_pairs_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
+    """``gemm_pairs_kernel`` tiles, tuned on an H100 (benchmarks/results/sweep_h100_int4_a.json,
     ratios to dense bf16 at 4096 x 4096 / 4096 x 14336 / 14336 x 4096): M <= 16: 16 rows x 64
     features, split-K 4 (1.07 / 1.34 / 1.24x at M = 16); M <= 32: 32 x 64 split 4 (0.79 / 1.16 /
     1.13x); above, where the 128-feature tiles alone nearly fill the GPU, 64 x 128 split 2 (M <= 64,
@@ -253,18 +253,20 @@ def default_int4_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
 
 
 def pairs_eligible(kf: KernelFormat, dtype: torch.dtype, group: int, k: int, block_k: int) -> bool:
-    """``gemm_int4_kernel`` applies: 4-bit affine codes, bf16/fp16 activations, a tile of
-    ``block_k`` inputs (a multiple of 16: the MMA's K) inside one scale group."""
-    return (kf.decode == layout.DECODE_INT and kf.bits == 4 and kf.affine
-            and dtype in (torch.bfloat16, torch.float16) and block_k >= 16 and block_k % 16 == 0
-            and (group % block_k == 0 or group == k))
+    """``gemm_pairs_kernel`` applies: 4-bit codes, affine integers or E2M1 (fp4, mxfp4, nvfp4),
+    bf16/fp16 activations, a tile of ``block_k`` inputs (a multiple of 16: the MMA's K) inside
+    one scale group."""
+    pairs_format = kf.bits == 4 and (kf.decode == layout.DECODE_E2M1
+                                     or (kf.decode == layout.DECODE_INT and kf.affine))
+    return (pairs_format and dtype in (torch.bfloat16, torch.float16) and block_k >= 16
+            and block_k % 16 == 0 and (group % block_k == 0 or group == k))
 
 
 def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
                 group_tiles: bool = False, k: int = 0) -> str:
     """``gemv`` up to GEMV_MAX_M rows, ``gemm`` below DEQUANT_MIN_M; up to FUSED_MAX_M rows also
     ``gemm`` for 4-bit formats whose scale groups hold whole 64-input tiles (``group_tiles``:
-    measured with group 128): int4 (``gemm_int4_kernel``) on layers of more than
+    measured with group 128): int4 (``gemm_pairs_kernel``) on layers of more than
     FUSED_INT4_MIN_WEIGHTS weights, E2M1 on the wide layers (see the constants); else
     ``dequant``. Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a
     64-row tile serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
@@ -362,7 +364,7 @@ def gemm_prepared(
 
     cfg = config
     if cfg is None:
-        cfg = default_int4_config(m, n, k, sms)
+        cfg = default_pairs_config(m, n, k, sms)
         if not pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
             cfg = default_gemm_config(m, n, k, kf.bits, sms)
     if not isinstance(cfg, GemmConfig):
@@ -374,10 +376,11 @@ def gemm_prepared(
     grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n), split)
     even = k % k_per_split == 0 and k_per_split % cfg.block_k == 0 and n % cfg.block_n == 0
     if cfg.pairs and pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
-        kernels.gemm_int4_kernel[grid](
+        kernels.gemm_pairs_kernel[grid](
             x2, pw.weight, pw.scales, biases, bias_arg, y,
             m, n, k, pw.weight.shape[0], group, k_per_split, x2.stride(0), y.stride(0),
-            HAS_BIAS=has_bias, FP16=x.dtype == torch.float16, ASM=cfg.asm,
+            DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul, HAS_BIAS=has_bias,
+            FP16=x.dtype == torch.float16, ASM=cfg.asm,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_m,
             SPLIT_K=split, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -408,7 +411,7 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
 
 __all__ = [
     "DEQUANT_MIN_M", "FUSED_MAX_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "PreparedWeight", "choose_path",
-    "clear_weight_cache", "default_gemm_config", "default_gemv_config", "default_int4_config", "gemm",
+    "clear_weight_cache", "default_gemm_config", "default_gemv_config", "default_pairs_config", "gemm",
     "gemm_prepared",
     "interpreting", "prepare_cuda_weight", "set_weight_cache",
 ]

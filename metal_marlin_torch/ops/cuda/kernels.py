@@ -1,12 +1,13 @@
 """Triton kernels of ``marlin::gemm`` on CUDA: a fused dequantize-GEMV for small M, a tiled
-dequantize-GEMM on the tensor cores for larger M (plus ``gemm_int4_kernel``, its int4 form that
-decodes two codes per 32-bit operation), and a dequantize kernel (for the very large M path:
-dequantize once into a temporary, then cuBLAS).
+dequantize-GEMM on the tensor cores for larger M (plus ``gemm_pairs_kernel``, its 4-bit form
+that takes the weight as the MMA's A operand and decodes two codes per 32-bit operation), and a
+dequantize kernel (for the very large M path: dequantize once into a temporary, then cuBLAS).
 
 All of them read the weight in the *K-major* layout made once per weight at load time
 (docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
-docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``). Word ``w`` of
-row ``n`` is unchanged, only its address moves, so consecutive output features are adjacent in
+docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``), 4-bit words
+with their codes in *pair order* (:func:`_slot_shift`). Word ``w`` of row ``n`` moves to
+``[w, n]``, so consecutive output features are adjacent in
 memory: a thread loads one 16-byte vector holding the same word of 4 rows, decodes the word's
 codes for all 4 rows, and shares each activation value (loaded and converted once) between
 them; a warp's loads are coalesced along N.
@@ -433,9 +434,9 @@ def dequant_kernel(
              mask=(kk < K)[:, None] & n_ok[None, :])
 
 
-# ---- int4 affine GEMM: the weight as the MMA's A operand, two codes per 32-bit op -----------
+# ---- 4-bit GEMM (int4, E2M1): the weight as the MMA's A operand, two codes per 32-bit op ---
 
-# Packed decode of one pair word (two codes as 16-bit 128 + q / 1024 + q, see gemm_int4_kernel):
+# Packed decode of one int4 pair word (two codes as 16-bit 128 + q / 1024 + q, gemm_pairs_kernel):
 # one exact packed FMA removes the offset, one applies the group's scale and bias, both in
 # bf16x2 / f16x2 (scale and bias rounded to the activation dtype first: the fast, less exact
 # option ``GemmConfig.asm``).
@@ -459,20 +460,31 @@ fma.rn.f16x2 $0, v, sb, bb;
 
 
 @triton.jit
-def _int4_a_tile(wv, s, b, FP16: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    """K-major words ``wv [BLOCK_N, BLOCK_K / 8]`` (4-bit pair order, docs/CUDA.md) -> the A
-    tile ``[BLOCK_N, BLOCK_K]`` of ``s * q + b`` in the activation dtype, inputs in K order.
+def _pairs_a_tile(wv, s, b, DECODE: tl.constexpr, FP16: tl.constexpr, ASM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """K-major 4-bit words ``wv [BLOCK_N, BLOCK_K / 8]`` (pair order, docs/CUDA.md) -> the A
+    tile ``[BLOCK_N, BLOCK_K]`` of the dequantized weight in the activation dtype, inputs in K
+    order. ``s``, ``b``: float32 ``[BLOCK_N]`` scale (SCALE_MUL folded in) and bias of the tile.
 
     ``(w >> 4j) & 0x000F000F`` holds codes 2j and 2j + 1 of the word in its two 16-bit halves:
     exactly the pair of consecutive inputs one 32-bit register of an MMA A fragment holds. The
-    halves are joined along a new minor axis and reshaped to input order; Triton keeps that in
-    registers (no shared-memory round trip: the packed words are what the pipeline stages).
+    halves are decoded, joined along a new minor axis and reshaped to input order; Triton keeps
+    that in registers (no shared-memory round trip: the packed words are what the pipeline
+    stages). Affine int4 (``DECODE_INT``): see the branches. E2M1 (``DECODE_E2M1``): both
+    halves at once, magnitude bits into an fp16's exponent / mantissa and the sign to bit 15
+    (value / 2^14, as :func:`_decode`), then float32 ``v * s``.
     """
     dt: tl.constexpr = tl.float16 if FP16 else tl.bfloat16
     shifts = tl.arange(0, 4) * 4
     t = (wv[:, :, None] >> shifts[None, None, :]) & 0x000F000F  # [BN, BK / 8, 4]
-    if ASM:
+    s3 = s[:, None, None]
+    if DECODE == 1:  # E2M1 pairs: fp16 bits of value / 2^14 in each half
+        h = ((t & 0x00070007) << 9) | ((t & 0x00080008) << 12)
+        vl = (h & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        vh = (h >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        lo = (vl * s3).to(dt)
+        hi = (vh * s3).to(dt)
+    elif ASM:
         si = tl.broadcast_to(s.to(dt).to(tl.int16, bitcast=True)[:, None, None],
                              [BLOCK_N, BLOCK_K // 8, 4])
         bi = tl.broadcast_to(b.to(dt).to(tl.int16, bitcast=True)[:, None, None],
@@ -483,7 +495,6 @@ def _int4_a_tile(wv, s, b, FP16: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.co
         lo = v.to(tl.int16).to(dt, bitcast=True)
         hi = (v >> 16).to(tl.int16).to(dt, bitcast=True)
     else:
-        s3 = s[:, None, None]
         if FP16:  # q by the 2^23 magic number (the subtraction is exact, 2^23 * s would not be)
             ql = ((t & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             qh = ((t >> 16) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -499,16 +510,19 @@ def _int4_a_tile(wv, s, b, FP16: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit(do_not_specialize=["M"])
-def gemm_int4_kernel(
+def gemm_pairs_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
     M, N, K,
     KW,  # words per row
     G,  # group length (K when per-channel); a multiple of BLOCK_K, or K
     K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
     stride_xm, stride_ym,
+    DECODE: tl.constexpr,  # DECODE_INT (affine int4) or DECODE_E2M1 (fp4, mxfp4, nvfp4)
+    AFFINE: tl.constexpr,  # biases present (int4)
+    SCALE_MUL: tl.constexpr,  # constant folded into every scale (2^14 for E2M1)
     HAS_BIAS: tl.constexpr,
     FP16: tl.constexpr,  # activations fp16 (else bf16)
-    ASM: tl.constexpr,  # packed bf16x2 / f16x2 decode (else float32 FMA per code, exact scale)
+    ASM: tl.constexpr,  # int4: packed bf16x2 / f16x2 decode (else float32 FMA per code)
     BLOCK_M: tl.constexpr,  # activation rows per tile (the MMA's N)
     BLOCK_N: tl.constexpr,  # output features per tile (the MMA's M: 64 per warpgroup on Hopper)
     BLOCK_K: tl.constexpr,
@@ -516,14 +530,14 @@ def gemm_int4_kernel(
     SPLIT_K: tl.constexpr,
     EVEN: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0, N % BLOCK_N == 0: weight loads unmasked
 ):
-    """``y = x @ W_hat.T (+ bias)`` for 4-bit affine codes, bf16/fp16 activations, computed
-    as ``y^T = W_hat @ x^T``: the weight is the MMA's A operand.
+    """``y = x @ W_hat.T (+ bias)`` for 4-bit codes (affine int4, E2M1), bf16/fp16 activations,
+    computed as ``y^T = W_hat @ x^T``: the weight is the MMA's A operand.
 
     Why A: Hopper's wgmma (and mma.sync) take A from registers, so the tile decoded in
     registers goes straight into the MMA; as the B operand it would be written to shared memory
     and read back for every tile. The pipeline stages only the packed words (4 bits per weight)
     and the activation tile in shared memory. Each K step loads ``[BLOCK_N, BLOCK_K / 8]``
-    K-major words, decodes two codes per 32-bit operation (:func:`_int4_a_tile`: a tile lies in
+    K-major words, decodes two codes per 32-bit operation (:func:`_pairs_a_tile`: a tile lies in
     one scale group, so the scale and bias are one value per feature) and multiplies with the
     ``[BLOCK_K, BLOCK_M]`` activation tile, fp32 accumulation.
     """
@@ -555,9 +569,12 @@ def gemm_int4_kernel(
         kk = k0 + offs_k
         xa = tl.load(x_cols + kk[:, None], mask=m_ok[None, :] & (kk < K)[:, None], other=0.0)
         sg = (k0 // G) * N + offs_n
-        s = _ld(s_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
-        b = _ld(b_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
-        acc = tl.dot(_int4_a_tile(wv, s, b, FP16, ASM, BLOCK_N, BLOCK_K), xa, acc)
+        s = _ld(s_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32) * SCALE_MUL
+        if AFFINE:
+            b = _ld(b_ptr + sg, n_ok & (k0 < K), EVEN).to(tl.float32)
+        else:
+            b = tl.zeros_like(s)
+        acc = tl.dot(_pairs_a_tile(wv, s, b, DECODE, FP16, ASM, BLOCK_N, BLOCK_K), xa, acc)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SPLIT_K > 1:

@@ -313,7 +313,7 @@ def test_dispatch_tables_are_valid(m, n, k, bits):
 
 def test_wide_layers_at_128_rows_run_fused():
     int4, fp4, nf4 = (L.kernel_format(f) for f in ("int4", "fp4", "nf4"))
-    # int4: the A-operand kernel on layers of more than 2^25 weights (docs/CUDA.md)
+    # int4 and E2M1: the A-operand kernel on layers of more than 2^25 weights (docs/CUDA.md)
     assert D.choose_path(128, 14336, 132, int4, True, 4096) == "gemm"
     assert D.choose_path(128, 4096, 132, int4, True, 14336) == "gemm"
     assert D.choose_path(128, 4096, 132, int4, True, 4096) == "dequant"  # 16.8 M weights
@@ -322,7 +322,8 @@ def test_wide_layers_at_128_rows_run_fused():
     assert D.choose_path(512, 14336, 132, int4, True, 4096) == "dequant"
     # E2M1: the generic tile on the wide layers (224 tiles of 64 features on 132 SMs)
     assert D.choose_path(100, 14336, 132, fp4, True, 4096) == "gemm"
-    assert D.choose_path(128, 4096, 132, fp4, True, 14336) == "dequant"
+    assert D.choose_path(128, 4096, 132, fp4, True, 14336) == "gemm"  # > 2^25 weights
+    assert D.choose_path(128, 4096, 132, fp4, True, 4096) == "dequant"
     assert D.choose_path(128, 14336, 132, fp4, False, 4096) == "dequant"  # groups of 16 / 32
     assert D.choose_path(128, 14336, 132, nf4, True, 4096) == "dequant"  # table decode: slow fused
     assert D.choose_path(64, 4096, 132, nf4, True, 4096) == "dequant"

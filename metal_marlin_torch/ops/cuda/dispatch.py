@@ -5,10 +5,12 @@ docs/CUDA.md and benchmarks/results/):
 
 * ``gemv``: M <= GEMV_MAX_M. Every packed word read once, decoded in registers, used for all
   M rows of the program.
-* ``gemm``: the tensor-core kernel, weight tiles dequantized in registers.
-* ``dequant``: M >= DEQUANT_MIN_M (but see FUSED_MAX_M). One Triton pass writes W_hat^T in the activation dtype, then
-  cuBLAS. Its extra traffic (write and re-read 2 bytes per weight) costs less there than the
-  fused kernel loses by not overlapping dequantization with the tensor cores (docs/CUDA.md).
+* ``gemm``: the tensor-core kernels, weight tiles dequantized in registers: ``gemm_pairs_kernel``
+  (int4 / E2M1, 16-bit activations: the weight as the MMA's A operand) or ``gemm_kernel``.
+* ``dequant``: M >= DEQUANT_MIN_M (but see FUSED_MAX_M). One Triton pass writes W_hat^T in the
+  activation dtype, then cuBLAS. Its extra traffic (write and re-read 2 bytes per weight) costs
+  less there than the fused kernels lose by not overlapping dequantization with the tensor
+  cores (docs/CUDA.md).
 """
 
 from __future__ import annotations
@@ -28,19 +30,22 @@ from .layout import KernelFormat
 GEMV_MAX_M = 4  # M = 8: the tensor-core kernel (16-row tile, split-K 4) is 0.95x dense, the
 #                 GEMV (two 4-row blocks) 0.74x
 DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton GEMM 0.41x
-# ... except where one 128-row tile covers M and its 64-feature N tiles alone fill the GPU:
+# ... except for 4-bit formats up to FUSED_MAX_M rows: where one 128-row tile covers M and its
+# 64-feature N tiles alone fill the GPU (FUSED_MIN_TILES_PER_SM; E2M1 on the generic tile:
 # 4096 x 14336 at M = 128, 0.64x dense fused (128 x 64 x 64) against 0.45x for dequantize +
-# cuBLAS (benchmarks/results/sweep_h100_gemm_pairs.json); at N = 4096 (64 tiles) 0.26x vs 0.54x.
+# cuBLAS, benchmarks/results/sweep_h100_gemm_pairs.json), and on large layers for int4 / E2M1
+# with 16-bit activations (FUSED_PAIRS_MIN_WEIGHTS, gemm_pairs_kernel).
 FUSED_MAX_M = 128
 FUSED_MIN_TILES_PER_SM = 1.5
 # Table formats (nf4, nf3): the 64-row tile serializes on its lookups (nf4 at M = 64: 0.06-0.08x
 # dense fused, benchmarks/results/bench_gemm_h100.json, where dequantize + cuBLAS runs ~0.45x);
 # at M = 32 the two are even (0.39-0.42x fused).
 LUT_GEMM_MAX_M = 32
-# int4 at M = 65-128 (gemm_pairs_kernel, benchmarks/results/sweep_h100_int4_a.json): 0.81x dense at
-# 4096 x 14336 and 0.58x at 14336 x 4096 against 0.45x / 0.48x for dequantize + cuBLAS; at
-# 4096 x 4096 (16.8 M weights) 0.43x against 0.54x, so dequantize + cuBLAS stays there.
-FUSED_INT4_MIN_WEIGHTS = 1 << 25
+# int4 / E2M1 at M = 65-128 (gemm_pairs_kernel, benchmarks/results/sweep_h100_int4_a.json and
+# sweep_h100_pairs_fp4.json): int4 0.81x dense at 4096 x 14336 and 0.58x at 14336 x 4096 against
+# 0.45x / 0.48x for dequantize + cuBLAS, fp4 0.79x / 0.66x; at 4096 x 4096 (16.8 M weights)
+# int4 0.43x against 0.54x, so dequantize + cuBLAS stays there.
+FUSED_PAIRS_MIN_WEIGHTS = 1 << 25
 PATHS = ("gemv", "gemm", "dequant")
 
 
@@ -266,8 +271,8 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
                 group_tiles: bool = False, k: int = 0) -> str:
     """``gemv`` up to GEMV_MAX_M rows, ``gemm`` below DEQUANT_MIN_M; up to FUSED_MAX_M rows also
     ``gemm`` for 4-bit formats whose scale groups hold whole 64-input tiles (``group_tiles``:
-    measured with group 128): int4 (``gemm_pairs_kernel``) on layers of more than
-    FUSED_INT4_MIN_WEIGHTS weights, E2M1 on the wide layers (see the constants); else
+    measured with group 128): int4 and E2M1 (``gemm_pairs_kernel``) on layers of more than
+    FUSED_PAIRS_MIN_WEIGHTS weights, E2M1 also on the wide layers (see the constants); else
     ``dequant``. Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a
     64-row tile serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
     if m <= GEMV_MAX_M:
@@ -278,7 +283,7 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
         return "gemm"
     if m > FUSED_MAX_M or not group_tiles or kf is None or kf.bits != 4:
         return "dequant"
-    if kf.decode == layout.DECODE_INT and k * n > FUSED_INT4_MIN_WEIGHTS:
+    if kf.decode in (layout.DECODE_INT, layout.DECODE_E2M1) and k * n > FUSED_PAIRS_MIN_WEIGHTS:
         return "gemm"
     wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
     if kf.decode == layout.DECODE_E2M1 and wide:

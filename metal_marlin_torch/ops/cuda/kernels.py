@@ -6,7 +6,7 @@ dequantize kernel (for the very large M path: dequantize once into a temporary, 
 All of them read the weight in the *K-major* layout made once per weight at load time
 (docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
 docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``), 4-bit words
-with their codes in *pair order* (:func:`_slot_shift`). Word ``w`` of row ``n`` moves to
+with their codes in *pair order* (:func:`_slot`). Word ``w`` of row ``n`` moves to
 ``[w, n]``, so consecutive output features are adjacent in
 memory: a thread loads one 16-byte vector holding the same word of 4 rows, decodes the word's
 codes for all 4 rows, and shares each activation value (loaded and converted once) between
@@ -71,13 +71,20 @@ def _ld(ptrs, mask, EVEN: tl.constexpr):
         return tl.load(ptrs, mask=mask, other=0)
 
 
-@triton.constexpr_function
-def _slot_shift(c, bits):
-    """Bit position of code slot ``c`` in a K-major word: ``c * bits``, except that 4-bit words
-    hold their 8 codes in *pair order* (``layout.pair_order``: even slots in the low half, odd
-    slots in the high half) so that ``(w >> 4j) & 0x000F000F`` is the pair (2j, 2j + 1)."""
-    c, bits = int(c), int(bits)
-    return (c % 2) * 16 + (c // 2) * 4 if bits == 4 else c * bits
+@triton.jit
+def _slot(w, C: tl.constexpr, BITS: tl.constexpr):
+    """Code slot ``C`` of K-major words ``w`` (bits 2, 4, 8) as an integer.
+
+    Slot ``C`` sits at bit ``C * BITS``, except that 4-bit words hold their 8 codes in *pair
+    order* (``layout.pair_order``: even slots in the low half, odd slots in the high half) so
+    that ``(w >> 4j) & 0x000F000F`` is the pair (2j, 2j + 1). (A jit function, not a
+    ``constexpr_function``: Triton's cache key covers jit callees, not constexpr functions.)
+    """
+    if BITS == 4:
+        SH: tl.constexpr = (C % 2) * 16 + (C // 2) * 4
+    else:
+        SH: tl.constexpr = C * BITS
+    return (w >> SH) & ((1 << BITS) - 1)
 
 
 @triton.jit
@@ -88,7 +95,10 @@ def _int_field(w, C: tl.constexpr, BITS: tl.constexpr):
     ``2^23 + q * 2^SH``; one FMA by ``2^-SH`` minus ``2^(23-SH)`` returns ``q`` exactly. Fields
     that would reach bit 23 (the exponent) are taken from ``w >> 12`` instead.
     """
-    SH0: tl.constexpr = _slot_shift(C, BITS)
+    if BITS == 4:  # pair order, see _slot
+        SH0: tl.constexpr = (C % 2) * 16 + (C // 2) * 4
+    else:
+        SH0: tl.constexpr = C * BITS
     if SH0 + BITS <= 23:
         SH: tl.constexpr = SH0
         src = w
@@ -192,7 +202,6 @@ def gemv_kernel(
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     CPI: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per item
-    MASK: tl.constexpr = (1 << BITS) - 1
 
     m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -240,7 +249,7 @@ def gemv_kernel(
             elif DECODE == 0:
                 v = _int_field(w, c, BITS)
             else:
-                v = _decode((w >> _slot_shift(c, BITS)) & MASK, lut_ptr, DECODE)  # [CH, BN]
+                v = _decode(_slot(w, c, BITS), lut_ptr, DECODE)  # [CH, BN]
             kk = items * CPI + c
             if not EVEN:
                 ok_k = kk < K

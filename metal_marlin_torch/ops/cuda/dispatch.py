@@ -244,14 +244,15 @@ def default_pairs_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     ratios to dense bf16 at 4096 x 4096 / 4096 x 14336 / 14336 x 4096): M <= 16: 16 rows x 64
     features, split-K 4 (1.07 / 1.34 / 1.24x at M = 16); M <= 32: 32 x 64 split 4 (0.79 / 1.16 /
     1.13x); above, where the 128-feature tiles alone nearly fill the GPU, 64 x 128 split 2 (M <= 64,
-    0.96x at 4096 x 14336) or 128 x 128 over all of K (M <= 128, 0.81x), else 64 x 64 split 4
-    (0.63 / 0.95x at M = 64 for the N = 4096 layers, 0.58x at 14336 x 4096, M = 128).
+    0.96x at 4096 x 14336) or 128 x 64 over all of K, 4 warps (M <= 128, 0.85x against 0.81x for
+    128 x 128 with 8 warps, sweep_h100_pairs_m128_b.json), else 64 x 64 split 4 (0.63 / 0.95x at
+    M = 64 for the N = 4096 layers, 0.58x at 14336 x 4096, M = 128).
     ``block_n`` (features) is the MMA's M: 64 per warpgroup."""
     wide = -(-n // 128) * -(-m // 128) >= 0.75 * sms
     if m <= 32:
         cfg = GemmConfig(16 if m <= 16 else 32, 64, 128, 4, 4, 3)
     elif wide:
-        cfg = GemmConfig(64, 128, 128, 2, 8, 3) if m <= 64 else GemmConfig(128, 128, 128, 1, 8, 3)
+        cfg = GemmConfig(64, 128, 128, 2, 8, 3) if m <= 64 else GemmConfig(128, 64, 128, 1, 4, 3)
     else:
         cfg = GemmConfig(64, 64, 128, 4, 4, 3)
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))

@@ -139,6 +139,7 @@ def test_3d_and_non_contiguous_input():
     ("gemm", D.GemmConfig(128, 64, 64, 2, 4, 4)),  # int4: two codes per op, split-K
     ("gemm", D.GemmConfig(64, 64, 64, 1, 4, 3, asm=True)),  # int4 pairs, packed bf16x2 PTX
     ("gemm", D.GemmConfig(32, 64, 64, 1, 4, 3, pairs=False)),  # int4: the generic tile decode
+    ("gemm", D.GemmConfig(128, 64, 128, 1, 4, 3)),  # the wide-layer default of the pairs kernel
     ("dequant", None),
 ])
 def test_forced_paths_and_configs(fmt, group, path, config):

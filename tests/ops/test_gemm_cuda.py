@@ -139,7 +139,6 @@ def test_3d_and_non_contiguous_input():
     ("gemm", D.GemmConfig(128, 64, 64, 2, 4, 4)),  # int4: two codes per op, split-K
     ("gemm", D.GemmConfig(64, 64, 64, 1, 4, 3, asm=True)),  # int4 pairs, packed bf16x2 PTX
     ("gemm", D.GemmConfig(32, 64, 64, 1, 4, 3, pairs=False)),  # int4: the generic tile decode
-    ("gemm", D.GemmConfig(128, 64, 128, 1, 4, 3)),  # the wide-layer default of the pairs kernel
     ("dequant", None),
 ])
 def test_forced_paths_and_configs(fmt, group, path, config):
@@ -372,6 +371,20 @@ def test_pairs_default_tiles(fmt, m, bias):
     assert D.pairs_eligible(L.kernel_format(fmt), ACT, 128, k, cfg.block_k)
     x = (torch.randn(m, k) / k**0.5).to(ACT)
     y = fast(x, weight, scales, biases, gscale, b, fmt, 128, path="gemm")
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, fmt, 128), ACT)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+@pytest.mark.parametrize("m", [65, 128])
+def test_pairs_wide_layer_tile(fmt, m):
+    """The pairs kernel's M = 65-128 wide-layer tile (128 rows x 64 features x 128 inputs over
+    all of K), forced on a small layer (N = 192: the last tile partial)."""
+    k, n = 512, 192
+    weight, scales, biases, gscale, b = make(fmt, 128, n, k)
+    x = (torch.randn(m, k) / k**0.5).to(ACT)
+    cfg = D.GemmConfig(128, 64, 128, 1, 4, 3)
+    y = fast(x, weight, scales, biases, gscale, b, fmt, 128, path="gemm", config=cfg)
     assert_close(y, oracle(x, weight, scales, biases, gscale, b, fmt, 128), ACT)
 
 

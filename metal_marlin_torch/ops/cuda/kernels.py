@@ -6,11 +6,11 @@ dequantize kernel (for the very large M path: dequantize once into a temporary, 
 All of them read the weight in the *K-major* layout made once per weight at load time
 (docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
 docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``), 4-bit words
-with their codes in *pair order* (:func:`_slot`). Word ``w`` of row ``n`` moves to
-``[w, n]``, so consecutive output features are adjacent in
-memory: a thread loads one 16-byte vector holding the same word of 4 rows, decodes the word's
-codes for all 4 rows, and shares each activation value (loaded and converted once) between
-them; a warp's loads are coalesced along N.
+with their codes in *pair order* (:func:`_slot`). Word ``w`` of row ``n`` moves to ``[w, n]``,
+so consecutive output features are adjacent in memory: a thread loads one 16-byte vector
+holding the same word of 4 rows, decodes the word's codes for all 4 rows, and shares each
+activation value (loaded and converted once) between them; a warp's loads are coalesced
+along N.
 
 Decoding (``DECODE``) is one of three branch-free paths, each giving the code's value *before*
 its group scale; the host folds any constant factor into ``SCALE_MUL``:

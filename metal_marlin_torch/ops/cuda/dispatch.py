@@ -226,8 +226,8 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
 def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConfig:
     """``gemm_kernel`` tiles by M, tuned on an H100 (benchmarks/results/sweep_h100.json): a
     16-row tile with split-K 4 up to M = 16, 32 rows split 2 up to 32, 64 x 64 split 2 up to 64
-    (split-K gives the narrow-M tiles enough programs to keep the weight stream busy). int4 with
-    16-bit activations runs ``gemm_pairs_kernel`` with :func:`default_pairs_config` instead."""
+    (split-K gives the narrow-M tiles enough programs to keep the weight stream busy). int4 and
+    E2M1 with 16-bit activations run ``gemm_pairs_kernel`` with :func:`default_pairs_config`."""
     if m <= 16:
         cfg = GemmConfig(16, 64, 128, 4, 4, 4)
     elif m <= 32:

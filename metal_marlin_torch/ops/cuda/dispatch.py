@@ -47,9 +47,6 @@ LUT_GEMM_MAX_M = 32
 # int4 0.43x against 0.54x, so dequantize + cuBLAS stays there.
 FUSED_PAIRS_MIN_WEIGHTS = 1 << 25
 PATHS = ("gemv", "gemm", "dequant")
-# dequant path: > 0 dequantizes W_hat^T in chunks of about this many bytes, each multiplied
-# right after it is written (experimental; 0 = the whole weight at once)
-DEQUANT_CHUNK_BYTES = 0
 
 
 @dataclass(frozen=True)
@@ -331,33 +328,16 @@ def gemm_prepared(
     common = dict(BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul)
 
     if path == "dequant":
+        w_t = torch.empty(k, n, dtype=x.dtype, device=x.device)
         block_n, block_k = 64, 64
-        chunk = n
-        if DEQUANT_CHUNK_BYTES:
-            per_feature = k * x.element_size()
-            chunk = max(block_n, DEQUANT_CHUNK_BYTES // per_feature // block_n * block_n)
-        w_t = torch.empty(k, min(chunk, n), dtype=x.dtype, device=x.device)
-
-        def dequant(n0: int, n_end: int) -> None:
-            grid = (triton_cdiv(n_end - n0, block_n), triton_cdiv(k, block_k))
-            kernels.dequant_kernel[grid](
-                pw.weight, pw.scales, biases, pw.lut, w_t, n, k, group, n0, n_end, w_t.shape[1],
-                **common, SCALE_ROW=(group % block_k == 0 or group == k),
-                BLOCK_N=block_n, BLOCK_K=block_k,
-                EVEN=(k % block_k == 0 and n % block_n == 0 and w_t.shape[1] % block_n == 0),
-                num_warps=4,
-            )
-
-        if chunk >= n:
-            dequant(0, n)
-            y = x2 @ w_t
-        else:  # one L2-sized chunk of W_hat^T at a time: cuBLAS reads it back from L2
-            y_t = torch.empty(n, m, dtype=x.dtype, device=x.device)
-            for n0 in range(0, n, chunk):
-                n_end = min(n, n0 + chunk)
-                dequant(n0, n_end)
-                torch.mm(w_t[:, : n_end - n0].t(), x2.t(), out=y_t[n0:n_end])
-            y = y_t.t().contiguous()
+        grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
+        kernels.dequant_kernel[grid](
+            pw.weight, pw.scales, biases, pw.lut, w_t, n, k, group, **common,
+            SCALE_ROW=(group % block_k == 0 or group == k),
+            BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and n % block_n == 0),
+            num_warps=4,
+        )
+        y = x2 @ w_t
         if has_bias:
             y += bias
         return y.reshape(*lead, n)

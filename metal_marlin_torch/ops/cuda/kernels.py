@@ -443,25 +443,22 @@ def gemm_kernel(
 def dequant_kernel(
     w_ptr, s_ptr, b_ptr, lut_ptr, out_ptr,
     N, K, G,
-    N0, N_END,  # the features [N0, N_END) of this call (a chunk, or all of them)
-    OUT_LD,  # row length of ``out``
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
     SCALE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN: tl.constexpr,  # K % BLOCK_K == 0 and the chunk holds whole BLOCK_N tiles: no masks
+    EVEN: tl.constexpr,  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks
 ):
-    """``out[k, n - N0] = W_hat[n, k]`` for ``n`` in ``[N0, N_END)``, in ``out``'s dtype (the
-    large-M path multiplies it with cuBLAS, all of W at once or one L2-sized chunk at a time)."""
+    """``out[K, N] = W_hat.T`` in ``out``'s dtype (the large-M path multiplies it with cuBLAS)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = N0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    n_ok = offs_n < N_END
+    n_ok = offs_n < N
     k0 = pid_k * BLOCK_K
     w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
                       BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
     kk = k0 + offs_k
-    tl.store(out_ptr + kk[:, None] * OUT_LD + (offs_n - N0)[None, :],
-             w.to(out_ptr.dtype.element_ty), mask=(kk < K)[:, None] & n_ok[None, :])
+    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(kk < K)[:, None] & n_ok[None, :])
 
 
 # ---- 4-bit GEMM (int4, E2M1): the weight as the MMA's A operand, two codes per 32-bit op ---

@@ -320,6 +320,12 @@ def test_wide_layers_at_128_rows_run_fused():
     assert D.choose_path(128, 14336, 132, int4, False, 4096) == "dequant"  # groups below 64
     assert D.choose_path(129, 14336, 132, int4, True, 4096) == "dequant"
     assert D.choose_path(512, 14336, 132, int4, True, 4096) == "dequant"
+    # 3-4 rows on the wide layers: the pairs kernel's 16-row tile; 1-2 rows and N = 4096: GEMV
+    assert D.choose_path(4, 14336, 132, int4, True, 4096) == "gemm"
+    assert D.choose_path(3, 14336, 132, fp4, True, 4096) == "gemm"
+    assert D.choose_path(2, 14336, 132, int4, True, 4096) == "gemv"
+    assert D.choose_path(4, 4096, 132, int4, True, 14336) == "gemv"
+    assert D.choose_path(4, 14336, 132, nf4, True, 4096) == "gemv"
     # E2M1: the generic tile on the wide layers (224 tiles of 64 features on 132 SMs)
     assert D.choose_path(100, 14336, 132, fp4, True, 4096) == "gemm"
     assert D.choose_path(128, 4096, 132, fp4, True, 14336) == "gemm"  # > 2^25 weights

@@ -270,23 +270,28 @@ def pairs_eligible(kf: KernelFormat, dtype: torch.dtype, group: int, k: int, blo
 
 def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
                 group_tiles: bool = False, k: int = 0) -> str:
-    """``gemv`` up to GEMV_MAX_M rows, ``gemm`` below DEQUANT_MIN_M; up to FUSED_MAX_M rows also
+    """``gemv`` up to GEMV_MAX_M rows (but 3-4 rows of int4 / E2M1 on the wide layers take
+    ``gemm``: 4096 x 14336 at M = 4, 31.0 us for the pairs kernel's 16-row tile against 43.9 us
+    for the 4-row GEMV, benchmarks/results/sweep_h100_m2_4.json; at N = 4096 and at M = 2 the
+    GEMV is as fast or faster), ``gemm`` below DEQUANT_MIN_M; up to FUSED_MAX_M rows also
     ``gemm`` for 4-bit formats whose scale groups hold whole 64-input tiles (``group_tiles``:
     measured with group 128): int4 and E2M1 (``gemm_pairs_kernel``) on layers of more than
     FUSED_PAIRS_MIN_WEIGHTS weights, E2M1 also on the wide layers (see the constants); else
     ``dequant``. Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a
     64-row tile serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
+    wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
+    pairs_format = kf is not None and kf.bits == 4 and kf.decode in (layout.DECODE_INT,
+                                                                    layout.DECODE_E2M1)
     if m <= GEMV_MAX_M:
-        return "gemv"
+        return "gemm" if m > 2 and wide and pairs_format and group_tiles else "gemv"
     if kf is not None and kf.decode == layout.DECODE_LUT and m > LUT_GEMM_MAX_M:
         return "dequant"
     if m < DEQUANT_MIN_M:
         return "gemm"
     if m > FUSED_MAX_M or not group_tiles or kf is None or kf.bits != 4:
         return "dequant"
-    if kf.decode in (layout.DECODE_INT, layout.DECODE_E2M1) and k * n > FUSED_PAIRS_MIN_WEIGHTS:
+    if pairs_format and k * n > FUSED_PAIRS_MIN_WEIGHTS:
         return "gemm"
-    wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
     if kf.decode == layout.DECODE_E2M1 and wide:
         return "gemm"
     return "dequant"

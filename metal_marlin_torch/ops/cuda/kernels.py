@@ -297,27 +297,48 @@ def gemv_kernel(
                 acc2 += p2 * s
                 acc3 += p3 * s
 
+    bias = _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
+    y_row = y_ptr + m0 * stride_ym + offs_n
+    _store(y_row, tl.sum(acc0, axis=0) + bias, n_ok & ok0, SPLIT_K)
+    if BLOCK_M > 1:
+        _store(y_row + stride_ym, tl.sum(acc1, axis=0) + bias, n_ok & ok1, SPLIT_K)
+    if BLOCK_M > 2:
+        _store(y_row + 2 * stride_ym, tl.sum(acc2, axis=0) + bias, n_ok & ok2, SPLIT_K)
+        _store(y_row + 3 * stride_ym, tl.sum(acc3, axis=0) + bias, n_ok & ok3, SPLIT_K)
+
+
+@triton.jit
+def _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """float32 layer bias of features ``offs_n`` (zeros without one); with split-K only the
+    first K split adds it."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         if SPLIT_K > 1:
             bias = bias * (pid_k == 0).to(tl.float32)
     else:
-        bias = tl.zeros([BLOCK_N], dtype=tl.float32)
-    y_row = y_ptr + m0 * stride_ym + offs_n
-    _gemv_store(y_row, tl.sum(acc0, axis=0) + bias, n_ok & ok0, SPLIT_K)
-    if BLOCK_M > 1:
-        _gemv_store(y_row + stride_ym, tl.sum(acc1, axis=0) + bias, n_ok & ok1, SPLIT_K)
-    if BLOCK_M > 2:
-        _gemv_store(y_row + 2 * stride_ym, tl.sum(acc2, axis=0) + bias, n_ok & ok2, SPLIT_K)
-        _gemv_store(y_row + 3 * stride_ym, tl.sum(acc3, axis=0) + bias, n_ok & ok3, SPLIT_K)
+        bias = tl.zeros(offs_n.shape, dtype=tl.float32)
+    return bias
 
 
 @triton.jit
-def _gemv_store(ptrs, y, mask, SPLIT_K: tl.constexpr):
+def _store(ptrs, y, mask, SPLIT_K: tl.constexpr):
+    """Write ``y``: fp32 atomic add into the zeroed fp32 output under split-K, else a store in
+    the output's dtype."""
     if SPLIT_K > 1:
         tl.atomic_add(ptrs, y, mask=mask)
     else:
         tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
+    """Tile indices (a, b) of program ``pid`` when GROUP consecutive a-tiles run next to each
+    other over every b-tile: the b operand tile they share is read from DRAM once while it is
+    resident in L2 (GEMM "grouped ordering")."""
+    width = GROUP * num_b
+    first = (pid // width) * GROUP
+    rows = tl.minimum(num_a - first, GROUP)
+    return first + (pid % width) % rows, (pid % width) // rows
 
 
 @triton.jit
@@ -401,13 +422,7 @@ def gemm_kernel(
     ``[BLOCK_M, BLOCK_K]`` activation tile to ``tl.dot`` (tensor cores, fp32 accumulator)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = _grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -426,17 +441,9 @@ def gemm_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = bias * (pid_k == 0).to(tl.float32)
-        acc += bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    acc += _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)[None, :]
+    _store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
+           m_ok[:, None] & n_ok[None, :], SPLIT_K)
 
 
 @triton.jit
@@ -570,15 +577,8 @@ def gemm_pairs_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # M tiles of GROUP_N consecutive weight tiles run together: each weight tile is read from
-    # DRAM once while its M tiles are resident, the activations stay in L2
-    width = GROUP_N * num_m
-    first_n = (pid // width) * GROUP_N
-    group_cols = tl.minimum(num_n - first_n, GROUP_N)
-    pid_n = first_n + (pid % width) % group_cols
-    pid_m = (pid % width) // group_cols
+    # GROUP_N consecutive weight tiles run together over every M tile
+    pid_n, pid_m = _grouped_tile(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_N)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -602,14 +602,6 @@ def gemm_pairs_kernel(
         else:
             b = tl.zeros_like(s)
         acc = tl.dot(_pairs_a_tile(wv, s, b, DECODE, FP16, ASM, BLOCK_N, BLOCK_K), xa, acc)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = bias * (pid_k == 0).to(tl.float32)
-        acc += bias[:, None]
-    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
-    out_mask = m_ok[None, :] & n_ok[:, None]
-    if SPLIT_K > 1:
-        tl.atomic_add(y_ptrs, acc, mask=out_mask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    acc += _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)[:, None]
+    _store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc,
+           m_ok[None, :] & n_ok[:, None], SPLIT_K)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from .. import formats as F
+from ..io.checkpoint import DEFAULT_SHARD_BYTES
+from ..nn.config import METHODS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,13 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="fp4", choices=sorted(F.FORMATS), help="weight format (default fp4)")
     p.add_argument("--group-size", type=int, default=None,
                    help="group size: 32/64/128/256, -1 per-channel (default: 128, or the format's)")
-    p.add_argument("--method", default="rtn", choices=("rtn", "gptq", "mr-gptq"), help="quantizer (default rtn)")
+    p.add_argument("--method", default="rtn", choices=METHODS, help="quantizer (default rtn)")
     p.add_argument("--mixed", action="store_true",
                    help="mixed precision: attention and down_proj fp4, rest of the MLP nf3")
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                    help="module names to leave unquantized (repeatable; default lm_head and embeddings)")
     p.add_argument("--scales", default="fp16", choices=("fp16", "fp32"), help="scale dtype")
-    p.add_argument("--max-shard-size", type=int, default=2 * 2**30,
+    p.add_argument("--max-shard-size", type=int, default=DEFAULT_SHARD_BYTES,
                    help="bytes per safetensors shard (in-memory path; streaming keeps the source's sharding)")
     p.add_argument("--stream", dest="stream", action="store_true", default=None,
                    help="quantize shard by shard, never loading the model (default for sharded sources with "

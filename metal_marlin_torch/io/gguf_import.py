@@ -181,13 +181,11 @@ def _convert_k(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.QuantizedT
 
 
 def gguf_dequantize(data: np.ndarray, ggml_type: str, n: int, k: int) -> torch.Tensor:
-    """What the GGUF tensor means, float32 ``[N, K]``, by ``gguf.quants.dequantize``."""
+    """What a quantized GGUF tensor means, float32 ``[N, K]``, by ``gguf.quants.dequantize``
+    (dense types never get here: :func:`convert_tensor` returns them as they are)."""
     from gguf import GGMLQuantizationType  # noqa: PLC0415
     from gguf.quants import dequantize  # noqa: PLC0415
 
-    if ggml_type == "BF16":
-        raw = np.ascontiguousarray(data).view(np.uint16).reshape(n, k)
-        return torch.from_numpy(raw.astype(np.int16)).view(torch.bfloat16).float()
     out = dequantize(np.ascontiguousarray(data), GGMLQuantizationType[ggml_type])
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).reshape(n, k)
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from ..dtypes import DTypeConfig, resolve
-from ..ops.kv import KV_BITS
+from ..ops.kv import check_bits
 from .layers import QuantizedKVCache, QuantizedKVLayer, StaticQuantizedKVLayer
 from .stores import CastStore, FP8Store, KVStore, TurboQuantStore
 
@@ -19,8 +19,7 @@ def store_for(method: str, bits: int = 4) -> tuple[type[KVStore], dict[str, Any]
     if method == "fp8":
         return FP8Store, {}
     if method == "turboquant":
-        if bits not in KV_BITS:
-            raise ValueError(f"make_cache: bits must be one of {KV_BITS} for turboquant, got {bits!r}")
+        check_bits("make_cache", bits)
         return TurboQuantStore, {"bits": bits}
     if method in ("bf16", "fp16"):
         return CastStore, {"dtype": torch.bfloat16 if method == "bf16" else torch.float16}

@@ -276,8 +276,6 @@ def load_block(path: Path, block: nn.Module, dtype_config: DTypeConfig, device) 
         layer = MarlinLinear(spec["in"], spec["out"], spec["bias"], spec["format"], spec["group_size"],
                              dtype_config, spec["rotation_block"], device=device)
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
-        if "rotation_signs" in state:
-            layer.rotation_signs = state["rotation_signs"].to(device)
         layer.load_state_dict({k: v.to(device) for k, v in state.items()})
         replace_module(block, name, layer)
     return list(layers)

@@ -96,8 +96,11 @@ def test_cast_dense_keeps_quantized_tensors() -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
     model[0] = MarlinLinear.from_linear(model[0], "int4", 32)
-    G.cast_dense(model, torch.float16)
-    assert model[1].weight.dtype == torch.float16
+    bias_dtype = model[0].bias.dtype
+    assert bias_dtype != torch.bfloat16  # else the cast below could not show the layer was skipped
+    G.cast_dense(model, torch.bfloat16)
+    assert model[1].weight.dtype == torch.bfloat16  # dense parameters are cast
+    assert model[0].bias.dtype == bias_dtype  # the quantized layer's parameters are not
     assert model[0].scales.dtype == torch.float16 and model[0].weight.dtype == torch.uint32
     assert model[0].biases.dtype == model[0].dtype_config.torch_scales
 

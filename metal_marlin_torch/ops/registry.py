@@ -33,7 +33,6 @@ REFERENCE: dict[str, Callable] = {
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
 # ops whose MPS kernel is the pure-torch one registered here (not a Metal kernel of the extension)
-TORCH_ON_MPS: set[str] = set()
 
 
 def set_kernel(op: str, device_type: str, fn: Callable, name: str) -> None:
@@ -80,13 +79,12 @@ def _routed(op: str, device_type: str) -> Callable:
     return kernel
 
 
-def register_torch_kernels(device_types: tuple[str, ...]) -> None:
+def register_torch_kernels(device_types: tuple[str, ...], ops=SCHEMAS) -> None:
+    """Register the routed (pure-torch by default) kernels of ``ops`` for ``device_types``."""
     for device_type in device_types:
         key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device_type]
-        for op in SCHEMAS:
+        for op in ops:
             LIB.impl(op, _routed(op, device_type), key)
-            if device_type == "mps":
-                TORCH_ON_MPS.add(op)
 
 
 def _has_metal_kernel(op: str) -> bool:
@@ -98,10 +96,7 @@ load_extension()  # metal_marlin_torch._C registers its Metal kernels for MPS (m
 # Ops with a Metal kernel (from _C) keep it; the others (all of them without the extension, and
 # e.g. moe_gemm, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
 METAL_OPS: tuple[str, ...] = tuple(op for op in SCHEMAS if _has_metal_kernel(op))
-for _op in SCHEMAS:
-    if _op not in METAL_OPS:
-        LIB.impl(_op, _routed(_op, "mps"), "MPS")
-        TORCH_ON_MPS.add(_op)
+register_torch_kernels(("mps",), [op for op in SCHEMAS if op not in METAL_OPS])
 if torch.backends.mps.is_available() and len(METAL_OPS) < len(SCHEMAS):
     log.info("metal_marlin_torch: MPS ops without a Metal kernel use the pure-torch kernels: %s",
              ", ".join(op for op in SCHEMAS if op not in METAL_OPS))

@@ -79,7 +79,7 @@ def test_gemm_autograd_matches_dense():
 
 def test_gemm_transposed_and_strided_inputs():
     weight, scales, biases, gscale, bias = make("fp4", 32)
-    x = torch.randn(256, 6).T  # non-contiguous view [6, 128]
+    x = torch.randn(256, 6).T  # non-contiguous view [6, 256]
     y = ops.gemm(x, weight, scales, biases, gscale, bias, "fp4", 32)
     y2 = ops.gemm(x.contiguous(), weight, scales, biases, gscale, bias, "fp4", 32)
     torch.testing.assert_close(y, y2)

@@ -26,7 +26,9 @@ of un-rotating every key (``hadamard`` is its own inverse).
 
 from __future__ import annotations
 
+import functools
 import math
+import struct
 
 import torch
 
@@ -56,12 +58,16 @@ def packed_dim(head_dim: int, bits: int) -> int:
     return head_dim // 2 if bits == 4 else head_dim
 
 
+@functools.cache
 def block_constants(head_dim: int) -> tuple[float, float]:
-    """``(sqrt(B), 1/sqrt(B))`` rounded once to float32 (the Metal host passes the same)."""
+    """``(sqrt(B), 1/sqrt(B))`` rounded once to float32 (the Metal host passes the same); plain
+    floats, computed once per head_dim (no tensors on the per-token path)."""
     b = block_of(head_dim)
-    sq = torch.tensor(math.sqrt(b), dtype=torch.float32).item()
-    rs = torch.tensor(1.0 / math.sqrt(b), dtype=torch.float32).item()
-    return sq, rs
+
+    def f32(v: float) -> float:
+        return struct.unpack("f", struct.pack("f", v))[0]
+
+    return f32(math.sqrt(b)), f32(1.0 / math.sqrt(b))
 
 
 def check_bits(where: str, bits: int) -> None:

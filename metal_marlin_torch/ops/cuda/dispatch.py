@@ -206,8 +206,8 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     4 warps for the others (3% ahead for fp4); each thread holds 16-byte vectors = one word of 4
     features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give every SM
     one program: at N = 4096 (256 programs of 16 features on 132 SMs) splitting in two cost
-    the zeroed fp32 buffer, the atomics and the cast, 11.7 us against 8.1 us unsplit on the H100
-    (the "harness disagreement" of an earlier docs/CUDA.md: the tuner ran unsplit configs)."""
+    the zeroed fp32 buffer, the atomics and the cast: int4 4096 x 4096 at M = 1 ran 11.6 us split
+    (benchmarks/results/bench_gemm_h100_prev.json) and 7.9 us unsplit (bench_gemm_h100_b.json)."""
     if m == 1:
         block_m, chunk = 1, 128
         block_n, warps = (16, 8) if decode == layout.DECODE_INT else (8, 4)

@@ -131,7 +131,7 @@ def test_3d_and_non_contiguous_input():
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int3", 32), ("nf4", -1), ("fp8_e4m3", 64),
                                        ("int2", 256)])
 @pytest.mark.parametrize("path,config", [
-    ("gemv", D.GemvConfig(2, 8, 8, 3, 4)),  # split-K: fp32 atomics
+    ("gemv", D.GemvConfig(2, 8, 8, 3, 4)),  # split-K through the workspace
     ("gemv", D.GemvConfig(4, 32, 32, 1, 8)),
     ("gemv", D.GemvConfig(1, 16, 64, 1, 4)),
     ("gemm", D.GemmConfig(16, 32, 64, 3, 4, 2)),  # split-K
@@ -149,6 +149,29 @@ def test_forced_paths_and_configs(fmt, group, path, config):
     x = (torch.randn(m, k) / k**0.5).to(ACT)
     y = fast(x, weight, scales, biases, gscale, bias, fmt, group, path=path, config=config)
     assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), ACT)
+
+
+@needs_kernels
+@pytest.mark.parametrize("path,split,unsplit", [
+    ("gemv", D.GemvConfig(4, 16, 16, 4, 4), D.GemvConfig(4, 16, 16, 1, 4)),
+    ("gemm", D.GemmConfig(16, 32, 64, 4, 4, 2), D.GemmConfig(16, 32, 64, 1, 4, 2)),
+    ("gemm", D.GemmConfig(16, 64, 64, 4, 4, 2), D.GemmConfig(16, 64, 64, 1, 4, 2)),  # pairs
+])
+def test_split_k_reduces_in_kernel(path, split, unsplit):
+    """Split-K partials are summed by the last program of each tile: the same bits on every
+    launch (a fixed summation order, whichever program finishes last), close to the unsplit
+    kernel, and the tile counters are back at zero for the next launch."""
+    k, n, m = 1024, 96, 7
+    weight, scales, biases, gscale, bias = make("int4", 128, n, k)
+    x = (torch.randn(m, k) / k**0.5).to(ACT)
+    pw = D.prepare_cuda_weight(*to_dev(weight, scales, biases, gscale), "int4", 128, k)
+    xd, bd = to_dev(x, bias)
+    runs = [D.gemm_prepared(xd, pw, bd, path=path, config=split) for _ in range(3)]
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert_close(runs[0].cpu(), D.gemm_prepared(xd, pw, bd, path=path, config=unsplit).cpu(), ACT)
+    assert_close(runs[0].cpu(), oracle(x, weight, scales, biases, gscale, bias, "int4", 128), ACT)
+    for _, cnt in D._SPLIT_BUFFERS.values():
+        assert int(cnt.abs().sum()) == 0
 
 
 @needs_kernels
@@ -239,6 +262,35 @@ def test_int_magic_number_decode():
     assert torch.equal(v, q.float())
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_unit_field_decode(bits):
+    """kernels._unit_field's encoding, written out with torch: every slot of every word gives
+    ``1 + q / 2^bits`` (high class) or ``2^bits * (1 + q / 4^bits)`` (low class), and the
+    GEMV's fold ``2^bits * (x * f - x')`` (x' = x, or 2^bits * x) returns ``q * x`` exactly;
+    the class is the one gemv_kernel sums the activation into."""
+    cpw = 32 // bits
+    codes = torch.randint(0, 1 << bits, (64, cpw))
+    words = F.pack(codes.reshape(1, -1), bits).reshape(64).to(torch.int64) & 0xFFFFFFFF
+    if bits == 4:  # pair order: the canonical packing of slots 0, 2, 4, 6, 1, 3, 5, 7
+        words = F.pack(codes[:, [0, 2, 4, 6, 1, 3, 5, 7]].reshape(1, -1), 4).reshape(64)
+        words = words.to(torch.int64) & 0xFFFFFFFF
+    x = torch.randn(64).to(torch.bfloat16).float()
+    for c in range(cpw):
+        sh0 = (c % 2) * 16 + (c // 2) * 4 if bits == 4 else c * bits
+        lo = (sh0 // bits) % 2 == 1
+        assert lo == ((c // (bits // 2)) % 2 == 1)  # gemv_kernel's class of slot c
+        t = 23 - 2 * bits if lo else 23 - bits
+        src = (words << (t - sh0)) if t >= sh0 else (words >> (sh0 - t))
+        one = 0x3F800000 + ((bits << 23) if lo else 0)
+        f = (((src & (((1 << bits) - 1) << t)) | one) & 0xFFFFFFFF).to(torch.int32)
+        f = f.view(torch.float32)
+        q = codes[:, c].float()
+        expected = (1 + q / 4**bits) * 2**bits if lo else 1 + q / 2**bits
+        assert torch.equal(f, expected)
+        x_part = x * 2**bits if lo else x
+        assert torch.equal((x * f - x_part) * 2**bits, q * x)
+
+
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp4"])
 def test_kernel_scales(fmt):
     group = F.default_group_size(fmt)
@@ -305,25 +357,37 @@ def test_weight_cache_follows_the_tensors():
 def test_dispatch_tables_are_valid(m, n, k, bits):
     kf = L.kernel_format("int4" if bits == 4 else "int3" if bits == 3 else "int8")
     path = D.choose_path(m, n, 132, kf, True)
-    # 224 N tiles of 64 on 132 SMs: fused for 4-bit int / E2M1 codes (docs/CUDA.md)
-    wide = n == 14336 and m <= 128 and bits == 4
-    assert path == ("gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_MIN_M or wide
+    # int4 / E2M1 codes: fused up to FUSED_MAX_M rows (docs/CUDA.md)
+    fused = m <= D.FUSED_MAX_M and bits == 4
+    assert path == ("gemv" if m <= D.GEMV_MAX_M else "gemm" if m < D.DEQUANT_MIN_M or fused
                     else "dequant")
     for decode in (L.DECODE_INT, L.DECODE_E2M1, L.DECODE_LUT):
         gv = D.default_gemv_config(m, n, k, bits, 132, decode)
         assert gv.block_m in (1, 2, 4) and gv.split_k >= 1  # the GEMV kernel takes 1, 2 or 4 rows
         assert gv.chunk & (gv.chunk - 1) == 0 and gv.block_n & (gv.block_n - 1) == 0
-    gm = D.default_gemm_config(m, n, k, bits, 132)
-    assert gm.block_m >= 16 and gm.split_k >= 1  # tl.dot needs 16-row tiles
-    assert gm.split_k == 1 or k // gm.split_k >= 2 * gm.block_k  # every split gets K tiles
+    for gm in (D.default_gemm_config(m, n, k, bits, 132), D.default_pairs_config(m, n, k, 132)):
+        assert gm.block_m >= 16 and gm.split_k >= 1  # tl.dot needs 16-row tiles
+        assert gm.split_k == 1 or k // gm.split_k >= 2 * gm.block_k  # every split gets K tiles
+        assert gm.block_m >= min(m, 128) or m > D.FUSED_MAX_M  # one M tile up to 128 rows
+
+
+def test_pairs_split_fills_the_sms():
+    """K is split where the 64-feature tiles are fewer than the SMs (N = 4096 on 132 SMs), not
+    on the wide layers at 128 rows (224 tiles already); splits never exceed K / (2 * block_k)."""
+    assert D.default_pairs_config(16, 4096, 4096, 132).split_k == 8
+    assert D.default_pairs_config(128, 4096, 14336, 132).split_k == 4
+    assert D.default_pairs_config(16, 14336, 4096, 132).split_k == 4
+    assert D.default_pairs_config(128, 14336, 4096, 132).split_k == 1
+    assert D.default_pairs_config(16, 4096, 512, 132).split_k == 2  # 512 / (2 * 128)
 
 
 def test_wide_layers_at_128_rows_run_fused():
     int4, fp4, nf4 = (L.kernel_format(f) for f in ("int4", "fp4", "nf4"))
-    # int4 and E2M1: the A-operand kernel on layers of more than 2^25 weights (docs/CUDA.md)
+    # int4 and E2M1: the A-operand kernel up to 128 rows (docs/CUDA.md)
     assert D.choose_path(128, 14336, 132, int4, True, 4096) == "gemm"
     assert D.choose_path(128, 4096, 132, int4, True, 14336) == "gemm"
-    assert D.choose_path(128, 4096, 132, int4, True, 4096) == "dequant"  # 16.8 M weights
+    assert D.choose_path(128, 4096, 132, int4, True, 4096) == "gemm"  # split-K in the kernel
+    assert D.choose_path(128, 4096, 132, L.kernel_format("nf4"), True, 4096) == "dequant"
     assert D.choose_path(128, 14336, 132, int4, False, 4096) == "dequant"  # groups below 64
     assert D.choose_path(129, 14336, 132, int4, True, 4096) == "dequant"
     assert D.choose_path(512, 14336, 132, int4, True, 4096) == "dequant"
@@ -333,10 +397,9 @@ def test_wide_layers_at_128_rows_run_fused():
     assert D.choose_path(2, 14336, 132, int4, True, 4096) == "gemv"
     assert D.choose_path(4, 4096, 132, int4, True, 14336) == "gemv"
     assert D.choose_path(4, 14336, 132, nf4, True, 4096) == "gemv"
-    # E2M1: the generic tile on the wide layers (224 tiles of 64 features on 132 SMs)
     assert D.choose_path(100, 14336, 132, fp4, True, 4096) == "gemm"
-    assert D.choose_path(128, 4096, 132, fp4, True, 14336) == "gemm"  # > 2^25 weights
-    assert D.choose_path(128, 4096, 132, fp4, True, 4096) == "dequant"
+    assert D.choose_path(128, 4096, 132, fp4, True, 14336) == "gemm"
+    assert D.choose_path(128, 4096, 132, fp4, True, 4096) == "gemm"
     assert D.choose_path(128, 14336, 132, fp4, False, 4096) == "dequant"  # groups of 16 / 32
     assert D.choose_path(128, 14336, 132, nf4, True, 4096) == "dequant"  # table decode: slow fused
     assert D.choose_path(64, 4096, 132, nf4, True, 4096) == "dequant"

@@ -30,23 +30,20 @@ from .layout import KernelFormat
 GEMV_MAX_M = 4  # M = 8: the tensor-core kernel (16-row tile, split-K 4) is 0.95x dense, the
 #                 GEMV (two 4-row blocks) 0.74x
 DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton GEMM 0.41x
-# ... except for 4-bit formats up to FUSED_MAX_M rows: where one 128-row tile covers M and its
-# 64-feature N tiles alone fill the GPU (FUSED_MIN_TILES_PER_SM; E2M1 on the generic tile:
-# 4096 x 14336 at M = 128, 0.64x dense fused (128 x 64 x 64) against 0.45x for dequantize +
-# cuBLAS, benchmarks/results/sweep_h100_gemm_pairs.json), and on large layers for int4 / E2M1
-# with 16-bit activations (FUSED_PAIRS_MIN_WEIGHTS, gemm_pairs_kernel).
+# ... except for int4 / E2M1 up to FUSED_MAX_M rows (below); at M = 256 the pairs kernel and
+# dequantize + cuBLAS tie (0.53x geo-mean, benchmarks/results/sweep_h100_m256_pairs.json), at
+# 512 dequantize + cuBLAS leads (0.62x against 0.49x).
 FUSED_MAX_M = 128
-FUSED_MIN_TILES_PER_SM = 1.5
+FUSED_MIN_TILES_PER_SM = 1.5  # "wide" layers: 64-feature tiles >= 1.5 per SM
 # Table formats (nf4, nf3): the 64-row tile serializes on its lookups (nf4 at M = 64: 0.06-0.08x
 # dense fused, benchmarks/results/bench_gemm_h100.json, where dequantize + cuBLAS runs ~0.45x);
 # at M = 32 the two are even (0.39-0.42x fused).
 LUT_GEMM_MAX_M = 32
-# int4 / E2M1 at M = 65-128 (gemm_pairs_kernel, benchmarks/results/sweep_h100_int4_a.json and
-# sweep_h100_pairs_fp4.json): int4 0.81x dense at 4096 x 14336 and 0.58x at 14336 x 4096 against
-# 0.45x / 0.48x for dequantize + cuBLAS, fp4 0.79x / 0.66x; at 4096 x 4096 (16.8 M weights)
-# int4 0.43x against 0.54x, so dequantize + cuBLAS stays there.
-FUSED_PAIRS_MIN_WEIGHTS = 1 << 25
+# int4 / E2M1 at M = 65-128 take gemm_pairs_kernel on every layer since its split-K reduces in
+# the kernel (benchmarks/results/sweep_h100_m128_split.json): int4 at 4096 x 4096 0.65x dense
+# (split 4) against 0.52x for dequantize + cuBLAS; 0.91x / 0.94x at 4096 x 14336 / 14336 x 4096.
 PATHS = ("gemv", "gemm", "dequant")
+ONE_BITS = 0x3F800000  # float32 1.0: gemv_kernel takes it at run time (kernels._unit_field)
 
 
 @dataclass(frozen=True)
@@ -84,7 +81,7 @@ class GemvConfig:
     block_m: int  # activation rows per program: 1, 2 or 4
     block_n: int  # output features per program
     chunk: int  # items (words; 3-word units for 3 bits) per K step, a power of two
-    split_k: int  # K splits (fp32 atomics when > 1)
+    split_k: int  # K splits (reduced in the kernel through a workspace when > 1)
     num_warps: int
 
 
@@ -192,6 +189,32 @@ def cached_prepare(weight, scales, biases, global_scale, format, group_size, in_
     return pw
 
 
+_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_buffers(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 workspace of ``numel`` partials and ``tiles`` zeroed int32 counters for a split-K
+    launch (kernels._split_arrive), kept per (device, stream) and grown as needed.
+
+    The kernels leave the counters at zero, so they are zeroed only when allocated. Launches on
+    one stream run one after another, so they can share the buffers; another stream gets its
+    own. While a CUDA graph is being captured the buffers are fresh (a cached counter zeroed
+    inside the capture would stay unzeroed until the first replay).
+    """
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return (torch.empty(numel, dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _SPLIT_BUFFERS.get(key, (None, None))
+    if ws is None or ws.numel() < numel:
+        ws = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+    if cnt is None or cnt.numel() < tiles:
+        cnt = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    _SPLIT_BUFFERS[key] = (ws, cnt)
+    return ws, cnt
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
@@ -200,17 +223,20 @@ def _sm_count(device: torch.device) -> int:
 
 def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
                         decode: int = layout.DECODE_LUT) -> GemvConfig:
-    """Tuned on an H100 (benchmarks/results/sweep_h100*.json). M = 1: 16 features x 128 words
-    per step with 8 warps for the integer formats (2.04-2.21x dense for int4 in
-    sweep_h100_gemv_m1_b.json, ~12% ahead of 8 x 128 with 4 warps in the same run), 8 x 128 with
-    4 warps for the others (3% ahead for fp4); each thread holds 16-byte vectors = one word of 4
-    features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give every SM
-    one program: at N = 4096 (256 programs of 16 features on 132 SMs) splitting in two cost
-    the zeroed fp32 buffer, the atomics and the cast: int4 4096 x 4096 at M = 1 ran 11.6 us split
-    (benchmarks/results/bench_gemm_h100_prev.json) and 7.9 us unsplit (bench_gemm_h100_b.json)."""
+    """Tuned on an H100 (benchmarks/results/sweep_h100_m1_gemv_unit.json). M = 1: 16 features
+    x 128 words per step with 8 warps for the integer and E2M1 formats; on wide 4-bit layers
+    (16-feature programs >= 4 per SM) 64 words per step (K = 4096 is then 8 steps, not 4):
+    32 features with 8 warps for int4 (19.6 us against 22.6 us at 4096 x 14336), 16 with 4
+    for E2M1; 8 x 128 with 4 warps for the others. Each thread holds 16-byte vectors = one
+    word of 4 features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give
+    every SM one program (a split costs a partial round trip through the workspace)."""
+    fast = decode in (layout.DECODE_INT, layout.DECODE_E2M1)
     if m == 1:
         block_m, chunk = 1, 128
-        block_n, warps = (16, 8) if decode == layout.DECODE_INT else (8, 4)
+        block_n, warps = (16, 8) if fast else (8, 4)
+        if fast and bits == 4 and n // 16 >= 4 * sms:
+            chunk = 64
+            block_n, warps = (32, 8) if decode == layout.DECODE_INT else (16, 4)
     elif m == 2:
         block_m, block_n, chunk, warps = 2, 16, 64, 8
     else:
@@ -218,7 +244,7 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     programs = -(-n // block_n) * -(-m // block_m)
     steps = -(-layout.items_per_row(k, bits) // chunk)
     split = 1
-    if programs < sms:  # not one program per SM: split K (fp32 atomics, a zeroed buffer, a cast)
+    if programs < sms:  # not one program per SM: split K
         split = max(1, min(steps // 2, -(-2 * sms // programs)))
     return GemvConfig(block_m, block_n, chunk, split, warps)
 
@@ -240,21 +266,21 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConf
 
 
 def default_pairs_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
-    """``gemm_pairs_kernel`` tiles, tuned on an H100 (benchmarks/results/sweep_h100_int4_a.json,
-    ratios to dense bf16 at 4096 x 4096 / 4096 x 14336 / 14336 x 4096): M <= 16: 16 rows x 64
-    features, split-K 4 (1.07 / 1.34 / 1.24x at M = 16); M <= 32: 32 x 64 split 4 (0.79 / 1.16 /
-    1.13x); above, where the 128-feature tiles alone nearly fill the GPU, 64 x 128 split 2 (M <= 64,
-    0.96x at 4096 x 14336) or 128 x 64 over all of K, 4 warps (M <= 128, 0.85x against 0.81x for
-    128 x 128 with 8 warps, sweep_h100_pairs_m128_b.json), else 64 x 64 split 4 (0.63 / 0.95x at
-    M = 64 for the N = 4096 layers, 0.58x at 14336 x 4096, M = 128).
-    ``block_n`` (features) is the MMA's M: 64 per warpgroup."""
-    wide = -(-n // 128) * -(-m // 128) >= 0.75 * sms
-    if m <= 32:
-        cfg = GemmConfig(16 if m <= 16 else 32, 64, 128, 4, 4, 3)
-    elif wide:
-        cfg = GemmConfig(64, 128, 128, 2, 8, 3) if m <= 64 else GemmConfig(128, 64, 128, 1, 4, 3)
+    """``gemm_pairs_kernel`` tiles, tuned on an H100 with the in-kernel split-K reduction
+    (benchmarks/results/sweep_h100_m16_64_split.json, sweep_h100_m128_split.json): 16 / 32 /
+    64 / 128 activation rows x 64 features (``block_n`` is the MMA's M: 64 per warpgroup),
+    128 inputs per step, 4 warps. K is split until the tiles give the SMs several programs
+    each: where the 64-feature tiles number fewer than the SMs (N = 4096), 8 splits up to
+    M = 32 (int4 at 4096 x 4096, M = 16: 11.7 us against 13.4 us for 4 splits), 4 at M = 64
+    and 128 (14336 x 4096, M = 128: 57.7 us, 0.94x dense, against 136.5 us unsplit); on wide
+    layers 4 / 2 / 2 / 1 (4096 x 14336, M = 128: 51.8 us unsplit, 78.1 us split 4)."""
+    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
+    tiles = -(-n // 64) * -(-m // block_m)
+    if tiles < sms:
+        split = 8 if m <= 32 else 4
     else:
-        cfg = GemmConfig(64, 64, 128, 4, 4, 3)
+        split = 4 if m <= 16 else 2 if m <= 64 else 1
+    cfg = GemmConfig(block_m, 64, 128, split, 4, 3)
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
 
 
@@ -274,11 +300,10 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
     ``gemm``: 4096 x 14336 at M = 4, 31.0 us for the pairs kernel's 16-row tile against 43.9 us
     for the 4-row GEMV, benchmarks/results/sweep_h100_m2_4.json; at N = 4096 and at M = 2 the
     GEMV is as fast or faster), ``gemm`` below DEQUANT_MIN_M; up to FUSED_MAX_M rows also
-    ``gemm`` for 4-bit formats whose scale groups hold whole 64-input tiles (``group_tiles``:
-    measured with group 128): int4 and E2M1 (``gemm_pairs_kernel``) on layers of more than
-    FUSED_PAIRS_MIN_WEIGHTS weights, E2M1 also on the wide layers (see the constants); else
-    ``dequant``. Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a
-    64-row tile serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
+    ``gemm`` for int4 and E2M1 whose scale groups hold whole 64-input tiles (``group_tiles``:
+    measured with group 128; ``gemm_pairs_kernel``, see the constants); else ``dequant``.
+    Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a 64-row tile
+    serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
     wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
     pairs_format = kf is not None and kf.bits == 4 and kf.decode in (layout.DECODE_INT,
                                                                     layout.DECODE_E2M1)
@@ -290,11 +315,7 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
         return "gemm"
     if m > FUSED_MAX_M or not group_tiles or kf is None or kf.bits != 4:
         return "dequant"
-    if pairs_format and k * n > FUSED_PAIRS_MIN_WEIGHTS:
-        return "gemm"
-    if kf.decode == layout.DECODE_E2M1 and wide:
-        return "gemm"
-    return "dequant"
+    return "gemm" if pairs_format else "dequant"
 
 
 def gemm_prepared(
@@ -361,17 +382,17 @@ def gemm_prepared(
         split = triton_cdiv(steps, per_split)
         even = (items * layout.codes_per_item(kf.bits) == k and items % cfg.chunk == 0
                 and steps % split == 0 and n % cfg.block_n == 0)
-        y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
-             else torch.empty(m, n, dtype=x.dtype, device=x.device))
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split)
+        ws, cnt = _split_args(y, split, grid[0] * grid[1])
         kernels.gemv_kernel[grid](
-            x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y,
+            x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
             m, n, k, items, layout.items_per_group(group, k, kf.bits), per_split,
-            x2.stride(0), y.stride(0), **common, HAS_BIAS=has_bias,
+            x2.stride(0), y.stride(0), ONE_BITS, **common, HAS_BIAS=has_bias,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CH=cfg.chunk, SPLIT_K=split, EVEN=even,
             num_warps=cfg.num_warps,
         )
-        return y.to(x.dtype).reshape(*lead, n)
+        return y.reshape(*lead, n)
 
     cfg = config
     if cfg is None:
@@ -382,22 +403,22 @@ def gemm_prepared(
         raise TypeError(f"gemm_prepared: gemm path takes a GemmConfig, got {type(cfg).__name__}")
     k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split = triton_cdiv(k, k_per_split)
-    y = (torch.zeros(m, n, dtype=torch.float32, device=x.device) if split > 1
-         else torch.empty(m, n, dtype=x.dtype, device=x.device))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = (triton_cdiv(m, cfg.block_m) * triton_cdiv(n, cfg.block_n), split)
+    ws, cnt = _split_args(y, split, grid[0])
     even = k % k_per_split == 0 and k_per_split % cfg.block_k == 0 and n % cfg.block_n == 0
     if cfg.pairs and pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
         kernels.gemm_pairs_kernel[grid](
-            x2, pw.weight, pw.scales, biases, bias_arg, y,
+            x2, pw.weight, pw.scales, biases, bias_arg, y, ws, cnt,
             m, n, k, pw.weight.shape[0], group, k_per_split, x2.stride(0), y.stride(0),
             DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul, HAS_BIAS=has_bias,
             FP16=x.dtype == torch.float16, ASM=cfg.asm,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_m,
             SPLIT_K=split, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        return y.to(x.dtype).reshape(*lead, n)
+        return y.reshape(*lead, n)
     kernels.gemm_kernel[grid](
-        x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y,
+        x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
         m, n, k, group, k_per_split, x2.stride(0), y.stride(0), **common, HAS_BIAS=has_bias,
         SCALE_ROW=(group % cfg.block_k == 0 or group == k),
         FP32_DOT=x.dtype == torch.float32,
@@ -405,7 +426,15 @@ def gemm_prepared(
         SPLIT_K=split, EVEN=even,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y.to(x.dtype).reshape(*lead, n)
+    return y.reshape(*lead, n)
+
+
+def _split_args(y: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The workspace and counters of a launch with ``split`` K splits over ``tiles`` output
+    tiles (``y`` itself stands in for both when there is no split: the kernel never reads them)."""
+    if split == 1:
+        return y, y
+    return split_buffers(y.device, split * y.numel(), tiles)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -175,24 +175,80 @@ def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ITEMS, IPG,
 
 
 @triton.jit
-def _gemv_row(acc, x_row, m_ok, v, kk, K, EVEN: tl.constexpr):
+def _gemv_row(acc, xs, xl, x_row, m_ok, v, kk, K, LO: tl.constexpr, EVEN: tl.constexpr):
     """One code slot of one activation row: ``acc += x[kk] * v`` (x loaded once per item and
-    shared by the BLOCK_N rows); returns the new acc and the x values (for the affine term)."""
+    shared by the BLOCK_N rows), and x added to the step's activation sum of the slot's class
+    (``xl`` for the low class of :func:`_unit_field`, else ``xs``)."""
     if EVEN:
         xc = tl.load(x_row + kk, mask=m_ok, other=0.0).to(tl.float32)  # [CH]
     else:
         xc = tl.load(x_row + kk, mask=m_ok & (kk < K), other=0.0).to(tl.float32)
-    return acc + xc[:, None] * v, xc
+    if LO:
+        xl += xc
+    else:
+        xs += xc
+    return acc + xc[:, None] * v, xs, xl
+
+
+@triton.jit
+def _gemv_fold(acc, p, xs, xl, s, b, UNIT: tl.constexpr, AFFINE: tl.constexpr,
+               BITS: tl.constexpr):
+    """``acc`` plus one K step of one activation row: the per-code sums ``p`` times the scales
+    ``s``, plus ``b * sum(x)`` when affine. With :func:`_unit_field` codes ``p`` also holds the
+    activations themselves (``x * (1 + q / 2^BITS)``, low class ``x * 2^BITS * (1 + q / 4^BITS)``):
+    ``xs + 2^BITS * xl`` is subtracted first, and ``s`` carries the remaining 2^BITS."""
+    if UNIT:
+        p = p - (xs + xl * (1 << BITS))[:, None]
+        xs = xs + xl
+    if AFFINE:
+        return acc + p * s + xs[:, None] * b
+    else:
+        return acc + p * s
+
+
+@triton.jit
+def _unit_field(w, C: tl.constexpr, BITS: tl.constexpr, ONE, ONE_LO):
+    """float32 of code slot ``C`` (2 or 4-bit integer codes) as ``1 + q / 2^BITS`` (high class)
+    or ``2^BITS * (1 + q / 4^BITS)`` (low class, ``BITS`` lower): one shift shared by two slots
+    and one logic op per code, then the caller's FMA ``p += x * f``.
+
+    The GEMV at M = 1 is bound by instruction issue, and the plain 2^23 magic number costs two
+    logic ops (mask, then OR: a LOP3 takes one immediate) and an FMA per code before the
+    product. Here the field is moved to the top of the mantissa (bits ``23 - BITS``, or
+    ``23 - 2 * BITS`` for the slots whose shift is then shared with their neighbour: pair order
+    puts slots ``2j + 1`` and ``2j + 2`` 4 bits apart) and OR-ed into the exponent of 1.0 or
+    2^BITS. ``ONE`` / ``ONE_LO`` come in as run-time registers so that ptxas fuses mask and OR
+    into one LOP3. ``x * f`` is exact (8 + 9 significant bits); the activation part
+    ``x`` (``2^BITS * x``) is subtracted once per step (:func:`_gemv_fold`), leaving ``q * x``
+    to ~2^-17 relative (fp32 accumulation of 8 terms of similar size), far below bf16 rounding.
+    """
+    if BITS == 4:  # pair order, see _slot
+        SH0: tl.constexpr = (C % 2) * 16 + (C // 2) * 4
+    else:
+        SH0: tl.constexpr = C * BITS
+    if (SH0 // BITS) % 2 == 0:
+        T: tl.constexpr = 23 - BITS
+        one = ONE
+    else:
+        T: tl.constexpr = 23 - 2 * BITS
+        one = ONE_LO
+    if T >= SH0:
+        src = w << (T - SH0)
+    else:
+        src = w >> (SH0 - T)
+    return ((src & (((1 << BITS) - 1) << T)) | one).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["M"])
 def gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
+    ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 tile counters (zeros)
     M, N, K,
     ITEMS,  # items per row: words (bits 2, 4, 8) or 3-word units (bits 3)
     IPG,  # items per scale group (ITEMS when per-channel)
     CHUNKS_PER_SPLIT,  # chunks of CH items each split-K program reduces
     stride_xm, stride_ym,
+    ONE,  # 0x3F800000, the bits of 1.0, as a run-time value (see _unit_field)
     BITS: tl.constexpr,  # code width: 2, 3, 4 or 8
     DECODE: tl.constexpr,  # DECODE_*
     AFFINE: tl.constexpr,  # biases present: w = s * v + b
@@ -201,7 +257,7 @@ def gemv_kernel(
     BLOCK_M: tl.constexpr,  # activation rows per program: 1, 2 or 4 (each decoded code reused)
     BLOCK_N: tl.constexpr,  # output features per program
     CH: tl.constexpr,  # items per K step
-    SPLIT_K: tl.constexpr,  # >1: fp32 partial sums are atomically added into y (fp32)
+    SPLIT_K: tl.constexpr,  # >1: K split over programs, reduced through the workspace
     EVEN: tl.constexpr,  # N % BLOCK_N == 0 and the chunks cover K exactly: no masks
 ):
     """``y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])`` for 1, 2 or 4 rows ``m``, K-major weight.
@@ -218,6 +274,8 @@ def gemv_kernel(
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
     CPI: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per item
+    UNIT: tl.constexpr = DECODE == 0 and (BITS == 4 or BITS == 2)  # _unit_field decode
+    ONE_LO = ONE + (BITS << 23)  # bits of 2^BITS
 
     m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -245,7 +303,10 @@ def gemv_kernel(
         w0 = w0n
         w1 = w1n
         w2 = w2n
-        s = sn * SCALE_MUL
+        if UNIT:
+            s = sn * (SCALE_MUL * (1 << BITS))
+        else:
+            s = sn * SCALE_MUL
         b = bn
         nxt = tl.minimum(chunk + 1, c_last) * CH + offs_i  # the last step reloads itself
         w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ITEMS, IPG,
@@ -259,9 +320,17 @@ def gemv_kernel(
         xs1 = tl.zeros([CH], dtype=tl.float32)
         xs2 = tl.zeros([CH], dtype=tl.float32)
         xs3 = tl.zeros([CH], dtype=tl.float32)
+        xl0 = tl.zeros([CH], dtype=tl.float32)
+        xl1 = tl.zeros([CH], dtype=tl.float32)
+        xl2 = tl.zeros([CH], dtype=tl.float32)
+        xl3 = tl.zeros([CH], dtype=tl.float32)
         for c in tl.static_range(CPI):
+            # the slot's class in _unit_field (pair order puts slots 2j, 2j + 1 at bits 4j, 16 + 4j)
+            LO = UNIT and (c // (BITS // 2)) % 2 == 1
             if BITS == 3:
                 v = _decode(_code_of_3bit(w0, w1, w2, c), lut_ptr, DECODE)
+            elif UNIT:
+                v = _unit_field(w, c, BITS, ONE, ONE_LO)
             elif DECODE == 0:
                 v = _int_field(w, c, BITS)
             elif DECODE == 1 and BITS == 4:
@@ -272,62 +341,112 @@ def gemv_kernel(
             if not EVEN:
                 ok_k = kk < K
                 v = tl.where(ok_k[:, None], v, 0.0)  # padding codes of a per-channel row
-            p0, xc = _gemv_row(p0, x0, ok0, v, kk, K, EVEN)
-            xs0 += xc
+            p0, xs0, xl0 = _gemv_row(p0, xs0, xl0, x0, ok0, v, kk, K, LO, EVEN)
             if BLOCK_M > 1:
-                p1, xc = _gemv_row(p1, x0 + stride_xm, ok1, v, kk, K, EVEN)
-                xs1 += xc
+                p1, xs1, xl1 = _gemv_row(p1, xs1, xl1, x0 + stride_xm, ok1, v, kk, K, LO, EVEN)
             if BLOCK_M > 2:
-                p2, xc = _gemv_row(p2, x0 + 2 * stride_xm, ok2, v, kk, K, EVEN)
-                xs2 += xc
-                p3, xc = _gemv_row(p3, x0 + 3 * stride_xm, ok3, v, kk, K, EVEN)
-                xs3 += xc
-        if AFFINE:
-            acc0 += p0 * s + xs0[:, None] * b
-            if BLOCK_M > 1:
-                acc1 += p1 * s + xs1[:, None] * b
-            if BLOCK_M > 2:
-                acc2 += p2 * s + xs2[:, None] * b
-                acc3 += p3 * s + xs3[:, None] * b
-        else:
-            acc0 += p0 * s
-            if BLOCK_M > 1:
-                acc1 += p1 * s
-            if BLOCK_M > 2:
-                acc2 += p2 * s
-                acc3 += p3 * s
+                p2, xs2, xl2 = _gemv_row(p2, xs2, xl2, x0 + 2 * stride_xm, ok2, v, kk, K, LO,
+                                         EVEN)
+                p3, xs3, xl3 = _gemv_row(p3, xs3, xl3, x0 + 3 * stride_xm, ok3, v, kk, K, LO,
+                                         EVEN)
+        acc0 = _gemv_fold(acc0, p0, xs0, xl0, s, b, UNIT, AFFINE, BITS)
+        if BLOCK_M > 1:
+            acc1 = _gemv_fold(acc1, p1, xs1, xl1, s, b, UNIT, AFFINE, BITS)
+        if BLOCK_M > 2:
+            acc2 = _gemv_fold(acc2, p2, xs2, xl2, s, b, UNIT, AFFINE, BITS)
+            acc3 = _gemv_fold(acc3, p3, xs3, xl3, s, b, UNIT, AFFINE, BITS)
 
-    bias = _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)
+    bias = _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS)
     y_row = y_ptr + m0 * stride_ym + offs_n
-    _store(y_row, tl.sum(acc0, axis=0) + bias, n_ok & ok0, SPLIT_K)
-    if BLOCK_M > 1:
-        _store(y_row + stride_ym, tl.sum(acc1, axis=0) + bias, n_ok & ok1, SPLIT_K)
-    if BLOCK_M > 2:
-        _store(y_row + 2 * stride_ym, tl.sum(acc2, axis=0) + bias, n_ok & ok2, SPLIT_K)
-        _store(y_row + 3 * stride_ym, tl.sum(acc3, axis=0) + bias, n_ok & ok3, SPLIT_K)
+    ok0 = n_ok & ok0
+    ok1 = n_ok & ok1
+    ok2 = n_ok & ok2
+    ok3 = n_ok & ok3
+    if SPLIT_K == 1:
+        tl.store(y_row, (tl.sum(acc0, axis=0) + bias).to(y_ptr.dtype.element_ty), mask=ok0)
+        if BLOCK_M > 1:
+            tl.store(y_row + stride_ym, (tl.sum(acc1, axis=0) + bias).to(y_ptr.dtype.element_ty),
+                     mask=ok1)
+        if BLOCK_M > 2:
+            tl.store(y_row + 2 * stride_ym,
+                     (tl.sum(acc2, axis=0) + bias).to(y_ptr.dtype.element_ty), mask=ok2)
+            tl.store(y_row + 3 * stride_ym,
+                     (tl.sum(acc3, axis=0) + bias).to(y_ptr.dtype.element_ty), mask=ok3)
+    else:  # partial rows to the workspace [SPLIT_K, M, N]; the last program sums (_split_arrive)
+        ws_stride = M * N
+        ws_row = ws_ptr + pid_k * ws_stride + m0 * N + offs_n
+        tl.store(ws_row, tl.sum(acc0, axis=0), mask=ok0)
+        if BLOCK_M > 1:
+            tl.store(ws_row + N, tl.sum(acc1, axis=0), mask=ok1)
+        if BLOCK_M > 2:
+            tl.store(ws_row + 2 * N, tl.sum(acc2, axis=0), mask=ok2)
+            tl.store(ws_row + 3 * N, tl.sum(acc3, axis=0), mask=ok3)
+        if _split_arrive(cnt_ptr, pid_m * tl.num_programs(0) + pid_n, SPLIT_K):
+            ws_row = ws_ptr + m0 * N + offs_n
+            y0 = _split_sum(ws_row, ok0, ws_stride, SPLIT_K)
+            tl.store(y_row, (y0 + bias).to(y_ptr.dtype.element_ty), mask=ok0)
+            if BLOCK_M > 1:
+                y1 = _split_sum(ws_row + N, ok1, ws_stride, SPLIT_K)
+                tl.store(y_row + stride_ym, (y1 + bias).to(y_ptr.dtype.element_ty), mask=ok1)
+            if BLOCK_M > 2:
+                y2 = _split_sum(ws_row + 2 * N, ok2, ws_stride, SPLIT_K)
+                tl.store(y_row + 2 * stride_ym, (y2 + bias).to(y_ptr.dtype.element_ty), mask=ok2)
+                y3 = _split_sum(ws_row + 3 * N, ok3, ws_stride, SPLIT_K)
+                tl.store(y_row + 3 * stride_ym, (y3 + bias).to(y_ptr.dtype.element_ty), mask=ok3)
 
 
 @triton.jit
-def _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """float32 layer bias of features ``offs_n`` (zeros without one); with split-K only the
-    first K split adds it."""
+def _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr):
+    """float32 layer bias of features ``offs_n`` (zeros without one)."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if SPLIT_K > 1:
-            bias = bias * (pid_k == 0).to(tl.float32)
     else:
         bias = tl.zeros(offs_n.shape, dtype=tl.float32)
     return bias
 
 
 @triton.jit
-def _store(ptrs, y, mask, SPLIT_K: tl.constexpr):
-    """Write ``y``: fp32 atomic add into the zeroed fp32 output under split-K, else a store in
-    the output's dtype."""
-    if SPLIT_K > 1:
-        tl.atomic_add(ptrs, y, mask=mask)
+def _split_arrive(cnt_ptr, tile, SPLIT_K: tl.constexpr):
+    """Count this split-K program in for its output tile; True in the one that arrives last.
+
+    Split-K without extra launches (no zeroed fp32 output, no atomics on data, no cast kernel):
+    every program of a tile writes its fp32 partial to the workspace, then bumps the tile's
+    counter. The barrier orders all threads' partial stores before that one acq_rel atomic
+    (release: the partials are visible GPU-wide before the count is); the last program's
+    acquire makes every other partial visible to it. It resets the counter to 0 for the next
+    launch on the stream, so the counters are zeroed once, when allocated.
+    """
+    tl.debug_barrier()
+    seen = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = seen == SPLIT_K - 1
+    if last:
+        tl.store(cnt_ptr + tile, 0)
+    return last
+
+
+@triton.jit
+def _split_sum(ws_ptrs, mask, ws_stride, SPLIT_K: tl.constexpr):
+    """Sum of the SPLIT_K fp32 partials at ``ws_ptrs + s * ws_stride``, in split order (the
+    result does not depend on which program finished first). ``.cg`` reads L2, never a line
+    this SM's L1 may hold from before the other programs wrote it."""
+    tot = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT_K):
+        tot += tl.load(ws_ptrs + s * ws_stride, mask=mask, other=0.0, cache_modifier=".cg")
+    return tot
+
+
+@triton.jit
+def _store_tile(y_ptrs, acc, bias, mask, ws_ptr, ws_offs, ws_stride, cnt_ptr, tile, pid_k,
+                SPLIT_K: tl.constexpr):
+    """Write ``acc + bias`` in the output's dtype; under split-K through the workspace
+    (:func:`_split_arrive`): the last program of the tile sums the partials and stores."""
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, (acc + bias).to(y_ptrs.dtype.element_ty), mask=mask)
     else:
-        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+        tl.store(ws_ptr + pid_k * ws_stride + ws_offs, acc, mask=mask)
+        if _split_arrive(cnt_ptr, tile, SPLIT_K):
+            tot = _split_sum(ws_ptr + ws_offs, mask, ws_stride, SPLIT_K)
+            tl.store(y_ptrs, (tot + bias).to(y_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -404,6 +523,7 @@ def _dequant_tile(
 @triton.jit(do_not_specialize=["M"])
 def gemm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
+    ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 tile counters (zeros)
     M, N, K,
     G,  # group length (K when per-channel)
     K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
@@ -414,7 +534,7 @@ def gemm_kernel(
     FP32_DOT: tl.constexpr,  # float32 activations: exact (non-TF32) dot
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # M tiles that run next to each other on one weight tile (L2 reuse)
-    SPLIT_K: tl.constexpr,  # >1: fp32 partial tiles are atomically added into y (fp32)
+    SPLIT_K: tl.constexpr,  # >1: K split over programs, reduced through the workspace
     EVEN: tl.constexpr,  # K % (BLOCK_K * SPLIT_K) == 0, N % BLOCK_N == 0: weight loads unmasked
 ):
     """``y = x @ W_hat.T (+ bias)``: each K step dequantizes a ``[BLOCK_K, BLOCK_N]`` weight
@@ -441,9 +561,10 @@ def gemm_kernel(
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
-    acc += _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)[None, :]
-    _store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
-           m_ok[:, None] & n_ok[None, :], SPLIT_K)
+    _store_tile(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc,
+                _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS)[None, :],
+                m_ok[:, None] & n_ok[None, :], ws_ptr, offs_m[:, None] * N + offs_n[None, :],
+                M * N, cnt_ptr, pid, pid_k, SPLIT_K)
 
 
 @triton.jit
@@ -546,6 +667,7 @@ def _pairs_a_tile(wv, s, b, DECODE: tl.constexpr, FP16: tl.constexpr, ASM: tl.co
 @triton.jit(do_not_specialize=["M"])
 def gemm_pairs_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 tile counters (zeros)
     M, N, K,
     KW,  # words per row
     G,  # group length (K when per-channel); a multiple of BLOCK_K, or K
@@ -602,6 +724,7 @@ def gemm_pairs_kernel(
         else:
             b = tl.zeros_like(s)
         acc = tl.dot(_pairs_a_tile(wv, s, b, DECODE, FP16, ASM, BLOCK_N, BLOCK_K), xa, acc)
-    acc += _layer_bias(bias_ptr, offs_n, n_ok, pid_k, HAS_BIAS, SPLIT_K)[:, None]
-    _store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc,
-           m_ok[None, :] & n_ok[:, None], SPLIT_K)
+    _store_tile(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], acc,
+                _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS)[:, None],
+                m_ok[None, :] & n_ok[:, None], ws_ptr, offs_m[None, :] * N + offs_n[:, None],
+                M * N, cnt_ptr, pid, pid_k, SPLIT_K)

@@ -307,10 +307,11 @@ def test_kernel_scales(fmt):
 @pytest.mark.parametrize("fmt,group,k", [("int4", 32, 256), ("int3", -1, 100), ("nf3", 64, 192),
                                          ("mxfp4", 32, 128), ("int8", -1, 40), ("nf4", -1, 60)])
 def test_prepared_weight_is_k_major(fmt, group, k):
-    """docs/CUDA.md: word w of row n moves to [w, n]; 3-bit rows padded to whole 3-word units;
-    4-bit words hold their codes in pair order; scales and biases transposed; mxfp4 scales
-    become float32 2^(e - 127)."""
-    n = 6
+    """docs/CUDA.md: word w of feature n moves to [n // 16, w, n % 16] (K-major inside blocks
+    of 16 features, the last block padded with zero features); 3-bit rows padded to whole
+    3-word units; 4-bit words hold their codes in pair order; scales and biases transposed;
+    mxfp4 scales become float32 2^(e - 127)."""
+    n = 20
     bits = F.get_format(fmt).bits
     weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
     pw = D.prepare_cuda_weight(weight, scales, biases, gscale, fmt, group, k)
@@ -319,12 +320,17 @@ def test_prepared_weight_is_k_major(fmt, group, k):
     if bits == 4:  # pair order = the canonical packing of each word's codes 0,2,4,6,1,3,5,7
         codes = F.unpack(weight, 4, 8 * kw).reshape(n, kw, 8)[:, :, [0, 2, 4, 6, 1, 3, 5, 7]]
         expected = F.pack(codes.reshape(n, 8 * kw), 4)
+    expected = expected.view(torch.int32)
     assert pw.weight.dtype == torch.int32 and pw.weight.is_contiguous()
-    assert torch.equal(pw.weight[:kw], expected.view(torch.int32).t())
-    assert not pw.weight[kw:].any()
-    if fmt in ("int3", "nf3"):
-        assert pw.weight.shape[0] == 3 * -(-k // 32)
-    assert torch.equal(L.from_k_major(pw.weight, k, bits), weight)
+    rows = 3 * -(-k // 32) if fmt in ("int3", "nf3") else kw
+    assert pw.weight.shape == (2, rows, L.N_BLOCK)
+    for f in range(2 * L.N_BLOCK):
+        col = pw.weight[f // L.N_BLOCK, :, f % L.N_BLOCK]
+        if f < n:
+            assert torch.equal(col[:kw], expected[f]) and not col[kw:].any()
+        else:
+            assert not col.any()  # padding features
+    assert torch.equal(L.from_k_major(pw.weight, n, k, bits), weight)
     if fmt == "mxfp4":
         assert torch.equal(pw.scales, torch.exp2(scales.float() - 127).t())
     else:

@@ -358,7 +358,7 @@ def gemm_prepared(
         block_n, block_k = 64, 64
         grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
         kernels.dequant_kernel[grid](
-            pw.weight, pw.scales, biases, pw.lut, w_t, n, k, group, **common,
+            pw.weight, pw.scales, biases, pw.lut, w_t, n, k, pw.weight.shape[1], group, **common,
             SCALE_ROW=(group % block_k == 0 or group == k),
             BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and n % block_n == 0),
             num_warps=4,
@@ -410,7 +410,7 @@ def gemm_prepared(
     if cfg.pairs and pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
         kernels.gemm_pairs_kernel[grid](
             x2, pw.weight, pw.scales, biases, bias_arg, y, ws, cnt,
-            m, n, k, pw.weight.shape[0], group, k_per_split, x2.stride(0), y.stride(0),
+            m, n, k, pw.weight.shape[1], group, k_per_split, x2.stride(0), y.stride(0),
             DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul, HAS_BIAS=has_bias,
             FP16=x.dtype == torch.float16, ASM=cfg.asm,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_m,
@@ -419,8 +419,8 @@ def gemm_prepared(
         return y.reshape(*lead, n)
     kernels.gemm_kernel[grid](
         x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
-        m, n, k, group, k_per_split, x2.stride(0), y.stride(0), **common, HAS_BIAS=has_bias,
-        SCALE_ROW=(group % cfg.block_k == 0 or group == k),
+        m, n, k, pw.weight.shape[1], group, k_per_split, x2.stride(0), y.stride(0), **common,
+        HAS_BIAS=has_bias, SCALE_ROW=(group % cfg.block_k == 0 or group == k),
         FP32_DOT=x.dtype == torch.float32,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         SPLIT_K=split, EVEN=even,

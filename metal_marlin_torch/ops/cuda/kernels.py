@@ -42,6 +42,14 @@ DECODE_E2M1 = 1  # value = e2m1(q) / 2^14         (SCALE_MUL = 2^14)
 DECODE_LUT = 2  # value = lut[q]
 DECODE_E4M3 = 3  # value = e4m3(q) / 2^8          (SCALE_MUL = 2^8)
 DECODE_E5M2 = 4  # value = e5m2(q)                (fp16's top byte)
+N_BLOCK = tl.constexpr(16)  # features per block of the K-major weight (layout.N_BLOCK)
+
+
+@triton.jit
+def _wptr(w_ptr, rows, cols, ROWS):
+    """Pointers to word rows ``rows`` of features ``cols`` (broadcast together) in the
+    blocked K-major weight ``int32 [ceil(N / 16), ROWS, 16]`` (layout.k_major)."""
+    return w_ptr + (cols // N_BLOCK) * (ROWS * N_BLOCK) + rows * N_BLOCK + cols % N_BLOCK
 
 
 @triton.jit
@@ -145,13 +153,13 @@ def _code_of_3bit(w0, w1, w2, C: tl.constexpr):
 
 
 @triton.jit
-def _load_word_rows(w_ptr, items, offs_n, N, mask, T: tl.constexpr, EVEN: tl.constexpr):
+def _load_word_rows(w_ptr, items, offs_n, ROWS, mask, T: tl.constexpr, EVEN: tl.constexpr):
     """Words ``T`` of units ``items`` (3-bit: 3 words per unit) for rows ``offs_n``: [CH, BN]."""
-    return _ld(w_ptr + (items * 3 + T)[:, None] * N + offs_n[None, :], mask, EVEN)
+    return _ld(_wptr(w_ptr, (items * 3 + T)[:, None], offs_n[None, :], ROWS), mask, EVEN)
 
 
 @triton.jit
-def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ITEMS, IPG,
+def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ROWS, ITEMS, IPG,
                BITS: tl.constexpr, AFFINE: tl.constexpr, EVEN: tl.constexpr):
     """One GEMV K step's loads: words ``[CH, BN]`` (three of them for 3-bit units; else the
     same tensor three times), float32 scales and biases (zeros when not affine)."""
@@ -163,12 +171,12 @@ def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ITEMS, IPG,
     else:
         b = tl.zeros_like(s)
     if BITS == 3:
-        w0 = _load_word_rows(w_ptr, items, offs_n, N, mask, 0, EVEN).to(tl.uint32, bitcast=True)
-        w1 = _load_word_rows(w_ptr, items, offs_n, N, mask, 1, EVEN).to(tl.uint32, bitcast=True)
-        w2 = _load_word_rows(w_ptr, items, offs_n, N, mask, 2, EVEN).to(tl.uint32, bitcast=True)
+        w0 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 0, EVEN).to(tl.uint32, bitcast=True)
+        w1 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 1, EVEN).to(tl.uint32, bitcast=True)
+        w2 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 2, EVEN).to(tl.uint32, bitcast=True)
     else:
-        w0 = _ld(w_ptr + items[:, None] * N + offs_n[None, :], mask, EVEN).to(tl.uint32,
-                                                                             bitcast=True)
+        w0 = _ld(_wptr(w_ptr, items[:, None], offs_n[None, :], ROWS), mask, EVEN).to(
+            tl.uint32, bitcast=True)
         w1 = w0
         w2 = w0
     return w0, w1, w2, s, b
@@ -296,8 +304,12 @@ def gemv_kernel(
     # software prefetch: step i+1's words and scales are loaded before step i is decoded, so
     # each warp has a load in flight while it computes (measured: loads and ALU work added up
     # without it)
+    if BITS == 3:
+        ROWS = ITEMS * 3  # word rows of the weight
+    else:
+        ROWS = ITEMS
     w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, c_lo * CH + offs_i, offs_n, n_ok, N,
-                                       ITEMS, IPG, BITS, AFFINE, EVEN)
+                                       ROWS, ITEMS, IPG, BITS, AFFINE, EVEN)
     for chunk in range(c_lo, c_lo + CHUNKS_PER_SPLIT):  # past the row end all loads are masked
         items = chunk * CH + offs_i  # [CH]
         w0 = w0n
@@ -309,8 +321,8 @@ def gemv_kernel(
             s = sn * SCALE_MUL
         b = bn
         nxt = tl.minimum(chunk + 1, c_last) * CH + offs_i  # the last step reloads itself
-        w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ITEMS, IPG,
-                                           BITS, AFFINE, EVEN)
+        w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ROWS, ITEMS,
+                                           IPG, BITS, AFFINE, EVEN)
         w = w0
         p0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
         p1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
@@ -464,6 +476,7 @@ def _grouped_tile(pid, num_a, num_b, GROUP: tl.constexpr):
 def _dequant_tile(
     w_ptr, s_ptr, b_ptr, lut_ptr,
     offs_n, n_ok, k0, offs_k, N, K, G,
+    ROWS,  # word rows of the weight
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
     SCALE_ROW: tl.constexpr,  # the tile [k0, k0 + BLOCK_K) lies inside one group
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -482,17 +495,17 @@ def _dequant_tile(
     if BITS == 3:
         word = (kk * BITS) // 32
         sh = (kk * BITS) % 32
-        wp = w_ptr + word[:, None] * N + offs_n[None, :]
+        wp = _wptr(w_ptr, word[:, None], offs_n[None, :], ROWS)
         q = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True) >> sh[:, None].to(tl.uint32)
         straddle = (sh > 29) & k_ok
-        hi = tl.load(wp + N, mask=straddle[:, None] & n_ok[None, :], other=0)
+        hi = tl.load(wp + N_BLOCK, mask=straddle[:, None] & n_ok[None, :], other=0)  # next row
         q = q | (hi.to(tl.uint32, bitcast=True) << ((32 - sh) % 32)[:, None].to(tl.uint32))
     else:
         # the tile's distinct words [BK / CPW, BN], unpacked along a middle axis of code slots
         CPW: tl.constexpr = 32 // BITS
         offs_w = k0 // CPW + tl.arange(0, BLOCK_K // CPW)
         wmask = (offs_w * CPW < K)[:, None] & n_ok[None, :]
-        wv = _ld(w_ptr + offs_w[:, None] * N + offs_n[None, :], wmask, EVEN)
+        wv = _ld(_wptr(w_ptr, offs_w[:, None], offs_n[None, :], ROWS), wmask, EVEN)
         slots = tl.arange(0, CPW)
         if BITS == 4:  # pair order (docs/CUDA.md): slot c at bit 16 * (c % 2) + 4 * (c // 2)
             shifts = ((slots % 2) * 16 + (slots // 2) * 4).to(tl.uint32)
@@ -525,6 +538,7 @@ def gemm_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
     ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 tile counters (zeros)
     M, N, K,
+    ROWS,  # word rows of the weight
     G,  # group length (K when per-channel)
     K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
     stride_xm, stride_ym,
@@ -556,7 +570,7 @@ def gemm_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                     mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
         w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
-                          BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
+                          ROWS, BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
         if FP32_DOT:
             acc = tl.dot(x, w, acc, input_precision="ieee")
         else:
@@ -570,7 +584,7 @@ def gemm_kernel(
 @triton.jit
 def dequant_kernel(
     w_ptr, s_ptr, b_ptr, lut_ptr, out_ptr,
-    N, K, G,
+    N, K, ROWS, G,
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
     SCALE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks
@@ -583,7 +597,7 @@ def dequant_kernel(
     n_ok = offs_n < N
     k0 = pid_k * BLOCK_K
     w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
-                      BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
+                      ROWS, BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
     kk = k0 + offs_k
     tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(kk < K)[:, None] & n_ok[None, :])
@@ -669,7 +683,7 @@ def gemm_pairs_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
     ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 tile counters (zeros)
     M, N, K,
-    KW,  # words per row
+    KW,  # word rows of the weight
     G,  # group length (K when per-channel); a multiple of BLOCK_K, or K
     K_PER_SPLIT,  # inputs each split-K program reduces (a multiple of BLOCK_K)
     stride_xm, stride_ym,
@@ -713,7 +727,7 @@ def gemm_pairs_kernel(
     k_start = pid_k * K_PER_SPLIT
     for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):  # past K all loads are masked
         wr = k0 // 8 + offs_w
-        wv = _ld(w_ptr + wr[None, :] * N + offs_n[:, None],
+        wv = _ld(_wptr(w_ptr, wr[None, :], offs_n[:, None], KW),
                  (wr < KW)[None, :] & n_ok[:, None], EVEN).to(tl.uint32, bitcast=True)
         kk = k0 + offs_k
         xa = tl.load(x_cols + kk[:, None], mask=m_ok[None, :] & (kk < K)[:, None], other=0.0)

@@ -223,20 +223,18 @@ def _sm_count(device: torch.device) -> int:
 
 def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
                         decode: int = layout.DECODE_LUT) -> GemvConfig:
-    """Tuned on an H100 (benchmarks/results/sweep_h100_m1_gemv_unit.json). M = 1: 16 features
-    x 128 words per step with 8 warps for the integer and E2M1 formats; on wide 4-bit layers
-    (16-feature programs >= 4 per SM) 64 words per step (K = 4096 is then 8 steps, not 4):
-    32 features with 8 warps for int4 (19.6 us against 22.6 us at 4096 x 14336), 16 with 4
-    for E2M1; 8 x 128 with 4 warps for the others. Each thread holds 16-byte vectors = one
-    word of 4 features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give
-    every SM one program (a split costs a partial round trip through the workspace)."""
-    fast = decode in (layout.DECODE_INT, layout.DECODE_E2M1)
+    """Tuned on an H100 with the blocked K-major weight
+    (benchmarks/results/sweep_h100_m1_gemv_blocked_b.json). M = 1: 16 features x 128 words per
+    step with 8 warps for 2/4-bit integer and E2M1 codes (int4: 6.9 / 18.5 / 19.2 us at
+    4096 x 4096 / 4096 x 14336 / 14336 x 4096), 8 x 128 with 4 warps for the others (int8
+    10.0 / 28.3 / 28.7 us against 9.8 / 29.3 / 32.7 us for 16 x 128; nf4 9.7 / 25.8 / 26.9 us
+    against 18.9 / 62.6 / 56.6 us). Each thread holds 16-byte vectors = one word of 4
+    features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give every SM
+    one program (a split costs a partial round trip through the workspace)."""
     if m == 1:
         block_m, chunk = 1, 128
+        fast = bits in (2, 4) and decode in (layout.DECODE_INT, layout.DECODE_E2M1)
         block_n, warps = (16, 8) if fast else (8, 4)
-        if fast and bits == 4 and n // 16 >= 4 * sms:
-            chunk = 64
-            block_n, warps = (32, 8) if decode == layout.DECODE_INT else (16, 4)
     elif m == 2:
         block_m, block_n, chunk, warps = 2, 16, 64, 8
     else:

@@ -36,7 +36,7 @@ DEQUANT_MIN_M = 65  # M = 128: dequantize + cuBLAS 0.47x dense, the fused Triton
 FUSED_MAX_M = 128
 FUSED_MIN_TILES_PER_SM = 1.5  # "wide" layers: 64-feature tiles >= 1.5 per SM
 # Table formats (nf4, nf3): the 64-row tile serializes on its lookups (nf4 at M = 64: 0.06-0.08x
-# dense fused, benchmarks/results/bench_gemm_h100.json, where dequantize + cuBLAS runs ~0.45x);
+# dense fused, benchmarks/results/bench_gemm_h100_before_lut_rule.json, where dequantize + cuBLAS runs ~0.45x);
 # at M = 32 the two are even (0.39-0.42x fused).
 LUT_GEMM_MAX_M = 32
 # int4 / E2M1 at M = 65-128 take gemm_pairs_kernel on every layer since its split-K reduces in

@@ -86,8 +86,14 @@ def time_cuda(calls: list[Callable[[], object]], repeats: int = 25, loops: int =
             for _ in range(loops):
                 for c in calls:
                     c()
-    run()
-    torch.cuda.synchronize()
+    # warm-up of the replay itself, >= 25 ms as triton.testing.do_bench does (first timings of
+    # a shape ran up to ~20% slow on the H100; docs/CUDA.md §4 "spread")
+    t0 = time.perf_counter()
+    while True:
+        run()
+        torch.cuda.synchronize()
+        if time.perf_counter() - t0 > 0.025:
+            break
     times = []
     for _ in range(repeats):
         start = torch.cuda.Event(enable_timing=True)

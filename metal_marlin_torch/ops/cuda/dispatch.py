@@ -55,8 +55,8 @@ class PreparedWeight:
         group_size: G as stored (-1 = per-channel).
         in_features: K.
         out_features: N.
-        weight: ``int32 [KW, N]``: the canonical uint32 words, transposed (3-bit rows padded to
-            whole 3-word units).
+        weight: ``int32 [ceil(N / 16), KW, 16]``: the canonical uint32 words, K-major inside
+            blocks of 16 features (layout.k_major; 3-bit rows padded to whole 3-word units).
         scales: float ``[n_groups, N]`` effective scales.
         biases: ``[n_groups, N]`` affine biases or None.
         lut: float32 code values on the weight's device (one dummy entry when unused).

@@ -5,19 +5,22 @@ dequantize kernel (for the very large M path: dequantize once into a temporary, 
 
 All of them read the weight in the *K-major* layout made once per weight at load time
 (docs/CUDA.md, :func:`..dispatch.prepare_cuda_weight`): the canonical ``uint32 [N, KW]`` of
-docs/FORMAT.md transposed to ``[KW, N]`` (scales and biases to ``[n_groups, N]``), 4-bit words
-with their codes in *pair order* (:func:`_slot`). Word ``w`` of row ``n`` moves to ``[w, n]``,
-so consecutive output features are adjacent in memory: a thread loads one 16-byte vector
+docs/FORMAT.md made K-major inside blocks of 16 features, ``[ceil(N / 16), KW, 16]`` (scales
+and biases transposed to ``[n_groups, N]``), 4-bit words with their codes in *pair order*
+(:func:`_slot`). Word ``w`` of row ``n`` moves to ``[n // 16, w, n % 16]`` (:func:`_wptr`), so
+consecutive output features are adjacent in memory and a block's K walk is one contiguous
+stream: a thread loads one 16-byte vector
 holding the same word of 4 rows, decodes the word's codes for all 4 rows, and shares each
 activation value (loaded and converted once) between them; a warp's loads are coalesced
 along N.
 
-Decoding (``DECODE``) is one of three branch-free paths, each giving the code's value *before*
+Decoding (``DECODE``) is one of these branch-free paths, each giving the code's value *before*
 its group scale; the host folds any constant factor into ``SCALE_MUL``:
 
 * ``DECODE_INT`` (affine ``int8/4/3/2``): the exact float of ``q`` by the 2^23 magic number
   (``bits(q | 0x4B000000) - 2^23``): one logic op and one add, where ``int -> float``
-  conversion instructions run at an eighth of the FMA rate on Hopper.
+  conversion instructions run at an eighth of the FMA rate on Hopper. The GEMV decodes 2- and
+  4-bit codes with one logic op each instead (:func:`_unit_field`).
 * ``DECODE_E2M1`` (``fp4``, ``mxfp4``, ``nvfp4``): the three magnitude bits placed into an fp16's
   exponent and top mantissa bit and the sign bit into bit 15 give ``e2m1(q) / 2^14`` exactly
   (index 1 lands on the fp16 subnormal 2^-15); ``SCALE_MUL = 2^14`` restores it.

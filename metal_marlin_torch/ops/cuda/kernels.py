@@ -304,13 +304,13 @@ def gemv_kernel(
     acc3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
     c_lo = pid_k * CHUNKS_PER_SPLIT
     c_last = c_lo + CHUNKS_PER_SPLIT - 1
-    # software prefetch: step i+1's words and scales are loaded before step i is decoded, so
-    # each warp has a load in flight while it computes (measured: loads and ALU work added up
-    # without it)
     if BITS == 3:
         ROWS = ITEMS * 3  # word rows of the weight
     else:
         ROWS = ITEMS
+    # software prefetch: step i+1's words and scales are loaded before step i is decoded, so
+    # each warp has a load in flight while it computes (measured: loads and ALU work added up
+    # without it)
     w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, c_lo * CH + offs_i, offs_n, n_ok, N,
                                        ROWS, ITEMS, IPG, BITS, AFFINE, EVEN)
     for chunk in range(c_lo, c_lo + CHUNKS_PER_SPLIT):  # past the row end all loads are masked

@@ -18,12 +18,15 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    weight, scales, biases, global_scale = ctx.saved_tensors
-    w_hat = torch.ops.marlin.dequantize(
-        weight, scales, biases, global_scale, ctx.format, ctx.group_size, ctx.in_features,
-        torch.float32,
-    )
-    grad_x = (grad.float() @ w_hat).to(grad.dtype)
+    # grad_x only when x needs it: a bias-only (or adapter-only) backward skips dequantizing W
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        weight, scales, biases, global_scale = ctx.saved_tensors
+        w_hat = torch.ops.marlin.dequantize(
+            weight, scales, biases, global_scale, ctx.format, ctx.group_size, ctx.in_features,
+            torch.float32,
+        )
+        grad_x = (grad.float() @ w_hat).to(grad.dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_needs_grad else None
     return grad_x, None, None, None, None, grad_bias, None, None
 
@@ -45,9 +48,12 @@ def _moe_backward(ctx, grad):
     # grad_x[m] = grad[m] @ W_hat[e_m] (its own op: the per-expert loop is opaque to tracing);
     # grad_bias[e] = the sum of grad over the rows routed to expert e
     expert_ids, weight, scales, biases, global_scale = ctx.saved_tensors
-    grad_x = torch.ops.marlin.moe_gemm_backward(
-        grad, expert_ids, weight, scales, biases, global_scale, ctx.format, ctx.group_size, ctx.in_features
-    )
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.marlin.moe_gemm_backward(
+            grad, expert_ids, weight, scales, biases, global_scale, ctx.format, ctx.group_size,
+            ctx.in_features,
+        )
     grad_bias = None
     if ctx.bias_needs_grad:
         grad_bias = grad.new_zeros((weight.shape[0], weight.shape[1]), dtype=torch.float32)

@@ -8,6 +8,7 @@ from torch.library import opcheck
 from metal_marlin_torch import formats as F
 from metal_marlin_torch import ops
 from tests import reference_formats as R
+from tests.ops.op_log import OpLog
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 1e-5}
@@ -75,6 +76,22 @@ def test_gemm_autograd_matches_dense():
     (x2 @ w_hat.T + b2).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(bias.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_gemm_backward_skips_grad_x_when_x_is_frozen():
+    """Only the bias trains: backward must not dequantize the weight for an unused grad_x."""
+    weight, scales, biases, gscale, bias = make("int4", 64)
+    bias = bias.requires_grad_()
+    x = torch.randn(3, 256)
+    y = ops.gemm(x, weight, scales, biases, gscale, bias, "int4", 64)
+    with OpLog() as log:
+        y.sum().backward()
+    assert not any("dequantize" in name or "mm" in name for name in log.names), log.names
+    torch.testing.assert_close(bias.grad, torch.full_like(bias, 3.0))
+    x.requires_grad_()
+    with OpLog() as log:
+        ops.gemm(x, weight, scales, biases, gscale, bias, "int4", 64).sum().backward()
+    assert any("dequantize" in name for name in log.names)  # the log sees it when it runs
 
 
 def test_gemm_transposed_and_strided_inputs():

@@ -7,6 +7,7 @@ import torch
 
 from metal_marlin_torch import formats as F
 from metal_marlin_torch import ops
+from tests.ops.op_log import OpLog
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -81,6 +82,18 @@ def test_gradients_match_dense_autograd():
     y2.backward(go)
     torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(bias.grad, bias2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_skips_grad_x_when_x_is_frozen():
+    e, n, k = 3, 8, 32
+    _, (w, s, b, gs) = make_experts("int4", 32, e, n, k)
+    ids = torch.tensor([1, 1, 0, 2, 1])
+    bias = torch.randn(e, n, requires_grad=True)
+    y = ops.moe_gemm(torch.randn(5, k), ids, w, s, b, gs, bias, "int4", 32)
+    with OpLog() as log:
+        y.sum().backward()
+    assert not any("moe_gemm_backward" in name for name in log.names), log.names
+    torch.testing.assert_close(bias.grad, torch.bincount(ids, minlength=e)[:, None].float().expand(e, n))
 
 
 def test_opcheck():

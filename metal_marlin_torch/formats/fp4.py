@@ -11,16 +11,18 @@ import torch
 
 from .base import GroupParams, WeightFormat, round_scale, safe_divisor
 from .codebook import nearest_index
+from .tables import device_table
 
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_MAX = 6.0
 # All 16 codes in code order: 0..7 positive, 8..15 negative (8 is -0, decoded as 0).
 E2M1_VALUES = E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES)
+_E2M1_DECODED = (0.0,) + E2M1_VALUES[1:8] + (0.0,) + E2M1_VALUES[9:]  # code 8 (-0) decodes to +0
 
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """E2M1 codes of float32 ``x`` (already divided by the scale); saturates at +-6."""
-    mags = torch.tensor(E2M1_MAGNITUDES, dtype=torch.float32, device=x.device)
+    mags = device_table(E2M1_MAGNITUDES, torch.float32, x.device)
     idx = nearest_index(x.abs(), mags)
     negative = (x < 0) & (idx > 0)  # zero always gets code 0, never -0
     return idx | (negative.to(torch.int64) << 3)
@@ -28,9 +30,7 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     """float32 values of E2M1 ``codes``."""
-    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    lut[8] = 0.0
-    return lut[codes.long()]
+    return device_table(_E2M1_DECODED, torch.float32, codes.device)[codes.long()]
 
 
 class _E2M1Format(WeightFormat):

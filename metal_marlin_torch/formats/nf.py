@@ -7,6 +7,7 @@ import torch
 
 from .base import GroupParams, WeightFormat, round_scale, safe_divisor
 from .codebook import nearest_index
+from .tables import device_table
 
 NF4_VALUES = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -25,7 +26,7 @@ class _NormalFloat(WeightFormat):
     values: tuple[float, ...] = ()
 
     def _table(self, device: torch.device) -> torch.Tensor:
-        return torch.tensor(self.values, dtype=torch.float32, device=device)
+        return device_table(self.values, torch.float32, device)
 
     def group_params(self, groups: torch.Tensor, scale_dtype: torch.dtype) -> GroupParams:
         return GroupParams(round_scale(groups.abs().amax(-1), scale_dtype))

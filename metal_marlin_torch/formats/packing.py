@@ -16,6 +16,8 @@ from math import gcd, lcm
 
 import torch
 
+from .tables import device_table
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -116,8 +118,8 @@ def _unpack_words(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     n_periods = -(-k // period)
     w64 = torch.nn.functional.pad(w64, (0, n_periods * wpp - w)).view(n, n_periods, wpp)
     w64 = torch.nn.functional.pad(w64, (0, 1))  # a zero word after each period for straddles
-    a = torch.tensor(word_idx, dtype=torch.int64, device=words.device)
-    off = torch.tensor(offsets, dtype=torch.int64, device=words.device)
+    a = device_table(word_idx, torch.int64, words.device)
+    off = device_table(offsets, torch.int64, words.device)
     val = (w64[:, :, a] >> off) | (w64[:, :, a + 1] << (32 - off))
     codes = (val & ((1 << bits) - 1)).reshape(n, n_periods * period)[:, :k]
     return codes.to(torch.uint8)

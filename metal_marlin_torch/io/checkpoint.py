@@ -196,7 +196,8 @@ def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 
 
 def convert_to_marlin(model: nn.Module, layers: dict[str, dict[str, Any]], device=None) -> None:
-    """Swap the ``nn.Linear`` layers named in ``layers`` for empty :class:`MarlinLinear` layers."""
+    """Swap the ``nn.Linear`` layers named in ``layers`` for empty :class:`MarlinLinear` layers
+    (on ``device``; by default each linear's own)."""
     for name, spec in layers.items():
         try:
             linear = model.get_submodule(name)
@@ -214,10 +215,8 @@ def convert_to_marlin(model: nn.Module, layers: dict[str, dict[str, Any]], devic
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"load_quantized: {name!r} is a {type(linear).__name__}, not nn.Linear")
         dcfg = DTypeConfig.from_dict(spec["dtype_config"]) if "dtype_config" in spec else None
-        replace_module(model, name, MarlinLinear(
-            linear.in_features, linear.out_features, linear.bias is not None, spec["format"],
-            spec["group_size"], dcfg, spec.get("rotation_block", 0), device=device,
-            bias_dtype=None if linear.bias is None else linear.bias.dtype))
+        replace_module(model, name, MarlinLinear.like(
+            linear, spec["format"], spec["group_size"], dcfg, spec.get("rotation_block", 0), device=device))
 
 
 def _check_against(model: nn.Module, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:

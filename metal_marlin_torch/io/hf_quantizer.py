@@ -135,9 +135,7 @@ class MarlinHfQuantizer(HfQuantizer):
             log.warning("metal_marlin_torch: leaving %s unquantized: %s", name, reason)
         for name, plan in plans.items():
             linear = model.get_submodule(name)
-            layer = MarlinLinear(linear.in_features, linear.out_features, linear.bias is not None, plan.format,
-                                 plan.group_size, dtype_config, device="meta",
-                                 bias_dtype=None if linear.bias is None else linear.bias.dtype)
+            layer = MarlinLinear.like(linear, plan.format, plan.group_size, dtype_config, device="meta")
             # the checkpoint's float weight lands here and is quantized by MarlinQuantize
             layer.weight = torch.empty_like(linear.weight, device="meta")
             replace_module(model, name, layer)

@@ -67,6 +67,27 @@ class MarlinLinear(nn.Module):
         return F.get_format(self.format).bits
 
     @classmethod
+    def like(
+        cls,
+        linear: nn.Linear,
+        format: str = "fp4",
+        group_size: int | None = None,
+        dtype_config: DTypeConfig | None = None,
+        rotation_block: int = 0,
+        device: torch.device | str | None = None,
+    ) -> MarlinLinear:
+        """An empty (zero) quantized layer shaped like ``linear``: its features, a bias if it has
+        one, in the bias's own dtype (a float32 bias stays float32, whatever the activations),
+        on ``linear``'s device unless ``device`` is given. Every path that replaces an
+        ``nn.Linear`` (RTN, GPTQ, loading a checkpoint, the transformers quantizer) builds its
+        layer here, so they agree on those choices."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"MarlinLinear.like: expected nn.Linear, got {type(linear).__name__}")
+        return cls(linear.in_features, linear.out_features, linear.bias is not None, format, group_size,
+                   dtype_config, rotation_block, device=linear.weight.device if device is None else device,
+                   bias_dtype=None if linear.bias is None else linear.bias.dtype)
+
+    @classmethod
     def from_linear(
         cls,
         linear: nn.Linear,
@@ -75,11 +96,7 @@ class MarlinLinear(nn.Module):
         dtype_config: DTypeConfig | None = None,
     ) -> MarlinLinear:
         """Round-to-nearest quantize an ``nn.Linear`` (its weight is not modified)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"from_linear: expected nn.Linear, got {type(linear).__name__}")
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, format, group_size,
-                    dtype_config, device=linear.weight.device,
-                    bias_dtype=None if linear.bias is None else linear.bias.dtype)
+        layer = cls.like(linear, format, group_size, dtype_config)
         qt = F.quantize(linear.weight, format, layer.group_size, layer.dtype_config.torch_scales)
         layer.load_quantized(qt, bias=linear.bias)
         return layer

@@ -78,8 +78,7 @@ def quantize_linear(
         if rotation.block:
             h = rotate_hessian(h, rotation.block, rotation.signs)
         qt = gptq_quantize(w, h, plan.format, plan.group_size, sdt, **(gptq_options or {})).qt
-    layer = MarlinLinear(linear.in_features, linear.out_features, linear.bias is not None,
-                         plan.format, plan.group_size, dcfg, rotation.block, device=w.device)
+    layer = MarlinLinear.like(linear, plan.format, plan.group_size, dcfg, rotation.block, device=w.device)
     layer.load_quantized(qt, bias=linear.bias, rotation_block=rotation.block,
                          rotation_signs=rotation.signs)
     return layer

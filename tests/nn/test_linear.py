@@ -112,3 +112,26 @@ def test_config_validation():
         QuantConfig(rules=(("*", {"bits": 3}),))
     with pytest.raises(TypeError, match="QuantConfig"):
         quantize_model(nn.Linear(4, 4), {"format": "fp4"})
+
+
+def test_every_linear_replacement_keeps_the_bias_dtype():
+    """RTN (from_linear), GPTQ and the empty twin (like) agree: a float32 bias stays float32 with
+    bf16 activations, on the linear's device, and a layer without bias gets none."""
+    from metal_marlin_torch.nn.config import LayerPlan
+    from metal_marlin_torch.quant.mr_gptq import quantize_linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16)  # float32 bias
+    dcfg = DTypeConfig(activations="bf16")
+    h = torch.eye(64)
+    layers = [MarlinLinear.from_linear(linear, "int4", 32, dcfg),
+              quantize_linear(linear, LayerPlan("int4", 32), dcfg, hessian=h),
+              MarlinLinear.like(linear, "int4", 32, dcfg)]
+    for layer in layers:
+        assert layer.bias is not None and layer.bias.dtype == torch.float32
+        assert layer.weight.device == linear.weight.device
+    for layer in layers[:2]:
+        assert torch.equal(layer.bias, linear.bias)
+    assert MarlinLinear.like(nn.Linear(64, 16, bias=False), "int4", 32).bias is None
+    with pytest.raises(TypeError, match="expected nn.Linear"):
+        MarlinLinear.like(nn.Conv1d(4, 4, 1), "int4")

@@ -178,9 +178,13 @@ class WeightFormat:
         group_size: int,
         k: int,
         dtype: torch.dtype = torch.float32,
+        check: bool = True,
     ) -> torch.Tensor:
-        """Dequantize the canonical tensors into ``W_hat [N, k]`` of ``dtype``."""
-        self.check_tensors(weight, scales, biases, global_scale, group_size, k)
+        """Dequantize the canonical tensors into ``W_hat [N, k]`` of ``dtype``. ``check=False``
+        skips :meth:`check_tensors` for callers that ran it already (the gemm ops, per call;
+        the MoE ops, once for all experts)."""
+        if check:
+            self.check_tensors(weight, scales, biases, global_scale, group_size, k)
         n = weight.shape[0]
         g = resolve_group_size(group_size, k)
         codes = unpack(weight, self.bits, k).view(n, k // g, g)

@@ -92,10 +92,12 @@ def expert_segments(expert_ids: torch.Tensor, num_experts: int) -> tuple[torch.T
 
 def dequantize_expert(weight, scales, biases, global_scale, fmt: F.WeightFormat, group_size: int, k: int,
                       expert: int) -> torch.Tensor:
-    """``W_hat [N, k]`` (fp32) of one expert."""
+    """``W_hat [N, k]`` (fp32) of one expert (the tensors were checked once for all experts by
+    :func:`check_moe_gemm_args`)."""
     return fmt.dequantize_packed(
         weight[expert], scales[expert], None if biases is None else biases[expert],
         None if global_scale is None else global_scale[expert], group_size, k, torch.float32,
+        check=False,
     )
 
 

@@ -197,9 +197,10 @@ def kv_quantize(x, positions, packed, norms, codebook, bits):
     if n == 0 or x.shape[0] == 0:
         return
     capacity = packed.shape[1]
-    if positions.min().item() < 0 or positions.max().item() >= capacity:
+    lo, hi = torch.stack(torch.aminmax(positions)).tolist()  # one device sync, not four
+    if lo < 0 or hi >= capacity:
         raise ValueError(f"marlin.kv_quantize: positions must lie in [0, {capacity}) (wrap them), "
-                         f"got min {positions.min().item()}, max {positions.max().item()}")
+                         f"got min {lo}, max {hi}")
     codes, nrm = encode(x, codebook)
     packed.index_copy_(1, positions, pack(codes, bits))
     norms.index_copy_(1, positions, nrm)

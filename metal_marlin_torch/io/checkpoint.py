@@ -171,21 +171,35 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _files(path: Path) -> list[Path]:
+def checkpoint_files(path: str | os.PathLike, who: str, any_name: bool = False) -> list[Path]:
+    """The safetensors files of the checkpoint directory ``path``, in shard order: the shards
+    named by the index file (each checked to exist), else the single file, or with
+    ``any_name`` every ``*.safetensors`` (MLX saves ``model.safetensors`` or its own shard
+    names). Errors name ``who``, the API the user called."""
+    path = Path(path)
     if (path / INDEX_FILE).is_file():
-        index = json.loads((path / INDEX_FILE).read_text())
-        return [path / n for n in sorted(set(index["weight_map"].values()))]
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
-    raise FileNotFoundError(f"load_quantized: no {SINGLE_FILE} or {INDEX_FILE} in {path}")
+        try:
+            names = sorted(set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{who}: {path / INDEX_FILE} is not a valid index: {err}") from None
+        files = [path / n for n in names]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{who}: shard {missing[0]} is missing ({len(missing)} of the "
+                                    f"{len(files)} shards named by {INDEX_FILE} are)")
+        return files
+    files = sorted(path.glob("*.safetensors")) if any_name else [path / SINGLE_FILE]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        wanted = "*.safetensors" if any_name else SINGLE_FILE
+        raise FileNotFoundError(f"{who}: no {wanted} or {INDEX_FILE} in {path}")
+    return files
 
 
 def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory (memory-mapped reads); corrupt files name themselves."""
     tensors: dict[str, torch.Tensor] = {}
-    for file in _files(Path(path)):
-        if not file.is_file():
-            raise FileNotFoundError(f"load_quantized: shard {file} is missing")
+    for file in checkpoint_files(path, "load_quantized"):  # every file exists
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():

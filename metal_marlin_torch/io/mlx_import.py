@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import formats as F
 from ..dtypes import DTypeConfig
-from .checkpoint import CONFIG_FILE, convert_to_marlin, load_state
+from .checkpoint import CONFIG_FILE, checkpoint_files, convert_to_marlin, load_state
 from .skeleton import hf_skeleton
 
 MLX_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
@@ -172,16 +172,6 @@ def _quant_params(qcfg: dict[str, Any], layer: str) -> dict[str, Any]:
     return params
 
 
-def _files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        return [path / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"import_mlx: no .safetensors files in {path}")
-    return files
-
-
 def _activation_dtype(tensors: dict[str, torch.Tensor]) -> str:
     dense = [t.dtype for t in tensors.values() if t.dtype in (torch.float16, torch.bfloat16)]
     return "fp16" if dense and dense[0] == torch.float16 else "bf16"
@@ -210,7 +200,7 @@ def import_mlx(path: str | os.PathLike, device: str | torch.device = "cpu",
     if not isinstance(qcfg, dict) or "bits" not in qcfg and "mode" not in qcfg:
         raise ValueError(f"import_mlx: {cfg_file} has no MLX 'quantization' entry (bits, group_size)")
     raw: dict[str, torch.Tensor] = {}
-    for file in _files(path):
+    for file in checkpoint_files(path, "import_mlx", any_name=True):
         with safe_open(str(file), framework="pt") as f:
             raw.update({k: f.get_tensor(k) for k in f.keys()})
     if model is None:

@@ -41,7 +41,7 @@ from ..dtypes import resolve
 from ..nn.config import QuantConfig
 from ..nn.quantize import plan_layers
 from .atomic import atomic_path, write_json
-from .checkpoint import CONFIG_FILE, FORMAT_VERSION, INDEX_FILE, QUANT_METHOD, SINGLE_FILE
+from .checkpoint import CONFIG_FILE, FORMAT_VERSION, INDEX_FILE, QUANT_METHOD, SINGLE_FILE, checkpoint_files
 from .hf import copy_tokenizer
 from .skeleton import hf_skeleton
 
@@ -84,21 +84,7 @@ class StreamSummary:
 
 def source_files(src: str | os.PathLike) -> list[Path]:
     """The safetensors files of the checkpoint directory ``src``, in shard order."""
-    src = Path(src)
-    if (src / INDEX_FILE).is_file():
-        try:
-            index = json.loads((src / INDEX_FILE).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"quantize_checkpoint: {src / INDEX_FILE} is not a valid index: {err}") from None
-        files = [src / n for n in names]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(f"quantize_checkpoint: shards named by the index are missing: {missing[:4]}")
-        return files
-    if (src / SINGLE_FILE).is_file():
-        return [src / SINGLE_FILE]
-    raise FileNotFoundError(f"quantize_checkpoint: no {SINGLE_FILE} or {INDEX_FILE} in {src}")
+    return checkpoint_files(src, "quantize_checkpoint")
 
 
 def is_sharded(src: str | os.PathLike) -> bool:

@@ -125,3 +125,24 @@ def test_generic_module_with_skeleton(tmp_path):
     loaded = load_quantized(tmp_path, model=skeleton)
     x = torch.randn(3, 64)
     assert torch.equal(loaded(x), model(x))
+
+
+def test_checkpoint_files(tmp_path):
+    """One finder for every reader: index order, the single file, any name (MLX), and errors
+    that name the caller."""
+    from metal_marlin_torch.io.checkpoint import INDEX_FILE, SINGLE_FILE, checkpoint_files
+
+    with pytest.raises(FileNotFoundError, match=f"import_mlx: no \\*.safetensors or {INDEX_FILE}"):
+        checkpoint_files(tmp_path, "import_mlx", any_name=True)
+    (tmp_path / "b.safetensors").write_bytes(b"")
+    (tmp_path / "a.safetensors").write_bytes(b"")
+    assert checkpoint_files(tmp_path, "x", any_name=True) == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    with pytest.raises(FileNotFoundError, match=f"load_quantized: no {SINGLE_FILE}"):
+        checkpoint_files(tmp_path, "load_quantized")
+    (tmp_path / SINGLE_FILE).write_bytes(b"")
+    assert checkpoint_files(tmp_path, "load_quantized") == [tmp_path / SINGLE_FILE]
+    (tmp_path / INDEX_FILE).write_text('{"weight_map": {"w2": "b.safetensors", "w1": "a.safetensors"}}')
+    assert checkpoint_files(tmp_path, "x") == [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    (tmp_path / INDEX_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="quantize_checkpoint: .* is not a valid index"):
+        checkpoint_files(tmp_path, "quantize_checkpoint")

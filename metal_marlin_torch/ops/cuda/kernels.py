@@ -162,7 +162,7 @@ def _load_word_rows(w_ptr, items, offs_n, ROWS, mask, T: tl.constexpr, EVEN: tl.
 
 
 @triton.jit
-def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ROWS, ITEMS, IPG,
+def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ROWS, ITEMS, IPG: tl.constexpr,
                BITS: tl.constexpr, AFFINE: tl.constexpr, EVEN: tl.constexpr):
     """One GEMV K step's loads: words ``[CH, BN]`` (three of them for 3-bit units; else the
     same tensor three times), float32 scales and biases (zeros when not affine)."""
@@ -256,7 +256,8 @@ def gemv_kernel(
     ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 tile counters (zeros)
     M, N, K,
     ITEMS,  # items per row: words (bits 2, 4, 8) or 3-word units (bits 3)
-    IPG,  # items per scale group (ITEMS when per-channel)
+    IPG: tl.constexpr,  # items per scale group (ITEMS when per-channel): a constant, so the
+    #                     group of an item is a shift (16 for group 128), not an integer division
     CHUNKS_PER_SPLIT,  # chunks of CH items each split-K program reduces
     stride_xm, stride_ym,
     ONE,  # 0x3F800000, the bits of 1.0, as a run-time value (see _unit_field)

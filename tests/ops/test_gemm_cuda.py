@@ -408,11 +408,17 @@ def test_dispatch_tables_are_valid(m, n, k, bits):
 def test_pairs_split_fills_the_sms():
     """K is split where the 64-feature tiles are fewer than the SMs (N = 4096 on 132 SMs), not
     on the wide layers at 128 rows (224 tiles already); splits never exceed K / (2 * block_k)."""
-    assert D.default_pairs_config(16, 4096, 4096, 132).split_k == 8
-    assert D.default_pairs_config(128, 4096, 14336, 132).split_k == 4
-    assert D.default_pairs_config(16, 14336, 4096, 132).split_k == 4
-    assert D.default_pairs_config(128, 14336, 4096, 132).split_k == 1
-    assert D.default_pairs_config(16, 4096, 512, 132).split_k == 2  # 512 / (2 * 128)
+    sms = 132
+    for m, n, k in [(16, 4096, 4096), (32, 4096, 14336), (64, 4096, 4096), (128, 4096, 14336),
+                    (16, 14336, 4096), (128, 14336, 4096), (16, 4096, 512)]:
+        cfg = D.default_pairs_config(m, n, k, sms)
+        tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+        assert cfg.split_k == 1 or k // cfg.split_k >= 2 * cfg.block_k
+        if tiles < sms and tiles * (k // (2 * cfg.block_k)) >= sms:  # room: the programs fill the SMs
+            assert tiles * cfg.split_k >= sms, (m, n, k, cfg)
+        if m == 128 and tiles >= sms:
+            assert cfg.split_k == 1, (m, n, k, cfg)
+    assert D.default_pairs_config(16, 4096, 512, sms).split_k == 512 // (2 * 128)  # the K cap
 
 
 def test_wide_layers_at_128_rows_run_fused():

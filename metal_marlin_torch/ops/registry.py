@@ -32,7 +32,6 @@ REFERENCE: dict[str, Callable] = {
     **kv.REFERENCE,  # quantized KV cache ops
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
-# ops whose MPS kernel is the pure-torch one registered here (not a Metal kernel of the extension)
 
 
 def set_kernel(op: str, device_type: str, fn: Callable, name: str) -> None:

@@ -273,9 +273,11 @@ def load_block(path: Path, block: nn.Module, dtype_config: DTypeConfig, device) 
         layers = json.loads(f.metadata()["layers"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     for name, spec in layers.items():
-        layer = MarlinLinear(spec["in"], spec["out"], spec["bias"], spec["format"], spec["group_size"],
-                             dtype_config, spec["rotation_block"], device=device)
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        # the bias keeps the dtype it was saved in, as quantize_linear gave it (the source's)
+        layer = MarlinLinear(spec["in"], spec["out"], spec["bias"], spec["format"], spec["group_size"],
+                             dtype_config, spec["rotation_block"], device=device,
+                             bias_dtype=state["bias"].dtype if "bias" in state else None)
         layer.load_state_dict({k: v.to(device) for k, v in state.items()})
         replace_module(block, name, layer)
     return list(layers)

@@ -166,3 +166,20 @@ def test_rotated_checkpoint_round_trip(tmp_path):
     assert q.rotation_block == 32 and q.rotation_signs is not None
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_saved_block_reloads_with_its_bias_dtype(tmp_path):
+    """A resumed block's layers equal the saved ones, float32 biases included (with bf16
+    activations), as a layer quantized in this run would have them."""
+    from metal_marlin_torch import DTypeConfig
+    from metal_marlin_torch.quant.driver import load_block, save_block
+
+    torch.manual_seed(0)
+    dcfg = DTypeConfig(activations="bf16")
+    block = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16, bias=False))
+    quantized = nn.Sequential(*[MarlinLinear.from_linear(m, "int4", 32, dcfg) for m in block])
+    save_block(tmp_path / "b.safetensors", quantized)
+    assert load_block(tmp_path / "b.safetensors", block, dcfg, "cpu") == ["0", "1"]
+    assert block[0].bias.dtype == torch.float32 and block[1].bias is None
+    for a, b in zip(quantized.state_dict().items(), block.state_dict().items(), strict=True):
+        assert a[0] == b[0] and a[1].dtype == b[1].dtype and torch.equal(a[1], b[1]), a[0]

@@ -258,6 +258,7 @@ def gemv_kernel(
     ITEMS,  # items per row: words (bits 2, 4, 8) or 3-word units (bits 3)
     IPG: tl.constexpr,  # items per scale group (ITEMS when per-channel): a constant, so the
     #                     group of an item is a shift (16 for group 128), not an integer division
+    #                     (one compile per group size; per-channel weights: one per K)
     CHUNKS_PER_SPLIT,  # chunks of CH items each split-K program reduces
     stride_xm, stride_ym,
     ONE,  # 0x3F800000, the bits of 1.0, as a run-time value (see _unit_field)

@@ -174,6 +174,39 @@ def test_split_k_reduces_in_kernel(path, split, unsplit):
         assert int(cnt.abs().sum()) == 0
 
 
+@needs_kernels
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("fp4", 32), ("int8", 64), ("nf4", 128),
+                                       ("int2", 128)])
+@pytest.mark.parametrize("n,chunk,bias", [(96, 16, True), (640, 16, False), (640, 32, True)])
+def test_stream_k_gemv(fmt, group, n, chunk, bias):
+    """The stream-K GEMV (equal runs of (block, K step) units per program; blocks cut between
+    programs finished through the workspace) against the oracle, the same bits on every launch,
+    and the counters back at zero. n = 96: one unit a program, every block spread over 8
+    programs; n = 640: 2-5 units a program, blocks cut at different steps."""
+    k = 1024
+    weight, scales, biases, gscale, b = make(fmt, group, n, k, bias=bias)
+    x = (torch.randn(1, k) / k**0.5).to(ACT)
+    pw = D.prepare_cuda_weight(*to_dev(weight, scales, biases, gscale), fmt, group, k)
+    cfg = D.GemvConfig(1, 16, chunk, 1, 4, stream=1)
+    assert D.stream_eligible(1, n, k, pw.kfmt.bits, cfg)
+    xd, bd = to_dev(x, b)
+    runs = [D.gemm_prepared(xd, pw, bd, path="gemv", config=cfg) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert_close(runs[0].cpu(), oracle(x, weight, scales, biases, gscale, b, fmt, group), ACT)
+    for _, cnt in D._SPLIT_BUFFERS.values():
+        assert int(cnt.abs().sum()) == 0
+
+
+def test_stream_k_eligibility():
+    """Only one row, 2/4/8-bit words, whole feature blocks and whole K steps take it."""
+    cfg = D.GemvConfig(1, 16, 128, 1, 8, stream=2)
+    assert D.stream_eligible(1, 14336, 4096, 4, cfg)
+    assert not D.stream_eligible(2, 14336, 4096, 4, cfg)  # two rows
+    assert not D.stream_eligible(1, 14336 + 8, 4096, 4, cfg)  # a partial block
+    assert not D.stream_eligible(1, 14336, 4096 + 512, 4, cfg)  # 576 words: a partial step
+    assert not D.stream_eligible(1, 14336, 4096, 3, cfg)  # 3-bit units
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON,
                     reason="needs CUDA (graph capture)" if not torch.cuda.is_available() else "needs Triton")
 @pytest.mark.parametrize("path,config", [("gemv", D.GemvConfig(4, 16, 16, 4, 4)),

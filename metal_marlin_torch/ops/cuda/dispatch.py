@@ -83,6 +83,8 @@ class GemvConfig:
     chunk: int  # items (words; 3-word units for 3 bits) per K step, a power of two
     split_k: int  # K splits (reduced in the kernel through a workspace when > 1)
     num_warps: int
+    maxnreg: int | None = None  # register cap a thread (ptxas), to fit more programs on an SM
+    stream: int = 0  # M = 1: > 0 runs kernels.gemv_stream_kernel with this many programs an SM
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,9 @@ def gemm_prepared(
             raise ValueError(f"GemvConfig.block_m must be 1, 2 or 4, got {cfg.block_m}")
         items = layout.items_per_row(k, kf.bits)
         steps = triton_cdiv(items, cfg.chunk)
+        if cfg.stream and stream_eligible(m, n, k, kf.bits, cfg):
+            return _gemv_stream(kernels, x2, pw, bias_arg, has_bias, biases, common, cfg, sms,
+                                steps).reshape(*lead, n)
         split = max(1, min(cfg.split_k, steps))
         per_split = triton_cdiv(steps, split)
         split = triton_cdiv(steps, per_split)
@@ -388,7 +393,7 @@ def gemm_prepared(
             m, n, k, items, layout.items_per_group(group, k, kf.bits), per_split,
             x2.stride(0), y.stride(0), ONE_BITS, **common, HAS_BIAS=has_bias,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CH=cfg.chunk, SPLIT_K=split, EVEN=even,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
         )
         return y.reshape(*lead, n)
 
@@ -425,6 +430,34 @@ def gemm_prepared(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.reshape(*lead, n)
+
+
+def stream_eligible(m: int, n: int, k: int, bits: int, cfg: GemvConfig) -> bool:
+    """Whether ``gemv_stream_kernel`` can take this launch: one row, 2/4/8-bit words, whole
+    blocks of features and whole K steps (the kernel has no masks)."""
+    items = layout.items_per_row(k, bits)
+    return (m == 1 and bits in (2, 4, 8) and n % cfg.block_n == 0 and items % cfg.chunk == 0
+            and items * layout.codes_per_item(bits) == k)
+
+
+def _gemv_stream(kernels, x2, pw, bias_arg, has_bias, biases, common, cfg, sms, steps):
+    """One stream-K GEMV launch (see kernels.gemv_stream_kernel): ``cfg.stream`` programs an
+    SM, each an equal run of the ``(N block, K step)`` units."""
+    n, k = pw.out_features, pw.in_features
+    blocks = n // cfg.block_n
+    units = blocks * steps
+    progs = min(units, cfg.stream * sms)
+    parts = (steps - 1) // max(1, units // progs) + 2  # most programs one block can span
+    y = torch.empty(1, n, dtype=x2.dtype, device=x2.device)
+    ws, cnt = split_buffers(y.device, parts * n, blocks)
+    items = layout.items_per_row(k, pw.kfmt.bits)
+    kernels.gemv_stream_kernel[(progs,)](
+        x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
+        n, k, items, layout.items_per_group(pw.group, k, pw.kfmt.bits), steps, units, ONE_BITS,
+        **common, HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, CH=cfg.chunk,
+        num_warps=cfg.num_warps, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
+    )
+    return y
 
 
 def _split_args(y: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -186,11 +186,16 @@ def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ROWS, ITEMS, IPG: tl
 
 
 @triton.jit
-def _gemv_row(acc, xs, xl, x_row, m_ok, v, kk, K, LO: tl.constexpr, EVEN: tl.constexpr):
+def _gemv_row(acc, xs, xl, x_row, m_ok, v, kk, K, LO: tl.constexpr, EVEN: tl.constexpr,
+              ROW_OK: tl.constexpr = False):
     """One code slot of one activation row: ``acc += x[kk] * v`` (x loaded once per item and
     shared by the BLOCK_N rows), and x added to the step's activation sum of the slot's class
-    (``xl`` for the low class of :func:`_unit_field`, else ``xs``)."""
-    if EVEN:
+    (``xl`` for the low class of :func:`_unit_field`, else ``xs``). ``ROW_OK``: the row is known
+    to exist (one row per program), so the load needs no predicate and no zero fill (two
+    instructions per activation at M = 1)."""
+    if EVEN and ROW_OK:
+        xc = tl.load(x_row + kk).to(tl.float32)
+    elif EVEN:
         xc = tl.load(x_row + kk, mask=m_ok, other=0.0).to(tl.float32)  # [CH]
     else:
         xc = tl.load(x_row + kk, mask=m_ok & (kk < K), other=0.0).to(tl.float32)
@@ -206,10 +211,10 @@ def _gemv_fold(acc, p, xs, xl, s, b, UNIT: tl.constexpr, AFFINE: tl.constexpr,
                BITS: tl.constexpr):
     """``acc`` plus one K step of one activation row: the per-code sums ``p`` times the scales
     ``s``, plus ``b * sum(x)`` when affine. With :func:`_unit_field` codes ``p`` also holds the
-    activations themselves (``x * (1 + q / 2^BITS)``, low class ``x * 2^BITS * (1 + q / 4^BITS)``):
-    ``xs + 2^BITS * xl`` is subtracted first, and ``s`` carries the remaining 2^BITS."""
+    activations themselves (``x * (2^BITS + q)``, low class ``x * (4^BITS + q)``):
+    ``2^BITS * xs + 4^BITS * xl`` is subtracted first, which leaves ``sum(x * q)``."""
     if UNIT:
-        p = p - (xs + xl * (1 << BITS))[:, None]
+        p = p - (xs * (1 << BITS) + xl * (1 << (2 * BITS)))[:, None]
         xs = xs + xl
     if AFFINE:
         return acc + p * s + xs[:, None] * b
@@ -218,20 +223,23 @@ def _gemv_fold(acc, p, xs, xl, s, b, UNIT: tl.constexpr, AFFINE: tl.constexpr,
 
 
 @triton.jit
-def _unit_field(w, C: tl.constexpr, BITS: tl.constexpr, ONE, ONE_LO):
-    """float32 of code slot ``C`` (2 or 4-bit integer codes) as ``1 + q / 2^BITS`` (high class)
-    or ``2^BITS * (1 + q / 4^BITS)`` (low class, ``BITS`` lower): one shift shared by two slots
-    and one logic op per code, then the caller's FMA ``p += x * f``.
+def _unit_field(w, C: tl.constexpr, BITS: tl.constexpr, ONE_HI, ONE_LO):
+    """float32 of code slot ``C`` (2 or 4-bit integer codes) as ``2^BITS + q`` (high class)
+    or ``4^BITS + q`` (low class, ``BITS`` lower): one shift shared by two slots and one logic
+    op per code, then the caller's FMA ``p += x * f``.
 
     The GEMV at M = 1 is bound by instruction issue, and the plain 2^23 magic number costs two
     logic ops (mask, then OR: a LOP3 takes one immediate) and an FMA per code before the
     product. Here the field is moved to the top of the mantissa (bits ``23 - BITS``, or
     ``23 - 2 * BITS`` for the slots whose shift is then shared with their neighbour: pair order
-    puts slots ``2j + 1`` and ``2j + 2`` 4 bits apart) and OR-ed into the exponent of 1.0 or
-    2^BITS. ``ONE`` / ``ONE_LO`` come in as run-time registers so that ptxas fuses mask and OR
+    puts slots ``2j + 1`` and ``2j + 2`` 4 bits apart) and OR-ed into the exponent of 2^BITS
+    or 4^BITS: the mantissa then counts units of 1, so the value is the code plus a power of
+    two and the scale needs no extra factor (one multiply per scale less than ``1 + q / 2^BITS``).
+    ``ONE_HI`` / ``ONE_LO`` come in as run-time registers so that ptxas fuses mask and OR
     into one LOP3. ``x * f`` is exact (8 + 9 significant bits); the activation part
-    ``x`` (``2^BITS * x``) is subtracted once per step (:func:`_gemv_fold`), leaving ``q * x``
-    to ~2^-17 relative (fp32 accumulation of 8 terms of similar size), far below bf16 rounding.
+    ``2^BITS x`` (``4^BITS x``) is subtracted once per step (:func:`_gemv_fold`), leaving
+    ``q * x`` to ~2^-17 relative (fp32 accumulation of 8 terms of similar size), far below
+    bf16 rounding.
     """
     if BITS == 4:  # pair order, see _slot
         SH0: tl.constexpr = (C % 2) * 16 + (C // 2) * 4
@@ -239,7 +247,7 @@ def _unit_field(w, C: tl.constexpr, BITS: tl.constexpr, ONE, ONE_LO):
         SH0: tl.constexpr = C * BITS
     if (SH0 // BITS) % 2 == 0:
         T: tl.constexpr = 23 - BITS
-        one = ONE
+        one = ONE_HI
     else:
         T: tl.constexpr = 23 - 2 * BITS
         one = ONE_LO
@@ -248,6 +256,57 @@ def _unit_field(w, C: tl.constexpr, BITS: tl.constexpr, ONE, ONE_LO):
     else:
         src = w >> (SH0 - T)
     return ((src & (((1 << BITS) - 1) << T)) | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_step(w0, w1, w2, items, x0, stride_xm, ok0, ok1, ok2, ok3, lut_ptr, K, ONE_HI, ONE_LO,
+               BITS: tl.constexpr, DECODE: tl.constexpr, UNIT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr,
+               EVEN: tl.constexpr):
+    """One K step of the GEMV on the words ``w0`` (``w1``, ``w2``: the rest of a 3-bit unit) of
+    ``items``: every code decoded once and multiplied by the activation of each of the
+    BLOCK_M rows at ``x0`` (rows ``stride_xm`` apart). Returns the per-code sums ``p*`` and the
+    activation sums ``xs*`` / ``xl*`` of each row (:func:`_gemv_fold` takes them)."""
+    CPI: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per item
+    w = w0
+    p0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    p1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    p2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    p3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    xs0 = tl.zeros([CH], dtype=tl.float32)
+    xs1 = tl.zeros([CH], dtype=tl.float32)
+    xs2 = tl.zeros([CH], dtype=tl.float32)
+    xs3 = tl.zeros([CH], dtype=tl.float32)
+    xl0 = tl.zeros([CH], dtype=tl.float32)
+    xl1 = tl.zeros([CH], dtype=tl.float32)
+    xl2 = tl.zeros([CH], dtype=tl.float32)
+    xl3 = tl.zeros([CH], dtype=tl.float32)
+    for c in tl.static_range(CPI):
+        # the slot's class in _unit_field (pair order puts slots 2j, 2j + 1 at bits 4j, 16 + 4j)
+        LO = UNIT and (c // (BITS // 2)) % 2 == 1
+        if BITS == 3:
+            v = _decode(_code_of_3bit(w0, w1, w2, c), lut_ptr, DECODE)
+        elif UNIT:
+            v = _unit_field(w, c, BITS, ONE_HI, ONE_LO)
+        elif DECODE == 0:
+            v = _int_field(w, c, BITS)
+        elif DECODE == 1 and BITS == 4:
+            v = _e2m1_slot(w, c)
+        else:
+            v = _decode(_slot(w, c, BITS), lut_ptr, DECODE)  # [CH, BN]
+        kk = items * CPI + c
+        if not EVEN:
+            ok_k = kk < K
+            v = tl.where(ok_k[:, None], v, 0.0)  # padding codes of a per-channel row
+        p0, xs0, xl0 = _gemv_row(p0, xs0, xl0, x0, ok0, v, kk, K, LO, EVEN, BLOCK_M == 1)
+        if BLOCK_M > 1:
+            p1, xs1, xl1 = _gemv_row(p1, xs1, xl1, x0 + stride_xm, ok1, v, kk, K, LO, EVEN)
+        if BLOCK_M > 2:
+            p2, xs2, xl2 = _gemv_row(p2, xs2, xl2, x0 + 2 * stride_xm, ok2, v, kk, K, LO,
+                                     EVEN)
+            p3, xs3, xl3 = _gemv_row(p3, xs3, xl3, x0 + 3 * stride_xm, ok3, v, kk, K, LO,
+                                     EVEN)
+    return p0, p1, p2, p3, xs0, xs1, xs2, xs3, xl0, xl1, xl2, xl3
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -286,9 +345,9 @@ def gemv_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    CPI: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per item
     UNIT: tl.constexpr = DECODE == 0 and (BITS == 4 or BITS == 2)  # _unit_field decode
-    ONE_LO = ONE + (BITS << 23)  # bits of 2^BITS
+    ONE_HI = ONE + (BITS << 23)  # bits of 2^BITS
+    ONE_LO = ONE + ((2 * BITS) << 23)  # bits of 4^BITS
 
     m0 = pid_m * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -320,52 +379,14 @@ def gemv_kernel(
         w0 = w0n
         w1 = w1n
         w2 = w2n
-        if UNIT:
-            s = sn * (SCALE_MUL * (1 << BITS))
-        else:
-            s = sn * SCALE_MUL
+        s = sn * SCALE_MUL
         b = bn
         nxt = tl.minimum(chunk + 1, c_last) * CH + offs_i  # the last step reloads itself
         w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ROWS, ITEMS,
                                            IPG, BITS, AFFINE, EVEN)
-        w = w0
-        p0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
-        p1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
-        p2 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
-        p3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
-        xs0 = tl.zeros([CH], dtype=tl.float32)
-        xs1 = tl.zeros([CH], dtype=tl.float32)
-        xs2 = tl.zeros([CH], dtype=tl.float32)
-        xs3 = tl.zeros([CH], dtype=tl.float32)
-        xl0 = tl.zeros([CH], dtype=tl.float32)
-        xl1 = tl.zeros([CH], dtype=tl.float32)
-        xl2 = tl.zeros([CH], dtype=tl.float32)
-        xl3 = tl.zeros([CH], dtype=tl.float32)
-        for c in tl.static_range(CPI):
-            # the slot's class in _unit_field (pair order puts slots 2j, 2j + 1 at bits 4j, 16 + 4j)
-            LO = UNIT and (c // (BITS // 2)) % 2 == 1
-            if BITS == 3:
-                v = _decode(_code_of_3bit(w0, w1, w2, c), lut_ptr, DECODE)
-            elif UNIT:
-                v = _unit_field(w, c, BITS, ONE, ONE_LO)
-            elif DECODE == 0:
-                v = _int_field(w, c, BITS)
-            elif DECODE == 1 and BITS == 4:
-                v = _e2m1_slot(w, c)
-            else:
-                v = _decode(_slot(w, c, BITS), lut_ptr, DECODE)  # [CH, BN]
-            kk = items * CPI + c
-            if not EVEN:
-                ok_k = kk < K
-                v = tl.where(ok_k[:, None], v, 0.0)  # padding codes of a per-channel row
-            p0, xs0, xl0 = _gemv_row(p0, xs0, xl0, x0, ok0, v, kk, K, LO, EVEN)
-            if BLOCK_M > 1:
-                p1, xs1, xl1 = _gemv_row(p1, xs1, xl1, x0 + stride_xm, ok1, v, kk, K, LO, EVEN)
-            if BLOCK_M > 2:
-                p2, xs2, xl2 = _gemv_row(p2, xs2, xl2, x0 + 2 * stride_xm, ok2, v, kk, K, LO,
-                                         EVEN)
-                p3, xs3, xl3 = _gemv_row(p3, xs3, xl3, x0 + 3 * stride_xm, ok3, v, kk, K, LO,
-                                         EVEN)
+        p0, p1, p2, p3, xs0, xs1, xs2, xs3, xl0, xl1, xl2, xl3 = _gemv_step(
+            w0, w1, w2, items, x0, stride_xm, ok0, ok1, ok2, ok3, lut_ptr, K, ONE_HI, ONE_LO,
+            BITS, DECODE, UNIT, BLOCK_M, BLOCK_N, CH, EVEN)
         acc0 = _gemv_fold(acc0, p0, xs0, xl0, s, b, UNIT, AFFINE, BITS)
         if BLOCK_M > 1:
             acc1 = _gemv_fold(acc1, p1, xs1, xl1, s, b, UNIT, AFFINE, BITS)
@@ -413,6 +434,80 @@ def gemv_kernel(
 
 
 @triton.jit
+def gemv_stream_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
+    ws_ptr, cnt_ptr,  # fp32 workspace [parts, N], int32 counters of the N blocks (zeros)
+    N, K,
+    ITEMS,  # words per row (bits 2, 4, 8)
+    IPG: tl.constexpr,  # words per scale group (see gemv_kernel)
+    STEPS,  # K steps of CH words in a row: ITEMS / CH
+    UNITS,  # (N block, K step) units in all: N / BLOCK_N * STEPS
+    ONE,  # 0x3F800000 (see _unit_field)
+    BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SCALE_MUL: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr,
+):
+    """``gemv_kernel`` at M = 1 as a *stream-K* launch: one program per resident slot, each
+    walking an equal run of the ``(N block, K step)`` units in order, the weight stream of one
+    block continuing into the next. Needs N % BLOCK_N == 0 and ITEMS % CH == 0 (no masks).
+
+    Why: with whole blocks per program, a wide layer (4096 x 14336: 896 blocks of 16 features
+    for 264 resident 8-warp programs on an H100) runs in 4 rounds of which the last is 39 %
+    full, and each program starts its own cold prefetch. Here every program does the same
+    number of steps (13 or 14 there) and starts once. A block that a run boundary cuts is
+    finished like split-K (:func:`_split_arrive`): each of its programs writes its partial to
+    workspace row ``program - first program of the block``, the last to arrive sums them in
+    that order (deterministic) and stores; a block inside one run is stored directly.
+    """
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    UNIT: tl.constexpr = DECODE == 0 and (BITS == 4 or BITS == 2)  # _unit_field decode
+    ONE_HI = ONE + (BITS << 23)  # bits of 2^BITS
+    ONE_LO = ONE + ((2 * BITS) << 23)  # bits of 4^BITS
+    u_lo = (pid * UNITS) // progs  # this program's units [u_lo, u_hi)
+    u_hi = ((pid + 1) * UNITS) // progs
+    offs_i = tl.arange(0, CH)
+    offs_b = tl.arange(0, BLOCK_N)
+    n_ok = offs_b < BLOCK_N  # all true: the loads are unmasked (EVEN)
+    blk = u_lo // STEPS
+    wn, _w1, _w2, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, (u_lo - blk * STEPS) * CH + offs_i,
+                                      blk * BLOCK_N + offs_b, n_ok, N, ITEMS, ITEMS, IPG, BITS,
+                                      AFFINE, True)
+    acc = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+    for u in range(u_lo, u_hi):
+        blk = u // STEPS
+        step = u - blk * STEPS
+        w = wn
+        s = sn * SCALE_MUL
+        b = bn
+        # prefetch the next unit's words (the next block's first step at a block's end)
+        nu = tl.minimum(u + 1, u_hi - 1)
+        nblk = nu // STEPS
+        wn, _w1, _w2, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, (nu - nblk * STEPS) * CH + offs_i,
+                                          nblk * BLOCK_N + offs_b, n_ok, N, ITEMS, ITEMS, IPG,
+                                          BITS, AFFINE, True)
+        p, _p1, _p2, _p3, xs, _s1, _s2, _s3, xl, _l1, _l2, _l3 = _gemv_step(
+            w, w, w, step * CH + offs_i, x_ptr, 0, True, False, False, False, lut_ptr, K,
+            ONE_HI, ONE_LO, BITS, DECODE, UNIT, 1, BLOCK_N, CH, True)
+        acc = _gemv_fold(acc, p, xs, xl, s, b, UNIT, AFFINE, BITS)
+        if (step == STEPS - 1) | (u == u_hi - 1):  # this program's share of the block ends
+            offs_n = blk * BLOCK_N + offs_b
+            y_row = tl.sum(acc, axis=0)
+            bias = _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS)
+            first = ((blk * STEPS + 1) * progs - 1) // UNITS  # program holding the block's
+            last = (((blk + 1) * STEPS) * progs - 1) // UNITS  # first / last unit
+            if first == last:
+                tl.store(y_ptr + offs_n, (y_row + bias).to(y_ptr.dtype.element_ty))
+            else:
+                tl.store(ws_ptr + (pid - first) * N + offs_n, y_row)
+                if _split_arrive(cnt_ptr, blk, last - first + 1):
+                    tot = tl.load(ws_ptr + offs_n, cache_modifier=".cg")
+                    for part in range(1, last - first + 1):
+                        tot += tl.load(ws_ptr + part * N + offs_n, cache_modifier=".cg")
+                    tl.store(y_ptr + offs_n, (tot + bias).to(y_ptr.dtype.element_ty))
+            acc = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
 def _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr):
     """float32 layer bias of features ``offs_n`` (zeros without one)."""
     if HAS_BIAS:
@@ -423,7 +518,7 @@ def _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _split_arrive(cnt_ptr, tile, SPLIT_K: tl.constexpr):
+def _split_arrive(cnt_ptr, tile, SPLIT_K):
     """Count this split-K program in for its output tile; True in the one that arrives last.
 
     Split-K without extra launches (no zeroed fp32 output, no atomics on data, no cast kernel):

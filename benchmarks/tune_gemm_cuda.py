@@ -101,9 +101,8 @@ def config_of(spec):
     if spec is None:
         return None
     if spec[0] == "gemv":
-        _, bm, bn, chunk, warps, split, *rest = spec
-        reg = rest[0] if rest and rest[0] else None
-        return D.GemvConfig(bm, bn, chunk, split, warps, reg, rest[1] if len(rest) > 1 else 0)
+        _, bm, bn, chunk, warps, split, *reg = spec
+        return D.GemvConfig(bm, bn, chunk, split, warps, reg[0] if reg else None)
     _, bm, bn, bk, split, warps, stages, *rest = spec
     pairs, asm = (bool(rest[0]), bool(rest[1])) if rest else (True, True)
     return D.GemmConfig(bm, bn, bk, split, warps, stages, pairs=pairs, asm=asm)
@@ -126,8 +125,8 @@ def main() -> None:
     p.add_argument("--formats", default=GEMV_FORMATS, help="formats swept at M = 1")
     p.add_argument("--jobs", type=int, default=8)
     p.add_argument("--m1-only", action="store_true", help="only the GEMV configurations at M = 1")
-    p.add_argument("--gemv", help="GEMV configurations "
-                   "'block_n,chunk,warps,split[,maxnreg[,stream]];...' (M = 1; maxnreg 0: none)")
+    p.add_argument("--gemv", help="GEMV configurations 'block_n,chunk,warps,split[,maxnreg];...' "
+                   "(M = 1)")
     p.add_argument("--gemm", help="GEMM configurations 'bm,bn,bk,split,warps,stages[,pairs,asm];...'")
     p.add_argument("--gemm-m", default=",".join(map(str, GEMM_M)), help="M values of the GEMM sweep")
     p.add_argument("--gemm-formats", default="int4", help="formats of the GEMM sweep")

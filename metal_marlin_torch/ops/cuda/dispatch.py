@@ -84,7 +84,6 @@ class GemvConfig:
     split_k: int  # K splits (reduced in the kernel through a workspace when > 1)
     num_warps: int
     maxnreg: int | None = None  # register cap a thread (ptxas), to fit more programs on an SM
-    stream: int = 0  # M = 1: > 0 runs kernels.gemv_stream_kernel with this many programs an SM
 
 
 @dataclass(frozen=True)
@@ -230,13 +229,21 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     step with 8 warps for 2/4-bit integer and E2M1 codes (int4: 6.9 / 18.5 / 19.2 us at
     4096 x 4096 / 4096 x 14336 / 14336 x 4096), 8 x 128 with 4 warps for the others (int8
     10.0 / 28.3 / 28.7 us against 9.8 / 29.3 / 32.7 us for 16 x 128; nf4 9.7 / 25.8 / 26.9 us
-    against 18.9 / 62.6 / 56.6 us). Each thread holds 16-byte vectors = one word of 4
-    features. M = 2 and 4: 16 x 64. Split K only when the N blocks alone cannot give every SM
-    one program (a split costs a partial round trip through the workspace)."""
+    against 18.9 / 62.6 / 56.6 us). At 16 x 128 x 8 warps a thread holds one word of 8
+    features (two 16-byte vectors). The 2/4-bit integer and E2M1 tile is capped at 80
+    registers a thread (ptxas wanted 98 for int4: two programs an SM; no spills at 80, three):
+    int4 4096 x 14336 17.1-17.6 us against 19.1-19.3 us, fp4 3-7% faster on every shape, the
+    rest within the spread (benchmarks/results/sweep_h100_m1_gemv_round4.json,
+    sweep_h100_m1_gemv_stream_k.json). M = 2 and 4: 16 x 64. Split K only when the N blocks
+    alone cannot give every SM one program (a split costs a partial round trip through the
+    workspace)."""
+    maxnreg = None
     if m == 1:
         block_m, chunk = 1, 128
         fast = bits in (2, 4) and decode in (layout.DECODE_INT, layout.DECODE_E2M1)
         block_n, warps = (16, 8) if fast else (8, 4)
+        if fast:
+            maxnreg = 80  # three 8-warp programs an SM instead of two, no spills
     elif m == 2:
         block_m, block_n, chunk, warps = 2, 16, 64, 8
     else:
@@ -246,7 +253,7 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     split = 1
     if programs < sms:  # not one program per SM: split K
         split = max(1, min(steps // 2, -(-2 * sms // programs)))
-    return GemvConfig(block_m, block_n, chunk, split, warps)
+    return GemvConfig(block_m, block_n, chunk, split, warps, maxnreg)
 
 
 def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConfig:
@@ -377,9 +384,6 @@ def gemm_prepared(
             raise ValueError(f"GemvConfig.block_m must be 1, 2 or 4, got {cfg.block_m}")
         items = layout.items_per_row(k, kf.bits)
         steps = triton_cdiv(items, cfg.chunk)
-        if cfg.stream and stream_eligible(m, n, k, kf.bits, cfg):
-            return _gemv_stream(kernels, x2, pw, bias_arg, has_bias, biases, common, cfg, sms,
-                                steps).reshape(*lead, n)
         split = max(1, min(cfg.split_k, steps))
         per_split = triton_cdiv(steps, split)
         split = triton_cdiv(steps, per_split)
@@ -430,34 +434,6 @@ def gemm_prepared(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.reshape(*lead, n)
-
-
-def stream_eligible(m: int, n: int, k: int, bits: int, cfg: GemvConfig) -> bool:
-    """Whether ``gemv_stream_kernel`` can take this launch: one row, 2/4/8-bit words, whole
-    blocks of features and whole K steps (the kernel has no masks)."""
-    items = layout.items_per_row(k, bits)
-    return (m == 1 and bits in (2, 4, 8) and n % cfg.block_n == 0 and items % cfg.chunk == 0
-            and items * layout.codes_per_item(bits) == k)
-
-
-def _gemv_stream(kernels, x2, pw, bias_arg, has_bias, biases, common, cfg, sms, steps):
-    """One stream-K GEMV launch (see kernels.gemv_stream_kernel): ``cfg.stream`` programs an
-    SM, each an equal run of the ``(N block, K step)`` units."""
-    n, k = pw.out_features, pw.in_features
-    blocks = n // cfg.block_n
-    units = blocks * steps
-    progs = min(units, cfg.stream * sms)
-    parts = (steps - 1) // max(1, units // progs) + 2  # most programs one block can span
-    y = torch.empty(1, n, dtype=x2.dtype, device=x2.device)
-    ws, cnt = split_buffers(y.device, parts * n, blocks)
-    items = layout.items_per_row(k, pw.kfmt.bits)
-    kernels.gemv_stream_kernel[(progs,)](
-        x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
-        n, k, items, layout.items_per_group(pw.group, k, pw.kfmt.bits), steps, units, ONE_BITS,
-        **common, HAS_BIAS=has_bias, BLOCK_N=cfg.block_n, CH=cfg.chunk,
-        num_warps=cfg.num_warps, **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
-    )
-    return y
 
 
 def _split_args(y: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

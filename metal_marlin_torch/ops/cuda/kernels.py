@@ -434,80 +434,6 @@ def gemv_kernel(
 
 
 @triton.jit
-def gemv_stream_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
-    ws_ptr, cnt_ptr,  # fp32 workspace [parts, N], int32 counters of the N blocks (zeros)
-    N, K,
-    ITEMS,  # words per row (bits 2, 4, 8)
-    IPG: tl.constexpr,  # words per scale group (see gemv_kernel)
-    STEPS,  # K steps of CH words in a row: ITEMS / CH
-    UNITS,  # (N block, K step) units in all: N / BLOCK_N * STEPS
-    ONE,  # 0x3F800000 (see _unit_field)
-    BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SCALE_MUL: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr,
-):
-    """``gemv_kernel`` at M = 1 as a *stream-K* launch: one program per resident slot, each
-    walking an equal run of the ``(N block, K step)`` units in order, the weight stream of one
-    block continuing into the next. Needs N % BLOCK_N == 0 and ITEMS % CH == 0 (no masks).
-
-    Why: with whole blocks per program, a wide layer (4096 x 14336: 896 blocks of 16 features
-    for 264 resident 8-warp programs on an H100) runs in 4 rounds of which the last is 39 %
-    full, and each program starts its own cold prefetch. Here every program does the same
-    number of steps (13 or 14 there) and starts once. A block that a run boundary cuts is
-    finished like split-K (:func:`_split_arrive`): each of its programs writes its partial to
-    workspace row ``program - first program of the block``, the last to arrive sums them in
-    that order (deterministic) and stores; a block inside one run is stored directly.
-    """
-    pid = tl.program_id(0)
-    progs = tl.num_programs(0)
-    UNIT: tl.constexpr = DECODE == 0 and (BITS == 4 or BITS == 2)  # _unit_field decode
-    ONE_HI = ONE + (BITS << 23)  # bits of 2^BITS
-    ONE_LO = ONE + ((2 * BITS) << 23)  # bits of 4^BITS
-    u_lo = (pid * UNITS) // progs  # this program's units [u_lo, u_hi)
-    u_hi = ((pid + 1) * UNITS) // progs
-    offs_i = tl.arange(0, CH)
-    offs_b = tl.arange(0, BLOCK_N)
-    n_ok = offs_b < BLOCK_N  # all true: the loads are unmasked (EVEN)
-    blk = u_lo // STEPS
-    wn, _w1, _w2, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, (u_lo - blk * STEPS) * CH + offs_i,
-                                      blk * BLOCK_N + offs_b, n_ok, N, ITEMS, ITEMS, IPG, BITS,
-                                      AFFINE, True)
-    acc = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
-    for u in range(u_lo, u_hi):
-        blk = u // STEPS
-        step = u - blk * STEPS
-        w = wn
-        s = sn * SCALE_MUL
-        b = bn
-        # prefetch the next unit's words (the next block's first step at a block's end)
-        nu = tl.minimum(u + 1, u_hi - 1)
-        nblk = nu // STEPS
-        wn, _w1, _w2, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, (nu - nblk * STEPS) * CH + offs_i,
-                                          nblk * BLOCK_N + offs_b, n_ok, N, ITEMS, ITEMS, IPG,
-                                          BITS, AFFINE, True)
-        p, _p1, _p2, _p3, xs, _s1, _s2, _s3, xl, _l1, _l2, _l3 = _gemv_step(
-            w, w, w, step * CH + offs_i, x_ptr, 0, True, False, False, False, lut_ptr, K,
-            ONE_HI, ONE_LO, BITS, DECODE, UNIT, 1, BLOCK_N, CH, True)
-        acc = _gemv_fold(acc, p, xs, xl, s, b, UNIT, AFFINE, BITS)
-        if (step == STEPS - 1) | (u == u_hi - 1):  # this program's share of the block ends
-            offs_n = blk * BLOCK_N + offs_b
-            y_row = tl.sum(acc, axis=0)
-            bias = _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS)
-            first = ((blk * STEPS + 1) * progs - 1) // UNITS  # program holding the block's
-            last = (((blk + 1) * STEPS) * progs - 1) // UNITS  # first / last unit
-            if first == last:
-                tl.store(y_ptr + offs_n, (y_row + bias).to(y_ptr.dtype.element_ty))
-            else:
-                tl.store(ws_ptr + (pid - first) * N + offs_n, y_row)
-                if _split_arrive(cnt_ptr, blk, last - first + 1):
-                    tot = tl.load(ws_ptr + offs_n, cache_modifier=".cg")
-                    for part in range(1, last - first + 1):
-                        tot += tl.load(ws_ptr + part * N + offs_n, cache_modifier=".cg")
-                    tl.store(y_ptr + offs_n, (tot + bias).to(y_ptr.dtype.element_ty))
-            acc = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
-
-
-@triton.jit
 def _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr):
     """float32 layer bias of features ``offs_n`` (zeros without one)."""
     if HAS_BIAS:
@@ -518,7 +444,7 @@ def _layer_bias(bias_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr):
 
 
 @triton.jit
-def _split_arrive(cnt_ptr, tile, SPLIT_K):
+def _split_arrive(cnt_ptr, tile, SPLIT_K: tl.constexpr):
     """Count this split-K program in for its output tile; True in the one that arrives last.
 
     Split-K without extra launches (no zeroed fp32 output, no atomics on data, no cast kernel):

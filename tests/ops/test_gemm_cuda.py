@@ -294,9 +294,9 @@ def test_int_magic_number_decode():
 @pytest.mark.parametrize("bits", [2, 4])
 def test_unit_field_decode(bits):
     """kernels._unit_field's encoding, written out with torch: every slot of every word gives
-    ``1 + q / 2^bits`` (high class) or ``2^bits * (1 + q / 4^bits)`` (low class), and the
-    GEMV's fold ``2^bits * (x * f - x')`` (x' = x, or 2^bits * x) returns ``q * x`` exactly;
-    the class is the one gemv_kernel sums the activation into."""
+    ``2^bits + q`` (high class) or ``4^bits + q`` (low class), and the GEMV's fold
+    ``x * f - x'`` (x' = 2^bits * x, or 4^bits * x) returns ``q * x`` exactly; the class is the
+    one gemv_kernel sums the activation into."""
     cpw = 32 // bits
     codes = torch.randint(0, 1 << bits, (64, cpw))
     words = F.pack(codes.reshape(1, -1), bits).reshape(64).to(torch.int64) & 0xFFFFFFFF
@@ -310,14 +310,14 @@ def test_unit_field_decode(bits):
         assert lo == ((c // (bits // 2)) % 2 == 1)  # gemv_kernel's class of slot c
         t = 23 - 2 * bits if lo else 23 - bits
         src = (words << (t - sh0)) if t >= sh0 else (words >> (sh0 - t))
-        one = 0x3F800000 + ((bits << 23) if lo else 0)
+        one = 0x3F800000 + (((2 * bits) if lo else bits) << 23)  # gemv_kernel's ONE_LO / ONE_HI
         f = (((src & (((1 << bits) - 1) << t)) | one) & 0xFFFFFFFF).to(torch.int32)
         f = f.view(torch.float32)
         q = codes[:, c].float()
-        expected = (1 + q / 4**bits) * 2**bits if lo else 1 + q / 2**bits
+        expected = 4**bits + q if lo else 2**bits + q
         assert torch.equal(f, expected)
-        x_part = x * 2**bits if lo else x
-        assert torch.equal((x * f - x_part) * 2**bits, q * x)
+        x_part = x * 4**bits if lo else x * 2**bits
+        assert torch.equal(x * f - x_part, q * x)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "fp4"])

@@ -51,7 +51,8 @@ def load_kernels(path: str | None):
     return module
 
 
-def compile_gemv(kernels, decode: int, affine: bool, scale_mul: float) -> bytes:
+def compile_gemv(kernels, decode: int, affine: bool, scale_mul: float,
+                 maxnreg: int | None = None) -> bytes:
     fn = kernels.gemv_kernel
     consts = dict(BITS=4, DECODE=decode, AFFINE=affine, HAS_BIAS=False, SCALE_MUL=scale_mul,
                   BLOCK_M=1, BLOCK_N=BLOCK_N, CH=CH, SPLIT_K=1, EVEN=True, IPG=16)
@@ -68,12 +69,14 @@ def compile_gemv(kernels, decode: int, affine: bool, scale_mul: float) -> bytes:
     consts = {k: v for k, v in consts.items() if k in sig}
     src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=WARPS, num_stages=3))
+                              options=dict(num_warps=WARPS, num_stages=3,
+                                           **({} if maxnreg is None else {"maxnreg": maxnreg})))
     return compiled.asm["cubin"]
 
 
-def loop_instructions(cubin: bytes) -> tuple[int, int, int]:
-    """(all instructions, instructions of the largest loop, registers a thread) of a cubin."""
+def loop_instructions(cubin: bytes) -> tuple[int, int, int, int]:
+    """(all instructions, instructions of the largest loop, registers a thread, register spill
+    stores) of a cubin."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -88,7 +91,7 @@ def loop_instructions(cubin: bytes) -> tuple[int, int, int]:
              re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(?:`\()?(0x[0-9a-f]+)", sass)
              if int(t, 16) < int(a, 16)]
     longest = max(((end - start) // 16 + 1 for start, end in loops), default=0)
-    return len(addrs), longest, registers
+    return len(addrs), longest, registers, len(re.findall(r"\bSTL\b", sass))
 
 
 def main() -> None:
@@ -96,21 +99,25 @@ def main() -> None:
     p.add_argument("--json", required=True)
     p.add_argument("--kernels", help="another kernels.py to compile (default: the package's)")
     p.add_argument("--label", default="current")
+    p.add_argument("--maxnreg", type=int, help="register cap a thread (GemvConfig.maxnreg)")
     args = p.parse_args()
     kernels = load_kernels(args.kernels)
     threads = WARPS * 32
     weights_per_thread = CH * BLOCK_N * 8 // threads  # 8 codes per 4-bit word
     rows = []
     for name, decode, affine, scale_mul in FORMATS:
-        total, loop, registers = loop_instructions(compile_gemv(kernels, decode, affine, scale_mul))
+        total, loop, registers, spills = loop_instructions(
+            compile_gemv(kernels, decode, affine, scale_mul, args.maxnreg))
         rows.append({"format": name, "sass_total": total, "loop": loop, "registers": registers,
+                     "spill_stores": spills,
                      "weights_per_thread_per_iteration": weights_per_thread,
                      "loop_per_weight": round(loop / weights_per_thread, 2)})
         print(f"{args.label:10s} {name:5s} SASS {total:4d}, K loop {loop:4d} for "
               f"{weights_per_thread} weights a thread = {loop / weights_per_thread:.2f} per weight, "
-              f"{registers} registers")
+              f"{registers} registers, {spills} spill stores")
     result = {"label": args.label, "target": "sm_90", "triton": triton.__version__,
-              "tile": {"block_n": BLOCK_N, "chunk": CH, "num_warps": WARPS}, "rows": rows}
+              "tile": {"block_n": BLOCK_N, "chunk": CH, "num_warps": WARPS},
+              "maxnreg": args.maxnreg, "rows": rows}
     write_atomic(args.json, json.dumps(result, indent=1))
 
 

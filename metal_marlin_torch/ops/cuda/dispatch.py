@@ -231,12 +231,12 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     10.0 / 28.3 / 28.7 us against 9.8 / 29.3 / 32.7 us for 16 x 128; nf4 9.7 / 25.8 / 26.9 us
     against 18.9 / 62.6 / 56.6 us). At 16 x 128 x 8 warps a thread holds one word of 8
     features (two 16-byte vectors). The 2/4-bit integer and E2M1 tile is capped at 80
-    registers a thread (ptxas wanted 98 for int4: two programs an SM; no spills at 80, three):
-    int4 4096 x 14336 17.1-17.6 us against 19.1-19.3 us, fp4 3-7% faster on every shape, the
-    rest within the spread (benchmarks/results/sweep_h100_m1_gemv_round4.json,
-    sweep_h100_m1_gemv_stream_k.json). M = 2 and 4: 16 x 64. Split K only when the N blocks
-    alone cannot give every SM one program (a split costs a partial round trip through the
-    workspace)."""
+    registers a thread (ptxas wanted 98-103 for int4: two programs an SM; at 80 three, no
+    spills: benchmarks/results/gemv_sass_sm90_maxnreg80.json): int4 4096 x 14336 17.1-17.6 us
+    against 19.1-19.3 us, fp4 2-7% faster on every shape, the rest within the spread
+    (sweep_h100_m1_gemv_round4.json, sweep_h100_m1_gemv_stream_k_div.json). M = 2 and 4:
+    16 x 64. Split K only when the N blocks alone cannot give every SM one program (a split
+    costs a partial round trip through the workspace)."""
     maxnreg = None
     if m == 1:
         block_m, chunk = 1, 128

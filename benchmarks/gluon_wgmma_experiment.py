@@ -1,5 +1,6 @@
 """Experiment (round 5): a Gluon wgmma GEMM for int4 / E2M1 at M >= 128, timed against dense bf16
-and the shipped kernels. Not a shipped path: it did not beat them (docs/CUDA.md §3.1).
+and the shipped kernels. Not a shipped path: faster than the shipped one only at M = 256 and on
+one shape at M = 128, and without a layer bias or tests (docs/CUDA.md §3.1).
 
 docs/CUDA.md §5 named Gluon (``triton.experimental.gluon``, shipped with Triton 3.6) as the way to
 what ``tl.dot`` hides: an asynchronous wgmma whose K step overlaps the decode of the next one.
@@ -13,17 +14,17 @@ Two ways to hand the decoded tile to the tensor cores (``a_from_smem``):
 
 - ``0``, registers: the A fragment goes to wgmma from registers and each step waits for its
   wgmma (``num_outstanding=0``). An asynchronous variant (wait for all but one) gave wrong
-  results: the SASS took the same physical registers (R88-R103) for the A operand of every step
+  results on the H100: the sm_90 SASS took the same physical registers (R88-R103) for the A operand of every step
   while one wgmma was still in flight, so the next decode overwrote the operand under it. The
   wait's ``deps`` keep the 16-bit values alive, not the packed 32-bit operand registers.
 - ``1``, shared memory: each step stores the decoded tile to a double-buffered NVMMA-swizzled
   buffer and issues the wgmma asynchronously (one left in flight), so decode of step i + 1
-  overlaps the MMA of step i. Correct, and slower than ``gemm_pairs_kernel`` nearly everywhere:
+  overlaps the MMA of step i. Correct, and no faster than the shipped path at M = 128 and 512:
   Nsight Compute at 4096 x 14336, M = 512 (256 x 128 tile, 3 stages) put the tensor pipe at 46%
   active, one CTA an SM (240 registers), 0.41 eligible warps a scheduler, stalls mostly on long
   scoreboard, and 0.93 M shared-store bank conflicts from the A tile stores.
 
-    python benchmarks/gluon_wgmma_experiment.py --json out.json \
+    python benchmarks/gluon_wgmma_experiment.py --json out.json \\
         --configs "128,1,64,4,1,0;256,2,64,4,1,1" --m 128,256,512
 
 A configuration is ``block_m,warpgroups,block_k,stages,split_k,a_from_smem``: activation rows a

@@ -58,6 +58,7 @@ from bench_gemm import LLAMA_SHAPES, copies_for, nbytes, time_cuda, write_atomic
 
 from metal_marlin_torch import formats as F  # noqa: E402
 from metal_marlin_torch.ops.cuda import dispatch as D  # noqa: E402
+from metal_marlin_torch.ops.cuda.layout import DECODE_E2M1, DECODE_INT  # noqa: E402
 
 
 @gluon.constexpr_function
@@ -247,6 +248,9 @@ def launch(x2: torch.Tensor, pw: D.PreparedWeight, block_m: int = 128, wg: int =
     """``x2 [M, K] @ W_hat.T`` on a prepared int4 / E2M1 weight (no layer bias)."""
     m, k = x2.shape
     n = pw.out_features
+    if pw.kfmt.bits != 4 or pw.kfmt.decode not in (DECODE_INT, DECODE_E2M1):
+        raise ValueError(f"launch: the kernel decodes affine int4 and E2M1 codes only, got a "
+                         f"{pw.kfmt.bits}-bit weight with decode {pw.kfmt.decode}")
     if k % block_k or n % (64 * wg) or pw.group % block_k:
         raise ValueError(f"launch: needs K % block_k == 0, N % {64 * wg} == 0 and the group a "
                          f"multiple of block_k; got K={k}, N={n}, group={pw.group}")

@@ -468,9 +468,12 @@ def test_int4_pair_kernel(dtype, asm, group, k):
 
 def test_info_reports_availability():
     info = C.info()
-    assert set(info) >= {"available", "reason", "triton", "registered"}
+    assert set(info) >= {"available", "reason", "triton", "registered", "mma_gemv"}
+    assert set(info["mma_gemv"]) == {"available", "reason"}
+    assert info["mma_gemv"]["available"] == (not info["mma_gemv"]["reason"])
     if not torch.cuda.is_available() and not INTERPRET:
         assert not info["available"] and info["reason"]
+        assert not info["mma_gemv"]["available"] and info["mma_gemv"]["reason"]
         assert C.register() is False
         assert ops.active_kernels("cuda")["gemm"] == "torch"
 
@@ -522,3 +525,87 @@ def test_pairs_kernel_e2m1(dtype, fmt, group, k):
     assert D.pairs_eligible(L.kernel_format(fmt), dtype, k if group == -1 else group, k, block_k)
     y = fast(x, weight, scales, biases, gscale, bias, fmt, group, path="gemm", config=cfg)
     assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), dtype)
+
+
+# ---- the Gluon tensor-core GEMV (2-8 rows of affine int4, docs/CUDA.md §3.2) -----------------
+
+MMA_REASON = ("needs CUDA" if not torch.cuda.is_available() else "needs Triton" if not HAS_TRITON
+              else D.mma_gemv_unavailable_reason(torch.device("cuda")))
+needs_mma_gemv = pytest.mark.skipif(bool(MMA_REASON), reason=MMA_REASON or "runs")
+
+
+@needs_mma_gemv
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+@pytest.mark.parametrize("n,k,group,config", [
+    (128, 512, 128, None),                           # default: 4 warps, K split over 4 groups
+    (192, 1024, 256, None),                          # N % 128 != 0: 2 warps; 2 steps a group
+    (256, 640, 128, D.MmaGemvConfig(2, 2, 2)),       # 5 groups in 2 uneven splits, prefetch 2
+    (64, 384, 128, D.MmaGemvConfig(2, 1, 1)),        # one program, no split
+])
+@pytest.mark.parametrize("bias", [False, True])
+def test_mma_gemv_matches_oracle(dtype, m, n, k, group, config, bias):
+    weight, scales, biases, gscale, b = make("int4", group, n, k, bias=bias, dtype=dtype)
+    x = (torch.randn(m, k) / k**0.5).to(dtype)
+    y = fast(x, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv", config=config)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), dtype)
+    # the default dispatch takes this path for 2-8 rows, also through the registered op
+    y2 = ops.gemm(*to_dev(x, weight, scales, biases, gscale, b), "int4", group)
+    assert_close(y2, oracle(x, weight, scales, biases, gscale, b, "int4", group), dtype)
+
+
+@needs_mma_gemv
+def test_mma_gemv_3d_strided_input_and_repeatable_splits():
+    k, n, group = 1024, 256, 128
+    weight, scales, biases, gscale, b = make("int4", group, n, k)
+    x = (torch.randn(2, 3, k) / k**0.5).to(torch.bfloat16)
+    y = fast(x, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv")
+    assert y.shape == (2, 3, n)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), torch.bfloat16)
+    xt = (torch.randn(k, 4) / k**0.5).to(torch.bfloat16).t()  # [4, K] with stride (1, 4)
+    ys = [fast(xt, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv",
+               config=D.MmaGemvConfig(4, 8)) for _ in range(3)]
+    assert_close(ys[0], oracle(xt, weight, scales, biases, gscale, b, "int4", group),
+                 torch.bfloat16)
+    assert all(torch.equal(ys[0], yi) for yi in ys[1:])  # split sums in a fixed order
+
+
+@needs_kernels
+def test_mma_gemv_refuses_what_it_cannot_run():
+    w, s, bi, gs, _ = make("fp4", 128, 128, 256)
+    x = to_dev(torch.randn(3, 256).to(ACT))[0]
+    pw = D.prepare_cuda_weight(*to_dev(w, s, bi, gs), "fp4", 128, 256)
+    with pytest.raises((ValueError, RuntimeError), match="mma_gemv"):
+        D.gemm_prepared(x, pw, path="mma_gemv")
+    w, s, bi, gs, _ = make("int4", 128, 128, 256)
+    pw = D.prepare_cuda_weight(*to_dev(w, s, bi, gs), "int4", 128, 256)
+    with pytest.raises((ValueError, RuntimeError), match="mma_gemv"):
+        D.gemm_prepared(to_dev(torch.randn(9, 256).to(ACT))[0], pw, path="mma_gemv")
+
+
+def test_mma_gemv_dispatch_rules():
+    """Which layers and M take the tensor-core GEMV (when it can run): 2-8 rows of affine int4
+    with 16-bit activations, groups a multiple of 128 (not per-channel), N a multiple of 64."""
+    int4, fp4, nf4, int8 = (L.kernel_format(f) for f in ("int4", "fp4", "nf4", "int8"))
+    bf16 = torch.bfloat16
+    assert D.mma_gemv_eligible(int4, bf16, 128, 4096, 14336)
+    assert D.mma_gemv_eligible(int4, torch.float16, 256, 4096, 4096)
+    assert not D.mma_gemv_eligible(int4, torch.float32, 128, 4096, 4096)
+    assert not D.mma_gemv_eligible(int4, bf16, 64, 4096, 4096)  # groups of 64
+    assert not D.mma_gemv_eligible(int4, bf16, -1, 4096, 4096)  # per-channel
+    assert not D.mma_gemv_eligible(int4, bf16, 128, 4096, 4104)  # N % 64 != 0
+    assert not D.mma_gemv_eligible(int4, bf16, 128, 4000, 4096)  # K not whole groups
+    for kf in (fp4, nf4, int8):
+        assert not D.mma_gemv_eligible(kf, bf16, 128, 4096, 4096)
+    for m in range(1, 12):
+        path = D.choose_path(m, 14336, 132, int4, True, 4096, mma_gemv=True)
+        assert (path == "mma_gemv") == (D.MMA_GEMV_MIN_M <= m <= D.MMA_GEMV_MAX_M), (m, path)
+    assert D.choose_path(4, 14336, 132, int4, True, 4096, mma_gemv=False) == "gemm"
+    # the default grid: about three programs an SM where the groups allow, never more splits
+    # than scale groups, 2 warps when N is not a multiple of 128
+    for n, k, group in [(4096, 4096, 128), (14336, 4096, 128), (4096, 14336, 128),
+                        (192, 512, 256), (4096, 256, 128)]:
+        cfg = D.default_mma_gemv_config(n, k, group, 132)
+        assert n % (32 * cfg.warps) == 0 and 1 <= cfg.split_k <= k // group
+        programs = n // (32 * cfg.warps) * cfg.split_k
+        assert programs >= 3 * 132 or cfg.split_k * 2 > k // group, (n, k, cfg)

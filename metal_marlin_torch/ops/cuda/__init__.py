@@ -23,12 +23,14 @@ from .dispatch import (
     GEMV_MAX_M,
     GemmConfig,
     GemvConfig,
+    MmaGemvConfig,
     PreparedWeight,
     choose_path,
     clear_weight_cache,
     gemm,
     gemm_prepared,
     interpreting,
+    mma_gemv_unavailable_reason,
     prepare_cuda_weight,
     set_weight_cache,
 )
@@ -72,15 +74,20 @@ def register() -> bool:
 
 def info() -> dict:
     """What the CUDA fast path can do here: Triton version, availability and why not,
-    whether it is registered, and the M thresholds of the dispatch."""
+    whether it is registered, the M thresholds of the dispatch, and whether the Gluon
+    tensor-core GEMV (2-8 rows of int4) can run (``mma_gemv``: available, reason)."""
     reason = unavailable_reason()
+    mma_reason = reason or mma_gemv_unavailable_reason(
+        torch.device("cuda") if torch.cuda.is_available() else None)
     return {"available": not reason, "reason": reason, "triton": triton_version(),
             "registered": _registered, "gemv_max_m": GEMV_MAX_M,
-            "dequant_min_m": DEQUANT_MIN_M}
+            "dequant_min_m": DEQUANT_MIN_M,
+            "mma_gemv": {"available": not mma_reason, "reason": mma_reason}}
 
 
 __all__ = [
-    "DEQUANT_MIN_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "KERNEL_NAME", "PreparedWeight",
+    "DEQUANT_MIN_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "KERNEL_NAME", "MmaGemvConfig",
+    "PreparedWeight",
     "choose_path", "clear_weight_cache", "gemm", "gemm_prepared", "info", "prepare_cuda_weight",
     "register", "set_weight_cache", "triton_version", "unavailable_reason",
 ]

@@ -5,6 +5,8 @@ docs/CUDA.md and benchmarks/results/):
 
 * ``gemv``: M <= GEMV_MAX_M. Every packed word read once, decoded in registers, used for all
   M rows of the program.
+* ``mma_gemv``: 2 <= M <= MMA_GEMV_MAX_M, affine int4 with 16-bit activations and scale groups
+  of whole 128-input steps, where Gluon is available (:mod:`.mma_gemv`): the tensor-core GEMV.
 * ``gemm``: the tensor-core kernels, weight tiles dequantized in registers: ``gemm_pairs_kernel``
   (int4 / E2M1, 16-bit activations: the weight as the MMA's A operand) or ``gemm_kernel``.
 * ``dequant``: M >= DEQUANT_MIN_M (but see FUSED_MAX_M). One Triton pass writes W_hat^T in the
@@ -42,7 +44,13 @@ LUT_GEMM_MAX_M = 32
 # int4 / E2M1 at M = 65-128 take gemm_pairs_kernel on every layer since its split-K reduces in
 # the kernel (benchmarks/results/sweep_h100_m128_split.json): int4 at 4096 x 4096 0.65x dense
 # (split 4) against 0.52x for dequantize + cuBLAS; 0.91x / 0.94x at 4096 x 14336 / 14336 x 4096.
-PATHS = ("gemv", "gemm", "dequant")
+# 2-8 rows of affine int4: the Gluon tensor-core GEMV (benchmarks/results/sweep_h100_mma_gemv.json:
+# int4 at M = 4 18.4-19.8 us on the two wide layers against 30.0-30.3 us for the 16-row pairs
+# tile, 9.9-10.6 us at 4096 x 4096 against 11.3 us for the 4-row GEMV; at M = 1 it is no faster
+# than the GEMV: 16.6 / 17.1 us against 16.8 / 16.1 us on the wide layers, 9.2 against 6.6 us)
+MMA_GEMV_MIN_M = 2
+MMA_GEMV_MAX_M = 8
+PATHS = ("gemv", "mma_gemv", "gemm", "dequant")
 ONE_BITS = 0x3F800000  # float32 1.0: gemv_kernel takes it at run time (kernels._unit_field)
 
 
@@ -98,6 +106,16 @@ class GemmConfig:
     pairs: bool = True  # int4 / E2M1, bf16/fp16: gemm_pairs_kernel (weight as the A operand;
     #                     block_n output features, block_m activation rows per tile)
     asm: bool = False  # int4: its scale and bias in packed bf16x2/f16x2 PTX (faster, less exact)
+
+
+@dataclass(frozen=True)
+class MmaGemvConfig:
+    """``warps``: warps a program (32 output features each); ``split_k``: K splits (scale
+    groups are not cut); ``prefetch``: 128-input steps of words loaded ahead (1 or 2)."""
+
+    warps: int
+    split_k: int
+    prefetch: int = 1
 
 
 @cache
@@ -256,6 +274,19 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     return GemvConfig(block_m, block_n, chunk, split, warps, maxnreg)
 
 
+def default_mma_gemv_config(n: int, k: int, group: int, sms: int) -> MmaGemvConfig:
+    """4 warps (2 where N is not a multiple of 128); K split in powers of two until the grid
+    has three programs an SM, at most one split per scale group. On the H100
+    (benchmarks/results/sweep_h100_mma_gemv.json) this picked the best or within 5% of the
+    best configuration at M = 4 on the three Llama-3-8B shapes."""
+    warps = 4 if n % 128 == 0 else 2
+    programs = n // (32 * warps)
+    split = 1
+    while programs * split < 3 * sms and split * 2 <= k // group:
+        split *= 2
+    return MmaGemvConfig(warps, split)
+
+
 def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConfig:
     """``gemm_kernel`` tiles by M, tuned on an H100 (benchmarks/results/sweep_h100.json): a
     16-row tile with split-K 4 up to M = 16, 32 rows split 2 up to 32, 64 x 64 split 2 up to 64
@@ -301,9 +332,38 @@ def pairs_eligible(kf: KernelFormat, dtype: torch.dtype, group: int, k: int, blo
             and block_k % 16 == 0 and (group % block_k == 0 or group == k))
 
 
+def mma_gemv_eligible(kf: KernelFormat, dtype: torch.dtype, group_size: int, k: int,
+                      n: int) -> bool:
+    """The tensor-core GEMV (:mod:`.mma_gemv`) applies: affine int4 codes, bf16/fp16
+    activations, scale groups of whole 128-input steps (not per-channel) and N a multiple of
+    64 (two 16-feature blocks a warp, 2 warps at least)."""
+    return (kf.bits == 4 and kf.decode == layout.DECODE_INT and kf.affine
+            and dtype in (torch.bfloat16, torch.float16) and group_size > 0
+            and group_size % 128 == 0 and k % group_size == 0 and n % 64 == 0)
+
+
+@cache
+def mma_gemv_unavailable_reason(device: torch.device | None = None) -> str:
+    """Empty when the Gluon tensor-core GEMV can run on ``device``, else why not (Triton
+    without ``triton.experimental.gluon``, its CPU interpreter, or a GPU before sm_80)."""
+    if interpreting():
+        return "Triton's CPU interpreter does not run Gluon kernels"
+    try:
+        from . import mma_gemv  # noqa: F401 - Gluon, Triton >= 3.6
+    except (ImportError, AttributeError) as exc:
+        return f"Gluon (triton.experimental.gluon) unavailable: {type(exc).__name__}: {exc}"
+    if device is not None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return f"needs sm_80 or newer (mma.sync bf16), this GPU is sm_{major}{minor}"
+    return ""
+
+
 def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
-                group_tiles: bool = False, k: int = 0) -> str:
-    """``gemv`` up to GEMV_MAX_M rows (but 3-4 rows of int4 / E2M1 on the wide layers take
+                group_tiles: bool = False, k: int = 0, mma_gemv: bool = False) -> str:
+    """``mma_gemv`` for MMA_GEMV_MIN_M to MMA_GEMV_MAX_M rows where it applies and runs
+    (``mma_gemv``: :func:`mma_gemv_eligible` and no :func:`mma_gemv_unavailable_reason`).
+    Otherwise ``gemv`` up to GEMV_MAX_M rows (but 3-4 rows of int4 / E2M1 on the wide layers take
     ``gemm``: 4096 x 14336 at M = 4, 31.0 us for the pairs kernel's 16-row tile against 43.9 us
     for the 4-row GEMV, benchmarks/results/sweep_h100_m2_4.json; at N = 4096 and at M = 2 the
     GEMV is as fast or faster), ``gemm`` below DEQUANT_MIN_M; up to FUSED_MAX_M rows also
@@ -311,6 +371,8 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
     measured with group 128; ``gemm_pairs_kernel``, see the constants); else ``dequant``.
     Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a 64-row tile
     serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
+    if mma_gemv and MMA_GEMV_MIN_M <= m <= MMA_GEMV_MAX_M:
+        return "mma_gemv"
     wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
     pairs_format = kf is not None and kf.bits == 4 and kf.decode in (layout.DECODE_INT,
                                                                     layout.DECODE_E2M1)
@@ -330,7 +392,7 @@ def gemm_prepared(
     pw: PreparedWeight,
     bias: torch.Tensor | None = None,
     path: str | None = None,
-    config: GemvConfig | GemmConfig | None = None,
+    config: GemvConfig | GemmConfig | MmaGemvConfig | None = None,
 ) -> torch.Tensor:
     """``x[..., K] @ W_hat.T + bias`` -> ``[..., N]`` in ``x.dtype``, fp32 accumulation.
 
@@ -350,10 +412,14 @@ def gemm_prepared(
     if m == 0 or n == 0:
         return x.new_zeros(*lead, n)
     sms = _sm_count(x.device)
-    path = path or choose_path(m, n, sms, pw.kfmt, pw.group % 64 == 0 or pw.group == k, k)
+    kf = pw.kfmt
+    if path is None:
+        mma = (MMA_GEMV_MIN_M <= m <= MMA_GEMV_MAX_M
+               and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n)
+               and not mma_gemv_unavailable_reason(x.device))
+        path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma)
     if path not in PATHS:
         raise ValueError(f"gemm_prepared: path must be one of {PATHS}, got {path!r}")
-    kf = pw.kfmt
     group = pw.group
     biases = pw.biases if pw.biases is not None else pw.scales  # dummy pointer when unused
     has_bias = bias is not None
@@ -373,6 +439,24 @@ def gemm_prepared(
         y = x2 @ w_t
         if has_bias:
             y += bias
+        return y.reshape(*lead, n)
+
+    if path == "mma_gemv":
+        from . import mma_gemv
+
+        if not mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n) or m > MMA_GEMV_MAX_M:
+            raise ValueError(
+                f"gemm_prepared: the mma_gemv path takes up to {MMA_GEMV_MAX_M} rows of affine "
+                f"int4 with bf16/fp16 activations, groups a multiple of 128 dividing K and N a "
+                f"multiple of 64; got M={m}, bits={kf.bits}, affine={kf.affine}, "
+                f"dtype={x.dtype}, group_size={pw.group_size}, K={k}, N={n}")
+        reason = mma_gemv_unavailable_reason(x.device)
+        if reason:
+            raise RuntimeError(f"gemm_prepared: the mma_gemv path cannot run here: {reason}")
+        if config is not None and not isinstance(config, MmaGemvConfig):
+            raise TypeError(f"gemm_prepared: mma_gemv path takes an MmaGemvConfig, got "
+                            f"{type(config).__name__}")
+        y = mma_gemv.launch(x2, pw, bias, _split_args, config)
         return y.reshape(*lead, n)
 
     if path == "gemv":

@@ -1,0 +1,95 @@
+"""Sweep the Gluon tensor-core GEMV (``mma_gemv`` path, 2-8 rows of affine int4) against dense
+bf16/fp16 and the Triton paths it replaced, on the Llama-3-8B projection shapes.
+
+    python benchmarks/sweep_mma_gemv.py --json sweep.json [--m 1,2,4,8] [--dtype bfloat16]
+        [--configs "4,4,1;4,16,1;2,8,2"]   # warps, split_k, prefetch (MmaGemvConfig)
+
+Per shape and M, in one run with bench_gemm's timer (CUDA graphs over L2-defeating weight
+copies, CUDA events, median): dense, the CUDA-core GEMV (``path="gemv"``, its default
+configuration), the pairs GEMM (``path="gemm"``) where M >= 3, the default ``mma_gemv``
+configuration (``default``) and each ``--configs`` entry. Every ``mma_gemv`` output is compared
+with the dequantize path (``dequant_kernel`` + cuBLAS).
+Needs a CUDA GPU (sm_80+) with Triton's Gluon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gemm import LLAMA_SHAPES, copies_for, nbytes, time_cuda, write_atomic  # noqa: E402
+
+from metal_marlin_torch import formats as F  # noqa: E402
+from metal_marlin_torch.ops.cuda import dispatch as D  # noqa: E402
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref|."""
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True)
+    p.add_argument("--m", default="1,2,4,8")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--configs", default="4,4,1;4,16,1;2,8,1;4,4,2;8,8,2")
+    args = p.parse_args(argv)
+    reason = ("no CUDA device" if not torch.cuda.is_available()
+              else D.mma_gemv_unavailable_reason(torch.device("cuda")))
+    if reason:
+        raise SystemExit(f"sweep_mma_gemv: {reason}")
+    dt = getattr(torch, args.dtype)
+    cfgs = [D.MmaGemvConfig(*(int(v) for v in c.split(","))) for c in args.configs.split(";")]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    torch.manual_seed(0)
+    rows = []
+    for k, n in LLAMA_SHAPES:
+        qt = F.quantize(torch.randn(n, k, device="cuda") * 0.02, "int4", args.group)
+
+        def prep(qt=qt, k=k):
+            return D.prepare_cuda_weight(qt.weight.clone(), qt.scales.clone(), qt.biases.clone(),
+                                         None, "int4", args.group, k)
+        pws = [prep() for _ in range(copies_for(nbytes(prep().weight), "cuda"))]
+        dense_w = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(max(2, len(pws) // 4))]
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k, device="cuda", dtype=dt)
+            ref = D.gemm_prepared(x, pws[0], path="dequant")
+            row = dict(K=k, N=n, M=m, dense_ms=time_cuda([lambda w=w, x=x: x @ w.T
+                                                          for w in dense_w]))
+            for path in ("gemv",) + (("gemm",) if m >= 3 else ()):
+                row[f"{path}_ms"] = time_cuda([lambda p=p, x=x, path=path: D.gemm_prepared(
+                    x, p, path=path) for p in pws])
+            line = (f"{k}x{n} M={m}: dense {row['dense_ms'] * 1e3:.1f} us, gemv "
+                    f"{row['gemv_ms'] * 1e3:.1f} us"
+                    + (f", gemm {row['gemm_ms'] * 1e3:.1f} us" if m >= 3 else ""))
+            print(line, flush=True)
+            default = D.default_mma_gemv_config(n, k, args.group, sms)
+            for name, cfg in [("default", default)] + [(None, c) for c in cfgs]:
+                err = rel_error(D.gemm_prepared(x, pws[0], path="mma_gemv", config=cfg), ref)
+                t = time_cuda([lambda p=p, x=x, cfg=cfg: D.gemm_prepared(
+                    x, p, path="mma_gemv", config=cfg) for p in pws])
+                print(f"   mma_gemv {name or ''} {cfg}: {t * 1e3:.1f} us "
+                      f"({row['dense_ms'] / t:.2f}x dense), rel. error {err:.1e}", flush=True)
+                rows.append(dict(row, config=[cfg.warps, cfg.split_k, cfg.prefetch],
+                                 default=name == "default", ms=t,
+                                 ratio_dense=row["dense_ms"] / t, rel_error=err))
+    import triton
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, dtype=args.dtype, group=args.group, format="int4",
+                config_fields="warps, split_k, prefetch (MmaGemvConfig)",
+                timing="CUDA graph replays over weight copies > 2x L2, CUDA events, median",
+                rel_error="max |y - ref| / max |ref|; ref = dequant_kernel + cuBLAS")
+    write_atomic(args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()

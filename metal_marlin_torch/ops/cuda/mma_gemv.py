@@ -1,0 +1,274 @@
+"""Tensor-core GEMV for 2-8 activation rows of affine int4 (Gluon, ``mma.sync`` m16n8k16).
+
+docs/CUDA.md §3.2. ``y^T = W_hat @ x^T`` with the weight as the MMA's A operand (16 features a
+tile) and the activation rows as its B operand (n = 8 columns: rows 2-8 of x cost nothing
+more than row 1). Written in Gluon (``triton.experimental.gluon``, Triton >= 3.6) because the
+trick below needs the register layouts written out, which ``tl.dot`` does not allow.
+
+**Each lane's own 16 bytes are its A fragment.** The K-major weight (docs/CUDA.md §1) holds word
+``w`` of 16 consecutive features as one 64-byte run. A lane ``(g, tig)`` (``g = lane // 4``,
+``tig = lane % 4``) loads one 16-byte vector: word ``4 r + tig`` of round ``r`` for features
+``4 (g % 4) .. + 3`` of block ``2 warp + g // 4``; a warp's 32 loads are two contiguous
+256-byte runs. ``mma.sync`` wants lane ``(g, tig)`` to hold A rows ``g`` and ``g + 8`` and
+inputs ``2 tig, 2 tig + 1`` (and ``+ 8``) of each 16-input tile. Rather than moving words
+between lanes, the kernel renames both sides: A row ``g`` is the lane's first feature and row
+``g + 8`` its second (a second row tile takes features 3 and 4), and the 32 inputs of a round
+are reordered inside the MMA so that tile position ``2 tig + h`` (``+ 8``) is code ``2 j + h``
+of the lane's own word (``k' = 8 j + 2 tig + h``). The sum over K does not care about the
+order; the activations are loaded in the same order (lane ``(g, tig)``: 8 consecutive
+activations of row ``g``, one 16-byte vector). ``convert_layout(assert_trivial=True)`` checks
+at compile time that the decoded tensor *is* the MMA operand: no shuffles, no shared memory.
+
+**Two instructions per pair of weights.** In pair order (docs/CUDA.md §1)
+``(w >> 4 j) & 0x000F000F`` holds codes ``2 j`` and ``2 j + 1`` in its two 16-bit halves; OR
+``0x4300`` (bf16) / ``0x6400`` (fp16) into each half and they read as ``128 + q`` /
+``1024 + q``, exact. The magic number comes in as a run-time value so that ptxas fuses mask and
+OR into one LOP3 (an immediate would need two). These exact codes go into the MMA; the scale and
+the affine bias are applied once per scale group to the fp32 partial sums:
+``y += s * P + (b - 128 s) * X`` with ``X`` the group's activation sum, which one more MMA per
+16-input tile computes with an all-ones A operand. Against the CUDA-core GEMV (4.4 SASS
+instructions a weight at M = 1, docs/CUDA.md §2) the loop issues ~1.8 (236 for 4096 weights of
+a warp), and the activation rows come free up to 8.
+
+The K loop prefetches the next 128-input step in registers (words and activations); K is
+split across programs (reduced in the kernel through the shared split-K workspace, as the
+Triton kernels do) until the grid has about three programs an SM.
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .dispatch import MmaGemvConfig, default_mma_gemv_config
+
+
+@gluon.constexpr_function
+def _log2(v):
+    return v.bit_length() - 1
+
+
+@gluon.constexpr_function
+def _words_layout(NW):
+    """[32 NW A rows, 4 words, 4 pairs]: A row ``16 NW rho + 16 warp + 8 half + g`` of lane
+    ``(g, tig)`` holds word ``tig``; registers: half, rho (the lane's 4 features), then pair j."""
+    reg = [[8, 0, 0], [16 * NW, 0, 0], [0, 0, 1], [0, 0, 2]]
+    lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[16 << i, 0, 0] for i in range(_log2(NW))]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [32 * NW, 4, 4])
+
+
+@gluon.constexpr_function
+def _acts_layout(NW):
+    """[8 rows, 4 words, 8 inputs]: lane ``(g, tig)`` holds the 8 activations of row ``g`` under
+    word ``tig``; every warp holds the same (warp bases zero)."""
+    reg = [[0, 0, 1], [0, 0, 2], [0, 0, 4]]
+    lane = [[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]]
+    warp = [[0, 0, 0] for _ in range(_log2(NW))]
+    return gl.DistributedLinearLayout(reg, lane, warp, [], [8, 4, 8])
+
+
+@gluon.jit
+def _halves(t, FP16: gl.constexpr):
+    """uint32 -> its two 16-bit halves as fp16 / bf16 (register halves: no instruction)."""
+    if FP16:
+        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [t],
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [t],
+                                           dtype=(gl.bfloat16, gl.bfloat16), is_pure=True,
+                                           pack=1)
+    return lo, hi
+
+
+@gluon.jit
+def _round(wv, xb, acc, accx, ones, shifts, magic, a_l: gl.constexpr, b_l: gl.constexpr,
+           LW: gl.constexpr, NW: gl.constexpr, FP16: gl.constexpr):
+    """One round: 4 words (32 inputs) of 32 NW features into ``acc``; the activation sums of
+    the round into ``accx`` (A = ones)."""
+    R: gl.constexpr = 32 * NW
+    # [warp, lane = (g, tig), (rho, half)] -> [A row, tig]: relabelling only (checked)
+    wv = wv.reshape([NW, 8, 4, 2, 2]).permute((3, 0, 4, 1, 2)).reshape([R, 4])
+    wv = gl.convert_layout(wv, LW, assert_trivial=True).to(gl.uint32, bitcast=True)
+    t = ((gl.expand_dims(wv, 2) >> gl.expand_dims(gl.expand_dims(shifts, 0), 0))
+         & 0x000F000F) | magic
+    lo, hi = _halves(t, FP16)
+    a = gl.join(lo, hi).permute((0, 2, 1, 3)).reshape([R, 32])  # k' = 8 j + 2 tig + h
+    a = gl.convert_layout(a, a_l, assert_trivial=True)
+    xk = xb.reshape([8, 4, 4, 2]).permute((2, 1, 3, 0)).reshape([32, 8])  # same k' order
+    xk = gl.convert_layout(xk, b_l, assert_trivial=True)
+    return mma_v2(a, xk, acc), mma_v2(ones, xk, accx)
+
+
+@gluon.jit
+def mma_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
+    ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 counters (zeros)
+    M, N, K, KW, stride_xm, stride_ym,
+    GROUPS_PER_SPLIT,  # scale groups each split reduces
+    SPG,  # 128-input steps a scale group
+    MAGIC,  # 0x43004300 (bf16) / 0x64006400 (fp16), at run time: one LOP3 a pair
+    FP16: gl.constexpr, NW: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
+    PF: gl.constexpr,
+):
+    """``y[m, n] = sum_k x[m, k] * (s * q + b)[n, k] (+ bias[n])`` for ``M <= 8`` rows; one
+    program: 32 NW features, the scale groups of its K split. See the module docstring."""
+    OFF: gl.constexpr = 1024.0 if FP16 else 128.0
+    R: gl.constexpr = 32 * NW
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
+                                                  instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    WLD: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32, 1], [NW, 1, 1], [2, 1, 0])
+    L3: gl.constexpr = _words_layout(NW)
+    LW: gl.constexpr = gl.SliceLayout(2, L3)
+    XL: gl.constexpr = _acts_layout(NW)
+    ROWL: gl.constexpr = gl.SliceLayout(1, mma)
+    COLL: gl.constexpr = gl.SliceLayout(0, mma)
+
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    g0 = pid_k * GROUPS_PER_SPLIT
+    groups = gl.minimum(K // (128 * SPG) - g0, GROUPS_PER_SPLIT)
+    last = groups * SPG - 1  # the split's last 128-input step
+
+    # the lane's 16 bytes of step 0, round 0: [warp, lane, 4 features]
+    cw = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, WLD)))
+    cl = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, WLD)))
+    cr = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, WLD)))
+    blk = 2 * (pid_n * NW + cw)
+    lane_off = ((cl >> 4) * KW + (g0 * SPG * 16 + (cl & 3))) * 16 + 4 * ((cl >> 2) & 3)
+    w_r0 = (w_ptr + gl.expand_dims(gl.expand_dims(blk * (KW * 16), 1), 2)
+            + gl.expand_dims(gl.expand_dims(lane_off, 0), 2)
+            + gl.expand_dims(gl.expand_dims(cr, 0), 1))
+    # the lane's 8 activations of step 0, round 0: [row, word, input]; rows >= M not loaded
+    # (their MMA columns are never stored)
+    xn = gl.arange(0, 8, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
+    xw = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
+    xe = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
+    x_r0 = (x_ptr + gl.expand_dims(gl.expand_dims(xn * stride_xm, 1), 2)
+            + gl.expand_dims(gl.expand_dims((g0 * SPG * 16 + xw) * 8, 0), 2)
+            + gl.expand_dims(gl.expand_dims(xe, 0), 1))
+    x_ok = gl.expand_dims(gl.expand_dims(xn < M, 1), 2)
+
+    # output feature of each accumulator row (the renaming of the module docstring)
+    rr = gl.arange(0, R, layout=ROWL)
+    rg = rr & 7
+    feat = ((2 * (pid_n * NW + ((rr >> 4) % NW)) + (rg >> 2)) * 16 + 4 * (rg & 3)
+            + 2 * (rr // (16 * NW)) + ((rr >> 3) & 1))
+    cols = gl.arange(0, 8, layout=COLL)
+
+    ones = gl.full([16 * NW, 32], 1.0, x_ptr.dtype.element_ty, layout=a_l)
+    shifts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * 4
+    y = gl.zeros([R, 8], gl.float32, layout=mma)
+    # register prefetch: words PF steps ahead, activations (L1 hits) one step ahead
+    w0 = gl.load(w_r0)
+    w1 = gl.load(w_r0 + 64)
+    w2 = gl.load(w_r0 + 128)
+    w3 = gl.load(w_r0 + 192)
+    if PF == 2:
+        w_r1 = w_r0 + gl.minimum(1, last) * 256
+        w4 = gl.load(w_r1)
+        w5 = gl.load(w_r1 + 64)
+        w6 = gl.load(w_r1 + 128)
+        w7 = gl.load(w_r1 + 192)
+    x0 = gl.load(x_r0, mask=x_ok)
+    x1 = gl.load(x_r0 + 32, mask=x_ok)
+    x2 = gl.load(x_r0 + 64, mask=x_ok)
+    x3 = gl.load(x_r0 + 96, mask=x_ok)
+    st = 0
+    for grp in range(groups):
+        s = gl.load(s_ptr + (g0 + grp) * N + feat).to(gl.float32)
+        b = gl.load(b_ptr + (g0 + grp) * N + feat).to(gl.float32)
+        acc = gl.zeros([R, 8], gl.float32, layout=mma)
+        accx = gl.zeros([16 * NW, 8], gl.float32, layout=mma)
+        for _ in range(SPG):
+            nxt = gl.minimum(st + 1, last)  # the last step reloads itself (never used)
+            v0 = w0
+            v1 = w1
+            v2 = w2
+            v3 = w3
+            u0 = x0
+            u1 = x1
+            u2 = x2
+            u3 = x3
+            if PF == 2:
+                w0 = w4
+                w1 = w5
+                w2 = w6
+                w3 = w7
+                wp = w_r0 + gl.minimum(st + 2, last) * 256
+                w4 = gl.load(wp)
+                w5 = gl.load(wp + 64)
+                w6 = gl.load(wp + 128)
+                w7 = gl.load(wp + 192)
+            else:
+                wp = w_r0 + nxt * 256
+                w0 = gl.load(wp)
+                w1 = gl.load(wp + 64)
+                w2 = gl.load(wp + 128)
+                w3 = gl.load(wp + 192)
+            xp = x_r0 + nxt * 128
+            x0 = gl.load(xp, mask=x_ok)
+            x1 = gl.load(xp + 32, mask=x_ok)
+            x2 = gl.load(xp + 64, mask=x_ok)
+            x3 = gl.load(xp + 96, mask=x_ok)
+            acc, accx = _round(v0, u0, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16)
+            acc, accx = _round(v1, u1, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16)
+            acc, accx = _round(v2, u2, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16)
+            acc, accx = _round(v3, u3, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16)
+            st += 1
+        # X of the group for both A row tiles: [16 NW, 8] -> [32 NW, 8]
+        xs = gl.convert_layout(gl.join(accx, accx).permute((2, 0, 1)).reshape([R, 8]), mma)
+        y = y + acc * gl.expand_dims(s, 1) + xs * gl.expand_dims(b - OFF * s, 1)
+
+    if HAS_BIAS:
+        lb = gl.expand_dims(gl.load(bias_ptr + feat).to(gl.float32), 1)
+    else:
+        lb = gl.zeros([R, 1], gl.float32, layout=mma)
+    mask = gl.expand_dims(cols < M, 0) & gl.expand_dims(feat < N, 1)
+    yp = y_ptr + gl.expand_dims(cols * stride_ym, 0) + gl.expand_dims(feat, 1)
+    if SPLIT_K == 1:
+        gl.store(yp, (y + lb).to(y_ptr.dtype.element_ty), mask=mask)
+    else:  # as kernels._store_tile: partials to the workspace, the last program sums in order
+        wo = gl.expand_dims(cols * N, 0) + gl.expand_dims(feat, 1)
+        gl.store(ws_ptr + pid_k * (M * N) + wo, y, mask=mask)
+        gl.thread_barrier()
+        seen = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+        if seen == SPLIT_K - 1:
+            gl.store(cnt_ptr + pid_n, 0)
+            tot = gl.load(ws_ptr + wo, mask=mask, other=0.0, cache_modifier=".cg")
+            for sk in gl.static_range(1, SPLIT_K):
+                tot += gl.load(ws_ptr + sk * (M * N) + wo, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            gl.store(yp, (tot + lb).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, ws_cnt,
+           config: MmaGemvConfig | None = None) -> torch.Tensor:
+    """``x2 [M, K] @ W_hat.T (+ bias)`` on a prepared affine int4 weight (``eligible``);
+    ``ws_cnt(y, split, tiles)`` gives the split-K workspace and counters."""
+    m, k = x2.shape
+    n = pw.out_features
+    group = pw.group
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+    cfg = config or default_mma_gemv_config(n, k, group, sms)
+    if cfg.warps not in (1, 2, 4, 8) or n % (32 * cfg.warps) or cfg.prefetch not in (1, 2):
+        raise ValueError(f"MmaGemvConfig: warps must be 1, 2, 4 or 8 with N % (32 warps) == 0 "
+                         f"and prefetch 1 or 2; got {cfg} for N={n}")
+    n_groups = k // group
+    per = -(-n_groups // max(1, min(cfg.split_k, n_groups)))
+    split = -(-n_groups // per)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    grid = (n // (32 * cfg.warps), split)
+    ws, cnt = ws_cnt(y, split, grid[0])
+    fp16 = x2.dtype == torch.float16
+    mma_gemv_kernel[grid](
+        x2, pw.weight, pw.scales, pw.biases, bias if bias is not None else pw.scales, y,
+        ws, cnt, m, n, k, pw.weight.shape[1], x2.stride(0), y.stride(0), per, group // 128,
+        0x64006400 if fp16 else 0x43004300,
+        FP16=fp16, NW=cfg.warps, SPLIT_K=split, HAS_BIAS=bias is not None, PF=cfg.prefetch,
+        num_warps=cfg.warps)
+    return y

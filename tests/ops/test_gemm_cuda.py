@@ -542,14 +542,14 @@ needs_mma_gemv = pytest.mark.skipif(bool(MMA_REASON), reason=MMA_REASON or "runs
     (192, 1024, 256, None),                          # N % 128 != 0: 2 warps; 2 steps a group
     (256, 640, 128, D.MmaGemvConfig(2, 2, 2)),       # 5 groups in 2 uneven splits, prefetch 2
     (64, 384, 128, D.MmaGemvConfig(2, 1, 1)),        # one program, no split
-])
+])  # the registered op takes this path too for 3-8 rows (2 rows only on large layers)
 @pytest.mark.parametrize("bias", [False, True])
 def test_mma_gemv_matches_oracle(dtype, m, n, k, group, config, bias):
     weight, scales, biases, gscale, b = make("int4", group, n, k, bias=bias, dtype=dtype)
     x = (torch.randn(m, k) / k**0.5).to(dtype)
     y = fast(x, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv", config=config)
     assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), dtype)
-    # the default dispatch takes this path for 2-8 rows, also through the registered op
+    # the registered op (default dispatch) gives the same result
     y2 = ops.gemm(*to_dev(x, weight, scales, biases, gscale, b), "int4", group)
     assert_close(y2, oracle(x, weight, scales, biases, gscale, b, "int4", group), dtype)
 
@@ -600,6 +600,8 @@ def test_mma_gemv_dispatch_rules():
     for m in range(1, 12):
         path = D.choose_path(m, 14336, 132, int4, True, 4096, mma_gemv=True)
         assert (path == "mma_gemv") == (D.MMA_GEMV_MIN_M <= m <= D.MMA_GEMV_MAX_M), (m, path)
+        small = D.choose_path(m, 4096, 132, int4, True, 4096, mma_gemv=True)  # 2 rows: GEMV
+        assert (small == "mma_gemv") == (3 <= m <= D.MMA_GEMV_MAX_M), (m, small)
     assert D.choose_path(4, 14336, 132, int4, True, 4096, mma_gemv=False) == "gemm"
     # the default grid: about three programs an SM where the groups allow, never more splits
     # than scale groups, 2 warps when N is not a multiple of 128

@@ -44,12 +44,16 @@ LUT_GEMM_MAX_M = 32
 # int4 / E2M1 at M = 65-128 take gemm_pairs_kernel on every layer since its split-K reduces in
 # the kernel (benchmarks/results/sweep_h100_m128_split.json): int4 at 4096 x 4096 0.65x dense
 # (split 4) against 0.52x for dequantize + cuBLAS; 0.91x / 0.94x at 4096 x 14336 / 14336 x 4096.
-# 2-8 rows of affine int4: the Gluon tensor-core GEMV (benchmarks/results/sweep_h100_mma_gemv.json:
-# int4 at M = 4 18.4-19.8 us on the two wide layers against 30.0-30.3 us for the 16-row pairs
-# tile, 9.9-10.6 us at 4096 x 4096 against 11.3 us for the 4-row GEMV; at M = 1 it is no faster
-# than the GEMV: 16.6 / 17.1 us against 16.8 / 16.1 us on the wide layers, 9.2 against 6.6 us)
+# 2-8 rows of affine int4: the Gluon tensor-core GEMV (benchmarks/results/sweep_h100_mma_gemv.json,
+# bf16, group 128). M = 4: 19.5 / 19.8 us on 4096 x 14336 / 14336 x 4096 against 28.3-36.0 us
+# for the pairs tile and the 4-row GEMV, 10.7 against 11.0 us (GEMV) at 4096 x 4096; M = 8:
+# 20.4 / 20.6 / 11.5 us against 28.6-30.1 / 12.5 us (pairs). M = 2: 19.2 / 19.3 us against
+# 24.0-24.1 us for the GEMV on the wide layers, but 10.3 against 9.1 us at 4096 x 4096, so two
+# rows take it only on layers of at least MMA_GEMV_M2_MIN_WEIGHTS weights. M = 1 stays on the
+# GEMV (17.3 / 18.4 / 9.3 us against 16.9 / 15.7 / 6.5 us).
 MMA_GEMV_MIN_M = 2
 MMA_GEMV_MAX_M = 8
+MMA_GEMV_M2_MIN_WEIGHTS = 1 << 25
 PATHS = ("gemv", "mma_gemv", "gemm", "dequant")
 ONE_BITS = 0x3F800000  # float32 1.0: gemv_kernel takes it at run time (kernels._unit_field)
 
@@ -277,8 +281,8 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
 def default_mma_gemv_config(n: int, k: int, group: int, sms: int) -> MmaGemvConfig:
     """4 warps (2 where N is not a multiple of 128); K split in powers of two until the grid
     has three programs an SM, at most one split per scale group. On the H100
-    (benchmarks/results/sweep_h100_mma_gemv.json) this picked the best or within 5% of the
-    best configuration at M = 4 on the three Llama-3-8B shapes."""
+    (benchmarks/results/sweep_h100_mma_gemv.json, M = 1-8, the three Llama-3-8B shapes) it ran
+    0-9% behind the best of the six configurations timed."""
     warps = 4 if n % 128 == 0 else 2
     programs = n // (32 * warps)
     split = 1
@@ -362,7 +366,8 @@ def mma_gemv_unavailable_reason(device: torch.device | None = None) -> str:
 def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
                 group_tiles: bool = False, k: int = 0, mma_gemv: bool = False) -> str:
     """``mma_gemv`` for MMA_GEMV_MIN_M to MMA_GEMV_MAX_M rows where it applies and runs
-    (``mma_gemv``: :func:`mma_gemv_eligible` and no :func:`mma_gemv_unavailable_reason`).
+    (``mma_gemv``: :func:`mma_gemv_eligible` and no :func:`mma_gemv_unavailable_reason`; two rows
+    only on layers of MMA_GEMV_M2_MIN_WEIGHTS weights or more).
     Otherwise ``gemv`` up to GEMV_MAX_M rows (but 3-4 rows of int4 / E2M1 on the wide layers take
     ``gemm``: 4096 x 14336 at M = 4, 31.0 us for the pairs kernel's 16-row tile against 43.9 us
     for the 4-row GEMV, benchmarks/results/sweep_h100_m2_4.json; at N = 4096 and at M = 2 the
@@ -371,7 +376,8 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
     measured with group 128; ``gemm_pairs_kernel``, see the constants); else ``dequant``.
     Table formats take ``dequant`` above LUT_GEMM_MAX_M rows (the lookups of a 64-row tile
     serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
-    if mma_gemv and MMA_GEMV_MIN_M <= m <= MMA_GEMV_MAX_M:
+    if mma_gemv and MMA_GEMV_MIN_M <= m <= MMA_GEMV_MAX_M and (
+            m > 2 or n * k >= MMA_GEMV_M2_MIN_WEIGHTS):
         return "mma_gemv"
     wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
     pairs_format = kf is not None and kf.bits == 4 and kf.decode in (layout.DECODE_INT,

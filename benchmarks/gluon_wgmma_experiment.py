@@ -59,6 +59,7 @@ from bench_gemm import LLAMA_SHAPES, copies_for, nbytes, time_cuda, write_atomic
 from metal_marlin_torch import formats as F  # noqa: E402
 from metal_marlin_torch.ops.cuda import dispatch as D  # noqa: E402
 from metal_marlin_torch.ops.cuda.layout import DECODE_E2M1, DECODE_INT  # noqa: E402
+from metal_marlin_torch.ops.cuda.mma_gemv import store_split  # noqa: E402
 
 
 @gluon.constexpr_function
@@ -225,22 +226,9 @@ def wgmma_pairs_kernel(
     offs_om = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, mma))
     mask = gl.expand_dims(offs_om < M, 0) & gl.expand_dims(offs_on < N, 1)
     yp = y_ptr + gl.expand_dims(offs_om * stride_ym, 0) + gl.expand_dims(offs_on, 1)
-    if SPLIT_K == 1:
-        gl.store(yp, acc.to(dt), mask=mask)
-    else:
-        wo = gl.expand_dims(offs_om * N, 0) + gl.expand_dims(offs_on, 1)
-        gl.store(ws_ptr + pid_k * (M * N) + wo, acc, mask=mask)
-        gl.thread_barrier()
-        tile = pid_n * gl.num_programs(0) + pid_m
-        seen = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-        if seen == SPLIT_K - 1:
-            gl.store(cnt_ptr + tile, 0)
-            tot = gl.load(ws_ptr + wo, mask=mask, other=0.0, cache_modifier=".cg")
-            for sk in gl.static_range(1, SPLIT_K):
-                tot += gl.load(ws_ptr + sk * (M * N) + wo, mask=mask, other=0.0,
-                               cache_modifier=".cg")
-            gl.store(yp, tot.to(dt), mask=mask)
-
+    wo = gl.expand_dims(offs_om * N, 0) + gl.expand_dims(offs_on, 1)
+    store_split(yp, acc, 0.0, mask, ws_ptr, wo, M * N, cnt_ptr,
+                pid_n * gl.num_programs(0) + pid_m, pid_k, SPLIT_K)
 
 def launch(x2: torch.Tensor, pw: D.PreparedWeight, block_m: int = 128, wg: int = 1,
            block_k: int = 64, stages: int = 4, split: int = 1, a_smem: int = 1,

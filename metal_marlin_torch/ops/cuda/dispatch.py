@@ -462,7 +462,8 @@ def gemm_prepared(
         if config is not None and not isinstance(config, MmaGemvConfig):
             raise TypeError(f"gemm_prepared: mma_gemv path takes an MmaGemvConfig, got "
                             f"{type(config).__name__}")
-        y = mma_gemv.launch(x2, pw, bias, _split_args, config)
+        cfg = config or default_mma_gemv_config(n, k, pw.group, sms)
+        y = mma_gemv.launch(x2, pw, bias, _split_args, cfg)
         return y.reshape(*lead, n)
 
     if path == "gemv":

@@ -42,7 +42,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .dispatch import MmaGemvConfig, default_mma_gemv_config
+from .dispatch import MmaGemvConfig
 
 
 @gluon.constexpr_function
@@ -100,6 +100,27 @@ def _round(wv, xb, acc, accx, ones, shifts, magic, a_l: gl.constexpr, b_l: gl.co
     xk = xb.reshape([8, 4, 4, 2]).permute((2, 1, 3, 0)).reshape([32, 8])  # same k' order
     xk = gl.convert_layout(xk, b_l, assert_trivial=True)
     return mma_v2(a, xk, acc), mma_v2(ones, xk, accx)
+
+
+@gluon.jit
+def store_split(yp, acc, add, mask, ws_ptr, wo, ws_stride, cnt_ptr, tile, pid_k,
+                SPLIT_K: gl.constexpr):
+    """Store ``acc + add`` to ``yp``; with split K (as kernels._store_tile) the partial goes to
+    workspace slice ``pid_k`` (offsets ``wo``), and the program that bumps ``tile``'s counter
+    last sums the slices in split order, adds ``add``, stores, and resets the counter."""
+    if SPLIT_K == 1:
+        gl.store(yp, (acc + add).to(yp.dtype.element_ty), mask=mask)
+    else:
+        gl.store(ws_ptr + pid_k * ws_stride + wo, acc, mask=mask)
+        gl.thread_barrier()
+        seen = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if seen == SPLIT_K - 1:
+            gl.store(cnt_ptr + tile, 0)
+            tot = gl.load(ws_ptr + wo, mask=mask, other=0.0, cache_modifier=".cg")
+            for sk in gl.static_range(1, SPLIT_K):
+                tot += gl.load(ws_ptr + sk * ws_stride + wo, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            gl.store(yp, (tot + add).to(yp.dtype.element_ty), mask=mask)
 
 
 @gluon.jit
@@ -230,31 +251,16 @@ def mma_gemv_kernel(
         lb = gl.zeros([R, 1], gl.float32, layout=mma)
     mask = gl.expand_dims(cols < M, 0) & gl.expand_dims(feat < N, 1)
     yp = y_ptr + gl.expand_dims(cols * stride_ym, 0) + gl.expand_dims(feat, 1)
-    if SPLIT_K == 1:
-        gl.store(yp, (y + lb).to(y_ptr.dtype.element_ty), mask=mask)
-    else:  # as kernels._store_tile: partials to the workspace, the last program sums in order
-        wo = gl.expand_dims(cols * N, 0) + gl.expand_dims(feat, 1)
-        gl.store(ws_ptr + pid_k * (M * N) + wo, y, mask=mask)
-        gl.thread_barrier()
-        seen = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if seen == SPLIT_K - 1:
-            gl.store(cnt_ptr + pid_n, 0)
-            tot = gl.load(ws_ptr + wo, mask=mask, other=0.0, cache_modifier=".cg")
-            for sk in gl.static_range(1, SPLIT_K):
-                tot += gl.load(ws_ptr + sk * (M * N) + wo, mask=mask, other=0.0,
-                               cache_modifier=".cg")
-            gl.store(yp, (tot + lb).to(y_ptr.dtype.element_ty), mask=mask)
-
+    wo = gl.expand_dims(cols * N, 0) + gl.expand_dims(feat, 1)
+    store_split(yp, y, lb, mask, ws_ptr, wo, M * N, cnt_ptr, pid_n, pid_k, SPLIT_K)
 
 def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, ws_cnt,
-           config: MmaGemvConfig | None = None) -> torch.Tensor:
+           cfg: MmaGemvConfig) -> torch.Tensor:
     """``x2 [M, K] @ W_hat.T (+ bias)`` on a prepared affine int4 weight (``eligible``);
     ``ws_cnt(y, split, tiles)`` gives the split-K workspace and counters."""
     m, k = x2.shape
     n = pw.out_features
     group = pw.group
-    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
-    cfg = config or default_mma_gemv_config(n, k, group, sms)
     if cfg.warps not in (1, 2, 4, 8) or n % (32 * cfg.warps) or cfg.prefetch not in (1, 2):
         raise ValueError(f"MmaGemvConfig: warps must be 1, 2, 4 or 8 with N % (32 warps) == 0 "
                          f"and prefetch 1 or 2; got {cfg} for N={n}")

@@ -2,13 +2,14 @@
 bf16/fp16 and the Triton paths it replaced, on the Llama-3-8B projection shapes.
 
     python benchmarks/sweep_mma_gemv.py --json sweep.json [--m 1,2,4,8] [--dtype bfloat16]
-        [--configs "4,4,1;4,16,1;2,8,2"]   # warps, split_k, prefetch (MmaGemvConfig)
+        [--configs "4,4,1;2,8,1,4"]   # warps, split_k, prefetch[, stages] (MmaGemvConfig)
 
 Per shape and M, in one run with bench_gemm's timer (CUDA graphs over L2-defeating weight
 copies, CUDA events, median): dense, the CUDA-core GEMV (``path="gemv"``, its default
 configuration), the pairs GEMM (``path="gemm"``) where M >= 3, the default ``mma_gemv``
-configuration (``default``) and each ``--configs`` entry. Every ``mma_gemv`` output is compared
-with the dequantize path (``dequant_kernel`` + cuBLAS).
+configuration (``default``: the TMA-fed kernel where it runs, sm_90) and each ``--configs``
+entry (stages 0: the register-fed kernel; 2-8: the TMA-fed one). Every ``mma_gemv`` output is
+compared with the dequantize path (``dequant_kernel`` + cuBLAS).
 Needs a CUDA GPU (sm_80+) with Triton's Gluon.
 """
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     dt = getattr(torch, args.dtype)
     cfgs = [D.MmaGemvConfig(*(int(v) for v in c.split(","))) for c in args.configs.split(";")]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tma = not D.mma_gemv_tma_unavailable_reason(torch.device("cuda"))
     torch.manual_seed(0)
     rows = []
     for k, n in LLAMA_SHAPES:
@@ -72,20 +74,20 @@ def main(argv: list[str] | None = None) -> None:
                     f"{row['gemv_ms'] * 1e3:.1f} us"
                     + (f", gemm {row['gemm_ms'] * 1e3:.1f} us" if m >= 3 else ""))
             print(line, flush=True)
-            default = D.default_mma_gemv_config(n, k, args.group, sms)
+            default = D.default_mma_gemv_config(n, k, args.group, sms, tma)
             for name, cfg in [("default", default)] + [(None, c) for c in cfgs]:
                 err = rel_error(D.gemm_prepared(x, pws[0], path="mma_gemv", config=cfg), ref)
                 t = time_cuda([lambda p=p, x=x, cfg=cfg: D.gemm_prepared(
                     x, p, path="mma_gemv", config=cfg) for p in pws])
                 print(f"   mma_gemv {name or ''} {cfg}: {t * 1e3:.1f} us "
                       f"({row['dense_ms'] / t:.2f}x dense), rel. error {err:.1e}", flush=True)
-                rows.append(dict(row, config=[cfg.warps, cfg.split_k, cfg.prefetch],
+                rows.append(dict(row, config=[cfg.warps, cfg.split_k, cfg.prefetch, cfg.stages],
                                  default=name == "default", ms=t,
                                  ratio_dense=row["dense_ms"] / t, rel_error=err))
     import triton
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, dtype=args.dtype, group=args.group, format="int4",
-                config_fields="warps, split_k, prefetch (MmaGemvConfig)",
+                config_fields="warps, split_k, prefetch, stages (MmaGemvConfig)",
                 timing="CUDA graph replays over weight copies > 2x L2, CUDA events, median",
                 rel_error="max |y - ref| / max |ref|; ref = dequant_kernel + cuBLAS")
     write_atomic(args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))

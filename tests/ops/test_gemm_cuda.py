@@ -469,8 +469,11 @@ def test_int4_pair_kernel(dtype, asm, group, k):
 def test_info_reports_availability():
     info = C.info()
     assert set(info) >= {"available", "reason", "triton", "registered", "mma_gemv"}
-    assert set(info["mma_gemv"]) == {"available", "reason"}
+    assert set(info["mma_gemv"]) == {"available", "reason", "tma"}
     assert info["mma_gemv"]["available"] == (not info["mma_gemv"]["reason"])
+    tma = info["mma_gemv"]["tma"]
+    assert set(tma) == {"available", "reason"} and tma["available"] == (not tma["reason"])
+    assert info["mma_gemv"]["available"] or not tma["available"]
     if not torch.cuda.is_available() and not INTERPRET:
         assert not info["available"] and info["reason"]
         assert not info["mma_gemv"]["available"] and info["mma_gemv"]["reason"]
@@ -570,6 +573,52 @@ def test_mma_gemv_3d_strided_input_and_repeatable_splits():
     assert all(torch.equal(ys[0], yi) for yi in ys[1:])  # split sums in a fixed order
 
 
+TMA_REASON = MMA_REASON or D.mma_gemv_tma_unavailable_reason(torch.device("cuda"))
+needs_tma = pytest.mark.skipif(bool(TMA_REASON), reason=TMA_REASON or "runs")
+
+
+@needs_tma
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("n,k,group,config", [
+    (128, 512, 128, D.MmaGemvConfig(4, 2, stages=4)),   # 2 steps a split, the ring not refilled
+    (192, 1024, 256, D.MmaGemvConfig(2, 1, stages=2)),  # N % 128 != 0; 2 steps a group; refills
+    (256, 640, 128, D.MmaGemvConfig(2, 3, stages=3)),   # 5 steps in 3 uneven splits
+    (512, 768, 256, D.MmaGemvConfig(8, 1, stages=4)),   # 8 warps; splits cut no group here
+    (256, 1280, 128, None),                             # the default configuration
+])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("scale_dtype", ["float32", "activation"])
+def test_mma_gemv_tma_matches_oracle(dtype, m, n, k, group, config, bias, scale_dtype):
+    """The TMA-fed kernel (sm_90): splits at any 128-input step, scale groups of 1-2 steps,
+    scales and biases stored as float32 or (as checkpoints hold them) in the activation dtype."""
+    weight, scales, biases, gscale, b = make("int4", group, n, k, bias=bias, dtype=dtype)
+    if scale_dtype == "activation":
+        scales, biases = scales.to(dtype), biases.to(dtype)
+    x = (torch.randn(m, k) / k**0.5).to(dtype)
+    y = fast(x, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv", config=config)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), dtype)
+
+
+@needs_tma
+def test_mma_gemv_tma_unaligned_input_and_one_row_dispatch():
+    """x whose base is not 16-byte aligned (TMA needs it: copied first), and one row on a layer
+    of MMA_GEMV_M1_MIN_WEIGHTS weights through the registered op (the TMA-fed kernel)."""
+    k, n, group = 1024, 256, 128
+    weight, scales, biases, gscale, b = make("int4", group, n, k)
+    big = (torch.randn(3, k + 1) / k**0.5).to(torch.bfloat16)
+    x = big[:, 1:]  # 2-byte offset, row stride K + 1
+    y = fast(x, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv",
+             config=D.MmaGemvConfig(2, 2, stages=2))
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), torch.bfloat16)
+    n, k = 8192, 4096  # 2^25 weights
+    assert D.choose_path(1, n, 132, L.kernel_format("int4"), True, k, True, True) == "mma_gemv"
+    weight, scales, biases, gscale, b = make("int4", group, n, k)
+    x = (torch.randn(1, k) / k**0.5).to(torch.bfloat16)
+    y = ops.gemm(*to_dev(x, weight, scales, biases, gscale, b), "int4", group)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), torch.bfloat16)
+
+
 @needs_kernels
 def test_mma_gemv_refuses_what_it_cannot_run():
     w, s, bi, gs, _ = make("fp4", 128, 128, 256)
@@ -581,6 +630,8 @@ def test_mma_gemv_refuses_what_it_cannot_run():
     pw = D.prepare_cuda_weight(*to_dev(w, s, bi, gs), "int4", 128, 256)
     with pytest.raises((ValueError, RuntimeError), match="mma_gemv"):
         D.gemm_prepared(to_dev(torch.randn(9, 256).to(ACT))[0], pw, path="mma_gemv")
+    with pytest.raises((ValueError, RuntimeError), match="mma_gemv|MmaGemvConfig"):
+        D.gemm_prepared(x, pw, path="mma_gemv", config=D.MmaGemvConfig(1, 1, stages=4))
 
 
 def test_mma_gemv_dispatch_rules():
@@ -603,6 +654,23 @@ def test_mma_gemv_dispatch_rules():
         small = D.choose_path(m, 4096, 132, int4, True, 4096, mma_gemv=True)  # 2 rows: GEMV
         assert (small == "mma_gemv") == (3 <= m <= D.MMA_GEMV_MAX_M), (m, small)
     assert D.choose_path(4, 14336, 132, int4, True, 4096, mma_gemv=False) == "gemm"
+    # one row: the TMA-fed kernel on layers of 2^25 weights or more with 8192+ features, else
+    # the GEMV
+    for n, k in [(14336, 4096), (8192, 4096)]:
+        assert D.choose_path(1, n, 132, int4, True, k, mma_gemv=True, tma=True) == "mma_gemv"
+        assert D.choose_path(1, n, 132, int4, True, k, mma_gemv=True, tma=False) == "gemv"
+        assert D.choose_path(1, n, 132, int4, True, k, mma_gemv=False, tma=False) == "gemv"
+    for n, k in [(4096, 4096), (4096, 14336), (8192, 2048)]:
+        assert D.choose_path(1, n, 132, int4, True, k, mma_gemv=True, tma=True) == "gemv"
+    # the TMA-fed default: 4 stages, 4 warps from 8192 features, splits until 1.5 programs an
+    # SM, never more splits than 128-input steps
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (192, 512), (4096, 256)]:
+        cfg = D.default_mma_gemv_config(n, k, 128, 132, tma=True)
+        assert cfg.stages == 4 and n % (32 * cfg.warps) == 0 and cfg.warps >= 2
+        assert cfg.warps == (4 if n >= 8192 else 2), (n, cfg)
+        programs = n // (32 * cfg.warps) * cfg.split_k
+        assert 1 <= cfg.split_k <= k // 128
+        assert programs >= 1.5 * 132 or cfg.split_k * 2 > k // 128, (n, k, cfg)
     # the default grid: about three programs an SM where the groups allow, never more splits
     # than scale groups, 2 warps when N is not a multiple of 128
     for n, k, group in [(4096, 4096, 128), (14336, 4096, 128), (4096, 14336, 128),

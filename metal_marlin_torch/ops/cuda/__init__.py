@@ -30,6 +30,7 @@ from .dispatch import (
     gemm,
     gemm_prepared,
     interpreting,
+    mma_gemv_tma_unavailable_reason,
     mma_gemv_unavailable_reason,
     prepare_cuda_weight,
     set_weight_cache,
@@ -75,14 +76,17 @@ def register() -> bool:
 def info() -> dict:
     """What the CUDA fast path can do here: Triton version, availability and why not,
     whether it is registered, the M thresholds of the dispatch, and whether the Gluon
-    tensor-core GEMV (2-8 rows of int4) can run (``mma_gemv``: available, reason)."""
+    tensor-core GEMV (2-8 rows of int4) can run (``mma_gemv``: available, reason; ``tma``:
+    whether its TMA-fed kernel runs, which also takes one row on large layers)."""
     reason = unavailable_reason()
-    mma_reason = reason or mma_gemv_unavailable_reason(
-        torch.device("cuda") if torch.cuda.is_available() else None)
+    dev = torch.device("cuda") if torch.cuda.is_available() else None
+    mma_reason = reason or mma_gemv_unavailable_reason(dev)
+    tma_reason = mma_reason or mma_gemv_tma_unavailable_reason(dev)
     return {"available": not reason, "reason": reason, "triton": triton_version(),
             "registered": _registered, "gemv_max_m": GEMV_MAX_M,
             "dequant_min_m": DEQUANT_MIN_M,
-            "mma_gemv": {"available": not mma_reason, "reason": mma_reason}}
+            "mma_gemv": {"available": not mma_reason, "reason": mma_reason,
+                         "tma": {"available": not tma_reason, "reason": tma_reason}}}
 
 
 __all__ = [

@@ -7,6 +7,8 @@ docs/CUDA.md and benchmarks/results/):
   M rows of the program.
 * ``mma_gemv``: 2 <= M <= MMA_GEMV_MAX_M, affine int4 with 16-bit activations and scale groups
   of whole 128-input steps, where Gluon is available (:mod:`.mma_gemv`): the tensor-core GEMV.
+  On sm_90 its operands come in by TMA, and it also takes M = 1 on layers of at least
+  MMA_GEMV_M1_MIN_WEIGHTS weights and MMA_GEMV_M1_MIN_N features.
 * ``gemm``: the tensor-core kernels, weight tiles dequantized in registers: ``gemm_pairs_kernel``
   (int4 / E2M1, 16-bit activations: the weight as the MMA's A operand) or ``gemm_kernel``.
 * ``dequant``: M >= DEQUANT_MIN_M (but see FUSED_MAX_M). One Triton pass writes W_hat^T in the
@@ -51,9 +53,17 @@ LUT_GEMM_MAX_M = 32
 # 24.0-24.1 us for the GEMV on the wide layers, but 10.3 against 9.1 us at 4096 x 4096, so two
 # rows take it only on layers of at least MMA_GEMV_M2_MIN_WEIGHTS weights. M = 1 stays on the
 # GEMV (17.3 / 18.4 / 9.3 us against 16.9 / 15.7 / 6.5 us).
+# Round 7: on sm_90 the TMA-fed kernel (benchmarks/results/sweep_h100_mma_gemv_tma.json, bf16,
+# group 128, default configurations) ran M = 4 in 9.0 / 16.7 / 17.4 us on 4096 x 4096 /
+# 4096 x 14336 / 14336 x 4096 against 11.0 / 19.4 / 25.1 us for the best register-fed
+# configuration timed. At M = 1 it ran 16.4 against 16.8 us for the GEMV at 4096 x 14336, but
+# 16.8 against 15.9 us at 14336 x 4096 and 8.7 against 6.4 us at 4096 x 4096, so one row takes
+# it only on layers of MMA_GEMV_M1_MIN_WEIGHTS weights with MMA_GEMV_M1_MIN_N features or more.
 MMA_GEMV_MIN_M = 2
 MMA_GEMV_MAX_M = 8
 MMA_GEMV_M2_MIN_WEIGHTS = 1 << 25
+MMA_GEMV_M1_MIN_WEIGHTS = 1 << 25
+MMA_GEMV_M1_MIN_N = 8192
 PATHS = ("gemv", "mma_gemv", "gemm", "dequant")
 ONE_BITS = 0x3F800000  # float32 1.0: gemv_kernel takes it at run time (kernels._unit_field)
 
@@ -115,11 +125,14 @@ class GemmConfig:
 @dataclass(frozen=True)
 class MmaGemvConfig:
     """``warps``: warps a program (32 output features each); ``split_k``: K splits (scale
-    groups are not cut); ``prefetch``: 128-input steps of words loaded ahead (1 or 2)."""
+    groups are not cut by the register-fed kernel); ``prefetch``: 128-input steps of words
+    loaded ahead in registers (1 or 2); ``stages``: 0 for that register-fed kernel, 2-8 for the
+    TMA-fed one (sm_90; shared-memory stages of one 128-input step, 2 warps at least)."""
 
     warps: int
     split_k: int
     prefetch: int = 1
+    stages: int = 0
 
 
 @cache
@@ -278,11 +291,29 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     return GemvConfig(block_m, block_n, chunk, split, warps, maxnreg)
 
 
-def default_mma_gemv_config(n: int, k: int, group: int, sms: int) -> MmaGemvConfig:
-    """4 warps (2 where N is not a multiple of 128); K split in powers of two until the grid
-    has three programs an SM, at most one split per scale group. On the H100
-    (benchmarks/results/sweep_h100_mma_gemv.json, M = 1-8, the three Llama-3-8B shapes) it ran
-    0-9% behind the best of the six configurations timed."""
+def default_mma_gemv_config(n: int, k: int, group: int, sms: int,
+                            tma: bool = False) -> MmaGemvConfig:
+    """Register-fed (``tma`` False): 4 warps (2 where N is not a multiple of 128); K split in
+    powers of two until the grid has three programs an SM, at most one split per scale group.
+    On the H100 (benchmarks/results/sweep_h100_mma_gemv.json, M = 1-8, the three Llama-3-8B
+    shapes) it ran 0-9% behind the best of the six configurations timed.
+
+    TMA-fed (sm_90): 4 stages; 4 warps on layers of 8192 or more features (N % 128 == 0), else
+    2; K split in powers of two (at most one split a 128-input step) until the grid has 1.5
+    programs an SM. Each program holds 4 x 10.5 KB of stages, so about two run an SM; more
+    programs lost to their fill and split-K tails (sweep_h100_mma_gemv_tma.json, M = 1-8: the
+    default was within 1% of the best of the five TMA-fed configurations timed in 11 of 12
+    cells; in the 12th, 14336 x 4096 at M = 4, its row read 21.2 us and the same configuration
+    17.4 us later in the run. E.g. 4096 x 14336, M = 1: 16.4 us with 4 warps x 2 splits against
+    19.1 us with 4 splits; 14336 x 4096: 16.8 us with 2 warps x 4 splits against 37.0 us with
+    4 warps x 2)."""
+    if tma:
+        warps = 4 if n >= 8192 and n % 128 == 0 else 2
+        programs = n // (32 * warps)
+        split = 1
+        while programs * split < 1.5 * sms and split * 2 <= k // 128:
+            split *= 2
+        return MmaGemvConfig(warps, split, stages=4)
     warps = 4 if n % 128 == 0 else 2
     programs = n // (32 * warps)
     split = 1
@@ -363,11 +394,29 @@ def mma_gemv_unavailable_reason(device: torch.device | None = None) -> str:
     return ""
 
 
+@cache
+def mma_gemv_tma_unavailable_reason(device: torch.device | None = None) -> str:
+    """Empty when the TMA-fed tensor-core GEMV can run on ``device`` (a GPU of sm_90 or newer
+    where the register-fed one runs), else why not."""
+    reason = mma_gemv_unavailable_reason(device)
+    if reason:
+        return reason
+    if device is None or device.type != "cuda":
+        return "needs a CUDA device"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"needs sm_90 or newer (TMA), this GPU is sm_{major}{minor}"
+    return ""
+
+
 def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
-                group_tiles: bool = False, k: int = 0, mma_gemv: bool = False) -> str:
+                group_tiles: bool = False, k: int = 0, mma_gemv: bool = False,
+                tma: bool = False) -> str:
     """``mma_gemv`` for MMA_GEMV_MIN_M to MMA_GEMV_MAX_M rows where it applies and runs
     (``mma_gemv``: :func:`mma_gemv_eligible` and no :func:`mma_gemv_unavailable_reason`; two rows
-    only on layers of MMA_GEMV_M2_MIN_WEIGHTS weights or more).
+    only on layers of MMA_GEMV_M2_MIN_WEIGHTS weights or more), and for one row where its
+    TMA-fed kernel runs (``tma``) on layers of MMA_GEMV_M1_MIN_WEIGHTS weights or more and
+    MMA_GEMV_M1_MIN_N features or more.
     Otherwise ``gemv`` up to GEMV_MAX_M rows (but 3-4 rows of int4 / E2M1 on the wide layers take
     ``gemm``: 4096 x 14336 at M = 4, 31.0 us for the pairs kernel's 16-row tile against 43.9 us
     for the 4-row GEMV, benchmarks/results/sweep_h100_m2_4.json; at N = 4096 and at M = 2 the
@@ -378,6 +427,9 @@ def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = No
     serialize: nf4 ran 0.06x dense fused at M = 64 and 128)."""
     if mma_gemv and MMA_GEMV_MIN_M <= m <= MMA_GEMV_MAX_M and (
             m > 2 or n * k >= MMA_GEMV_M2_MIN_WEIGHTS):
+        return "mma_gemv"
+    if (mma_gemv and tma and m == 1 and n >= MMA_GEMV_M1_MIN_N
+            and n * k >= MMA_GEMV_M1_MIN_WEIGHTS):
         return "mma_gemv"
     wide = -(-n // 64) >= FUSED_MIN_TILES_PER_SM * sms
     pairs_format = kf is not None and kf.bits == 4 and kf.decode in (layout.DECODE_INT,
@@ -420,10 +472,10 @@ def gemm_prepared(
     sms = _sm_count(x.device)
     kf = pw.kfmt
     if path is None:
-        mma = (MMA_GEMV_MIN_M <= m <= MMA_GEMV_MAX_M
-               and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n)
+        mma = (m <= MMA_GEMV_MAX_M and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n)
                and not mma_gemv_unavailable_reason(x.device))
-        path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma)
+        tma = mma and not mma_gemv_tma_unavailable_reason(x.device)
+        path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma, tma)
     if path not in PATHS:
         raise ValueError(f"gemm_prepared: path must be one of {PATHS}, got {path!r}")
     group = pw.group
@@ -462,7 +514,12 @@ def gemm_prepared(
         if config is not None and not isinstance(config, MmaGemvConfig):
             raise TypeError(f"gemm_prepared: mma_gemv path takes an MmaGemvConfig, got "
                             f"{type(config).__name__}")
-        cfg = config or default_mma_gemv_config(n, k, pw.group, sms)
+        tma = not mma_gemv_tma_unavailable_reason(x.device)
+        if config is not None and config.stages and not tma:
+            raise RuntimeError(f"gemm_prepared: MmaGemvConfig.stages={config.stages} asks for the "
+                               f"TMA-fed kernel, which cannot run here: "
+                               f"{mma_gemv_tma_unavailable_reason(x.device)}")
+        cfg = config or default_mma_gemv_config(n, k, pw.group, sms, tma)
         y = mma_gemv.launch(x2, pw, bias, _split_args, cfg)
         return y.reshape(*lead, n)
 

@@ -1,4 +1,4 @@
-"""Sweep the Gluon tensor-core GEMV (``mma_gemv`` path, 2-8 rows of affine int4) against dense
+"""Sweep the Gluon tensor-core GEMV (``mma_gemv`` path, 2-8 rows of affine int4 or fp4) against dense
 bf16/fp16 and the Triton paths it replaced, on the Llama-3-8B projection shapes.
 
     python benchmarks/sweep_mma_gemv.py --json sweep.json [--m 1,2,4,8] [--dtype bfloat16]
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--m", default="1,2,4,8")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--group", type=int, default=128)
+    p.add_argument("--format", default="int4", choices=["int4", "fp4"])
     p.add_argument("--configs", default="4,4,1;4,16,1;2,8,1;4,4,2;8,8,2")
     args = p.parse_args(argv)
     reason = ("no CUDA device" if not torch.cuda.is_available()
@@ -55,11 +56,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     rows = []
     for k, n in LLAMA_SHAPES:
-        qt = F.quantize(torch.randn(n, k, device="cuda") * 0.02, "int4", args.group)
+        qt = F.quantize(torch.randn(n, k, device="cuda") * 0.02, args.format, args.group)
 
         def prep(qt=qt, k=k):
-            return D.prepare_cuda_weight(qt.weight.clone(), qt.scales.clone(), qt.biases.clone(),
-                                         None, "int4", args.group, k)
+            return D.prepare_cuda_weight(
+                qt.weight.clone(), qt.scales.clone(),
+                None if qt.biases is None else qt.biases.clone(), None, args.format,
+                args.group, k)
         pws = [prep() for _ in range(copies_for(nbytes(prep().weight), "cuda"))]
         dense_w = [torch.randn(n, k, device="cuda", dtype=dt) for _ in range(max(2, len(pws) // 4))]
         for m in (int(v) for v in args.m.split(",")):
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                                  ratio_dense=row["dense_ms"] / t, rel_error=err))
     import triton
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, dtype=args.dtype, group=args.group, format="int4",
+                triton=triton.__version__, dtype=args.dtype, group=args.group, format=args.format,
                 config_fields="warps, split_k, prefetch, stages (MmaGemvConfig)",
                 timing="CUDA graph replays over weight copies > 2x L2, CUDA events, median",
                 rel_error="max |y - ref| / max |ref|; ref = dequant_kernel + cuBLAS")

@@ -589,15 +589,18 @@ needs_tma = pytest.mark.skipif(bool(TMA_REASON), reason=TMA_REASON or "runs")
 ])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("scale_dtype", ["float32", "activation"])
-def test_mma_gemv_tma_matches_oracle(dtype, m, n, k, group, config, bias, scale_dtype):
-    """The TMA-fed kernel (sm_90): splits at any 128-input step, scale groups of 1-2 steps,
-    scales and biases stored as float32 or (as checkpoints hold them) in the activation dtype."""
-    weight, scales, biases, gscale, b = make("int4", group, n, k, bias=bias, dtype=dtype)
+@pytest.mark.parametrize("fmt", ["int4", "fp4"])
+def test_mma_gemv_tma_matches_oracle(dtype, m, n, k, group, config, bias, scale_dtype, fmt):
+    """The TMA-fed kernel (sm_90): affine int4 and E2M1 (fp4: every code appears among the
+    random weights), splits at any 128-input step, scale groups of 1-2 steps, scales and
+    biases stored as float32 or (as checkpoints hold them) in the activation dtype."""
+    weight, scales, biases, gscale, b = make(fmt, group, n, k, bias=bias, dtype=dtype)
     if scale_dtype == "activation":
-        scales, biases = scales.to(dtype), biases.to(dtype)
+        scales = scales.to(dtype)
+        biases = None if biases is None else biases.to(dtype)
     x = (torch.randn(m, k) / k**0.5).to(dtype)
-    y = fast(x, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv", config=config)
-    assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), dtype)
+    y = fast(x, weight, scales, biases, gscale, b, fmt, group, path="mma_gemv", config=config)
+    assert_close(y, oracle(x, weight, scales, biases, gscale, b, fmt, group), dtype)
 
 
 @needs_tma
@@ -621,11 +624,12 @@ def test_mma_gemv_tma_unaligned_input_and_one_row_dispatch():
 
 @needs_kernels
 def test_mma_gemv_refuses_what_it_cannot_run():
-    w, s, bi, gs, _ = make("fp4", 128, 128, 256)
     x = to_dev(torch.randn(3, 256).to(ACT))[0]
-    pw = D.prepare_cuda_weight(*to_dev(w, s, bi, gs), "fp4", 128, 256)
-    with pytest.raises((ValueError, RuntimeError), match="mma_gemv"):
-        D.gemm_prepared(x, pw, path="mma_gemv")
+    for fmt, cfg in [("nf4", None), ("fp4", D.MmaGemvConfig(2, 1))]:  # fp4: not register-fed
+        w, s, bi, gs, _ = make(fmt, 128, 128, 256)
+        pw = D.prepare_cuda_weight(*to_dev(w, s, bi, gs), fmt, 128, 256)
+        with pytest.raises((ValueError, RuntimeError), match="mma_gemv"):
+            D.gemm_prepared(x, pw, path="mma_gemv", config=cfg)
     w, s, bi, gs, _ = make("int4", 128, 128, 256)
     pw = D.prepare_cuda_weight(*to_dev(w, s, bi, gs), "int4", 128, 256)
     with pytest.raises((ValueError, RuntimeError), match="mma_gemv"):
@@ -648,6 +652,11 @@ def test_mma_gemv_dispatch_rules():
     assert not D.mma_gemv_eligible(int4, bf16, 128, 4000, 4096)  # K not whole groups
     for kf in (fp4, nf4, int8):
         assert not D.mma_gemv_eligible(kf, bf16, 128, 4096, 4096)
+    # the TMA-fed kernel also takes E2M1 with a plain scale (fp4), not tables or 8 bits
+    assert D.mma_gemv_eligible(fp4, bf16, 128, 4096, 4096, tma=True)
+    assert not D.mma_gemv_eligible(fp4, bf16, 64, 4096, 4096, tma=True)  # mxfp4-like groups
+    for kf in (nf4, int8):
+        assert not D.mma_gemv_eligible(kf, bf16, 128, 4096, 4096, tma=True)
     for m in range(1, 12):
         path = D.choose_path(m, 14336, 132, int4, True, 4096, mma_gemv=True)
         assert (path == "mma_gemv") == (D.MMA_GEMV_MIN_M <= m <= D.MMA_GEMV_MAX_M), (m, path)

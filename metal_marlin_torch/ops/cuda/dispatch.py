@@ -368,12 +368,14 @@ def pairs_eligible(kf: KernelFormat, dtype: torch.dtype, group: int, k: int, blo
 
 
 def mma_gemv_eligible(kf: KernelFormat, dtype: torch.dtype, group_size: int, k: int,
-                      n: int) -> bool:
-    """The tensor-core GEMV (:mod:`.mma_gemv`) applies: affine int4 codes, bf16/fp16
-    activations, scale groups of whole 128-input steps (not per-channel) and N a multiple of
-    64 (two 16-feature blocks a warp, 2 warps at least)."""
-    return (kf.bits == 4 and kf.decode == layout.DECODE_INT and kf.affine
-            and dtype in (torch.bfloat16, torch.float16) and group_size > 0
+                      n: int, tma: bool = False) -> bool:
+    """The tensor-core GEMV (:mod:`.mma_gemv`) applies: affine int4 codes (or, for the TMA-fed
+    kernel, ``tma``, also E2M1 codes with a plain scale: fp4; mxfp4 / nvfp4 groups are too
+    small), bf16/fp16 activations, scale groups of whole 128-input steps (not per-channel) and
+    N a multiple of 64 (two 16-feature blocks a warp, 2 warps at least)."""
+    codes = kf.bits == 4 and ((kf.decode == layout.DECODE_INT and kf.affine)
+                              or (tma and kf.decode == layout.DECODE_E2M1))
+    return (codes and dtype in (torch.bfloat16, torch.float16) and group_size > 0
             and group_size % 128 == 0 and k % group_size == 0 and n % 64 == 0)
 
 
@@ -472,10 +474,11 @@ def gemm_prepared(
     sms = _sm_count(x.device)
     kf = pw.kfmt
     if path is None:
-        mma = (m <= MMA_GEMV_MAX_M and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n)
+        tma = m <= MMA_GEMV_MAX_M and not mma_gemv_tma_unavailable_reason(x.device)
+        mma = (m <= MMA_GEMV_MAX_M and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, tma)
                and not mma_gemv_unavailable_reason(x.device))
-        tma = mma and not mma_gemv_tma_unavailable_reason(x.device)
-        path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma, tma)
+        path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma,
+                           tma and mma)
     if path not in PATHS:
         raise ValueError(f"gemm_prepared: path must be one of {PATHS}, got {path!r}")
     group = pw.group
@@ -502,23 +505,24 @@ def gemm_prepared(
     if path == "mma_gemv":
         from . import mma_gemv
 
-        if not mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n) or m > MMA_GEMV_MAX_M:
-            raise ValueError(
-                f"gemm_prepared: the mma_gemv path takes up to {MMA_GEMV_MAX_M} rows of affine "
-                f"int4 with bf16/fp16 activations, groups a multiple of 128 dividing K and N a "
-                f"multiple of 64; got M={m}, bits={kf.bits}, affine={kf.affine}, "
-                f"dtype={x.dtype}, group_size={pw.group_size}, K={k}, N={n}")
-        reason = mma_gemv_unavailable_reason(x.device)
-        if reason:
-            raise RuntimeError(f"gemm_prepared: the mma_gemv path cannot run here: {reason}")
         if config is not None and not isinstance(config, MmaGemvConfig):
             raise TypeError(f"gemm_prepared: mma_gemv path takes an MmaGemvConfig, got "
                             f"{type(config).__name__}")
-        tma = not mma_gemv_tma_unavailable_reason(x.device)
-        if config is not None and config.stages and not tma:
+        reason = mma_gemv_unavailable_reason(x.device)
+        if reason:
+            raise RuntimeError(f"gemm_prepared: the mma_gemv path cannot run here: {reason}")
+        tma_reason = mma_gemv_tma_unavailable_reason(x.device)
+        if config is not None and config.stages and tma_reason:
             raise RuntimeError(f"gemm_prepared: MmaGemvConfig.stages={config.stages} asks for the "
-                               f"TMA-fed kernel, which cannot run here: "
-                               f"{mma_gemv_tma_unavailable_reason(x.device)}")
+                               f"TMA-fed kernel, which cannot run here: {tma_reason}")
+        tma = not tma_reason and (config is None or config.stages > 0)
+        if not mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, tma) or m > MMA_GEMV_MAX_M:
+            raise ValueError(
+                f"gemm_prepared: the mma_gemv path takes up to {MMA_GEMV_MAX_M} rows of affine "
+                f"int4 (and fp4 with the TMA-fed kernel, sm_90) with bf16/fp16 activations, "
+                f"groups a multiple of 128 dividing K and N a multiple of 64; got M={m}, "
+                f"format={kf.name}, dtype={x.dtype}, group_size={pw.group_size}, K={k}, N={n}, "
+                f"TMA-fed={tma}")
         cfg = config or default_mma_gemv_config(n, k, pw.group, sms, tma)
         y = mma_gemv.launch(x2, pw, bias, _split_args, cfg)
         return y.reshape(*lead, n)

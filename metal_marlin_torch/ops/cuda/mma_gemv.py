@@ -59,6 +59,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import layout
 from .dispatch import MmaGemvConfig
 
 
@@ -101,21 +102,45 @@ def _halves(t, FP16: gl.constexpr):
 
 
 @gluon.jit
+def _e2m1_pairs(t, FP16: gl.constexpr):
+    """Pairs of E2M1 codes (``t``: codes ``2 j``, ``2 j + 1`` in the low nibbles of the two
+    16-bit halves, sign in bit 3) -> the fp16 / bf16 bits of ``e2m1 / 2^14``, as the other E2M1
+    kernels decode them (``SCALE_MUL = 2^14``). fp16: exponent and mantissa bits go to bits 9-11
+    and the sign to bit 15, which *is* ``e2m1 / 2^14`` (code 1 lands on the subnormal 2^-15,
+    exact in the MMA). bf16 has 3 fewer mantissa bits: at bits 6-8 the same bits read
+    ``e2m1 / 2^126``, whose products with the activations would fall below float32's normal
+    range inside the MMA, so one packed multiply by 2^112 (exact: a power of two, normal
+    result) brings them to ``e2m1 / 2^14``."""
+    if FP16:
+        return ((t & 0x00070007) << 9) | ((t & 0x00080008) << 12)
+    bits = ((t & 0x00070007) << 6) | ((t & 0x00080008) << 12)
+    return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r",
+                                     [bits, gl.full_like(bits, 0x77807780)], dtype=gl.uint32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
 def _round(wv, xb, acc, accx, ones, shifts, magic, a_l: gl.constexpr, b_l: gl.constexpr,
-           LW: gl.constexpr, NW: gl.constexpr, FP16: gl.constexpr):
-    """One round: 4 words (32 inputs) of 32 NW features into ``acc``; the activation sums of
-    the round into ``accx`` (A = ones)."""
+           LW: gl.constexpr, NW: gl.constexpr, FP16: gl.constexpr, E2M1: gl.constexpr = False):
+    """One round: 4 words (32 inputs) of 32 NW features into ``acc``; for affine int4 also the
+    activation sums of the round into ``accx`` (A = ones; E2M1 has no bias, ``accx`` is
+    returned as it came)."""
     R: gl.constexpr = 32 * NW
     # [warp, lane = (g, tig), (rho, half)] -> [A row, tig]: relabelling only (checked)
     wv = wv.reshape([NW, 8, 4, 2, 2]).permute((3, 0, 4, 1, 2)).reshape([R, 4])
     wv = gl.convert_layout(wv, LW, assert_trivial=True).to(gl.uint32, bitcast=True)
-    t = ((gl.expand_dims(wv, 2) >> gl.expand_dims(gl.expand_dims(shifts, 0), 0))
-         & 0x000F000F) | magic
+    t = gl.expand_dims(wv, 2) >> gl.expand_dims(gl.expand_dims(shifts, 0), 0)
+    if E2M1:
+        t = _e2m1_pairs(t, FP16)
+    else:
+        t = (t & 0x000F000F) | magic
     lo, hi = _halves(t, FP16)
     a = gl.join(lo, hi).permute((0, 2, 1, 3)).reshape([R, 32])  # k' = 8 j + 2 tig + h
     a = gl.convert_layout(a, a_l, assert_trivial=True)
     xk = xb.reshape([8, 4, 4, 2]).permute((2, 1, 3, 0)).reshape([32, 8])  # same k' order
     xk = gl.convert_layout(xk, b_l, assert_trivial=True)
+    if E2M1:
+        return mma_v2(a, xk, acc), accx
     return mma_v2(a, xk, acc), mma_v2(ones, xk, accx)
 
 
@@ -306,7 +331,7 @@ def _sb_layout(NW):
 
 @gluon.jit
 def _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, bars, slot, step, SPG,
-              pid_n, pred, NW: gl.constexpr, NBYTES: gl.constexpr):
+              pid_n, pred, NW: gl.constexpr, NBYTES: gl.constexpr, E2M1: gl.constexpr):
     """Start the TMA of 128-input ``step`` into stage ``slot``; its mbarrier completes when all
     ``NBYTES`` (zero-filled rows included) have landed."""
     bar = bars.index(slot)
@@ -316,23 +341,26 @@ def _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, bars, slot, 
     tma.async_copy_global_to_shared(x_desc, [0, step * 128], bar, x_s.index(slot), pred)
     grp = step // SPG
     tma.async_copy_global_to_shared(s_desc, [grp, 32 * NW * pid_n], bar, sc_s.index(slot), pred)
-    tma.async_copy_global_to_shared(b_desc, [grp, 32 * NW * pid_n], bar, bi_s.index(slot), pred)
+    if not E2M1:
+        tma.async_copy_global_to_shared(b_desc, [grp, 32 * NW * pid_n], bar, bi_s.index(slot),
+                                        pred)
 
 
 @gluon.jit
 def mma_gemv_tma_kernel(
-    w_desc, x_desc, s_desc, b_desc,  # TMA: weight [N/16, KW, 16], x [M, K], scales/biases
+    w_desc, x_desc, s_desc, b_desc,  # TMA: weight [N/16, KW, 16], x [M, K], scales, biases
+    #                                  (E2M1: no biases; b_desc is s_desc, unused)
     bias_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_ym,
     STEPS_PER_SPLIT,  # 128-input steps each split reduces
     SPG,  # 128-input steps a scale group
     MAGIC,
     FP16: gl.constexpr, NW: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
-    STAGES: gl.constexpr,
+    STAGES: gl.constexpr, E2M1: gl.constexpr, SCALE_MUL: gl.constexpr,
 ):
     """``mma_gemv_kernel`` fed by TMA through ``STAGES`` shared-memory stages (module
-    docstring). The scale and bias are applied every step, so splits need not align to
-    groups."""
+    docstring), for affine int4 or (``E2M1``) fp4 codes times ``SCALE_MUL`` and the scale. The
+    scale and bias are applied every step, so splits need not align to groups."""
     OFF: gl.constexpr = 1024.0 if FP16 else 128.0
     R: gl.constexpr = 32 * NW
     dt: gl.constexpr = x_desc.dtype
@@ -348,7 +376,8 @@ def mma_gemv_tma_kernel(
     ROWL: gl.constexpr = gl.SliceLayout(1, mma)
     COLL: gl.constexpr = gl.SliceLayout(0, mma)
     NBYTES: gl.constexpr = (w_desc.block_type.nbytes + x_desc.block_type.nbytes
-                            + s_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                            + s_desc.block_type.nbytes
+                            + (0 if E2M1 else b_desc.block_type.nbytes))
 
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -358,13 +387,16 @@ def mma_gemv_tma_kernel(
     w_s = gl.allocate_shared_memory(gl.int32, [STAGES, 2 * NW, 16, 16], w_desc.layout)
     x_s = gl.allocate_shared_memory(dt, [STAGES, 8, 128], x_desc.layout)
     sc_s = gl.allocate_shared_memory(s_desc.dtype, [STAGES, 1, R], s_desc.layout)
-    bi_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, R], b_desc.layout)
+    if E2M1:
+        bi_s = sc_s  # no biases
+    else:
+        bi_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, R], b_desc.layout)
     bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
     for i in gl.static_range(STAGES):  # fill the ring
         _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, bars, i, s0 + i, SPG,
-                  pid_n, i < nsteps, NW, NBYTES)
+                  pid_n, i < nsteps, NW, NBYTES, E2M1)
 
     rr = gl.arange(0, R, layout=ROWL)
     rg = rr & 7
@@ -386,15 +418,21 @@ def mma_gemv_tma_kernel(
             wv = wst.slice(4 * r, 4, dim=1).load(WS)
             wv = wv.reshape([NW, 2, 4, 4, 4]).permute((0, 1, 3, 2, 4)).reshape([NW, 32, 4])
             xb = xst.slice(32 * r, 32, dim=1).load(XS).reshape([8, 4, 8])
-            acc, accx = _round(wv, xb, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16)
+            acc, accx = _round(wv, xb, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16,
+                               E2M1)
         s = sc_s.index(slot).load(SB).reshape([NW, 2, 2, 2, 2, 2]).permute((4, 0, 5, 1, 2, 3))
-        b = bi_s.index(slot).load(SB).reshape([NW, 2, 2, 2, 2, 2]).permute((4, 0, 5, 1, 2, 3))
         s = gl.convert_layout(s.reshape([R]), ROWL, assert_trivial=True).to(gl.float32)
-        b = gl.convert_layout(b.reshape([R]), ROWL, assert_trivial=True).to(gl.float32)
+        if not E2M1:
+            b = bi_s.index(slot).load(SB).reshape([NW, 2, 2, 2, 2, 2])
+            b = b.permute((4, 0, 5, 1, 2, 3)).reshape([R])
+            b = gl.convert_layout(b, ROWL, assert_trivial=True).to(gl.float32)
         gl.thread_barrier()  # every warp has read the stage: refill it STAGES steps ahead
         _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, bars, slot,
-                  s0 + c + STAGES, SPG, pid_n, c + STAGES < nsteps, NW, NBYTES)
-        y = y + acc * gl.expand_dims(s, 1) + accx * gl.expand_dims(b - OFF * s, 1)
+                  s0 + c + STAGES, SPG, pid_n, c + STAGES < nsteps, NW, NBYTES, E2M1)
+        if E2M1:
+            y = y + acc * gl.expand_dims(s * SCALE_MUL, 1)
+        else:
+            y = y + acc * gl.expand_dims(s, 1) + accx * gl.expand_dims(b - OFF * s, 1)
     for i in gl.static_range(STAGES):
         mbarrier.invalidate(bars.index(i))
 
@@ -427,7 +465,9 @@ def _tma_launch(x2, pw, bias, ws_cnt, cfg):
     x_desc = TensorDescriptor.from_tensor(x2, [8, 128], plain(x2, 2))
     # scales and biases in their stored dtype (float32, bf16 or fp16)
     s_desc = TensorDescriptor.from_tensor(pw.scales, [1, 32 * nw], plain(pw.scales, 2))
-    b_desc = TensorDescriptor.from_tensor(pw.biases, [1, 32 * nw], plain(pw.biases, 2))
+    e2m1 = pw.kfmt.decode == layout.DECODE_E2M1  # else affine int4 (dispatch: eligible)
+    b_desc = s_desc if e2m1 else TensorDescriptor.from_tensor(pw.biases, [1, 32 * nw],
+                                                              plain(pw.biases, 2))
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     grid = (n // (32 * nw), split)
     ws, cnt = ws_cnt(y, split, grid[0])
@@ -436,7 +476,7 @@ def _tma_launch(x2, pw, bias, ws_cnt, cfg):
         w_desc, x_desc, s_desc, b_desc, bias if bias is not None else pw.scales, y, ws, cnt,
         m, n, k, y.stride(0), per, pw.group // 128, 0x64006400 if fp16 else 0x43004300,
         FP16=fp16, NW=nw, SPLIT_K=split, HAS_BIAS=bias is not None, STAGES=cfg.stages,
-        num_warps=nw)
+        E2M1=e2m1, SCALE_MUL=pw.kfmt.scale_mul, num_warps=nw)
     return y
 
 

@@ -582,9 +582,9 @@ needs_tma = pytest.mark.skipif(bool(TMA_REASON), reason=TMA_REASON or "runs")
 @pytest.mark.parametrize("m", [1, 2, 5, 8])
 @pytest.mark.parametrize("n,k,group,config", [
     (128, 512, 128, D.MmaGemvConfig(4, 2, stages=4)),   # 2 steps a split, the ring not refilled
-    (192, 1024, 256, D.MmaGemvConfig(2, 1, stages=2)),  # N % 128 != 0; 2 steps a group; refills
-    (256, 640, 128, D.MmaGemvConfig(2, 3, stages=3)),   # 5 steps in 3 uneven splits
-    (512, 768, 256, D.MmaGemvConfig(8, 1, stages=4)),   # 8 warps; splits cut no group here
+    (384, 1024, 256, D.MmaGemvConfig(4, 1, stages=2)),  # 2 steps a group; refilled 3 times
+    (256, 640, 128, D.MmaGemvConfig(4, 3, stages=3)),   # 5 steps in 3 uneven splits
+    (512, 768, 256, D.MmaGemvConfig(8, 1, stages=4)),   # 8 compute warps
     (256, 1280, 128, None),                             # the default configuration
 ])
 @pytest.mark.parametrize("bias", [False, True])
@@ -612,7 +612,7 @@ def test_mma_gemv_tma_unaligned_input_and_one_row_dispatch():
     big = (torch.randn(3, k + 1) / k**0.5).to(torch.bfloat16)
     x = big[:, 1:]  # 2-byte offset, row stride K + 1
     y = fast(x, weight, scales, biases, gscale, b, "int4", group, path="mma_gemv",
-             config=D.MmaGemvConfig(2, 2, stages=2))
+             config=D.MmaGemvConfig(4, 2, stages=2))
     assert_close(y, oracle(x, weight, scales, biases, gscale, b, "int4", group), torch.bfloat16)
     n, k = 8192, 4096  # 2^25 weights
     assert D.choose_path(1, n, 132, L.kernel_format("int4"), True, k, True, True) == "mma_gemv"
@@ -635,7 +635,7 @@ def test_mma_gemv_refuses_what_it_cannot_run():
     with pytest.raises((ValueError, RuntimeError), match="mma_gemv"):
         D.gemm_prepared(to_dev(torch.randn(9, 256).to(ACT))[0], pw, path="mma_gemv")
     with pytest.raises((ValueError, RuntimeError), match="mma_gemv|MmaGemvConfig"):
-        D.gemm_prepared(x, pw, path="mma_gemv", config=D.MmaGemvConfig(1, 1, stages=4))
+        D.gemm_prepared(x, pw, path="mma_gemv", config=D.MmaGemvConfig(2, 1, stages=4))
 
 
 def test_mma_gemv_dispatch_rules():
@@ -671,15 +671,19 @@ def test_mma_gemv_dispatch_rules():
         assert D.choose_path(1, n, 132, int4, True, k, mma_gemv=False, tma=False) == "gemv"
     for n, k in [(4096, 4096), (4096, 14336), (8192, 2048)]:
         assert D.choose_path(1, n, 132, int4, True, k, mma_gemv=True, tma=True) == "gemv"
-    # the TMA-fed default: 4 stages, 4 warps from 8192 features, splits until 1.5 programs an
-    # SM, never more splits than 128-input steps
-    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (192, 512), (4096, 256)]:
+    # the TMA-fed default: 4 compute warps, 4 stages, K split in powers of two while the grid
+    # stays within one program an SM, never more splits than 128-input steps
+    for n, k in [(4096, 4096), (14336, 4096), (4096, 14336), (384, 512), (4096, 256)]:
         cfg = D.default_mma_gemv_config(n, k, 128, 132, tma=True)
-        assert cfg.stages == 4 and n % (32 * cfg.warps) == 0 and cfg.warps >= 2
-        assert cfg.warps == (4 if n >= 8192 else 2), (n, cfg)
-        programs = n // (32 * cfg.warps) * cfg.split_k
-        assert 1 <= cfg.split_k <= k // 128
-        assert programs >= 1.5 * 132 or cfg.split_k * 2 > k // 128, (n, k, cfg)
+        assert cfg.stages == 4 and cfg.warps == 4
+        programs = n // 128 * cfg.split_k
+        assert 1 <= cfg.split_k <= k // 128 and (programs <= 132 or cfg.split_k == 1)
+        assert programs * 2 > 132 or cfg.split_k * 2 > k // 128, (n, k, cfg)
+    assert D.default_mma_gemv_config(14336, 4096, 128, 132, tma=True).split_k == 1
+    assert D.default_mma_gemv_config(4096, 14336, 128, 132, tma=True).split_k == 4
+    # the TMA-fed kernel needs N % 128 == 0; the register-fed one N % 64 == 0
+    assert not D.mma_gemv_eligible(int4, bf16, 128, 4096, 4160, tma=True)
+    assert D.mma_gemv_eligible(int4, bf16, 128, 4096, 4160)
     # the default grid: about three programs an SM where the groups allow, never more splits
     # than scale groups, 2 warps when N is not a multiple of 128
     for n, k, group in [(4096, 4096, 128), (14336, 4096, 128), (4096, 14336, 128),

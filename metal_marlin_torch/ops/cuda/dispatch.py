@@ -298,22 +298,21 @@ def default_mma_gemv_config(n: int, k: int, group: int, sms: int,
     On the H100 (benchmarks/results/sweep_h100_mma_gemv.json, M = 1-8, the three Llama-3-8B
     shapes) it ran 0-9% behind the best of the six configurations timed.
 
-    TMA-fed (sm_90): 4 stages; 4 warps on layers of 8192 or more features (N % 128 == 0), else
-    2; K split in powers of two (at most one split a 128-input step) until the grid has 1.5
-    programs an SM. Each program holds 4 x 10.5 KB of stages, so about two run an SM; more
-    programs lost to their fill and split-K tails (sweep_h100_mma_gemv_tma.json, M = 1-8: the
-    default was within 1% of the best of the five TMA-fed configurations timed in 11 of 12
-    cells; in the 12th, 14336 x 4096 at M = 4, its row read 21.2 us and the same configuration
-    17.4 us later in the run. E.g. 4096 x 14336, M = 1: 16.4 us with 4 warps x 2 splits against
-    19.1 us with 4 splits; 14336 x 4096: 16.8 us with 2 warps x 4 splits against 37.0 us with
-    4 warps x 2)."""
+    TMA-fed (sm_90, warp-specialized): 4 compute warps (128 features) and 4 stages; K split
+    in powers of two while the grid stays within one program an SM (at most one split a
+    128-input step). With the producer / consumer split, more programs than SMs ran slower:
+    a second program an SM did not overlap with the first (the partitions' register
+    allocation probably leaves room for one; not verified). Prototype sweep of this kernel
+    (benchmarks/results/sweep_h100_mma_gemv_ws_proto.json, int4, bf16 scales, M = 1):
+    4096 x 14336 15.4 us unsplit (112 programs) against 19.0 us with 2 splits; 14336 x 4096
+    16.0 us with 4 splits (128 programs) against 19.7 us with 8; 4096 x 4096 7.6 us with 4
+    splits against 10.5 us with 8. The shipped kernel: sweep_h100_mma_gemv_ws.json."""
     if tma:
-        warps = 4 if n >= 8192 and n % 128 == 0 else 2
-        programs = n // (32 * warps)
+        programs = n // 128
         split = 1
-        while programs * split < 1.5 * sms and split * 2 <= k // 128:
+        while programs * split * 2 <= sms and split * 2 <= k // 128:
             split *= 2
-        return MmaGemvConfig(warps, split, stages=4)
+        return MmaGemvConfig(4, split, stages=4)
     warps = 4 if n % 128 == 0 else 2
     programs = n // (32 * warps)
     split = 1
@@ -372,9 +371,12 @@ def mma_gemv_eligible(kf: KernelFormat, dtype: torch.dtype, group_size: int, k: 
     """The tensor-core GEMV (:mod:`.mma_gemv`) applies: affine int4 codes (or, for the TMA-fed
     kernel, ``tma``, also E2M1 codes with a plain scale: fp4; mxfp4 / nvfp4 groups are too
     small), bf16/fp16 activations, scale groups of whole 128-input steps (not per-channel) and
-    N a multiple of 64 (two 16-feature blocks a warp, 2 warps at least)."""
+    N a multiple of 64 (two 16-feature blocks a warp, 2 warps at least; 128 for the TMA-fed
+    kernel, 4 compute warps)."""
     codes = kf.bits == 4 and ((kf.decode == layout.DECODE_INT and kf.affine)
                               or (tma and kf.decode == layout.DECODE_E2M1))
+    if tma and n % 128:  # the TMA-fed kernel: 4 compute warps of 32 features at least
+        return False
     return (codes and dtype in (torch.bfloat16, torch.float16) and group_size > 0
             and group_size % 128 == 0 and k % group_size == 0 and n % 64 == 0)
 
@@ -474,11 +476,12 @@ def gemm_prepared(
     sms = _sm_count(x.device)
     kf = pw.kfmt
     if path is None:
-        tma = m <= MMA_GEMV_MAX_M and not mma_gemv_tma_unavailable_reason(x.device)
-        mma = (m <= MMA_GEMV_MAX_M and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, tma)
-               and not mma_gemv_unavailable_reason(x.device))
-        path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma,
-                           tma and mma)
+        small = m <= MMA_GEMV_MAX_M
+        tma = (small and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, True)
+               and not mma_gemv_tma_unavailable_reason(x.device))
+        mma = tma or (small and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n)
+                      and not mma_gemv_unavailable_reason(x.device))
+        path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma, tma)
     if path not in PATHS:
         raise ValueError(f"gemm_prepared: path must be one of {PATHS}, got {path!r}")
     group = pw.group
@@ -515,12 +518,14 @@ def gemm_prepared(
         if config is not None and config.stages and tma_reason:
             raise RuntimeError(f"gemm_prepared: MmaGemvConfig.stages={config.stages} asks for the "
                                f"TMA-fed kernel, which cannot run here: {tma_reason}")
-        tma = not tma_reason and (config is None or config.stages > 0)
+        tma = not tma_reason and (config.stages > 0 if config is not None else
+                                  mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, True))
         if not mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, tma) or m > MMA_GEMV_MAX_M:
             raise ValueError(
                 f"gemm_prepared: the mma_gemv path takes up to {MMA_GEMV_MAX_M} rows of affine "
                 f"int4 (and fp4 with the TMA-fed kernel, sm_90) with bf16/fp16 activations, "
-                f"groups a multiple of 128 dividing K and N a multiple of 64; got M={m}, "
+                f"groups a multiple of 128 dividing K and N a multiple of 64 (TMA-fed: 128); "
+                f"got M={m}, "
                 f"format={kf.name}, dtype={x.dtype}, group_size={pw.group_size}, K={k}, N={n}, "
                 f"TMA-fed={tma}")
         cfg = config or default_mma_gemv_config(n, k, pw.group, sms, tma)

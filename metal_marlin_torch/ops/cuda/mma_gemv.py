@@ -347,6 +347,72 @@ def _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, bars, slot, 
 
 
 @gluon.jit
+def _tma_producer(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, ready, empty, s0, nsteps,
+                  SPG, pid_n, NW: gl.constexpr, NBYTES: gl.constexpr, E2M1: gl.constexpr,
+                  STAGES: gl.constexpr):
+    """The producer warp: waits for a stage to be released (``empty``; the first pass through
+    the ring waits on the parity before a fresh barrier's, which returns at once), then starts
+    its TMA (``ready`` counts the bytes)."""
+    for c in range(nsteps):
+        slot = c % STAGES
+        mbarrier.wait(empty.index(slot), ((c // STAGES) & 1) ^ 1)
+        _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, ready, slot, s0 + c, SPG,
+                  pid_n, True, NW, NBYTES, E2M1)
+
+
+@gluon.jit
+def _tma_consumer(w_s, x_s, sc_s, bi_s, ready, empty, nsteps, MAGIC, NW: gl.constexpr,
+                  FP16: gl.constexpr, E2M1: gl.constexpr, SCALE_MUL: gl.constexpr,
+                  STAGES: gl.constexpr):
+    """The NW compute warps: per step, wait for its stage, run the four MMA rounds from shared
+    memory, release the stage (one barrier of these warps, then one arrive), and apply the
+    step's scale (and bias). Returns the fp32 partial sums ``[32 NW, 8]``."""
+    OFF: gl.constexpr = 1024.0 if FP16 else 128.0
+    R: gl.constexpr = 32 * NW
+    dt: gl.constexpr = x_s.dtype
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
+                                                  instr_shape=[16, 8])
+    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    L3: gl.constexpr = _words_layout(NW)
+    LW: gl.constexpr = gl.SliceLayout(2, L3)
+    WS: gl.constexpr = _wsmem_layout(NW)
+    XS: gl.constexpr = _xsmem_layout(NW)
+    SB: gl.constexpr = _sb_layout(NW)
+    ROWL: gl.constexpr = gl.SliceLayout(1, mma)
+    ones = gl.full([R, 32], 1.0, dt, layout=a_l)
+    shifts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * 4
+    y = gl.zeros([R, 8], gl.float32, layout=mma)
+    for c in range(nsteps):
+        slot = c % STAGES
+        mbarrier.wait(ready.index(slot), (c // STAGES) & 1)
+        wst = w_s.index(slot)
+        xst = x_s.index(slot)
+        acc = gl.zeros([R, 8], gl.float32, layout=mma)
+        accx = gl.zeros([R, 8], gl.float32, layout=mma)
+        for r in gl.static_range(4):
+            # [2 NW, 4, 16] -> [warp, lane, 4 features] as the global loads of mma_gemv_kernel
+            wv = wst.slice(4 * r, 4, dim=1).load(WS)
+            wv = wv.reshape([NW, 2, 4, 4, 4]).permute((0, 1, 3, 2, 4)).reshape([NW, 32, 4])
+            xb = xst.slice(32 * r, 32, dim=1).load(XS).reshape([8, 4, 8])
+            acc, accx = _round(wv, xb, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16,
+                               E2M1)
+        s = sc_s.index(slot).load(SB).reshape([NW, 2, 2, 2, 2, 2]).permute((4, 0, 5, 1, 2, 3))
+        s = gl.convert_layout(s.reshape([R]), ROWL, assert_trivial=True).to(gl.float32)
+        if not E2M1:
+            b = bi_s.index(slot).load(SB).reshape([NW, 2, 2, 2, 2, 2])
+            b = b.permute((4, 0, 5, 1, 2, 3)).reshape([R])
+            b = gl.convert_layout(b, ROWL, assert_trivial=True).to(gl.float32)
+        gl.thread_barrier()  # these warps only (a named barrier): all have read the stage
+        mbarrier.arrive(empty.index(slot), count=1)
+        if E2M1:
+            y = y + acc * gl.expand_dims(s * SCALE_MUL, 1)
+        else:
+            y = y + acc * gl.expand_dims(s, 1) + accx * gl.expand_dims(b - OFF * s, 1)
+    return (y,)
+
+
+@gluon.jit
 def mma_gemv_tma_kernel(
     w_desc, x_desc, s_desc, b_desc,  # TMA: weight [N/16, KW, 16], x [M, K], scales, biases
     #                                  (E2M1: no biases; b_desc is s_desc, unused)
@@ -358,21 +424,14 @@ def mma_gemv_tma_kernel(
     FP16: gl.constexpr, NW: gl.constexpr, SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr,
     STAGES: gl.constexpr, E2M1: gl.constexpr, SCALE_MUL: gl.constexpr,
 ):
-    """``mma_gemv_kernel`` fed by TMA through ``STAGES`` shared-memory stages (module
-    docstring), for affine int4 or (``E2M1``) fp4 codes times ``SCALE_MUL`` and the scale. The
-    scale and bias are applied every step, so splits need not align to groups."""
-    OFF: gl.constexpr = 1024.0 if FP16 else 128.0
+    """``mma_gemv_kernel`` fed by TMA through ``STAGES`` shared-memory stages, warp-specialized
+    (module docstring): NW compute warps and one producer warp. Affine int4 or (``E2M1``) fp4
+    codes times ``SCALE_MUL`` and the scale. The scale and bias are applied every step, so
+    splits need not align to groups."""
     R: gl.constexpr = 32 * NW
     dt: gl.constexpr = x_desc.dtype
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
                                                   instr_shape=[16, 8])
-    a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    L3: gl.constexpr = _words_layout(NW)
-    LW: gl.constexpr = gl.SliceLayout(2, L3)
-    WS: gl.constexpr = _wsmem_layout(NW)
-    XS: gl.constexpr = _xsmem_layout(NW)
-    SB: gl.constexpr = _sb_layout(NW)
     ROWL: gl.constexpr = gl.SliceLayout(1, mma)
     COLL: gl.constexpr = gl.SliceLayout(0, mma)
     NBYTES: gl.constexpr = (w_desc.block_type.nbytes + x_desc.block_type.nbytes
@@ -391,51 +450,27 @@ def mma_gemv_tma_kernel(
         bi_s = sc_s  # no biases
     else:
         bi_s = gl.allocate_shared_memory(b_desc.dtype, [STAGES, 1, R], b_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
-        mbarrier.init(bars.index(i), count=1)
-    for i in gl.static_range(STAGES):  # fill the ring
-        _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, bars, i, s0 + i, SPG,
-                  pid_n, i < nsteps, NW, NBYTES, E2M1)
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    # Warp specialization: the TMA issue (and its wait for a free stage) runs in its own warp,
+    # off the compute warps' step chain; without it each step ended in a CTA barrier, the
+    # refill and the barriers Triton adds before every TMA issue (5 a step), and one program
+    # could not stream faster than ~10 GB/s (docs/CUDA.md §3.2).
+    y = gl.warp_specialize([
+        (_tma_consumer, (w_s, x_s, sc_s, bi_s, ready, empty, nsteps, MAGIC, NW, FP16, E2M1,
+                         SCALE_MUL, STAGES)),
+        (_tma_producer, (w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, ready, empty, s0,
+                         nsteps, SPG, pid_n, NW, NBYTES, E2M1, STAGES)),
+    ], [1], [24])[0]
 
     rr = gl.arange(0, R, layout=ROWL)
     rg = rr & 7
     feat = ((2 * (pid_n * NW + ((rr >> 4) % NW)) + (rg >> 2)) * 16 + 4 * (rg & 3)
             + 2 * (rr // (16 * NW)) + ((rr >> 3) & 1))
     cols = gl.arange(0, 8, layout=COLL)
-    ones = gl.full([R, 32], 1.0, dt, layout=a_l)
-    shifts = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, L3))) * 4
-    y = gl.zeros([R, 8], gl.float32, layout=mma)
-    for c in range(nsteps):
-        slot = c % STAGES
-        mbarrier.wait(bars.index(slot), (c // STAGES) & 1)
-        wst = w_s.index(slot)
-        xst = x_s.index(slot)
-        acc = gl.zeros([R, 8], gl.float32, layout=mma)
-        accx = gl.zeros([R, 8], gl.float32, layout=mma)
-        for r in gl.static_range(4):
-            # [2 NW, 4, 16] -> [warp, lane, 4 features] as the global loads of mma_gemv_kernel
-            wv = wst.slice(4 * r, 4, dim=1).load(WS)
-            wv = wv.reshape([NW, 2, 4, 4, 4]).permute((0, 1, 3, 2, 4)).reshape([NW, 32, 4])
-            xb = xst.slice(32 * r, 32, dim=1).load(XS).reshape([8, 4, 8])
-            acc, accx = _round(wv, xb, acc, accx, ones, shifts, MAGIC, a_l, b_l, LW, NW, FP16,
-                               E2M1)
-        s = sc_s.index(slot).load(SB).reshape([NW, 2, 2, 2, 2, 2]).permute((4, 0, 5, 1, 2, 3))
-        s = gl.convert_layout(s.reshape([R]), ROWL, assert_trivial=True).to(gl.float32)
-        if not E2M1:
-            b = bi_s.index(slot).load(SB).reshape([NW, 2, 2, 2, 2, 2])
-            b = b.permute((4, 0, 5, 1, 2, 3)).reshape([R])
-            b = gl.convert_layout(b, ROWL, assert_trivial=True).to(gl.float32)
-        gl.thread_barrier()  # every warp has read the stage: refill it STAGES steps ahead
-        _tma_step(w_desc, x_desc, s_desc, b_desc, w_s, x_s, sc_s, bi_s, bars, slot,
-                  s0 + c + STAGES, SPG, pid_n, c + STAGES < nsteps, NW, NBYTES, E2M1)
-        if E2M1:
-            y = y + acc * gl.expand_dims(s * SCALE_MUL, 1)
-        else:
-            y = y + acc * gl.expand_dims(s, 1) + accx * gl.expand_dims(b - OFF * s, 1)
-    for i in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(i))
-
     if HAS_BIAS:
         lb = gl.expand_dims(gl.load(bias_ptr + feat).to(gl.float32), 1)
     else:
@@ -488,10 +523,11 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, ws_cnt,
     n = pw.out_features
     group = pw.group
     if (cfg.warps not in (1, 2, 4, 8) or n % (32 * cfg.warps) or cfg.prefetch not in (1, 2)
-            or cfg.stages not in (0, 2, 3, 4, 5, 6, 7, 8) or (cfg.stages and cfg.warps == 1)):
+            or cfg.stages not in (0, 2, 3, 4, 5, 6, 7, 8)
+            or (cfg.stages and cfg.warps not in (4, 8))):
         raise ValueError(f"MmaGemvConfig: warps must be 1, 2, 4 or 8 with N % (32 warps) == 0, "
-                         f"prefetch 1 or 2 and stages 0 or 2-8 (with stages, 2 warps at least: "
-                         f"TMA boxes of 128 bytes); got {cfg} for N={n}")
+                         f"prefetch 1 or 2 and stages 0 or 2-8 (with stages, 4 or 8 warps: "
+                         f"warp specialization wants whole warpgroups); got {cfg} for N={n}")
     if cfg.stages:
         return _tma_launch(x2, pw, bias, ws_cnt, cfg)
     n_groups = k // group

@@ -53,11 +53,12 @@ LUT_GEMM_MAX_M = 32
 # 24.0-24.1 us for the GEMV on the wide layers, but 10.3 against 9.1 us at 4096 x 4096, so two
 # rows take it only on layers of at least MMA_GEMV_M2_MIN_WEIGHTS weights. M = 1 stays on the
 # GEMV (17.3 / 18.4 / 9.3 us against 16.9 / 15.7 / 6.5 us).
-# Round 7: on sm_90 the TMA-fed kernel (benchmarks/results/sweep_h100_mma_gemv_tma.json, bf16,
-# group 128, default configurations) ran M = 4 in 9.0 / 16.7 / 17.4 us on 4096 x 4096 /
-# 4096 x 14336 / 14336 x 4096 against 11.0 / 19.4 / 25.1 us for the best register-fed
-# configuration timed. At M = 1 it ran 16.4 against 16.8 us for the GEMV at 4096 x 14336, but
-# 16.8 against 15.9 us at 14336 x 4096 and 8.7 against 6.4 us at 4096 x 4096, so one row takes
+# Round 7: on sm_90 the TMA-fed, warp-specialized kernel (benchmarks/results/
+# sweep_h100_mma_gemv_ws.json, bf16, group 128, default configurations) ran int4 M = 4 in
+# 9.2 / 15.1 / 17.4 us on 4096 x 4096 / 4096 x 14336 / 14336 x 4096 (the 4096 x 4096 default
+# row read 109 us once, a disturbance) against 11.3 / 19.5 / 25.0 us for the best register-fed
+# configuration timed. At M = 1 it ran 15.0 against 16.7 us for the GEMV at 4096 x 14336, but
+# 16.8 against 15.8 us at 14336 x 4096 and 8.8 against 6.4 us at 4096 x 4096, so one row takes
 # it only on layers of MMA_GEMV_M1_MIN_WEIGHTS weights with MMA_GEMV_M1_MIN_N features or more.
 MMA_GEMV_MIN_M = 2
 MMA_GEMV_MAX_M = 8
@@ -306,7 +307,9 @@ def default_mma_gemv_config(n: int, k: int, group: int, sms: int,
     (benchmarks/results/sweep_h100_mma_gemv_ws_proto.json, int4, bf16 scales, M = 1):
     4096 x 14336 15.4 us unsplit (112 programs) against 19.0 us with 2 splits; 14336 x 4096
     16.0 us with 4 splits (128 programs) against 19.7 us with 8; 4096 x 4096 7.6 us with 4
-    splits against 10.5 us with 8. The shipped kernel: sweep_h100_mma_gemv_ws.json."""
+    splits against 10.5 us with 8. The shipped kernel (sweep_h100_mma_gemv_ws.json): the
+    default was within 3% of the best of the six TMA-fed configurations timed in every cell
+    but one disturbed row."""
     if tma:
         programs = n // 128
         split = 1

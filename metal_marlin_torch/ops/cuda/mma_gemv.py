@@ -38,16 +38,18 @@ Triton kernels do) until the grid has about three programs an SM.
 round, but every operand of a 128-input step comes into a ring of shared-memory stages by the
 Hopper tensor memory accelerator: the program's ``2 NW`` weight blocks x 16 words (one box of
 the ``[N / 16, KW, 16]`` weight), the step's ``[8, 128]`` activations (rows >= M are zero-filled
-by the TMA: no masks), and the group's scale and bias rows. One mbarrier a stage counts the
-bytes in; a stage is refilled right after every warp has read it. So ``stages`` steps of weight
-(8 KB each at 4 warps) are in flight a program without holding registers, where the register
-prefetch held one. Lane reads from shared memory follow the global-load pattern above (same
-16-byte vectors, so the fragment trick is unchanged). The scales are read in local feature
-order straight into the accumulator-row layout (``_sb_layout``: a relabelling, checked like the
-operands). ``accx`` is computed for all ``32 NW`` rows (the two A row tiles of ones give the
-same MMA, which ptxas merges) so no layout conversion is needed per step. Measured on the H100
-(benchmarks/results/sweep_h100_mma_gemv_tma.json): 10-25% faster than the register-fed kernel
-at 2-8 rows, and ahead of the CUDA-core GEMV at M = 1 on the two wide Llama-3-8B layers.
+by the TMA: no masks), and the group's scale and bias rows. The kernel is warp-specialized: one
+producer warp waits for a free stage (``empty`` mbarrier) and issues the four TMA copies
+(``ready`` counts their bytes); the NW compute warps wait for ``ready``, read the stage, meet at
+one named barrier and release it with one arrive. So the refill and the CTA barriers Triton
+puts before every TMA issue stay off the compute warps' step chain. Lane reads from shared
+memory follow the global-load pattern above (same 16-byte vectors, so the fragment trick is
+unchanged). The scales are read in local feature order straight into the accumulator-row
+layout (``_sb_layout``: a relabelling, checked like the operands). ``accx`` is computed for
+all ``32 NW`` rows (the two A row tiles of ones give the same MMA, which ptxas merges) so no
+layout conversion is needed per step. It also takes fp4 (``_e2m1_pairs``). Measured on the
+H100 (benchmarks/results/sweep_h100_mma_gemv_ws.json): 15-45% faster than the register-fed
+kernel at 2-8 rows, and ahead of the CUDA-core GEMV at M = 1 on 4096 x 14336.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ docs/CUDA.md and benchmarks/results/):
   M rows of the program.
 * ``mma_gemv``: 2 <= M <= MMA_GEMV_MAX_M, affine int4 with 16-bit activations and scale groups
   of whole 128-input steps, where Gluon is available (:mod:`.mma_gemv`): the tensor-core GEMV.
-  On sm_90 its operands come in by TMA, and it also takes M = 1 on layers of at least
-  MMA_GEMV_M1_MIN_WEIGHTS weights and MMA_GEMV_M1_MIN_N features.
+  On sm_90 its operands come in by TMA (warp-specialized), it also takes fp4, and M = 1 on
+  layers of at least MMA_GEMV_M1_MIN_WEIGHTS weights and MMA_GEMV_M1_MIN_N features.
 * ``gemm``: the tensor-core kernels, weight tiles dequantized in registers: ``gemm_pairs_kernel``
   (int4 / E2M1, 16-bit activations: the weight as the MMA's A operand) or ``gemm_kernel``.
 * ``dequant``: M >= DEQUANT_MIN_M (but see FUSED_MAX_M). One Triton pass writes W_hat^T in the
@@ -128,7 +128,8 @@ class MmaGemvConfig:
     """``warps``: warps a program (32 output features each); ``split_k``: K splits (scale
     groups are not cut by the register-fed kernel); ``prefetch``: 128-input steps of words
     loaded ahead in registers (1 or 2); ``stages``: 0 for that register-fed kernel, 2-8 for the
-    TMA-fed one (sm_90; shared-memory stages of one 128-input step, 2 warps at least)."""
+    TMA-fed one (sm_90; shared-memory stages of one 128-input step; ``warps`` compute warps,
+    4 or 8, plus one producer warp)."""
 
     warps: int
     split_k: int

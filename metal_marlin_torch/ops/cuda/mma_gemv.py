@@ -168,6 +168,21 @@ def store_split(yp, acc, add, mask, ws_ptr, wo, ws_stride, cnt_ptr, tile, pid_k,
 
 
 @gluon.jit
+def _store_rows(y, feat, cols, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_ym, pid_n, pid_k,
+                HAS_BIAS: gl.constexpr, SPLIT_K: gl.constexpr):
+    """The GEMVs' epilogue: accumulator row ``r`` is output feature ``feat[r]``, column ``c``
+    activation row ``cols[c]``; add the layer bias, store (or split-K through the workspace)."""
+    if HAS_BIAS:
+        lb = gl.expand_dims(gl.load(bias_ptr + feat).to(gl.float32), 1)
+    else:
+        lb = gl.expand_dims(gl.zeros_like(feat).to(gl.float32), 1)
+    mask = gl.expand_dims(cols < M, 0) & gl.expand_dims(feat < N, 1)
+    yp = y_ptr + gl.expand_dims(cols * stride_ym, 0) + gl.expand_dims(feat, 1)
+    wo = gl.expand_dims(cols * N, 0) + gl.expand_dims(feat, 1)
+    store_split(yp, y, lb, mask, ws_ptr, wo, M * N, cnt_ptr, pid_n, pid_k, SPLIT_K)
+
+
+@gluon.jit
 def mma_gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, y_ptr,
     ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 counters (zeros)
@@ -289,14 +304,8 @@ def mma_gemv_kernel(
         xs = gl.convert_layout(gl.join(accx, accx).permute((2, 0, 1)).reshape([R, 8]), mma)
         y = y + acc * gl.expand_dims(s, 1) + xs * gl.expand_dims(b - OFF * s, 1)
 
-    if HAS_BIAS:
-        lb = gl.expand_dims(gl.load(bias_ptr + feat).to(gl.float32), 1)
-    else:
-        lb = gl.zeros([R, 1], gl.float32, layout=mma)
-    mask = gl.expand_dims(cols < M, 0) & gl.expand_dims(feat < N, 1)
-    yp = y_ptr + gl.expand_dims(cols * stride_ym, 0) + gl.expand_dims(feat, 1)
-    wo = gl.expand_dims(cols * N, 0) + gl.expand_dims(feat, 1)
-    store_split(yp, y, lb, mask, ws_ptr, wo, M * N, cnt_ptr, pid_n, pid_k, SPLIT_K)
+    _store_rows(y, feat, cols, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_ym, pid_n, pid_k,
+                HAS_BIAS, SPLIT_K)
 
 
 @gluon.constexpr_function
@@ -473,14 +482,8 @@ def mma_gemv_tma_kernel(
     feat = ((2 * (pid_n * NW + ((rr >> 4) % NW)) + (rg >> 2)) * 16 + 4 * (rg & 3)
             + 2 * (rr // (16 * NW)) + ((rr >> 3) & 1))
     cols = gl.arange(0, 8, layout=COLL)
-    if HAS_BIAS:
-        lb = gl.expand_dims(gl.load(bias_ptr + feat).to(gl.float32), 1)
-    else:
-        lb = gl.zeros([R, 1], gl.float32, layout=mma)
-    mask = gl.expand_dims(cols < M, 0) & gl.expand_dims(feat < N, 1)
-    yp = y_ptr + gl.expand_dims(cols * stride_ym, 0) + gl.expand_dims(feat, 1)
-    wo = gl.expand_dims(cols * N, 0) + gl.expand_dims(feat, 1)
-    store_split(yp, y, lb, mask, ws_ptr, wo, M * N, cnt_ptr, pid_n, pid_k, SPLIT_K)
+    _store_rows(y, feat, cols, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_ym, pid_n, pid_k,
+                HAS_BIAS, SPLIT_K)
 
 
 def _tma_launch(x2, pw, bias, ws_cnt, cfg):
@@ -494,6 +497,7 @@ def _tma_launch(x2, pw, bias, ws_cnt, cfg):
     per = -(-steps // max(1, min(cfg.split_k, steps)))
     split = -(-steps // per)
     nw = cfg.warps
+
     def plain(t, rank):  # unswizzled shared layout of t's element width
         return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * t.element_size(),
                                     rank=rank)

@@ -350,6 +350,22 @@ def markdown(result: dict) -> str:
     return "\n".join(head + body) + "\n"
 
 
+def max_rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| (NaN where ``y`` has unwritten NaN entries)."""
+    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def cuda_sweep_meta(**fields) -> dict:
+    """The metadata every CUDA sweep JSON carries (machine, versions, how it timed and how the
+    error is defined), plus the sweep's own ``fields``."""
+    import triton
+
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, **fields,
+                timing="CUDA graph replays over weight copies > 2x L2, CUDA events, median",
+                rel_error="max |y - ref| / max |ref|; ref = dequant_kernel + cuBLAS")
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write to a temporary name in the same folder, then rename (no partial files)."""
     folder = os.path.dirname(os.path.abspath(path))

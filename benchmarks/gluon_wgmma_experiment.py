@@ -54,7 +54,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gemm import LLAMA_SHAPES, copies_for, nbytes, time_cuda, write_atomic  # noqa: E402
+from bench_gemm import LLAMA_SHAPES, copies_for, cuda_sweep_meta, max_rel_error, nbytes, time_cuda, write_atomic  # noqa: E402
 
 from metal_marlin_torch import formats as F  # noqa: E402
 from metal_marlin_torch.ops.cuda import dispatch as D  # noqa: E402
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                 for c in cfgs:
                     y = launch(x, pws[0], *c, y=torch.full((m, n), float("nan"), device="cuda",
                                                           dtype=torch.bfloat16)).float()
-                    err = ((y - ref).abs().max() / ref.abs().max()).item()  # NaN if unwritten
+                    err = max_rel_error(y, ref)  # NaN if unwritten
                     t = time_cuda([lambda p=p, c=c, x=x: launch(x, p, *c) for p in pws])
                     print(f"   {c}: {t * 1e3:.1f} us ({dense / t:.2f}x), rel. error {err:.1e}",
                           flush=True)
@@ -302,11 +302,9 @@ def main(argv: list[str] | None = None) -> None:
                                      dense_ms=dense, shipped_ms=shipped, ms=t,
                                      ratio_dense=dense / t, ratio_shipped=shipped / t,
                                      rel_error=err))
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, group=args.group,
-                config_fields="block_m, warpgroups, block_k, stages, split_k, a_from_smem",
-                timing="CUDA graph replays over weight copies > 2x L2, CUDA events, median",
-                rel_error="max |y - ref| / max |ref|; ref = dequant_kernel + cuBLAS")
+    meta = cuda_sweep_meta(group=args.group,
+                           config_fields="block_m, warpgroups, block_k, stages, split_k, "
+                                         "a_from_smem")
     write_atomic(args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 

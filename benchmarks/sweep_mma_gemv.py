@@ -25,15 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_gemm import LLAMA_SHAPES, copies_for, nbytes, time_cuda, write_atomic  # noqa: E402
+from bench_gemm import LLAMA_SHAPES, copies_for, cuda_sweep_meta, max_rel_error, nbytes, time_cuda, write_atomic  # noqa: E402
 
 from metal_marlin_torch import formats as F  # noqa: E402
 from metal_marlin_torch.ops.cuda import dispatch as D  # noqa: E402
-
-
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |y - ref| / max |ref|."""
-    return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
             print(line, flush=True)
             default = D.default_mma_gemv_config(n, k, args.group, sms, tma)
             for name, cfg in [("default", default)] + [(None, c) for c in cfgs]:
-                err = rel_error(D.gemm_prepared(x, pws[0], path="mma_gemv", config=cfg), ref)
+                err = max_rel_error(D.gemm_prepared(x, pws[0], path="mma_gemv", config=cfg), ref)
                 t = time_cuda([lambda p=p, x=x, cfg=cfg: D.gemm_prepared(
                     x, p, path="mma_gemv", config=cfg) for p in pws])
                 print(f"   mma_gemv {name or ''} {cfg}: {t * 1e3:.1f} us "
@@ -87,12 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(dict(row, config=[cfg.warps, cfg.split_k, cfg.prefetch, cfg.stages],
                                  default=name == "default", ms=t,
                                  ratio_dense=row["dense_ms"] / t, rel_error=err))
-    import triton
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                triton=triton.__version__, dtype=args.dtype, group=args.group, format=args.format,
-                config_fields="warps, split_k, prefetch, stages (MmaGemvConfig)",
-                timing="CUDA graph replays over weight copies > 2x L2, CUDA events, median",
-                rel_error="max |y - ref| / max |ref|; ref = dequant_kernel + cuBLAS")
+    meta = cuda_sweep_meta(dtype=args.dtype, group=args.group, format=args.format,
+                           config_fields="warps, split_k, prefetch, stages (MmaGemvConfig)")
     write_atomic(args.json, json.dumps(dict(meta=meta, rows=rows), indent=1))
 
 

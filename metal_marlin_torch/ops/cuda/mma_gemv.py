@@ -90,6 +90,23 @@ def _acts_layout(NW):
     return gl.DistributedLinearLayout(reg, lane, warp, [], [8, 4, 8])
 
 
+@gluon.constexpr_function
+def _mma_layout(NW):
+    """The accumulators' layout: ``mma.sync`` m16n8 tiles, NW warps stacked along the rows."""
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1], instr_shape=[16, 8])
+
+
+@gluon.jit
+def _row_features(pid_n, NW: gl.constexpr, ROWL: gl.constexpr):
+    """Output feature of each accumulator row of program ``pid_n`` (the renaming of the module
+    docstring: row ``rho 16 NW + 16 warp + 8 half + g`` is feature ``16 (2 (pid_n NW + warp) +
+    g // 4) + 4 (g % 4) + 2 rho + half``)."""
+    rr = gl.arange(0, 32 * NW, layout=ROWL)
+    rg = rr & 7
+    return ((2 * (pid_n * NW + ((rr >> 4) % NW)) + (rg >> 2)) * 16 + 4 * (rg & 3)
+            + 2 * (rr // (16 * NW)) + ((rr >> 3) & 1))
+
+
 @gluon.jit
 def _halves(t, FP16: gl.constexpr):
     """uint32 -> its two 16-bit halves as fp16 / bf16 (register halves: no instruction)."""
@@ -197,8 +214,7 @@ def mma_gemv_kernel(
     program: 32 NW features, the scale groups of its K split. See the module docstring."""
     OFF: gl.constexpr = 1024.0 if FP16 else 128.0
     R: gl.constexpr = 32 * NW
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
-                                                  instr_shape=[16, 8])
+    mma: gl.constexpr = _mma_layout(NW)
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     WLD: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 32, 1], [NW, 1, 1], [2, 1, 0])
@@ -233,11 +249,7 @@ def mma_gemv_kernel(
             + gl.expand_dims(gl.expand_dims(xe, 0), 1))
     x_ok = gl.expand_dims(gl.expand_dims(xn < M, 1), 2)
 
-    # output feature of each accumulator row (the renaming of the module docstring)
-    rr = gl.arange(0, R, layout=ROWL)
-    rg = rr & 7
-    feat = ((2 * (pid_n * NW + ((rr >> 4) % NW)) + (rg >> 2)) * 16 + 4 * (rg & 3)
-            + 2 * (rr // (16 * NW)) + ((rr >> 3) & 1))
+    feat = _row_features(pid_n, NW, ROWL)
     cols = gl.arange(0, 8, layout=COLL)
 
     ones = gl.full([16 * NW, 32], 1.0, x_ptr.dtype.element_ty, layout=a_l)
@@ -381,8 +393,7 @@ def _tma_consumer(w_s, x_s, sc_s, bi_s, ready, empty, nsteps, MAGIC, NW: gl.cons
     OFF: gl.constexpr = 1024.0 if FP16 else 128.0
     R: gl.constexpr = 32 * NW
     dt: gl.constexpr = x_s.dtype
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
-                                                  instr_shape=[16, 8])
+    mma: gl.constexpr = _mma_layout(NW)
     a_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     b_l: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
     L3: gl.constexpr = _words_layout(NW)
@@ -441,8 +452,7 @@ def mma_gemv_tma_kernel(
     splits need not align to groups."""
     R: gl.constexpr = 32 * NW
     dt: gl.constexpr = x_desc.dtype
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1],
-                                                  instr_shape=[16, 8])
+    mma: gl.constexpr = _mma_layout(NW)
     ROWL: gl.constexpr = gl.SliceLayout(1, mma)
     COLL: gl.constexpr = gl.SliceLayout(0, mma)
     NBYTES: gl.constexpr = (w_desc.block_type.nbytes + x_desc.block_type.nbytes
@@ -477,10 +487,7 @@ def mma_gemv_tma_kernel(
                          nsteps, SPG, pid_n, NW, NBYTES, E2M1, STAGES)),
     ], [1], [24])[0]
 
-    rr = gl.arange(0, R, layout=ROWL)
-    rg = rr & 7
-    feat = ((2 * (pid_n * NW + ((rr >> 4) % NW)) + (rg >> 2)) * 16 + 4 * (rg & 3)
-            + 2 * (rr // (16 * NW)) + ((rr >> 3) & 1))
+    feat = _row_features(pid_n, NW, ROWL)
     cols = gl.arange(0, 8, layout=COLL)
     _store_rows(y, feat, cols, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, stride_ym, pid_n, pid_k,
                 HAS_BIAS, SPLIT_K)

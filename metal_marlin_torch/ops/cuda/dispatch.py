@@ -303,8 +303,8 @@ def default_mma_gemv_config(n: int, k: int, group: int, sms: int,
     TMA-fed (sm_90, warp-specialized): 4 compute warps (128 features) and 4 stages; K split
     in powers of two while the grid stays within one program an SM (at most one split a
     128-input step). With the producer / consumer split, more programs than SMs ran slower:
-    a second program an SM did not overlap with the first (the partitions' register
-    allocation probably leaves room for one; not verified). Prototype sweep of this kernel
+    the kernel holds 255 registers a thread (benchmarks/results/mma_gemv_sass_sm90.json), so
+    the register file takes one program of 5 warps an SM. Prototype sweep of this kernel
     (benchmarks/results/sweep_h100_mma_gemv_ws_proto.json, int4, bf16 scales, M = 1):
     4096 x 14336 15.4 us unsplit (112 programs) against 19.0 us with 2 splits; 14336 x 4096
     16.0 us with 4 splits (128 programs) against 19.7 us with 8; 4096 x 4096 7.6 us with 4

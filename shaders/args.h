@@ -51,8 +51,9 @@ struct GemmArgs {
   marlin_u32 scale_kind;      // MarlinScaleKind of scales
   marlin_u32 bias_kind;       // MarlinScaleKind of biases (affine formats)
   marlin_u32 has_bias;        // 1: add the layer bias (float32 [n]) bound at its slot
-  marlin_u32 wide_loads;      // 1: a 32-code chunk's words may be read as uint2/uint4 (aligned)
-  marlin_u32 x_wide_loads;    // 1: x rows start 8-element aligned (k % 8 == 0): 4-vector loads
+  marlin_u32 wide_loads;      // 1: an 8-bit piece (8 codes, 8 bytes) may be read as one uint2
+  marlin_u32 x_wide_loads;    // 1: x rows start 8-element aligned (k % 8 == 0): 16-byte loads
   marlin_u32 k_per_split;     // gemm: K range of one split (multiple of 32); >= k when no split
   marlin_u32 splits;          // gemm: number of K splits (threadgroups along z); 1 = no split
+  marlin_u32 gemv_lanes;      // gemv, gemv_rows: lanes per weight row (power of two, 1..32)
 };

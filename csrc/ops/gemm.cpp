@@ -16,7 +16,9 @@ constexpr const char* kOp = "marlin.gemm";
 
 // Must match shaders/gemm.h.
 constexpr uint32_t kGemvThreads = 64;       // GemvShape::THREADS
-constexpr uint32_t kGemvRowsPerGroup = 8;   // GemvShape::ROWS_PER_GROUP (outputs per threadgroup)
+constexpr uint32_t kGemvSimdgroups = 2;     // GemvShape::SIMDGROUPS
+constexpr uint32_t kGemvRowsPerSlot = 4;    // GemvShape::ROWS_PER_SLOT
+constexpr uint32_t kGemvPiece = 8;          // GemvShape::PIECE (codes per lane and step)
 constexpr int64_t kGemvMaxM = 8;            // GemvShape::MAX_M (rows of x per gemv_rows group)
 constexpr uint32_t kTileM = 32, kTileN = 32, kTileK = 32;  // GemmTile::BM, BN, BK
 constexpr uint32_t kGemmThreads = 128;      // GemmTile::THREADS
@@ -85,6 +87,18 @@ std::pair<uint32_t, uint32_t> choose_splits(int64_t M, int64_t N, int64_t K) {
   return {per, ceil_div(K, per)};
 }
 
+// gemv / gemv_rows: lanes that share one weight row (GemvShape in shaders/gemm.h). A row has
+// ceil(K/8) pieces of 8 codes; rounded up to a power of two (so slots tile the 32 lanes and
+// group leaders are aligned runs) and capped at the simdgroup. K >= 256 gives 32: one row per
+// simdgroup instruction; shorter rows share the simdgroup (K = 100: two rows of 16 lanes)
+// instead of leaving lanes idle.
+uint32_t gemv_lanes(int64_t K) {
+  const int64_t pieces = ceil_div(K, kGemvPiece);
+  uint32_t lanes = 1;
+  while (lanes < 32 && lanes < pieces) lanes *= 2;
+  return lanes;
+}
+
 }  // namespace
 
 at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weight,
@@ -135,13 +149,13 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
   args.groups_per_row = uint32_t(K / G);
   args.has_bias = lb.defined() ? 1u : 0u;
   const at::Tensor wc = weight.contiguous();
-  // A chunk's words are one uint2 (2-bit) or uint4 (4, 8-bit) load when every row and the
-  // binding start on that boundary; otherwise scalar words (ChunkLoad in shaders/gemm.h).
-  const int64_t vec = f.bits == 3 ? 0 : std::min(f.bits, 4);
-  args.wide_loads = vec > 0 && w.words % vec == 0 && wc.storage_offset() % vec == 0 ? 1u : 0u;
+  // An 8-bit piece (8 bytes) is one uint2 load when every row and the binding start 8-byte
+  // aligned; otherwise two words (PieceLoad in shaders/gemm.h). Smaller pieces are one load of
+  // their own size (ushort, uint) or bytes (3-bit), aligned in any uint32 row.
+  args.wide_loads = f.bits == 8 && w.words % 2 == 0 && wc.storage_offset() % 2 == 0 ? 1u : 0u;
 
-  // x's rows (and every 32-chunk / 8-column offset in them) are 8-element aligned when K is a
-  // multiple of 8 and the binding starts aligned: then the kernels read x as 4-vectors.
+  // x's rows (and every 8-element piece in them) are 8-element aligned when K is a multiple of
+  // 8 and the binding starts aligned: then a piece of x is one 16-byte load (two for fp32).
   args.x_wide_loads = K % 8 == 0 && x2.storage_offset() % 8 == 0 ? 1u : 0u;
 
   // 3. Variant and grid.
@@ -150,6 +164,7 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
                                                         : std::pair<uint32_t, uint32_t>{args.k, 1};
   args.k_per_split = k_per_split;
   args.splits = splits;
+  args.gemv_lanes = gemv_lanes(K);
 
   // 4./5. Kernel name and buffers in [[buffer(n)]] order.
   launcher.set_kernel(kernel_name(v, f, x.scalar_type(), int(group_size)));
@@ -170,7 +185,8 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
   launcher.bind_value(kArgs, args, "args");
 
   // 6. Dispatch.
-  const uint32_t n_groups = ceil_div(N, kGemvRowsPerGroup);
+  // gemv: each threadgroup covers SIMDGROUPS * ROWS_PER_SLOT * (32 / lanes) weight rows.
+  const uint32_t n_groups = ceil_div(N, kGemvSimdgroups * kGemvRowsPerSlot * (32 / args.gemv_lanes));
   switch (v) {
     case Variant::Gemv:
       launcher.dispatch_threadgroups({n_groups, uint32_t(M), 1}, {kGemvThreads, 1, 1});
@@ -197,9 +213,9 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
 std::vector<int64_t> gemm_plan(int64_t M, int64_t N, int64_t K) {
   TORCH_CHECK_VALUE(M > 0 && N > 0 && K > 0, kOp, ": plan needs positive M, N, K, got ", M, ", ", N, ", ", K);
   const Variant v = choose_variant(M);
-  if (v != Variant::Gemm) return {int64_t(v), K, 1};
+  if (v != Variant::Gemm) return {int64_t(v), K, 1, int64_t(gemv_lanes(K))};
   const auto [per, splits] = choose_splits(M, N, K);
-  return {int64_t(v), int64_t(per), int64_t(splits)};
+  return {int64_t(v), int64_t(per), int64_t(splits), 0};
 }
 
 std::vector<std::string> gemm_kernel_names() {

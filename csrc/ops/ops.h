@@ -53,7 +53,8 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
                 const std::string& format, int64_t group_size);
 std::vector<std::string> gemm_kernel_names();
 // The dispatch decision for [M, K] x [N, K]^T: {variant (0 gemv, 1 gemv_rows, 2 gemm),
-// K per split, splits}. Exposed so tests can check which kernels their shapes exercise.
+// K per split, splits, gemv lanes per weight row (0 for gemm)}. Exposed so tests can check
+// which kernels and work splits their shapes exercise.
 std::vector<int64_t> gemm_plan(int64_t M, int64_t N, int64_t K);
 
 // Union of the above: what a test compares with the instantiated kernels.

@@ -29,3 +29,26 @@ struct Decode32<Fmt, 3> {
     }
   }
 };
+
+// The *piece*: 8 consecutive codes of a row, starting at a multiple of 8. They occupy exactly
+// `bits` bytes (8 codes x bits bits), so a piece never needs a neighbour's bits either; the
+// kernels of shaders/gemm.h give each lane one piece, which lets adjacent lanes read adjacent
+// bytes of weights *and* activations. The piece's bits sit in w[0] (bits <= 4: the low
+// 8 * bits bits) and w[1] (bits = 8: codes 4..7).
+template <typename Fmt, int bits>
+struct Decode8 {  // bits = 2, 3: one code at a time (3-bit codes straddle nothing here)
+  static METAL_FUNC void run(thread const uint* w, thread float* out) {
+    for (int i = 0; i < 8; ++i) out[i] = Fmt::decode((w[0] >> (bits * i)) & ((1u << bits) - 1u));
+  }
+};
+template <typename Fmt>
+struct Decode8<Fmt, 4> {  // one word: the format's word decoder
+  static METAL_FUNC void run(thread const uint* w, thread float* out) { Fmt::decode_word(w[0], out); }
+};
+template <typename Fmt>
+struct Decode8<Fmt, 8> {  // two words of 4 codes
+  static METAL_FUNC void run(thread const uint* w, thread float* out) {
+    Fmt::decode_word(w[0], out);
+    Fmt::decode_word(w[1], out + 4);
+  }
+};

@@ -149,6 +149,27 @@ def test_long_k_decode(emu, fmt_name, g, k, m):
     run_case(emu, fmt_name, g, m, 12, k, torch.float16, with_bias=True)
 
 
+@pytest.mark.parametrize("m", [1, 5])  # gemv, gemv_rows
+@pytest.mark.parametrize(
+    ("fmt_name", "g", "n", "k", "lanes"),
+    [
+        ("fp4", 32, 20, 512, 32),     # 64 pieces: one row spans the simdgroup, two steps
+        ("int4", -1, 37, 100, 16),    # 13 pieces: two rows side by side, 3 lanes past K
+        ("fp8_e4m3", -1, 70, 20, 4),  # 3 pieces, 8-bit: the last piece runs past the row's words
+        ("nf3", -1, 150, 8, 1),       # 1 piece: 32 rows per simdgroup instruction
+        ("int2", 64, 45, 192, 32),    # 24 pieces < 32 lanes: 8 idle lanes, not a whole row
+    ],
+)
+def test_gemv_lane_split(emu, fmt_name, g, n, k, lanes, m):
+    # gemv / gemv_rows give ceil(K/8) rounded up to a power of two lanes to a weight row and run
+    # 32 / lanes rows side by side (shaders/gemm.h, GemvShape); N is never a multiple of the
+    # rows a threadgroup covers (2 simdgroups x 4 x 32 / lanes), so the last group is partial.
+    assert n % (2 * 4 * 32 // lanes) != 0
+    assert emu._gemm_plan(m, n, k)[3] == lanes
+    for dtype in (torch.float16, torch.float32):
+        run_case(emu, fmt_name, g, m, n, k, dtype, with_bias=True)
+
+
 @pytest.mark.parametrize("shape", [(2, 3), (2, 9)])  # M = 6 (gemv_rows), 18 (gemm)
 def test_leading_batch_dims(emu, shape):
     k, n = 64, 24

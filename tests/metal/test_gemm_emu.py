@@ -131,7 +131,8 @@ def test_m_sweep(emu, fmt_name, g, n, dtype, m, with_bias):
     ],
 )
 def test_split_k(emu, fmt_name, g, m, n, k, dtype):
-    _, per, splits = emu._gemm_plan(m, n, k)
+    _, per, splits, lanes = emu._gemm_plan(m, n, k)
+    assert lanes == 0  # gemm: no gemv lane split
     assert splits > 1 and per % 32 == 0 and (splits - 1) * per < k <= splits * per
     run_case(emu, fmt_name, g, m, n, k, dtype, with_bias=True)
 

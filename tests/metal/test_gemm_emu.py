@@ -210,6 +210,25 @@ def test_storage_offsets(emu, m):
     assert ((out.double() - ref.double()).abs() <= lim).all()
 
 
+@pytest.mark.parametrize("offset", [0, 1, 2])  # words: uint2 pieces aligned, not, aligned again
+@pytest.mark.parametrize("m", [1, 4, 12])  # gemv, gemv_rows, gemm
+def test_8bit_pieces_at_storage_offsets(emu, m, offset):
+    # An 8-bit piece (8 codes, 8 bytes) is one uint2 load only when every row and the binding
+    # start 8-byte aligned (GemmArgs.wide_loads); a weight bound one word in must take the
+    # two-word path. Rows of 17 words (K = 68, per-channel) are never aligned.
+    for k, g in ((64, 32), (68, -1)):
+        qt = make_layer("int8", g, 12, k)
+        words = qt.weight.shape[1]
+        store = torch.zeros(offset + qt.weight.numel(), dtype=qt.weight.dtype)
+        store[offset:] = qt.weight.reshape(-1)
+        weight = store[offset:].view(-1, words)
+        x = (torch.randn(m, k) / k**0.5).to(torch.float16)
+        ref = torch.ops.marlin.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int8", g)
+        out = emu.gemm(x, weight, qt.scales, qt.biases, None, None, "int8", g)
+        lim = bound(x, qt, ref, weights_rounded=m > 8)
+        assert ((out.double() - ref.double()).abs() <= lim).all(), (k, g, offset, m)
+
+
 def test_empty_batch_and_single_output(emu):
     qt = make_layer("int8", 32, 1, 64)
     x = torch.zeros(0, 64, dtype=torch.float16)

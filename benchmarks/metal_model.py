@@ -1,7 +1,9 @@
 """A MODEL of the Metal gemm kernels on Apple GPUs: it predicts, it does not measure.
 
-    python benchmarks/metal_model.py                       # all kernels, formats and shapes
-    python benchmarks/metal_model.py --quick               # int4 and fp4 only, one shape
+    python benchmarks/metal_model.py                       # ~5 min: every format at q_proj,
+                                                           # int4 at the other shapes
+    python benchmarks/metal_model.py --full                # every format at every shape
+    python benchmarks/metal_model.py --quick               # int4 and fp4 at q_proj (~1 min)
     python benchmarks/metal_model.py --json out.json --markdown out.md
 
 No Apple GPU exists anywhere here. This script runs the real kernels (shaders/gemm.h) and
@@ -18,9 +20,9 @@ memory counters on (``emulator.profile()``), and turns the counts into:
   instructions, the lines an ideal access of the same bytes would touch (ceil(bytes / line))
   divided by the distinct 128-byte (64-byte) lines actually touched. 1.00 = every
   instruction reads whole contiguous lines.
-* **simd lanes** / **decode threads**: the mean fraction of lanes active at simd operations,
-  and for the gemm the smallest fraction of a threadgroup's threads active in a barrier
-  interval that moves device bytes (the K steps).
+* **threads active**: the fraction of thread slots that access memory in the barrier
+  intervals that move device bytes (a gemv lane with no piece of K to read is inactive);
+  **simd lanes**: the mean fraction of lanes active at simd operations.
 * **roofline time** per Apple GPU: max(DRAM bytes / bandwidth, 2 M N K / fp16 FLOP/s) at
   the full shape, next to dense fp16 (2 N K weight bytes) at the same shape. ``best``: DRAM
   bytes = the format's stored bytes once plus x and the output (caches catch every re-read);
@@ -60,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -121,11 +122,17 @@ def layer(fmt: str, g: int, n: int, k: int) -> F.QuantizedTensor:
     return F.quantize(w, fmt, g, torch.float16)
 
 
-def decode_threads(p, threads: int) -> float | None:  # noqa: ANN001
-    """gemm: the largest fraction of the threadgroup's threads active in a barrier interval that
-    moves device bytes (the K steps: x and weight loads, decode, stores into the tiles)."""
-    fr = [ph["threads_active"] / threads for ph in p.phases if ph.get("device_bytes", 0) > 0]
-    return min(fr) if fr else None
+def threads_active(launches) -> float:  # noqa: ANN001 (list of emulator.LaunchProfile)
+    """Fraction of thread slots that touch memory, over the barrier intervals that move device
+    bytes: idle gemv lanes (no piece of K) count as inactive, every thread of a full gemm tile
+    as active (the emulator counts a thread once per interval, at its first access)."""
+    active = slots = 0
+    for p in launches[:1]:
+        for ph in p.phases:
+            if ph["device_bytes"] > 0:
+                active += ph["threads_active"]
+                slots += ph["thread_slots"]
+    return active / slots if slots else 0.0
 
 
 def measure(ops, fmt: str, g: int, m: int, n: int, k: int) -> dict:  # noqa: ANN001
@@ -137,7 +144,6 @@ def measure(ops, fmt: str, g: int, m: int, n: int, k: int) -> dict:  # noqa: ANN
         ops.gemm(x, qt.weight, qt.scales, qt.biases, qt.global_scale, None, fmt, g)
     wall = time.perf_counter() - t0
     main = launches[0]
-    threads = math.prod(main.threadgroup)
     minimum = nbytes(qt.weight, qt.scales, qt.biases, qt.global_scale)
     read = {name: 0 for name in WEIGHT_SIDE | {"x"}}
     unique = written = 0
@@ -165,8 +171,10 @@ def measure(ops, fmt: str, g: int, m: int, n: int, k: int) -> dict:  # noqa: ANN
         "device_instructions": sum(p.device_instructions for p in launches),
         "bank_conflicts": sum(p.bank_conflicts for p in launches),
         "tg_instructions": sum(p.tg_instructions for p in launches),
+        "tg_wavefronts": sum(p.tg_wavefronts for p in launches),
+        "simd_ops": main.simd_ops,
         "simd_active_lanes": main.simd_active_lanes if main.simd_ops else None,
-        "decode_threads": decode_threads(main, threads),
+        "threads_active": threads_active(launches),
         "emulator_seconds": wall,
     }
 
@@ -198,6 +206,8 @@ def run(args: argparse.Namespace) -> dict:
     for shape, (n_full, k) in shapes.items():
         for kname, m in kernels.items():
             for fmt, g in formats:
+                if not (args.full or args.formats or shape == "q_proj/o_proj" or fmt == "int4"):
+                    continue  # default: every format at one shape, int4 at every shape
                 n = min(args.rows, n_full)
                 r = measure(ops, fmt, g, m, n, k)
                 if not r["kernel"].startswith(f"marlin_{kname}_"):
@@ -231,14 +241,14 @@ def table(result: dict) -> str:
     """Markdown table: one line per (shape, kernel, format)."""
     chips = list(result["chips"])
     head = ("| shape | kernel | M | format | B/w min | moved/min | x B/w | coal128 | coal64 | simd lanes "
-            "| decode thr | " + " | ".join(f"{c} us: best / no reuse (dense, dense/best)" for c in chips)
+            "| thr active | " + " | ".join(f"{c} us: best / no reuse (dense, dense/best)" for c in chips)
             + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["results"]:
         cells = [r["shape"], r["variant"], str(r["m"]), f"{r['format']} g{r['group_size']}",
                  _f(r["min_bytes_per_weight"], ".3f"), _f(r["moved_over_min"], ".3f"),
                  _f(r["x_bytes_per_weight"], ".3f"), _f(r["coalescing128"]), _f(r["coalescing64"]),
-                 _f(r["simd_active_lanes"]), _f(r["decode_threads"])]
+                 _f(r["simd_active_lanes"]), _f(r["threads_active"])]
         for c in chips:
             t = r["roofline"][c]
             cells.append(f"{t['quant_us']:.1f} / {t['quant_no_reuse_us']:.1f} ({t['dense_us']:.1f}, "
@@ -257,8 +267,8 @@ def markdown(result: dict) -> str:
             "Columns: `B/w min` the format's stored bytes per weight; `moved/min` weight-side bytes "
             "requested by the kernel over that minimum; `x B/w` activation bytes requested per weight "
             "(cache-served); `coal128`/`coal64` ideal/actual lines per simdgroup instruction; `simd lanes` "
-            "mean active lanes at simd operations; `decode thr` smallest fraction of the threadgroup's "
-            "threads active in a barrier interval that moves device bytes; per chip: predicted us for the "
+            "mean active lanes at simd operations; `thr active` fraction of thread slots that access "
+            "memory in the barrier intervals that move device bytes; per chip: predicted us for the "
             "quantized layer with every re-read cached (best) and none (no reuse), dense fp16 us, "
             "dense/best.\n\n" + table(result) + "\n")
 
@@ -272,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", type=lambda s: s.split(","), default=None)
     p.add_argument("--kernels", type=lambda s: s.split(","), default=None)
     p.add_argument("--quick", action="store_true", help="int4 and fp4 at q_proj/o_proj only")
+    p.add_argument("--full", action="store_true", help="every format at every shape (~15 min)")
     args = p.parse_args(argv)
     if args.quick:
         args.formats = args.formats or ["int4", "fp4"]

@@ -34,9 +34,9 @@ memory counters on (``emulator.profile()``), and turns the counts into:
 Shapes: Llama-3-8B projections (N x K: q/o 4096 x 4096, k/v 1024 x 4096, gate/up 14336 x 4096,
 down 4096 x 14336). The emulator runs every GPU thread as a CPU fiber, so each case runs the
 full K (the per-lane loop over K, which sets the access pattern, is the real one) but only
-``--rows`` (default 64) of the N output rows: more rows only add threadgroups that repeat
-the same pattern at another offset. Ratios are per weight, so they carry over to the full N;
-the roofline is computed at the full shape. M: gemv 1, gemv_rows 4, gemm 64.
+``--rows`` (default 64; gemm: ``--gemm-rows``, 32, one tile) of the N output rows: more rows
+only add threadgroups that repeat the same pattern at another offset. Ratios are per weight,
+so they carry over to the full N; the roofline is computed at the full shape. M: gemv 1, gemv_rows 4, gemm 64.
 
 Apple GPU figures (published; the FP16 rate of Apple GPUs equals their FP32 rate, and
 simdgroup_matrix runs on the same ALUs):
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> dict:
             for fmt, g in formats:
                 if not (args.full or args.formats or shape == "q_proj/o_proj" or fmt == "int4"):
                     continue  # default: every format at one shape, int4 at every shape
-                n = min(args.rows, n_full)
+                n = min(args.gemm_rows if kname == "gemm" else args.rows, n_full)
                 r = measure(ops, fmt, g, m, n, k)
                 if not r["kernel"].startswith(f"marlin_{kname}_"):
                     raise RuntimeError(f"{shape} M={m} reached {r['kernel']}, not {kname}")
@@ -229,6 +229,7 @@ def run(args: argparse.Namespace) -> dict:
                   for c, (bw, tf, s) in CHIPS.items()},
         "activation_dtype": "float16",
         "rows_run": args.rows,
+        "gemm_rows_run": args.gemm_rows,
         "results": rows,
     }
 
@@ -262,7 +263,8 @@ def markdown(result: dict) -> str:
                       for c, v in result["chips"].items())
     return (f"# Metal kernel model (a prediction, not a measurement)\n\n{result['label']}.\n\n"
             f"Ran on: {result['machine']['platform']} ({result['machine']['ran']}), "
-            f"{result['rows_run']} output rows per case at the full K; roofline at the full shape.\n\n"
+            f"{result['rows_run']} output rows per case (gemm {result['gemm_rows_run']}) at the full K; "
+            "roofline at the full shape.\n\n"
             f"Chips (sources in benchmarks/metal_model.py):\n{chips}\n\n"
             "Columns: `B/w min` the format's stored bytes per weight; `moved/min` weight-side bytes "
             "requested by the kernel over that minimum; `x B/w` activation bytes requested per weight "
@@ -278,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default="benchmarks/results/metal_model.json")
     p.add_argument("--markdown", default="benchmarks/results/metal_model.md")
     p.add_argument("--rows", type=int, default=64, help="output rows (of N) run in the emulator")
+    p.add_argument("--gemm-rows", type=int, default=32, help="the same for gemm (one 32-wide tile)")
     p.add_argument("--formats", type=lambda s: s.split(","), default=None)
     p.add_argument("--shapes", type=lambda s: s.split(","), default=None)
     p.add_argument("--kernels", type=lambda s: s.split(","), default=None)

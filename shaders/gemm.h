@@ -459,7 +459,8 @@ struct GemmLoader {
   // registers of the step in flight
   T xreg[8];
   uint wreg[PieceWords<Fmt::bits>::value];
-  float2 sbreg;  // scale, bias: loaded by the leader only
+  float2 sbreg;  // scale, bias: loaded by the leader only, kept while the group lasts
+  uint g_held;   // group whose parameters sbreg holds (~0u: none)
   uint k0;       // first K of this thread's piece
   bool w_ok;     // the piece exists (row < N, k0 < the split's end)
 
@@ -471,7 +472,7 @@ struct GemmLoader {
         scale_kind(args_.scale_kind), bias_kind(args_.bias_kind), wide(args_.wide_loads != 0),
         x_wide(args_.x_wide_loads != 0), row(tid_ / GemmTile::PIECES),
         part(tid_ % GemmTile::PIECES), m0(m0_), n0(n0_), k_end(k_end_), gscale(gscale_),
-        k0(0), w_ok(false) {
+        sbreg(0.0f, 0.0f), g_held(~0u), k0(0), w_ok(false) {
     // The 4 pieces of a row and step share a group unless G = 16 (nvfp4: pairs do); lanes are
     // tid % 32 and a row's 4 threads are an aligned run of lanes.
     const uint run = group_size > 0 ? min(uint(group_size) / 8u, uint(GemmTile::PIECES))
@@ -487,14 +488,16 @@ struct GemmLoader {
     XPiece<T>::load(x + ulong(xm < m ? xm : 0u) * k + k0, valid, x_wide, xreg);
     const uint wn = n0 + row;
     w_ok = wn < n && k0 < k_end;
-    sbreg = float2(0.0f, 0.0f);
     if (w_ok) {
       load_piece<Fmt::bits>(weight + ulong(wn) * words_per_row, k0 / 8u, words_per_row * 4u, wide,
                             wreg);
-      if (lane == leader) {
-        const uint g = wn * groups_per_row + (group_size > 0 ? k0 / uint(group_size) : 0u);
+      // A group spans G/32 steps (per-channel: all of them): its scale is loaded once, when the
+      // group starts, and kept in the leader's register, not re-read every step.
+      const uint g = wn * groups_per_row + (group_size > 0 ? k0 / uint(group_size) : 0u);
+      if (lane == leader && g != g_held) {
         sbreg.x = load_scale(scales, g, scale_kind);
         if (Fmt::affine) sbreg.y = load_scale(biases, g, bias_kind);
+        g_held = g;
       }
     }
   }

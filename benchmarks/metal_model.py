@@ -32,7 +32,9 @@ memory counters on (``emulator.profile()``), and turns the counts into:
   ``benchmarks/bench_gemm.py`` on a Mac.
 
 Shapes: Llama-3-8B projections (N x K: q/o 4096 x 4096, k/v 1024 x 4096, gate/up 14336 x 4096,
-down 4096 x 14336). The emulator runs every GPU thread as a CPU fiber, so each case runs the
+down 4096 x 14336), plus two short rows (int4, K = 512 and a per-channel K = 100, 64 rows),
+where a kernel that gives a lane 32 codes leaves lanes idle (their roofline is trivia).
+The emulator runs every GPU thread as a CPU fiber, so each case runs the
 full K (the per-lane loop over K, which sets the access pattern, is the real one) but only
 ``--rows`` (default 64; gemm: ``--gemm-rows``, 32, one tile) of the N output rows: more rows
 only add threadgroups that repeat the same pattern at another offset. Ratios are per weight,
@@ -218,6 +220,18 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append(r)
                 print(f"  {shape:14s} {kname:9s} {fmt:9s} moved/min {r['moved_over_min']:.3f} "
                       f"coal128 {r['coalescing128']:.3f} ({r['emulator_seconds']:.1f} s)", flush=True)
+    # The short rows of issue 17 (lanes idle in a lane-per-32-codes gemv): thread use, not time.
+    for shape, g, k in (("short K=512", 128, 512), ("short K=100 per-channel", -1, 100)):
+        for kname in ("gemv", "gemv_rows"):
+            if args.kernels is not None and kname not in args.kernels:
+                continue
+            m = KERNELS[kname]
+            r = measure(ops, "int4", g, m, args.rows, k)
+            r.update(shape=shape, variant=kname, format="int4", group_size=g, m=m, n_full=args.rows, k=k,
+                     n_run=args.rows, roofline=roofline(m, args.rows, k, r["min_bytes_per_weight"],
+                                                        r["moved_bytes_per_weight"]))
+            rows.append(r)
+            print(f"  {shape:14s} {kname:9s} int4 threads active {r['threads_active']:.3f}", flush=True)
     return {
         "label": "MODEL: predicted from emulator counters and published chip figures; nothing "
                  "here was timed on Apple hardware",

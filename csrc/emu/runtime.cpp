@@ -56,6 +56,7 @@ struct Fiber {
   int last_phase = -1;                                // profiling: last phase it touched memory in
   bool collective = false;                            // inside simdgroup_load/store
   bool collective_leader = false;                     // ... and the simdgroup's first live lane
+  const void* collective_site = nullptr;              // its call site (site_token)
   std::unordered_map<const void*, uint32_t> occurrence;  // profiling: executions per access site
 };
 
@@ -474,11 +475,36 @@ std::string short_path(std::string p) {
   return p;
 }
 
+// Call sites of collective operations stand in for code addresses in the shadow records and
+// counters: a token is the address of an interned "file:line" string (never a code address).
+std::mutex g_site_mutex;
+std::map<std::pair<const char*, int>, std::unique_ptr<std::string>> g_sites;
+std::map<const void*, const std::string*> g_site_tokens;
+
+const void* site_token(const char* file, int line) {
+  thread_local std::map<std::pair<const char*, int>, const void*> local;
+  auto it = local.find({file, line});
+  if (it != local.end()) return it->second;
+  std::lock_guard<std::mutex> lock(g_site_mutex);
+  auto& slot = g_sites[{file, line}];
+  if (!slot) {
+    slot = std::make_unique<std::string>(short_path(file) + ":" + std::to_string(line));
+    g_site_tokens[slot.get()] = slot.get();
+  }
+  local[{file, line}] = slot.get();
+  return slot.get();
+}
+
 // "file:line" of a code address in a kernel library (its line tables: -gline-tables-only),
 // through llvm-symbolizer (or addr2line); only called to word a report.
 std::string describe_pc(const void* pc) {
   static std::mutex m;
   static std::map<const void*, std::string> cache;
+  {
+    std::lock_guard<std::mutex> lock(g_site_mutex);
+    auto t = g_site_tokens.find(pc);
+    if (t != g_site_tokens.end()) return *t->second;
+  }
   std::lock_guard<std::mutex> lock(m);
   auto it = cache.find(pc);
   if (it != cache.end()) return it->second;
@@ -897,9 +923,10 @@ void* threadgroup_alloc(size_t size, const char* name, int id) {
   return p;
 }
 
-void collective_begin() {
+void collective_begin(const char* file, int line) {
   Worker* w = t_worker;
   if (!w || !w->cur) return;
+  w->cur->collective_site = site_token(file, line);
   // The lanes that met at the rendezvous just before the operation (simdgroup_barrier flipped
   // the parity after it): the lowest of them leads.
   Fiber& f = *w->cur;
@@ -916,8 +943,11 @@ void on_access(const void* addr, size_t size, bool write, const void* pc) {
   if (!w || !w->cur || size == 0) return;  // not kernel code
   auto a = static_cast<const char*>(addr);
   if (w->stacks.contains(a)) return;  // thread-private memory
-  // Only the leading lane's copy of a collective access counts.
-  if (w->cur->collective && !w->cur->collective_leader) return;
+  // Only the leading lane's copy of a collective access counts, at the operation's call site.
+  if (w->cur->collective) {
+    if (!w->cur->collective_leader) return;
+    pc = w->cur->collective_site;
+  }
   const auto arena = reinterpret_cast<const char*>(w->arena);
   if (a >= arena && a < arena + kArenaSize) {
     // The array the access starts in or, in a red zone, the array before it (past its end).

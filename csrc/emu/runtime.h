@@ -116,10 +116,11 @@ void profile_clear();
 // Marks the accesses of a simdgroup-collective operation (simdgroup_load/store, which every
 // emulated lane performs whole): the checks and counters attribute them to the simdgroup's first
 // live lane and ignore the other lanes' copies.
-void collective_begin();
+// `file`/`line` are the operation's call site in the kernel, which reports name.
+void collective_begin(const char* file, int line);
 void collective_end();
 struct CollectiveAccess {
-  CollectiveAccess() { collective_begin(); }
+  CollectiveAccess(const char* file, int line) { collective_begin(file, line); }
   ~CollectiveAccess() { collective_end(); }
   CollectiveAccess(const CollectiveAccess&) = delete;
   CollectiveAccess& operator=(const CollectiveAccess&) = delete;

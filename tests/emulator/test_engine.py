@@ -287,6 +287,14 @@ def test_race_check_reports_a_missing_barrier_in_every_order(lib, monkeypatch):
         assert msg.count("tests/emulator/kernels/engine.metal:") == 2
 
 
+def test_races_of_simdgroup_matrix_operations_name_the_kernel_lines(lib):
+    # simdgroup_load/store run whole in every emulated lane; they count once per simdgroup, at
+    # the kernel's call site (not the emulator's header)
+    msg = run_bug(lib, "emu_bug_matrix_race", {0: torch.empty(64)}, (1,), (64,), dispatch_threads=False)
+    assert "threadgroup memory race (write/read) on threadgroup array 't'" in msg
+    assert msg.count("tests/emulator/kernels/engine.metal:") == 2 and "metal_matrix.inc" not in msg
+
+
 def test_without_race_check_the_orders_still_differ(lib, monkeypatch):
     # METAL_MARLIN_EMU_RACECHECK=0 (for timing the emulator) leaves the schedules: forward order
     # lets thread i read thread i-1's slot after it was written, reverse order reads poison.

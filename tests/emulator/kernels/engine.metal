@@ -317,3 +317,14 @@ kernel void emu_access_pattern(device const float* x [[buffer(0)]], device float
   threadgroup_barrier(mem_flags::mem_threadgroup);
   if (lane < 16) y[i] = t[tid * stride.y] + simd_sum(1.0f);
 }
+
+// BUG: simdgroup 1 loads a tile simdgroup 0 stores, with no barrier between them.
+kernel void emu_bug_matrix_race(device float* y [[buffer(0)]],
+                                uint simd [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float t[64];
+  simdgroup_float8x8 m = make_filled_simdgroup_matrix<float, 8, 8>(1.0f);
+  if (simd == 0) simdgroup_store(m, t);
+  if (simd == 1) simdgroup_load(m, t);
+  if (simd == 1) simdgroup_store(m, y);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}

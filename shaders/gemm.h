@@ -92,6 +92,19 @@ METAL_FUNC void load_chunk(device const uint* row, uint chunk, uint words_per_ro
   }
 }
 
+// Zeroes the codes from `valid` (1..31) on of a loaded chunk: the bits after code K-1 of a
+// per-channel row are padding that not every writer clears (docs/FORMAT.md §2), and a padding
+// code that decodes as NaN (fp8) would turn the zero activation it meets into NaN. The gemm
+// zeroes the dequantized values past K instead (GemmLoader::stash).
+template <int bits>
+METAL_FUNC void clear_codes_from(thread uint* w, uint valid) {
+  const uint keep = valid * bits;  // bits of the chunk that hold codes
+  for (int j = 0; j < bits; ++j) {
+    const uint lo = uint(j) * 32u;  // first chunk bit of word j
+    w[j] = keep >= lo + 32u ? w[j] : keep <= lo ? 0u : w[j] & ((1u << (keep - lo)) - 1u);
+  }
+}
+
 // `count` (a multiple of 4) activations starting at p, as fp32. When the host found x's rows
 // 8-element aligned (args.x_wide_loads) they are read as 4-vectors: a quarter of the load
 // instructions of scalar reads, which matters where x is re-read per weight row (gemv_rows).
@@ -224,6 +237,7 @@ METAL_FUNC void gemv_impl(device const uint* weight, device const uchar* scales,
       uint w[Fmt::bits];
       load_chunk<Fmt::bits>(weight + ulong(n) * args.words_per_row, c, args.words_per_row,
                             args.wide_loads != 0, w);
+      if (k0 + 32 > args.k) clear_codes_from<Fmt::bits>(w, args.k - k0);
       float d[PARTS];
       ChunkDot<Fmt, PARTS>::run(xv, w, d);
       for (int p = 0; p < PARTS; ++p) {
@@ -282,6 +296,7 @@ METAL_FUNC void gemv_rows_impl(device const uint* weight, device const uchar* sc
       uint w[Fmt::bits];
       load_chunk<Fmt::bits>(weight + ulong(n) * args.words_per_row, c, args.words_per_row,
                             args.wide_loads != 0, w);
+      if (valid < 32) clear_codes_from<Fmt::bits>(w, valid);
       float v[32];
       Decode32<Fmt, Fmt::bits>::run(w, v);
       for (int p = 0; p < PARTS; ++p) {

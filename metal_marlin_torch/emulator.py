@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -76,6 +77,19 @@ KERNEL_FLAGS = [
     "-Wno-duplicate-decl-specifier",
     "-D__METAL_VERSION__=310",
     "-DMETAL_EMU=1",
+    # Every load and store that may reach shared memory calls the runtime (race check, exact
+    # bounds, traffic counters): thread sanitizer's instrumentation with our own callbacks
+    # (runtime.cpp), no sanitizer runtime. Reads before writes are kept (counters), function
+    # entry/exit and atomics are not instrumented (atomics are not races).
+    "-fsanitize=thread",
+    "-mllvm", "-tsan-instrument-func-entry-exit=0",
+    "-mllvm", "-tsan-instrument-atomics=0",
+    "-mllvm", "-tsan-instrument-read-before-write=1",
+    # Dereferencing a pointer not aligned for its type (a float4 load at a 4-byte aligned
+    # address) calls the runtime, which reports it as the GPU would misbehave on it.
+    "-fsanitize=alignment",
+    # Line tables name the source line of a reported access.
+    "-gline-tables-only",
 ]
 # Host files only check arguments and copy buffers: -O0 halves their compile time.
 HOST_FLAGS = [
@@ -235,13 +249,21 @@ def parse_kernels(pre: str, origin: str) -> dict[str, list[KernelParam]]:
 
 
 def _rewrite_threadgroup(pre: str) -> str:
-    """`threadgroup T x[N];` -> per-OS-thread static storage, poisoned per threadgroup."""
+    """`threadgroup T x[N];` -> a reference to an array in the running group's threadgroup
+    arena (csrc/emu/runtime.cpp): the first thread to reach the declaration places it (16-byte
+    aligned, red zones between arrays so an access past one array is reported rather than
+    landing in the next) and poisons it; every thread of the group gets the same storage."""
+    ids = iter(range(1 << 30))
 
     def decl(m: re.Match[str]) -> str:
         name = re.findall(r"\w+", m["decl"])[-1]
+        type_text = m["decl"][: m["decl"].rindex(name)].strip()
+        n = next(ids)
+        alias = f"emu_tg_type_{n}"
         return (
-            f"static thread_local {m['decl']}{m['dims']}; "
-            f'::metal_emu::threadgroup_alloc(&{name}, sizeof({name}), "{name}");'
+            f"using {alias} = {type_text}{m['dims']}; "
+            f"{alias}& {name} = *static_cast<{alias}*>("
+            f'::metal_emu::threadgroup_alloc(sizeof({alias}), "{name}", {n}));'
         )
 
     out = _TG_DECL.sub(decl, pre)
@@ -503,6 +525,97 @@ def host_kernel_names() -> tuple[str, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Profiling: memory-traffic and lane-activity counters per launch.
+
+
+@dataclass
+class LaunchProfile:
+    """Counters of one emulated kernel launch (:func:`profile`). They come from the same
+    instrumentation as the race check, so they count what the kernel's code does, not what a
+    GPU's caches make of it (docs/METAL.md, "What the counters mean").
+
+    An *instruction* is one memory access site executed by one simdgroup: the same code address,
+    its n-th execution by each lane (so a loop iteration of 32 lanes is one instruction).
+    """
+
+    kernel: str
+    grid: tuple[int, int, int]
+    threadgroup: tuple[int, int, int]
+    dispatch_threads: bool
+    buffers: dict[int, dict]        # index -> name, size, read, written, unique_read (bytes)
+    device_instructions: int
+    lines64: int                    # distinct 64-byte lines summed over device instructions
+    lines128: int
+    ideal_lines64: int              # ceil(distinct bytes an instruction moves / 64), summed
+    ideal_lines128: int
+    tg_instructions: int
+    tg_wavefronts: int              # 32 banks x 4 bytes: serialized passes, summed
+    bank_conflicts: int             # passes beyond the minimum for the words touched
+    simd_ops: int
+    simd_lanes: int                 # active lanes summed over simd operations
+    phases: list[dict]              # per barrier interval: site, thread_slots, threads_active, ...
+
+    @property
+    def device_bytes_read(self) -> int:
+        return sum(b["read"] for b in self.buffers.values())
+
+    @property
+    def device_bytes_written(self) -> int:
+        return sum(b["written"] for b in self.buffers.values())
+
+    @property
+    def coalescing64(self) -> float:
+        """Ideal / actual 64-byte lines (1.0: every instruction touches the fewest lines)."""
+        return self.ideal_lines64 / self.lines64 if self.lines64 else 1.0
+
+    @property
+    def coalescing128(self) -> float:
+        return self.ideal_lines128 / self.lines128 if self.lines128 else 1.0
+
+    @property
+    def simd_active_lanes(self) -> float:
+        """Mean fraction of a simdgroup's 32 lanes active at its simd operations."""
+        return self.simd_lanes / (32 * self.simd_ops) if self.simd_ops else 1.0
+
+    @classmethod
+    def from_json(cls, text: str) -> LaunchProfile:
+        d = json.loads(text)
+        for p in d["phases"]:
+            p["threads_active_fraction"] = p["threads_active"] / p["thread_slots"] if p["thread_slots"] else 0.0
+        return cls(
+            kernel=d["kernel"], grid=tuple(d["grid"]), threadgroup=tuple(d["threadgroup"]),
+            dispatch_threads=d["dispatch_threads"], buffers={int(k): v for k, v in d["buffers"].items()},
+            device_instructions=d["device_instructions"], lines64=d["lines64"], lines128=d["lines128"],
+            ideal_lines64=d["ideal_lines64"], ideal_lines128=d["ideal_lines128"],
+            tg_instructions=d["tg_instructions"], tg_wavefronts=d["tg_wavefronts"],
+            bank_conflicts=d["bank_conflicts"], simd_ops=d["simd_ops"], simd_lanes=d["simd_lanes"],
+            phases=d["phases"],
+        )
+
+
+@contextlib.contextmanager
+def profile() -> Iterator[list[LaunchProfile]]:
+    """Count memory traffic and lane activity of every emulated launch inside the block.
+
+        with emulator.profile() as launches:
+            torch.ops.marlin_emu.gemm(x, ...)
+        launches[0].coalescing64, launches[0].buffers[1]["read"]
+
+    Launches run on one worker thread while profiling (slower). The list is filled when the
+    block exits.
+    """
+    ops = load().ops
+    launches: list[LaunchProfile] = []
+    ops._profile_take()  # drop records of an earlier, interrupted block
+    ops._profile(True)
+    try:
+        yield launches
+    finally:
+        ops._profile(False)
+        launches.extend(LaunchProfile.from_json(t) for t in ops._profile_take())
+
+
+# ---------------------------------------------------------------------------------------------
 # Routing torch.ops.marlin.* through marlin_emu.
 
 
@@ -554,6 +667,7 @@ __all__ = [
     "EmulatorError",
     "EmulatorLibrary",
     "EmulatorSession",
+    "LaunchProfile",
     "emulated_ops",
     "available",
     "build_library",
@@ -561,6 +675,7 @@ __all__ = [
     "host_kernel_names",
     "kernel_names",
     "load",
+    "profile",
     "translate",
     "use",
 ]

@@ -17,18 +17,24 @@
 namespace marlin {
 namespace {
 
+// Metal's alignment rules apply to the address a kernel sees, which is the MTLBuffer's start
+// (page-aligned) plus the binding's byte offset. So the copy is placed at an address congruent
+// to that offset modulo 16 (the largest alignment an MSL type needs), as close to the guard
+// page as that allows: accesses past the end fault on the guard page or, in the up to 15 bytes
+// before it, are caught by the runtime's exact bounds check of every instrumented access.
 class GuardedRegion {
  public:
-  explicit GuardedRegion(size_t size) : size_(size) {
+  GuardedRegion(size_t size, size_t byte_offset) : size_(size) {
     page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-    const size_t body = (size + page_ - 1) / page_ * page_;
+    const size_t slack = (16 - (size + byte_offset) % 16) % 16;
+    const size_t body = (size + slack + page_ - 1) / page_ * page_;
     total_ = body + 2 * page_;
     void* p = mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(p != MAP_FAILED, "metal_emu: cannot map a guarded buffer of ", size, " bytes");
     base_ = static_cast<char*>(p);
     mprotect(base_, page_, PROT_NONE);
     mprotect(base_ + page_ + body, page_, PROT_NONE);
-    data_ = base_ + page_ + body - size;
+    data_ = base_ + page_ + body - size - slack;
   }
   ~GuardedRegion() { munmap(base_, total_); }
   GuardedRegion(const GuardedRegion&) = delete;
@@ -63,12 +69,15 @@ void EmuLauncher::run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {
   spec.kernel = kernel_.c_str();
   spec.args.kernel = spec.kernel;
   spec.grid = {grid.x, grid.y, grid.z};
-  spec.threadgroup = {threadgroup.x, threadgroup.y, threadgroup.z};
+  spec.tg_size = {threadgroup.x, threadgroup.y, threadgroup.z};
   spec.dispatch_threads = dispatch_threads;
   std::vector<std::unique_ptr<GuardedRegion>> regions;
   for (const Binding& b : bindings_) {
     const size_t size = b.tensor.defined() ? b.tensor.numel() * b.tensor.element_size() : b.bytes.size();
-    auto r = std::make_unique<GuardedRegion>(size);
+    // setBytes arguments start at a fresh (aligned) buffer; tensors where their storage offset says.
+    const size_t byte_offset =
+        b.tensor.defined() ? size_t(b.tensor.storage_offset()) * b.tensor.element_size() : 0;
+    auto r = std::make_unique<GuardedRegion>(size, byte_offset);
     const void* src = b.tensor.defined() ? b.tensor.const_data_ptr() : b.bytes.data();
     if (b.access == Access::Write) {
       std::memset(r->data(), 0xFF, size);  // NaN in every float type: unwritten outputs show
@@ -77,7 +86,8 @@ void EmuLauncher::run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {
     }
     TORCH_CHECK(!spec.args.buffers[b.index].bound, "metal_emu: kernel '", kernel_, "': buffer(",
                 b.index, ") bound twice");
-    spec.args.buffers[b.index] = {r->data(), size, true};
+    spec.args.buffers[b.index] = {r->data(), size, true, b.name.c_str(), byte_offset,
+                                  b.tensor.defined() && b.access != Access::Read};
     spec.guards[spec.num_guards++] = {r->lo_guard(), r->lo_guard() + r->page(), r->data(),
                                       b.index, b.name.c_str(), size};
     spec.guards[spec.num_guards++] = {r->hi_guard(), r->hi_guard() + r->page(), r->data(),

@@ -1,6 +1,8 @@
 // Raw entry points of an emulator library, in the namespace given by -DMETAL_EMU_NS:
 //   _launch: run one kernel on CPU tensors bound by index (tests of the engine itself);
-//   _kernels: every kernel registered in the process (one runtime library is shared).
+//   _kernels: every kernel registered in the process (one runtime library is shared);
+//   _profile / _profile_take: switch the runtime's counters on or off, and take the JSON
+//   records of the launches profiled so far (metal_marlin_torch.emulator.profile()).
 #include <torch/library.h>
 
 #include <string>
@@ -42,12 +44,23 @@ std::vector<std::string> kernels() {
   return {names.begin(), names.end()};
 }
 
+void profile(bool on) { metal_emu::set_profiling(on); }
+
+std::vector<std::string> profile_take() {
+  std::vector<std::string> out;
+  for (size_t i = 0, n = metal_emu::profile_count(); i < n; ++i) out.emplace_back(metal_emu::profile_record(i));
+  metal_emu::profile_clear();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(METAL_EMU_NS, m) {
   m.def("_launch(str kernel, Tensor(a!)[] buffers, int[] indices, int[] grid, int[] threadgroup, "
         "bool dispatch_threads, str[] access) -> ()");
   m.def("_kernels() -> str[]", &kernels);
+  m.def("_profile(bool on) -> ()", &profile);
+  m.def("_profile_take() -> str[]", &profile_take);
 }
 
 TORCH_LIBRARY_IMPL(METAL_EMU_NS, CPU, m) { m.impl("_launch", &raw_launch); }

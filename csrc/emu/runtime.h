@@ -39,6 +39,9 @@ struct BoundBuffer {
   void* ptr = nullptr;
   size_t size = 0;
   bool bound = false;
+  const char* name = "";   // for reports
+  size_t byte_offset = 0;  // where Metal would bind it: offset of ptr within its MTLBuffer
+  bool writable = true;    // race check: track writers of its bytes
 };
 struct KernelArgs {
   const char* kernel = "";
@@ -67,17 +70,20 @@ struct SimdExchange {
   unsigned lane;
 };
 SimdExchange simd_exchange(const void* value, size_t size, const char* file, int line);
-// Threadgroup memory declared in a kernel: the first thread of the group to reach the
-// declaration fills it with 0xFF bytes (NaN for every float type), so reading before writing
-// shows up; also enforces the 32 KiB threadgroup memory limit.
-void threadgroup_alloc(void* p, size_t size, const char* name);
+// Threadgroup memory declared in a kernel (`threadgroup T x[N];`, rewritten by the build into a
+// call of this): returns the group's storage for declaration `id` of the kernel's translation
+// unit. The first thread of the group to reach the declaration places it in the group's arena
+// (16-byte aligned, with a red zone after it) and fills it with 0xFF bytes (NaN for every float
+// type), so reading before writing shows up; also enforces the 32 KiB threadgroup memory limit.
+void* threadgroup_alloc(size_t size, const char* name, int id);
 [[noreturn]] void kernel_error(const char* what);
 
 // Host side.
 struct LaunchSpec {
   const char* kernel;
   uint3_t grid;        // threads (dispatch_threads) or threadgroups (dispatch_threadgroups)
-  uint3_t threadgroup; // threads per threadgroup
+  uint3_t tg_size;     // threads per threadgroup (not named `threadgroup`: the kernel
+                       // translation rewrites that word away)
   bool dispatch_threads;
   KernelArgs args;
   // Byte ranges [guard_lo, guard_hi) that belong to buffer i's guard pages, for messages.
@@ -93,7 +99,34 @@ struct LaunchSpec {
   int max_workers = 0;  // 0: all cores
 };
 // Runs the launch; throws std::runtime_error naming the kernel on divergence, out-of-bounds
-// access, a fault, or an exception inside the kernel.
+// or misaligned access, a threadgroup-memory race or device write/write conflict, a fault, or an
+// exception inside the kernel.
 void launch(const LaunchSpec& spec);
+
+// Profiling (off by default): while on, every launch runs on one worker and appends one JSON
+// object of memory-traffic and lane-activity counters (docs/METAL.md) to a list that
+// profile_take() returns and clears.
+void set_profiling(bool on);
+size_t profile_count();
+// Copies the JSON of record i into a std::string the caller owns (kept torch-free: the C
+// string is valid until the next profile_take/clear call).
+const char* profile_record(size_t i);
+void profile_clear();
+
+// Marks the accesses of a simdgroup-collective operation (simdgroup_load/store, which every
+// emulated lane performs whole): the checks and counters attribute them to the simdgroup's first
+// live lane and ignore the other lanes' copies.
+void collective_begin();
+void collective_end();
+struct CollectiveAccess {
+  CollectiveAccess() { collective_begin(); }
+  ~CollectiveAccess() { collective_end(); }
+  CollectiveAccess(const CollectiveAccess&) = delete;
+  CollectiveAccess& operator=(const CollectiveAccess&) = delete;
+};
+
+// Memory-access hooks, called by the instrumentation clang inserts into kernel code
+// (-fsanitize=thread's load/store callbacks, -fsanitize=alignment's handler; see runtime.cpp).
+void on_access(const void* addr, size_t size, bool write, const void* pc);
 
 }  // namespace metal_emu

@@ -274,9 +274,23 @@ def test_faults_are_reported_even_after_faulthandler_reinstalls(lib):
     assert "out-of-bounds" in msg
 
 
-def test_reverse_order_exposes_a_missing_barrier(lib, monkeypatch):
-    # Forward order lets thread i read thread i-1's slot after it was written; reverse order
-    # shows the race (poison NaN) - the kernel tests run in both orders for this reason.
+def test_race_check_reports_a_missing_barrier_in_every_order(lib, monkeypatch):
+    # Each thread reads its neighbour's slot with no barrier after the writes: threads 31 and
+    # 32 are in different simdgroups, so the race is reported whatever the schedule, naming the
+    # array, the byte, both threads and both source lines.
+    for order in ("forward", "reverse", "skew", "skew-reverse"):
+        monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", order)
+        msg = run_bug(lib, "emu_bug_missing_barrier", {0: torch.empty(64)}, (1,), (64,), dispatch_threads=False)
+        assert "threadgroup memory race" in msg, order
+        assert "threadgroup array 't' (256 bytes)" in msg
+        assert "simdgroup 0" in msg and "simdgroup 1" in msg
+        assert msg.count("tests/emulator/kernels/engine.metal:") == 2
+
+
+def test_without_race_check_the_orders_still_differ(lib, monkeypatch):
+    # METAL_MARLIN_EMU_RACECHECK=0 (for timing the emulator) leaves the schedules: forward order
+    # lets thread i read thread i-1's slot after it was written, reverse order reads poison.
+    monkeypatch.setenv("METAL_MARLIN_EMU_RACECHECK", "0")
     expect = torch.tensor([63.0] + list(range(63)))
     y = torch.empty(64)
     lib.launch("emu_bug_missing_barrier", {0: y}, (1,), (64,), dispatch_threads=False)
@@ -284,6 +298,109 @@ def test_reverse_order_exposes_a_missing_barrier(lib, monkeypatch):
     monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", "reverse")
     lib.launch("emu_bug_missing_barrier", {0: y}, (1,), (64,), dispatch_threads=False)
     assert torch.isnan(y[1:]).all() and y[0] == 63.0
+
+
+@pytest.mark.parametrize("order", ["forward", "reverse", "skew", "skew-reverse"])
+def test_skewed_schedules_stop_simd_operations_acting_as_barriers(lib, monkeypatch, order):
+    monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", order)
+    msg = run_bug(lib, "emu_bug_simd_as_barrier", {0: torch.empty(64)}, (1,), (64,), dispatch_threads=False)
+    # write then read, or (simdgroup 1 first) read then write
+    assert "threadgroup memory race (write/read)" in msg or "threadgroup memory race (read/write)" in msg
+    # The race check off, only the schedule: forward/reverse run every lane to the simd_sum
+    # before simdgroup 1 reads, so the bug hides; skew-reverse runs simdgroup 1 alone first.
+    monkeypatch.setenv("METAL_MARLIN_EMU_RACECHECK", "0")
+    y = torch.empty(64)
+    lib.launch("emu_bug_simd_as_barrier", {0: y}, (1,), (64,), dispatch_threads=False)
+    hidden = torch.equal(y[32:], torch.arange(32.0) + 32)
+    assert hidden == (order != "skew-reverse")
+    # The correct kernel gives the right result under every schedule, with the check on.
+    monkeypatch.setenv("METAL_MARLIN_EMU_RACECHECK", "1")
+    lib.launch("emu_simd_then_barrier", {0: y}, (1,), (64,), dispatch_threads=False)
+    assert torch.equal(y[:32], torch.full((32,), 32.0)) and torch.equal(y[32:], torch.arange(32.0) + 32)
+
+
+def test_unknown_schedule_is_an_error(lib, monkeypatch):
+    monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", "sideways")
+    msg = run_bug(lib, "emu_simd_then_barrier", {0: torch.empty(64)}, (1,), (64,), dispatch_threads=False)
+    assert "METAL_MARLIN_EMU_ORDER must be forward, reverse, skew or skew-reverse, got 'sideways'" in msg
+
+
+@pytest.mark.parametrize("elem_offset,first,ok", [(0, 0, True), (4, 4, True), (4, 0, True), (1, 0, False),
+                                                   (0, 2, False), (2, 2, True)])
+def test_vector_loads_are_checked_against_metal_alignment(lib, elem_offset, first, ok):
+    # The binding's byte offset (a tensor's storage offset) decides the address the kernel sees:
+    # a float4 load is aligned when (byte offset + 4 * first) is a multiple of 16.
+    base = torch.arange(64, dtype=torch.float32)
+    x = base[elem_offset:elem_offset + 40]
+    y = torch.empty(8, 4)
+    args = {0: x, 1: y, 2: torch.tensor([first], dtype=torch.int32)}
+    assert ((elem_offset + first) % 4 == 0) == ok
+    if ok:
+        lib.launch("emu_vector_load", args, (8,), (8,), access={0: "r", 1: "w", 2: "r"})
+        assert torch.equal(y.flatten(), x[first:first + 32])
+    else:
+        msg = run_bug(lib, "emu_vector_load", args, (8,), (8,))
+        assert "misaligned access: access to type 'const float4' needs 16-byte alignment" in msg
+        assert f"bound at byte offset {4 * elem_offset}" in msg and "engine.metal:" in msg
+
+
+def test_reports_misaligned_threadgroup_vector_load(lib):
+    msg = run_bug(lib, "emu_bug_tg_misaligned", {0: torch.empty(16)}, (16,), (16,))
+    assert "misaligned access: access to type 'const half4' needs 8-byte alignment" in msg
+    assert "threadgroup array 't' (32 bytes) at byte offset 2" in msg
+
+
+def test_reports_device_write_write_conflict(lib):
+    msg = run_bug(lib, "emu_bug_device_ww", {0: torch.empty(8)}, (16,), (1,))
+    assert "device memory write/write conflict on buffer(0) 'arg0' at byte offset 0" in msg
+    y = torch.empty(1)
+    lib.launch("emu_device_ww_ordered", {0: y}, (2,), (2,))
+    assert y.item() == 2.0
+
+
+def test_reports_threadgroup_out_of_bounds(lib):
+    msg = run_bug(lib, "emu_bug_tg_oob", {0: torch.empty(32)}, (32,), (32,))
+    assert "out-of-bounds threadgroup access: 4 bytes of threadgroup array 't' (128 bytes) at byte offset 128" in msg
+
+
+def _pattern(lib, stride_x: int, stride_tg: int):
+    x = torch.randn(64 * stride_x)
+    y = torch.empty(64)
+    with emulator.profile() as launches:
+        lib.launch("emu_access_pattern", {0: x, 1: y, 2: torch.tensor([stride_x, stride_tg], dtype=torch.int32)},
+                   (64,), (64,), access={0: "r", 1: "rw", 2: "r"})
+    (p,) = launches
+    return p, x
+
+
+def test_profile_counts_coalescing_and_bytes(lib):
+    # Unit stride: each simdgroup's read of 32 floats is 128 contiguous bytes (2 lines of 64 B,
+    # 1 of 128 B when aligned). Stride 16 floats (64 B): every lane hits its own 64-byte line.
+    p, x = _pattern(lib, 1, 1)
+    assert p.kernel == "emu_access_pattern" and p.threadgroup == (64, 1, 1)
+    assert p.buffers[0]["read"] == 64 * 4 and p.buffers[0]["unique_read"] == 64 * 4
+    assert p.buffers[1]["written"] == 2 * 16 * 4  # lanes 0..15 of both simdgroups
+    assert p.coalescing64 == 1.0 and p.coalescing128 == 1.0
+    p16, _ = _pattern(lib, 16, 1)
+    assert p16.buffers[0]["read"] == 64 * 4 and p16.buffers[0]["unique_read"] == 64 * 4
+    # x's two instructions (one per simdgroup) now touch 32 lines each where 2 would do; every
+    # other access (y, the argument block) is the same in both runs
+    assert p16.lines64 - p.lines64 == 2 * (32 - 2)
+    assert p16.ideal_lines64 == p.ideal_lines64 and p16.coalescing64 < 0.25
+
+
+def test_profile_counts_bank_conflicts_and_lanes(lib):
+    # Threadgroup word index tid * stride: stride 1 is conflict-free; stride 32 puts all 32
+    # lanes of a simdgroup in bank 0 (32 passes instead of 1) for the store and the load.
+    p1, _ = _pattern(lib, 1, 1)
+    assert p1.bank_conflicts == 0
+    p32, _ = _pattern(lib, 1, 32)
+    # store: 2 simdgroups x 31 extra; load: lanes 0..15 only -> 2 x 15 extra
+    assert p32.bank_conflicts == 2 * 31 + 2 * 15
+    # simd_sum in lanes 0..15 of each simdgroup: half the lanes active
+    assert p1.simd_ops == 2 and p1.simd_active_lanes == 0.5
+    # two phases: before the barrier all 64 threads touch memory, after it 32 of 64
+    assert [ph["threads_active_fraction"] for ph in p1.phases] == [1.0, 0.5]
 
 
 def test_reports_divergent_simdgroup_matrix_operations(lib):

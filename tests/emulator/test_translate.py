@@ -29,9 +29,9 @@ def test_parse_kernels_reads_attributes():
 def test_translate_rewrites_threadgroup_storage_and_adds_trampolines():
     out, names = translate(SRC, "src")
     assert names == ["k1"]
-    assert "static thread_local float tile[4 * (2 + 1)];" in out
-    assert '::metal_emu::threadgroup_alloc(&tile, sizeof(tile), "tile");' in out
-    assert "static thread_local half2 pairs[8][2];" in out
+    assert "using emu_tg_type_0 = float[4 * (2 + 1)]; emu_tg_type_0& tile = *static_cast<emu_tg_type_0*>(" in out
+    assert '::metal_emu::threadgroup_alloc(sizeof(emu_tg_type_0), "tile", 0));' in out
+    assert "using emu_tg_type_1 = half2[8][2]; emu_tg_type_1& pairs" in out
     assert "threadgroup_barrier(mem_flags::mem_threadgroup)" in out  # barrier calls untouched
     assert "static void helper( float* p" in out                   # pointer qualifier dropped
     assert "static void k1(" in out and "kernel void" not in out

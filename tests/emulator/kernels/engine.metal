@@ -238,3 +238,82 @@ kernel void emu_bug_matrix_divergence(device const float* x [[buffer(0)]], devic
   if (lane < 16) simdgroup_load(m, x);
   simdgroup_store(m, y);
 }
+
+// Simdgroup 0 writes threadgroup memory and simdgroup 1 reads it with only a simd operation
+// between them (BUG: no threadgroup_barrier). In forward order every simd operation happens to
+// act as a group-wide meeting point, so the read sees the write; a skewed schedule, where
+// simdgroup 1 runs alone up to the barrier first, shows it.
+kernel void emu_bug_simd_as_barrier(device float* y [[buffer(0)]],
+                                    uint tid [[thread_index_in_threadgroup]],
+                                    uint simd [[simdgroup_index_in_threadgroup]],
+                                    uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float t[32];
+  if (simd == 0) t[lane] = float(lane);
+  const float s = simd_sum(1.0f);
+  y[tid] = simd == 1 ? t[lane] + s : s;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+// Correct version: the barrier separates the write and the read.
+kernel void emu_simd_then_barrier(device float* y [[buffer(0)]],
+                                  uint tid [[thread_index_in_threadgroup]],
+                                  uint simd [[simdgroup_index_in_threadgroup]],
+                                  uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float t[32];
+  if (simd == 0) t[lane] = float(lane);
+  const float s = simd_sum(1.0f);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  y[tid] = simd == 1 ? t[lane] + s : s;
+}
+
+// A float4 load at the element offset the host passes: aligned when `first` is a multiple of
+// 4 and the binding's byte offset a multiple of 16, misaligned otherwise (BUG when so).
+kernel void emu_vector_load(device const float* x [[buffer(0)]], device float4* y [[buffer(1)]],
+                            constant uint& first [[buffer(2)]], uint i [[thread_position_in_grid]]) {
+  y[i] = *(device const float4*)(x + first + 4 * i);
+}
+
+// BUG: a half4 load from threadgroup memory at a 2-byte offset.
+kernel void emu_bug_tg_misaligned(device float* y [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  threadgroup half t[16];
+  t[i] = half(i);
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const half4 v = *(threadgroup const half4*)(t + 1);
+  y[i] = float(v.x);
+}
+
+// BUG: two threads of different threadgroups write the same output element.
+kernel void emu_bug_device_ww(device float* y [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  y[i / 2] = float(i);
+}
+
+// Two threads of one threadgroup write the same element, separated by a barrier: not a
+// conflict (Metal orders them through the barrier's device-memory fence).
+kernel void emu_device_ww_ordered(device float* y [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  if (i == 0) y[0] = 1.0f;
+  threadgroup_barrier(mem_flags::mem_device);
+  if (i == 1) y[0] = 2.0f;
+}
+
+// BUG: a store one element past a threadgroup array.
+kernel void emu_bug_tg_oob(device float* y [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  threadgroup float t[32];
+  threadgroup float u[32];
+  t[i + 1] = 1.0f;
+  u[i] = 2.0f;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  y[i] = t[i] + u[i];
+}
+
+// Traffic patterns for the counters: each thread reads `x[i * stride.x]` (4 bytes) and stores
+// it at threadgroup word `tid * stride.y`; after the barrier lanes 0..15 of each simdgroup read
+// their word back, join a simd_sum and write y[i].
+kernel void emu_access_pattern(device const float* x [[buffer(0)]], device float* y [[buffer(1)]],
+                               constant uint2& stride [[buffer(2)]], uint i [[thread_position_in_grid]],
+                               uint tid [[thread_index_in_threadgroup]],
+                               uint lane [[thread_index_in_simdgroup]]) {
+  threadgroup float t[2048];
+  t[tid * stride.y] = x[i * stride.x];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (lane < 16) y[i] = t[tid * stride.y] + simd_sum(1.0f);
+}

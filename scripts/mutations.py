@@ -493,7 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
         raise SystemExit(f"duplicate mutant ids: {sorted(dupes)}")
-    chosen = [m for m in MUTANTS if not args.only or m.id in args.only]
+    by_id = {m.id: m for m in MUTANTS}
+    # --only runs in the order given (most important first, for a run that may be cut short).
+    chosen = [by_id[i] for i in dict.fromkeys(args.only) if i in by_id] if args.only else list(MUTANTS)
     unknown = set(args.only or ()) - set(ids)
     if unknown:
         raise SystemExit(f"--only: unknown mutant ids {sorted(unknown)}")

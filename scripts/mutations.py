@@ -452,10 +452,12 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
+    commits = sorted({r.get("commit", meta["commit"]) for r in rows})
     lines = [
         "# Mutation suite (scripts/mutations.py)",
         "",
-        f"Machine: {meta['machine']}. Repository at {meta['commit']}, run {meta['date']}. "
+        f"Machine: {meta['machine']}. Rows ran at commit(s) {', '.join(commits)} (last run {meta['date']}; a row "
+        "is re-run by --resume when its edit, the edited file or its test files change). "
         "Each row is one planted bug applied alone to a scratch copy; the listed tests were run "
         "(pytest -x, the schedules of tests/metal/conftest.py). Outcomes: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)}).",

@@ -15,8 +15,8 @@ Every kernel test here runs under at least two of them without doubling CI time:
 parametrized cases of each test function take the four schedules in turn (case i gets
 ``SCHEDULES[(i + offset) % 4]``, the offset fixed per function), and a function with a single
 case is run twice, under two different schedules. A test that wants every schedule asks for the
-``thread_order`` fixture instead. The schedule a case ran under is in its report
-(``-rA`` shows ``schedule=...`` in the user properties).
+``thread_order`` fixture instead. The schedule a case ran under is part of a single-case
+test's id and recorded for every case as the user property ``schedule`` (``--junitxml``).
 """
 
 from __future__ import annotations

@@ -377,7 +377,6 @@ def test_long_k_reduction_is_fp32(emu, dtype):
     m, n, k, g = 9, 32, 992, 32
     assert emu._gemm_plan(m, n, k) == [GEMM, k, 1]
     gen = torch.Generator().manual_seed(11)
-    qt = make_layer("int4", g, n, k, seed=12)
     qt = F.quantize(torch.rand(n, k, generator=gen), "int4", g, torch.float16)  # w >= 0 (bias = min)
     sign = torch.where(torch.arange(k) < k // 2, 1.0, -1.0)
     x = ((0.5 + 0.5 * torch.rand(m, k, generator=gen)) * sign).to(dtype)

@@ -128,3 +128,40 @@ def test_bad_arguments_raise(emu, kwargs, match):
     with pytest.raises(ValueError, match=match):
         emu.dequantize(qt.weight, qt.scales, biases, None, args["format"], args["group_size"],
                        args["in_features"], args["dtype"])
+
+
+@pytest.mark.parametrize(("scale_dtype", "bias_dtype"), [
+    (torch.float16, torch.float32), (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+])
+@pytest.mark.parametrize(("fmt_name", "g"), [("int4", 32), ("int3", -1), ("int8", 64)])
+def test_scales_and_biases_of_different_dtypes(emu, fmt_name, g, scale_dtype, bias_dtype):
+    # Scales and biases are stored independently (docs/FORMAT.md §3): a kernel or host that read
+    # the biases with the scales' type would decode fp32 biases as pairs of halves or read past
+    # an fp16 buffer.
+    fmt = F.get_format(fmt_name)
+    k = 100 if g == -1 else 4 * g
+    weight, scales, biases, _ = random_tensors(fmt, 3, k, k if g == -1 else g, torch.float32)
+    scales, biases = scales.to(scale_dtype), (biases * 3).to(bias_dtype)
+    ref = torch.ops.marlin.dequantize(weight, scales, biases, None, fmt_name, g, k, torch.float32)
+    out = emu.dequantize(weight, scales, biases, None, fmt_name, g, k, torch.float32)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("offset", [1, 3])
+def test_bindings_at_storage_offsets(emu, offset):
+    # weight, scales and biases viewed from inside bigger storages (byte offsets 4*offset and
+    # 2*offset: not 16-byte aligned), as slices of a checkpoint's flat buffer would be.
+    fmt = F.get_format("int4")
+    weight, scales, biases, _ = random_tensors(fmt, 4, 128, 32, torch.float16)
+
+    def inside(t: torch.Tensor) -> torch.Tensor:
+        store = torch.zeros(offset + t.numel() + 1, dtype=t.dtype)
+        store[offset:offset + t.numel()] = t.reshape(-1)
+        return store[offset:offset + t.numel()].view(t.shape)
+
+    moved = [inside(t) for t in (weight, scales, biases)]
+    assert all(t.storage_offset() == offset for t in moved)
+    ref = torch.ops.marlin.dequantize(weight, scales, biases, None, "int4", 32, 128, torch.float16)
+    out = emu.dequantize(*moved, None, "int4", 32, 128, torch.float16)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -56,6 +56,19 @@ def test_non_contiguous_and_offset_inputs(emu):
                                    rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["vec", "block"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inputs_at_unaligned_storage_offsets(emu, dtype, variant):
+    # x starts 1, 2 or 3 elements into its storage (2..12 bytes: never 16-byte aligned): the vec
+    # kernel reads 4-vectors, so the host must copy such an input to an aligned buffer first.
+    for offset in (1, 2, 3):
+        store = inputs(offset + 2 * 517, dtype)
+        x = store[offset:].view(2, 517)
+        assert x.storage_offset() == offset and x.is_contiguous()
+        out = emu.fake_quantize_variant(x, 3, variant)
+        torch.testing.assert_close(out, torch.ops.marlin.fake_quantize(x, 3), rtol=0, atol=0, equal_nan=True)
+
+
 def test_empty(emu):
     assert emu.fake_quantize(torch.empty(0, 3), 4).shape == (0, 3)
 

@@ -301,3 +301,157 @@ def test_bad_arguments_raise(emu, change, match):
     args.update(change)
     with pytest.raises(ValueError, match=match):
         emu.gemm(*args.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Data the other tests never produce (issue 17, item 4): scales and biases of different storage
+# dtypes, nonzero padding bits, a long-K reduction, and bindings at unaligned storage offsets.
+
+# (scales, biases) storage dtypes: the checkpoint decides each independently (docs/FORMAT.md §3),
+# and the host passes one MarlinScaleKind for each (GemmArgs.scale_kind, bias_kind).
+MIXED_KINDS = [
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float16),
+    (torch.bfloat16, torch.float16),
+    (torch.float16, torch.bfloat16),
+]
+
+
+def with_kinds(qt: F.QuantizedTensor, scale_dtype: torch.dtype, bias_dtype: torch.dtype) -> F.QuantizedTensor:
+    """qt with its scales and biases stored as the given dtypes (values rounded once; the
+    reference uses the same tensors)."""
+    biases = None if qt.biases is None else qt.biases.to(bias_dtype)
+    return F.QuantizedTensor(qt.weight, qt.scales.to(scale_dtype), biases, qt.global_scale, qt.format,
+                             qt.group_size, qt.shape)
+
+
+def check_against_torch(emu, qt: F.QuantizedTensor, x: torch.Tensor, bias: torch.Tensor | None = None,
+                        weight: torch.Tensor | None = None) -> int:
+    """marlin_emu.gemm(x, qt) within `bound` of marlin.gemm(x, qt); `weight` (default qt.weight)
+    is what the kernel is given, e.g. the same codes with other padding bits. Returns the variant."""
+    k = x.shape[-1]
+    args = (qt.scales, qt.biases, qt.global_scale, bias, qt.format, qt.group_size)
+    ref = torch.ops.marlin.gemm(x, qt.weight, *args)
+    out = emu.gemm(x, qt.weight if weight is None else weight, *args)
+    variant = emu._gemm_plan(x.numel() // k, qt.shape[0], k)[0]
+    err = (out.double() - ref.double()).abs()
+    worst = (err - bound(x, qt, ref, weights_rounded=variant == GEMM)).max().item()
+    assert worst <= 0, f"{qt.format} K={k} M={x.numel() // k}: error exceeds the bound by {worst:.3g}"
+    return variant
+
+
+@pytest.mark.parametrize(("scale_dtype", "bias_dtype"), MIXED_KINDS)
+@pytest.mark.parametrize(("fmt_name", "g", "m"), [("int4", 32, 1), ("int3", -1, 5), ("int2", 64, 12),
+                                                   ("int8", 128, 3)])
+def test_scales_and_biases_of_different_dtypes(emu, fmt_name, g, m, scale_dtype, bias_dtype):
+    # A kernel that read the biases with the scales' storage type would decode fp32 biases as
+    # pairs of halves (or read past an fp16 buffer): caught here on every variant.
+    k = k_for(g)
+    qt = with_kinds(make_layer(fmt_name, g, 12, k, seed=3), scale_dtype, bias_dtype)
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4)) / k**0.5).to(torch.float16)
+    check_against_torch(emu, qt, x)
+
+
+def random_padding(weight: torch.Tensor, k: int, bits: int, seed: int, ones: bool = False) -> torch.Tensor:
+    """weight with the bits past code K-1 of every row's last word (the padding that docs/FORMAT.md
+    §2 leaves undefined) set at random, or all set (`ones`: for fp8 codes 0xFF decode as NaN)."""
+    used = k * bits % 32
+    assert used, "K * bits is a multiple of 32: no padding bits"
+    gen = torch.Generator().manual_seed(seed)
+    w = weight.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    pad_mask = (0xFFFFFFFF << used) & 0xFFFFFFFF
+    noise = torch.full((w.shape[0],), pad_mask) if ones else \
+        torch.randint(0, 2**32, (w.shape[0],), generator=gen) & pad_mask
+    assert bool((noise != 0).all())
+    out = w.clone()
+    out[:, -1] = (out[:, -1] & ~pad_mask) | noise
+    return out.to(torch.uint32)
+
+
+@pytest.mark.parametrize(
+    ("fmt_name", "k", "m", "n"),
+    [
+        ("int3", 100, 1, 12),         # 300 of 320 bits: 20 padding bits, codes 100-106 straddle
+        ("fp4", 100, 4, 12),          # half a word of padding (gemv_rows)
+        ("int2", 100, 12, 12),        # gemm, no split
+        ("fp8_e4m3", 102, 1, 12),     # gemv: 2 padding bytes = E4M3 NaN codes when all ones
+        ("fp8_e5m2", 102, 4, 12),     # gemv_rows: NaN codes past K must not meet the zero x
+        ("fp8_e4m3", 102, 12, 12),    # gemm, no split
+        ("fp8_e4m3", 1102, 9, 8),     # gemm split-K: the last split ends inside a chunk, at K
+        ("nf3", 1100, 33, 24),        # split-K, 3-bit straddling padding
+    ],
+)
+def test_padding_bits_are_ignored(emu, fmt_name, k, m, n):
+    # FORMAT.md leaves the bits after code K-1 of a row undefined; kernels and the torch op must
+    # both ignore them. fp8 padding is set to all ones (NaN codes), other formats at random.
+    fmt = F.get_format(fmt_name)
+    qt = make_layer(fmt_name, -1, n, k, seed=5)
+    padded = random_padding(qt.weight, k, fmt.bits, seed=6, ones=fmt_name.startswith("fp8"))
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(7)) / k**0.5).to(torch.bfloat16)
+    args = (qt.scales, qt.biases, qt.global_scale, None, fmt_name, -1)
+    # The oracle's own handling: padding changes nothing, bitwise (unpack keeps codes 0..K-1).
+    assert torch.equal(torch.ops.marlin.gemm(x, padded, *args), torch.ops.marlin.gemm(x, qt.weight, *args))
+    assert torch.equal(torch.ops.marlin.dequantize(padded, qt.scales, qt.biases, None, fmt_name, -1, k, torch.float32),
+                       F.dequantize(qt, torch.float32))
+    variant = check_against_torch(emu, qt, x, weight=padded)
+    if k > 1024:
+        assert emu._gemm_plan(m, n, k)[2] > 1  # the split-K cases really split
+    assert variant == (GEMV if m == 1 else GEMV_ROWS if m <= 8 else GEMM)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_long_k_reduction_is_fp32(emu, dtype):
+    # The longest K the dispatcher runs in one pass on one tile (K >= 1024 with fewer than 64
+    # tiles is split; 64 tiles x 32+ steps take minutes in the emulator), with data built so
+    # that fp16 accumulation cannot hide: activations are positive over the first half of K and
+    # negative over the second, weights positive, so the running sums climb to
+    # S = sum_{k < K/2} x w and fall back to a small y.
+    #
+    # Bound, derived for the gemm kernel: it rounds each dequantized fp32 weight to T once
+    # (w_T = T(w), the torch op's fp32 value), multiplies exactly in fp32 (a product of two
+    # 11-bit significands fits 24 bits) and adds K products in fp32, so recursive summation
+    # gives |acc - y_T| <= gamma_K * sum |x| |w_T|, gamma_K = K u / (1 - K u), u = 2^-24, where
+    # y_T = x . w_T exactly (float64 here). The fp32 -> T conversion adds u_T |acc|. Here
+    # sum |x||w_T| ~ 2 S, so the bound is ~ K 2^-23 S + u_T |y| ~ 2^-13 S for K = 992.
+    # Accumulators of half precision round the running sum to 11 bits after every 8-product
+    # MMA step: 124 roundings of ~ulp/4 ~ 2^-12.5 |s| each, about 2^-9.5 S in all, 10x the bound.
+    m, n, k, g = 9, 32, 992, 32
+    assert emu._gemm_plan(m, n, k) == [GEMM, k, 1]
+    gen = torch.Generator().manual_seed(11)
+    qt = F.quantize(torch.rand(n, k, generator=gen), "int4", g, torch.float16)  # w >= 0 (bias = min)
+    sign = torch.where(torch.arange(k) < k // 2, 1.0, -1.0)
+    x = ((0.5 + 0.5 * torch.rand(m, k, generator=gen)) * sign).to(dtype)
+    out = emu.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g).double()
+    w_t = F.dequantize(qt, torch.float32).to(dtype).double()
+    y = x.double() @ w_t.T
+    terms = x.double().abs() @ w_t.abs().T
+    u = 2.0**-24
+    gamma = k * u / (1 - k * u)
+    lim = gamma * terms + UNIT[dtype] * (y.abs() + gamma * terms) + 1e-30
+    s_half = x[:, : k // 2].double() @ w_t[:, : k // 2].T
+    assert (s_half > 5 * y.abs()).all()  # the running sums climb far above the result
+    assert ((out - y).abs() <= lim).all(), f"max excess {((out - y).abs() - lim).max().item():.3g}"
+
+
+@pytest.mark.parametrize("m", [1, 4, 12])  # gemv, gemv_rows, gemm
+@pytest.mark.parametrize("x_off", [1, 2])
+def test_unaligned_bindings_of_every_argument(emu, m, x_off):
+    # x starts 1 or 2 fp16 elements (2 or 4 bytes) into its storage with K a multiple of 8: the
+    # host must not enable 4-vector loads of x (GemmArgs.x_wide_loads); weight starts 1 word in
+    # (no uint4 chunk loads), scales and biases 1 element in (a misaligned binding of each).
+    n, k, g = 16, 64, 32
+    qt = make_layer("int4", g, n, k, seed=13)
+
+    def at_offset(t: torch.Tensor, off: int) -> torch.Tensor:
+        store = torch.zeros(off + t.numel(), dtype=t.dtype)
+        store[off:] = t.reshape(-1)
+        v = store[off:].view(t.shape)
+        assert v.storage_offset() == off and v.is_contiguous()
+        return v
+
+    x = at_offset((torch.randn(m, k) / 8).to(torch.float16), x_off)
+    moved = F.QuantizedTensor(at_offset(qt.weight, 1), at_offset(qt.scales, 1), at_offset(qt.biases, 1),
+                              None, "int4", g, qt.shape)
+    ref = torch.ops.marlin.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g)
+    out = emu.gemm(x, moved.weight, moved.scales, moved.biases, None, None, "int4", g)
+    assert ((out.double() - ref.double()).abs() <= bound(x, qt, ref, weights_rounded=m > 8)).all()

@@ -204,3 +204,35 @@ def test_pylm_s_decodes_through_the_emulated_attention_kernel(emu, pylm_s_path):
     assert {"kv_quantize", "kv_attention", "kv_dequantize_seq", "hadamard"} <= set(session.calls)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+
+
+def at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A contiguous copy of t that starts `offset` elements into a bigger storage."""
+    store = torch.zeros(offset + t.numel(), dtype=t.dtype)
+    store[offset:] = t.reshape(-1)
+    v = store[offset:].view(t.shape)
+    assert v.storage_offset() == offset and v.is_contiguous()
+    return v
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_every_binding_at_an_odd_storage_offset(emu, bits):
+    # x, q, the cache's codes, norms and the codebook each start inside a bigger storage at a
+    # byte offset that is not 16-aligned (1 byte for codes, 4 for floats, 2 for fp16 x): the
+    # kernels must read each from its own offset, with no wide load assuming alignment.
+    h, cap, d, n = 2, 6, 64, 3
+    cb = codebook(bits, d)
+    x = (torch.randn(h, n, d) * 2).to(torch.float16)
+    positions = torch.tensor([5, 0, 2])
+    want_p, want_n = empty_cache(h, cap, d, bits)
+    torch.ops.marlin.kv_quantize(x, positions, want_p, want_n, cb, bits)
+    got_p, got_n = at_offset(empty_cache(h, cap, d, bits)[0], 1), at_offset(empty_cache(h, cap, d, bits)[1], 1)
+    cb_off = at_offset(cb, 3)
+    emu.kv_quantize(at_offset(x, 1), at_offset(positions, 1), got_p, got_n, cb_off, bits)
+    assert torch.equal(got_p, want_p) and bits_equal(got_n, want_n)
+    assert bits_equal(emu.kv_dequantize_seq(got_p, got_n, cb_off, 0, cap, bits),
+                      torch.ops.marlin.kv_dequantize_seq(want_p, want_n, cb, 0, cap, bits))
+    q = torch.randn(h, 3, d) / math.sqrt(d)
+    want = torch.ops.marlin.kv_attention(q, want_p, want_n, want_p, want_n, cb, cap, bits, 0.5)
+    got = emu.kv_attention(at_offset(q, 1), got_p, got_n, got_p, got_n, cb_off, cap, bits, 0.5)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)

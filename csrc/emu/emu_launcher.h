@@ -2,12 +2,15 @@
 // MSL emulator (runtime.h).
 #pragma once
 
+#include <string>
+
 #include "ops/launcher.h"
 
 namespace marlin {
 
 class EmuLauncher final : public RecordingLauncher {
  private:
+  void require_kernel(const std::string& name) override;
   void check_index(int index) override;
   void check_tensor(const at::Tensor& t, const char* name) override;
   void run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) override;

@@ -147,7 +147,8 @@ def test_setup_py_needs_no_torch():
 
 def test_build_py_is_pure_python_and_ships_the_sources(tmp_path):
     out = tmp_path / "lib"
-    proc = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py",
+                           "--build-lib", str(out)], cwd=ROOT,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pkg = out / "metal_marlin_torch"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -71,8 +72,9 @@ def run_torch(name: str, model, ids, args, device) -> dict:
         timed_generate(model, ids, 2, 1, device)  # warm-up: kernels, caches, the Metal extension
         prefill, _ = timed_generate(model, ids, 1, args.repeats, device)
         full, tokens = timed_generate(model, ids, args.new_tokens, args.repeats, device)
-    decode = max(full - prefill, 1e-9)
-    return {"method": name, "prefill_ms": prefill * 1e3, "decode_tok_s": (args.new_tokens - 1) / decode,
+    # t(N) <= t(1) happens only on a machine too noisy to time: say so rather than print a rate
+    rate = (args.new_tokens - 1) / (full - prefill) if full > prefill else None
+    return {"method": name, "prefill_ms": prefill * 1e3, "decode_tok_s": rate,
             "model_MiB": model_bytes(model) / 2**20, "device_MiB": device_memory_mib(device),
             "peak_rss_MiB": rss_bytes()[1] / 2**20, "tokens": tokens}
 
@@ -132,18 +134,20 @@ def bench(args) -> dict:
             del model
         r = rows[-1]
         print(f"{r['method']:14s} " + (f"skipped: {r['skipped']}" if "skipped" in r else
-              f"prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_tok_s']:8.2f} tok/s  "
+              f"prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_tok_s'] or float('nan'):8.2f} tok/s  "
               f"model {r['model_MiB'] or 0:8.2f} MiB"), flush=True)
     dense = next((r for r in rows if r["method"] == "dense"), None)
     for r in rows:
         if dense is not None and "tokens" in r:
             r["agree"] = sum(a == b for a, b in zip(r["tokens"], dense["tokens"], strict=True)) / len(r["tokens"])
-        if dense is not None and "decode_tok_s" in r:
+        if dense is not None and r.get("decode_tok_s") and dense.get("decode_tok_s"):
             r["decode_x_dense"] = r["decode_tok_s"] / dense["decode_tok_s"]
     info = backend_info()
     return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(),
+                        # other processes share the cores: the load says how much to trust the times
+                        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
             "model": str(args.model), "dtype": str(dtype), "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "repeats": args.repeats,
             "timing": "wall clock around generate(), median; decode = (N - 1) / (t(N) - t(1))",
@@ -154,7 +158,8 @@ def bench(args) -> dict:
 def markdown(result: dict) -> str:
     m = result["machine"]
     head = [f"# End-to-end decode ({m['device']})", "",
-            f"Machine: {m['processor']}, {m['platform']}, {m['threads']} threads; torch {m['torch']}. "
+            f"Machine: {m['processor']}, {m['platform']}, {m['threads']} threads, load average "
+            f"{m['load_average']}; torch {m['torch']}. "
             f"Model {Path(result['model']).name}, {result['dtype']}, prompt {result['prompt_len']} tokens, "
             f"{result['new_tokens']} new tokens, median of {result['repeats']}. Timing: {result['timing']}.", "",
             "| method | prefill ms | decode tok/s | x dense | model MiB | device MiB | agree |",
@@ -166,7 +171,8 @@ def markdown(result: dict) -> str:
             continue
         dev = "" if r.get("device_MiB") is None else f"{r['device_MiB']:.1f}"
         model = "" if r.get("model_MiB") is None else f"{r['model_MiB']:.2f}"
-        body.append(f"| {r['method']} | {r['prefill_ms']:.2f} | {r['decode_tok_s']:.2f} | "
+        rate = "noise" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.2f}"
+        body.append(f"| {r['method']} | {r['prefill_ms']:.2f} | {rate} | "
                     f"{r.get('decode_x_dense', float('nan')):.2f} | {model} | {dev} | {r.get('agree', '')} |")
     return "\n".join(head + body) + "\n"
 
@@ -182,7 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--markdown", help="write the table as markdown here")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.new_tokens < 2:
         p.error(f"--new-tokens must be at least 2 (decode is measured past the first token), got {args.new_tokens}")
     result = bench(args)

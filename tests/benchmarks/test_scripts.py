@@ -49,12 +49,15 @@ def test_bench_decode_cpu_tiny_model(tmp_path):
     assert set(rows) == {"dense", "marlin:int4", "marlin:fp4", "mlx"}
     for name in ("dense", "marlin:int4", "marlin:fp4"):
         r = rows[name]
-        assert r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 and len(r["tokens"]) == 3
+        # a rate, or None when this shared machine timed t(3) <= t(1) (the row then says "noise")
+        assert (r["decode_tok_s"] is None or r["decode_tok_s"] > 0) and r["prefill_ms"] > 0
+        assert len(r["tokens"]) == 3
         assert 0 <= r["agree"] <= 1
     assert rows["dense"]["agree"] == 1.0
     # 4-bit weights: the quantized linears hold about a quarter of their fp32 bytes
     assert rows["marlin:int4"]["model_MiB"] < rows["dense"]["model_MiB"]
-    assert "skipped" in rows["mlx"] or rows["mlx"]["decode_tok_s"] > 0
+    assert "skipped" in rows["mlx"] or rows["mlx"]["prefill_ms"] > 0
+    assert result["machine"]["load_average"] is not None
 
 
 def test_bench_decode_rejects_one_token():

@@ -2,7 +2,7 @@
 
 pip's default build isolation installs only setuptools and wheel, so a build step that needs
 torch cannot run here. The Metal extension is instead built at first use on macOS arm64 against
-the torch that is running (metal_marlin_torch/build.py, cached; `python -m metal_marlin_torch.build`
+the torch that is running (metal_marlin_torch/build/, cached; `python -m metal_marlin_torch.build`
 builds it ahead of time). For that, an installed (non-editable) package carries its C++/Objective-C++
 and Metal sources: build_py copies csrc/ and shaders/ into metal_marlin_torch/_sources/ (an
 editable install or a checkout uses the repository's own copies).

@@ -2,7 +2,7 @@
 # Compile the Objective-C++ Metal glue (csrc/metal/*.mm) with -fsyntax-only on Linux, against
 # the real torch headers (ATen/mps/*) and the minimal Apple framework declarations in
 # csrc/metal/syntax_stubs, so C++ and torch-API mistakes fail CI without a Mac. The generated
-# shader header is produced the way metal_marlin_torch/build.py produces it for the real build.
+# shader header is produced the way metal_marlin_torch/build/ produces it for the real build.
 # Usage: scripts/check_objc_syntax.sh [file.mm ...]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

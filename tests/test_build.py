@@ -152,7 +152,7 @@ def test_build_py_is_pure_python_and_ships_the_sources(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     pkg = out / "metal_marlin_torch"
-    assert (pkg / "build.py").is_file() and not list(pkg.rglob("*.so"))  # pure Python
+    assert (pkg / "build" / "__main__.py").is_file() and not list(pkg.rglob("*.so"))  # pure Python
     src = pkg / "_sources"
     assert (src / "csrc" / "ops" / "families.h").is_file() and (src / "shaders" / "gemm.metal").is_file()
     assert (src / "csrc" / "metal" / "metal_launcher.mm").is_file()

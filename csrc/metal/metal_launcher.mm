@@ -60,12 +60,15 @@ MslChoice msl_choice() {
 }
 
 // The MTLLanguageVersion of a choice (a table lookup, no arithmetic on the enum).
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wunguarded-availability-new"
 MTLLanguageVersion language_version(const MslChoice& c) {
   if (c.major == 4) return MTLLanguageVersion4_0;
   if (c.major == 3 && c.minor == 2) return MTLLanguageVersion3_2;
   if (c.major == 3 && c.minor == 1) return MTLLanguageVersion3_1;
   return MTLLanguageVersion3_0;
 }
+#pragma clang diagnostic pop
 
 std::string describe(NSError* error) {
   return error ? std::string([[error localizedDescription] UTF8String]) : std::string("unknown error");
@@ -99,6 +102,11 @@ std::string compile_family(id<MTLDevice> device, int f) {
   if (fam.libraries[f] != nil) return "";
   error = nil;  // no metallib (or an unreadable one): compile the embedded source (same kernels)
   MTLCompileOptions* options = [MTLCompileOptions new];
+  // choose_msl only picks what this OS has (mathMode from macOS 15, where fastMathEnabled is
+  // deprecated), so the SDK's availability and deprecation warnings do not apply here.
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wunguarded-availability-new"
+#pragma clang diagnostic ignored "-Wdeprecated-declarations"
   options.languageVersion = language_version(c);
   // NaN and Inf must survive (fake_quantize and hadamard propagate them as the torch ops do).
   if (c.math_mode_api) {
@@ -107,6 +115,7 @@ std::string compile_family(id<MTLDevice> device, int f) {
   } else {
     options.fastMathEnabled = NO;
   }
+#pragma clang diagnostic pop
   fam.libraries[f] = [device newLibraryWithSource:[NSString stringWithUTF8String:kMarlinFamilySources[f].source]
                                           options:options
                                             error:&error];

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _metal_sources
+from .. import _metal_sources
 
 log = logging.getLogger("metal_marlin_torch")
 
@@ -170,7 +170,3 @@ def run(args: argparse.Namespace) -> int:
     for fam, why in sorted(res.metallibs.items()):
         print(f"  {fam}: {'precompiled metallib' if not why else 'compiled at first use (' + why + ')'}")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

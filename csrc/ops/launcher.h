@@ -6,13 +6,13 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "ops/families.h"
-
-#include <cstdint>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "ops/families.h"  // KernelUnavailable, thrown by require_kernel
 
 namespace marlin {
 

@@ -51,7 +51,9 @@ struct OpsOn {
       L l;
       return marlin::dequantize(l, weight, scales, biases, global_scale, format, group_size, in_features, dtype);
     } catch (const KernelUnavailable&) {
-      return call_torch_kernel("dequantize", weight, scales, biases, global_scale, format, group_size, in_features, dtype)[0].toTensor();
+      return call_torch_kernel("dequantize", weight, scales, biases, global_scale, format, group_size, in_features,
+                               dtype)[0]
+          .toTensor();
     }
   }
 
@@ -152,7 +154,9 @@ struct OpsOn {
       L l;
       return marlin::kv_attention(l, q, k_packed, k_norms, v_packed, v_norms, codebook, length, bits, scale);
     } catch (const KernelUnavailable&) {
-      return call_torch_kernel("kv_attention", q, k_packed, k_norms, v_packed, v_norms, codebook, length, bits, scale)[0].toTensor();
+      return call_torch_kernel("kv_attention", q, k_packed, k_norms, v_packed, v_norms, codebook, length, bits,
+                               scale)[0]
+          .toTensor();
     }
   }
 };

@@ -51,6 +51,7 @@ class CaseResult:
     allowed: str = ""
     error: str | None = None
     seconds: float = 0.0
+    kernel: str = "metal"  # or "torch fallback": the family was rejected (or bf16 without bfloat)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Report:
         d = asdict(self)
         d["summary"] = {"cases": len(self.cases), "passed": len(self.cases) - len(self.failed),
                         "failed": len(self.failed),
+                        "ran_fallback": sum(1 for c in self.cases if c.kernel != "metal"),
                         "by_family": {f: sum(1 for c in self.cases if c.family == f)
                                       for f in sorted({c.family for c in self.cases})}}
         return d
@@ -293,7 +295,7 @@ def compare(out: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor | None) 
 
 def run(quick: bool = True, device: str | None = None, on_case: Callable[[CaseResult], None] | None = None) -> Report:
     """Run every case on MPS (Metal extension loaded) or through the emulator; returns the report."""
-    from . import _native, backend  # noqa: PLC0415
+    from . import _native  # noqa: PLC0415
 
     t0 = time.perf_counter()
     use_mps = device == "mps" or (device is None and _native.STATE["loaded"])
@@ -321,15 +323,17 @@ def run(quick: bool = True, device: str | None = None, on_case: Callable[[CaseRe
         report.cases.append(res)
         if on_case:
             on_case(res)
-    report.families = backend.family_report() if use_mps else _emulator_families(ops)
+    # The family states after the run say which cases ran the pure-torch fallback instead of Metal
+    # (a pass there verifies the fallback, not the kernel).
+    report.families = _native.family_status() if use_mps else _native.parse_family_rows(list(ops._families()))
+    for c in report.cases:
+        st = report.families.get(c.family, {})
+        if st.get("state") == "rejected":
+            c.kernel = "torch fallback"
+        elif st.get("bf16") == "fallback" and c.params.get("dtype") == str(torch.bfloat16):
+            c.kernel = "torch fallback (no bfloat)"
     report.seconds = round(time.perf_counter() - t0, 2)
     return report
-
-
-def _emulator_families(ops) -> dict[str, Any]:
-    from . import _native  # noqa: PLC0415
-
-    return _native.parse_family_rows(list(ops._families()))
 
 
 def write(report: Report, path: str | Path) -> Path:

@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
           f"({', '.join(f'{f} {n}' for f, n in s['by_family'].items())})")
     rejected = [f for f, st in report.families.items() if st.get("state") == "rejected"]
     if rejected:
-        print(f"note: families that ran the pure-torch fallback: {', '.join(rejected)}")
+        print(f"note: families that ran the pure-torch fallback: {', '.join(rejected)} "
+              f"({s['ran_fallback']} cases verified the fallback, not a Metal kernel)")
     print(f"report: {args.json}")
     return 0 if not report.failed else 1

@@ -43,6 +43,7 @@ def test_selftest_quick_covers_every_family_and_passes(tmp_path, capsys):
     assert main(["selftest", "--quick", "--device", "emulator", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["summary"]["failed"] == 0 and report["backend"] == "metal emulator (cpu)"
+    assert report["summary"]["ran_fallback"] == 0 and {c["kernel"] for c in report["cases"]} == {"metal"}
     assert set(report["summary"]["by_family"]) == FAMILIES
     ops = {c["op"] for c in report["cases"]}
     assert ops == {"dequantize", "gemm", "hadamard", "fake_quantize", "kv_quantize", "kv_dequantize_seq",
@@ -87,6 +88,7 @@ def test_selftest_says_which_families_fell_back(tmp_path, monkeypatch, capsys):
         lib._reset_families()
     report = json.loads((tmp_path / "s.json").read_text())
     assert report["families"]["gemv"]["state"] == "rejected"
+    assert [c["kernel"] for c in report["cases"]] == ["torch fallback"] * 2 and report["summary"]["ran_fallback"] == 2
     assert "ran the pure-torch fallback: gemv" in capsys.readouterr().out
 
 

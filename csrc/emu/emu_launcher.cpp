@@ -51,7 +51,9 @@ char* storage_bytes(const at::Tensor& t) { return static_cast<char*>(t.storage()
 
 }  // namespace
 
-void EmuLauncher::require_kernel(const std::string& name) { emu_require_kernel(name); }
+void EmuLauncher::require_kernel(const std::string& name) {
+  if (families_) emu_require_kernel(name);
+}
 
 void EmuLauncher::check_index(int index) {
   TORCH_CHECK(index >= 0 && index < 31, "metal_emu: buffer index must be 0..30, got ", index);

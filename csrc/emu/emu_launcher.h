@@ -9,7 +9,13 @@
 namespace marlin {
 
 class EmuLauncher final : public RecordingLauncher {
+ public:
+  // `families`: check each kernel against the kernel families (csrc/ops/families.h), as the Metal
+  // glue does; false for the raw _launch entry point, whose test kernels belong to no family.
+  explicit EmuLauncher(bool families = true) : families_(families) {}
+
  private:
+  bool families_;
   void require_kernel(const std::string& name) override;
   void check_index(int index) override;
   void check_tensor(const at::Tensor& t, const char* name) override;

@@ -9,10 +9,14 @@ M in {1, 4, 16, 128, 512}; on CPU a small shape, since the pure-torch kernel is 
 Rows per (shape, M):
   * ``dense``: ``F.linear`` in the activation dtype (bf16 on CUDA, fp16 on MPS, fp32 on CPU);
   * ``marlin:<fmt>``: ``torch.ops.marlin.gemm`` (Triton on CUDA, Metal on MPS, torch on CPU);
-  * CUDA only: ``tinygemm`` (``aten._weight_int4pack_mm``, torchao's int4 backend, group 128),
-    ``dequant+mm:<fmt>`` (pure-torch ``marlin.dequantize`` to bf16, then ``F.linear``) and
-    ``dequant+mm compiled:<fmt>`` (the same function through ``torch.compile``);
-  * MPS with ``mlx`` importable: ``mlx:<fmt>`` (``mx.quantized_matmul``, affine int formats).
+  * torch's own int4 kernel on the same int4 weights (group 128): ``tinygemm`` on CUDA
+    (``aten._weight_int4pack_mm``, torchao's int4 backend), ``torch int4pack`` on MPS (the same op,
+    PyTorch's Metal kernel) and on CPU (``aten._weight_int4pack_mm_for_cpu``); its note gives the
+    relative error against ``marlin.gemm`` int4, so a packing mismatch shows instead of a timing;
+  * CUDA only: ``dequant+mm:<fmt>`` (pure-torch ``marlin.dequantize`` to bf16, then ``F.linear``)
+    and ``dequant+mm compiled:<fmt>`` (the same function through ``torch.compile``);
+  * ``mlx`` importable: ``mlx:<fmt>`` (``mx.quantized_matmul`` on MLX's default device: the GPU
+    on a Mac, the CPU on Linux; affine int formats, MLX's own quantization of the same weights).
 
 Timing: CUDA runs each method as a CUDA graph of calls rotating over enough weight copies
 that they cannot all sit in L2, timed with CUDA events; the median over repeats, divided by
@@ -126,17 +130,44 @@ def time_wall(calls: list[Callable[[], object]], sync: Callable[[], None], repea
 # ---- baselines ------------------------------------------------------------------------------
 
 
-def tinygemm_pack(weight, scales, biases, k: int, group: int):
+def tinygemm_pack(weight, scales, biases, k: int, group: int, device: str | None = None):
     """``aten._weight_int4pack_mm`` operands for our int4 weight: codes as uint8 pairs (even k
     in the high nibble), ``scales_and_zeros [K/G, N, 2]`` with tinygemm's
     ``w = (q - 8) * scale + zero``, i.e. ``zero = bias + 8 * scale``."""
     codes = F.unpack(weight, 4, k).to(torch.int32)
     pairs = ((codes[:, ::2] << 4) | codes[:, 1::2]).to(torch.uint8)
+    if device is not None:
+        pairs = pairs.to(device)
     packed = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), 8)
     s = scales.to(torch.bfloat16)
     z = (biases.float() + 8 * scales.float()).to(torch.bfloat16)
     sz = torch.stack([s.t(), z.t()], dim=-1).contiguous()
-    return packed, sz
+    return packed, sz if device is None else sz.to(device)
+
+
+def torch_int4(device: str, weight, scales, biases, k: int, group: int, dtype: torch.dtype):
+    """(method name, call(x)) for torch's own int4 matmul on ``device`` (CPU or MPS), fed our int4
+    weight; None when this torch has no such kernel there (said on stdout, not hidden)."""
+    weight, scales, biases = weight.cpu(), scales.cpu(), biases.cpu()
+    try:
+        if device == "cpu":
+            codes = F.unpack(weight, 4, k).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            sz = torch.stack([scales.float().t(), (biases.float() + 8 * scales.float()).t()], -1)
+            sz = sz.to(dtype).contiguous()
+
+            def call(x):
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+        else:  # MPS: PyTorch's Metal int4 kernel, operands packed by torch on the device
+            packed, sz = tinygemm_pack(weight, scales, biases, k, group, device=device)
+            sz = sz.to(dtype)
+
+            def call(x):
+                return torch.ops.aten._weight_int4pack_mm(x, packed, group, sz)
+        return "torch int4pack", call
+    except (RuntimeError, NotImplementedError) as exc:
+        print(f"  torch int4 kernel unavailable on {device}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+        return None
 
 
 def dequant_matmul(fmt: str, group: int, k: int):
@@ -234,7 +265,7 @@ def bench(args) -> dict:
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, 64)
     mlx = None
-    if device == "mps":
+    if device != "cuda" and not args.no_mlx:
         try:
             import mlx.core as mlx  # noqa: F811
         except ImportError:
@@ -258,9 +289,15 @@ def bench(args) -> dict:
                                   for _ in range(reps - 1)]
             quant[fmt] = (group, copies, nbytes(*tensors))
         tiny = None
-        if device == "cuda" and "int4" in quant:
+        if "int4" in quant and quant["int4"][0] == GROUP:
             group, copies, _ = quant["int4"]
-            tiny = [tinygemm_pack(c[0], c[1], c[2], k, group) for c in copies]
+            if device == "cuda":
+                packs = [tinygemm_pack(c[0], c[1], c[2], k, group) for c in copies]
+                tiny = ("tinygemm", [partial(lambda x, p, sz: torch.ops.aten._weight_int4pack_mm(x, p, GROUP, sz),
+                                             p=p, sz=sz) for p, sz in packs])
+            else:
+                got = torch_int4(device, *copies[0][:3], k, group, dtype)
+                tiny = None if got is None else (got[0], [got[1]])
         compiled = {}
         for m in m_values:
             x = (torch.randn(m, k, generator=gen) / math.sqrt(k)).to(device=device, dtype=dtype)
@@ -269,14 +306,14 @@ def bench(args) -> dict:
             add("dense", str(dtype).replace("torch.", ""),
                 timer([partial(TF.linear, x, w_) for w_ in dense_copies]), nbytes(dense_w))
             if tiny is not None:
-                p0, sz0 = tiny[0]
+                name, calls = tiny
                 ref = ops.gemm(x, *quant["int4"][1][0], None, "int4", quant["int4"][0])
-                got = torch.ops.aten._weight_int4pack_mm(x, p0, GROUP, sz0)
+                got = calls[0](x)
                 err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-                add("tinygemm", "int4",
-                    timer([partial(torch.ops.aten._weight_int4pack_mm, x, p, GROUP, sz)
-                           for p, sz in tiny]),
-                    nbytes(p0, sz0), f"rel err vs marlin int4 {err:.1e}")
+                # same weights: a large error means a packing mismatch, not a fast kernel
+                note = f"rel err vs marlin int4 {err:.1e}" + (" (MISMATCH)" if err > 2e-2 else "")
+                add(name, "int4", timer([partial(c, x) for c in calls]),
+                    quant["int4"][2], note)
             for fmt, (group, copies, qbytes) in quant.items():
                 add("marlin", fmt, timer([partial(ops.gemm, x, *c, None, fmt, group)
                                           for c in copies]), qbytes)
@@ -291,13 +328,14 @@ def bench(args) -> dict:
                                 timer([partial(compiled[fmt], x, *c) for c in copies]), qbytes)
                         except Exception as exc:  # noqa: BLE001 - reported in the table
                             print(f"  torch.compile failed: {type(exc).__name__}: {exc}")
-                if mlx is not None and fmt.startswith("int"):
+                if mlx is not None and fmt.startswith("int") and group in (32, 64, 128):
                     bits = F.get_format(fmt).bits
-                    wq, sc, bi = mlx.quantize(mlx.array(w.numpy()).astype(mlx.float16),
-                                              group_size=group, bits=bits)
-                    xm = mlx.array(x.float().cpu().numpy()).astype(mlx.float16)
+                    mdt = mlx.float16 if dtype == torch.float16 else mlx.float32
+                    wq, sc, bi = mlx.quantize(mlx.array(w.numpy()).astype(mdt), group_size=group, bits=bits)
+                    xm = mlx.array(x.float().cpu().numpy()).astype(mdt)
                     run_mlx = partial(mlx_matmul, mlx, xm, wq, sc, bi, group, bits)
-                    add("mlx", fmt, time_wall([run_mlx], lambda: None), qbytes)
+                    add("mlx", fmt, time_wall([run_mlx], lambda: None), qbytes,
+                        f"mlx {mlx.default_device()}")
     dense = {(r["K"], r["N"], r["M"]): r["ms"] for r in rows if r["method"] == "dense"}
     for r in rows:
         r["ratio_to_dense"] = dense[(r["K"], r["N"], r["M"])] / r["ms"]
@@ -386,6 +424,7 @@ def main(argv: list[str] | None = None) -> None:
                         "int8, fp8_e4m3)")
     p.add_argument("--compiled-formats", default="int4",
                    help="formats that also get the torch.compile'd dequantize+matmul row (CUDA)")
+    p.add_argument("--no-mlx", action="store_true", help="skip the MLX rows even when mlx is importable")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--markdown", help="write the table as markdown here")
     args = p.parse_args(argv)

@@ -2,7 +2,7 @@
 # Compile the Objective-C++ Metal glue (csrc/metal/*.mm) with -fsyntax-only on Linux, against
 # the real torch headers (ATen/mps/*) and the minimal Apple framework declarations in
 # csrc/metal/syntax_stubs, so C++ and torch-API mistakes fail CI without a Mac. The generated
-# shader header is produced the way metal_build.py produces it for the real build.
+# shader header is produced the way metal_marlin_torch/build/ produces it for the real build.
 # Usage: scripts/check_objc_syntax.sh [file.mm ...]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,7 +10,15 @@ CXX="${METAL_MARLIN_EMU_CXX:-clang++-19}"
 PY="${PYTHON:-python3}"
 GEN="$(mktemp -d)"
 trap 'rm -rf "$GEN"' EXIT
-"$PY" -c "import sys; sys.path.insert(0, '$ROOT'); import metal_build; metal_build.embed_shaders(__import__('pathlib').Path('$GEN'))"
+# _metal_sources.py imports no torch and nothing of the package: load it by path.
+"$PY" - "$ROOT" "$GEN" <<'PYEOF'
+import importlib.util, pathlib, sys
+root, gen = map(pathlib.Path, sys.argv[1:3])
+spec = importlib.util.spec_from_file_location("_metal_sources", root / "metal_marlin_torch" / "_metal_sources.py")
+mod = sys.modules["_metal_sources"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+mod.embed_shaders(gen, root)
+PYEOF
 mapfile -t TORCH_INC < <("$PY" -c "from torch.utils import cpp_extension as c; print('\n'.join(c.include_paths()))")
 PY_INC="$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")"
 ABI="$("$PY" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")"

@@ -60,7 +60,7 @@ METAL_FUNC void dequantize_impl(device const uint* weight, device const uchar* s
 
 #define instantiate_dequantize_types(fmt_name, Fmt, gs_name, gs)          \
   instantiate_dequantize(fmt_name, Fmt, float16, half, gs_name, gs)       \
-  instantiate_dequantize(fmt_name, Fmt, bfloat16, bfloat, gs_name, gs)    \
+  MARLIN_IF_BFLOAT(instantiate_dequantize(fmt_name, Fmt, bfloat16, bfloat, gs_name, gs)) \
   instantiate_dequantize(fmt_name, Fmt, float32, float, gs_name, gs)
 
 // The standard group sizes of docs/FORMAT.md §3 (32, 64, 128, 256, per-channel).

@@ -1,5 +1,6 @@
 // dequantize kernels, one row per format (the table of docs/FORMAT.md §3).
 #include "dequantize.h"
+#include "bfloat.h"
 
 instantiate_dequantize_groups(fp4, fp4_format)
 instantiate_dequantize_types(mxfp4, mxfp4_format, 32, 32)

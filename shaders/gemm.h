@@ -649,7 +649,7 @@ METAL_FUNC void gemm_reduce_impl(device const float* partials, device const floa
 // Stacks: activation types, then the standard group sizes (docs/FORMAT.md §3).
 #define instantiate_gemm_types(inst, fmt_name, Fmt, gs_name, gs) \
   inst(fmt_name, Fmt, float16, half, gs_name, gs)                 \
-  inst(fmt_name, Fmt, bfloat16, bfloat, gs_name, gs)              \
+  MARLIN_IF_BFLOAT(inst(fmt_name, Fmt, bfloat16, bfloat, gs_name, gs)) \
   inst(fmt_name, Fmt, float32, float, gs_name, gs)
 
 #define instantiate_gemm_groups(inst, fmt_name, Fmt)           \

@@ -1,6 +1,7 @@
 // kv_dequantize / kv_dequantize_seq kernel (one per bit width; any head_dim) and the decode
 // attention kernels (bits x head_dim 32..512) with their chunk-merge kernel.
 #include "kv.h"
+#include "bfloat.h"
 
 instantiate_kv_dequantize(4)
 instantiate_kv_dequantize(5)

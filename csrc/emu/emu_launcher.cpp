@@ -12,6 +12,7 @@
 #include <memory>
 #include <stdexcept>
 
+#include "emu/emu_families.h"
 #include "emu/runtime.h"
 
 namespace marlin {
@@ -51,7 +52,14 @@ class GuardedRegion {
   size_t size_ = 0, total_ = 0, page_ = 0;
 };
 
+// Start of a tensor's storage: bindings locate their bytes from here by their byte_offset.
+char* storage_bytes(const at::Tensor& t) { return static_cast<char*>(t.storage().mutable_data()); }
+
 }  // namespace
+
+void EmuLauncher::require_kernel(const std::string& name) {
+  if (families_) emu_require_kernel(name);
+}
 
 void EmuLauncher::check_index(int index) {
   TORCH_CHECK(index >= 0 && index < 31, "metal_emu: buffer index must be 0..30, got ", index);
@@ -73,12 +81,13 @@ void EmuLauncher::run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {
   spec.dispatch_threads = dispatch_threads;
   std::vector<std::unique_ptr<GuardedRegion>> regions;
   for (const Binding& b : bindings_) {
-    const size_t size = b.tensor.defined() ? b.tensor.numel() * b.tensor.element_size() : b.bytes.size();
-    // setBytes arguments start at a fresh (aligned) buffer; tensors where their storage offset says.
-    const size_t byte_offset =
-        b.tensor.defined() ? size_t(b.tensor.storage_offset()) * b.tensor.element_size() : 0;
+    // Offset and size come from the shared host code (launcher.h), as Metal's setBuffer:offset:
+    // gets them: a byte/element mix-up there copies the wrong bytes here and fails the tests.
+    const size_t size = b.byte_size;
+    const size_t byte_offset = b.tensor.defined() ? b.byte_offset : 0;
     auto r = std::make_unique<GuardedRegion>(size, byte_offset);
-    const void* src = b.tensor.defined() ? b.tensor.const_data_ptr() : b.bytes.data();
+    const void* src = b.tensor.defined() ? static_cast<const void*>(storage_bytes(b.tensor) + b.byte_offset)
+                                         : static_cast<const void*>(b.bytes.data());
     if (b.access == Access::Write) {
       std::memset(r->data(), 0xFF, size);  // NaN in every float type: unwritten outputs show
     } else if (size) {
@@ -103,12 +112,12 @@ void EmuLauncher::run(Dim3 grid, Dim3 threadgroup, bool dispatch_threads) {
     const Binding& b = bindings_[i];
     const GuardedRegion& r = *regions[i];
     if (!b.tensor.defined() || r.size() == 0) continue;
+    char* dst = storage_bytes(b.tensor) + b.byte_offset;
     if (b.access == Access::Read) {
-      TORCH_CHECK(std::memcmp(r.data(), b.tensor.const_data_ptr(), r.size()) == 0,
-                  "metal_emu: kernel '", kernel_, "' wrote to read-only buffer(", b.index, ") '",
-                  b.name, "'");
+      TORCH_CHECK(std::memcmp(r.data(), dst, r.size()) == 0, "metal_emu: kernel '", kernel_,
+                  "' wrote to read-only buffer(", b.index, ") '", b.name, "'");
     } else {
-      std::memcpy(b.tensor.data_ptr(), r.data(), r.size());
+      std::memcpy(dst, r.data(), r.size());
     }
   }
   bindings_.clear();

@@ -1,11 +1,41 @@
 // marlin_emu::*: the marlin ops' host code (csrc/ops) driven by the emulator's Launcher, for
 // CPU tensors. Same schemas as marlin:: (metal_marlin_torch/ops/library.py) and the same
 // wrappers and impl list as the Metal glue (csrc/ops/registration.h), plus
-// fake_quantize_variant (pick the vec or block kernel), _gemm_plan and _host_kernel_names.
+// fake_quantize_variant (pick the vec or block kernel), _gemm_plan and _host_kernel_names, and
+// the kernel-family hooks (csrc/ops/families.h, csrc/emu/emu_families.h): _families,
+// _reject_family, _set_bfloat, _reset_families, _kernel_family, _msl_choice.
 #include <torch/library.h>
 
+#include <string>
+#include <vector>
+
+#include "emu/emu_families.h"
 #include "emu/emu_launcher.h"
+#include "ops/families.h"
 #include "ops/registration.h"
+
+namespace {
+
+std::vector<std::string> families() { return marlin::emu_family_table().describe(); }
+
+void reject_family(std::string family, std::string message) { marlin::emu_set_family_rejection(family, message); }
+
+void set_bfloat(bool available) { marlin::emu_set_bfloat(available); }
+
+void reset_families() { marlin::emu_family_table().reset(); }
+
+std::string kernel_family(std::string kernel) {
+  const int f = marlin::kernel_family(kernel);
+  return f < 0 ? "" : marlin::kKernelFamilies[f].name;
+}
+
+// [MSL major, minor, bfloat, mathMode API] for a macOS version (what the Metal glue chooses).
+std::vector<int64_t> msl_choice(int64_t macos_major, int64_t macos_minor) {
+  const marlin::MslChoice c = marlin::choose_msl(int(macos_major), int(macos_minor));
+  return {c.major, c.minor, c.bfloat, c.math_mode_api};
+}
+
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("dequantize(Tensor weight, Tensor scales, Tensor? biases, Tensor? global_scale, "
@@ -28,6 +58,12 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
         "Tensor codebook, SymInt length, int bits, float scale) -> Tensor");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
+  m.def("_families() -> str[]", &families);
+  m.def("_reject_family(str family, str message) -> ()", &reject_family);
+  m.def("_set_bfloat(bool available) -> ()", &set_bfloat);
+  m.def("_reset_families() -> ()", &reset_families);
+  m.def("_kernel_family(str kernel) -> str", &kernel_family);
+  m.def("_msl_choice(int macos_major, int macos_minor) -> int[]", &msl_choice);
 }
 
 TORCH_LIBRARY_IMPL(marlin_emu, CPU, m) {

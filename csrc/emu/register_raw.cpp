@@ -24,7 +24,7 @@ void raw_launch(const std::string& kernel, const std::vector<at::Tensor>& buffer
   TORCH_CHECK(buffers.size() == indices.size() && buffers.size() == access.size(),
               "_launch: buffers, indices and access must have the same length");
   TORCH_CHECK(grid.size() == 3 && threadgroup.size() == 3, "_launch: grid and threadgroup need 3 values");
-  marlin::EmuLauncher l;
+  marlin::EmuLauncher l(/*families=*/false);  // engine test kernels belong to no kernel family
   l.set_kernel(kernel);
   for (size_t i = 0; i < buffers.size(); ++i) {
     const auto a = access[i] == "r" ? marlin::Access::Read

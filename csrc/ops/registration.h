@@ -3,6 +3,13 @@
 // registers them for MPS tensors under marlin:: (schemas from metal_marlin_torch/ops/library.py),
 // csrc/emu for CPU tensors under marlin_emu:: (same schemas, defined there). So adding an op means
 // one wrapper and one line here, not one per backend.
+//
+// Fallback: when the host code picks a kernel that the backend cannot run (its family's library
+// was rejected by the compiler, or a bf16 kernel on an OS without bfloat: families.h), the
+// Launcher throws KernelUnavailable from set_kernel, before anything is encoded, and the wrapper
+// runs the op's pure-torch kernel instead: marlin_torch::<op>, the same schema, registered for
+// CPU and MPS by metal_marlin_torch/ops/registry.py (which also logs the family's first fallback
+// and reports it in backend_info()). The emulator runs exactly this code, so its tests cover it.
 #pragma once
 
 #include <torch/library.h>
@@ -10,10 +17,28 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "ops/families.h"
 #include "ops/ops.h"
 
 namespace marlin {
+
+// Namespace of the pure-torch kernels the wrappers fall back to.
+inline constexpr const char kTorchFallbackNamespace[] = "marlin_torch";
+
+// Calls marlin_torch::<op>(args...) through the dispatcher (boxed: one helper for every schema,
+// SymInt arguments included); returns the stack of results.
+template <class... A>
+std::vector<c10::IValue> call_torch_kernel(const char* op, const A&... args) {
+  const std::string name = std::string(kTorchFallbackNamespace) + "::" + op;
+  const auto handle = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+  std::vector<c10::IValue> stack;
+  stack.reserve(sizeof...(A));
+  (stack.emplace_back(args), ...);
+  handle.callBoxed(stack);
+  return stack;
+}
 
 // Static wrappers with the ops' schema signatures (what torch::Library::impl unboxes into).
 template <class L>
@@ -22,69 +47,117 @@ struct OpsOn {
                                const std::optional<at::Tensor>& biases,
                                const std::optional<at::Tensor>& global_scale, std::string format,
                                int64_t group_size, int64_t in_features, at::ScalarType dtype) {
-    L l;
-    return marlin::dequantize(l, weight, scales, biases, global_scale, format, group_size, in_features, dtype);
+    try {
+      L l;
+      return marlin::dequantize(l, weight, scales, biases, global_scale, format, group_size, in_features, dtype);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("dequantize", weight, scales, biases, global_scale, format, group_size, in_features,
+                               dtype)[0]
+          .toTensor();
+    }
   }
 
   static at::Tensor fake_quantize(const at::Tensor& x, int64_t bits) {
-    L l;
-    return marlin::fake_quantize(l, x, bits);
+    try {
+      L l;
+      return marlin::fake_quantize(l, x, bits);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("fake_quantize", x, bits)[0].toTensor();
+    }
   }
 
   // Not a marlin:: op: each backend registers it in its own namespace (benchmarks and tests pick
   // the vec or block kernel with it).
   static at::Tensor fake_quantize_variant(const at::Tensor& x, int64_t bits, std::string variant) {
-    L l;
-    return marlin::fake_quantize(l, x, bits, parse_fake_quantize_variant(variant));
+    try {
+      L l;
+      return marlin::fake_quantize(l, x, bits, parse_fake_quantize_variant(variant));
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("fake_quantize", x, bits)[0].toTensor();
+    }
   }
 
   static at::Tensor hadamard(const at::Tensor& x, int64_t block) {
-    L l;
-    return marlin::hadamard(l, x, block);
+    try {
+      L l;
+      return marlin::hadamard(l, x, block);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("hadamard", x, block)[0].toTensor();
+    }
   }
 
   static at::Tensor gemm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scales,
                          const std::optional<at::Tensor>& biases, const std::optional<at::Tensor>& global_scale,
                          const std::optional<at::Tensor>& bias, std::string format, int64_t group_size) {
-    L l;
-    return marlin::gemm(l, x, weight, scales, biases, global_scale, bias, format, group_size);
+    try {
+      L l;
+      return marlin::gemm(l, x, weight, scales, biases, global_scale, bias, format, group_size);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("gemm", x, weight, scales, biases, global_scale, bias, format, group_size)[0].toTensor();
+    }
   }
 
   static void kv_quantize(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& packed,
                           const at::Tensor& norms, const at::Tensor& codebook, int64_t bits) {
-    L l;
-    marlin::kv_quantize(l, x, positions, packed, norms, codebook, bits);
+    try {
+      L l;
+      marlin::kv_quantize(l, x, positions, packed, norms, codebook, bits);
+    } catch (const KernelUnavailable&) {
+      call_torch_kernel("kv_quantize", x, positions, packed, norms, codebook, bits);
+    }
   }
 
   static at::Tensor kv_dequantize(const at::Tensor& packed, const at::Tensor& norms, const at::Tensor& codebook,
                                   int64_t pos, int64_t bits) {
-    L l;
-    return marlin::kv_dequantize(l, packed, norms, codebook, pos, bits);
+    try {
+      L l;
+      return marlin::kv_dequantize(l, packed, norms, codebook, pos, bits);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("kv_dequantize", packed, norms, codebook, pos, bits)[0].toTensor();
+    }
   }
 
   static void kv_dequantize_out(const at::Tensor& packed, const at::Tensor& norms, const at::Tensor& codebook,
                                 int64_t pos, int64_t bits, const at::Tensor& out) {
-    L l;
-    marlin::kv_dequantize_out(l, packed, norms, codebook, pos, bits, out);
+    try {
+      L l;
+      marlin::kv_dequantize_out(l, packed, norms, codebook, pos, bits, out);
+    } catch (const KernelUnavailable&) {
+      call_torch_kernel("kv_dequantize_out", packed, norms, codebook, pos, bits, out);
+    }
   }
 
   static at::Tensor kv_dequantize_seq(const at::Tensor& packed, const at::Tensor& norms, const at::Tensor& codebook,
                                       int64_t start, int64_t n, int64_t bits) {
-    L l;
-    return marlin::kv_dequantize_seq(l, packed, norms, codebook, start, n, bits);
+    try {
+      L l;
+      return marlin::kv_dequantize_seq(l, packed, norms, codebook, start, n, bits);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("kv_dequantize_seq", packed, norms, codebook, start, n, bits)[0].toTensor();
+    }
   }
 
   static void kv_dequantize_seq_out(const at::Tensor& packed, const at::Tensor& norms, const at::Tensor& codebook,
                                     int64_t start, int64_t n, int64_t bits, const at::Tensor& out) {
-    L l;
-    marlin::kv_dequantize_seq_out(l, packed, norms, codebook, start, n, bits, out);
+    try {
+      L l;
+      marlin::kv_dequantize_seq_out(l, packed, norms, codebook, start, n, bits, out);
+    } catch (const KernelUnavailable&) {
+      call_torch_kernel("kv_dequantize_seq_out", packed, norms, codebook, start, n, bits, out);
+    }
   }
 
   static at::Tensor kv_attention(const at::Tensor& q, const at::Tensor& k_packed, const at::Tensor& k_norms,
                                  const at::Tensor& v_packed, const at::Tensor& v_norms, const at::Tensor& codebook,
                                  int64_t length, int64_t bits, double scale) {
-    L l;
-    return marlin::kv_attention(l, q, k_packed, k_norms, v_packed, v_norms, codebook, length, bits, scale);
+    try {
+      L l;
+      return marlin::kv_attention(l, q, k_packed, k_norms, v_packed, v_norms, codebook, length, bits, scale);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("kv_attention", q, k_packed, k_norms, v_packed, v_norms, codebook, length, bits,
+                               scale)[0]
+          .toTensor();
+    }
   }
 };
 

@@ -1,4 +1,4 @@
-"""The ``marlin`` command: ``marlin quantize | info | demo | ...``.
+"""The ``marlin`` command: ``marlin quantize | info | demo | doctor | selftest | build | ...``.
 
 Each command is a module of this package with ``add_parser(subparsers)``, which registers its
 sub-parser and sets ``func``; :data:`COMMANDS` lists them in help order.
@@ -11,7 +11,8 @@ import importlib
 import logging
 import sys
 
-COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf", "eval")
+COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf", "eval", "doctor",
+                             "selftest", "build")
 
 
 def build_parser() -> argparse.ArgumentParser:

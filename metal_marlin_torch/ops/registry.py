@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .._native import load_extension
+from .._native import load_extension, note_fallback
 from . import kv, moe, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
@@ -84,6 +84,31 @@ def register_torch_kernels(device_types: tuple[str, ...], ops=SCHEMAS) -> None:
         key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}[device_type]
         for op in ops:
             LIB.impl(op, _routed(op, device_type), key)
+
+
+# The pure-torch kernels the C++ op wrappers fall back to when a kernel family cannot run on
+# the backend (csrc/ops/registration.h: rejected by the Metal compiler, or bf16 without bfloat):
+# marlin_torch::<op>, the same schemas, for MPS (the Metal glue) and CPU (the emulator). They
+# report the fallback (logged once per family, shown by backend_info()) and run the reference.
+FALLBACK_NAMESPACE = "marlin_torch"
+_FALLBACK_LIB = torch.library.Library(FALLBACK_NAMESPACE, "DEF")
+
+
+def _fallback(op: str, device_type: str) -> Callable:
+    ref = REFERENCE[op]
+
+    def kernel(*args):
+        note_fallback(op, device_type)
+        return ref(*args)
+
+    kernel.__name__ = f"{op}_{device_type}_fallback"
+    return kernel
+
+
+for _op, _schema in SCHEMAS.items():
+    _FALLBACK_LIB.define(_schema)
+    for _dt, _key in (("cpu", "CPU"), ("mps", "MPS")):
+        _FALLBACK_LIB.impl(_op, _fallback(_op, _dt), _key)
 
 
 def _has_metal_kernel(op: str) -> bool:

@@ -32,7 +32,8 @@ METAL_FUNC float e8m0_to_float(uint e) {
 METAL_FUNC float load_scale(device const uchar* p, uint i, uint kind) {
   switch (kind) {
     case MARLIN_SCALE_F16: return float(((device const half*)p)[i]);
-    case MARLIN_SCALE_BF16: return float(((device const bfloat*)p)[i]);
+    // bf16 is the upper half of a float: exact, and needs no `bfloat` type (MSL 3.0 has none).
+    case MARLIN_SCALE_BF16: return as_type<float>(uint(((device const ushort*)p)[i]) << 16);
     case MARLIN_SCALE_F32: return ((device const float*)p)[i];
     case MARLIN_SCALE_E4M3: return fp8_e4m3_to_float(p[i]);
     default: return e8m0_to_float(p[i]);

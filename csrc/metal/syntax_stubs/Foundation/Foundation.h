@@ -29,3 +29,10 @@ typedef signed char BOOL;
 @end
 @interface NSDictionary : NSObject
 @end
+typedef struct {
+  NSInteger majorVersion, minorVersion, patchVersion;
+} NSOperatingSystemVersion;
+@interface NSProcessInfo : NSObject
++ (NSProcessInfo*)processInfo;
+@property(readonly) NSOperatingSystemVersion operatingSystemVersion;
+@end

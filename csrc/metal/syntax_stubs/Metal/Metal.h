@@ -12,6 +12,17 @@ static inline MTLSize MTLSizeMake(NSUInteger w, NSUInteger h, NSUInteger d) {
 typedef NS_ENUM(NSUInteger, MTLLanguageVersion){
     MTLLanguageVersion3_0 = (3 << 16) + 0,
     MTLLanguageVersion3_1 = (3 << 16) + 1,
+    MTLLanguageVersion3_2 = (3 << 16) + 2,
+    MTLLanguageVersion4_0 = (4 << 16) + 0,
+};
+typedef NS_ENUM(NSInteger, MTLMathMode){
+    MTLMathModeSafe = 0,
+    MTLMathModeRelaxed = 1,
+    MTLMathModeFast = 2,
+};
+typedef NS_ENUM(NSInteger, MTLMathFloatingPointFunctions){
+    MTLMathFloatingPointFunctionsFast = 0,
+    MTLMathFloatingPointFunctionsPrecise = 1,
 };
 
 @protocol MTLFunction <NSObject>
@@ -43,6 +54,8 @@ typedef void (^MTLCommandBufferHandler)(id<MTLCommandBuffer>);
 @interface MTLCompileOptions : NSObject
 @property(readwrite) MTLLanguageVersion languageVersion;
 @property(readwrite) BOOL fastMathEnabled;
+@property(readwrite) MTLMathMode mathMode;
+@property(readwrite) MTLMathFloatingPointFunctions mathFloatingPointFunctions;
 @end
 @protocol MTLDevice <NSObject>
 - (id<MTLLibrary>)newLibraryWithURL:(NSURL*)url error:(NSError**)error;

@@ -1,0 +1,65 @@
+"""The Mac benchmark kit runs on Linux too (CPU rows), so it is tested: tiny sizes, no timing claims."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_decode, bench_gemm  # noqa: E402
+
+HAVE_MLX = importlib.util.find_spec("mlx") is not None
+
+
+def test_bench_gemm_cpu_has_torch_int4_and_mlx_rows(tmp_path):
+    out = tmp_path / "gemm.json"
+    bench_gemm.main(["--device", "cpu", "--shapes", "256x128", "--m", "1,3", "--formats", "int4",
+                     "--json", str(out)])
+    result = json.loads(out.read_text())
+    methods = {(r["method"], r["M"]) for r in result["rows"]}
+    assert {("dense", 1), ("marlin", 3), ("torch int4pack", 1), ("torch int4pack", 3)} <= methods
+    for r in result["rows"]:
+        assert r["ms"] > 0 and r["ratio_to_dense"] > 0
+        if r["method"] == "torch int4pack":
+            # the same int4 weights through torch's kernel: agrees with marlin.gemm (fp32 on CPU)
+            err = float(r["note"].split("marlin int4 ")[1].split()[0])
+            assert err < 1e-5 and "MISMATCH" not in r["note"]
+    if HAVE_MLX:
+        assert ("mlx", 1) in methods
+
+
+def test_bench_decode_cpu_tiny_model(tmp_path):
+    model_dir = tmp_path / "tiny"
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(model_dir)
+    out = tmp_path / "decode.json"
+    result = bench_decode.main(["--model", str(model_dir), "--device", "cpu", "--methods", "dense,int4,fp4,mlx",
+                                "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == {"dense", "marlin:int4", "marlin:fp4", "mlx"}
+    for name in ("dense", "marlin:int4", "marlin:fp4"):
+        r = rows[name]
+        # a rate, or None when this shared machine timed t(3) <= t(1) (the row then says "noise")
+        assert (r["decode_tok_s"] is None or r["decode_tok_s"] > 0) and r["prefill_ms"] > 0
+        assert len(r["tokens"]) == 3
+        assert 0 <= r["agree"] <= 1
+    assert rows["dense"]["agree"] == 1.0
+    # 4-bit weights: the quantized linears hold about a quarter of their fp32 bytes
+    assert rows["marlin:int4"]["model_MiB"] < rows["dense"]["model_MiB"]
+    assert "skipped" in rows["mlx"] or rows["mlx"]["prefill_ms"] > 0
+    assert result["machine"]["load_average"] is not None
+
+
+def test_bench_decode_rejects_one_token():
+    with pytest.raises(SystemExit):
+        bench_decode.main(["--model", "x", "--new-tokens", "1"])

@@ -42,6 +42,29 @@ def load_any(path: str, device: str):
     return load_pretrained(path).to(device)
 
 
+def check_same_vocabulary(model, ref, args: argparse.Namespace) -> None:
+    """ValueError when MODEL and ``--reference`` do not share a vocabulary (KL and top-1 compare
+    distributions over the same token ids; embeddings need the same tokenization)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    def vocab(m) -> int | None:
+        emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
+        return None if emb is None else int(emb.weight.shape[0])
+
+    a, b = vocab(model), vocab(ref)
+    if a != b:
+        raise ValueError(f"--reference {args.reference} has a vocabulary of {b} tokens, MODEL {args.model} one of "
+                         f"{a}: they must be the same model's quantized and unquantized versions")
+    try:
+        mine = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    except (OSError, ValueError):
+        return  # MODEL has no tokenizer files of its own: the reference's is used
+    theirs = AutoTokenizer.from_pretrained(args.reference, local_files_only=True)
+    if mine.get_vocab() != theirs.get_vocab():
+        raise ValueError(f"--reference {args.reference} has another tokenizer than MODEL {args.model} (same size, "
+                         f"different tokens): they must be the same model's quantized and unquantized versions")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
     from transformers import AutoTokenizer  # noqa: PLC0415
@@ -53,9 +76,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("marlin eval: give --text (causal LM) or --sentences (encoder), exactly one")
     if args.sentences is not None and args.reference is None:
         raise ValueError("marlin eval: --sentences needs --reference (cosine against the unquantized model)")
+    from .generate import require_causal_lm  # noqa: PLC0415
+
+    for path, flag in ((args.model, "MODEL"), (args.reference, "--reference")):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {path} is not a model directory: no config.json")
     tok = AutoTokenizer.from_pretrained(args.reference or args.model, local_files_only=True)
     model = load_any(args.model, args.device).float().eval()
+    if args.text is not None:
+        require_causal_lm(model, args.model, "eval --text (perplexity)")
     ref = load_any(args.reference, args.device).float().eval() if args.reference else None
+    if ref is not None:
+        check_same_vocabulary(model, ref, args)
     if args.sentences is not None:
         sentences = [s for s in Path(args.sentences).read_text().splitlines() if s.strip()]
         if not sentences:

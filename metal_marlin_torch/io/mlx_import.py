@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import formats as F
 from ..dtypes import DTypeConfig
-from .checkpoint import CONFIG_FILE, checkpoint_files, convert_to_marlin, load_state
+from .checkpoint import CONFIG_FILE, check_files, checkpoint_files, convert_to_marlin, load_state
 from .skeleton import hf_skeleton
 
 MLX_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
@@ -195,12 +195,17 @@ def import_mlx(path: str | os.PathLike, device: str | torch.device = "cpu",
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"import_mlx: {cfg_file} not found")
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"import_mlx: {cfg_file} is not valid JSON: {err}") from None
     qcfg = config.get("quantization") or config.get("quantization_config")
     if not isinstance(qcfg, dict) or "bits" not in qcfg and "mode" not in qcfg:
         raise ValueError(f"import_mlx: {cfg_file} has no MLX 'quantization' entry (bits, group_size)")
     raw: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(path, "import_mlx", any_name=True):
+    files = checkpoint_files(path, "import_mlx", any_name=True)
+    check_files(files, "import_mlx")  # truncated or corrupt files: one clear error
+    for file in files:
         with safe_open(str(file), framework="pt") as f:
             raw.update({k: f.get_tensor(k) for k in f.keys()})
     if model is None:

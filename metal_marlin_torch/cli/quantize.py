@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from .. import formats as F
@@ -21,9 +22,9 @@ def shard_size(text: str) -> int:
     try:
         value = int(float(num) * units[t[len(num):]])
     except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"expected bytes like 2000000000, 500MB or 2GiB, got {text!r}") from None
+        raise ValueError(f"--max-shard-size: expected bytes like 2000000000, 500MB or 2GiB, got {text!r}") from None
     if value < MIN_SHARD_BYTES:
-        raise argparse.ArgumentTypeError(f"must be at least 1 MiB ({MIN_SHARD_BYTES} bytes), got {text!r}")
+        raise ValueError(f"--max-shard-size must be at least 1 MiB ({MIN_SHARD_BYTES} bytes), got {text!r}")
     return value
 
 
@@ -40,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                    help="module names to leave unquantized (repeatable; default lm_head and embeddings)")
     p.add_argument("--scales", default="fp16", choices=("fp16", "fp32"), help="scale dtype")
-    p.add_argument("--max-shard-size", type=shard_size, default=DEFAULT_SHARD_BYTES,
-                   help="bytes per safetensors shard (in-memory path; streaming keeps the source's sharding)")
+    p.add_argument("--max-shard-size", default=str(DEFAULT_SHARD_BYTES),
+                   help="bytes per safetensors shard, e.g. 2000000000, 500MB or 2GiB; at least 1 MiB (in-memory "
+                        "path; streaming keeps the source's sharding)")
     p.add_argument("--stream", dest="stream", action="store_true", default=None,
                    help="quantize shard by shard, never loading the model (default for sharded sources with "
                         "--method rtn); an interrupted run resumes when started again")
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         method_options=gptq_options(args) if args.method != "rtn" else {},
     )
     # the cheap checks first: a bad path should not cost a quantization run
+    max_shard_size = shard_size(args.max_shard_size)
     check_source(args.src, "SRC")
     check_output_dir(args.out, "OUT")
     if args.stream is None:
@@ -114,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     # the checkpoint's own dtype: tensors that stay unquantized (embeddings, norms) keep their size
     model = load_pretrained(args.src)
     work_dir = args.work_dir or f"{Path(args.out)}.work"
+    # skipped layers are listed below (print_skipped); quantize_model's own warnings would repeat them
+    warnings.filterwarnings("ignore", message="metal_marlin_torch: leaving", category=UserWarning)
     try:
         if args.method == "rtn":
             summary = quantize_model(model, config)
@@ -125,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                                      device=args.device or default_device(), work_dir=work_dir)
         print(summary)
         print_skipped(summary.skipped)
-        out = save_quantized(model, args.out, max_shard_size=args.max_shard_size,
+        out = save_quantized(model, args.out, max_shard_size=max_shard_size,
                              extra_config={"method": args.method, "config": config.to_dict()},
                              copy_files=tokenizer_files(args.src))
     except OSError as err:

@@ -96,7 +96,13 @@ def staged_dir(out: str | os.PathLike, who: str) -> Iterator[Path]:
         shutil.rmtree(stage)
     stage.mkdir()
     try:
-        yield stage
+        try:
+            yield stage
+        except OSError as err:  # name the output the user asked for, not the hidden staging folder
+            name = str(err.filename or "")
+            if name.startswith(str(stage)):
+                raise OSError(err.errno, err.strerror, str(out) + name[len(str(stage)):]) from err
+            raise
         if not out.exists():
             os.rename(stage, out)
         else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,20 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
         shards[-1][name] = t
         size += nbytes
     return shards
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures raised as the ``OSError`` they
+    are (safetensors reports a full disk as ``SafetensorError("... I/O error: No space left on
+    device (os error 28)")``), so callers and the CLI can tell a full disk from a bug."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        m = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(err))
+        if m is None:
+            raise
+        raise OSError(int(m.group(2)), m.group(1), str(path)) from err
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -210,7 +225,7 @@ def save_quantized(
     out = Path(path)
     with staged_dir(out, "save_quantized") as stage:
         for name, shard in zip(names, shards, strict=True):
-            save_file(shard, str(stage / name), metadata=shard_metadata(shard, layers))
+            write_safetensors(shard, stage / name, metadata=shard_metadata(shard, layers))
         if len(shards) > 1:
             weight_map = {t: n for n, shard in zip(names, shards, strict=True) for t in shard}
             total = sum(t.numel() * t.element_size() for t in state.values())

@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -50,6 +49,7 @@ from .checkpoint import (
     checkpoint_files,
     read_header,
     shard_metadata,
+    write_safetensors,
 )
 from .hf import copy_tokenizer
 from .skeleton import hf_skeleton
@@ -289,7 +289,7 @@ def quantize_checkpoint(
                 del t
                 bar.update(1)
         with atomic_path(out / name) as tmp:
-            save_file(tensors, str(tmp), metadata=shard_metadata(tensors, layers))
+            write_safetensors(tensors, tmp, metadata=shard_metadata(tensors, layers))
         manifest.record(name, {"bytes": (out / name).stat().st_size,
                                "tensors": {k: v.numel() * v.element_size() for k, v in tensors.items()}})
         summary.shards_written += 1

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..dtypes import DTypeConfig, resolve
 from ..io.atomic import atomic_path, write_json
+from ..io.checkpoint import write_safetensors
 from ..nn.config import LayerPlan
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
@@ -264,7 +264,7 @@ def save_block(path: Path, block: nn.Module) -> None:
     """Write the block's quantized layers to ``path`` atomically."""
     tensors, layers = _block_tensors(block)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers)})
+        write_safetensors(tensors, tmp, metadata={"layers": json.dumps(layers)})
 
 
 def load_block(path: Path, block: nn.Module, dtype_config: DTypeConfig, device) -> list[str]:

@@ -216,6 +216,14 @@ def import_mlx(path: str | os.PathLike, device: str | torch.device = "cpu",
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     quantized = sorted(k[: -len(".scales")] for k in raw if k.endswith(".scales"))
+    orphans = sorted(k[: -len(".weight")] for k, t in raw.items() if k.endswith(".weight")
+                     and t.dtype in (torch.uint32, torch.int32) and k[: -len(".weight")] not in quantized)
+    if orphans:
+        raise ValueError(f"import_mlx: layer {orphans[0]!r} has a packed (uint32) weight but no scales "
+                         f"({len(orphans)} such layers): the checkpoint is incomplete")
+    missing = [f"{n}.weight" for n in quantized if f"{n}.weight" not in raw]
+    if missing:
+        raise ValueError(f"import_mlx: scales without their packed weight: {missing[:8]}")
     for name in quantized:
         params = _quant_params(qcfg, name)
         qt, info = convert_mlx_tensors(raw.pop(f"{name}.weight"), raw.pop(f"{name}.scales"),

@@ -168,7 +168,9 @@ def _quant_params(qcfg: dict[str, Any], layer: str) -> dict[str, Any]:
               "mode": qcfg.get("mode", "affine")}
     override = qcfg.get(layer)
     if isinstance(override, dict):
-        params.update({k: override[k] for k in ("bits", "group_size", "mode") if k in override})
+        # mlx-lm's mixed predicates (mixed_3_6, ...) write ``"group_size": null`` per layer,
+        # meaning "the model's default": only the values actually given override it
+        params.update({k: override[k] for k in ("bits", "group_size", "mode") if override.get(k) is not None})
     return params
 
 

@@ -111,9 +111,11 @@ def requantize(layer: MarlinLinear, w: torch.Tensor) -> MarlinLinear:
     return new
 
 
-def _dense_linear(layer: MarlinLinear, w: torch.Tensor) -> nn.Linear:
+def _dense_linear(layer: MarlinLinear, w: torch.Tensor, dtype: torch.dtype) -> nn.Linear:
+    """``nn.Linear`` holding ``w`` (and the layer's bias) in ``dtype`` (the adapter's: the
+    dtype the rest of the model computes in)."""
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                      device=w.device, dtype=layer.dtype_config.torch_activations)
+                      device=w.device, dtype=dtype)
     with torch.no_grad():
         dense.weight.copy_(w)
         if layer.bias is not None:
@@ -153,7 +155,8 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
     def _replace_base(self, w: torch.Tensor, delta: torch.Tensor, adapter: str) -> None:
         base = self.get_base_layer()
         if _DENSE["on"] or not isinstance(base, MarlinLinear):
-            new: nn.Module = _dense_linear(base, w) if isinstance(base, MarlinLinear) else base
+            dtype = self.lora_A[adapter].weight.dtype
+            new: nn.Module = _dense_linear(base, w, dtype) if isinstance(base, MarlinLinear) else base
             if not isinstance(base, MarlinLinear):  # already dense (an earlier dense merge)
                 with torch.no_grad():
                     base.weight.copy_(w)

@@ -10,6 +10,7 @@ One call quantizes a model's Linear layers in place; they run through ``torch.op
 from __future__ import annotations
 
 from . import ops  # noqa: F401  (registers torch.ops.marlin.*)
+from ._peft_hook import install as _install_peft_hook
 from .backend import backend_info
 from .dtypes import (
     DTypeConfig,
@@ -23,6 +24,8 @@ from .dtypes import (
 )
 from .io import MarlinConfig, load_quantized, save_quantized
 from .nn import MarlinExperts, MarlinLinear, QuantConfig, QuantizeSummary, quantize_model
+
+_install_peft_hook()  # LoRA through peft on MarlinLinear (nn/lora.py), once peft is imported
 
 __version__ = "0.1.0"
 

@@ -42,9 +42,47 @@ def load_any(path: str, device: str):
     return load_pretrained(path).to(device)
 
 
+def _tokenizer(path: str | None):
+    """The tokenizer saved in ``path``, or None when it has none."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    if path is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def load_tokenizer(reference: str | None, model: str):
+    """The reference's tokenizer, else the model's; ValueError naming both when neither has one."""
+    for path in (reference, model):
+        tok = _tokenizer(path)
+        if tok is not None:
+            return tok
+    where = f"--reference {reference} or MODEL {model}" if reference else f"MODEL {model}"
+    raise ValueError(f"no tokenizer files (tokenizer.json, ...) in {where}")
+
+
+def check_same_vocabulary(model, ref, args: argparse.Namespace) -> None:
+    """ValueError when MODEL and ``--reference`` do not share a vocabulary (KL and top-1 compare
+    distributions over the same token ids; embeddings need the same tokenization)."""
+    def vocab(m) -> int | None:
+        emb = m.get_input_embeddings() if hasattr(m, "get_input_embeddings") else None
+        return None if emb is None else int(emb.weight.shape[0])
+
+    a, b = vocab(model), vocab(ref)
+    if a != b:
+        raise ValueError(f"--reference {args.reference} has a vocabulary of {b} tokens, MODEL {args.model} one of "
+                         f"{a}: they must be the same model's quantized and unquantized versions")
+    mine, theirs = _tokenizer(args.model), _tokenizer(args.reference)
+    if mine is not None and theirs is not None and mine.get_vocab() != theirs.get_vocab():
+        raise ValueError(f"--reference {args.reference} has another tokenizer than MODEL {args.model} (same size, "
+                         f"different tokens): they must be the same model's quantized and unquantized versions")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
-    from transformers import AutoTokenizer  # noqa: PLC0415
 
     from ..quant import metrics as M  # noqa: PLC0415
     from ..quant.calibration import read_text, text_files, tokenize  # noqa: PLC0415
@@ -53,9 +91,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("marlin eval: give --text (causal LM) or --sentences (encoder), exactly one")
     if args.sentences is not None and args.reference is None:
         raise ValueError("marlin eval: --sentences needs --reference (cosine against the unquantized model)")
-    tok = AutoTokenizer.from_pretrained(args.reference or args.model, local_files_only=True)
+    from .generate import require_causal_lm  # noqa: PLC0415
+
+    for path, flag in ((args.model, "MODEL"), (args.reference, "--reference")):
+        if path is not None and not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {path} is not a model directory: no config.json")
     model = load_any(args.model, args.device).float().eval()
+    if args.text is not None:
+        require_causal_lm(model, args.model, "eval --text (perplexity)")
     ref = load_any(args.reference, args.device).float().eval() if args.reference else None
+    if ref is not None:
+        check_same_vocabulary(model, ref, args)
+    tok = load_tokenizer(args.reference, args.model)
     if args.sentences is not None:
         sentences = [s for s in Path(args.sentences).read_text().splitlines() if s.strip()]
         if not sentences:

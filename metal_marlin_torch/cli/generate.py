@@ -116,6 +116,15 @@ def load_model(args: argparse.Namespace) -> tuple[Any, str]:
     return model, f"quantized on the fly: {summary}"
 
 
+def require_causal_lm(model, path: str, command: str) -> None:
+    """ValueError unless ``model`` generates text (a causal LM), naming what it is instead."""
+    can = getattr(model, "can_generate", None)
+    if not (callable(can) and can()):
+        kind = "an encoder" if not getattr(getattr(model, "config", None), "is_decoder", False) else "not a causal LM"
+        raise ValueError(f"MODEL {path} is a {type(model).__name__} ({kind}), not a causal language model; "
+                         f"{command} needs one (for an encoder use marlin eval --sentences)")
+
+
 def model_bytes(model) -> int:
     """Bytes of the model's parameters and buffers, each storage counted once (tied weights)."""
     seen: dict[tuple[str, int], int] = {}
@@ -168,6 +177,8 @@ def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
     from transformers import AutoTokenizer  # noqa: PLC0415
 
+    if not args.prompt.strip():
+        raise ValueError("PROMPT is empty: give the text to continue, e.g. marlin generate MODEL \"def main():\"")
     if args.max_new_tokens <= 0:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -180,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no tokenizer in {args.model}: {err}") from None
     t0 = time.perf_counter()
     model, how = load_model(args)
+    require_causal_lm(model, args.model, "generate")
     cast_dense(model, dtype)
     model = model.to(device).eval()
     load_s = time.perf_counter() - t0

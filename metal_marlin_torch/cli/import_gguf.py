@@ -24,8 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import save_quantized  # noqa: PLC0415
+    from ..io.atomic import check_output_dir  # noqa: PLC0415
     from ..io.gguf_import import import_gguf  # noqa: PLC0415
 
+    check_output_dir(args.out, "OUT")
     model, result = import_gguf(args.src, requantize=args.requantize, group_size=args.group_size,
                                 exact_k=args.exact_k)
     print(result.summary())

@@ -15,15 +15,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..io import save_quantized  # noqa: PLC0415
-    from ..io.hf import copy_tokenizer  # noqa: PLC0415
+    from ..io.atomic import check_output_dir  # noqa: PLC0415
+    from ..io.hf import tokenizer_files  # noqa: PLC0415
     from ..io.mlx_import import import_mlx  # noqa: PLC0415
 
+    check_output_dir(args.out, "OUT")
     result = import_mlx(args.src)
     print(result)
     for name, info in result.layers.items():
         if info.note:
             print(f"  {name}: {info.note}")
-    out = save_quantized(result.model, args.out, extra_config={"method": "import-mlx"})
-    copy_tokenizer(args.src, out)
+    out = save_quantized(result.model, args.out, extra_config={"method": "import-mlx"},
+                         copy_files=tokenizer_files(args.src))
     print(f"wrote {Path(out).resolve()}")
     return 0

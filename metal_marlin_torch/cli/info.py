@@ -9,6 +9,8 @@ from collections import Counter
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a metal_marlin checkpoint, or the installed backends")
     p.add_argument("path", nargs="?", help="checkpoint directory (omit to print backend_info())")
+    p.add_argument("--verify", action="store_true",
+                   help="check every tensor against the sha256 recorded when the checkpoint was written")
     p.set_defaults(func=run)
 
 
@@ -20,10 +22,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key}: {value}")
         return 0
     from ..io import read_config, read_tensors  # noqa: PLC0415
+    from ..io.checkpoint import verify_checkpoint  # noqa: PLC0415
 
     config = read_config(args.path)
     q = config["quantization_config"]
-    tensors = read_tensors(args.path, "cpu")
+    tensors = read_tensors(args.path, "cpu", layers=q.get("layers", {}))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     layers = q.get("layers", {})
     print(f"checkpoint: {args.path}")
@@ -36,4 +39,14 @@ def run(args: argparse.Namespace) -> int:
     rotated = sum(1 for v in layers.values() if v.get("rotation_block"))
     if rotated:
         print(f"  rotated (Hadamard) layers: {rotated}")
+    if args.verify:
+        problems = verify_checkpoint(args.path)
+        for line in problems:
+            print(f"  FAILED {line}")
+        if problems:
+            from . import CommandError  # noqa: PLC0415
+
+            raise CommandError(f"{args.path}: {len(problems)} of {len(tensors)} tensors failed verification "
+                               f"(first: {problems[0]})")
+        print(f"verified: all {len(tensors)} tensors match their recorded sha256")
     return 0

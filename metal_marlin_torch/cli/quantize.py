@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 from .. import formats as F
 from ..io.checkpoint import DEFAULT_SHARD_BYTES
 from ..nn.config import METHODS
+
+MIN_SHARD_BYTES = 2**20
+
+
+def shard_size(text: str) -> int:
+    """``--max-shard-size``: bytes, or with a unit (``500MB``, ``2GB``, ``1GiB``); at least 1 MiB
+    (smaller shards only multiply files)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    t = text.strip().lower()
+    num = t.rstrip("kmgib")
+    try:
+        value = int(float(num) * units[t[len(num):]])
+    except (ValueError, KeyError):
+        raise ValueError(f"--max-shard-size: expected bytes like 2000000000, 500MB or 2GiB, got {text!r}") from None
+    if value < MIN_SHARD_BYTES:
+        raise ValueError(f"--max-shard-size must be at least 1 MiB ({MIN_SHARD_BYTES} bytes), got {text!r}")
+    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,8 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
                    help="module names to leave unquantized (repeatable; default lm_head and embeddings)")
     p.add_argument("--scales", default="fp16", choices=("fp16", "fp32"), help="scale dtype")
-    p.add_argument("--max-shard-size", type=int, default=DEFAULT_SHARD_BYTES,
-                   help="bytes per safetensors shard (in-memory path; streaming keeps the source's sharding)")
+    p.add_argument("--max-shard-size", default=str(DEFAULT_SHARD_BYTES),
+                   help="bytes per safetensors shard, e.g. 2000000000, 500MB or 2GiB; at least 1 MiB (in-memory "
+                        "path; streaming keeps the source's sharding)")
     p.add_argument("--stream", dest="stream", action="store_true", default=None,
                    help="quantize shard by shard, never loading the model (default for sharded sources with "
                         "--method rtn); an interrupted run resumes when started again")
@@ -72,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..dtypes import DTypeConfig  # noqa: PLC0415
     from ..io import save_quantized  # noqa: PLC0415
-    from ..io.hf import copy_tokenizer, load_pretrained  # noqa: PLC0415
+    from ..io.atomic import check_output_dir  # noqa: PLC0415
+    from ..io.hf import check_source, load_pretrained, tokenizer_files  # noqa: PLC0415
     from ..nn import DEFAULT_EXCLUDE, MIXED_4_3_RULES, QuantConfig, quantize_model  # noqa: PLC0415
 
     config = QuantConfig(
@@ -82,6 +102,10 @@ def run(args: argparse.Namespace) -> int:
         dtype_config=DTypeConfig(scales=args.scales),
         method_options=gptq_options(args) if args.method != "rtn" else {},
     )
+    # the cheap checks first: a bad path should not cost a quantization run
+    max_shard_size = shard_size(args.max_shard_size)
+    check_source(args.src, "SRC")
+    check_output_dir(args.out, "OUT")
     if args.stream is None:
         from ..io.streaming import is_sharded  # noqa: PLC0415
 
@@ -92,19 +116,30 @@ def run(args: argparse.Namespace) -> int:
         return run_streaming(args, config)
     # the checkpoint's own dtype: tensors that stay unquantized (embeddings, norms) keep their size
     model = load_pretrained(args.src)
-    if args.method == "rtn":
-        summary = quantize_model(model, config)
-    else:
-        from transformers import AutoTokenizer  # noqa: PLC0415
+    work_dir = args.work_dir or f"{Path(args.out)}.work"
+    # skipped layers are listed below (print_skipped); quantize_model's own warnings would repeat them
+    warnings.filterwarnings("ignore", message="metal_marlin_torch: leaving", category=UserWarning)
+    try:
+        if args.method == "rtn":
+            summary = quantize_model(model, config)
+        else:
+            from transformers import AutoTokenizer  # noqa: PLC0415
 
-        tokenizer = AutoTokenizer.from_pretrained(args.src, local_files_only=True)
-        summary = quantize_model(model, config, calibration=args.calibration, tokenizer=tokenizer,
-                                 device=args.device or default_device(),
-                                 work_dir=args.work_dir or f"{Path(args.out)}.work")
-    print(summary)
-    out = save_quantized(model, args.out, max_shard_size=args.max_shard_size,
-                         extra_config={"method": args.method, "config": config.to_dict()})
-    copy_tokenizer(args.src, out)
+            tokenizer = AutoTokenizer.from_pretrained(args.src, local_files_only=True)
+            summary = quantize_model(model, config, calibration=args.calibration, tokenizer=tokenizer,
+                                     device=args.device or default_device(), work_dir=work_dir)
+        print(summary)
+        print_skipped(summary.skipped)
+        out = save_quantized(model, args.out, max_shard_size=max_shard_size,
+                             extra_config={"method": args.method, "config": config.to_dict()},
+                             copy_files=tokenizer_files(args.src))
+    except OSError as err:
+        if args.method == "rtn" or not Path(work_dir).is_dir():
+            raise
+        from . import CommandError, describe  # noqa: PLC0415
+
+        raise CommandError(f"{describe(err)[0]} (finished blocks are kept in {work_dir}: the same command "
+                           f"resumes)") from err
     if args.method != "rtn" and args.work_dir is None:
         import shutil  # noqa: PLC0415
 
@@ -113,11 +148,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_skipped(skipped: dict[str, str]) -> None:
+    """List the layers left unquantized, each with its reason (stderr: a warning)."""
+    import sys  # noqa: PLC0415
+
+    for name, reason in skipped.items():
+        print(f"warning: {name} left unquantized: {reason}", file=sys.stderr)
+
+
 def run_streaming(args: argparse.Namespace, config) -> int:
     """``marlin quantize --stream``: one shard in memory at a time (io/streaming.py)."""
     from ..io.streaming import quantize_checkpoint  # noqa: PLC0415
 
-    summary = quantize_checkpoint(args.src, args.out, config)
+    try:
+        summary = quantize_checkpoint(args.src, args.out, config)
+    except OSError as err:
+        from . import CommandError, describe  # noqa: PLC0415
+
+        raise CommandError(f"{describe(err)[0]} (finished shards are kept in {args.out}: the same command "
+                           f"resumes)") from err
     print(summary)
+    print_skipped(summary.skipped)
     print(f"wrote {Path(args.out).resolve()}")
     return 0

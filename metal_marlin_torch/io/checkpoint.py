@@ -9,8 +9,11 @@ against it, and loads the tensors memory-mapped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from ..dtypes import DTypeConfig, get_default_config
 from ..nn.experts import MarlinExperts, experts_shape
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
-from .atomic import atomic_path, write_json
+from .atomic import copy_file, staged_dir, write_json
 from .skeleton import hf_skeleton
 
 FORMAT_VERSION = 1
@@ -33,6 +36,9 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
 DEFAULT_SHARD_BYTES = 2 * 2**30
+LAYERS_KEY = "marlin_layers"  # safetensors __metadata__: the quantized layers a shard holds (JSON)
+HASHES_KEY = "marlin_sha256"  # safetensors __metadata__: sha256 of each tensor's bytes (JSON)
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -92,45 +98,123 @@ def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, to
     return shards
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures raised as the ``OSError`` they
+    are (safetensors reports a full disk as ``SafetensorError("... I/O error: No space left on
+    device (os error 28)")``), so callers and the CLI can tell a full disk from a bug."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        m = re.search(r"I/O error: (.*) \(os error (\d+)\)", str(err))
+        if m is None:
+            raise
+        raise OSError(int(m.group(2)), m.group(1), str(path)) from err
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 (hex) of a tensor's bytes in row-major order, as safetensors stores them."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def shard_metadata(shard: dict[str, torch.Tensor], layers: dict[str, dict[str, Any]],
+                   hashes: bool = True) -> dict[str, str]:
+    """The safetensors ``__metadata__`` of one shard: format version, the entry of
+    ``layers`` (:func:`layer_table`) of every quantized layer with a tensor in the shard (so
+    a ``config.json`` that disagrees with the tensors is caught at load), and optionally the
+    sha256 of every tensor (checked by ``marlin info --verify``)."""
+    owners = {}
+    for key in shard:
+        module = key.rpartition(".")[0]
+        if module in layers:
+            owners[module] = layers[module]
+    meta = {"format": "pt", "metal_marlin_version": str(FORMAT_VERSION),
+            LAYERS_KEY: json.dumps(owners, sort_keys=True)}
+    if hashes:
+        meta[HASHES_KEY] = json.dumps({k: tensor_sha256(t) for k, t in shard.items()}, sort_keys=True)
+    return meta
+
+
+def read_header(file: str | os.PathLike, who: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """The tensor table and ``__metadata__`` of a safetensors file, after checking that the
+    file is as long as its header says: a truncated or corrupt file is a ValueError naming it
+    (memory-mapping a truncated file would crash the process on first access instead)."""
+    file = Path(file)
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{who}: {file} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+            meta = header.pop("__metadata__", None) or {}
+            end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ValueError(f"{who}: {file} is corrupt: its safetensors header is not valid") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{who}: {file} is truncated: its header describes {8 + n + end:,} bytes, "
+                         f"the file has {size:,}")
+    return header, meta
+
+
+def check_layer_metadata(layers: dict[str, dict[str, Any]], file: Path, meta: dict[str, str], who: str) -> None:
+    """ValueError naming the layer when the shard's recorded layers (:func:`shard_metadata`)
+    disagree with ``config.json``'s ``layers`` (format, group, rotation, dtypes)."""
+    raw = meta.get(LAYERS_KEY)
+    if raw is None:  # written before the layers were recorded, or by another writer
+        return
+    try:
+        recorded = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{who}: {file} has corrupt {LAYERS_KEY} metadata") from None
+    for name, spec in recorded.items():
+        cfg = layers.get(name)
+        if cfg is None:
+            raise ValueError(f"{who}: layer {name!r} is quantized ({spec.get('format')}) in {file.name}, "
+                             f"but config.json does not list it as quantized")
+        for key in sorted(set(spec) & set(cfg)):
+            if spec[key] != cfg[key]:
+                raise ValueError(f"{who}: layer {name!r}: config.json says {key}={cfg[key]!r}, but its "
+                                 f"tensors in {file.name} were written with {key}={spec[key]!r}")
+
+
+def check_files(files: Iterable[Path], who: str) -> list[dict[str, str]]:
+    """:func:`read_header` of every file (truncation, corruption); their metadata."""
+    return [read_header(f, who)[1] for f in files]
+
+
 def save_quantized(
     model: nn.Module,
     path: str | os.PathLike,
     max_shard_size: int = DEFAULT_SHARD_BYTES,
     extra_config: dict[str, Any] | None = None,
+    copy_files: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Save ``model`` (quantized by :func:`quantize_model`) to the directory ``path``.
 
+    Everything is written into a hidden sibling folder first and renamed into ``path`` only
+    when complete (:func:`~.atomic.staged_dir`): a full disk or a permission error leaves no
+    partial checkpoint. Each shard records its quantized layers and the sha256 of its tensors
+    in its safetensors metadata (:func:`shard_metadata`).
+
     Args:
         model: the model; a Hugging Face model's ``config`` is written too.
-        path: output directory (created if needed).
+        path: output directory (created if needed; an existing checkpoint is replaced).
         max_shard_size: bytes per safetensors file before the checkpoint is sharded.
         extra_config: extra keys for ``quantization_config`` (e.g. the method used).
+        copy_files: files copied into the checkpoint with it (tokenizer files).
     """
-    if max_shard_size <= 0:
-        raise ValueError(f"save_quantized: max_shard_size must be positive, got {max_shard_size}")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    if not isinstance(max_shard_size, int) or max_shard_size <= 0:
+        raise ValueError(f"save_quantized: max_shard_size must be a positive int, got {max_shard_size!r}")
     state, aliases = _dedupe_tied(model.state_dict())
     shards = _shards(state, max_shard_size)
-    meta = {"format": "pt", "metal_marlin_version": str(FORMAT_VERSION)}
+    layers = layer_table(model)
     if len(shards) == 1:
         names = [SINGLE_FILE]
     else:
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards, strict=True):
-        with atomic_path(out / name) as tmp:
-            save_file(shard, str(tmp), metadata=meta)
-    if len(shards) > 1:
-        weight_map = {t: n for n, shard in zip(names, shards, strict=True) for t in shard}
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        write_json(out / INDEX_FILE, {"metadata": {"total_size": total, "aliases": aliases},
-                                      "weight_map": weight_map})
-    # files of an earlier save with a different sharding would otherwise confuse readers
-    stale = [out / INDEX_FILE] if len(shards) == 1 else [out / SINGLE_FILE]
-    stale += [p for p in out.glob("model-*-of-*.safetensors") if p.name not in names]
-    for p in stale:
-        if p.exists():
-            p.unlink()
     qcfg = quantization_config(model, extra_config)
     qcfg["tied"] = aliases
     hf_config = getattr(model, "config", None)
@@ -138,7 +222,24 @@ def save_quantized(
     if config and not config.get("architectures"):
         config["architectures"] = [type(model).__name__]  # models built from a config lack it
     config["quantization_config"] = qcfg
-    write_json(out / CONFIG_FILE, config)
+    out = Path(path)
+    with staged_dir(out, "save_quantized") as stage:
+        for name, shard in zip(names, shards, strict=True):
+            write_safetensors(shard, stage / name, metadata=shard_metadata(shard, layers))
+        if len(shards) > 1:
+            weight_map = {t: n for n, shard in zip(names, shards, strict=True) for t in shard}
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            write_json(stage / INDEX_FILE, {"metadata": {"total_size": total, "aliases": aliases},
+                                            "weight_map": weight_map})
+        for f in copy_files:
+            copy_file(f, stage / Path(f).name)
+        write_json(stage / CONFIG_FILE, config)
+    # files of an earlier save with a different sharding would otherwise confuse readers
+    stale = [out / INDEX_FILE] if len(shards) == 1 else [out / SINGLE_FILE]
+    stale += [p for p in out.glob("model-*-of-*.safetensors") if p.name not in names]
+    for p in stale:
+        if p.exists():
+            p.unlink()
     return out
 
 
@@ -196,10 +297,16 @@ def checkpoint_files(path: str | os.PathLike, who: str, any_name: bool = False) 
     return files
 
 
-def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory (memory-mapped reads); corrupt files name themselves."""
+def read_tensors(path: str | os.PathLike, device: str | torch.device = "cpu",
+                 layers: dict[str, dict[str, Any]] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (memory-mapped reads); corrupt or truncated files
+    name themselves. With ``layers`` (``config.json``'s table) each shard's recorded layers
+    must agree with it (:func:`check_layer_metadata`)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in checkpoint_files(path, "load_quantized"):  # every file exists
+        _, meta = read_header(file, "load_quantized")
+        if layers is not None:
+            check_layer_metadata(layers, file, meta, "load_quantized")
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
                 for key in f.keys():
@@ -281,14 +388,21 @@ def load_quantized(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
     model: nn.Module | None = None,
+    verify: bool = False,
 ) -> nn.Module:
     """Load a checkpoint written by :func:`save_quantized`.
+
+    Every shard's header is checked against its size (truncation), its recorded quantized
+    layers against ``config.json`` (a disagreement fails naming the layer), and every tensor
+    the model needs must be present.
 
     Args:
         path: checkpoint directory.
         device: where the tensors go.
         model: a skeleton of the same architecture (any device, meta is best); None rebuilds
             a Hugging Face model from ``config.json``.
+        verify: also check every tensor against the sha256 recorded at save
+            (:func:`verify_checkpoint`).
     """
     path = Path(path)
     config = read_config(path)
@@ -296,10 +410,35 @@ def load_quantized(
     if model is None:
         model = hf_skeleton(config)
     convert_to_marlin(model, q.get("layers", {}), device="meta")
-    tensors = read_tensors(path, device)
+    tensors = read_tensors(path, device, layers=q.get("layers", {}))
+    if verify:
+        bad = verify_checkpoint(path)
+        if bad:
+            raise ValueError(f"load_quantized: {len(bad)} tensors fail their recorded sha256: {bad[:4]}")
     load_state(model, tensors, q.get("tied", {}))
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                 if t.is_meta]
     if leftover:
         raise ValueError(f"load_quantized: tensors never loaded: {leftover[:8]}")
     return model.eval()
+
+
+def verify_checkpoint(path: str | os.PathLike) -> list[str]:
+    """Tensors whose bytes differ from the sha256 recorded at save (``name: reason``); empty
+    when all match. Shards written without hashes are reported as unverifiable."""
+    problems: list[str] = []
+    for file in checkpoint_files(path, "verify"):
+        header, meta = read_header(file, "verify")
+        raw = meta.get(HASHES_KEY)
+        if raw is None:
+            problems.append(f"{file.name}: no recorded hashes (written before they were recorded)")
+            continue
+        hashes = json.loads(raw)
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in header:
+                if key not in hashes:
+                    problems.append(f"{key}: no recorded hash")
+                elif tensor_sha256(f.get_tensor(key)) != hashes[key]:
+                    problems.append(f"{key}: sha256 differs from the one recorded in {file.name}")
+        problems += [f"{k}: recorded in {file.name} but absent" for k in hashes if k not in header]
+    return problems

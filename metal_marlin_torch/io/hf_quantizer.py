@@ -31,7 +31,9 @@ How loading works (transformers 5.x):
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,7 +47,16 @@ from ..dtypes import resolve
 from ..nn.experts import MarlinExperts, plan_experts
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import plan_layers, replace_module
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD, _dedupe_tied, convert_to_marlin, layer_table
+from .checkpoint import (
+    FORMAT_VERSION,
+    LAYERS_KEY,
+    QUANT_METHOD,
+    _dedupe_tied,
+    check_layer_metadata,
+    convert_to_marlin,
+    layer_table,
+    read_header,
+)
 from .hf_config import MarlinConfig
 
 log = logging.getLogger("metal_marlin_torch")
@@ -119,9 +130,35 @@ class MarlinHfQuantizer(HfQuantizer):
             return tensor_name == "weight"
         return isinstance(module, MarlinExperts) and tensor_name in module.plans
 
+    def _check_prequantized_files(self, model: nn.Module, files: list[str] | None) -> None:
+        """Before any tensor is read: every shard complete, its recorded layers equal to
+        ``config.json``'s, and every tensor of every quantized layer present (transformers
+        would otherwise initialize a missing ``scales`` at random and the model would run)."""
+        if not files:
+            return
+        layers = self.quantization_config.layers
+        stored: set[str] = set()
+        for f in files:
+            if not str(f).endswith(".safetensors"):
+                continue
+            header, meta = read_header(f, "from_pretrained")
+            check_layer_metadata(layers, Path(f), meta, "from_pretrained")
+            stored.update(header)
+        if not stored:
+            return
+        tied = getattr(self.quantization_config, "tied", None) or {}
+        quantized = tuple(f"{n}." for n in layers)
+        needed = [k for k in model.state_dict() if k.startswith(quantized) and k not in tied
+                  and not k.endswith("rotation_signs")]
+        missing = [k for k in needed if k not in stored]
+        if missing:
+            raise ValueError(f"from_pretrained: the checkpoint is missing tensors of quantized layers: {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}")
+
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         if self.pre_quantized:
             convert_to_marlin(model, self.quantization_config.layers, device="meta")
+            self._check_prequantized_files(model, kwargs.get("checkpoint_files"))
             return
         keep = self.get_modules_to_not_convert(
             model, self.quantization_config.modules_to_not_convert,
@@ -156,7 +193,8 @@ class MarlinHfQuantizer(HfQuantizer):
     def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict[str, str]]:
         self.quantization_config.layers = layer_table(model)
         self.quantization_config.tied = _dedupe_tied(model.state_dict())[1]
-        return None, {"metal_marlin_version": str(FORMAT_VERSION)}
+        return None, {"metal_marlin_version": str(FORMAT_VERSION),
+                      LAYERS_KEY: json.dumps(self.quantization_config.layers, sort_keys=True)}
 
     def get_quantize_ops(self) -> MarlinQuantize:
         return MarlinQuantize(self)

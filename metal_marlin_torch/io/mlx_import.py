@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import formats as F
 from ..dtypes import DTypeConfig
-from .checkpoint import CONFIG_FILE, checkpoint_files, convert_to_marlin, load_state
+from .checkpoint import CONFIG_FILE, check_files, checkpoint_files, convert_to_marlin, load_state
 from .skeleton import hf_skeleton
 
 MLX_MODES = ("affine", "mxfp4", "nvfp4", "mxfp8")
@@ -168,7 +168,9 @@ def _quant_params(qcfg: dict[str, Any], layer: str) -> dict[str, Any]:
               "mode": qcfg.get("mode", "affine")}
     override = qcfg.get(layer)
     if isinstance(override, dict):
-        params.update({k: override[k] for k in ("bits", "group_size", "mode") if k in override})
+        # mlx-lm's mixed predicates (mixed_3_6, ...) write ``"group_size": null`` per layer,
+        # meaning "the model's default": only the values actually given override it
+        params.update({k: override[k] for k in ("bits", "group_size", "mode") if override.get(k) is not None})
     return params
 
 
@@ -195,12 +197,17 @@ def import_mlx(path: str | os.PathLike, device: str | torch.device = "cpu",
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file():
         raise FileNotFoundError(f"import_mlx: {cfg_file} not found")
-    config = json.loads(cfg_file.read_text())
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"import_mlx: {cfg_file} is not valid JSON: {err}") from None
     qcfg = config.get("quantization") or config.get("quantization_config")
     if not isinstance(qcfg, dict) or "bits" not in qcfg and "mode" not in qcfg:
         raise ValueError(f"import_mlx: {cfg_file} has no MLX 'quantization' entry (bits, group_size)")
     raw: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(path, "import_mlx", any_name=True):
+    files = checkpoint_files(path, "import_mlx", any_name=True)
+    check_files(files, "import_mlx")  # truncated or corrupt files: one clear error
+    for file in files:
         with safe_open(str(file), framework="pt") as f:
             raw.update({k: f.get_tensor(k) for k in f.keys()})
     if model is None:
@@ -211,6 +218,14 @@ def import_mlx(path: str | os.PathLike, device: str | torch.device = "cpu",
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     quantized = sorted(k[: -len(".scales")] for k in raw if k.endswith(".scales"))
+    orphans = sorted(k[: -len(".weight")] for k, t in raw.items() if k.endswith(".weight")
+                     and t.dtype in (torch.uint32, torch.int32) and k[: -len(".weight")] not in quantized)
+    if orphans:
+        raise ValueError(f"import_mlx: layer {orphans[0]!r} has a packed (uint32) weight but no scales "
+                         f"({len(orphans)} such layers): the checkpoint is incomplete")
+    missing = [f"{n}.weight" for n in quantized if f"{n}.weight" not in raw]
+    if missing:
+        raise ValueError(f"import_mlx: scales without their packed weight: {missing[:8]}")
     for name in quantized:
         params = _quant_params(qcfg, name)
         qt, info = convert_mlx_tensors(raw.pop(f"{name}.weight"), raw.pop(f"{name}.scales"),

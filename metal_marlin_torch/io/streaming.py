@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -40,8 +39,18 @@ from .. import formats as F
 from ..dtypes import resolve
 from ..nn.config import QuantConfig
 from ..nn.quantize import plan_layers
-from .atomic import atomic_path, write_json
-from .checkpoint import CONFIG_FILE, FORMAT_VERSION, INDEX_FILE, QUANT_METHOD, SINGLE_FILE, checkpoint_files
+from .atomic import atomic_path, check_output_dir, write_json
+from .checkpoint import (
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    QUANT_METHOD,
+    SINGLE_FILE,
+    checkpoint_files,
+    read_header,
+    shard_metadata,
+    write_safetensors,
+)
 from .hf import copy_tokenizer
 from .skeleton import hf_skeleton
 
@@ -93,6 +102,7 @@ def is_sharded(src: str | os.PathLike) -> bool:
 
 
 def _keys(file: Path) -> list[str]:
+    read_header(file, "quantize_checkpoint")  # truncation: a clear error, not a crash on mmap
     try:
         with safe_open(str(file), framework="pt") as f:
             return list(f.keys())
@@ -239,6 +249,7 @@ def quantize_checkpoint(
     scale_dtype = dtype_config.torch_scales
     planned_weights = {f"{n}.weight": n for n in plans}
 
+    check_output_dir(out, "quantize_checkpoint")
     out.mkdir(parents=True, exist_ok=True)
     for stale_tmp in out.glob(".*.tmp-*"):  # left by a run that was killed mid-write
         stale_tmp.unlink()
@@ -248,7 +259,8 @@ def quantize_checkpoint(
     names = _output_names(len(files))
     summary = StreamSummary(out=out, skipped=skipped)
     summary.layers = {n: (p.format, p.group_size) for n, p in plans.items()}
-    meta = {"format": "pt", "metal_marlin_version": str(FORMAT_VERSION)}
+    layers = {n: {"format": p.format, "bits": F.get_format(p.format).bits, "group_size": p.group_size,
+                  "rotation_block": 0, "dtype_config": dtype_config.to_dict()} for n, p in plans.items()}
 
     bar = tqdm(total=len(stored), desc="quantize (stream)", unit="tensor", disable=None if progress is None
                else not progress)
@@ -277,7 +289,7 @@ def quantize_checkpoint(
                 del t
                 bar.update(1)
         with atomic_path(out / name) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            write_safetensors(tensors, tmp, metadata=shard_metadata(tensors, layers))
         manifest.record(name, {"bytes": (out / name).stat().st_size,
                                "tensors": {k: v.numel() * v.element_size() for k, v in tensors.items()}})
         summary.shards_written += 1
@@ -295,8 +307,6 @@ def quantize_checkpoint(
     for p in stale:
         if p.exists():
             p.unlink()
-    layers = {n: {"format": p.format, "bits": F.get_format(p.format).bits, "group_size": p.group_size,
-                  "rotation_block": 0, "dtype_config": dtype_config.to_dict()} for n, p in plans.items()}
     first = next(iter(layers.values()), None)
     hf_config["quantization_config"] = {
         "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,

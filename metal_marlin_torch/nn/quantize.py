@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +41,10 @@ class QuantizeSummary:
         return self.bytes_before / self.bytes_after if self.bytes_after else 1.0
 
     def __str__(self) -> str:
+        skipped = f" ({len(self.skipped)} skipped: {', '.join(list(self.skipped)[:4])}" \
+            f"{', ...' if len(self.skipped) > 4 else ''})" if self.skipped else " (0 skipped)"
         return (
-            f"quantized {len(self.layers)} layers ({len(self.skipped)} skipped): "
+            f"quantized {len(self.layers)} layers{skipped}: "
             f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
             f"({self.compression:.2f}x)"
         )
@@ -121,8 +124,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
     plans, skipped = plan_layers(model, config)
     expert_plans, expert_skipped = plan_experts(model, config)
     skipped.update(expert_skipped)
-    for name, reason in skipped.items():
-        log.warning("metal_marlin_torch: leaving %s unquantized: %s", name, reason)
+    for name, reason in skipped.items():  # a warning the user sees (Python shows UserWarnings by default)
+        warnings.warn(f"metal_marlin_torch: leaving {name} unquantized: {reason}", UserWarning, stacklevel=2)
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
     QUANTIZERS[config.method](model, plans, config, **method_kwargs)
     summary = QuantizeSummary(skipped=skipped)

@@ -31,11 +31,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..dtypes import DTypeConfig, resolve
 from ..io.atomic import atomic_path, write_json
+from ..io.checkpoint import write_safetensors
 from ..nn.config import LayerPlan
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
@@ -140,16 +140,70 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+def _to(obj: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> Any:
+    """``obj`` (tensors in tuples, lists, dicts) on ``device``; floating tensors also cast to
+    ``dtype`` when given."""
     if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, dtype) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
+
+
+def compute_dtype(block: nn.Module, device: torch.device) -> torch.dtype | None:
+    """float32 when a half-precision block runs on a CPU, else None (keep the model's dtype).
+
+    CPUs without bf16/fp16 matrix units (most x86, measured: a bf16 GEMM of pylm-s's MLP shape
+    is 6x slower than fp32 on the AVX2 test machine) run half-precision matmuls through slow
+    conversion paths; calibration forwards in fp32 are both faster and closer to the exact
+    activations. The upcast of bf16/fp16 weights is exact, and so is the cast back."""
+    if device.type != "cpu":
+        return None
+    halves = {torch.float16, torch.bfloat16}
+    return torch.float32 if any(p.dtype in halves for p in block.parameters()) else None
+
+
+def _upcast(block: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Cast the block's floating parameters and buffers to ``dtype``; their old dtypes by name."""
+    old = {n: t.dtype for n, t in list(block.named_parameters()) + list(block.named_buffers())
+           if t.is_floating_point()}
+    for mod in block.modules():
+        for p in mod._parameters.values():
+            if p is not None and p.is_floating_point():
+                p.data = p.data.to(dtype)
+        for key, b in mod._buffers.items():
+            if b is not None and b.is_floating_point():
+                mod._buffers[key] = b.to(dtype)
+    return old
+
+
+def _restore_dtypes(block: nn.Module, old: dict[str, torch.dtype], biases_only: bool = False) -> None:
+    """Undo :func:`_upcast`: every parameter and buffer back to its recorded dtype, except the
+    packed tensors and scales of quantized layers (only their ``bias`` follows the original
+    linear's dtype, as :meth:`MarlinLinear.like` would have made it). ``biases_only``: only
+    those biases (before a block is saved, while the rest still computes in float32)."""
+    for name, mod in block.named_modules():
+        marlin = isinstance(mod, MarlinLinear)
+        if biases_only and not marlin:
+            continue
+        prefix = f"{name}." if name else ""
+        for key, p in mod._parameters.items():
+            dt = old.get(prefix + key)
+            if p is None or dt is None or (marlin and key != "bias") or p.dtype == dt:
+                continue
+            p.data = p.data.to(dt)
+        if marlin:
+            continue
+        for key, b in mod._buffers.items():
+            dt = old.get(prefix + key)
+            if b is not None and dt is not None and b.dtype != dt:
+                mod._buffers[key] = b.to(dt)
 
 
 def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device | str) -> None:
@@ -168,13 +222,14 @@ def _move_outside(model: nn.Module, blocks: nn.ModuleList, device: torch.device 
 
 def capture_inputs(
     model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int,
-    device: torch.device | str, store: torch.device | str,
+    device: torch.device | str, store: torch.device | str, dtype: torch.dtype | None = None,
 ) -> list[tuple[tuple, dict]]:
-    """Run ``tokens [n, L]`` through ``model`` up to ``blocks[0]`` and keep its arguments per batch."""
+    """Run ``tokens [n, L]`` through ``model`` up to ``blocks[0]`` and keep its arguments per
+    batch (floating ones cast to ``dtype`` when given)."""
     captured: list[tuple[tuple, dict]] = []
 
     def hook(module, args, kwargs):  # noqa: ARG001 (hook signature)
-        captured.append((_to(args, store), _to(kwargs, store)))
+        captured.append((_to(args, store, dtype), _to(kwargs, store, dtype)))
         raise _Stop
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -264,7 +319,7 @@ def save_block(path: Path, block: nn.Module) -> None:
     """Write the block's quantized layers to ``path`` atomically."""
     tensors, layers = _block_tensors(block)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"layers": json.dumps(layers)})
+        write_safetensors(tensors, tmp, metadata={"layers": json.dumps(layers)})
 
 
 def load_block(path: Path, block: nn.Module, dtype_config: DTypeConfig, device) -> list[str]:
@@ -361,9 +416,12 @@ def quantize_layerwise(
     model_was_training = model.training
     model.eval()
     _move_outside(model, blocks, device)
+    cdt = compute_dtype(blocks[0], device)
+    if cdt is not None:
+        log.info("quantize_layerwise: calibration forwards in %s on %s (the model is half precision)", cdt, device)
     try:
         with torch.no_grad():
-            inputs = capture_inputs(model, blocks, tokens, options.batch_size, device, store)
+            inputs = capture_inputs(model, blocks, tokens, options.batch_size, device, store, cdt)
     finally:
         _move_outside(model, blocks, home)
 
@@ -376,24 +434,29 @@ def quantize_layerwise(
         block = blocks[i]
         block_home = next(block.parameters()).device
         block.to(device)
+        old_dtypes = _upcast(block, cdt) if cdt is not None else {}
         path = wd / f"block_{i:05d}.safetensors" if wd is not None else None
-        with torch.no_grad():
-            if path is not None and path.exists():
-                load_block(path, block, dcfg, device)
-                report["resumed_blocks"].append(i)
-            elif per_block[i]:
-                _quantize_block(block, per_block[i], inputs, options, gptq_opts, dcfg, device, store,
-                                layer_fn)
-                if path is not None:
-                    save_block(path, block)
-                report["quantized_blocks"].append(i)
-            if i + 1 < len(blocks):
-                finals = _swap_in_standins(block)
-                try:
-                    outs = _run_block(block, inputs, device, store)
-                finally:
-                    _restore(block, finals)
-                inputs = [_replace_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
+        try:
+            with torch.no_grad():
+                if path is not None and path.exists():
+                    load_block(path, block, dcfg, device)
+                    report["resumed_blocks"].append(i)
+                elif per_block[i]:
+                    _quantize_block(block, per_block[i], inputs, options, gptq_opts, dcfg, device, store,
+                                    layer_fn)
+                    _restore_dtypes(block, old_dtypes, biases_only=True)
+                    if path is not None:
+                        save_block(path, block)
+                    report["quantized_blocks"].append(i)
+                if i + 1 < len(blocks):
+                    finals = _swap_in_standins(block)
+                    try:
+                        outs = _run_block(block, inputs, device, store)
+                    finally:
+                        _restore(block, finals)
+                    inputs = [_replace_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
+        finally:
+            _restore_dtypes(block, old_dtypes)
         block.to(block_home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -428,6 +491,45 @@ def _quantize_block(
         _restore(block, finals)
 
 
+def _stage_hessians(block: nn.Module, stage: list[str], inputs: list[tuple[tuple, dict]], device,
+                    shared: bool) -> dict[str, torch.Tensor]:
+    """Input Hessians of the stage's layers over all calibration batches.
+
+    With ``shared`` (a true-sequential stage: its layers read one tensor, see :func:`_stages`)
+    one Hessian serves every layer of the stage, and each forward pass stops as soon as the
+    stage's input exists (a forward pre-hook on its first layer): the rest of the block would
+    compute activations nobody reads. Otherwise each layer accumulates its own input over full
+    passes."""
+    if shared:
+        acc = HessianAccumulator(block.get_submodule(stage[0]).in_features, device)
+
+        def grab(module, args):  # noqa: ARG001 (hook signature)
+            acc.add(args[0])
+            raise _Stop
+
+        handle = block.get_submodule(stage[0]).register_forward_pre_hook(grab)
+        try:
+            for args, kwargs in inputs:
+                try:
+                    block(*_to(args, device), **_to(kwargs, device))
+                except _Stop:
+                    continue
+                raise ValueError(f"quantize_layerwise: layer {stage[0]!r} did not run in its block's forward pass")
+        finally:
+            handle.remove()
+        h = acc.hessian()
+        return {n: h for n in stage}
+    accs = {n: HessianAccumulator(block.get_submodule(n).in_features, device) for n in stage}
+    handles = [block.get_submodule(n).register_forward_hook(accs[n].hook()) for n in stage]
+    try:
+        for args, kwargs in inputs:
+            block(*_to(args, device), **_to(kwargs, device))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian() for n, a in accs.items()}
+
+
 def _quantize_stage(
     block: nn.Module, stage: list[str], plans: dict[str, LayerPlan], inputs: list[tuple[tuple, dict]],
     options: DriverOptions, gptq_opts: dict[str, Any], dcfg: DTypeConfig, device,
@@ -436,15 +538,7 @@ def _quantize_stage(
     """Collect the stage's Hessians (earlier stages run as stand-ins), then quantize its layers."""
     hessians: dict[str, torch.Tensor] = {}
     if options.hessian:
-        accs = {n: HessianAccumulator(block.get_submodule(n).in_features, device) for n in stage}
-        handles = [block.get_submodule(n).register_forward_hook(accs[n].hook()) for n in stage]
-        try:
-            for args, kwargs in inputs:
-                block(*_to(args, device), **_to(kwargs, device))
-        finally:
-            for h in handles:
-                h.remove()
-        hessians = {n: a.hessian() for n, a in accs.items()}
+        hessians = _stage_hessians(block, stage, inputs, device, shared=options.true_sequential)
     for name in stage:
         linear = block.get_submodule(name)
         rot = rotation_for(linear.in_features, options.rotation_block, options.rotation_signs, options.seed) \

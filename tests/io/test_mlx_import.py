@@ -186,3 +186,26 @@ def test_cli_import_mlx(tmp_path: Path, capsys) -> None:
     model = load_quantized(tmp_path / "out")
     assert model.model.layers[1].mlp.up_proj.format == "int4"
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_mlx_lm_mixed_predicate_config(tmp_path: Path) -> None:
+    """mlx-lm's mixed recipes (``--quant-predicate mixed_3_6``) write every layer's entry with
+    ``"group_size": null`` (the default) and a copy under ``quantization_config``; this failed
+    with "takes group_size in (32, 64, 128), got None". 6-bit layers import exactly as int8."""
+    six = {"bits": 6, "group_size": 64}
+    overrides = {"model.layers.0.self_attn.v_proj": six, "model.layers.1.mlp.down_proj": six}
+    dense_ref = write_mlx_llama(tmp_path / "mlx", 3, 64, overrides)
+    cfg = json.loads((tmp_path / "mlx" / "config.json").read_text())
+    q = {"group_size": 64, "bits": 4, "mode": "affine"}  # the recipe's top-level default is not what layers use
+    for name in {k.rsplit(".", 1)[0] for k in dense_ref if k.endswith(".weight") and "norm" not in k}:
+        q[name] = {"group_size": None, "bits": overrides.get(name, {"bits": 3})["bits"], "mode": "affine"}
+    cfg["quantization"] = cfg["quantization_config"] = q
+    (tmp_path / "mlx" / "config.json").write_text(json.dumps(cfg))
+    result = import_mlx(tmp_path / "mlx")
+    model = result.model
+    assert model.model.layers[0].self_attn.q_proj.format == "int3"
+    assert model.model.layers[1].mlp.down_proj.format == "int8"
+    assert "6-bit codes stored as 8-bit" in result.layers["model.layers.1.mlp.down_proj"].note
+    for name, m in model.named_modules():
+        if isinstance(m, MarlinLinear):
+            assert torch.equal(m.dequantized_weight(torch.float32), dense_ref[f"{name}.weight"]), name

@@ -161,9 +161,13 @@ def test_save_pretrained_writes_the_format_and_reloads_identically(pylm, tmp_pat
     on_load, expected, _, _, ids = pylm
     on_load.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        assert f.metadata() == {"format": "pt", "metal_marlin_version": "1"}
+        meta = f.metadata()
         assert f.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.uint32
         assert "model.layers.0.self_attn.q_proj.scales" in f.keys()
+    layers = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["layers"]
+    # the layer table travels with the tensors, so a config.json that disagrees is caught at load
+    assert meta.pop("marlin_layers") == json.dumps(layers, sort_keys=True)
+    assert meta == {"format": "pt", "metal_marlin_version": "1"}
     q = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "metal_marlin" and q["format_version"] == 1
     assert q["layers"] == json.loads(json.dumps(layer_table(on_load)))

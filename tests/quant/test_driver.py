@@ -183,3 +183,56 @@ def test_saved_block_reloads_with_its_bias_dtype(tmp_path):
     assert block[0].bias.dtype == torch.float32 and block[1].bias is None
     for a, b in zip(quantized.state_dict().items(), block.state_dict().items(), strict=True):
         assert a[0] == b[0] and a[1].dtype == b[1].dtype and torch.equal(a[1], b[1]), a[0]
+
+
+def test_shared_stage_hessian_equals_per_layer_full_passes():
+    """The early-stopping, shared Hessian of a true-sequential stage is the one each of its
+    layers would accumulate over full forward passes."""
+    from metal_marlin_torch.quant.driver import _stage_hessians
+
+    model = tiny_llama()
+    _, blocks = find_blocks(model)
+    inputs = capture_inputs(model, blocks, tokens(4), 2, "cpu", "cpu")
+    for stage in (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                  ["mlp.down_proj"]):
+        with torch.no_grad():
+            shared = _stage_hessians(blocks[0], stage, inputs, "cpu", shared=True)
+            full = _stage_hessians(blocks[0], stage, inputs, "cpu", shared=False)
+        for name in stage:
+            torch.testing.assert_close(shared[name], full[name], rtol=1e-6, atol=1e-7)
+
+
+def test_half_precision_model_keeps_its_dtypes_on_cpu():
+    """On a CPU a bf16 model's calibration runs in float32 (compute_dtype); afterwards every
+    unquantized tensor and every layer bias has its bf16 dtype again, and the result is GPTQ's
+    on the float32 copy of the same weights: exactly for the first stage (same inputs; the
+    upcast is exact), and as accurately after it (the bf16 model hands its blocks bf16 rotary
+    tables, so later Hessians differ a little and GPTQ's codes diverge)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model(dtype):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          attention_bias=True)
+        m = LlamaForCausalLM(cfg).eval()
+        return m.to(dtype) if dtype == torch.bfloat16 else m.to(torch.bfloat16).float()
+
+    config = QuantConfig(format="int4", group_size=32, method="gptq")
+    half, full = model(torch.bfloat16), model(torch.float32)
+    ids = tokens(4, 32, seed=3)
+    with torch.no_grad():
+        ref = full(input_ids=ids).logits
+    before = {n: p.dtype for n, p in half.named_parameters()}
+    quantize_model(half, config, calibration=tokens(4))
+    quantize_model(full, config, calibration=tokens(4))
+    q = half.model.layers[0].self_attn.q_proj
+    assert isinstance(q, MarlinLinear) and q.bias.dtype == torch.bfloat16
+    assert half.model.layers[1].input_layernorm.weight.dtype == torch.bfloat16
+    for name, p in half.named_parameters():
+        if name in before and not name.endswith(("weight", "scales", "biases")) or "norm" in name:
+            assert p.dtype == before[name], name
+    first = "model.layers.0.self_attn.q_proj"
+    assert torch.equal(half.get_submodule(first).weight, full.get_submodule(first).weight)
+    err_half, err_full = output_error(half.float(), ref, ids), output_error(full, ref, ids)
+    assert 0.8 < err_half / err_full < 1.25, (err_half, err_full)

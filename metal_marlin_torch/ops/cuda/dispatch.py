@@ -559,7 +559,8 @@ def gemm_prepared(
         block_n, block_k = 64, 64
         grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
         launch(
-            kernels.dequant_kernel, grid, pw.weight, pw.scales, biases, pw.lut, w_t, n, k, pw.weight.shape[1], group, **common,
+            kernels.dequant_kernel, grid, pw.weight, pw.scales, biases, pw.lut, w_t, n, k,
+            pw.weight.shape[1], group, **common,
             SCALE_ROW=(group % block_k == 0 or group == k),
             BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and n % block_n == 0),
             num_warps=4,

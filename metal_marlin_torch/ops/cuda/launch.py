@@ -91,6 +91,20 @@ def _signature(kernel: Any) -> tuple[list[str], dict[str, Any]]:
     return got
 
 
+def _launch_hooks_set() -> bool:
+    """Triton's launch enter / exit hooks (profilers) are set: they need its own path."""
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton, no hooks (tests replay mocked launches)
+        return False
+    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+
+
+def _stream(device_index: int) -> int:
+    """The current CUDA stream's handle, as Triton's launcher takes it."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
 def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0
 
@@ -120,12 +134,8 @@ class Recorded:
         """From one :func:`recording` entry of a launch whose activation was ``x2`` and output
         ``y``; None where the launch cannot be replayed (arguments not found, hooks set)."""
         kernel, grid, args, kwargs, compiled = record
-        try:
-            from triton import knobs
-            if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
-                return None  # a profiler's hooks want Triton's own path
-        except (ImportError, AttributeError):
-            return None
+        if _launch_hooks_set():
+            return None  # a profiler's hooks want Triton's own path
         if compiled is None or not hasattr(compiled, "run"):
             return None
         names, defaults = _signature(kernel)
@@ -177,7 +187,7 @@ class Recorded:
         if "bias" in s:
             args[s["bias"]] = bias
         c = self.compiled
-        stream = torch._C._cuda_getCurrentRawStream(self.device_index)
+        stream = _stream(self.device_index)
         c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata,
               None, None, None, *args)
         return y

@@ -97,7 +97,12 @@ def _launch_hooks_set() -> bool:
         from triton import knobs
     except ImportError:  # no Triton, no hooks (tests replay mocked launches)
         return False
-    return knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None
+    return _hook_active(knobs.runtime.launch_enter_hook) or _hook_active(knobs.runtime.launch_exit_hook)
+
+
+def _hook_active(hook: Any) -> bool:
+    # Triton 3.6 keeps a HookChain there (never None): active when it holds calls
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _stream(device_index: int) -> int:
@@ -181,7 +186,9 @@ class Recorded:
         if "x" in s:
             args[s["x"]] = x2
         if "x_desc" in s:
-            desc = copy.copy(self.x_desc_proto)
+            proto = self.x_desc_proto
+            desc = object.__new__(type(proto))  # a shallow copy (copy.copy is ~10x slower)
+            desc.__dict__.update(proto.__dict__)
             desc.base = x2
             args[s["x_desc"]] = desc
         if "bias" in s:

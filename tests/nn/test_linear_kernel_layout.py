@@ -48,7 +48,7 @@ def test_kernel_layout_is_the_only_copy_and_saves_canonical(fmt, group):
     assert after.keys() == before.keys()
     for k, v in before.items():  # bit-exact round trip, same dtypes
         assert after[k].dtype == v.dtype, k
-        assert torch.equal(after[k].view(torch.uint8) if v.dtype.itemsize == 1 else after[k], 
+        assert torch.equal(after[k].view(torch.uint8) if v.dtype.itemsize == 1 else after[k],
                            v.view(torch.uint8) if v.dtype.itemsize == 1 else v), k
     torch.testing.assert_close(layer.dequantized_weight(), w_hat, rtol=0, atol=0)
     y = torch.ops.marlin.gemm_prepared(x, layer.weight, layer.scales, layer.biases, layer.bias,

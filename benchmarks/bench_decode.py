@@ -44,6 +44,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_cpu_gemm import cpu_name  # noqa: E402
 from benchmarks.bench_gemm import machine_info, tinygemm_pack  # noqa: E402
 from metal_marlin_torch import MarlinLinear, QuantConfig, quantize_model  # noqa: E402
 from metal_marlin_torch import formats as F  # noqa: E402
@@ -341,9 +342,12 @@ def main() -> None:
     ap.add_argument("--no-step-graph", action="store_true")
     ap.add_argument("--per-call", default="4096x4096,4096x14336,14336x4096",
                     help="K x N shapes of the per-call host cost ('' to skip)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: default)")
     ap.add_argument("--json", default="")
     ap.add_argument("--markdown", default="")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.prefill = [int(t) for t in args.prefill.split(",") if t]
     device = args.device
     if device == "cuda":
@@ -362,7 +366,8 @@ def main() -> None:
     if args.per_call and device == "cuda":
         per_call = per_call_us(device, [tuple(int(v) for v in s.split("x")) for s in args.per_call.split(",")])
     result = {"model": args.model or f"Llama-3-8B shapes, {args.layers} layers, random bf16 weights",
-              "machine": machine_info(device), "command": " ".join(sys.argv),
+              "machine": {**machine_info(device), "threads": torch.get_num_threads(),
+                          "cpu": cpu_name()}, "command": " ".join(sys.argv),
               "args": vars(args), "rows": rows, "per_call": per_call,
               "formats": sorted(F.FORMATS)}
     md = render(result)

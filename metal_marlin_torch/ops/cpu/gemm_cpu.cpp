@@ -190,6 +190,7 @@ inline __m256 avx2_codes(const Args& a, const Avx2Table& t, const uint32_t* row,
         _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(row[c >> 3])),
                           _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
         _mm256_set1_epi32(15));
+    if (a.identity) return _mm256_cvtepi32_ps(q);  // affine int4: the value is q
     const __m256 lo = _mm256_permutevar8x32_ps(t.lo, q), hi = _mm256_permutevar8x32_ps(t.hi, q);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
   } else if constexpr (BITS == 2) {
@@ -198,8 +199,9 @@ inline __m256 avx2_codes(const Args& a, const Avx2Table& t, const uint32_t* row,
                           _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
         _mm256_set1_epi32(3));
     (void)half;
-    return _mm256_permutevar8x32_ps(t.lo, q);
+    return a.identity ? _mm256_cvtepi32_ps(q) : _mm256_permutevar8x32_ps(t.lo, q);
   } else {  // 8 bits
+    (void)t;
     const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(row) + c));
     const __m256i q = _mm256_cvtepu8_epi32(bytes);
     return a.identity ? _mm256_cvtepi32_ps(q) : _mm256_i32gather_ps(a.lut, q, 4);
@@ -217,34 +219,46 @@ inline __m256 avx2_values(const Args& a, const Avx2Table& t, const uint32_t* row
   }
 }
 
+// Per weight row: per scale group, p = sum(v * x) over the group's codes (v the table value,
+// one FMA per 8 codes and activation row), then acc += s * p (a vector FMA with the group's
+// scale) and, for affine formats, the bias term b * sum(x over the group) from xsum (computed
+// once per call): w = v * s + b is never formed, so the inner loop is decode + FMA.
 template <int BITS>
-void avx2_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const float* bias,
-                    float* y, int64_t ldy, int64_t n0, int64_t n1) {
+void avx2_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const float* xsum,
+                    const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const Avx2Table t = avx2_table(a);
   for (int64_t r = n0; r < n1; ++r) {
     const uint32_t* row = a.w + r * a.kw;
     for (int64_t i0 = 0; i0 < m; i0 += 4) {  // up to 4 activation rows share each decode
       const int64_t mm = std::min<int64_t>(4, m - i0);
-      __m256 acc[4][2];
-      for (auto& p : acc) p[0] = p[1] = _mm256_setzero_ps();
+      __m256 acc[4];
+      float bsum[4] = {0, 0, 0, 0};
+      for (auto& v : acc) v = _mm256_setzero_ps();
       for (int64_t g = 0; g < a.n_groups; ++g) {
-        const __m256 s = _mm256_set1_ps(scale_at(a.scales, a.scale_kind, r * a.n_groups + g));
-        const __m256 b = _mm256_set1_ps(a.biases ? scale_at(a.biases, a.scale_kind, r * a.n_groups + g) : 0.f);
         const int64_t c0 = g * a.group, c1 = c0 + a.group;
+        __m256 p[4][2];
+        for (auto& q : p) q[0] = q[1] = _mm256_setzero_ps();
         for (int64_t c = c0; c < c1; c += 16) {
-          const __m256 v0 = _mm256_fmadd_ps(avx2_values<BITS>(a, t, row, c), s, b);
-          const __m256 v1 = _mm256_fmadd_ps(avx2_values<BITS>(a, t, row, c + 8), s, b);
+          const __m256 v0 = avx2_values<BITS>(a, t, row, c);
+          const __m256 v1 = avx2_values<BITS>(a, t, row, c + 8);
           for (int64_t i = 0; i < mm; ++i) {
             const float* xr = x + (i0 + i) * ldx + c;
-            acc[i][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xr), acc[i][0]);
-            acc[i][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xr + 8), acc[i][1]);
+            p[i][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xr), p[i][0]);
+            p[i][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xr + 8), p[i][1]);
           }
+        }
+        const float sg = scale_at(a.scales, a.scale_kind, r * a.n_groups + g);
+        const __m256 s = _mm256_set1_ps(sg);
+        for (int64_t i = 0; i < mm; ++i) acc[i] = _mm256_fmadd_ps(_mm256_add_ps(p[i][0], p[i][1]), s, acc[i]);
+        if (a.biases) {
+          const float bg = scale_at(a.biases, a.scale_kind, r * a.n_groups + g);
+          for (int64_t i = 0; i < mm; ++i) bsum[i] += bg * xsum[(i0 + i) * a.n_groups + g];
         }
       }
       for (int64_t i = 0; i < mm; ++i) {
         float lanes[8];
-        _mm256_storeu_ps(lanes, _mm256_add_ps(acc[i][0], acc[i][1]));
-        float sum = 0;
+        _mm256_storeu_ps(lanes, acc[i]);
+        float sum = bsum[i];
         for (float v : lanes) sum += v;
         y[(i0 + i) * ldy + r] = sum + (bias ? bias[r] : 0.0f);
       }
@@ -309,10 +323,18 @@ void marlin_cpu_gemv(const float* x, int64_t m, int64_t ldx, const uint32_t* w, 
   const Args a = make_args(w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut);
 #ifdef MARLIN_AVX2
   if (avx2_ok(a) && (a.group % 16 == 0)) {
+    std::vector<float> xsum(static_cast<size_t>(m * n_groups), 0.0f);  // sum(x) per group
+    if (biases)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t g = 0; g < n_groups; ++g) {
+          float s = 0;
+          for (int64_t c = g * group; c < (g + 1) * group; ++c) s += x[i * ldx + c];
+          xsum[i * n_groups + g] = s;
+        }
     parallel_rows(n, threads, [&](int64_t n0, int64_t n1) {
-      if (bits == 4) avx2_gemv_rows<4>(a, x, m, ldx, bias, y, ldy, n0, n1);
-      else if (bits == 2) avx2_gemv_rows<2>(a, x, m, ldx, bias, y, ldy, n0, n1);
-      else avx2_gemv_rows<8>(a, x, m, ldx, bias, y, ldy, n0, n1);
+      if (bits == 4) avx2_gemv_rows<4>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
+      else if (bits == 2) avx2_gemv_rows<2>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
+      else avx2_gemv_rows<8>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
     });
     return;
   }

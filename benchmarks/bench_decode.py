@@ -223,7 +223,8 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
             except Exception as exc:  # noqa: BLE001 - a crash is a result here
                 row["compiled_tok_s"] = None
                 row["compiled_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            if not args.no_step_graph:
+            if not args.no_step_graph and (not args.step_graph_methods
+                                           or method in args.step_graph_methods.split(",")):
                 try:
                     torch._dynamo.reset()
                     row["step_graph_tok_s"] = step_graph_tok_s(model, ids, args.new)
@@ -340,6 +341,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-step-graph", action="store_true")
+    ap.add_argument("--step-graph-methods", default="", help="only these methods (default: all)")
     ap.add_argument("--per-call", default="4096x4096,4096x14336,14336x4096",
                     help="K x N shapes of the per-call host cost ('' to skip)")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: default)")
@@ -358,24 +360,31 @@ def main() -> None:
     default = (["dense", "marlin:int4", "marlin:fp4", "marlin:nf4", "tinygemm"] if device == "cuda"
                else ["dense", "dense-bf16", "marlin:int4", "marlin:fp4", "marlin:nf4", "marlin:int8"])
     methods = args.methods.split(",") if args.methods else default
-    rows = []
-    for method in methods:
-        dtype = torch.bfloat16 if (device == "cuda" or method == "dense-bf16") else torch.float32
-        rows.append(measure(args, method, device, dtype))
-    per_call = []
-    if args.per_call and device == "cuda":
-        per_call = per_call_us(device, [tuple(int(v) for v in s.split("x")) for s in args.per_call.split(",")])
-    result = {"model": args.model or f"Llama-3-8B shapes, {args.layers} layers, random bf16 weights",
+    rows: list[dict] = []
+    per_call: list[dict] = []
+
+    def result() -> dict:
+        return {"model": args.model or f"Llama-3-8B shapes, {args.layers} layers, random bf16 weights",
               "machine": {**machine_info(device), "threads": torch.get_num_threads(),
                           "cpu": cpu_name()}, "command": " ".join(sys.argv),
               "args": vars(args), "rows": rows, "per_call": per_call,
               "formats": sorted(F.FORMATS)}
-    md = render(result)
-    print(md)
-    if args.json:
-        atomic_write(args.json, json.dumps(result, indent=1, default=str))
-    if args.markdown:
-        atomic_write(args.markdown, md)
+
+    def save() -> None:  # after every method: a run cut short keeps what it measured
+        if args.json:
+            atomic_write(args.json, json.dumps(result(), indent=1, default=str))
+        if args.markdown:
+            atomic_write(args.markdown, render(result()))
+
+    for method in methods:
+        dtype = torch.bfloat16 if (device == "cuda" or method == "dense-bf16") else torch.float32
+        rows.append(measure(args, method, device, dtype))
+        save()
+    if args.per_call and device == "cuda":
+        per_call.extend(per_call_us(device, [tuple(int(v) for v in s.split("x"))
+                                             for s in args.per_call.split(",")]))
+        save()
+    print(render(result()))
 
 
 if __name__ == "__main__":

@@ -93,6 +93,17 @@ def _mlp(fmt: str, group: int) -> nn.Module:
     return model.cuda()
 
 
+@pytest.fixture
+def fresh_dynamo(monkeypatch):
+    """A clean dynamo cache with room for the recompiles of several models (fullgraph raises
+    at the limit)."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("fmt,group", FORMATS)
 def test_reduce_overhead_compile_matches_eager(fmt, group):
     """torch.compile(mode="reduce-overhead") (cudagraph trees) of quantized layers, and a second
@@ -111,6 +122,7 @@ def test_reduce_overhead_compile_matches_eager(fmt, group):
                     assert _rel(y, ref.cpu()) < 1e-2, (fmt, m)
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_raw_op_under_reduce_overhead():
     """``torch.ops.marlin.gemm`` on canonical tensors (no layer) with split-K (M = 1 on a
     narrow layer) under cudagraph trees, after one eager call."""
@@ -144,6 +156,7 @@ def test_cuda_graph_capture_of_layers():
             torch.testing.assert_close(static_y, model(x))
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 @pytest.mark.parametrize("fmt", ["int4", "fp4"])
 def test_hf_compiled_generate(fmt):
     """HF ``generate()`` with a static cache compiles its decode step (reduce-overhead); its

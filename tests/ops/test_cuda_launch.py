@@ -45,10 +45,10 @@ def test_recorded_launch_replaces_per_call_tensors(monkeypatch, with_bias):
     record, compiled = _record(x2, w, y, bias)
     rec = LN.Recorded.build(record, x2, y, bias)
     assert rec is not None
-    assert rec.slots["x"] == 0 and rec.slots["y"] == 2
+    assert rec.slots["x"] == [0] and rec.slots["y"] == [2]
     assert ("bias" in rec.slots) == with_bias
     # no per-call tensor is held (it may belong to a CUDA graph's memory pool)
-    assert all(rec.args[i] is None for i in rec.slots.values())
+    assert all(rec.args[i] is None for idx in rec.slots.values() for i in idx)
     assert rec.args[1] is w and rec.args[6:] == [16, with_bias]  # default and keyword in order
     x_new = torch.randn(2, 8)
     b_new = torch.randn(5) if with_bias else None
@@ -56,8 +56,41 @@ def test_recorded_launch_replaces_per_call_tensors(monkeypatch, with_bias):
     (call,) = compiled.calls
     assert call[:9] == (4, 2, 1, 7, "fn", "meta", None, None, None)
     launched = list(call[9:])
-    assert launched[0] is x_new and launched[2] is out and out.shape == (2, 5)
-    assert launched[3] is (b_new if with_bias else w)
+    # pointers as raw addresses (the launcher takes ints as they are)
+    assert launched[0] == x_new.data_ptr() and launched[2] == out.data_ptr() and out.shape == (2, 5)
+    assert launched[1] == w.data_ptr()
+    assert launched[3] == (b_new if with_bias else w).data_ptr()
+
+
+def test_output_passed_twice_is_replaced_everywhere(monkeypatch):
+    """Regression: an unsplit launch passes its output again as the split-K workspace; the
+    replay must replace every position (it wrote into the recording call's output before)."""
+    monkeypatch.setattr(LN, "_stream", lambda index: 0)
+    x2, w, y = torch.randn(2, 8), torch.randn(5, 8), torch.empty(2, 5)
+    kernel = types.SimpleNamespace(fn=_kernel)
+    compiled = _Compiled()
+    record = (kernel, (1,), (x2, w, y, y, 2, 5), {}, compiled)  # bias_ptr slot holds y
+    rec = LN.Recorded.build(record, x2, y, None)
+    assert rec.slots["y"] == [2, 3]
+    out = rec(torch.randn(2, 8), None)
+    launched = compiled.calls[0][9:]
+    assert launched[2] == out.data_ptr() and launched[3] == out.data_ptr()
+
+
+def test_launcher_that_refuses_ints_gets_tensors(monkeypatch):
+    monkeypatch.setattr(LN, "_stream", lambda index: 0)
+    x2, w, y = torch.randn(2, 8), torch.randn(5, 8), torch.empty(2, 5)
+    record, compiled = _record(x2, w, y, None)
+
+    def strict(*args):
+        if isinstance(args[9], int):
+            raise TypeError("pointer argument must be a tensor")
+        compiled.calls.append(args)
+
+    compiled.run = strict
+    rec = LN.Recorded.build(record, x2, y, None)
+    out = rec(torch.randn(2, 8), None)
+    assert not rec.int_ptrs and compiled.calls[0][9 + 2] is out
 
 
 def test_recorded_launch_checks_alignment():

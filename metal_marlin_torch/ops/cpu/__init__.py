@@ -8,7 +8,7 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
 * up to :data:`GEMV_MAX_M` activation rows: each weight row is decoded one scale group at a
   time into L1 and multiplied with every activation row (``marlin_cpu_gemv``); rows are split
   between ``torch.get_num_threads()`` threads;
-* more rows (prefill): :data:`TILE_ROWS` weight rows at a time are decoded to float32
+* more rows (prefill): :data:`TILE_ELEMENTS` weights (whole rows) at a time are decoded to float32
   (``marlin_cpu_dequant``) and multiplied by torch's BLAS (``torch.mm``), so the decoded weight
   is never materialized whole.
 
@@ -44,7 +44,8 @@ log = logging.getLogger("metal_marlin_torch")
 SOURCE = Path(__file__).with_name("gemm_cpu.cpp")
 KERNEL_NAME = "cpu_cxx"
 GEMV_MAX_M = 8  # above: tile dequantization + torch.mm (BLAS); see docs/CUDA.md "CPU"
-TILE_ROWS = 256  # weight rows decoded per torch.mm (256 x 4096 fp32 = 4 MB)
+TILE_ELEMENTS = 1 << 22  # weights decoded per torch.mm (16 MB of fp32): 1024 rows at K = 4096
+#                          (256-row tiles ran 3x slower: BLAS is inefficient on thin tiles)
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None}
 
@@ -187,9 +188,10 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
         # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
         yt = torch.empty(n, m, dtype=torch.float32)
         xt = x2.t()
-        tile = torch.empty(min(TILE_ROWS, n), k, dtype=torch.float32)
-        for n0 in range(0, n, TILE_ROWS):
-            n1 = min(n, n0 + TILE_ROWS)
+        rows = max(64, TILE_ELEMENTS // k // 64 * 64)
+        tile = torch.empty(min(rows, n), k, dtype=torch.float32)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
             lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
             torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
         y = yt.t()
@@ -208,4 +210,4 @@ def register() -> None:
     registry.set_kernel("gemm", "cpu", gemm, KERNEL_NAME)
 
 
-__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "TILE_ROWS", "gemm", "info", "load", "register"]
+__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "TILE_ELEMENTS", "gemm", "info", "load", "register"]

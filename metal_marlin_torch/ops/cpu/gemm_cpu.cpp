@@ -21,7 +21,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -223,6 +226,47 @@ inline __m256 avx2_values(const Args& a, const Avx2Table& t, const uint32_t* row
 // one FMA per 8 codes and activation row), then acc += s * p (a vector FMA with the group's
 // scale) and, for affine formats, the bias term b * sum(x over the group) from xsum (computed
 // once per call): w = v * s + b is never formed, so the inner loop is decode + FMA.
+// Per weight row: per scale group, p = sum(v * x) over the group's codes (v the table value,
+// one FMA per 8 codes and activation row), then acc += s * p (a vector FMA with the group's
+// scale) and, for affine formats, the bias term b * sum(x over the group) from xsum (computed
+// once per call): w = v * s + b is never formed, so the inner loop is decode + FMA. MM (1-4
+// activation rows sharing each decode) is a template parameter so the partial sums stay in
+// registers (a run-time count kept them on the stack: a store-to-load chain per FMA).
+template <int BITS, int MM>
+void avx2_gemv_block(const Args& a, const Avx2Table& t, const uint32_t* row, const float* x,
+                     int64_t ldx, const float* xsum, int64_t r, float* out) {
+  __m256 acc[MM];
+  float bsum[MM];
+  for (int i = 0; i < MM; ++i) acc[i] = _mm256_setzero_ps(), bsum[i] = 0.0f;
+  for (int64_t g = 0; g < a.n_groups; ++g) {
+    const int64_t c0 = g * a.group, c1 = c0 + a.group;
+    __m256 p0[MM], p1[MM];
+    for (int i = 0; i < MM; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __m256 v0 = avx2_values<BITS>(a, t, row, c);
+      const __m256 v1 = avx2_values<BITS>(a, t, row, c + 8);
+      for (int i = 0; i < MM; ++i) {
+        const float* xr = x + i * ldx + c;
+        p0[i] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xr), p0[i]);
+        p1[i] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xr + 8), p1[i]);
+      }
+    }
+    const __m256 s = _mm256_set1_ps(scale_at(a.scales, a.scale_kind, r * a.n_groups + g));
+    for (int i = 0; i < MM; ++i) acc[i] = _mm256_fmadd_ps(_mm256_add_ps(p0[i], p1[i]), s, acc[i]);
+    if (a.biases) {
+      const float bg = scale_at(a.biases, a.scale_kind, r * a.n_groups + g);
+      for (int i = 0; i < MM; ++i) bsum[i] += bg * xsum[i * a.n_groups + g];
+    }
+  }
+  for (int i = 0; i < MM; ++i) {
+    float lanes[8];
+    _mm256_storeu_ps(lanes, acc[i]);
+    float sum = bsum[i];
+    for (float v : lanes) sum += v;
+    out[i] = sum;
+  }
+}
+
 template <int BITS>
 void avx2_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const float* xsum,
                     const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
@@ -230,38 +274,17 @@ void avx2_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const
   for (int64_t r = n0; r < n1; ++r) {
     const uint32_t* row = a.w + r * a.kw;
     for (int64_t i0 = 0; i0 < m; i0 += 4) {  // up to 4 activation rows share each decode
-      const int64_t mm = std::min<int64_t>(4, m - i0);
-      __m256 acc[4];
-      float bsum[4] = {0, 0, 0, 0};
-      for (auto& v : acc) v = _mm256_setzero_ps();
-      for (int64_t g = 0; g < a.n_groups; ++g) {
-        const int64_t c0 = g * a.group, c1 = c0 + a.group;
-        __m256 p[4][2];
-        for (auto& q : p) q[0] = q[1] = _mm256_setzero_ps();
-        for (int64_t c = c0; c < c1; c += 16) {
-          const __m256 v0 = avx2_values<BITS>(a, t, row, c);
-          const __m256 v1 = avx2_values<BITS>(a, t, row, c + 8);
-          for (int64_t i = 0; i < mm; ++i) {
-            const float* xr = x + (i0 + i) * ldx + c;
-            p[i][0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xr), p[i][0]);
-            p[i][1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xr + 8), p[i][1]);
-          }
-        }
-        const float sg = scale_at(a.scales, a.scale_kind, r * a.n_groups + g);
-        const __m256 s = _mm256_set1_ps(sg);
-        for (int64_t i = 0; i < mm; ++i) acc[i] = _mm256_fmadd_ps(_mm256_add_ps(p[i][0], p[i][1]), s, acc[i]);
-        if (a.biases) {
-          const float bg = scale_at(a.biases, a.scale_kind, r * a.n_groups + g);
-          for (int64_t i = 0; i < mm; ++i) bsum[i] += bg * xsum[(i0 + i) * a.n_groups + g];
-        }
+      float out[4];
+      const float* xs = x + i0 * ldx;
+      const float* ss = xsum + i0 * a.n_groups;
+      switch (std::min<int64_t>(4, m - i0)) {
+        case 1: avx2_gemv_block<BITS, 1>(a, t, row, xs, ldx, ss, r, out); break;
+        case 2: avx2_gemv_block<BITS, 2>(a, t, row, xs, ldx, ss, r, out); break;
+        case 3: avx2_gemv_block<BITS, 3>(a, t, row, xs, ldx, ss, r, out); break;
+        default: avx2_gemv_block<BITS, 4>(a, t, row, xs, ldx, ss, r, out); break;
       }
-      for (int64_t i = 0; i < mm; ++i) {
-        float lanes[8];
-        _mm256_storeu_ps(lanes, acc[i]);
-        float sum = bsum[i];
-        for (float v : lanes) sum += v;
-        y[(i0 + i) * ldy + r] = sum + (bias ? bias[r] : 0.0f);
-      }
+      for (int64_t i = 0; i < std::min<int64_t>(4, m - i0); ++i)
+        y[(i0 + i) * ldy + r] = out[i] + (bias ? bias[r] : 0.0f);
     }
   }
 }
@@ -282,22 +305,77 @@ void avx2_dequant_rows(const Args& a, int64_t n0, int64_t r0, int64_t r1, float*
 }
 #endif  // MARLIN_AVX2
 
+// A persistent pool: threads are started once (thread creation is expensive, very much so
+// under sandboxes such as gVisor) and woken per call; idle workers sleep on a condition
+// variable (no spinning that would take cores from torch's own threads between calls).
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool;  // never destroyed: its detached workers outlive main()
+    return *pool;
+  }
+
+  // body(t) for t in [0, n), t = 0 on the calling thread; returns when all are done.
+  void run(int n, const std::function<void(int)>& body) {
+    if (n <= 1) {
+      body(0);
+      return;
+    }
+    std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel call at a time
+    grow(n - 1);
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      job_ = &body;
+      tasks_ = n - 1;
+      next_ = 1;
+      pending_ = n - 1;
+      ++generation_;
+    }
+    cv_.notify_all();
+    body(0);
+    std::unique_lock<std::mutex> lk(mu_);
+    done_cv_.wait(lk, [&] { return pending_ == 0; });
+    job_ = nullptr;
+  }
+
+ private:
+  void grow(int want) {
+    for (; workers_ < want; ++workers_) std::thread([this] { loop(); }).detach();
+  }
+
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_.wait(lk, [&] { return generation_ != seen && next_ <= tasks_; });
+      seen = generation_;
+      const int t = next_++;
+      const std::function<void(int)>* job = job_;
+      lk.unlock();
+      (*job)(t);
+      lk.lock();
+      if (--pending_ == 0) done_cv_.notify_one();
+    }
+  }
+
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_, done_cv_;
+  int workers_ = 0;
+  const std::function<void(int)>* job_ = nullptr;
+  uint64_t generation_ = 0;
+  int tasks_ = 0, next_ = 1, pending_ = 0;
+};
+
+// body(r0, r1) over [0, n) split between up to `threads` threads, at least 64 rows each
 template <typename F>
 void parallel_rows(int64_t n, int threads, F&& body) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n)));
-  if (threads == 1) {
-    body(0, n);
-    return;
-  }
-  std::vector<std::thread> pool;
-  pool.reserve(threads - 1);
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + 63) / 64)));
   const int64_t per = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
+  const std::function<void(int)> task = [&](int t) {
     const int64_t a = std::min<int64_t>(n, t * per), b = std::min<int64_t>(n, a + per);
-    if (a < b) pool.emplace_back([&body, a, b] { body(a, b); });
-  }
-  body(0, std::min<int64_t>(n, per));
-  for (auto& th : pool) th.join();
+    if (a < b) body(a, b);
+  };
+  Pool::get().run(threads, task);
 }
 
 Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* scales,

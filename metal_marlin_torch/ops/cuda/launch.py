@@ -126,12 +126,16 @@ class Recorded:
     compiled: Any
     grid: tuple[int, int, int]
     args: list
-    slots: dict[str, int]
+    slots: dict[str, list[int]]
     y_shape: tuple[int, int]
     y_dtype: torch.dtype
     device_index: int
     x_desc_proto: Any = None
-    extra: dict = field(default_factory=dict)
+    # the static tensors as raw device addresses: Triton's launcher takes an int for a pointer
+    # as is, where for a tensor it calls data_ptr() and asks the driver to validate the address
+    # (cuPointerGetAttribute) on every launch; the plan keeps the tensors alive
+    args_int: list = field(default_factory=list)
+    int_ptrs: bool = True
 
     @classmethod
     def build(cls, record: tuple, x2: torch.Tensor, y: torch.Tensor,
@@ -147,31 +151,38 @@ class Recorded:
         values = list(args) + [kwargs[n] if n in kwargs else defaults.get(n) for n in names[len(args):]]
         if len(values) != len(names):
             return None
-        slots: dict[str, int] = {}
+        # every position that holds a per-call tensor (an unsplit launch passes its output as
+        # the split-K workspace and counters too: all of them are replaced)
+        slots: dict[str, list[int]] = {}
         proto = None
         for i, v in enumerate(values):
             if isinstance(v, torch.Tensor):
                 if v.data_ptr() == x2.data_ptr() and v.shape == x2.shape:
-                    slots["x"] = i
-                elif v.data_ptr() == y.data_ptr() and v.shape == y.shape:
-                    slots["y"] = i
+                    slots.setdefault("x", []).append(i)
+                elif v.data_ptr() == y.data_ptr():
+                    slots.setdefault("y", []).append(i)
                 elif bias is not None and v.data_ptr() == bias.data_ptr():
-                    slots["bias"] = i
+                    slots.setdefault("bias", []).append(i)
             elif hasattr(v, "base") and hasattr(v, "block_shape"):  # a TMA descriptor
                 if v.base.data_ptr() == x2.data_ptr():
-                    slots["x_desc"] = i
+                    slots.setdefault("x_desc", []).append(i)
                     proto = v
+                elif v.base.data_ptr() in (y.data_ptr(), None if bias is None else bias.data_ptr()):
+                    return None  # a descriptor over another per-call tensor: not replayable
         if "y" not in slots or ("x" not in slots and "x_desc" not in slots):
             return None
         if bias is not None and "bias" not in slots:
             return None
-        for i in slots.values():  # hold no per-call tensor (it may belong to a graph's pool)
-            values[i] = None
+        for idx in slots.values():  # hold no per-call tensor (it may belong to a graph's pool)
+            for i in idx:
+                values[i] = None
         if proto is not None:
             proto = copy.copy(proto)
             proto.base = None
         g = tuple(grid) + (1,) * (3 - len(grid))
-        return cls(compiled, g, values, slots, tuple(y.shape), y.dtype, y.device.index, proto)
+        args_int = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in values]
+        return cls(compiled, g, values, slots, tuple(y.shape), y.dtype, y.device.index, proto,
+                   args_int)
 
     def matches(self, x2: torch.Tensor, bias: torch.Tensor | None) -> bool:
         """``x2`` (and ``bias``) can take the recorded launch's places: contiguous, aligned."""
@@ -180,21 +191,34 @@ class Recorded:
 
     def __call__(self, x2: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         y = torch.empty(self.y_shape, dtype=self.y_dtype, device=x2.device)
-        args = self.args.copy()
+        if self.int_ptrs:
+            try:
+                return self._launch(x2, bias, y, True)
+            except (TypeError, ValueError, OverflowError):  # a launcher that wants tensors
+                self.int_ptrs = False
+        return self._launch(x2, bias, y, False)
+
+    def _launch(self, x2: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                ints: bool) -> torch.Tensor:
+        args = (self.args_int if ints else self.args).copy()
         s = self.slots
-        args[s["y"]] = y
-        if "x" in s:
-            args[s["x"]] = x2
+        yv, xv = (y.data_ptr(), x2.data_ptr()) if ints else (y, x2)
+        for i in s["y"]:
+            args[i] = yv
+        for i in s.get("x", ()):
+            args[i] = xv
         if "x_desc" in s:
             proto = self.x_desc_proto
             desc = object.__new__(type(proto))  # a shallow copy (copy.copy is ~10x slower)
             desc.__dict__.update(proto.__dict__)
             desc.base = x2
-            args[s["x_desc"]] = desc
-        if "bias" in s:
-            args[s["bias"]] = bias
+            for i in s["x_desc"]:
+                args[i] = desc
+        if bias is not None:
+            bv = bias.data_ptr() if ints else bias
+            for i in s.get("bias", ()):
+                args[i] = bv
         c = self.compiled
-        stream = _stream(self.device_index)
-        c.run(self.grid[0], self.grid[1], self.grid[2], stream, c.function, c.packed_metadata,
-              None, None, None, *args)
+        c.run(self.grid[0], self.grid[1], self.grid[2], _stream(self.device_index), c.function,
+              c.packed_metadata, None, None, None, *args)
         return y

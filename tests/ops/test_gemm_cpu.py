@@ -82,7 +82,8 @@ def test_decode_does_not_dequantize_the_whole_weight(monkeypatch):
 
 
 def test_missing_compiler_falls_back_with_a_logged_reason(monkeypatch, caplog):
-    monkeypatch.setattr(cpu, "_STATE", {"lib": None, "error": None, "path": None, "compiler": None})
+    monkeypatch.setattr(cpu, "_STATE", {"lib": None, "error": None, "path": None, "compiler": None,
+                                         "threads": None})
     monkeypatch.setattr(cpu, "compiler", lambda: None)
     reset = []
     monkeypatch.setattr(ops.registry, "reset_kernel", lambda op, dev: reset.append((op, dev)))

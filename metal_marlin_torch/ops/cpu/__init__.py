@@ -14,7 +14,9 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
 
 Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
-it if refused), about 2 s, cached under ``~/.cache/metal_marlin_torch/cpu`` (override:
+it if refused); with GCC and a ``libgomp`` in ``torch/lib`` (Linux wheels) it is built with
+OpenMP linked to that runtime, so it runs on torch's own thread pool, else with a small pool
+of its own. About 2-3 s, cached under ``~/.cache/metal_marlin_torch/cpu`` (override:
 ``METAL_MARLIN_CPU_CACHE``) keyed by the source, the compiler's version, the flags and the
 machine. Without a compiler, or if the build fails, the pure-torch kernel stays, logged once
 at INFO; :func:`info` (in ``backend_info()``) says which and why. ``METAL_MARLIN_CPU_KERNEL=0``
@@ -47,7 +49,8 @@ GEMV_MAX_M = 8  # above: tile dequantization + torch.mm (BLAS); see docs/CUDA.md
 TILE_ELEMENTS = 1 << 22  # weights decoded per torch.mm (16 MB of fp32): 1024 rows at K = 4096
 #                          (256-row tiles ran 3x slower: BLAS is inefficient on thin tiles)
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None}
+_STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
+                             "threads": None}
 
 
 def cache_root() -> Path:
@@ -75,26 +78,56 @@ def _native_flags() -> list[list[str]]:
     return [native, []]  # the second: if the compiler refuses the first
 
 
+def torch_libgomp() -> Path | None:
+    """The OpenMP runtime torch's CPU kernels run on (Linux wheels ship ``libgomp*.so*`` in
+    ``torch/lib``), so that the kernel can share torch's thread pool instead of competing with it."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libgomp*.so*")) if lib.is_dir() else []
+    return found[0] if found else None
+
+
+def _variants(cxx: str, version: str) -> list[tuple[str, list[str], list[str]]]:
+    """(name, compile flags, link inputs) to try in order: OpenMP on torch's libgomp (GCC only:
+    clang's OpenMP calls another runtime), then the kernel's own thread pool; each with the
+    host's vector ISA, then without it."""
+    out = []
+    gomp = torch_libgomp()
+    for extra in _native_flags():
+        base = ["-O3", "-std=c++17", "-fPIC", "-pthread", *extra]
+        if gomp is not None and "clang" not in version.lower():
+            out.append(("openmp", [*base, "-fopenmp"], [str(gomp), f"-Wl,-rpath,{gomp.parent}"]))
+        out.append(("pool", base, []))
+    return out
+
+
 def _build(cxx: str) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     last_error = ""
-    for extra in _native_flags():
-        flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", *extra]
-        key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(),
+    for name, flags, link in _variants(cxx, version):
+        key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + link).encode(),
                                          platform.machine().encode(), platform.node().encode()]))
-        lib = cache_root() / f"libmarlin_cpu-{key.hexdigest()[:16]}.so"
+        lib = cache_root() / f"libmarlin_cpu-{name}-{key.hexdigest()[:16]}.so"
         if lib.exists():
             return lib
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
-        proc = subprocess.run([cxx, *flags, "-o", str(tmp), str(SOURCE)], capture_output=True,
-                              text=True, timeout=300)
-        if proc.returncode == 0:
+        obj = tmp.with_suffix(".o")
+        # compile and link apart: linking with -fopenmp would add the system's -lgomp, a second
+        # OpenMP runtime beside torch's
+        steps = [[cxx, *flags, "-c", str(SOURCE), "-o", str(obj)],
+                 [cxx, "-shared", "-pthread", str(obj), *link, "-o", str(tmp)]]
+        ok = True
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                ok, last_error = False, proc.stderr.strip()[-2000:]
+                break
+        obj.unlink(missing_ok=True)
+        if ok:
             os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
             return lib
         tmp.unlink(missing_ok=True)
-        last_error = proc.stderr.strip()[-2000:]
     raise RuntimeError(f"{cxx} failed: {last_error}")
 
 
@@ -130,13 +163,15 @@ def load() -> ctypes.CDLL | None:
                                        vp, i64, ci]
     lib.marlin_cpu_dequant.restype = None
     _STATE["lib"], _STATE["path"] = lib, str(path)
+    _STATE["threads"] = "torch's OpenMP pool" if lib.marlin_cpu_openmp() else "own pool"
     return lib
 
 
 def info() -> dict:
     """Whether the C++ CPU kernel is built and loaded here, and why not (for backend_info)."""
     return {"loaded": _STATE["lib"] is not None, "error": _STATE["error"], "library": _STATE["path"],
-            "compiler": _STATE["compiler"], "gemv_max_m": GEMV_MAX_M}
+            "compiler": _STATE["compiler"], "threads": _STATE.get("threads"),
+            "gemv_max_m": GEMV_MAX_M}
 
 
 @cache

@@ -366,11 +366,25 @@ class Pool {
   int tasks_ = 0, next_ = 1, pending_ = 0;
 };
 
-// body(r0, r1) over [0, n) split between up to `threads` threads, at least 64 rows each
+// body(r0, r1) over [0, n) split between up to `threads` threads, at least 64 rows each.
+// Built with OpenMP against torch's own libgomp (ops/cpu/__init__.py), the threads are torch's
+// intra-op pool: no second pool competing with torch's (its idle threads spin for a while
+// after every parallel op, and took the cores from a separate pool's threads: int4 ran at half
+// speed right after a torch matmul on a 16-core host). Otherwise the Pool above.
 template <typename F>
 void parallel_rows(int64_t n, int threads, F&& body) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + 63) / 64)));
   const int64_t per = (n + threads - 1) / threads;
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; ++t) {
+      const int64_t a = std::min<int64_t>(n, t * per), b = std::min<int64_t>(n, a + per);
+      if (a < b) body(a, b);
+    }
+    return;
+  }
+#endif
   const std::function<void(int)> task = [&](int t) {
     const int64_t a = std::min<int64_t>(n, t * per), b = std::min<int64_t>(n, a + per);
     if (a < b) body(a, b);
@@ -391,6 +405,14 @@ Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* 
 extern "C" {
 
 int marlin_cpu_abi_version() { return 1; }
+
+int marlin_cpu_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // y[m, n] = sum_k x[m, k] * W_hat[n, k] (+ bias[n]); x float32 [M, K] (row stride ldx),
 // y float32 [M, N] (row stride ldy). Rows of W are split between `threads` threads.

@@ -12,7 +12,7 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
   (``marlin_cpu_dequant``) and multiplied by torch's BLAS (``torch.mm``), so the decoded weight
   is never materialized whole.
 
-Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``) with ``-O3`` and
+Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
 it if refused); with GCC and a ``libgomp`` in ``torch/lib`` (Linux wheels) it is built with
 OpenMP linked to that runtime, so it runs on torch's own thread pool, else with a small pool
@@ -66,7 +66,7 @@ def cache_root() -> Path:
 
 
 def compiler() -> str | None:
-    for c in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++", "clang++-19"):
         if c and shutil.which(c):
             return shutil.which(c)
     return None

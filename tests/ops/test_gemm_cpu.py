@@ -40,6 +40,7 @@ def test_cpu_kernel_matches_reference(fmt, group):
             y = cpu.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
             ref = reference.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
             assert y.dtype == torch.float32 and y.shape == (m, n)
+            assert y.is_contiguous()  # regression: a transposed view broke compiled graphs
             assert _rel(y, ref) < TOL[torch.float32], (n, k, m)
 
 

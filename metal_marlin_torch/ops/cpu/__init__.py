@@ -229,9 +229,11 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
             n1 = min(n, n0 + rows)
             lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
             torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
-        y = yt.t()
+        # contiguous like the fake kernel's output: compiled graphs assume its strides (a
+        # transposed view here gave torch.compile wrong logits)
+        y = yt.t().contiguous()
         if bias32 is not None:
-            y = y + bias32
+            y += bias32
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

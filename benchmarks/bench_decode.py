@@ -1,207 +1,391 @@
-"""End-to-end decode: tokens/s and memory of a Hugging Face model, dense against quantized.
+"""End-to-end decode and prefill of a Llama-shaped model: dense, ours (int4, fp4, nf4, ...) and
+torch's int4 tinygemm, on whatever device is present (issue 24).
 
-    python benchmarks/bench_decode.py --model PATH                  # device: mps > cuda > cpu
-    python benchmarks/bench_decode.py --model PATH --methods dense,fp4,int4,mlx --json out.json
+    python benchmarks/bench_decode.py --device cuda --json out.json --markdown out.md
+    python benchmarks/bench_decode.py --device cpu --model /work/shared/models/pylm-s
 
-Rows, all in one process on the same prompt:
-  * ``dense``: the model as loaded, in the activation dtype (fp16 on MPS, bf16 on CUDA, fp32 on CPU);
-  * ``marlin:<fmt>``: the same model after ``quantize_model`` (round to nearest, the format's
-    default group), whose linears run ``marlin.gemm`` (Metal on MPS, Triton on CUDA, torch on CPU);
-  * ``mlx``: ``mlx_lm`` (4-bit, its own quantization) on MLX's default device, when ``mlx_lm`` is
-    importable; otherwise the row says why it is missing.
+Model: Llama-3-8B's shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocab 128256) with
+random bf16 weights and ``--layers`` decoder layers (32 is the real model), or a local HF
+checkpoint (``--model``). Methods: ``dense`` (the activation dtype: bf16 on CUDA, fp32 and
+bf16 on CPU), ``marlin:<fmt>`` (``quantize_model`` RTN, group 128, lm_head kept dense as by
+default) and ``tinygemm`` (int4 through ``aten._weight_int4pack_mm``, CUDA, same codes as
+our int4). Each method's model is built, measured and freed in turn.
 
-Timing (wall clock, ``generate`` with greedy decoding and a fixed number of new tokens): the
-median of ``--repeats`` runs of ``generate(max_new_tokens=1)`` is the prefill time; the median of
-runs of ``generate(max_new_tokens=N)`` minus it, over N - 1 tokens, is the decode rate. Memory:
-the model's own bytes (parameters and buffers), device memory (CUDA peak allocated, MPS
-allocated) and the process's peak RSS (which only grows across rows). ``agree`` is the fraction
-of new tokens equal to the dense model's (a quality signal, not a benchmark).
+Columns:
+  * ``quantize_s``: ``quantize_model`` wall time (on the device, repack included);
+  * ``resident_gb``: device memory held by the model (CUDA: ``memory_allocated`` after build),
+    and ``checkpoint_gb``: the bytes of its state_dict (packed tensors + unquantized layers);
+  * ``eager_tok_s``: ``generate()`` with a static cache and ``disable_compile=True``,
+    ``--prompt`` tokens in, ``--new`` greedy tokens out, tokens out / wall seconds;
+  * ``compiled_tok_s`` (CUDA): ``generate()`` with its automatic compile (static cache:
+    ``torch.compile`` of the decode step, mode reduce-overhead), timed on its second call;
+    ``compile_s``: its first call;
+  * ``step_graph_tok_s`` (CUDA): the decode step alone as one CUDA graph (``torch.compile``d
+    forward, reduce-overhead, replayed for ``--new`` positions, no generate loop);
+  * ``prefill_<T>_ms``: one forward of T tokens (batch 1), captured as a CUDA graph on CUDA
+    (eager where capture fails, marked), wall clock on CPU; median of ``--repeats``.
+Ratios to dense come from the same run. CPU runs skip the compiled columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_gemm import write_atomic  # noqa: E402
-from metal_marlin_torch.cli.generate import cast_dense, model_bytes, pick_device, pick_dtype, rss_bytes  # noqa: E402
+from benchmarks.bench_cpu_gemm import cpu_name  # noqa: E402
+from benchmarks.bench_gemm import machine_info, tinygemm_pack  # noqa: E402
+from metal_marlin_torch import MarlinLinear, QuantConfig, quantize_model  # noqa: E402
+from metal_marlin_torch import formats as F  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+class TinyGemmLinear(nn.Module):
+    """int4 through ``aten._weight_int4pack_mm`` (torchao's tinygemm), bf16, group 128."""
+
+    def __init__(self, layer: MarlinLinear) -> None:
+        super().__init__()
+        t = layer._canonical_tensors()
+        packed, sz = tinygemm_pack(t["weight"], t["scales"], t["biases"], layer.in_features,
+                                   layer.group_size)
+        self.register_buffer("packed", packed)
+        self.register_buffer("sz", sz)
+        self.group = layer.group_size
+        self.out_features = layer.out_features
+        self.bias = layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), self.packed, self.group,
+                                               self.sz)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
-def device_memory_mib(device: torch.device) -> float | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    if device.type == "mps":
-        return torch.mps.current_allocated_memory() / 2**20
-    return None
+def build(args, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-
-def timed_generate(model, ids: torch.Tensor, new: int, repeats: int, device: torch.device) -> tuple[float, list[int]]:
-    """Median seconds of ``generate`` producing exactly ``new`` tokens, and the tokens."""
-    times, out = [], None
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out[0, ids.shape[1]:].tolist()
-
-
-def run_torch(name: str, model, ids, args, device) -> dict:
-    model.eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad():
-        timed_generate(model, ids, 2, 1, device)  # warm-up: kernels, caches, the Metal extension
-        prefill, _ = timed_generate(model, ids, 1, args.repeats, device)
-        full, tokens = timed_generate(model, ids, args.new_tokens, args.repeats, device)
-    # t(N) <= t(1) happens only on a machine too noisy to time: say so rather than print a rate
-    rate = (args.new_tokens - 1) / (full - prefill) if full > prefill else None
-    return {"method": name, "prefill_ms": prefill * 1e3, "decode_tok_s": rate,
-            "model_MiB": model_bytes(model) / 2**20, "device_MiB": device_memory_mib(device),
-            "peak_rss_MiB": rss_bytes()[1] / 2**20, "tokens": tokens}
-
-
-def run_mlx(args) -> dict:
-    """mlx_lm's 4-bit decode of the same model, or a row saying why there is none."""
+    torch.manual_seed(0)
+    if args.model:
+        return AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    config = LlamaConfig(num_hidden_layers=args.layers, **LLAMA3_8B)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
     try:
-        import mlx.core as mx  # noqa: PLC0415
-        import mlx_lm  # noqa: PLC0415
-    except ImportError as exc:
-        return {"method": "mlx", "skipped": f"{exc.name} not importable"}
-    from mlx_lm.utils import quantize_model  # noqa: PLC0415
-
-    model, tokenizer = mlx_lm.load(args.model)
-    model, _ = quantize_model(model, {}, q_group_size=64, q_bits=4)
-    ids = mx.array(list(range(3, 3 + args.prompt_len)))[None]
-
-    def gen(n: int) -> float:
-        t0 = time.perf_counter()
-        cache, y = None, ids
-        from mlx_lm.models.cache import make_prompt_cache  # noqa: PLC0415
-
-        cache = make_prompt_cache(model)
-        for _ in range(n):
-            logits = model(y, cache=cache)
-            y = mx.argmax(logits[:, -1, :], axis=-1)[:, None]
-            mx.eval(y)
-        return time.perf_counter() - t0
-
-    gen(2)
-    prefill = statistics.median(gen(1) for _ in range(args.repeats))
-    full = statistics.median(gen(args.new_tokens) for _ in range(args.repeats))
-    return {"method": "mlx", "prefill_ms": prefill * 1e3, "decode_tok_s": (args.new_tokens - 1) / (full - prefill),
-            "model_MiB": None, "device_MiB": mx.get_peak_memory() / 2**20 if hasattr(mx, "get_peak_memory") else None,
-            "peak_rss_MiB": rss_bytes()[1] / 2**20, "note": f"mlx_lm 4-bit group 64 on {mx.default_device()}"}
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(prev)
+    with torch.no_grad():  # small random weights: logits stay finite, greedy decode varies
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+    return model.eval()
 
 
-def bench(args) -> dict:
-    from metal_marlin_torch import backend_info  # noqa: PLC0415
-    from metal_marlin_torch.io.hf import load_pretrained  # noqa: PLC0415
-    from metal_marlin_torch.nn import QuantConfig, quantize_model  # noqa: PLC0415
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    ids = torch.arange(3, 3 + args.prompt_len, device=device)[None]
+
+def state_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def generate_tok_s(model, ids, new: int, device: str, compile_: bool) -> tuple[float, float]:
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+              pad_token_id=0, disable_compile=not compile_)
+    sync(device)
+    t0 = time.perf_counter()
+    model.generate(ids, **kw)  # warm-up (compiles when compile_)
+    sync(device)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    out = model.generate(ids, **kw)
+    sync(device)
+    dt = time.perf_counter() - t0
+    assert out.shape[1] == ids.shape[1] + new
+    return new / dt, first
+
+
+def step_graph_tok_s(model, ids, new: int) -> float:
+    """The decode step alone: a compiled forward (reduce-overhead) on a static cache."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + new + 1)
+    step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    pos = torch.arange(ids.shape[1], device=ids.device)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, cache_position=pos, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        times = []
+        for i in range(new):
+            p = torch.tensor([ids.shape[1] + i], device=ids.device)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = step(tok, past_key_values=cache, cache_position=p, use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    steady = times[new // 4:]  # after compile and the cudagraph warm-up / record steps
+    return 1.0 / statistics.median(steady)
+
+
+def prefill_ms(model, tokens: int, device: str, repeats: int) -> tuple[float, str]:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=device)
+    with torch.no_grad():
+        model(ids, use_cache=False)
+        if device != "cuda":
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(ids, use_cache=False)
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1e3, "wall"
+        sync(device)
+        how = "graph"
+        try:
+            graph = torch.cuda.CUDAGraph()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                model(ids, use_cache=False)
+            torch.cuda.current_stream().wait_stream(s)
+            with torch.cuda.graph(graph):
+                model(ids, use_cache=False)
+            run = graph.replay
+        except Exception as exc:  # noqa: BLE001 - recorded in the output
+            how = f"eager ({type(exc).__name__})"
+            torch.cuda.synchronize()
+
+            def run():
+                model(ids, use_cache=False)
+        run()
+        times = []
+        for _ in range(repeats):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            run()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        del run
+        if how == "graph":
+            del graph
+        return statistics.median(times), how
+
+
+def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+        base = torch.cuda.memory_allocated()
+    model = build(args, device, dtype)
+    row: dict = {"method": method}
+    t0 = time.perf_counter()
+    if method.startswith("marlin:") or method == "tinygemm":
+        fmt = "int4" if method == "tinygemm" else method.split(":")[1]
+        quantize_model(model, QuantConfig(format=fmt, group_size=args.group))
+        if method == "tinygemm":
+            for name, mod in list(model.named_modules()):
+                if isinstance(mod, MarlinLinear):
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
+    sync(device)
+    quantized = not method.startswith("dense")
+    row["quantize_s"] = round(time.perf_counter() - t0, 2) if quantized else None
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        row["resident_gb"] = round((torch.cuda.memory_allocated() - base) / 1e9, 3)
+    row["checkpoint_gb"] = round(state_bytes(model) / 1e9, 3)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
+    with torch.no_grad():
+        row["eager_tok_s"], _ = generate_tok_s(model, ids, args.new, device, False)
+        if device == "cuda" and not args.no_compile:
+            try:
+                row["compiled_tok_s"], first = generate_tok_s(model, ids, args.new, device, True)
+                row["compile_s"] = round(first, 1)
+            except Exception as exc:  # noqa: BLE001 - a crash is a result here
+                row["compiled_tok_s"] = None
+                row["compiled_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if not args.no_step_graph and (not args.step_graph_methods
+                                           or method in args.step_graph_methods.split(",")):
+                try:
+                    torch._dynamo.reset()
+                    row["step_graph_tok_s"] = step_graph_tok_s(model, ids, args.new)
+                except Exception as exc:  # noqa: BLE001
+                    row["step_graph_tok_s"] = None
+                    row["step_graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    for t in args.prefill:
+        ms, how = prefill_ms(model, t, device, args.repeats)
+        row[f"prefill_{t}_ms"] = round(ms, 3)
+        row[f"prefill_{t}_how"] = how
+    for k in ("eager_tok_s", "compiled_tok_s", "step_graph_tok_s"):
+        if row.get(k):
+            row[k] = round(row[k], 2)
+    del model
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def per_call_us(device: str, shapes, repeats: int = 5, calls: int = 300) -> list[dict]:
+    """Host cost of one call at M = 1 (issue 24 item 1): wall time of ``calls`` back-to-back
+    calls, synchronized once, per call; median of ``repeats``. ``nn.Linear`` (bf16), the
+    ``MarlinLinear`` forward (int4, its recorded launch), ``torch.ops.marlin.gemm`` on canonical
+    tensors (int4) and tinygemm, on each shape (K x N)."""
+    from metal_marlin_torch import ops
+
     rows = []
-    for method in args.methods.split(","):
-        if method == "mlx":
-            rows.append(run_mlx(args))
-        else:
-            model = load_pretrained(Path(args.model), dtype=torch.float32)
-            if method != "dense":
-                quantize_model(model, QuantConfig(format=method))
-            cast_dense(model, dtype)
-            model.to(device)
-            rows.append(run_torch("dense" if method == "dense" else f"marlin:{method}", model, ids, args, device))
-            del model
-        r = rows[-1]
-        print(f"{r['method']:14s} " + (f"skipped: {r['skipped']}" if "skipped" in r else
-              f"prefill {r['prefill_ms']:8.2f} ms  decode {r['decode_tok_s'] or float('nan'):8.2f} tok/s  "
-              f"model {r['model_MiB'] or 0:8.2f} MiB"), flush=True)
-    dense = next((r for r in rows if r["method"] == "dense"), None)
+    for k, n in shapes:
+        lin = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        layer = MarlinLinear.from_linear(lin, "int4", 128).to(device)
+        w, s, b, _ = ops.quantize(lin.weight.float(), "int4", 128)
+        tiny = TinyGemmLinear(layer) if device == "cuda" else None
+        x = torch.randn(1, k, device=device, dtype=torch.bfloat16)
+        fns = {"nn.Linear": partial(lin, x), "MarlinLinear": partial(layer, x),
+               "marlin.gemm (canonical)": partial(torch.ops.marlin.gemm, x, w, s, b, None, None,
+                                                  "int4", 128)}
+        if tiny is not None:
+            fns["tinygemm"] = partial(tiny, x)
+        row = {"K": k, "N": n}
+        with torch.no_grad():
+            for name, fn in fns.items():
+                for _ in range(20):
+                    fn()
+                sync(device)
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        fn()
+                    sync(device)
+                    ts.append((time.perf_counter() - t0) / calls * 1e6)
+                row[name] = round(statistics.median(ts), 2)
+        row["ratio MarlinLinear / nn.Linear"] = round(row["MarlinLinear"] / row["nn.Linear"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def render(result: dict) -> str:
+    rows = result["rows"]
+    dense = next((r for r in rows if r["method"].startswith("dense")), None)
+    cols = ["quantize_s", "resident_gb", "checkpoint_gb", "eager_tok_s", "compiled_tok_s", "compile_s",
+            "step_graph_tok_s"] + [f"prefill_{t}_ms" for t in result["args"]["prefill"]]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    mi = result["machine"]
+    where = mi.get("gpu") or mi.get("cpu") or mi.get("processor") or mi["platform"]
+    lines = [f"# bench_decode: {result['model']}", "",
+             f"Machine: {where}; "
+             f"torch {result['machine']['torch']}; command: `{result['command']}`", "",
+             "| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for r in rows:
-        if dense is not None and "tokens" in r:
-            r["agree"] = sum(a == b for a, b in zip(r["tokens"], dense["tokens"], strict=True)) / len(r["tokens"])
-        if dense is not None and r.get("decode_tok_s") and dense.get("decode_tok_s"):
-            r["decode_x_dense"] = r["decode_tok_s"] / dense["decode_tok_s"]
-    info = backend_info()
-    return {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads(),
-                        # other processes share the cores: the load says how much to trust the times
-                        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-            "model": str(args.model), "dtype": str(dtype), "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "timing": "wall clock around generate(), median; decode = (N - 1) / (t(N) - t(1))",
-            "backend": {"metal_extension": info["metal_extension"], "kernels": info["kernels"][device.type]},
-            "rows": rows}
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cell = "-" if v is None else str(v)
+            if dense and v and dense.get(c) and r is not dense and c.endswith(("tok_s", "_ms")):
+                ratio = v / dense[c] if c.endswith("tok_s") else dense[c] / v
+                cell += f" ({ratio:.2f}x)"
+            if c.startswith("prefill") and r.get(c.replace("_ms", "_how"), "").startswith("eager"):
+                cell += " eager"
+            cells.append(cell)
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    for r in rows:
+        for k in ("compiled_error", "step_graph_error"):
+            if r.get(k):
+                lines.append(f"\n{r['method']} {k}: `{r[k]}`")
+    if result.get("per_call"):
+        lines += ["", "Per-call host cost at M = 1 (us a call, back-to-back calls, one sync):", ""]
+        keys = [k for k in result["per_call"][0] if k not in ("K", "N")]
+        lines += ["| K x N | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for r in result["per_call"]:
+            lines.append(f"| {r['K']} x {r['N']} | " + " | ".join(str(r[k]) for k in keys) + " |")
+    lines += ["", "Ratios in parentheses: to the dense row of the same run (tok/s: method / dense; "
+              "ms: dense / method)."]
+    return "\n".join(lines) + "\n"
 
 
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    head = [f"# End-to-end decode ({m['device']})", "",
-            f"Machine: {m['processor']}, {m['platform']}, {m['threads']} threads, load average "
-            f"{m['load_average']}; torch {m['torch']}. "
-            f"Model {Path(result['model']).name}, {result['dtype']}, prompt {result['prompt_len']} tokens, "
-            f"{result['new_tokens']} new tokens, median of {result['repeats']}. Timing: {result['timing']}.", "",
-            "| method | prefill ms | decode tok/s | x dense | model MiB | device MiB | agree |",
-            "|---|---|---|---|---|---|---|"]
-    body = []
-    for r in result["rows"]:
-        if "skipped" in r:
-            body.append(f"| {r['method']} | skipped: {r['skipped']} | | | | | |")
-            continue
-        dev = "" if r.get("device_MiB") is None else f"{r['device_MiB']:.1f}"
-        model = "" if r.get("model_MiB") is None else f"{r['model_MiB']:.2f}"
-        rate = "noise" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.2f}"
-        body.append(f"| {r['method']} | {r['prefill_ms']:.2f} | {rate} | "
-                    f"{r.get('decode_x_dense', float('nan')):.2f} | {model} | {dev} | {r.get('agree', '')} |")
-    return "\n".join(head + body) + "\n"
+def atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="Hugging Face model directory (causal LM)")
-    p.add_argument("--device", default="auto", help="auto (mps > cuda > cpu), cpu, cuda, mps")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"))
-    p.add_argument("--methods", default="dense,fp4,int4,mlx", help="dense, weight formats, mlx (comma-separated)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", help="write the result as JSON here")
-    p.add_argument("--markdown", help="write the table as markdown here")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args(argv)
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default="", help="a local HF checkpoint instead of Llama-3-8B shapes")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--methods", default="")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--prefill", default="512,2048")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--no-step-graph", action="store_true")
+    ap.add_argument("--step-graph-methods", default="", help="only these methods (default: all)")
+    ap.add_argument("--per-call", default="4096x4096,4096x14336,14336x4096",
+                    help="K x N shapes of the per-call host cost ('' to skip)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: default)")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--markdown", default="")
+    args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.new_tokens < 2:
-        p.error(f"--new-tokens must be at least 2 (decode is measured past the first token), got {args.new_tokens}")
-    result = bench(args)
-    table = markdown(result)
-    print(table)
-    if args.json:
-        write_atomic(args.json, json.dumps(result, indent=1))
-    if args.markdown:
-        write_atomic(args.markdown, table)
-    return result
+    args.prefill = [int(t) for t in args.prefill.split(",") if t]
+    device = args.device
+    if device == "cuda":
+        from metal_marlin_torch.ops import cuda as C
+
+        C.register()
+        torch._dynamo.config.cache_size_limit = 64
+    default = (["dense", "marlin:int4", "marlin:fp4", "marlin:nf4", "tinygemm"] if device == "cuda"
+               else ["dense", "dense-bf16", "marlin:int4", "marlin:fp4", "marlin:nf4", "marlin:int8"])
+    methods = args.methods.split(",") if args.methods else default
+    rows: list[dict] = []
+    per_call: list[dict] = []
+
+    def result() -> dict:
+        return {"model": args.model or f"Llama-3-8B shapes, {args.layers} layers, random bf16 weights",
+              "machine": {**machine_info(device), "threads": torch.get_num_threads(),
+                          "cpu": cpu_name()}, "command": " ".join(sys.argv),
+              "args": vars(args), "rows": rows, "per_call": per_call,
+              "formats": sorted(F.FORMATS)}
+
+    def save() -> None:  # after every method: a run cut short keeps what it measured
+        if args.json:
+            atomic_write(args.json, json.dumps(result(), indent=1, default=str))
+        if args.markdown:
+            atomic_write(args.markdown, render(result()))
+
+    for method in methods:
+        dtype = torch.bfloat16 if (device == "cuda" or method == "dense-bf16") else torch.float32
+        rows.append(measure(args, method, device, dtype))
+        save()
+    if args.per_call and device == "cuda":
+        per_call.extend(per_call_us(device, [tuple(int(v) for v in s.split("x"))
+                                             for s in args.per_call.split(",")]))
+        save()
+    print(render(result()))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import torch
 
 from . import _metal_sources, _native
 from .ops import active_kernels, registry
+from .ops import cpu as _cpu
 from .ops import cuda as _cuda
 
 
@@ -37,7 +38,8 @@ def backend_info() -> dict[str, Any]:
     not, where it was built), the state of each Metal kernel family (:func:`family_report`), and
     for each device type the kernel each ``marlin`` op uses there ("metal" for the extension's
     Metal kernels, which fall back per family as ``metal_families`` says, "metal-emulator" for CPU
-    ops routed by ``emulator.use()``, otherwise "torch")."""
+    ops routed by ``emulator.use()``, "cpu_cxx" for the C++ CPU gemm, "triton" for the CUDA one,
+    otherwise "torch")."""
     devices = {"cpu": True, "cuda": torch.cuda.is_available(),
                "mps": torch.backends.mps.is_available()}
     kernels = {d: active_kernels(d) for d in ("cpu", "cuda", "mps")}
@@ -57,4 +59,5 @@ def backend_info() -> dict[str, Any]:
         "metal_families": family_report(),
         "kernels": kernels,
         "cuda_fast_path": _cuda.info(),
+        "cpu_kernel": _cpu.info(),  # the C++ gemm of ops/cpu (built on first CPU gemm)
     }

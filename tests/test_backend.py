@@ -29,8 +29,11 @@ def test_reports_pure_torch_without_the_extension():
     assert info["metal_extension"] is False
     assert "not macOS arm64" in info["metal_extension_error"]
     assert info["metal_ops"] == [] and info["metal_msl_version"] is None
-    for device in ("cpu", "cuda", "mps"):
+    for device in ("cuda", "mps"):
         assert info["kernels"][device] == {op: "torch" for op in SCHEMAS}
+    # on CPU only gemm has a compiled kernel (ops/cpu, C++ built on first use)
+    cpu_gemm = "cpu_cxx" if info["cpu_kernel"]["error"] is None else "torch"
+    assert info["kernels"]["cpu"] == {op: cpu_gemm if op == "gemm" else "torch" for op in SCHEMAS}
     assert info["devices"]["cpu"] is True
     fams = info["metal_families"]
     assert list(fams) == [f.name for f in _metal_sources.kernel_families()]

@@ -1,8 +1,17 @@
 """`MarlinLinear`: a drop-in ``nn.Linear`` whose weight is stored quantized (docs/FORMAT.md).
 
-The forward pass is one call of ``torch.ops.marlin.gemm`` (fused dequantize-GEMM on MPS, pure
-torch on CPU, Triton on CUDA where available), optionally preceded by the layer's input
-rotation (a block Hadamard transform, for rotated quantizers such as MR-GPTQ).
+The forward pass is one call of ``torch.ops.marlin.gemm`` (fused dequantize-GEMM on MPS, a
+C++ dequantize-GEMV / GEMM on CPU, Triton on CUDA where available), optionally preceded by the
+layer's input rotation (a block Hadamard transform, for rotated quantizers such as MR-GPTQ).
+
+On CUDA, where the Triton kernels are registered, a layer holds its weight in the kernels'
+layout only (docs/CUDA.md §1: K-major weight, ``[n_groups, N]`` scales and biases): it repacks
+when it moves to a GPU, when quantized tensors are installed there, or at its first eager call,
+and the canonical tensors are freed, so the weight is resident once. ``state_dict()`` gives the
+canonical tensors back (docs/FORMAT.md), and loading a state dict or moving the layer converts
+back first. Its eager forward replays a launch recorded once per input shape
+(:class:`~metal_marlin_torch.ops.cuda.dispatch.LayerPlan`); under ``torch.compile`` it calls the
+``marlin::gemm_prepared`` op instead, which compiled graphs and CUDA graphs capture.
 """
 
 from __future__ import annotations
@@ -12,6 +21,12 @@ from torch import nn
 
 from .. import formats as F
 from ..dtypes import DTypeConfig, resolve
+
+
+def _cuda_fast_path() -> bool:
+    from ..ops import cuda
+
+    return cuda.registered()
 
 
 class MarlinLinear(nn.Module):
@@ -61,6 +76,76 @@ class MarlinLinear(nn.Module):
         self.register_buffer("rotation_signs", None)
         bias_dtype = bias_dtype or self.dtype_config.torch_activations
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device)) if bias else None
+        self._plan = None  # LayerPlan while the tensors are in the CUDA kernels' layout
+        self._register_state_dict_hook(_canonical_state_dict)
+
+    @property
+    def kernel_layout(self) -> bool:
+        """The layer holds its weight in the CUDA kernels' layout (not docs/FORMAT.md's)."""
+        return self._plan is not None
+
+    def prepare_kernel_layout(self) -> bool:
+        """Repack for the CUDA kernels in place, dropping the canonical tensors (one resident
+        copy); returns whether the layer now holds that layout. Does nothing off CUDA, without
+        the Triton kernels, or inside a compiled or captured region (allocating there would
+        leave the weight in a graph's memory pool)."""
+        if self._plan is not None:
+            return True
+        w = self.weight
+        if (w.device.type != "cuda" or w.dtype != torch.uint32 or not _cuda_fast_path()
+                or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+            return False
+        from ..ops.cuda import dispatch
+
+        pw = dispatch.prepare_cuda_weight(w, self.scales, self.biases, self.global_scale,
+                                          self.format, self.group_size, self.in_features)
+        self._install_prepared(pw)
+        return True
+
+    def _install_prepared(self, pw) -> None:
+        from ..ops.cuda import dispatch
+
+        self.weight = pw.weight
+        self.scales = pw.scales
+        if pw.biases is not None:
+            self.biases = pw.biases
+        self._plan = dispatch.LayerPlan(pw)
+
+    def _canonical_tensors(self) -> dict[str, torch.Tensor]:
+        """``weight``, ``scales`` (and ``biases``) in docs/FORMAT.md's layout, whatever the
+        layer holds (new tensors when it holds the kernels' layout)."""
+        if self._plan is None:
+            out = {"weight": self.weight, "scales": self.scales}
+            if self.biases is not None:
+                out["biases"] = self.biases
+            return out
+        from ..ops.cuda import layout
+
+        fmt = F.get_format(self.format)
+        sdt = fmt.scale_dtype(self.dtype_config.torch_scales)
+        out = {"weight": layout.from_k_major(self.weight, self.out_features, self.in_features, fmt.bits),
+               "scales": layout.canonical_scales(self.format, self.scales, self.global_scale, sdt)}
+        if self.biases is not None:
+            out["biases"] = self.biases.t().contiguous()
+        return out
+
+    def to_canonical_layout(self) -> None:
+        """Back to docs/FORMAT.md's tensors (the inverse of :meth:`prepare_kernel_layout`)."""
+        if self._plan is None:
+            return
+        tensors = self._canonical_tensors()
+        self._plan = None
+        for name, t in tensors.items():
+            setattr(self, name, t)
+
+    def _apply(self, fn, recurse=True):
+        # moving or casting a layer in the kernels' layout: convert back, apply, repack on CUDA
+        prepared = self._plan is not None
+        self.to_canonical_layout()
+        out = super()._apply(fn, recurse)
+        if prepared or self.weight.device.type == "cuda":
+            self.prepare_kernel_layout()
+        return out
 
     @property
     def bits(self) -> int:
@@ -118,6 +203,7 @@ class MarlinLinear(nn.Module):
             raise ValueError(
                 f"load_quantized: layer is [{self.out_features}, {self.in_features}], got {qt.shape}"
             )
+        self.to_canonical_layout()
         self.weight = qt.weight.to(self.weight.device)
         self.scales = qt.scales.to(self.weight.device)
         if qt.biases is not None:
@@ -129,6 +215,7 @@ class MarlinLinear(nn.Module):
                 self.bias.copy_(bias.detach().to(self.bias.dtype))
         self.rotation_block = rotation_block
         self.rotation_signs = None if rotation_signs is None else rotation_signs.to(self.weight.device)
+        self.prepare_kernel_layout()
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer's input rotation (docs/FORMAT.md §5); identity when it has none."""
@@ -139,24 +226,43 @@ class MarlinLinear(nn.Module):
         return torch.ops.marlin.hadamard(x, self.rotation_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.rotate_input(x)
+        plan = self._plan
+        if plan is None and x.is_cuda and not torch.compiler.is_compiling():
+            self.prepare_kernel_layout()  # first eager call on CUDA (e.g. after from_pretrained)
+            plan = self._plan
+        if plan is not None:
+            if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                    x.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+                # an op that graphs capture and autograd differentiates
+                return torch.ops.marlin.gemm_prepared(
+                    x, self.weight, self.scales, self.biases, self.bias, self.format,
+                    self.group_size, self.in_features, self.out_features)
+            return plan(x, self.bias)  # eager: the recorded launch, no dispatcher
         return torch.ops.marlin.gemm(
-            self.rotate_input(x), self.weight, self.scales, self.biases, self.global_scale,
+            x, self.weight, self.scales, self.biases, self.global_scale,
             self.bias, self.format, self.group_size,
         )
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``W_hat [out, in]`` in the rotated basis the kernel sees."""
+        t = self._canonical_tensors()
         return torch.ops.marlin.dequantize(
-            self.weight, self.scales, self.biases, self.global_scale, self.format,
+            t["weight"], t["scales"], t.get("biases"), self.global_scale, self.format,
             self.group_size, self.in_features, dtype,
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a layer in the kernels' layout loads canonical tensors: convert back first, repack after
+        prepared = self._plan is not None
+        self.to_canonical_layout()
         # Optional tensors that a checkpoint has but a fresh layer does not (rotation) are adopted.
         key = prefix + "rotation_signs"
         if key in state_dict and self.rotation_signs is None:
             self.rotation_signs = torch.empty_like(state_dict[key], device=self.weight.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prepared:
+            self.prepare_kernel_layout()
 
     def extra_repr(self) -> str:
         rot = f", rotation_block={self.rotation_block}" if self.rotation_block else ""
@@ -165,3 +271,12 @@ class MarlinLinear(nn.Module):
             f"bias={self.bias is not None}, format={self.format}, bits={self.bits}, "
             f"group_size={self.group_size}{rot}"
         )
+
+
+def _canonical_state_dict(module: MarlinLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    """``state_dict`` hook: a layer in the kernels' layout saves docs/FORMAT.md's tensors."""
+    if module._plan is None:
+        return
+    for name, t in module._canonical_tensors().items():
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = t

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from . import autograd, cuda, fake, kv_fake, library, moe, reference, registry  # noqa: F401  (registration)
+from . import autograd, cpu, cuda, fake, kv_fake, library, moe, reference, registry  # noqa: F401  (registration)
 from .registry import active_kernels, override, reset_kernel, set_kernel
 
 cuda.register()  # marlin::gemm on CUDA tensors -> Triton kernels when Triton and a GPU exist
+cpu.register()  # marlin::gemm on CPU tensors -> the C++ kernel (built on first use)
 
 
 def gemm(

@@ -34,6 +34,29 @@ def _backward(ctx, grad):
 torch.library.register_autograd(f"{NAMESPACE}::gemm", _backward, setup_context=_setup_context)
 
 
+def _prepared_setup_context(ctx, inputs, output):
+    x, weight, scales, biases, bias, format, group_size, in_features, out_features = inputs
+    ctx.save_for_backward(weight, scales, biases)
+    ctx.meta = (format, group_size, in_features, out_features)
+    ctx.bias_needs_grad = bias is not None and bias.requires_grad
+
+
+def _prepared_backward(ctx, grad):
+    from .reference import dequantize_prepared
+
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        weight, scales, biases = ctx.saved_tensors
+        w_hat = dequantize_prepared(weight, scales, biases, *ctx.meta)
+        grad_x = (grad.float() @ w_hat).to(grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_needs_grad else None
+    return grad_x, None, None, None, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::gemm_prepared", _prepared_backward,
+                                setup_context=_prepared_setup_context)
+
+
 def _moe_setup_context(ctx, inputs, output):
     x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size = inputs
     ctx.save_for_backward(expert_ids, weight, scales, biases, global_scale)

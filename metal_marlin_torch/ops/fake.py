@@ -15,6 +15,11 @@ def _gemm_fake(x, weight, scales, biases, global_scale, bias, format, group_size
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.register_fake(f"{NAMESPACE}::gemm_prepared")
+def _gemm_prepared_fake(x, weight, scales, biases, bias, format, group_size, in_features, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 @torch.library.register_fake(f"{NAMESPACE}::dequantize")
 def _dequantize_fake(weight, scales, biases, global_scale, format, group_size, in_features, dtype):
     return weight.new_empty((weight.shape[0], in_features), dtype=dtype)

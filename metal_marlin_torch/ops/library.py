@@ -17,6 +17,12 @@ SCHEMAS: dict[str, str] = {
         "gemm(Tensor x, Tensor weight, Tensor scales, Tensor? biases, Tensor? global_scale, "
         "Tensor? bias, str format, int group_size) -> Tensor"
     ),
+    # a layer in the CUDA kernels' layout (docs/CUDA.md §1: K-major weight, [n_groups, N]
+    # scales and biases), what MarlinLinear calls once it holds that layout (issue 24)
+    "gemm_prepared": (
+        "gemm_prepared(Tensor x, Tensor weight, Tensor scales, Tensor? biases, Tensor? bias, "
+        "str format, int group_size, int in_features, int out_features) -> Tensor"
+    ),
     "dequantize": (
         "dequantize(Tensor weight, Tensor scales, Tensor? biases, Tensor? global_scale, "
         "str format, int group_size, int in_features, ScalarType dtype) -> Tensor"

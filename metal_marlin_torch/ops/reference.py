@@ -73,6 +73,48 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
+def canonical_from_prepared(weight, scales, biases, format, group_size, in_features, out_features):
+    """``(weight, scales, biases, global_scale)`` in docs/FORMAT.md's layout from a layer in
+    the CUDA kernels' layout (``marlin::gemm_prepared``'s tensors). The effective scales of
+    mxfp4 / nvfp4 are returned as float32 with a unit global scale (same values)."""
+    from .cuda import layout  # plain torch
+
+    fmt = F.get_format(format)
+    w = layout.from_k_major(weight, out_features, in_features, fmt.bits)
+    s = scales.t().contiguous()
+    b = biases.t().contiguous() if biases is not None else None
+    return w, s, b
+
+
+def dequantize_prepared(weight, scales, biases, format, group_size, in_features, out_features,
+                        dtype=torch.float32):
+    """``W_hat [N, K]`` of a layer in the CUDA kernels' layout (pure torch)."""
+    w, s, b = canonical_from_prepared(weight, scales, biases, format, group_size, in_features,
+                                      out_features)
+    fmt = F.get_format(format)
+    if fmt.fixed_scale_dtype is None and not fmt.has_global_scale:
+        return fmt.dequantize_packed(w, s, b, None, group_size, in_features, dtype)
+    # mxfp4 / nvfp4: the kernels' scales are float32 effective scales of E2M1 codes
+    codes = F.unpack(w, fmt.bits, in_features).long()
+    grid = torch.tensor(F.E2M1_VALUES, dtype=torch.float32, device=w.device)
+    g = group_size
+    vals = grid[codes].view(out_features, in_features // g, g) * s.float().unsqueeze(-1)
+    return vals.view(out_features, in_features).to(dtype)
+
+
+def gemm_prepared(x, weight, scales, biases, bias, format, group_size, in_features, out_features):
+    """Pure-torch ``marlin::gemm_prepared``: dequantize the kernels' layout, fp32 matmul."""
+    check_activation("marlin.gemm_prepared", x)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"marlin.gemm_prepared: x must have last dim {in_features}, got {tuple(x.shape)}")
+    w_hat = dequantize_prepared(weight, scales, biases, format, group_size, in_features,
+                                out_features)
+    y = x.reshape(-1, in_features).float() @ w_hat.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
 def quantize(w, format, group_size, scale_dtype):
     qt = F.get_format(format).quantize(w, group_size, scale_dtype)
     # unused outputs are distinct empty tensors: custom-op outputs must not alias each other

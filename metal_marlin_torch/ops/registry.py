@@ -23,6 +23,7 @@ log = logging.getLogger("metal_marlin_torch")
 
 REFERENCE: dict[str, Callable] = {
     "gemm": reference.gemm,
+    "gemm_prepared": reference.gemm_prepared,
     "dequantize": reference.dequantize,
     "quantize": reference.quantize,
     "fake_quantize": reference.fake_quantize,

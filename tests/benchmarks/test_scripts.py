@@ -15,7 +15,8 @@ from tests.conftest import tiny_llama
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_decode, bench_gemm  # noqa: E402
+from benchmarks import bench_decode_mlx as bench_decode  # noqa: E402
+from benchmarks import bench_gemm  # noqa: E402
 
 HAVE_MLX = importlib.util.find_spec("mlx") is not None
 

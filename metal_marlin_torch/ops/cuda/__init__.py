@@ -23,16 +23,19 @@ from .dispatch import (
     GEMV_MAX_M,
     GemmConfig,
     GemvConfig,
+    LayerPlan,
     MmaGemvConfig,
     PreparedWeight,
     choose_path,
     clear_weight_cache,
     gemm,
     gemm_prepared,
+    gemm_prepared_op,
     interpreting,
     mma_gemv_tma_unavailable_reason,
     mma_gemv_unavailable_reason,
     prepare_cuda_weight,
+    set_fast_launch,
     set_weight_cache,
 )
 
@@ -69,8 +72,14 @@ def register() -> bool:
     from .. import registry
 
     registry.set_kernel("gemm", "cuda", gemm, KERNEL_NAME)
+    registry.set_kernel("gemm_prepared", "cuda", gemm_prepared_op, KERNEL_NAME)
     _registered = True
     return True
+
+
+def registered() -> bool:
+    """The Triton kernels run ``torch.ops.marlin.gemm`` on CUDA tensors in this process."""
+    return _registered
 
 
 def info() -> dict:
@@ -90,6 +99,7 @@ def info() -> dict:
 
 
 __all__ = [
+    "LayerPlan", "gemm_prepared_op", "registered", "set_fast_launch",
     "DEQUANT_MIN_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "KERNEL_NAME", "MmaGemvConfig",
     "PreparedWeight",
     "choose_path", "clear_weight_cache", "gemm", "gemm_prepared", "info", "prepare_cuda_weight",

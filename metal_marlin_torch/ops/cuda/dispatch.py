@@ -28,6 +28,7 @@ import torch
 
 from .. import reference
 from . import layout
+from .launch import Recorded, is_dry, launch, note_workspace, recording
 from .layout import KernelFormat
 
 # Thresholds measured on an H100 (benchmarks/results/sweep_h100.json, int4, Llama-3-8B shapes):
@@ -223,36 +224,95 @@ def cached_prepare(weight, scales, biases, global_scale, format, group_size, in_
         del _CACHE[k]
     pw = prepare_cuda_weight(weight, scales, biases, global_scale, format, group_size,
                              in_features, check=False)
+    if weight.device.type == "cuda" and not (_capturing(weight.device)
+                                             or torch.compiler.is_compiling()):
+        reserve_split_workspace(weight.device, *workspace_need(pw, weight.device))
     _CACHE[key] = (weakref.ref(weight), pw)
     return pw
 
 
-_SPLIT_BUFFERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+_SPLIT_BUFFERS: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+_RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def reserve_split_workspace(device: torch.device, numel: int, tiles: int) -> None:
+    """Grow the device's shared split-K workspace to ``numel`` fp32 partials and ``tiles``
+    zeroed counters. Called where allocating is safe: when a weight is prepared (a layer's
+    load or first eager call, :func:`cached_prepare`), never from inside a compiled or captured
+    region, so the buffers that captured graphs use never come from a graph's memory pool
+    (torch.compile's cudagraph trees refuse a region that leaves tensors of its pool alive:
+    "Detected 2 tensor(s) in the cudagraph pool not tracked as outputs", issue 24)."""
+    if numel <= 0 and tiles <= 0:
+        return
+    key = str(device)
+    ws, cnt = _SPLIT_BUFFERS.get(key, (None, None))
+    if ws is not None and ws.numel() >= numel and cnt.numel() >= tiles:
+        return
+    if ws is not None:
+        # a graph captured earlier may hold the old pointers: keep them alive
+        _RETIRED.append((ws, cnt))
+    numel = max(numel, 1 << 20, 0 if ws is None else 2 * ws.numel())
+    tiles = max(tiles, 4096, 0 if cnt is None else cnt.numel())
+    _SPLIT_BUFFERS[key] = (torch.empty(numel, dtype=torch.float32, device=device),
+                           torch.zeros(tiles, dtype=torch.int32, device=device))
 
 
 def split_buffers(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 workspace of ``numel`` partials and ``tiles`` zeroed int32 counters for a split-K
-    launch (kernels._split_arrive), kept per (device, stream) and grown as needed.
+    launch (kernels._split_arrive): the device's shared buffers (:func:`reserve_split_workspace`).
 
-    The kernels leave the counters at zero, so they are zeroed only when allocated. Launches on
-    one stream run one after another, so they can share the buffers; another stream gets its
-    own. While a CUDA graph is being captured the buffers are fresh (a cached counter zeroed
-    inside the capture would stay unzeroed until the first replay).
+    The kernels leave the counters at zero, so they are zeroed only when allocated, and launches
+    can share them as long as they do not run at the same time: one device's launches run on
+    one stream at a time (two streams running split-K launches concurrently would need their
+    own buffers; nothing in this package does that). A launch that needs more than was
+    reserved (a weight prepared by hand, a config override) gets fresh buffers while a graph
+    is captured or a function compiled (temporaries of that region, never kept), and grows
+    the shared ones otherwise.
     """
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    ws, cnt = _SPLIT_BUFFERS.get(str(device), (None, None))
+    if ws is not None and ws.numel() >= numel and cnt.numel() >= tiles:
+        return ws, cnt
+    if _capturing(device) or torch.compiler.is_compiling():
         return (torch.empty(numel, dtype=torch.float32, device=device),
                 torch.zeros(tiles, dtype=torch.int32, device=device))
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, cnt = _SPLIT_BUFFERS.get(key, (None, None))
-    if ws is None or ws.numel() < numel:
-        ws = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
-    if cnt is None or cnt.numel() < tiles:
-        cnt = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    _SPLIT_BUFFERS[key] = (ws, cnt)
-    return ws, cnt
+    reserve_split_workspace(device, numel, tiles)
+    return _SPLIT_BUFFERS[str(device)]
 
 
+# rows at which the dispatch's choices change (paths and split factors are constant between):
+# the largest workspace of a weight is needed at one of them
+_NEED_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, FUSED_MAX_M)
+_NEED_CACHE: dict[tuple, tuple[int, int]] = {}
+
+
+def workspace_need(pw: PreparedWeight, device: torch.device) -> tuple[int, int]:
+    """The largest split-K workspace (fp32 partials, tile counters) any call of
+    :func:`gemm_prepared` on ``pw`` can ask for: the dispatch run dry (no launch) at the row
+    counts where its choices change, for 16-bit and float32 activations."""
+    key = (pw.kfmt, pw.group_size, pw.in_features, pw.out_features, str(device))
+    got = _NEED_CACHE.get(key)
+    if got is not None:
+        return got
+    from .launch import dry_run
+
+    numel = tiles = 0
+    with dry_run() as log:
+        for dtype in (torch.bfloat16, torch.float32):
+            for m in _NEED_ROWS:
+                x = torch.empty(m, pw.in_features, dtype=dtype, device=device)
+                gemm_prepared(x, pw)
+    for entry in log:
+        if entry[0] == "workspace":
+            numel, tiles = max(numel, entry[1]), max(tiles, entry[2])
+    _NEED_CACHE[key] = (numel, tiles)
+    return numel, tiles
+
+
+@cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 132
@@ -498,12 +558,15 @@ def gemm_prepared(
         w_t = torch.empty(k, n, dtype=x.dtype, device=x.device)
         block_n, block_k = 64, 64
         grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
-        kernels.dequant_kernel[grid](
-            pw.weight, pw.scales, biases, pw.lut, w_t, n, k, pw.weight.shape[1], group, **common,
+        launch(
+            kernels.dequant_kernel, grid, pw.weight, pw.scales, biases, pw.lut, w_t, n, k,
+            pw.weight.shape[1], group, **common,
             SCALE_ROW=(group % block_k == 0 or group == k),
             BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and n % block_n == 0),
             num_warps=4,
         )
+        if is_dry():
+            return w_t.new_empty(*lead, n)
         y = x2 @ w_t
         if has_bias:
             y += bias
@@ -553,8 +616,8 @@ def gemm_prepared(
         y = torch.empty(m, n, dtype=x.dtype, device=x.device)
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split)
         ws, cnt = _split_args(y, split, grid[0] * grid[1])
-        kernels.gemv_kernel[grid](
-            x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
+        launch(
+            kernels.gemv_kernel, grid, x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
             m, n, k, items, layout.items_per_group(group, k, kf.bits), per_split,
             x2.stride(0), y.stride(0), ONE_BITS, **common, HAS_BIAS=has_bias,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CH=cfg.chunk, SPLIT_K=split, EVEN=even,
@@ -576,8 +639,8 @@ def gemm_prepared(
     ws, cnt = _split_args(y, split, grid[0])
     even = k % k_per_split == 0 and k_per_split % cfg.block_k == 0 and n % cfg.block_n == 0
     if cfg.pairs and pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
-        kernels.gemm_pairs_kernel[grid](
-            x2, pw.weight, pw.scales, biases, bias_arg, y, ws, cnt,
+        launch(
+            kernels.gemm_pairs_kernel, grid, x2, pw.weight, pw.scales, biases, bias_arg, y, ws, cnt,
             m, n, k, pw.weight.shape[1], group, k_per_split, x2.stride(0), y.stride(0),
             DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul, HAS_BIAS=has_bias,
             FP16=x.dtype == torch.float16, ASM=cfg.asm,
@@ -585,8 +648,8 @@ def gemm_prepared(
             SPLIT_K=split, EVEN=even, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return y.reshape(*lead, n)
-    kernels.gemm_kernel[grid](
-        x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
+    launch(
+        kernels.gemm_kernel, grid, x2, pw.weight, pw.scales, biases, pw.lut, bias_arg, y, ws, cnt,
         m, n, k, pw.weight.shape[1], group, k_per_split, x2.stride(0), y.stride(0), **common,
         HAS_BIAS=has_bias, SCALE_ROW=(group % cfg.block_k == 0 or group == k),
         FP32_DOT=x.dtype == torch.float32,
@@ -601,6 +664,9 @@ def _split_args(y: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, 
     """The workspace and counters of a launch with ``split`` K splits over ``tiles`` output
     tiles (``y`` itself stands in for both when there is no split: the kernel never reads them)."""
     if split == 1:
+        return y, y
+    if is_dry():
+        note_workspace(split * y.numel(), tiles)
         return y, y
     return split_buffers(y.device, split * y.numel(), tiles)
 
@@ -617,7 +683,88 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     return gemm_prepared(x, pw, bias)
 
 
+# ---- per-layer plans: everything decided once, launches replayed -----------------------------
+
+_fast_launch = os.environ.get("MARLIN_CUDA_FAST_LAUNCH", "1") != "0"
+_PLANS: dict[int, weakref.ref] = {}  # weight data_ptr -> its LayerPlan (the op looks it up)
+
+
+def set_fast_launch(enabled: bool) -> None:
+    """Replay recorded launches (default; environment ``MARLIN_CUDA_FAST_LAUNCH=0`` turns it
+    off) or take Triton's own launch path on every call (for comparison and debugging)."""
+    global _fast_launch
+    _fast_launch = bool(enabled)
+
+
+class LayerPlan:
+    """One prepared weight and its launches, decided once per layer (issue 24 item 1).
+
+    Keyed by (rows, activation dtype, layer bias or not): the first call with a key runs
+    :func:`gemm_prepared` under :func:`.launch.recording` and keeps its one Triton launch
+    (:class:`.launch.Recorded`); later calls with that key allocate the output and replay the
+    launch with the new activation, output and bias. Paths that are not one launch
+    (dequantize + cuBLAS, M > FUSED_MAX_M) and calls whose activation is not contiguous and
+    16-byte aligned run :func:`gemm_prepared` as before. At most :attr:`MAX_KEYS` keys are
+    recorded. Building a plan reserves the device's split-K workspace for every row count
+    (:func:`workspace_need`), so no later call allocates one.
+    """
+
+    MAX_KEYS = 64
+
+    def __init__(self, pw: PreparedWeight) -> None:
+        self.pw = pw
+        self.launches: dict[tuple, Recorded | None] = {}
+        dev = pw.weight.device
+        if dev.type == "cuda":
+            reserve_split_workspace(dev, *workspace_need(pw, dev))
+        _PLANS[pw.weight.data_ptr()] = weakref.ref(self)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        pw = self.pw
+        k = pw.in_features
+        if x.shape[-1] != k:
+            raise ValueError(f"marlin.gemm: x must have last dim K={k}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, k)
+        key = (x2.shape[0], x2.dtype, bias is None)
+        rec = self.launches.get(key, False)
+        if rec and rec.matches(x2, bias):
+            return rec(x2, bias).view(*lead, pw.out_features)
+        if (rec is False and _fast_launch and len(self.launches) < self.MAX_KEYS
+                and x2.shape[0] <= FUSED_MAX_M and not _capturing(x2.device)):
+            with recording() as log:
+                y = gemm_prepared(x2, pw, bias)
+            self.launches[key] = (Recorded.build(log[0], x2, y, bias)
+                                  if len(log) == 1 and y.dim() == 2 else None)
+            return y.view(*lead, pw.out_features)
+        return gemm_prepared(x, pw, bias)
+
+
+def plan_for(weight: torch.Tensor) -> LayerPlan | None:
+    """The live :class:`LayerPlan` whose prepared weight is ``weight`` (same storage)."""
+    ref = _PLANS.get(weight.data_ptr())
+    plan = None if ref is None else ref()
+    if plan is None or plan.pw.weight.data_ptr() != weight.data_ptr() or plan.pw.weight.shape != weight.shape:
+        return None
+    return plan
+
+
+def gemm_prepared_op(x, weight, scales, biases, bias, format, group_size, in_features, out_features):
+    """The CUDA kernel of ``marlin::gemm_prepared`` (a layer already in the kernels' layout,
+    what ``MarlinLinear`` calls under ``torch.compile``): the layer's plan where one is live,
+    else :func:`gemm_prepared` on the tensors as given."""
+    plan = plan_for(weight)
+    if plan is not None:
+        return plan(x, bias)
+    kfmt = layout.kernel_format(format)
+    pw = PreparedWeight(kfmt, group_size, in_features, out_features, weight, scales,
+                        biases if kfmt.affine else None, _lut(kfmt.lut, weight.device))
+    return gemm_prepared(x, pw, bias)
+
+
 __all__ = [
+    "LayerPlan", "gemm_prepared_op", "plan_for", "reserve_split_workspace", "set_fast_launch",
+    "split_buffers", "workspace_need",
     "DEQUANT_MIN_M", "FUSED_MAX_M", "GEMV_MAX_M", "GemmConfig", "GemvConfig", "PreparedWeight", "choose_path",
     "clear_weight_cache", "default_gemm_config", "default_gemv_config", "default_pairs_config", "gemm",
     "gemm_prepared",

@@ -193,3 +193,23 @@ def from_k_major(weight_t: torch.Tensor, n: int, k: int, bits: int) -> torch.Ten
     if bits == 4:
         w = canonical_order(w)
     return w.contiguous().view(torch.uint32)
+
+
+def canonical_scales(
+    format: str, kernel_scales_t: torch.Tensor, global_scale: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Inverse of :func:`kernel_scales` after its transpose: the kernels' ``[n_groups, N]``
+    scales back to the stored ``[N, n_groups]`` in ``dtype``. Float scales are the same values;
+    mxfp4's effective scales are powers of two (E8M0 byte = log2 + 127, exact) and nvfp4's are
+    an E4M3 value times the tensor scale (divided back and rounded to E4M3: exact, since one
+    float32 rounding is far below E4M3's step)."""
+    s = kernel_scales_t.t()
+    fmt = F.get_format(format)
+    if fmt.fixed_scale_dtype == torch.uint8:  # E8M0
+        return (torch.log2(s.float()).round() + 127).clamp(0, 254).to(torch.uint8).contiguous()
+    if fmt.has_global_scale:
+        if global_scale is None:
+            raise ValueError(f"canonical_scales: format {format!r} needs its global_scale")
+        return (s.float() / global_scale.float()).to(dtype).contiguous()
+    return s.to(dtype).contiguous()

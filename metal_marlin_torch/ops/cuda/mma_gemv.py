@@ -63,6 +63,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import layout
 from .dispatch import MmaGemvConfig
+from .launch import launch as launch_kernel
 
 
 @gluon.constexpr_function
@@ -520,8 +521,8 @@ def _tma_launch(x2, pw, bias, ws_cnt, cfg):
     grid = (n // (32 * nw), split)
     ws, cnt = ws_cnt(y, split, grid[0])
     fp16 = x2.dtype == torch.float16
-    mma_gemv_tma_kernel[grid](
-        w_desc, x_desc, s_desc, b_desc, bias if bias is not None else pw.scales, y, ws, cnt,
+    launch_kernel(
+        mma_gemv_tma_kernel, grid, w_desc, x_desc, s_desc, b_desc, bias if bias is not None else pw.scales, y, ws, cnt,
         m, n, k, y.stride(0), per, pw.group // 128, 0x64006400 if fp16 else 0x43004300,
         FP16=fp16, NW=nw, SPLIT_K=split, HAS_BIAS=bias is not None, STAGES=cfg.stages,
         E2M1=e2m1, SCALE_MUL=pw.kfmt.scale_mul, num_warps=nw)
@@ -550,8 +551,8 @@ def launch(x2: torch.Tensor, pw, bias: torch.Tensor | None, ws_cnt,
     grid = (n // (32 * cfg.warps), split)
     ws, cnt = ws_cnt(y, split, grid[0])
     fp16 = x2.dtype == torch.float16
-    mma_gemv_kernel[grid](
-        x2, pw.weight, pw.scales, pw.biases, bias if bias is not None else pw.scales, y,
+    launch_kernel(
+        mma_gemv_kernel, grid, x2, pw.weight, pw.scales, pw.biases, bias if bias is not None else pw.scales, y,
         ws, cnt, m, n, k, pw.weight.shape[1], x2.stride(0), y.stride(0), per, group // 128,
         0x64006400 if fp16 else 0x43004300,
         FP16=fp16, NW=cfg.warps, SPLIT_K=split, HAS_BIAS=bias is not None, PF=cfg.prefetch,

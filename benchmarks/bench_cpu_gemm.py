@@ -1,0 +1,106 @@
+"""CPU ``marlin.gemm`` (the C++ kernel of ``ops/cpu``) against dense ``nn.Linear`` in fp32 and bf16
+on the Llama-3-8B projection shapes (issue 24 item 4).
+
+    python benchmarks/bench_cpu_gemm.py --json benchmarks/results/bench_cpu_gemm.json
+
+Each round times every method once, in turn (interleaved, so a busy machine slows them alike);
+the median over ``--rounds`` rounds is reported, with the ratio dense fp32 / method (and dense
+bf16 / method) of the same rounds. Activations fp32 (the op's bf16 path converts to fp32 in
+the kernel's wrapper). ``torch.get_num_threads()`` threads for everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from metal_marlin_torch import ops  # noqa: E402
+from metal_marlin_torch.ops import cpu  # noqa: E402
+
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]  # K x N
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
+    ap.add_argument("--m", default="1,64")
+    ap.add_argument("--formats", default="int4,fp4,nf4,int8")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if cpu.load() is None:
+        raise SystemExit(f"the C++ CPU kernel is unavailable: {cpu.info()['error']}")
+    torch.manual_seed(0)
+    rows = []
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, k) / k**0.5
+        dense = nn.Linear(k, n, bias=False)
+        dense.weight.data.copy_(w)
+        dense_bf16 = nn.Linear(k, n, bias=False).to(torch.bfloat16)
+        dense_bf16.weight.data.copy_(w)
+        quant = {f: ops.quantize(w, f, args.group) for f in args.formats.split(",")}
+        for m in (int(v) for v in args.m.split(",")):
+            x = torch.randn(m, k)
+            xb = x.bfloat16()
+            fns = {"dense fp32": partial(dense, x), "dense bf16": partial(dense_bf16, xb)}
+            for f, (qw, qs, qb, qg) in quant.items():
+                fns[f] = (lambda f=f, qw=qw, qs=qs, qb=qb, qg=qg, x=x:
+                          torch.ops.marlin.gemm(x, qw, qs, qb, qg, None, f, args.group))
+            times = {name: [] for name in fns}
+            with torch.no_grad():
+                for fn in fns.values():
+                    fn()
+                for _ in range(args.rounds):
+                    for name, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - t0)
+            med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+            for name, ms in med.items():
+                row = {"K": k, "N": n, "M": m, "method": name, "ms": round(ms, 3),
+                       "x_dense_fp32": round(med["dense fp32"] / ms, 2),
+                       "x_dense_bf16": round(med["dense bf16"] / ms, 2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    result = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "platform": platform.platform()},
+              "kernel": cpu.info(), "command": " ".join(sys.argv), "rows": rows}
+    print("\n| K x N | M | method | ms | vs dense fp32 | vs dense bf16 |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['K']} x {r['N']} | {r['M']} | {r['method']} | {r['ms']} | {r['x_dense_fp32']}x | "
+              f"{r['x_dense_bf16']}x |")
+    if args.json:
+        tmp = f"{args.json}.tmp{os.getpid()}"
+        Path(tmp).write_text(json.dumps(result, indent=1))
+        os.replace(tmp, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""CPU kernel of ``marlin::gemm``: a fused dequantize-GEMV (and, for prefill, dequantize tiles
+then BLAS), in C++ built on first use (issue 24 item 4).
+
+The pure-torch kernel (:mod:`..reference`) dequantizes the whole weight on every call, so on CPU
+every format ran slower than dense fp32. Here ``gemm_cpu.cpp`` (plain C++17, no torch headers)
+reads the canonical packed weight (docs/FORMAT.md) directly:
+
+* up to :data:`GEMV_MAX_M` activation rows: each weight row is decoded one scale group at a
+  time into L1 and multiplied with every activation row (``marlin_cpu_gemv``); rows are split
+  between ``torch.get_num_threads()`` threads;
+* more rows (prefill): :data:`TILE_ELEMENTS` weights (whole rows) at a time are decoded to float32
+  (``marlin_cpu_dequant``) and multiplied by torch's BLAS (``torch.mm``), so the decoded weight
+  is never materialized whole.
+
+Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
+the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
+it if refused); with GCC and a ``libgomp`` in ``torch/lib`` (Linux wheels) it is built with
+OpenMP linked to that runtime, so it runs on torch's own thread pool, else with a small pool
+of its own. About 2-3 s, cached under ``~/.cache/metal_marlin_torch/cpu`` (override:
+``METAL_MARLIN_CPU_CACHE``) keyed by the source, the compiler's version, the flags and the
+machine. Without a compiler, or if the build fails, the pure-torch kernel stays, logged once
+at INFO; :func:`info` (in ``backend_info()``) says which and why. ``METAL_MARLIN_CPU_KERNEL=0``
+turns the C++ kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from ... import formats as F
+from .. import reference
+
+log = logging.getLogger("metal_marlin_torch")
+
+SOURCE = Path(__file__).with_name("gemm_cpu.cpp")
+KERNEL_NAME = "cpu_cxx"
+GEMV_MAX_M = 8  # above: tile dequantization + torch.mm (BLAS); see docs/CUDA.md "CPU"
+TILE_ELEMENTS = 1 << 22  # weights decoded per torch.mm (16 MB of fp32): 1024 rows at K = 4096
+#                          (256-row tiles ran 3x slower: BLAS is inefficient on thin tiles)
+SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
+                             "threads": None}
+
+
+def cache_root() -> Path:
+    env = os.environ.get("METAL_MARLIN_CPU_CACHE")
+    if env:
+        return Path(env)
+    home = Path.home() / ".cache" / "metal_marlin_torch" / "cpu"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return Path(tempfile.gettempdir()) / f"metal_marlin_torch-{os.getuid()}" / "cpu"
+
+
+def compiler() -> str | None:
+    for c in (os.environ.get("CXX"), "c++", "g++", "clang++", "clang++-19"):
+        if c and shutil.which(c):
+            return shutil.which(c)
+    return None
+
+
+def _native_flags() -> list[list[str]]:
+    m = platform.machine().lower()
+    native = ["-mcpu=native"] if m in ("arm64", "aarch64") else ["-march=native"]
+    return [native, []]  # the second: if the compiler refuses the first
+
+
+def torch_libgomp() -> Path | None:
+    """The OpenMP runtime torch's CPU kernels run on (Linux wheels ship ``libgomp*.so*`` in
+    ``torch/lib``), so that the kernel can share torch's thread pool instead of competing with it."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libgomp*.so*")) if lib.is_dir() else []
+    return found[0] if found else None
+
+
+def _variants(cxx: str, version: str) -> list[tuple[str, list[str], list[str]]]:
+    """(name, compile flags, link inputs) to try in order: OpenMP on torch's libgomp (GCC only:
+    clang's OpenMP calls another runtime), then the kernel's own thread pool; each with the
+    host's vector ISA, then without it."""
+    out = []
+    gomp = torch_libgomp()
+    for extra in _native_flags():
+        base = ["-O3", "-std=c++17", "-fPIC", "-pthread", *extra]
+        if gomp is not None and "clang" not in version.lower():
+            out.append(("openmp", [*base, "-fopenmp"], [str(gomp), f"-Wl,-rpath,{gomp.parent}"]))
+        out.append(("pool", base, []))
+    return out
+
+
+def _build(cxx: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    last_error = ""
+    for name, flags, link in _variants(cxx, version):
+        key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + link).encode(),
+                                         platform.machine().encode(), platform.node().encode()]))
+        lib = cache_root() / f"libmarlin_cpu-{name}-{key.hexdigest()[:16]}.so"
+        if lib.exists():
+            return lib
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
+        obj = tmp.with_suffix(".o")
+        # compile and link apart: linking with -fopenmp would add the system's -lgomp, a second
+        # OpenMP runtime beside torch's
+        steps = [[cxx, *flags, "-c", str(SOURCE), "-o", str(obj)],
+                 [cxx, "-shared", "-pthread", str(obj), *link, "-o", str(tmp)]]
+        ok = True
+        for cmd in steps:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                ok, last_error = False, proc.stderr.strip()[-2000:]
+                break
+        obj.unlink(missing_ok=True)
+        if ok:
+            os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
+            return lib
+        tmp.unlink(missing_ok=True)
+    raise RuntimeError(f"{cxx} failed: {last_error}")
+
+
+def load() -> ctypes.CDLL | None:
+    """The built library (building it on first call), or None with :func:`info`'s reason."""
+    if _STATE["lib"] is not None or _STATE["error"] is not None:
+        return _STATE["lib"]  # type: ignore[return-value]
+    if os.environ.get("METAL_MARLIN_CPU_KERNEL", "1") == "0":
+        _STATE["error"] = "turned off (METAL_MARLIN_CPU_KERNEL=0)"
+        return None
+    cxx = compiler()
+    _STATE["compiler"] = cxx
+    try:
+        if cxx is None:
+            raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
+        path = _build(cxx)
+        lib = ctypes.CDLL(str(path))
+        if lib.marlin_cpu_abi_version() != 1:
+            raise RuntimeError("unexpected ABI version")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _STATE["error"] = f"{type(exc).__name__}: {exc}"
+        log.info("metal_marlin_torch: the C++ CPU gemm kernel is unavailable (%s); CPU gemm uses "
+                 "the pure-torch kernel", _STATE["error"])
+        from .. import registry
+
+        registry.reset_kernel("gemm", "cpu")
+        return None
+    i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.marlin_cpu_gemv.argtypes = [vp, i64, i64, vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp,
+                                    vp, vp, i64, ci]
+    lib.marlin_cpu_gemv.restype = None
+    lib.marlin_cpu_dequant.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64, i64,
+                                       vp, i64, ci]
+    lib.marlin_cpu_dequant.restype = None
+    _STATE["lib"], _STATE["path"] = lib, str(path)
+    _STATE["threads"] = "torch's OpenMP pool" if lib.marlin_cpu_openmp() else "own pool"
+    return lib
+
+
+def info() -> dict:
+    """Whether the C++ CPU kernel is built and loaded here, and why not (for backend_info)."""
+    return {"loaded": _STATE["lib"] is not None, "error": _STATE["error"], "library": _STATE["path"],
+            "compiler": _STATE["compiler"], "threads": _STATE.get("threads"),
+            "gemv_max_m": GEMV_MAX_M}
+
+
+@cache
+def _lut(format: str) -> torch.Tensor:
+    """The format's code values at unit scale (q itself for the affine integers)."""
+    from ..cuda.layout import _code_values
+
+    return torch.tensor(_code_values(F.get_format(format)), dtype=torch.float32)
+
+
+def _operands(weight, scales, biases, global_scale, format):
+    """Contiguous operands in what the kernel reads: float (fp32 / fp16 / bf16) scales and
+    biases as stored, or float32 effective scales for E8M0 / E4M3-with-tensor-scale."""
+    from ..cuda.layout import kernel_scales
+
+    if scales.dtype not in SCALE_KINDS or global_scale is not None:
+        scales = kernel_scales(format, scales, global_scale)
+    if biases is not None and biases.dtype != scales.dtype:
+        biases = biases.to(scales.dtype)
+    return (weight.contiguous(), scales.contiguous(),
+            None if biases is None else biases.contiguous())
+
+
+def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
+    """The CPU kernel of ``marlin::gemm`` (same arguments and checks as the pure-torch one)."""
+    fmt = reference.check_gemm_args(x, weight, scales, biases, global_scale, bias, format, group_size)
+    lib = load()
+    if lib is None or x.dtype == torch.float64:
+        return reference.gemm(x, weight, scales, biases, global_scale, bias, format, group_size)
+    k = x.shape[-1]
+    n = weight.shape[0]
+    g = fmt.check_group_size(group_size, k)
+    w, s, b = _operands(weight, scales, biases, global_scale, format)
+    lut = _lut(format)
+    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    m = x2.shape[0]
+    threads = torch.get_num_threads()
+    common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), 0 if b is None else b.data_ptr(),
+              SCALE_KINDS[s.dtype], k // g, g, fmt.bits, lut.data_ptr())
+    bias32 = None if bias is None else bias.to(torch.float32).contiguous()
+    if m <= GEMV_MAX_M:
+        y = torch.empty(m, n, dtype=torch.float32)
+        if m and n:
+            lib.marlin_cpu_gemv(x2.data_ptr(), m, k, w.data_ptr(), n, w.shape[1], k, s.data_ptr(),
+                                common[5], common[6], k // g, g, fmt.bits, lut.data_ptr(),
+                                None if bias32 is None else bias32.data_ptr(), y.data_ptr(), n,
+                                threads)
+    else:
+        # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
+        yt = torch.empty(n, m, dtype=torch.float32)
+        xt = x2.t()
+        rows = max(64, TILE_ELEMENTS // k // 64 * 64)
+        tile = torch.empty(min(rows, n), k, dtype=torch.float32)
+        for n0 in range(0, n, rows):
+            n1 = min(n, n0 + rows)
+            lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
+            torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
+        # contiguous like the fake kernel's output: compiled graphs assume its strides (a
+        # transposed view here gave torch.compile wrong logits)
+        y = yt.t().contiguous()
+        if bias32 is not None:
+            y += bias32
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def register() -> None:
+    """Make :func:`gemm` the CPU kernel of ``torch.ops.marlin.gemm`` (the library is built on
+    its first call; if that fails the pure-torch kernel is put back, logged once)."""
+    if os.environ.get("METAL_MARLIN_CPU_KERNEL", "1") == "0":
+        return
+    from .. import registry
+
+    registry.set_kernel("gemm", "cpu", gemm, KERNEL_NAME)
+
+
+__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "TILE_ELEMENTS", "gemm", "info", "load", "register"]

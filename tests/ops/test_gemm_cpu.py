@@ -1,0 +1,104 @@
+"""The C++ CPU kernel of ``marlin.gemm`` (issue 24 item 4) against the pure-torch op.
+
+Every format at every group size it allows, M from 1 (the fused GEMV) to past GEMV_MAX_M (tiles
+decoded, then BLAS), K off the vector width, batched 3-D inputs, fp32 / bf16 / fp16
+activations. The oracle is ``ops.reference.gemm`` (fp32 dequantize, fp32 matmul). The build
+happens on the first call and is cached (a second or two with gcc on x86-64).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from metal_marlin_torch import formats as F
+from metal_marlin_torch import ops
+from metal_marlin_torch.ops import cpu, reference
+
+needs_kernel = pytest.mark.skipif(cpu.compiler() is None, reason="needs a C++ compiler")
+TOL = {torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}  # relative, by x dtype
+CASES = [(f, g) for f in sorted(F.FORMATS) for g in F.get_format(f).group_sizes]
+
+
+def _rel(y, ref):
+    return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,group", CASES)
+def test_cpu_kernel_matches_reference(fmt, group):
+    torch.manual_seed(0)
+    for n, k in [(40, 512), (33, 96)]:  # 96: not a whole 64-code step; 33 rows: not a tile
+        if group != -1 and k % group:
+            continue
+        weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
+        bias = torch.randn(n)
+        for m in (1, 3, cpu.GEMV_MAX_M + 1, 70):  # GEMV, GEMV with row blocks, tiles + BLAS
+            x = torch.randn(m, k) / k**0.5
+            y = cpu.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
+            ref = reference.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
+            assert y.dtype == torch.float32 and y.shape == (m, n)
+            assert y.is_contiguous()  # regression: a transposed view broke compiled graphs
+            assert _rel(y, ref) < TOL[torch.float32], (n, k, m)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 20])
+def test_cpu_kernel_16bit_batched_and_no_bias(dtype, m):
+    torch.manual_seed(1)
+    weight, scales, biases, _ = ops.quantize(torch.randn(64, 256), "int4", 64)
+    x = (torch.randn(2, m, 256) / 16).to(dtype)
+    y = torch.ops.marlin.gemm(x, weight, scales, biases, None, None, "int4", 64)
+    ref = reference.gemm(x, weight, scales, biases, None, None, "int4", 64)
+    assert y.dtype == dtype and y.shape == (2, m, 64)
+    assert _rel(y, ref) < TOL[dtype]
+
+
+@needs_kernel
+def test_registered_as_cpu_gemm_and_reported():
+    x = torch.randn(1, 128)
+    weight, scales, biases, _ = ops.quantize(torch.randn(8, 128), "int4", 128)
+    torch.ops.marlin.gemm(x, weight, scales, biases, None, None, "int4", 128)
+    assert ops.active_kernels("cpu")["gemm"] == cpu.KERNEL_NAME
+    assert cpu.info()["loaded"] and cpu.info()["error"] is None
+
+
+@needs_kernel
+def test_decode_does_not_dequantize_the_whole_weight(monkeypatch):
+    """M <= GEMV_MAX_M runs the fused GEMV: neither the pure-torch dequantize nor the tile
+    decode is called."""
+    weight, scales, biases, _ = ops.quantize(torch.randn(16, 128), "fp4", 32)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the whole weight was dequantized")
+
+    monkeypatch.setattr(F.get_format("fp4"), "dequantize_packed", forbidden)
+    lib = cpu.load()
+    monkeypatch.setattr(lib, "marlin_cpu_dequant", forbidden)
+    y = cpu.gemm(torch.randn(cpu.GEMV_MAX_M, 128), weight, scales, None, None, None, "fp4", 32)
+    assert torch.isfinite(y).all()
+
+
+def test_missing_compiler_falls_back_with_a_logged_reason(monkeypatch, caplog):
+    monkeypatch.setattr(cpu, "_STATE", {"lib": None, "error": None, "path": None, "compiler": None,
+                                         "threads": None})
+    monkeypatch.setattr(cpu, "compiler", lambda: None)
+    reset = []
+    monkeypatch.setattr(ops.registry, "reset_kernel", lambda op, dev: reset.append((op, dev)))
+    weight, scales, biases, _ = ops.quantize(torch.randn(8, 128), "int4", 128)
+    x = torch.randn(2, 128)
+    with caplog.at_level(logging.INFO, logger="metal_marlin_torch"):
+        y = cpu.gemm(x, weight, scales, biases, None, None, "int4", 128)
+    torch.testing.assert_close(y, reference.gemm(x, weight, scales, biases, None, None, "int4", 128))
+    assert "no C++ compiler" in cpu.info()["error"]
+    assert reset == [("gemm", "cpu")]
+    assert any("pure-torch" in r.getMessage() for r in caplog.records)
+
+
+def test_cpu_kernel_rejects_bad_input_like_the_op():
+    weight, scales, biases, _ = ops.quantize(torch.randn(8, 128), "int4", 128)
+    with pytest.raises(ValueError, match="x must be float16/bfloat16/float32"):
+        cpu.gemm(torch.randint(0, 3, (1, 128)), weight, scales, biases, None, None, "int4", 128)

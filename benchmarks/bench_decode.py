@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_cpu_gemm import cpu_name  # noqa: E402
-from benchmarks.bench_gemm import machine_info, tinygemm_pack  # noqa: E402
+from benchmarks.bench_gemm import machine_info, tinygemm_pack, write_atomic  # noqa: E402
 from metal_marlin_torch import MarlinLinear, QuantConfig, quantize_model  # noqa: E402
 from metal_marlin_torch import formats as F  # noqa: E402
 
@@ -322,12 +321,6 @@ def render(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -373,9 +366,9 @@ def main() -> None:
 
     def save() -> None:  # after every method: a run cut short keeps what it measured
         if args.json:
-            atomic_write(args.json, json.dumps(result(), indent=1, default=str))
+            write_atomic(args.json, json.dumps(result(), indent=1, default=str))
         if args.markdown:
-            atomic_write(args.markdown, render(result()))
+            write_atomic(args.markdown, render(result()))
 
     for method in methods:
         dtype = torch.bfloat16 if (device == "cuda" or method == "dense-bf16") else torch.float32

@@ -64,10 +64,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,6 +75,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from metal_marlin_torch import emulator  # noqa: E402
 from metal_marlin_torch import formats as F  # noqa: E402
+from metal_marlin_torch._files import write_atomic  # noqa: E402
 
 # name: (bandwidth GB/s, fp16 TFLOP/s, source note)
 CHIPS: dict[str, tuple[float, float, str]] = {
@@ -103,15 +102,6 @@ FORMATS: list[tuple[str, int]] = [
 ]
 WEIGHT_SIDE = {"weight", "scales", "biases", "global_scale"}
 
-
-def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary name in the same folder, then rename (no partial files)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def nbytes(*ts: torch.Tensor | None) -> int:

@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ._files import write_atomic
 
 PACKAGE = Path(__file__).resolve().parent
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
@@ -82,14 +83,6 @@ def shader_source(root: Path | None = None) -> str:
     seen: set[Path] = set()
     return "\n".join(_flatten(p, seen, root) for p in sorted((root / "shaders").glob("*.metal")))
 
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``path`` through a temporary name in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def _c_string(text: str) -> str:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from ._files import cache_dir, write_atomic
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,17 +133,7 @@ def compiler() -> str | None:
 def cache_root() -> Path:
     """Where objects and libraries are cached: METAL_MARLIN_EMU_CACHE, else
     ~/.cache/metal_marlin_torch/emu, else (home not writable) a per-user temp directory."""
-    env = os.environ.get("METAL_MARLIN_EMU_CACHE")
-    if env:
-        return Path(env)
-    home = Path.home() / ".cache" / "metal_marlin_torch" / "emu"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
-    except OSError:
-        fallback = Path(tempfile.gettempdir()) / f"metal_marlin_torch-emu-{os.getuid()}"
-        log.info("metal_marlin_torch: %s is not writable; caching the emulator in %s", home, fallback)
-        return fallback
+    return cache_dir("emu", "METAL_MARLIN_EMU_CACHE")
 
 
 def _sha(*parts: bytes | str) -> str:
@@ -151,13 +143,6 @@ def _sha(*parts: bytes | str) -> str:
         h.update(b"\0")
     return h.hexdigest()
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 def _run(cmd: Sequence[str], what: str) -> str:
@@ -336,7 +321,7 @@ class _Builder:
             src.write_text(src_text)
             tmp_obj = Path(td) / "out.o"
             _run([self.cxx, *flags, "-c", str(src), "-o", str(tmp_obj)], f"compiling {label}")
-            _atomic_write(obj, tmp_obj.read_bytes())
+            write_atomic(obj, tmp_obj.read_bytes())
         return obj
 
     def kernel_object(self, metal: Path, extra_includes: Sequence[Path]) -> tuple[Path, list[str]]:
@@ -359,12 +344,12 @@ class _Builder:
         if pch.exists():
             return pch
         hdr = self.objs / f"{key[:32]}.h"  # the PCH refers to its header: keep it
-        _atomic_write(hdr, TORCH_PCH_HEADER.encode())
+        write_atomic(hdr, TORCH_PCH_HEADER.encode())
         with tempfile.TemporaryDirectory() as td:
             tmp = Path(td) / "out.pch"
             _run([self.cxx, *flags, "-fpch-instantiate-templates", "-x", "c++-header", str(hdr), "-o", str(tmp)],
                  "precompiling torch headers")
-            _atomic_write(pch, tmp.read_bytes())
+            write_atomic(pch, tmp.read_bytes())
         return pch
 
     def host_object(self, src: Path, defines: Sequence[str], digest: str, pch: Path | None) -> Path:
@@ -382,7 +367,7 @@ class _Builder:
         with tempfile.TemporaryDirectory() as td:
             tmp_obj = Path(td) / "out.o"
             _run([self.cxx, *flags, "-c", str(src), "-o", str(tmp_obj)], f"compiling {src.name}")
-            _atomic_write(obj, tmp_obj.read_bytes())
+            write_atomic(obj, tmp_obj.read_bytes())
         return obj
 
     def runtime_library(self, digest: str) -> Path:
@@ -406,7 +391,7 @@ class _Builder:
         with tempfile.TemporaryDirectory() as td:
             tmp = Path(td) / "lib.so"
             _run([self.cxx, "-shared", *args, "-o", str(tmp)], what)
-            _atomic_write(lib, tmp.read_bytes())
+            write_atomic(lib, tmp.read_bytes())
         return lib
 
 

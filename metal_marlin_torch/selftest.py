@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import formats as F
-from ._metal_sources import write_atomic
+from ._files import write_atomic
 
 # Unit roundoff of each activation type (half an ulp of 1.0).
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}

@@ -51,6 +51,9 @@ except ImportError:  # progress bars are a convenience
     tqdm = None
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from metal_marlin_torch._files import write_atomic  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_SCRATCH = Path(tempfile.gettempdir()) / f"metal_marlin_mutations-{os.getuid()}"
 
@@ -433,13 +436,6 @@ def git_rev(root: Path, rev: str) -> str:
     return out.stdout.strip()
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def _cell(s: str) -> str:
     return s.replace("|", "\\|").replace("\n", " ")
@@ -448,7 +444,7 @@ def _cell(s: str) -> str:
 def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
     order = {m.id: i for i, m in enumerate(MUTANTS)}
     rows = sorted(rows, key=lambda r: order.get(r["id"], len(order)))
-    atomic_write(out_dir / "mutations.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    write_atomic(out_dir / "mutations.json", json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
@@ -469,7 +465,7 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
         lines.append("| " + " | ".join(_cell(str(c)) for c in (
             r["id"], r["class"], r["file"], r["change"], r["tests"], f"**{r['outcome']}**",
             r["evidence"], f"{r['seconds']:.0f}")) + " |")
-    atomic_write(out_dir / "mutations.md", "\n".join(lines) + "\n")
+    write_atomic(out_dir / "mutations.md", "\n".join(lines) + "\n")
 
 
 def describe(old: str, new: str) -> str:

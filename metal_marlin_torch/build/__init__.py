@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import _metal_sources
+from .._files import cache_dir
 
 log = logging.getLogger("metal_marlin_torch")
 
@@ -51,9 +52,9 @@ def macos_version() -> tuple[int, int]:
 
 
 def cache_root() -> Path:
-    """Where built extensions live: METAL_MARLIN_EXT_CACHE, else ~/.cache/metal_marlin_torch/ext."""
-    env = os.environ.get("METAL_MARLIN_EXT_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "metal_marlin_torch" / "ext"
+    """Where built extensions live: METAL_MARLIN_EXT_CACHE, else ~/.cache/metal_marlin_torch/ext
+    (a per-user temp folder when home is not writable)."""
+    return cache_dir("ext", "METAL_MARLIN_EXT_CACHE")
 
 
 def sources(root: Path | None = None) -> list[Path]:

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("problems: none")
     if args.json:
-        from .._metal_sources import write_atomic  # noqa: PLC0415
+        from .._files import write_atomic  # noqa: PLC0415
 
         write_atomic(Path(args.json), json.dumps(facts, indent=1, default=str) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)

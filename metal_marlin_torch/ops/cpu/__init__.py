@@ -32,13 +32,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
 from ... import formats as F
+from ..._files import cache_dir
 from .. import reference
 
 log = logging.getLogger("metal_marlin_torch")
@@ -54,15 +54,9 @@ _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler
 
 
 def cache_root() -> Path:
-    env = os.environ.get("METAL_MARLIN_CPU_CACHE")
-    if env:
-        return Path(env)
-    home = Path.home() / ".cache" / "metal_marlin_torch" / "cpu"
-    try:
-        home.mkdir(parents=True, exist_ok=True)
-        return home
-    except OSError:
-        return Path(tempfile.gettempdir()) / f"metal_marlin_torch-{os.getuid()}" / "cpu"
+    """Where the compiled CPU kernel is cached: METAL_MARLIN_CPU_CACHE, else
+    ~/.cache/metal_marlin_torch/cpu (a per-user temp folder when home is not writable)."""
+    return cache_dir("cpu", "METAL_MARLIN_CPU_CACHE")
 
 
 def compiler() -> str | None:

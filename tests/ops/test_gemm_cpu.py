@@ -58,6 +58,23 @@ def test_cpu_kernel_16bit_batched_and_no_bias(dtype, m):
 
 
 @needs_kernel
+@pytest.mark.parametrize(("scale_dtype", "bias_dtype"), [(torch.bfloat16, torch.float16),
+                                                          (torch.float16, torch.bfloat16),
+                                                          (torch.float16, torch.float32)])
+@pytest.mark.parametrize("m", [1, cpu.GEMV_MAX_M + 1])
+def test_cpu_kernel_scales_and_biases_of_different_dtypes(scale_dtype, bias_dtype, m):
+    # Regression: biases of another dtype than the scales were cast to the scales' dtype, so
+    # fp16 biases next to bf16 scales lost 3 mantissa bits (found by the emulator's gemm tests).
+    torch.manual_seed(2)
+    weight, scales, biases, _ = ops.quantize(torch.randn(24, 128), "int4", 32)
+    scales, biases = scales.to(scale_dtype), biases.to(bias_dtype)
+    x = torch.randn(m, 128) / 128**0.5
+    y = cpu.gemm(x, weight, scales, biases, None, None, "int4", 32)
+    ref = reference.gemm(x, weight, scales, biases, None, None, "int4", 32)
+    assert _rel(y, ref) < TOL[torch.float32]
+
+
+@needs_kernel
 def test_registered_as_cpu_gemm_and_reported():
     x = torch.randn(1, 128)
     weight, scales, biases, _ = ops.quantize(torch.randn(8, 128), "int4", 128)

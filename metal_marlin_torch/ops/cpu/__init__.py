@@ -184,7 +184,9 @@ def _operands(weight, scales, biases, global_scale, format):
     if scales.dtype not in SCALE_KINDS or global_scale is not None:
         scales = kernel_scales(format, scales, global_scale)
     if biases is not None and biases.dtype != scales.dtype:
-        biases = biases.to(scales.dtype)
+        # The kernel reads both with one storage kind: widen both to float32, which holds every
+        # fp16 and bf16 value exactly (casting fp16 biases to bf16 scales' type would round them).
+        scales, biases = scales.to(torch.float32), biases.to(torch.float32)
     return (weight.contiguous(), scales.contiguous(),
             None if biases is None else biases.contiguous())
 

@@ -10,12 +10,17 @@ CXX="${METAL_MARLIN_EMU_CXX:-clang++-19}"
 PY="${PYTHON:-python3}"
 GEN="$(mktemp -d)"
 trap 'rm -rf "$GEN"' EXIT
-# _metal_sources.py imports no torch and nothing of the package: load it by path.
+# _metal_sources.py imports no torch, only the stdlib helpers of _files.py: load it under an
+# empty stand-in of its package (the real __init__ would import torch and the whole package).
 "$PY" - "$ROOT" "$GEN" <<'PYEOF'
-import importlib.util, pathlib, sys
+import importlib.util, pathlib, sys, types
 root, gen = map(pathlib.Path, sys.argv[1:3])
-spec = importlib.util.spec_from_file_location("_metal_sources", root / "metal_marlin_torch" / "_metal_sources.py")
-mod = sys.modules["_metal_sources"] = importlib.util.module_from_spec(spec)
+pkg = types.ModuleType("metal_marlin_torch")
+pkg.__path__ = [str(root / "metal_marlin_torch")]
+sys.modules["metal_marlin_torch"] = pkg
+name = "metal_marlin_torch._metal_sources"
+spec = importlib.util.spec_from_file_location(name, root / "metal_marlin_torch" / "_metal_sources.py")
+mod = sys.modules[name] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(mod)
 mod.embed_shaders(gen, root)
 PYEOF

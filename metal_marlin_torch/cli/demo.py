@@ -155,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"checkpoint round trip of the last model (save_quantized -> load_quantized): "
           f"{'identical embeddings' if same else 'MISMATCH'}")
     if device.type == "cpu":
-        print("note: on CPU the marlin ops are the pure-torch reference (dequantize, then matmul), so they are "
-              "slower than dense; the fused kernels are the Metal (MPS) and CUDA paths.")
+        from ..backend import backend_info  # noqa: PLC0415
+
+        kernel = backend_info()["kernels"]["cpu"]["gemm"]
+        how = ("the C++ CPU kernel: fused dequantize-GEMV up to 8 rows, decoded tiles + BLAS for more"
+               if kernel == "cpu_cxx" else "the pure-torch reference (dequantize, then matmul)")
+        print(f"note: on CPU marlin.gemm runs {how}; these batches have more than 8 rows, where it is "
+              "slower than dense. The fused kernels for batches are the Metal (MPS) and CUDA paths.")
     return 0 if same else 1

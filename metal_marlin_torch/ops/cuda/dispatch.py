@@ -20,6 +20,7 @@ docs/CUDA.md and benchmarks/results/):
 from __future__ import annotations
 
 import os
+import sys
 import weakref
 from dataclasses import dataclass, replace
 from functools import cache
@@ -224,8 +225,15 @@ def cached_prepare(weight, scales, biases, global_scale, format, group_size, in_
         del _CACHE[k]
     pw = prepare_cuda_weight(weight, scales, biases, global_scale, format, group_size,
                              in_features, check=False)
-    if weight.device.type == "cuda" and not (_capturing(weight.device)
-                                             or torch.compiler.is_compiling()):
+    if _in_graph_pool(weight.device):
+        # The repacked tensors were allocated in a CUDA graph's private pool (the weight is
+        # then usually cudagraph trees' per-replay copy of a non-static input): caching them
+        # would keep pool memory alive past the region, which cudagraph trees refuse
+        # ("tensor(s) in the cudagraph pool not tracked as outputs"). The graph repacks on
+        # each replay instead; layers (MarlinLinear) never come here, their plan holds the
+        # kernels' layout.
+        return pw
+    if weight.device.type == "cuda" and not torch.compiler.is_compiling():
         reserve_split_workspace(weight.device, *workspace_need(pw, weight.device))
     _CACHE[key] = (weakref.ref(weight), pw)
     return pw
@@ -237,6 +245,22 @@ _RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _in_graph_pool(device: torch.device) -> bool:
+    """New allocations go to a CUDA graph's private pool: a stream capture, or the warm-up or
+    recording of a cudagraph-trees function (torch.compile mode "reduce-overhead"), whose
+    warm-up allocates from the pool without capturing."""
+    if device.type != "cuda":
+        return False
+    if _capturing(device):
+        return True
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")  # imported by inductor only
+    if trees is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    manager = trees.get_manager(index, create_if_none_exists=False)
+    return manager is not None and (manager.in_warmup or manager.in_recording)
 
 
 def reserve_split_workspace(device: torch.device, numel: int, tiles: int) -> None:

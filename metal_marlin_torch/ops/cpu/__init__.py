@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -48,6 +49,9 @@ KERNEL_NAME = "cpu_cxx"
 GEMV_MAX_M = 8  # above: tile dequantization + torch.mm (BLAS); see docs/CUDA.md "CPU"
 TILE_ELEMENTS = 1 << 22  # weights decoded per torch.mm (16 MB of fp32): 1024 rows at K = 4096
 #                          (256-row tiles ran 3x slower: BLAS is inefficient on thin tiles)
+SLICE_MIN_ROWS = 1024  # fewer whole rows fit a tile (K > 4096): decode K slices of every row
+#                        instead, so each torch.mm keeps N >= 1024 rows (at K = 14336 the
+#                        292-row tiles ran 0.38x dense fp32 at M = 64, issue 24)
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
                              "threads": None}
@@ -139,7 +143,7 @@ def load() -> ctypes.CDLL | None:
             raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
         path = _build(cxx)
         lib = ctypes.CDLL(str(path))
-        if lib.marlin_cpu_abi_version() != 1:
+        if lib.marlin_cpu_abi_version() != 2:
             raise RuntimeError("unexpected ABI version")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
@@ -156,6 +160,9 @@ def load() -> ctypes.CDLL | None:
     lib.marlin_cpu_dequant.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64, i64,
                                        vp, i64, ci]
     lib.marlin_cpu_dequant.restype = None
+    lib.marlin_cpu_dequant_slice.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64,
+                                             i64, i64, i64, vp, i64, ci]
+    lib.marlin_cpu_dequant_slice.restype = None
     _STATE["lib"], _STATE["path"] = lib, str(path)
     _STATE["threads"] = "torch's OpenMP pool" if lib.marlin_cpu_openmp() else "own pool"
     return lib
@@ -191,6 +198,18 @@ def _operands(weight, scales, biases, global_scale, format):
             None if biases is None else biases.contiguous())
 
 
+def _slice_cols(n: int, k: int, group: int) -> int:
+    """Columns of a K slice for prefill, or 0 for whole-row tiles: slices when fewer than
+    :data:`SLICE_MIN_ROWS` rows fit :data:`TILE_ELEMENTS` and the layer has that many rows.
+    A slice is a multiple of 32 codes (whole words at every width) and of the group (unless
+    per-channel), so each slice starts on a word and a scale group."""
+    if TILE_ELEMENTS // k >= SLICE_MIN_ROWS or n < SLICE_MIN_ROWS:
+        return 0
+    step = 32 if group >= k else math.lcm(32, group)
+    cols = TILE_ELEMENTS // n // step * step
+    return cols if 0 < cols < k else 0
+
+
 def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     """The CPU kernel of ``marlin::gemm`` (same arguments and checks as the pure-torch one)."""
     fmt = reference.check_gemm_args(x, weight, scales, biases, global_scale, bias, format, group_size)
@@ -216,15 +235,29 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
                                 None if bias32 is None else bias32.data_ptr(), y.data_ptr(), n,
                                 threads)
     else:
-        # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
         yt = torch.empty(n, m, dtype=torch.float32)
         xt = x2.t()
         rows = max(64, TILE_ELEMENTS // k // 64 * 64)
-        tile = torch.empty(min(rows, n), k, dtype=torch.float32)
-        for n0 in range(0, n, rows):
-            n1 = min(n, n0 + rows)
-            lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
-            torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
+        cols = _slice_cols(n, k, g)
+        if cols:
+            # long K: y^T += tile @ x^T[k0:k1], tile = W_hat[:, k0:k1] of every row
+            tile = torch.empty(n, cols, dtype=torch.float32)
+            for k0 in range(0, k, cols):
+                k1 = min(k, k0 + cols)
+                lib.marlin_cpu_dequant_slice(*common, 0, n, k0, k1, tile.data_ptr(), k1 - k0,
+                                             threads)
+                t = tile if k1 - k0 == cols else tile.view(-1)[: n * (k1 - k0)].view(n, k1 - k0)
+                if k0 == 0:
+                    torch.mm(t, xt[k0:k1], out=yt)
+                else:
+                    yt.addmm_(t, xt[k0:k1])
+        else:
+            # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
+            tile = torch.empty(min(rows, n), k, dtype=torch.float32)
+            for n0 in range(0, n, rows):
+                n1 = min(n, n0 + rows)
+                lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
+                torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
         # contiguous like the fake kernel's output: compiled graphs assume its strides (a
         # transposed view here gave torch.compile wrong logits)
         y = yt.t().contiguous()

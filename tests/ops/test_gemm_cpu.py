@@ -51,9 +51,10 @@ def test_prefill_k_slices_match_reference(monkeypatch, fmt, group):
     """Prefill on long K decodes K slices of every row (``marlin_cpu_dequant_slice``): each
     slice starts on a word and a scale group, the last one is partial, per-channel scales
     and 3-bit rows (slices inside 3-word units) included. Tiles are shrunk so that small
-    shapes take the path (at full size it is K > 4096)."""
+    shapes take the path (at full size: layers of 1024 rows or more)."""
     monkeypatch.setattr(cpu, "TILE_ELEMENTS", 1 << 14)
     monkeypatch.setattr(cpu, "SLICE_MIN_ROWS", 64)
+    monkeypatch.setattr(cpu, "SLICE_MIN_COLS", 64)
     torch.manual_seed(3)
     n, k = 96, 1088  # 16384 // 96 = 170 -> 160-column slices (lcm 32 / 64: 128), last one partial
     g = k if group == -1 else group

@@ -714,8 +714,11 @@ class LayerPlan:
     launch with the new activation, output and bias. Paths that are not one launch
     (dequantize + cuBLAS, M > FUSED_MAX_M) and calls whose activation is not contiguous and
     16-byte aligned run :func:`gemm_prepared` as before. At most :attr:`MAX_KEYS` keys are
-    recorded. Building a plan reserves the device's split-K workspace for every row count
-    (:func:`workspace_need`), so no later call allocates one.
+    recorded. Eager calls choose without the TMA-fed GEMV (:data:`EAGER_TMA`); a call made
+    while a CUDA graph is captured neither replays nor records: it runs the full choice
+    through Triton's own launch (its host cost is paid once, at capture). Building a plan
+    reserves the device's split-K workspace for every row count (:func:`workspace_need`), so
+    no later call allocates one.
     """
 
     MAX_KEYS = 64

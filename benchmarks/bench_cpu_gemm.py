@@ -57,6 +57,7 @@ def main() -> None:
     if cpu.load() is None:
         raise SystemExit(f"the C++ CPU kernel is unavailable: {cpu.info()['error']}")
     torch.manual_seed(0)
+    load_before = os.getloadavg()  # the machine may be shared: its load goes with the numbers
     rows = []
     for shape in args.shapes.split(","):
         k, n = (int(v) for v in shape.split("x"))
@@ -90,8 +91,13 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__, "platform": platform.platform()},
+                          "cores": os.cpu_count(), "torch": torch.__version__,
+                          "platform": platform.platform(),
+                          "loadavg_1_5_15_before": [round(v, 2) for v in load_before],
+                          "loadavg_1_5_15_after": [round(v, 2) for v in os.getloadavg()]},
               "kernel": cpu.info(), "command": " ".join(sys.argv), "rows": rows}
+    print(f"\nload average (1/5/15 min) before {result['machine']['loadavg_1_5_15_before']}, "
+          f"after {result['machine']['loadavg_1_5_15_after']}, {os.cpu_count()} cores")
     print("\n| K x N | M | method | ms | vs dense fp32 | vs dense bf16 |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['K']} x {r['N']} | {r['M']} | {r['method']} | {r['ms']} | {r['x_dense_fp32']}x | "

@@ -20,6 +20,8 @@ Columns:
   * ``compiled_tok_s`` (CUDA): ``generate()`` with its automatic compile (static cache:
     ``torch.compile`` of the decode step, mode reduce-overhead), timed on its second call;
     ``compile_s``: its first call;
+  * ``eager_split`` / ``compiled_split``: the timed call's first token (prefill and setup) and
+    its median per-token gap; ``compiled_counters``: dynamo's graphs and graph breaks;
   * ``step_graph_tok_s`` (CUDA): the decode step alone as one CUDA graph (``torch.compile``d
     forward, reduce-overhead, replayed for ``--new`` positions, no generate loop);
   * ``prefill_<T>_ms``: one forward of T tokens (batch 1), captured as a CUDA graph on CUDA
@@ -105,20 +107,56 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def generate_tok_s(model, ids, new: int, device: str, compile_: bool) -> tuple[float, float]:
+class _Stamps:
+    """A logits processor that notes when each token's logits are ready (host clock): the gaps
+    split a generate() into its first token (prefill) and the per-token decode steps."""
+
+    def __init__(self) -> None:
+        self.t: list[float] = []
+
+    def __call__(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.t.append(time.perf_counter())
+        return scores
+
+
+def generate_tok_s(model, ids, new: int, device: str, compile_: bool) -> tuple[float, float, dict]:
+    """tok/s of the timed (second) call, seconds of the first, and the timed call's split:
+    ``first_ms`` (call start to the first token's logits: prefill and setup) and
+    ``step_ms`` (median gap between later tokens)."""
+    from transformers import LogitsProcessorList
+
+    stamps = _Stamps()
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
-              pad_token_id=0, disable_compile=not compile_)
+              pad_token_id=0, disable_compile=not compile_,
+              logits_processor=LogitsProcessorList([stamps]))
     sync(device)
     t0 = time.perf_counter()
     model.generate(ids, **kw)  # warm-up (compiles when compile_)
     sync(device)
     first = time.perf_counter() - t0
+    stamps.t.clear()
     t0 = time.perf_counter()
     out = model.generate(ids, **kw)
     sync(device)
     dt = time.perf_counter() - t0
     assert out.shape[1] == ids.shape[1] + new
-    return new / dt, first
+    gaps = [b - a for a, b in zip(stamps.t, stamps.t[1:], strict=False)]
+    split = {"first_ms": round((stamps.t[0] - t0) * 1e3, 2) if stamps.t else None,
+             "step_ms": round(statistics.median(gaps) * 1e3, 3) if gaps else None}
+    return new / dt, first, split
+
+
+def _compile_counters() -> dict:
+    """What dynamo / inductor did (graph breaks, graphs, cudagraph skips), for the record."""
+    try:
+        from torch._dynamo.utils import counters
+
+        out = {"graph_breaks": sum(counters["graph_break"].values()),
+               "unique_graphs": counters["stats"].get("unique_graphs", 0)}
+        out.update({k: v for k, v in counters["inductor"].items() if "cudagraph" in k})
+        return out
+    except Exception as exc:  # noqa: BLE001 - a torch without these counters: say so, measure on
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def step_graph_tok_s(model, ids, new: int) -> float:
@@ -215,11 +253,18 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
     row["checkpoint_gb"] = round(state_bytes(model) / 1e9, 3)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     with torch.no_grad():
-        row["eager_tok_s"], _ = generate_tok_s(model, ids, args.new, device, False)
+        row["eager_tok_s"], _, split = generate_tok_s(model, ids, args.new, device, False)
+        row["eager_split"] = split
         if device == "cuda" and not args.no_compile:
             try:
-                row["compiled_tok_s"], first = generate_tok_s(model, ids, args.new, device, True)
+                from torch._dynamo.utils import counters
+
+                counters.clear()
+                row["compiled_tok_s"], first, split = generate_tok_s(model, ids, args.new, device,
+                                                                     True)
                 row["compile_s"] = round(first, 1)
+                row["compiled_split"] = split
+                row["compiled_counters"] = _compile_counters()
             except Exception as exc:  # noqa: BLE001 - a crash is a result here
                 row["compiled_tok_s"] = None
                 row["compiled_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
@@ -310,6 +355,17 @@ def render(result: dict) -> str:
         for k in ("compiled_error", "step_graph_error"):
             if r.get(k):
                 lines.append(f"\n{r['method']} {k}: `{r[k]}`")
+    if any(r.get("eager_split") for r in rows):
+        lines += ["", "Where a generate() call's time goes (timed call; first: call start to the first "
+                  "token's logits, prefill included; step: median gap between later tokens; ms):", "",
+                  "| method | eager first | eager step | compiled first | compiled step | "
+                  "compiled graphs / breaks |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            e, c = r.get("eager_split") or {}, r.get("compiled_split") or {}
+            cc = r.get("compiled_counters") or {}
+            graphs = f"{cc['unique_graphs']} / {cc['graph_breaks']}" if "graph_breaks" in cc else "-"
+            lines.append(f"| {r['method']} | {e.get('first_ms', '-')} | {e.get('step_ms', '-')} | "
+                         f"{c.get('first_ms', '-')} | {c.get('step_ms', '-')} | {graphs} |")
     if result.get("per_call"):
         lines += ["", "Per-call host cost at M = 1 (us a call, back-to-back calls, one sync):", ""]
         keys = [k for k in result["per_call"][0] if k not in ("K", "N")]

@@ -135,3 +135,29 @@ def test_split_workspace_reserved_once_and_not_kept_when_compiling(monkeypatch):
     # eager growth replaces them and keeps the old ones alive (a captured graph may use them)
     grown, _ = D.split_buffers(dev, 4 << 20, 10)
     assert grown is not ws and grown.numel() >= 4 << 20 and D._RETIRED[0][0] is ws
+
+
+def test_plan_records_eager_without_tma_and_captures_with_the_full_choice(monkeypatch):
+    """Eager calls record a launch chosen without the TMA-fed GEMV (its host-side descriptor
+    work made eager generate() slower than dense for int4 / fp4, issue 24); a call while a
+    CUDA graph is captured neither replays nor records, and takes the full choice."""
+    calls = []
+
+    def fake_gemm_prepared(x, pw, bias=None, path=None, config=None, tma=True):
+        calls.append(tma)
+        return torch.zeros(*x.shape[:-1], pw.out_features)
+
+    monkeypatch.setattr(D, "gemm_prepared", fake_gemm_prepared)
+    pw = types.SimpleNamespace(in_features=8, out_features=4, weight=torch.zeros(1, 1, 16))
+    plan = D.LayerPlan.__new__(D.LayerPlan)  # no device work: only the call logic is tested
+    plan.pw, plan.launches = pw, {}
+    capturing = [False]
+    monkeypatch.setattr(D, "_capturing", lambda device: capturing[0])
+    plan(torch.randn(1, 8))
+    assert calls == [D.EAGER_TMA] and D.EAGER_TMA is False
+    assert (1, torch.float32, True) in plan.launches  # recorded (None: nothing launched)
+    capturing[0] = True
+    plan(torch.randn(1, 8))
+    plan(torch.randn(3, 8))
+    assert calls == [False, True, True]
+    assert (3, torch.float32, True) not in plan.launches

@@ -45,6 +45,31 @@ def test_cpu_kernel_matches_reference(fmt, group):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int3", 32), ("nf4", -1), ("int8", 64),
+                                       ("fp4", 32), ("mxfp4", 32), ("int2", 64)])
+def test_prefill_k_slices_match_reference(monkeypatch, fmt, group):
+    """Prefill on long K decodes K slices of every row (``marlin_cpu_dequant_slice``): each
+    slice starts on a word and a scale group, the last one is partial, per-channel scales
+    and 3-bit rows (slices inside 3-word units) included. Tiles are shrunk so that small
+    shapes take the path (at full size: layers of 1024 rows or more)."""
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 1 << 14)
+    monkeypatch.setattr(cpu, "SLICE_MIN_ROWS", 64)
+    monkeypatch.setattr(cpu, "SLICE_MIN_COLS", 64)
+    torch.manual_seed(3)
+    n, k = 96, 1088  # 16384 // 96 = 170 -> 160-column slices (lcm 32 / 64: 128), last one partial
+    g = k if group == -1 else group
+    cols = cpu._slice_cols(n, k, g)
+    assert cols and k % cols and cols % 32 == 0 and (group == -1 or cols % group == 0), cols
+    weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
+    bias = torch.randn(n)
+    x = torch.randn(70, k) / k**0.5
+    y = cpu.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
+    ref = reference.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
+    assert y.shape == (70, n) and y.is_contiguous()
+    assert _rel(y, ref) < TOL[torch.float32]
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 20])
 def test_cpu_kernel_16bit_batched_and_no_bias(dtype, m):

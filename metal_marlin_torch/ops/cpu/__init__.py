@@ -8,9 +8,11 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
 * up to :data:`GEMV_MAX_M` activation rows: each weight row is decoded one scale group at a
   time into L1 and multiplied with every activation row (``marlin_cpu_gemv``); rows are split
   between ``torch.get_num_threads()`` threads;
-* more rows (prefill): :data:`TILE_ELEMENTS` weights (whole rows) at a time are decoded to float32
-  (``marlin_cpu_dequant``) and multiplied by torch's BLAS (``torch.mm``), so the decoded weight
-  is never materialized whole.
+* more rows (prefill): about :data:`TILE_ELEMENTS` weights at a time are decoded to float32 and
+  multiplied by torch's BLAS (``torch.mm``), so the decoded weight is never materialized whole:
+  K slices of every row (``marlin_cpu_dequant_slice``, ``y^T += W_hat[:, k0:k1] @ x^T[k0:k1]``)
+  on layers of :data:`SLICE_MIN_ROWS` to :data:`SLICE_MAX_ROWS` rows, whole-row tiles
+  (``marlin_cpu_dequant``) on others.
 
 Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
@@ -28,6 +30,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -46,8 +49,17 @@ log = logging.getLogger("metal_marlin_torch")
 SOURCE = Path(__file__).with_name("gemm_cpu.cpp")
 KERNEL_NAME = "cpu_cxx"
 GEMV_MAX_M = 8  # above: tile dequantization + torch.mm (BLAS); see docs/CUDA.md "CPU"
-TILE_ELEMENTS = 1 << 22  # weights decoded per torch.mm (16 MB of fp32): 1024 rows at K = 4096
-#                          (256-row tiles ran 3x slower: BLAS is inefficient on thin tiles)
+TILE_ELEMENTS = 1 << 23  # weights decoded per torch.mm (32 MB of fp32)
+SLICE_MIN_ROWS = 1024  # layers with at least this many rows decode K slices of every row
+#                        (y^T += W_hat[:, k0:k1] @ x^T[k0:k1]); smaller ones whole-row tiles
+SLICE_MIN_COLS = 512  # a slice is at least this wide (thinner ones starve BLAS)
+SLICE_MAX_ROWS = 16384  # above (an lm_head's 128k rows): whole-row tiles, which are wide
+#                         there, instead of a 512-wide slice of every row (263 MB at 128k)
+# Measured at M = 64, int4, on the 2-core CI machine under load (issue 24, docs/CUDA.md 7.4),
+# ratio dense fp32 / ours: 14336 x 4096 (K x N): whole-row tiles of 16 MB (292 rows) 0.38x
+# (Xeon, 16 threads), K slices 1024 / 2048 wide 0.76x / 0.92x; 4096 x 14336: 1024-row tiles
+# 0.55x, slices 256 / 512 / 1024 wide 0.64x / 0.96x / 0.93x; 4096 x 4096: 1024-row tiles
+# 0.67x, 1024-wide slices 0.85x.
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
                              "threads": None}
@@ -139,7 +151,7 @@ def load() -> ctypes.CDLL | None:
             raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
         path = _build(cxx)
         lib = ctypes.CDLL(str(path))
-        if lib.marlin_cpu_abi_version() != 1:
+        if lib.marlin_cpu_abi_version() != 2:
             raise RuntimeError("unexpected ABI version")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
@@ -156,6 +168,9 @@ def load() -> ctypes.CDLL | None:
     lib.marlin_cpu_dequant.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64, i64,
                                        vp, i64, ci]
     lib.marlin_cpu_dequant.restype = None
+    lib.marlin_cpu_dequant_slice.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64,
+                                             i64, i64, i64, vp, i64, ci]
+    lib.marlin_cpu_dequant_slice.restype = None
     _STATE["lib"], _STATE["path"] = lib, str(path)
     _STATE["threads"] = "torch's OpenMP pool" if lib.marlin_cpu_openmp() else "own pool"
     return lib
@@ -191,6 +206,19 @@ def _operands(weight, scales, biases, global_scale, format):
             None if biases is None else biases.contiguous())
 
 
+def _slice_cols(n: int, k: int, group: int) -> int:
+    """Columns of a K slice for prefill (``k`` for one slice of the whole weight), or 0 for
+    whole-row tiles (layers of fewer than :data:`SLICE_MIN_ROWS` or more than
+    :data:`SLICE_MAX_ROWS` rows). About :data:`TILE_ELEMENTS` weights a slice, at least
+    :data:`SLICE_MIN_COLS` columns; a multiple of 32 codes (whole words at every width) and
+    of the group (unless per-channel), so each slice starts on a word and a scale group."""
+    if not SLICE_MIN_ROWS <= n <= SLICE_MAX_ROWS:
+        return 0
+    step = 32 if group >= k else math.lcm(32, group)
+    cols = max(SLICE_MIN_COLS, TILE_ELEMENTS // n) // step * step
+    return k if cols <= 0 or cols >= k else cols
+
+
 def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     """The CPU kernel of ``marlin::gemm`` (same arguments and checks as the pure-torch one)."""
     fmt = reference.check_gemm_args(x, weight, scales, biases, global_scale, bias, format, group_size)
@@ -216,15 +244,29 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
                                 None if bias32 is None else bias32.data_ptr(), y.data_ptr(), n,
                                 threads)
     else:
-        # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
         yt = torch.empty(n, m, dtype=torch.float32)
         xt = x2.t()
         rows = max(64, TILE_ELEMENTS // k // 64 * 64)
-        tile = torch.empty(min(rows, n), k, dtype=torch.float32)
-        for n0 in range(0, n, rows):
-            n1 = min(n, n0 + rows)
-            lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
-            torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
+        cols = _slice_cols(n, k, g)
+        if cols:
+            # long K: y^T += tile @ x^T[k0:k1], tile = W_hat[:, k0:k1] of every row
+            tile = torch.empty(n, cols, dtype=torch.float32)
+            for k0 in range(0, k, cols):
+                k1 = min(k, k0 + cols)
+                lib.marlin_cpu_dequant_slice(*common, 0, n, k0, k1, tile.data_ptr(), k1 - k0,
+                                             threads)
+                t = tile if k1 - k0 == cols else tile.view(-1)[: n * (k1 - k0)].view(n, k1 - k0)
+                if k0 == 0:
+                    torch.mm(t, xt[k0:k1], out=yt)
+                else:
+                    yt.addmm_(t, xt[k0:k1])
+        else:
+            # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
+            tile = torch.empty(min(rows, n), k, dtype=torch.float32)
+            for n0 in range(0, n, rows):
+                n1 = min(n, n0 + rows)
+                lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
+                torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
         # contiguous like the fake kernel's output: compiled graphs assume its strides (a
         # transposed view here gave torch.compile wrong logits)
         y = yt.t().contiguous()
@@ -243,4 +285,5 @@ def register() -> None:
     registry.set_kernel("gemm", "cpu", gemm, KERNEL_NAME)
 
 
-__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "TILE_ELEMENTS", "gemm", "info", "load", "register"]
+__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "SLICE_MAX_ROWS", "SLICE_MIN_COLS", "SLICE_MIN_ROWS",
+           "TILE_ELEMENTS", "gemm", "info", "load", "register"]

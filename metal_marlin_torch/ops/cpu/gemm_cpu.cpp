@@ -75,6 +75,8 @@ struct Args {
   int64_t n_groups, group;
   int bits;
   const float* lut;
+  int64_t gstride = 0;   // scales / biases row stride (n_groups but for a K slice)
+  int64_t row_words = 0;  // words readable from a row pointer (kw but for a K slice)
   std::vector<float> byte_table;  // 4 bits: [256][2], 2 bits: [256][4]
   bool identity = false;  // lut[q] == q (affine integers): 8-bit codes convert directly
 };
@@ -113,7 +115,7 @@ inline void decode(const Args& a, const uint32_t* row, int64_t k0, int64_t len, 
     const int64_t bit = (k0 + i) * bits;
     const int64_t word = bit >> 5;
     uint64_t v = row[word];
-    if (word + 1 < a.kw) v |= static_cast<uint64_t>(row[word + 1]) << 32;
+    if (word + 1 < a.row_words) v |= static_cast<uint64_t>(row[word + 1]) << 32;
     out[i] = a.lut[(v >> (bit & 31)) & mask];
   }
 }
@@ -156,8 +158,8 @@ inline void dequant_row(const Args& a, int64_t n, float* out) {
   decode(a, row, 0, a.k, out);  // all codes first (see marlin_cpu_gemv), then scale and bias
   for (int64_t g = 0; g < a.n_groups; ++g) {
     const int64_t k0 = g * a.group, len = std::min(a.group, a.k - k0);
-    const float s = scale_at(a.scales, a.scale_kind, n * a.n_groups + g);
-    const float b = a.biases ? scale_at(a.biases, a.scale_kind, n * a.n_groups + g) : 0.0f;
+    const float s = scale_at(a.scales, a.scale_kind, n * a.gstride + g);
+    const float b = a.biases ? scale_at(a.biases, a.scale_kind, n * a.gstride + g) : 0.0f;
     apply_scale(out + k0, len, s, b);
   }
 }
@@ -296,8 +298,8 @@ void avx2_dequant_rows(const Args& a, int64_t n0, int64_t r0, int64_t r1, float*
     const uint32_t* row = a.w + (n0 + r) * a.kw;
     float* o = out + r * ldo;
     for (int64_t g = 0; g < a.n_groups; ++g) {
-      const __m256 s = _mm256_set1_ps(scale_at(a.scales, a.scale_kind, (n0 + r) * a.n_groups + g));
-      const __m256 b = _mm256_set1_ps(a.biases ? scale_at(a.biases, a.scale_kind, (n0 + r) * a.n_groups + g) : 0.f);
+      const __m256 s = _mm256_set1_ps(scale_at(a.scales, a.scale_kind, (n0 + r) * a.gstride + g));
+      const __m256 b = _mm256_set1_ps(a.biases ? scale_at(a.biases, a.scale_kind, (n0 + r) * a.gstride + g) : 0.f);
       for (int64_t c = g * a.group, c1 = c + a.group; c < c1; c += 8)
         _mm256_storeu_ps(o + c, _mm256_fmadd_ps(avx2_values<BITS>(a, t, row, c), s, b));
     }
@@ -396,6 +398,8 @@ Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* 
                const void* biases, int scale_kind, int64_t n_groups, int64_t group, int bits,
                const float* lut) {
   Args a{w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut, {}};
+  a.gstride = n_groups;
+  a.row_words = kw;
   build_tables(a);
   return a;
 }
@@ -404,7 +408,7 @@ Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* 
 
 extern "C" {
 
-int marlin_cpu_abi_version() { return 1; }
+int marlin_cpu_abi_version() { return 2; }
 
 int marlin_cpu_openmp() {
 #ifdef _OPENMP
@@ -459,6 +463,41 @@ void marlin_cpu_dequant(const uint32_t* w, int64_t n, int64_t kw, int64_t k, con
                         const float* lut, int64_t n0, int64_t n1, float* out, int64_t ldo,
                         int threads) {
   const Args a = make_args(w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut);
+#ifdef MARLIN_AVX2
+  if (avx2_ok(a)) {
+    parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+      if (bits == 4) avx2_dequant_rows<4>(a, n0, r0, r1, out, ldo);
+      else if (bits == 2) avx2_dequant_rows<2>(a, n0, r0, r1, out, ldo);
+      else avx2_dequant_rows<8>(a, n0, r0, r1, out, ldo);
+    });
+    return;
+  }
+#endif
+  parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, out + r * ldo);
+  });
+}
+
+// out[r - n0, c - k0] = W_hat[r, c] for r in [n0, n1), c in [k0, k1): a K slice of the rows
+// (prefill on long K: slices of every row keep the BLAS call's shape wide, see ops/cpu).
+// k0 must be a multiple of 32 codes (whole words for every width) and, unless the layer is
+// per-channel (group >= k), of the group; k1 a multiple of the group or k.
+void marlin_cpu_dequant_slice(const uint32_t* w, int64_t n, int64_t kw, int64_t k,
+                              const void* scales, const void* biases, int scale_kind,
+                              int64_t n_groups, int64_t group, int bits, const float* lut,
+                              int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out,
+                              int64_t ldo, int threads) {
+  const int64_t off = k0 * bits / 32;  // words before the slice in each row
+  const int64_t len = k1 - k0;
+  const bool per_channel = group >= k;
+  const int64_t g = per_channel ? len : group;
+  const int64_t g0 = per_channel ? 0 : k0 / group;
+  const int64_t es = scale_kind == F32 ? 4 : 2;
+  const char* sp = static_cast<const char*>(scales) + g0 * es;
+  const char* bp = biases ? static_cast<const char*>(biases) + g0 * es : nullptr;
+  Args a = make_args(w + off, n, kw, len, sp, bp, scale_kind, (len + g - 1) / g, g, bits, lut);
+  a.gstride = n_groups;
+  a.row_words = kw - off;
 #ifdef MARLIN_AVX2
   if (avx2_ok(a)) {
     parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {

@@ -67,6 +67,13 @@ MMA_GEMV_MAX_M = 8
 MMA_GEMV_M2_MIN_WEIGHTS = 1 << 25
 MMA_GEMV_M1_MIN_WEIGHTS = 1 << 25
 MMA_GEMV_M1_MIN_N = 8192
+# Eager calls (not captured in a CUDA graph) do not take the TMA-fed GEMV: its launch encodes
+# four TMA descriptors on the host (Triton's launcher, every call) and builds one over the
+# activation, which costs more than its GPU-time gain at decode sizes. Measured on the H200
+# (bench_decode_h200.md, issue 24): eager generate() ran int4 at 0.88x and fp4 at 0.74x dense
+# with it on the MLP's wide layers, nf4 (GEMV everywhere) at 1.14x. Captured launches (CUDA
+# graphs, torch.compile's reduce-overhead) still take it: there the host work is paid once.
+EAGER_TMA = False
 PATHS = ("gemv", "mma_gemv", "gemm", "dequant")
 ONE_BITS = 0x3F800000  # float32 1.0: gemv_kernel takes it at run time (kernels._unit_field)
 
@@ -543,10 +550,12 @@ def gemm_prepared(
     bias: torch.Tensor | None = None,
     path: str | None = None,
     config: GemvConfig | GemmConfig | MmaGemvConfig | None = None,
+    tma: bool = True,
 ) -> torch.Tensor:
     """``x[..., K] @ W_hat.T + bias`` -> ``[..., N]`` in ``x.dtype``, fp32 accumulation.
 
-    ``path`` / ``config`` override the choice by M (benchmarks and tests use them).
+    ``path`` / ``config`` override the choice by M (benchmarks and tests use them). ``tma``
+    False keeps the choice by M off the TMA-fed GEMV (:data:`EAGER_TMA`: eager replays).
     """
     from . import kernels  # Triton: imported on first use only
 
@@ -565,7 +574,7 @@ def gemm_prepared(
     kf = pw.kfmt
     if path is None:
         small = m <= MMA_GEMV_MAX_M
-        tma = (small and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, True)
+        tma = (tma and small and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n, True)
                and not mma_gemv_tma_unavailable_reason(x.device))
         mma = tma or (small and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n)
                       and not mma_gemv_unavailable_reason(x.device))
@@ -729,8 +738,11 @@ class LayerPlan:
     launch with the new activation, output and bias. Paths that are not one launch
     (dequantize + cuBLAS, M > FUSED_MAX_M) and calls whose activation is not contiguous and
     16-byte aligned run :func:`gemm_prepared` as before. At most :attr:`MAX_KEYS` keys are
-    recorded. Building a plan reserves the device's split-K workspace for every row count
-    (:func:`workspace_need`), so no later call allocates one.
+    recorded. Eager calls choose without the TMA-fed GEMV (:data:`EAGER_TMA`); a call made
+    while a CUDA graph is captured neither replays nor records: it runs the full choice
+    through Triton's own launch (its host cost is paid once, at capture). Building a plan
+    reserves the device's split-K workspace for every row count (:func:`workspace_need`), so
+    no later call allocates one.
     """
 
     MAX_KEYS = 64
@@ -750,18 +762,22 @@ class LayerPlan:
             raise ValueError(f"marlin.gemm: x must have last dim K={k}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, k)
+        if _capturing(x2.device):
+            # a graph being captured: the launch's host cost is paid once, so the full choice
+            # (TMA-fed GEMV included) and Triton's own launch path
+            return gemm_prepared(x, pw, bias)
         key = (x2.shape[0], x2.dtype, bias is None)
         rec = self.launches.get(key, False)
         if rec and rec.matches(x2, bias):
             return rec(x2, bias).view(*lead, pw.out_features)
         if (rec is False and _fast_launch and len(self.launches) < self.MAX_KEYS
-                and x2.shape[0] <= FUSED_MAX_M and not _capturing(x2.device)):
+                and x2.shape[0] <= FUSED_MAX_M):
             with recording() as log:
-                y = gemm_prepared(x2, pw, bias)
+                y = gemm_prepared(x2, pw, bias, tma=EAGER_TMA)
             self.launches[key] = (Recorded.build(log[0], x2, y, bias)
                                   if len(log) == 1 and y.dim() == 2 else None)
             return y.view(*lead, pw.out_features)
-        return gemm_prepared(x, pw, bias)
+        return gemm_prepared(x, pw, bias, tma=EAGER_TMA)
 
 
 def plan_for(weight: torch.Tensor) -> LayerPlan | None:

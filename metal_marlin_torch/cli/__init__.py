@@ -19,7 +19,7 @@ import traceback
 
 COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf", "eval", "doctor",
                              "selftest", "build",
-                             "export-mlx", "export-gguf")
+                             "export-mlx", "export-gguf", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,7 @@ from .dtypes import (
     set_default_config,
 )
 from .io import MarlinConfig, load_quantized, save_quantized
-from .nn import MarlinExperts, MarlinLinear, QuantConfig, QuantizeSummary, quantize_model
+from .nn import MarlinExperts, MarlinLinear, QuantConfig, QuantizeSummary, dequantize_model, quantize_model
 
 _install_peft_hook()  # LoRA through peft on MarlinLinear (nn/lora.py), once peft is imported
 
@@ -31,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DTypeConfig", "MarlinConfig", "MarlinExperts", "MarlinLinear", "QuantConfig", "QuantizeSummary", "backend_info",
-    "bf16_config", "fp16_config", "get_default_config", "high_precision_config",
+    "bf16_config", "dequantize_model", "fp16_config", "get_default_config", "high_precision_config",
     "load_quantized", "memory_efficient_config", "quantize_model", "reset_default_config",
     "save_quantized", "set_default_config",
 ]

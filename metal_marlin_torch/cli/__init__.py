@@ -18,7 +18,8 @@ import sys
 import traceback
 
 COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf", "eval", "doctor",
-                             "selftest", "build")
+                             "selftest", "build",
+                             "export-mlx", "export-gguf", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -112,9 +112,8 @@ def run(args: argparse.Namespace) -> int:
         result["sentences"] = len(sentences)
     else:
         windows = M.eval_windows(tokenize(read_text(text_files(args.text)), tok), args.seq_len, args.tokens)
-        ref_lp = M.causal_lm_logprobs(ref, windows, args.batch_size) if ref is not None else None
-        with torch.no_grad():
-            result = M.evaluate_causal_lm(model, windows, ref_lp, args.batch_size).to_dict()
+        with torch.no_grad():  # the reference runs batch by batch: memory does not grow with tokens x vocab
+            result = M.evaluate_causal_lm(model, windows, batch_size=args.batch_size, ref_model=ref).to_dict()
     for key, value in result.items():
         print(f"{key}: {value:.6g}" if isinstance(value, float) else f"{key}: {value}")
     if args.json:

@@ -36,7 +36,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    # sampling filters, chat template and KV cache (issue 23)
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (with --temperature)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens below min-p times the top token's probability (with --temperature)")
+    p.add_argument("--chat", action="store_true",
+                   help="PROMPT is a user message: format it with the tokenizer's chat template; print the reply")
+    p.add_argument("--system", default=None, help="system message for --chat")
+    p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHES,
+                   help="KV cache storage: dynamic (transformers' own, default), bf16, fp16, fp8, or turboquantB "
+                        "(B-bit rotated codebook, B in 4/5/6/8)")
     p.set_defaults(func=run)
+
+
+KV_CACHES = ("dynamic", "bf16", "fp16", "fp8", "turboquant4", "turboquant5", "turboquant6", "turboquant8")
+
+
+def chat_inputs(tokenizer, prompt: str, system: str | None, device):
+    """``input_ids``/``attention_mask`` of ``prompt`` as a user turn under the tokenizer's chat
+    template, with the assistant's generation prompt; ValueError when there is no template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat: the tokenizer has no chat template (chat_template in tokenizer_config.json "
+                         "or chat_template.jinja); run without --chat to continue plain text")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True).to(device)
+
+
+def kv_cache(model, name: str):
+    """The ``past_key_values`` for ``--kv-cache name`` (None: transformers' default cache)."""
+    if name == "dynamic":
+        return None
+    from ..kv.cache import make_cache  # noqa: PLC0415
+
+    if name.startswith("turboquant"):
+        return make_cache(model.config, method="turboquant", bits=int(name[len("turboquant"):]))
+    return make_cache(model.config, method=name)
 
 
 def pick_device(name: str = "auto"):
@@ -183,6 +218,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ValueError(f"--temperature must be >= 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.min_p is not None and not 0 <= args.min_p <= 1:
+        raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if (args.top_k is not None or args.min_p is not None) and args.temperature == 0:
+        raise ValueError("--top-k/--min-p filter sampling: give --temperature > 0 (the default 0 is greedy)")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     try:
@@ -197,15 +238,23 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     print(f"[{how}; {device}, {str(dtype).replace('torch.', '')}; loaded in {load_s:.1f} s]", file=sys.stderr)
 
-    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
+    if args.chat:
+        inputs = chat_inputs(tokenizer, args.prompt, args.system, device)
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     sample = args.temperature > 0
     kwargs: dict[str, Any] = {"do_sample": sample}
     if sample:
         torch.manual_seed(args.seed)
         kwargs.update(temperature=args.temperature, top_p=args.top_p)
+        kwargs.update({k: v for k, v in (("top_k", args.top_k), ("min_p", args.min_p)) if v is not None})
+    cache = kv_cache(model, args.kv_cache)
+    if cache is not None:
+        kwargs["cache"] = cache  # transformers 5.x: the past_key_values argument is deprecated
     streamer = make_streamer(tokenizer)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    if not args.chat:  # chat mode prints the reply alone
+        sys.stdout.write(args.prompt)
+        sys.stdout.flush()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=streamer,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **kwargs)

@@ -10,15 +10,17 @@ from .. import formats as F
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-gguf",
-                       help="convert a GGUF model: Q4_0/Q4_1/Q5_x/Q8_0/MXFP4 exactly, others re-quantized")
+                       help="convert a GGUF model: Q4_0/Q4_1/Q5_x/Q8_0/MXFP4/Q4_K/Q5_K/IQ4_NL/IQ4_XS exactly, "
+                            "others (Q6_K, Q2_K, Q3_K, IQ2/IQ3) re-quantized with the error printed")
     p.add_argument("src", help="the .gguf file")
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--requantize", default=None, choices=sorted(F.FORMATS),
                    help="format for block types without an exact mapping "
                         "(default: int4 below 5 bits/weight, else int8)")
     p.add_argument("--group-size", type=int, default=32, help="group size of re-quantized tensors (default 32)")
-    p.add_argument("--exact-k", action="store_true",
-                   help="keep Q4_K/Q5_K codes exactly (fp32 scale and bias per 32 weights) instead of re-quantizing")
+    p.add_argument("--compact", action="store_true",
+                   help="re-quantize Q4_K/Q5_K/IQ4_NL/IQ4_XS (exact only with more bits per weight) to "
+                        "--requantize instead, printing the added error per tensor")
     p.set_defaults(func=run)
 
 
@@ -29,8 +31,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, "OUT")
     model, result = import_gguf(args.src, requantize=args.requantize, group_size=args.group_size,
-                                exact_k=args.exact_k)
+                                compact=args.compact)
     print(result.summary())
+    if any(not r.exact for r in result.report.values()):
+        print("re-quantized tensors (error relative to what the GGUF file means):")
+        print(result.details())
     out = save_quantized(model, args.out, extra_config={"method": "import-gguf"})
     src = Path(args.src)
     try:

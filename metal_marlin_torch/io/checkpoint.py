@@ -27,7 +27,8 @@ from ..dtypes import DTypeConfig, get_default_config
 from ..nn.experts import MarlinExperts, experts_shape
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
-from .atomic import copy_file, staged_dir, write_json
+from .atomic import staged_dir, write_json
+from .hf import copy_into
 from .skeleton import hf_skeleton
 
 FORMAT_VERSION = 1
@@ -232,7 +233,7 @@ def save_quantized(
             write_json(stage / INDEX_FILE, {"metadata": {"total_size": total, "aliases": aliases},
                                             "weight_map": weight_map})
         for f in copy_files:
-            copy_file(f, stage / Path(f).name)
+            copy_into(Path(f), stage)  # a file, or a folder such as sentence-transformers' 1_Pooling/
         write_json(stage / CONFIG_FILE, config)
     # files of an earlier save with a different sharding would otherwise confuse readers
     stale = [out / INDEX_FILE] if len(shards) == 1 else [out / SINGLE_FILE]

@@ -14,22 +14,30 @@ Q5_0      ``int8`` g32             5-bit ``q`` widened, scale ``d``, bias ``-16 
 Q5_1      ``int8`` g32             5-bit ``q`` widened, scale ``d``, bias ``m``          yes
 Q8_0      ``int8`` g32             ``q + 128``, scale ``d``, bias ``-128 d``             yes
 MXFP4     ``mxfp4`` g32            same E2M1 nibbles and E8M0 byte                       yes
-Q4_K      ``int4`` g32 (exact_k)   ``q``, fp32 scale ``d*sc``, bias ``-dmin*m``          yes
-Q5_K      ``int8`` g32 (exact_k)   ``q``, fp32 scale ``d*sc``, bias ``-dmin*m``          yes
+Q4_K      ``int4`` g32             ``q``, scale ``d*sc``, bias ``-dmin*m``               yes
+Q5_K      ``int8`` g32             5-bit ``q`` widened, scale ``d*sc``, bias ``-dmin*m`` yes
+IQ4_NL    ``int8`` g32             ``kvalues[q] + 128``, scale ``d``, bias ``-128 d``    yes
+IQ4_XS    ``int8`` g32             ``kvalues[q] + 128``, scale ``d*(ls-32)``, bias       yes
+                                   ``-128 d*(ls-32)``
 other     re-quantized (RTN)       ``gguf.quants.dequantize``, then ``requantize`` fmt   no
 F32/F16/BF16  dense tensor         as stored                                             yes
 ========  =======================  ====================================================  =====
 
-Scales and biases are products of an fp16 value and a power of two (or a 6-bit integer for
-the K-quants), so they are computed exactly in fp32 and stored as fp16 when every value
-converts exactly (else fp32). "Exact" means the imported tensor dequantizes in float32 to
-exactly what ``gguf.quants.dequantize`` returns. Q4_K and Q5_K keep their codes only with
-``exact_k=True`` (fp32 scale and bias per 32 weights: 6 bits per weight for Q4_K instead of
-its 4.5); by default, like Q6_K and the other K/I-quants, they are re-quantized.
+Scales and biases are products of an fp16 value and a power of two or a small integer, so they
+are computed exactly in fp32 and stored as fp16 when every value converts exactly (else fp32).
+"Exact" means the imported tensor dequantizes in float32 to exactly what
+``gguf.quants.dequantize`` returns. The exact mappings of the K-quants and IQ4 types cost more
+bits than the GGUF type (Q4_K: 4 + 2*16/32 = 5 bits per weight with fp16 scales, 6 with fp32,
+instead of 4.5; IQ4_NL/IQ4_XS: 8 bits plus scales, instead of 4.5/4.25: our formats have no
+arbitrary 16-entry codebook, and llama.cpp's IQ4 table is integers in [-127, 113], so int8 holds
+it exactly). ``compact=True`` (``marlin import-gguf --compact``) re-quantizes those widened types
+to ``requantize`` (default: int4 below 5 bits per weight, else int8) instead, with the added error
+reported per tensor.
 
-:func:`read_gguf` converts the tensors of a file (GGUF names); :func:`import_gguf` builds the
-transformers model the file describes (with transformers' own GGUF metadata and name mapping,
-including llama's Q/K row permutation) and installs the tensors in :class:`MarlinLinear` layers.
+Q6_K, Q2_K and Q3_K have a scale per 16 weights, finer than our smallest group of 32, and no
+exact mapping: they are always re-quantized, with the error reported. Q8_K is llama.cpp's
+activation type for dot products, never stored in model files; ``gguf`` cannot read it either.
+
 """
 
 from __future__ import annotations
@@ -50,7 +58,10 @@ from .mlx_import import lossless_scale_dtype
 
 BLOCK = 32
 EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
-EXACT_K_TYPES = ("Q4_K", "Q5_K")
+# exact, but with more bits than the GGUF type: ``compact=True`` re-quantizes these instead
+WIDENED_TYPES = ("Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS")
+# llama.cpp's IQ4_NL / IQ4_XS codebook (kvalues_iq4nl in ggml-common.h), integers in [-127, 113]
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 DENSE_TYPES = ("F32", "F16", "BF16")
 
 
@@ -95,6 +106,12 @@ class GGUFTensors:
             lines.append(f"  {src:>6} -> {dst}: {len(items)} ({err})")
         return "\n".join(lines)
 
+    def details(self) -> str:
+        """One line per re-quantized tensor: its added relative RMS error, SQNR and worst error."""
+        return "\n".join(f"  {name}: {r.ggml_type} -> {r.target}: relative RMS error {r.rel_rms_error:.5f} "
+                         f"({r.sqnr_db:.1f} dB), max abs {r.max_abs_error:.4g}"
+                         for name, r in self.report.items() if not r.exact)
+
 
 def _blocks(data: np.ndarray, n: int, k: int, type_size: int) -> np.ndarray:
     """Raw bytes ``[N, K/32 * type_size]`` as ``[N, K/32, type_size]``."""
@@ -122,7 +139,7 @@ def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
 
 
 def convert_exact(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.QuantizedTensor:
-    """A GGUF matrix of an exactly-mapped type (``EXACT_TYPES`` + ``EXACT_K_TYPES``) as our format."""
+    """A GGUF matrix of an exactly-mapped type (``EXACT_TYPES`` + ``WIDENED_TYPES``) as our format."""
     if k % BLOCK:
         raise ValueError(f"gguf import: K={k} is not a multiple of the {BLOCK}-value block")
     if ggml_type == "Q4_0":
@@ -148,9 +165,42 @@ def convert_exact(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.Quantiz
         b = _blocks(data, n, k, 17)
         words = F.pack(torch.from_numpy(_nibbles(b[..., 1:]).reshape(n, k).astype(np.int64)), 4)
         return F.QuantizedTensor(words, torch.from_numpy(b[..., 0].copy()), None, None, "mxfp4", BLOCK, (n, k))
-    if ggml_type in EXACT_K_TYPES:
+    if ggml_type == "IQ4_NL":
+        b = _blocks(data, n, k, 18)
+        d = _f16(b[..., 0:2])
+        return _affine(_iq4_codes(b[..., 2:]), 8, d, -128 * d, n, k)
+    if ggml_type == "IQ4_XS":
+        return _convert_iq4_xs(data, n, k)
+    if ggml_type in ("Q4_K", "Q5_K"):
         return _convert_k(data, ggml_type, n, k)
-    raise ValueError(f"gguf import: {ggml_type} has no exact mapping; expected one of {EXACT_TYPES + EXACT_K_TYPES}")
+    raise ValueError(f"gguf import: {ggml_type} has no exact mapping; expected one of {EXACT_TYPES + WIDENED_TYPES}")
+
+
+def _iq4_codes(qs: np.ndarray) -> np.ndarray:
+    """IQ4 nibbles ``[..., 16]`` -> int8 codes ``kvalues[q] + 128`` (1..241) ``[..., 32]``: with
+    scale ``d`` and bias ``-128 d`` they dequantize to ``d * kvalues[q]``, llama.cpp's value."""
+    table = np.asarray(IQ4_VALUES, dtype=np.int16) + 128
+    return table[_nibbles(qs)]
+
+
+def _convert_iq4_xs(data: np.ndarray, n: int, k: int) -> F.QuantizedTensor:
+    """IQ4_XS super-blocks of 256 (136 bytes): fp16 ``d``, 6-bit sub-block scales ``ls`` (low 4
+    bits in ``scales_l``, high 2 in ``scales_h``), 8 sub-blocks of 16 nibble bytes; a value is
+    ``d * (ls - 32) * kvalues[q]``. ``|ls - 32| <= 32`` has at most 5 significant bits, so the
+    scale ``d*(ls-32)`` (16 bits) times a code of 8 bits stays within float32's 24: exact."""
+    if k % 256:
+        raise ValueError(f"gguf import: IQ4_XS needs K divisible by 256, got {k}")
+    b = np.ascontiguousarray(data).view(np.uint8).reshape(-1, 136)
+    d = _f16(b[:, 0:2])
+    scales_h = b[:, 2:4].copy().view(np.uint16)[:, 0].astype(np.int32)
+    scales_l = b[:, 4:8]
+    sub = np.arange(8)
+    low = (scales_l[:, sub // 2] >> (4 * (sub % 2)).astype(np.uint8)) & 0x0F
+    high = (scales_h[:, None] >> (2 * sub)) & 0x03
+    ls = (low.astype(np.int32) | (high << 4)) - 32
+    scale = (d[:, None] * torch.from_numpy(ls.astype(np.float32))).reshape(n, k // BLOCK)
+    codes = _iq4_codes(b[:, 8:].reshape(-1, 8, 16))
+    return _affine(codes.reshape(n, k), 8, scale, -128 * scale, n, k)
 
 
 def _convert_k(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.QuantizedTensor:
@@ -176,8 +226,7 @@ def _convert_k(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.QuantizedT
         high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
         codes = (low | (high << 4)).reshape(-1, 256)
         bits = 8
-    words = F.pack(torch.from_numpy(codes.reshape(n, k).astype(np.int64)), bits)
-    return F.QuantizedTensor(words, scale, bias, None, f"int{bits}", BLOCK, (n, k))
+    return _affine(codes, bits, scale, bias, n, k)
 
 
 def gguf_dequantize(data: np.ndarray, ggml_type: str, n: int, k: int) -> torch.Tensor:
@@ -210,7 +259,7 @@ def convert_tensor(
     shape: tuple[int, ...],
     requantize: str | None = None,
     group_size: int = 32,
-    exact_k: bool = False,
+    compact: bool = False,
     dense_dtype: torch.dtype | None = None,
     scale_dtype: torch.dtype = torch.float16,
 ) -> tuple[F.QuantizedTensor | torch.Tensor, GGUFTensorImport]:
@@ -220,7 +269,8 @@ def convert_tensor(
         requantize: target format for types without an exact mapping (None: int4 below 5 bits
             per weight, else int8).
         group_size: group of the re-quantized format.
-        exact_k: map Q4_K / Q5_K exactly (fp32 scales) instead of re-quantizing.
+        compact: re-quantize the types whose exact mapping takes more bits than they do
+            (``WIDENED_TYPES``: Q4_K, Q5_K, IQ4_NL, IQ4_XS) instead of keeping them exactly.
         dense_dtype: dtype of dense tensors (None: as stored; F32 stays F32).
         scale_dtype: scale dtype of re-quantized tensors.
     """
@@ -235,7 +285,7 @@ def convert_tensor(
     if len(shape) != 2:
         raise ValueError(f"gguf import: quantized tensors must be 2-D [N, K], got shape {shape} ({ggml_type})")
     n, k = shape
-    if ggml_type in EXACT_TYPES or (exact_k and ggml_type in EXACT_K_TYPES):
+    if ggml_type in EXACT_TYPES or (not compact and ggml_type in WIDENED_TYPES):
         qt = convert_exact(data, ggml_type, n, k)
         return qt, GGUFTensorImport(ggml_type, f"{qt.format}/g{qt.group_size}", True)
     ref = gguf_dequantize(data, ggml_type, n, k)

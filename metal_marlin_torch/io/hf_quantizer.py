@@ -196,6 +196,12 @@ class MarlinHfQuantizer(HfQuantizer):
         return None, {"metal_marlin_version": str(FORMAT_VERSION),
                       LAYERS_KEY: json.dumps(self.quantization_config.layers, sort_keys=True)}
 
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """``model.dequantize()``: every MarlinLinear becomes a dense ``nn.Linear`` of ``dtype``."""
+        from ..nn.dequantize import dequantize_model  # noqa: PLC0415
+
+        return dequantize_model(model, dtype)
+
     def get_quantize_ops(self) -> MarlinQuantize:
         return MarlinQuantize(self)
 

@@ -162,15 +162,28 @@ def convert_mlx_tensors(
     return qt, MLXLayerImport("mxfp8/g32", "fp8_e4m3/g32", True, "E8M0 scales stored as fp32")
 
 
+# mlx.nn's defaults per mode (``_defaults_for_mode`` in mlx/nn/layers/quantized.py): what a
+# layer gets when its ``group_size`` or ``bits`` is null
+MLX_MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+
+
 def _quant_params(qcfg: dict[str, Any], layer: str) -> dict[str, Any]:
-    """``bits``, ``group_size``, ``mode`` of ``layer`` (per-layer entries override the defaults)."""
-    params = {"bits": qcfg.get("bits", 4), "group_size": qcfg.get("group_size", 64),
-              "mode": qcfg.get("mode", "affine")}
+    """``bits``, ``group_size``, ``mode`` of ``layer``, as mlx-lm's loader resolves them.
+
+    A layer without its own entry gets the top-level values. A per-layer entry (mlx-lm's mixed
+    predicates write one for every layer) is passed by mlx-lm to ``to_quantized(**entry)``, so a
+    null ``group_size`` or ``bits`` there means mlx.nn's default for the layer's mode (64 and 4
+    for affine), not the top-level value; the two agree for what mlx-lm writes today.
+    """
+    mode = qcfg.get("mode") or "affine"
+    top_group, top_bits = MLX_MODE_DEFAULTS.get(mode, (64, 4))
+    params = {"bits": qcfg.get("bits") or top_bits, "group_size": qcfg.get("group_size") or top_group, "mode": mode}
     override = qcfg.get(layer)
     if isinstance(override, dict):
-        # mlx-lm's mixed predicates (mixed_3_6, ...) write ``"group_size": null`` per layer,
-        # meaning "the model's default": only the values actually given override it
-        params.update({k: override[k] for k in ("bits", "group_size", "mode") if override.get(k) is not None})
+        mode = override.get("mode") or "affine"
+        group, bits = MLX_MODE_DEFAULTS.get(mode, (None, None))
+        params = {"bits": override.get("bits") or bits, "group_size": override.get("group_size") or group,
+                  "mode": mode}
     return params
 
 

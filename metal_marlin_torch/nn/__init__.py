@@ -1,6 +1,7 @@
 """Modules: :class:`MarlinLinear` and the one call :func:`quantize_model`."""
 
 from .config import DEFAULT_EXCLUDE, MIXED_4_3_RULES, LayerPlan, QuantConfig
+from .dequantize import dequantize_model
 from .experts import MarlinExperts, plan_experts
 from .linear import MarlinLinear
 from .quantize import (
@@ -16,4 +17,5 @@ __all__ = [
     "DEFAULT_EXCLUDE", "MIXED_4_3_RULES", "QUANTIZERS", "LayerPlan", "MarlinExperts", "MarlinLinear",
     "QuantConfig", "QuantizeSummary", "plan_experts", "plan_layers", "quantize_model", "register_quantizer",
     "replace_module",
+    "dequantize_model",
 ]

@@ -252,6 +252,25 @@ class MarlinLinear(nn.Module):
             self.group_size, self.in_features, dtype,
         )
 
+    def dequantize(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A dense ``nn.Linear`` computing the same function: ``W_hat`` with the input rotation
+        folded back in (``x R W_hat^T = x (W_hat R^T)^T``), the layer's own bias, on the layer's
+        device. ``dtype`` defaults to the layer's activation dtype; the weight is computed in
+        float32 and rounded once."""
+        from ..quant.hadamard import unrotate  # noqa: PLC0415  (quant imports nn)
+
+        dtype = dtype or self.dtype_config.torch_activations
+        w = self.dequantized_weight(torch.float32)
+        if self.rotation_block:
+            w = unrotate(w, self.rotation_block, self.rotation_signs)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=w.device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w.to(dtype))
+            if self.bias is not None:
+                lin.bias.copy_(self.bias.detach().to(dtype))
+        return lin
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a layer in the kernels' layout loads canonical tensors: convert back first, repack after
         prepared = self._plan is not None

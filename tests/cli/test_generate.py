@@ -117,3 +117,67 @@ def test_errors(tmp_path: Path, int8_checkpoint, pylm_s_path, capsys) -> None:
     shutil.copytree(path, no_tok, ignore=shutil.ignore_patterns("tokenizer*"))
     assert main(["generate", str(no_tok), PROMPT, "--device", "cpu"]) == 2
     assert "tokenizer" in capsys.readouterr().err
+
+
+# ---- sampling filters, chat template, KV cache --------------------------------------------------
+
+def test_top_k_one_and_min_p_one_are_greedy(int8_checkpoint, expected_text, capsys) -> None:
+    # top-k 1 (and min-p 1: only tokens as likely as the best) leave the argmax alone: sampling
+    # at any temperature must give the greedy text, so the options reach generate()
+    path, _ = int8_checkpoint
+    for extra in (["--top-k", "1"], ["--min-p", "1.0"]):
+        assert main(["generate", str(path), PROMPT, "--max-new-tokens", str(NEW), "--device", "cpu",
+                     "--temperature", "5.0", "--seed", "3", *extra]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == expected_text, extra
+
+
+def test_kv_cache_option(int8_checkpoint, tokenizer, capsys, monkeypatch) -> None:
+    from metal_marlin_torch.kv.cache import make_cache  # noqa: PLC0415
+    from metal_marlin_torch.kv.layers import QuantizedKVCache  # noqa: PLC0415
+
+    made = []
+    real = G.kv_cache
+    monkeypatch.setattr(G, "kv_cache", lambda m, name: made.append(real(m, name)) or made[-1])
+    path, model = int8_checkpoint
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    for name, method, bits in (("fp8", "fp8", 4), ("turboquant4", "turboquant", 4)):
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=NEW, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                 cache=make_cache(model.config, method=method, bits=bits))
+        expected = PROMPT + tokenizer.decode(out[0, ids["input_ids"].shape[-1]:])
+        assert main(["generate", str(path), PROMPT, "--max-new-tokens", str(NEW), "--device", "cpu",
+                     "--kv-cache", name]) == 0
+        assert capsys.readouterr().out.rstrip("\n") == expected, name
+        # the command's cache is the one generate() filled
+        assert isinstance(made[-1], QuantizedKVCache) and made[-1].get_seq_length() > 0
+
+
+def test_chat_template(int8_checkpoint, tokenizer, tmp_path: Path, capsys) -> None:
+    import json  # noqa: PLC0415
+
+    path, model = int8_checkpoint
+    assert main(["generate", str(path), "hi", "--chat", "--device", "cpu"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    chat = tmp_path / "chat"
+    shutil.copytree(path, chat)
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    cfg = json.loads((chat / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (chat / "tokenizer_config.json").write_text(json.dumps(cfg))
+    text = "<system>be brief\n<user>Once upon a time\n<assistant>"
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=NEW, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    reply = tokenizer.decode(out[0, ids["input_ids"].shape[-1]:])
+    assert main(["generate", str(chat), PROMPT, "--chat", "--system", "be brief", "--max-new-tokens", str(NEW),
+                 "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == reply
+
+
+def test_sampling_option_errors(int8_checkpoint, capsys) -> None:
+    path, _ = int8_checkpoint
+    for bad, flag in ((["--top-k", "0", "--temperature", "1"], "--top-k"), (["--min-p", "2", "--temperature", "1"],
+                      "--min-p"), (["--top-k", "5"], "--temperature")):
+        assert main(["generate", str(path), PROMPT, "--device", "cpu", *bad]) == 2
+        assert flag in capsys.readouterr().err

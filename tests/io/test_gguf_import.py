@@ -108,11 +108,12 @@ def encode_q6_k(w: np.ndarray) -> np.ndarray:
     return blocks.reshape(w.shape[0], -1)
 
 
-@pytest.mark.parametrize(("qtype", "encode", "target", "bound"), [
-    (T.Q4_K, encode_q4_k, "int4/g32", 0.12),   # 4-bit codes either way: error of a second RTN step
-    (T.Q6_K, encode_q6_k, "int8/g32", 0.012),  # 6 -> 8 bits: small
+@pytest.mark.parametrize(("qtype", "encode", "target", "bound", "compact"), [
+    (T.Q4_K, encode_q4_k, "int4/g32", 0.12, True),    # 4-bit codes either way: error of a second RTN step
+    (T.Q6_K, encode_q6_k, "int8/g32", 0.012, False),  # scale per 16: no exact mapping, 6 -> 8 bits: small
 ])
-def test_k_quants_requantized_with_error(tmp_path: Path, qtype: T, encode, target: str, bound: float) -> None:
+def test_k_quants_requantized_with_error(tmp_path: Path, qtype: T, encode, target: str, bound: float,
+                                         compact: bool) -> None:
     w = weights(16, 512, seed=3)
     w[1, 5] = 1.0  # no outlier: keep the test about the re-quantization
     write_gguf(tmp_path / "k.gguf", {"w": (encode(w), qtype)})
@@ -120,28 +121,49 @@ def test_k_quants_requantized_with_error(tmp_path: Path, qtype: T, encode, targe
     source = torch.from_numpy(gguf.quants.dequantize(data, qtype))
     # the test's encoder is sane: the file means about what was written
     assert float((source - torch.from_numpy(w)).norm() / torch.from_numpy(w).norm()) < 0.1
-    out = read_gguf(tmp_path / "k.gguf")
+    out = read_gguf(tmp_path / "k.gguf", compact=compact)
     qt, report = out.tensors["w"], out.report["w"]
     assert (report.target, report.exact) == (target, False)
     diff = F.dequantize(qt) - source
     assert report.rel_rms_error == pytest.approx(float(diff.norm() / source.norm()), rel=1e-6)
     assert report.max_abs_error == pytest.approx(float(diff.abs().max()), rel=1e-6)
     assert 0 < report.rel_rms_error < bound
-    print(f"{qtype.name} -> {target}: relative RMS error {report.rel_rms_error:.5f} ({report.sqnr_db:.1f} dB), "
-          f"max abs {report.max_abs_error:.4g}")
+    assert f"w: {qtype.name} -> {target}: relative RMS error" in out.details()
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_K, T.Q5_K])
-def test_k_quants_exact_option(qtype: T) -> None:
-    # any bytes are a valid K-quant block once d and dmin are finite
+# byte offset of the fp16 super-block scale(s) that must be finite; every other byte may be anything
+_D_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+
+
+@pytest.mark.parametrize(("qtype", "fmt"), [(T.Q4_K, "int4"), (T.Q5_K, "int8"), (T.IQ4_NL, "int8"),
+                                            (T.IQ4_XS, "int8")])
+def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str) -> None:
+    # random bytes are valid blocks of these types once their fp16 scales are finite: every code,
+    # sub-block scale and min is exercised, unlike blocks of one encoder
     rng = np.random.default_rng(int(qtype))
-    block = gguf.GGML_QUANT_SIZES[qtype][1]
-    data = rng.integers(0, 256, size=(6, 2 * block), dtype=np.uint8)
-    for b in range(2):
-        data[:, b * block:b * block + 4] = np.array([0.01, 0.003], dtype=np.float16).view(np.uint8)
-    qt, report = convert_tensor(data, qtype.name, (6, 512), exact_k=True)
-    assert report.exact and qt.format == ("int4" if qtype == T.Q4_K else "int8")
-    assert torch.equal(F.dequantize(qt), torch.from_numpy(gguf.quants.dequantize(data, qtype)))
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    k = 512
+    data = rng.integers(0, 256, size=(6, k // block * size), dtype=np.uint8)
+    blocks = data.reshape(-1, size)
+    for i, off in enumerate(_D_OFFSETS[qtype]):
+        d = rng.uniform(1e-4, 0.5, size=len(blocks)) * (1 if i == 0 else 0.3)
+        blocks[:, off:off + 2] = d.astype(np.float16)[:, None].view(np.uint8)
+    write_gguf(tmp_path / "x.gguf", {"w": (data, qtype)})
+    out = read_gguf(tmp_path / "x.gguf")
+    qt, report = out.tensors["w"], out.report["w"]
+    assert report.exact and (qt.format, qt.group_size, qt.shape) == (fmt, 32, (6, k))
+    ref = torch.from_numpy(gguf.quants.dequantize(reader_data(tmp_path / "x.gguf")["w"][0], qtype))
+    assert torch.equal(F.dequantize(qt), ref)
+    # compact: fewer bits, the added error measured against the same reference
+    qc, rc = convert_tensor(data, qtype.name, (6, k), compact=True)
+    assert not rc.exact and qc.nbytes < qt.nbytes
+    assert rc.rel_rms_error == pytest.approx(float((F.dequantize(qc) - ref).norm() / ref.norm()), rel=1e-6)
+
+
+def test_iq4_table_is_llama_cpps() -> None:
+    from metal_marlin_torch.io.gguf_import import IQ4_VALUES  # noqa: PLC0415
+
+    assert IQ4_VALUES == gguf.quants.IQ4_NL.kvalues
 
 
 def test_dense_types(tmp_path: Path) -> None:
@@ -160,7 +182,9 @@ def test_bad_inputs() -> None:
     with pytest.raises(ValueError, match="2-D"):
         convert_tensor(np.zeros((2, 2, 18), np.uint8), "Q4_0", (2, 2, 32))
     with pytest.raises(ValueError, match="256"):
-        convert_tensor(np.zeros((2, 144), np.uint8), "Q4_K", (2, 128), exact_k=True)
+        convert_tensor(np.zeros((2, 144), np.uint8), "Q4_K", (2, 128))
+    with pytest.raises(ValueError, match="256"):
+        convert_tensor(np.zeros((2, 136), np.uint8), "IQ4_XS", (2, 128))
     with pytest.raises(FileNotFoundError):
         read_gguf("/nonexistent.gguf")
 

@@ -196,7 +196,13 @@ def test_mlx_lm_mixed_predicate_config(tmp_path: Path) -> None:
     overrides = {"model.layers.0.self_attn.v_proj": six, "model.layers.1.mlp.down_proj": six}
     dense_ref = write_mlx_llama(tmp_path / "mlx", 3, 64, overrides)
     cfg = json.loads((tmp_path / "mlx" / "config.json").read_text())
-    q = {"group_size": 64, "bits": 4, "mode": "affine"}  # the recipe's top-level default is not what layers use
+    # mlx-lm hands each layer's entry to ``to_quantized(**entry)``: a null group size is mlx.nn's
+    # default for the mode (64 for affine), whatever the top level says (32 here, so that reading
+    # the top-level value instead, as an earlier version did, fails)
+    import mlx.nn  # noqa: PLC0415
+
+    assert mlx.nn.Linear(64, 8).to_quantized(group_size=None, bits=3).group_size == 64
+    q = {"group_size": 32, "bits": 4, "mode": "affine"}
     for name in {k.rsplit(".", 1)[0] for k in dense_ref if k.endswith(".weight") and "norm" not in k}:
         q[name] = {"group_size": None, "bits": overrides.get(name, {"bits": 3})["bits"], "mode": "affine"}
     cfg["quantization"] = cfg["quantization_config"] = q

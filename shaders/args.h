@@ -57,3 +57,13 @@ struct GemmArgs {
   marlin_u32 splits;          // gemm: number of K splits (threadgroups along z); 1 = no split
   marlin_u32 gemv_lanes;      // gemv, gemv_rows: lanes per weight row (power of two, 1..32)
 };
+
+// marlin::moe_gemm (shaders/moe.h, csrc/ops/moe.cpp), bound beside a GemmArgs that describes one
+// expert (n, k, words_per_row, ... of W_e [N, K]; m = rows of x). Row m uses expert
+// expert_ids[m]; ids outside [0, num_experts) go to the extra bucket num_experts (NaN rows).
+struct MoeArgs {
+  marlin_u32 num_experts;   // E
+  marlin_u32 expert_words;  // N * words_per_row: one expert's packed weight, in uint32 words
+  marlin_u32 scale_bytes;   // one expert's scales [N, K/G], in bytes
+  marlin_u32 bias_bytes;    // one expert's biases (affine formats), in bytes; 0 otherwise
+};

@@ -57,6 +57,16 @@ std::vector<std::string> gemm_kernel_names();
 // which kernels and work splits their shapes exercise.
 std::vector<int64_t> gemm_plan(int64_t M, int64_t N, int64_t K);
 
+// Mixture of experts (csrc/ops/moe.cpp, shaders/moe.h): y[..., N] = x[..., K] @ W_hat[e]^T +
+// bias[e] with e = expert_ids[...], weight [E, N, words].
+at::Tensor moe_gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weight,
+                    const at::Tensor& scales, const std::optional<at::Tensor>& biases,
+                    const std::optional<at::Tensor>& global_scale, const std::optional<at::Tensor>& bias,
+                    const std::string& format, int64_t group_size);
+std::vector<std::string> moe_kernel_names();
+// The dispatch decision for M rows over E experts: {variant (0 moe_gemv, 1 moe_sort + moe_gemm)}.
+std::vector<int64_t> moe_gemm_plan(int64_t M, int64_t E);
+
 // Union of the above: what a test compares with the instantiated kernels.
 std::vector<std::string> host_kernel_names();
 

@@ -54,12 +54,12 @@ def _hadamard_fake(x, block):
 @torch.library.register_fake(f"{NAMESPACE}::moe_gemm")
 def _moe_gemm_fake(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size):
     check_moe_gemm_args(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
-    return x.new_empty((x.shape[0], weight.shape[1]))
+    return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::moe_gemm_backward")
 def _moe_gemm_backward_fake(grad, expert_ids, weight, scales, biases, global_scale, format, group_size,
                             in_features):
-    x_like = grad.new_empty((grad.shape[0], in_features))
+    x_like = grad.new_empty((*grad.shape[:-1], in_features))
     check_moe_gemm_args(x_like, expert_ids, weight, scales, biases, global_scale, None, format, group_size)
     return x_like

@@ -119,7 +119,7 @@ def _has_metal_kernel(op: str) -> bool:
 register_torch_kernels(("cpu", "cuda"))
 load_extension()  # metal_marlin_torch._C registers its Metal kernels for MPS (macOS arm64 only)
 # Ops with a Metal kernel (from _C) keep it; the others (all of them without the extension, and
-# e.g. moe_gemm, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
+# e.g. moe_gemm_backward, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
 METAL_OPS: tuple[str, ...] = tuple(op for op in SCHEMAS if _has_metal_kernel(op))
 register_torch_kernels(("mps",), [op for op in SCHEMAS if op not in METAL_OPS])
 if torch.backends.mps.is_available() and len(METAL_OPS) < len(SCHEMAS):

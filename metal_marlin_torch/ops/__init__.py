@@ -74,9 +74,10 @@ def moe_gemm(
 ) -> torch.Tensor:
     """``y[m] = x[m] @ dequant(weight[expert_ids[m]]).T + bias[expert_ids[m]]``.
 
-    ``x [..., K]``, ``expert_ids`` int of x's leading shape (``[M]`` for ``x [M, K]``), ``weight`` uint32 ``[E, N, words]`` (each expert in
-    the layout of docs/FORMAT.md), ``scales``/``biases`` ``[E, N, K/G]``, ``global_scale``
-    ``[E, 1]`` (nvfp4), ``bias [E, N]``. Output ``[..., N]`` in ``x.dtype``, fp32 accumulation.
+    ``x [..., K]``, ``expert_ids`` int of x's leading shape (``[M]`` for ``x [M, K]``), ``weight``
+    uint32 ``[E, N, words]`` (each expert in the layout of docs/FORMAT.md),
+    ``scales``/``biases`` ``[E, N, K/G]``, ``global_scale`` ``[E, 1]`` (nvfp4),
+    ``bias [E, N]``. Output ``[..., N]`` in ``x.dtype``, fp32 accumulation.
     """
     return torch.ops.marlin.moe_gemm(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
 

@@ -83,12 +83,19 @@ def ids_for(m: int, e: int, seed: int = 2) -> torch.Tensor:
     return torch.randint(0, e, (m,), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("m", [8, 40])  # moe_gemv (one token, top-8), grouped moe_gemm
-@pytest.mark.parametrize(("fmt_name", "g"), CASES)
+# Every format and group on the decode path; on the grouped path every format once (its
+# per-channel case where it has one, else its only group): the decoders and group handling are
+# gemm.h's, shared with the dense kernels and tested there over every group; what is new here
+# is the per-expert slicing of weights, scales (every scale kind) and biases.
+GROUPED = [(name, -1 if -1 in fmt.group_sizes else fmt.group_sizes[0]) for name, fmt in F.FORMATS.items()]
+PATH_CASES = [(f, g, 8) for f, g in CASES] + [(f, g, 40) for f, g in GROUPED]
+
+
+@pytest.mark.parametrize(("fmt_name", "g", "m"), PATH_CASES)  # m = 8: moe_gemv (one token, top-8), 40: grouped
 def test_every_format_and_group(emu, fmt_name, g, m):
     # E = 8, N = 20 (not a multiple of a gemv threadgroup's 8 rows nor of the 32-wide tile);
     # dtype and bias rotate with the case so every combination of path and dtype appears.
-    i = CASES.index((fmt_name, g))
+    i = PATH_CASES.index((fmt_name, g, m))
     dtype = (torch.float16, torch.bfloat16, torch.float32)[i % 3]
     ex = Experts(fmt_name, g, 8, 20, k_for(g), with_bias=i % 2 == 0)
     check(emu, ex, rows(m, k_for(g), dtype), ids_for(m, 8), GEMV if m == 8 else GEMM)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .._native import load_extension, note_fallback
-from . import kv, moe, reference
+from . import kv, moe, moe_route, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -30,6 +30,7 @@ REFERENCE: dict[str, Callable] = {
     "hadamard": reference.hadamard,
     "moe_gemm": moe.moe_gemm,
     "moe_gemm_backward": moe.moe_gemm_backward,
+    "moe_route": moe_route.moe_route,
     **kv.REFERENCE,  # quantized KV cache ops
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}

@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "ops/launcher.h"
@@ -66,6 +67,13 @@ at::Tensor moe_gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& e
 std::vector<std::string> moe_kernel_names();
 // The dispatch decision for M rows over E experts: {variant (0 moe_gemv, 1 moe_sort + moe_gemm)}.
 std::vector<int64_t> moe_gemm_plan(int64_t M, int64_t E);
+// Router logits [..., E] -> (weights float32 [..., top_k], ids int64 [..., top_k])
+// (csrc/ops/moe_route.cpp, shaders/moe_route.h; modes as metal_marlin_torch/ops/moe_route.py).
+std::tuple<at::Tensor, at::Tensor> moe_route(Launcher& launcher, const at::Tensor& logits,
+                                             const std::optional<at::Tensor>& bias, int64_t top_k,
+                                             const std::string& mode, bool renormalize, int64_t n_group,
+                                             int64_t topk_group, double scaling);
+std::vector<std::string> moe_route_kernel_names();
 
 // Union of the above: what a test compares with the instantiated kernels.
 std::vector<std::string> host_kernel_names();

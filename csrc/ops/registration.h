@@ -111,6 +111,18 @@ struct OpsOn {
     }
   }
 
+  static std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
+                                                       int64_t top_k, std::string mode, bool renormalize,
+                                                       int64_t n_group, int64_t topk_group, double scaling) {
+    try {
+      L l;
+      return marlin::moe_route(l, logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling);
+    } catch (const KernelUnavailable&) {
+      auto r = call_torch_kernel("moe_route", logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling);
+      return {r[0].toTensor(), r[1].toTensor()};
+    }
+  }
+
   static void kv_quantize(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& packed,
                           const at::Tensor& norms, const at::Tensor& codebook, int64_t bits) {
     try {
@@ -184,6 +196,7 @@ void impl_ops(torch::Library& m) {
   m.impl("hadamard", &OpsOn<L>::hadamard);
   m.impl("gemm", &OpsOn<L>::gemm);
   m.impl("moe_gemm", &OpsOn<L>::moe_gemm);
+  m.impl("moe_route", &OpsOn<L>::moe_route);
   m.impl("kv_quantize", &OpsOn<L>::kv_quantize);
   m.impl("kv_dequantize", &OpsOn<L>::kv_dequantize);
   m.impl("kv_dequantize_out", &OpsOn<L>::kv_dequantize_out);

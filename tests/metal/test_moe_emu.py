@@ -187,3 +187,48 @@ def test_emulator_use_routes_moe_gemm():
         assert "moe_gemm" in session.ops
         torch.ops.marlin.moe_gemm(x, ids, *ex.args(x.dtype))
     assert session.calls == ["moe_gemm"]
+
+
+# ---- moe_route ----------------------------------------------------------------------------------
+
+ROUTES = [  # (mode, renormalize, n_group, topk_group, scaling, with_bias)
+    ("softmax_topk", True, 1, 1, 1.0, False),   # Qwen3-MoE (norm_topk_prob), Mixtral
+    ("softmax_topk", False, 1, 1, 1.0, False),  # OLMoE, Qwen without norm_topk_prob
+    ("topk_softmax", False, 1, 1, 1.0, False),
+    ("sigmoid", True, 4, 2, 2.5, True),         # DeepSeek-V3 / GLM-4.x: bias, group-limited
+    ("sigmoid", False, 1, 1, 1.0, True),
+]
+
+
+@pytest.mark.parametrize("e", [8, 64, 128])
+@pytest.mark.parametrize("top_k", [1, 2, 8])
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r[0]}-renorm{int(r[1])}-g{r[2]}")
+def test_moe_route(emu, route, top_k, e):
+    # logits [2, 35, E] (leading dims; 70 rows: two threadgroups of 64 threads, the second partial);
+    # dtype rotates with E. Ids must equal the torch op's exactly (random logits: no ties),
+    # weights within fp32 rounding of exp/sigmoid and the sums.
+    mode, renorm, n_group, topk_group, scaling, with_bias = route
+    if top_k > topk_group * (e // n_group):  # E = 8, top-8: the kept groups must hold 8 experts
+        topk_group = n_group
+    dtype = {8: torch.float16, 64: torch.bfloat16, 128: torch.float32}[e]
+    gen = torch.Generator().manual_seed(e * 10 + top_k)
+    logits = (torch.randn(2, 35, e, generator=gen) * 2).to(dtype)
+    bias = torch.randn(e, generator=gen) * 0.1 if with_bias else None
+    args = (bias, top_k, mode, renorm, n_group, topk_group, scaling)
+    ref_w, ref_ids = torch.ops.marlin.moe_route(logits, *args)
+    w, ids = emu.moe_route(logits, *args)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32 and w.shape == ref_w.shape == (2, 35, top_k)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w, ref_w, rtol=2e-6, atol=1e-7)
+
+
+def test_moe_route_ties_and_errors(emu):
+    w, ids = emu.moe_route(torch.zeros(3, 8), None, 3, "topk_softmax", False, 1, 1, 1.0)
+    assert ids.tolist() == [[0, 1, 2]] * 3  # ties go to the lower id, as in the torch op
+    torch.testing.assert_close(w, torch.full((3, 3), 1 / 3))
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, 8\]"):
+        emu.moe_route(torch.zeros(3, 8), None, 9, "softmax_topk", True, 1, 1, 1.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        emu.moe_route(torch.zeros(3, 8), None, 2, "relu", True, 1, 1, 1.0)
+    with pytest.raises(ValueError, match="only used by mode 'sigmoid'"):
+        emu.moe_route(torch.zeros(3, 8), torch.zeros(8), 2, "softmax_topk", True, 1, 1, 1.0)

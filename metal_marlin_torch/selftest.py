@@ -266,10 +266,55 @@ def _kv_cases(quick: bool) -> Iterator[Case]:
             yield Case("kv_attention", "kv", p, run_a)
 
 
+def _moe_cases(quick: bool) -> Iterator[Case]:
+    """moe_gemm on both paths (6 rows: moe_gemv; 40: moe_sort + grouped moe_gemm) over 4 experts,
+    and moe_route in its softmax and group-limited sigmoid modes (issue 21)."""
+    e, n = 4, 24
+    for name in (QUICK_FORMATS if quick else tuple(F.FORMATS)):
+        g = F.get_format(name).group_sizes[0]
+        k = 2 * g if g > 0 else 100
+        for m in (6, 40):
+
+            def run(ops, dev, name=name, g=g, k=k, m=m):
+                layers = [quantized_layer(name, g, n, k, seed=10 + i) for i in range(e)]
+                stack = [None if getattr(layers[0], a) is None else
+                         torch.stack([getattr(q, a).reshape(getattr(layers[0], a).shape or (1,)) for q in layers])
+                         for a in ("weight", "scales", "biases", "global_scale")]
+                if stack[3] is not None:
+                    stack[3] = stack[3].reshape(e, 1)
+                x = (torch.randn(m, k, generator=_gen(1)) / math.sqrt(k)).half()
+                ids = torch.randint(0, e, (m,), generator=_gen(m))
+                bias = torch.randn(e, n, generator=_gen(2)).half()
+                args = (x, ids, *stack, bias, name, g)
+                ref = _ref("moe_gemm", *args)
+                bound = torch.zeros_like(ref, dtype=torch.float64)
+                for i, q in enumerate(layers):  # each row's bound is its expert's
+                    rows = ids == i
+                    if rows.any():
+                        bound[rows] = gemm_bound(x[rows], q, ref[rows], k)
+                return ops.moe_gemm(*_to(args, dev)), ref, bound + bias.double().abs().max() * UNIT[torch.float16]
+
+            yield Case("moe_gemm", "moe", {"format": name, "group_size": g, "M": m, "E": e, "N": n, "K": k}, run)
+    for mode, n_group, topk_group in (("softmax_topk", 1, 1), ("sigmoid", 4, 2)):
+
+        def run_r(ops, dev, mode=mode, n_group=n_group, topk_group=topk_group):
+            logits = torch.randn(70, 64, generator=_gen(5)).half()
+            bias = torch.randn(64, generator=_gen(6)) * 0.1 if mode == "sigmoid" else None
+            args = (logits, bias, 8, mode, True, n_group, topk_group, 2.5)
+            rw, ri = _ref("moe_route", *args)
+            w, i = ops.moe_route(*_to(args, dev))
+            allowed = torch.cat([(2e-6 * rw.double().abs() + 1e-7).flatten(),
+                                 torch.zeros(ri.numel(), dtype=torch.float64)])
+            return (torch.cat([w.cpu().flatten().double(), i.cpu().flatten().double()]),
+                    torch.cat([rw.flatten().double(), ri.flatten().double()]), allowed)
+
+        yield Case("moe_route", "moe", {"mode": mode, "n_group": n_group, "top_k": 8, "E": 64}, run_r)
+
+
 def cases(quick: bool, fake_quantize_variant: Callable) -> list[Case]:
     """Every case, in family order."""
     return [*_dequantize_cases(quick), *_gemm_cases(quick), *_elementwise_cases(quick, fake_quantize_variant),
-            *_kv_cases(quick)]
+            *_kv_cases(quick), *_moe_cases(quick)]
 
 
 # ---- running ---------------------------------------------------------------------------------

@@ -57,3 +57,33 @@ struct GemmArgs {
   marlin_u32 splits;          // gemm: number of K splits (threadgroups along z); 1 = no split
   marlin_u32 gemv_lanes;      // gemv, gemv_rows: lanes per weight row (power of two, 1..32)
 };
+
+// marlin::moe_gemm (shaders/moe.h, csrc/ops/moe.cpp), bound beside a GemmArgs that describes one
+// expert (n, k, words_per_row, ... of W_e [N, K]; m = rows of x). Row m uses expert
+// expert_ids[m]; ids outside [0, num_experts) go to the extra bucket num_experts (NaN rows).
+struct MoeArgs {
+  marlin_u32 num_experts;   // E
+  marlin_u32 expert_words;  // N * words_per_row: one expert's packed weight, in uint32 words
+  marlin_u32 scale_bytes;   // one expert's scales [N, K/G], in bytes
+  marlin_u32 bias_bytes;    // one expert's biases (affine formats), in bytes; 0 otherwise
+};
+
+// marlin::moe_route (shaders/moe_route.h, csrc/ops/moe_route.cpp): router logits [rows, E] ->
+// top-k weights (float32) and ids (int64). Modes as metal_marlin_torch/ops/moe_route.py.
+enum MarlinRouteMode : marlin_u32 {
+  MARLIN_ROUTE_SOFTMAX_TOPK = 0,
+  MARLIN_ROUTE_TOPK_SOFTMAX = 1,
+  MARLIN_ROUTE_SIGMOID = 2,
+};
+
+struct MoeRouteArgs {
+  marlin_u32 rows;         // tokens (leading dims flattened)
+  marlin_u32 experts;      // E <= 1024
+  marlin_u32 top_k;        // <= 32
+  marlin_u32 mode;         // MarlinRouteMode
+  marlin_u32 renormalize;  // 1: weights divided by their sum (sigmoid: sum + 1e-20)
+  marlin_u32 n_group;      // sigmoid: expert groups (1: no group limit), <= 32
+  marlin_u32 topk_group;   // sigmoid: groups kept
+  marlin_u32 has_bias;     // sigmoid: score-correction bias (float32 [E]) bound
+  float scaling;           // every weight times this (routed_scaling_factor)
+};

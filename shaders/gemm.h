@@ -450,7 +450,8 @@ struct GemmLoader {
   device const uchar* scales;
   device const uchar* biases;
   device const T* x;
-  uint m, n, k, words_per_row, groups_per_row, scale_kind, bias_kind;  // copied from GemmArgs
+  device const uint* row_map;  // x row of each tile row index (moe: rows sorted by expert); null: identity
+  uint m, n, k, words_per_row, groups_per_row, scale_kind, bias_kind;  // copied from GemmArgs (m: end row)
   bool wide, x_wide;
   uint row, part;  // this thread's tile row and piece in it (tid / 4, tid % 4)
   ushort leader;   // lane that loads this thread's group scale
@@ -466,8 +467,9 @@ struct GemmLoader {
 
   METAL_FUNC GemmLoader(device const uint* weight_, device const uchar* scales_,
                         device const uchar* biases_, float gscale_, device const T* x_,
-                        constant GemmArgs& args_, uint tid_, uint m0_, uint n0_, uint k_end_)
-      : weight(weight_), scales(scales_), biases(biases_), x(x_), m(args_.m), n(args_.n),
+                        device const uint* row_map_, uint m_end_, constant GemmArgs& args_,
+                        uint tid_, uint m0_, uint n0_, uint k_end_)
+      : weight(weight_), scales(scales_), biases(biases_), x(x_), row_map(row_map_), m(m_end_), n(args_.n),
         k(args_.k), words_per_row(args_.words_per_row), groups_per_row(args_.groups_per_row),
         scale_kind(args_.scale_kind), bias_kind(args_.bias_kind), wide(args_.wide_loads != 0),
         x_wide(args_.x_wide_loads != 0), row(tid_ / GemmTile::PIECES),
@@ -485,7 +487,8 @@ struct GemmLoader {
     k0 = kstart + part * 8u;
     const uint xm = m0 + row;
     const uint valid = xm < m && k0 < k_end ? min(8u, k_end - k0) : 0u;
-    XPiece<T>::load(x + ulong(xm < m ? xm : 0u) * k + k0, valid, x_wide, xreg);
+    const uint src = xm < m ? (row_map ? row_map[xm] : xm) : 0u;
+    XPiece<T>::load(x + ulong(src) * k + k0, valid, x_wide, xreg);
     const uint wn = n0 + row;
     w_ok = wn < n && k0 < k_end;
     if (w_ok) {
@@ -522,22 +525,23 @@ struct GemmLoader {
   }
 };
 
+// The main loop of one output tile: rows m0 .. min(m0 + BM, m_end) (of x, or of row_map when
+// it is not null: moe_gemm's rows sorted by expert) times weight rows n0 .. n0 + BN over K range
+// [k_begin, k_end). Leaves the fp32 tile in cs (BM x BN, row-major) after a barrier; the caller
+// writes it out.
 template <typename T,          // activation / output type: half, bfloat or float
           typename Fmt,        // weight format decoder (formats/*.h)
           int group_size>      // G; -1 = per-channel
-METAL_FUNC void gemm_impl(device const uint* weight, device const uchar* scales,
-                          device const uchar* biases, device const float* global_scale,
-                          device const T* x, device const float* bias, device T* out,
-                          device float* partials, constant GemmArgs& args,
-                          threadgroup T* xs, threadgroup T* ws, threadgroup float* cs,
-                          uint3 group, uint tid, uint simd_gid) {
-  const uint m0 = group.y * GemmTile::BM, n0 = group.x * GemmTile::BN;
-  const uint k_begin = group.z * args.k_per_split;
-  const uint k_end = min(args.k, k_begin + args.k_per_split);
+METAL_FUNC void gemm_tile_impl(device const uint* weight, device const uchar* scales,
+                               device const uchar* biases, float gscale, device const T* x,
+                               device const uint* row_map, uint m0, uint m_end, uint n0,
+                               uint k_begin, uint k_end, constant GemmArgs& args,
+                               threadgroup T* xs, threadgroup T* ws, threadgroup float* cs,
+                               uint tid, uint simd_gid) {
   const uint steps = (k_end - k_begin + GemmTile::BK - 1) / GemmTile::BK;
-  const float gscale = Fmt::global_scale ? global_scale[0] : 1.0f;
   const uint lane = tid % 32u;
-  GemmLoader<T, Fmt, group_size> loader(weight, scales, biases, gscale, x, args, tid, m0, n0, k_end);
+  GemmLoader<T, Fmt, group_size> loader(weight, scales, biases, gscale, x, row_map, m_end, args, tid,
+                                        m0, n0, k_end);
 
   const uint sm = simd_gid / 2 * GemmTile::SM, sn = simd_gid % 2 * GemmTile::SN;
   simdgroup_matrix<float, 8, 8> acc[2][2];
@@ -567,12 +571,29 @@ METAL_FUNC void gemm_impl(device const uint* weight, device const uchar* scales,
     if (more) loader.stash(xs + (cur ^ 1u) * x_stage, ws + (cur ^ 1u) * w_stage);
     threadgroup_barrier(mem_flags::mem_threadgroup);
   }
-  // Accumulators -> threadgroup memory -> bounds-checked, coalesced stores (adjacent threads
-  // write adjacent outputs of a row).
+  // Accumulators -> threadgroup memory, from where the caller's bounds-checked, coalesced
+  // stores read them (adjacent threads write adjacent outputs of a row).
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 2; ++j)
       simdgroup_store(acc[i][j], cs + (sm + 8 * i) * GemmTile::BN + sn + 8 * j, GemmTile::BN);
   threadgroup_barrier(mem_flags::mem_threadgroup);
+}
+
+template <typename T,          // activation / output type: half, bfloat or float
+          typename Fmt,        // weight format decoder (formats/*.h)
+          int group_size>      // G; -1 = per-channel
+METAL_FUNC void gemm_impl(device const uint* weight, device const uchar* scales,
+                          device const uchar* biases, device const float* global_scale,
+                          device const T* x, device const float* bias, device T* out,
+                          device float* partials, constant GemmArgs& args,
+                          threadgroup T* xs, threadgroup T* ws, threadgroup float* cs,
+                          uint3 group, uint tid, uint simd_gid) {
+  const uint m0 = group.y * GemmTile::BM, n0 = group.x * GemmTile::BN;
+  const uint k_begin = group.z * args.k_per_split;
+  const uint k_end = min(args.k, k_begin + args.k_per_split);
+  const float gscale = Fmt::global_scale ? global_scale[0] : 1.0f;
+  gemm_tile_impl<T, Fmt, group_size>(weight, scales, biases, gscale, x, (device const uint*)nullptr,
+                                     m0, args.m, n0, k_begin, k_end, args, xs, ws, cs, tid, simd_gid);
   for (uint e = tid; e < GemmTile::BM * GemmTile::BN; e += GemmTile::THREADS) {
     const uint m = m0 + e / GemmTile::BN, n = n0 + e % GemmTile::BN;
     if (m >= args.m || n >= args.n) continue;

@@ -56,6 +56,11 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
         "Tensor(a!) out) -> ()");
   m.def("kv_attention(Tensor q, Tensor k_packed, Tensor k_norms, Tensor v_packed, Tensor v_norms, "
         "Tensor codebook, SymInt length, int bits, float scale) -> Tensor");
+  m.def("moe_gemm(Tensor x, Tensor expert_ids, Tensor weight, Tensor scales, Tensor? biases, "
+        "Tensor? global_scale, Tensor? bias, str format, int group_size) -> Tensor");
+  m.def("_moe_gemm_plan(int M, int E) -> int[]", &marlin::moe_gemm_plan);
+  m.def("moe_route(Tensor logits, Tensor? bias, int top_k, str mode, bool renormalize, int n_group, "
+        "int topk_group, float scaling) -> (Tensor, Tensor)");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
   m.def("_families() -> str[]", &families);

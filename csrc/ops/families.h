@@ -35,6 +35,7 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"hadamard",      "marlin_hadamard_",      "hadamard.metal"},
     {"fake_quantize", "marlin_fake_quantize_", "fake_quantize.metal"},
     {"kv",            "marlin_kv_",            "kv_quantize.metal kv_dequantize.metal"},
+    {"moe",           "marlin_moe_",           "moe_gemv.metal moe_gemm.metal moe_route.metal"},
 };
 // clang-format on
 inline constexpr int kNumKernelFamilies = int(sizeof(kKernelFamilies) / sizeof(kKernelFamilies[0]));

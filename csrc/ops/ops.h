@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "ops/launcher.h"
@@ -56,6 +57,23 @@ std::vector<std::string> gemm_kernel_names();
 // K per split, splits, gemv lanes per weight row (0 for gemm)}. Exposed so tests can check
 // which kernels and work splits their shapes exercise.
 std::vector<int64_t> gemm_plan(int64_t M, int64_t N, int64_t K);
+
+// Mixture of experts (csrc/ops/moe.cpp, shaders/moe.h): y[..., N] = x[..., K] @ W_hat[e]^T +
+// bias[e] with e = expert_ids[...], weight [E, N, words].
+at::Tensor moe_gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weight,
+                    const at::Tensor& scales, const std::optional<at::Tensor>& biases,
+                    const std::optional<at::Tensor>& global_scale, const std::optional<at::Tensor>& bias,
+                    const std::string& format, int64_t group_size);
+std::vector<std::string> moe_kernel_names();
+// The dispatch decision for M rows over E experts: {variant (0 moe_gemv, 1 moe_sort + moe_gemm)}.
+std::vector<int64_t> moe_gemm_plan(int64_t M, int64_t E);
+// Router logits [..., E] -> (weights float32 [..., top_k], ids int64 [..., top_k])
+// (csrc/ops/moe_route.cpp, shaders/moe_route.h; modes as metal_marlin_torch/ops/moe_route.py).
+std::tuple<at::Tensor, at::Tensor> moe_route(Launcher& launcher, const at::Tensor& logits,
+                                             const std::optional<at::Tensor>& bias, int64_t top_k,
+                                             const std::string& mode, bool renormalize, int64_t n_group,
+                                             int64_t topk_group, double scaling);
+std::vector<std::string> moe_route_kernel_names();
 
 // Union of the above: what a test compares with the instantiated kernels.
 std::vector<std::string> host_kernel_names();

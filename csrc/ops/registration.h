@@ -97,6 +97,32 @@ struct OpsOn {
     }
   }
 
+  static at::Tensor moe_gemm(const at::Tensor& x, const at::Tensor& expert_ids, const at::Tensor& weight,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& biases,
+                             const std::optional<at::Tensor>& global_scale, const std::optional<at::Tensor>& bias,
+                             std::string format, int64_t group_size) {
+    try {
+      L l;
+      return marlin::moe_gemm(l, x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("moe_gemm", x, expert_ids, weight, scales, biases, global_scale, bias, format,
+                               group_size)[0]
+          .toTensor();
+    }
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const std::optional<at::Tensor>& bias,
+                                                       int64_t top_k, std::string mode, bool renormalize,
+                                                       int64_t n_group, int64_t topk_group, double scaling) {
+    try {
+      L l;
+      return marlin::moe_route(l, logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling);
+    } catch (const KernelUnavailable&) {
+      auto r = call_torch_kernel("moe_route", logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling);
+      return {r[0].toTensor(), r[1].toTensor()};
+    }
+  }
+
   static void kv_quantize(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& packed,
                           const at::Tensor& norms, const at::Tensor& codebook, int64_t bits) {
     try {
@@ -169,6 +195,8 @@ void impl_ops(torch::Library& m) {
   m.impl("fake_quantize", &OpsOn<L>::fake_quantize);
   m.impl("hadamard", &OpsOn<L>::hadamard);
   m.impl("gemm", &OpsOn<L>::gemm);
+  m.impl("moe_gemm", &OpsOn<L>::moe_gemm);
+  m.impl("moe_route", &OpsOn<L>::moe_route);
   m.impl("kv_quantize", &OpsOn<L>::kv_quantize);
   m.impl("kv_dequantize", &OpsOn<L>::kv_dequantize);
   m.impl("kv_dequantize_out", &OpsOn<L>::kv_dequantize_out);

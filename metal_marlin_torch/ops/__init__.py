@@ -74,14 +74,34 @@ def moe_gemm(
 ) -> torch.Tensor:
     """``y[m] = x[m] @ dequant(weight[expert_ids[m]]).T + bias[expert_ids[m]]``.
 
-    ``x [M, K]``, ``expert_ids`` int ``[M]``, ``weight`` uint32 ``[E, N, words]`` (each expert in
-    the layout of docs/FORMAT.md), ``scales``/``biases`` ``[E, N, K/G]``, ``global_scale``
-    ``[E, 1]`` (nvfp4), ``bias [E, N]``. Output ``[M, N]`` in ``x.dtype``, fp32 accumulation.
+    ``x [..., K]``, ``expert_ids`` int of x's leading shape (``[M]`` for ``x [M, K]``), ``weight``
+    uint32 ``[E, N, words]`` (each expert in the layout of docs/FORMAT.md),
+    ``scales``/``biases`` ``[E, N, K/G]``, ``global_scale`` ``[E, 1]`` (nvfp4),
+    ``bias [E, N]``. Output ``[..., N]`` in ``x.dtype``, fp32 accumulation.
     """
     return torch.ops.marlin.moe_gemm(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
 
 
+def moe_route(
+    logits: torch.Tensor,
+    top_k: int,
+    mode: str = "softmax_topk",
+    renormalize: bool = True,
+    bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits ``[..., E]`` -> ``(weights float32 [..., top_k], ids int64 [..., top_k])``.
+
+    ``mode``: "softmax_topk" (Qwen-MoE, Mixtral), "topk_softmax", or "sigmoid" with the score
+    correction ``bias`` and group-limited selection (DeepSeek-V3, GLM-4.x); see
+    :mod:`metal_marlin_torch.ops.moe_route`.
+    """
+    return torch.ops.marlin.moe_route(logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling)
+
+
 __all__ = [
-    "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "moe_gemm", "override",
+    "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "moe_gemm", "moe_route", "override",
     "quantize", "reset_kernel", "set_kernel",
 ]

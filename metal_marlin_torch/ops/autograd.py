@@ -80,7 +80,8 @@ def _moe_backward(ctx, grad):
     grad_bias = None
     if ctx.bias_needs_grad:
         grad_bias = grad.new_zeros((weight.shape[0], weight.shape[1]), dtype=torch.float32)
-        grad_bias = grad_bias.index_add(0, expert_ids.long(), grad.float()).to(ctx.bias_dtype)
+        grad_bias = grad_bias.index_add(0, expert_ids.reshape(-1).long(),
+                                        grad.reshape(-1, grad.shape[-1]).float()).to(ctx.bias_dtype)
     return grad_x, None, None, None, None, None, grad_bias, None, None
 
 

@@ -7,6 +7,7 @@ import torch
 from .. import formats as F
 from .library import NAMESPACE
 from .moe import check_moe_gemm_args
+from .moe_route import check_moe_route_args
 from .reference import check_fake_quantize_args, check_hadamard_args
 
 
@@ -54,12 +55,19 @@ def _hadamard_fake(x, block):
 @torch.library.register_fake(f"{NAMESPACE}::moe_gemm")
 def _moe_gemm_fake(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size):
     check_moe_gemm_args(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
-    return x.new_empty((x.shape[0], weight.shape[1]))
+    return x.new_empty((*x.shape[:-1], weight.shape[1]))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::moe_gemm_backward")
 def _moe_gemm_backward_fake(grad, expert_ids, weight, scales, biases, global_scale, format, group_size,
                             in_features):
-    x_like = grad.new_empty((grad.shape[0], in_features))
+    x_like = grad.new_empty((*grad.shape[:-1], in_features))
     check_moe_gemm_args(x_like, expert_ids, weight, scales, biases, global_scale, None, format, group_size)
     return x_like
+
+
+@torch.library.register_fake(f"{NAMESPACE}::moe_route")
+def _moe_route_fake(logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling):
+    check_moe_route_args(logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling)
+    shape = (*logits.shape[:-1], top_k)
+    return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int64)

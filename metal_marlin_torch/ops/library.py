@@ -40,6 +40,11 @@ SCHEMAS: dict[str, str] = {
         "moe_gemm_backward(Tensor grad, Tensor expert_ids, Tensor weight, Tensor scales, Tensor? biases, "
         "Tensor? global_scale, str format, int group_size, int in_features) -> Tensor"
     ),
+    # router logits [..., E] -> (weights float32 [..., top_k], ids int64 [..., top_k]) (ops/moe_route.py)
+    "moe_route": (
+        "moe_route(Tensor logits, Tensor? bias, int top_k, str mode, bool renormalize, int n_group, "
+        "int topk_group, float scaling) -> (Tensor, Tensor)"
+    ),
     # quantized KV cache (ops/kv.py, docs/KV_CACHE.md)
     "kv_quantize": (
         "kv_quantize(Tensor x, Tensor positions, Tensor(a!) packed, Tensor(b!) norms, Tensor codebook, "

@@ -10,7 +10,8 @@ and ``global_scale [E, 1]`` slices. Row ``m`` of ``x`` is multiplied by the expe
 
 The kernel sorts the rows by expert (stable), dequantizes each expert that received rows once,
 and runs one dense GEMM per such expert in fp32. It is the CPU/CUDA implementation and the
-oracle for future Metal/Triton grouped kernels (none exists yet).
+oracle of the Metal kernels (shaders/moe.h, tests/metal/test_moe_emu.py). ``x`` may have leading
+dimensions ``[..., K]`` with ``expert_ids`` of the same leading shape.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ def check_moe_gemm_args(
     fmt = F.get_format(format)
     where = "marlin.moe_gemm"
     check_activation(where, x)
-    if x.dim() != 2:
-        raise ValueError(f"{where}: x must be 2-D [M, K], got shape {tuple(x.shape)}")
-    if expert_ids.dtype not in _ID_DTYPES or tuple(expert_ids.shape) != (x.shape[0],):
+    if x.dim() < 1:
+        raise ValueError(f"{where}: x must have at least one dimension [..., K], got shape {tuple(x.shape)}")
+    if expert_ids.dtype not in _ID_DTYPES or tuple(expert_ids.shape) != tuple(x.shape[:-1]):
         raise ValueError(
-            f"{where}: expert_ids must be int32/int64 of shape ({x.shape[0]},), "
+            f"{where}: expert_ids must be int32/int64 of x's leading shape {tuple(x.shape[:-1])}, "
             f"got {expert_ids.dtype} {tuple(expert_ids.shape)}"
         )
     if weight.dim() != 3:
@@ -104,7 +105,10 @@ def dequantize_expert(weight, scales, biases, global_scale, fmt: F.WeightFormat,
 def moe_gemm(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size):
     fmt = check_moe_gemm_args(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
     num_experts, n = weight.shape[0], weight.shape[1]
-    k = x.shape[1]
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x = x.reshape(-1, k)
+    expert_ids = expert_ids.reshape(-1)
     check_expert_ids(expert_ids, num_experts)
     order, segments = expert_segments(expert_ids, num_experts)
     xs = x.float()[order]
@@ -117,18 +121,21 @@ def moe_gemm(x, expert_ids, weight, scales, biases, global_scale, bias, format, 
         ys[start:stop] = y
     out = torch.empty_like(ys)
     out[order] = ys
-    return out.to(x.dtype)
+    return out.to(x.dtype).reshape(*lead, n)
 
 
 def moe_gemm_backward(grad, expert_ids, weight, scales, biases, global_scale, format, group_size, in_features):
-    """``grad_x [M, in_features]`` of :func:`moe_gemm`: ``grad[m] @ W_hat[expert_ids[m]]``."""
-    x_like = grad.new_empty(grad.shape[0], in_features)
+    """``grad_x [..., in_features]`` of :func:`moe_gemm`: ``grad[m] @ W_hat[expert_ids[m]]``."""
+    x_like = grad.new_empty(*grad.shape[:-1], in_features)
     fmt = check_moe_gemm_args(x_like, expert_ids, weight, scales, biases, global_scale, None, format, group_size)
-    if grad.shape != (x_like.shape[0], weight.shape[1]):
+    if grad.shape[-1] != weight.shape[1]:
         raise ValueError(
-            f"marlin.moe_gemm_backward: grad must have shape ({grad.shape[0]}, {weight.shape[1]}), "
+            f"marlin.moe_gemm_backward: grad must have shape {(*grad.shape[:-1], weight.shape[1])}, "
             f"got {tuple(grad.shape)}"
         )
+    lead = grad.shape[:-1]
+    grad = grad.reshape(-1, grad.shape[-1])
+    expert_ids = expert_ids.reshape(-1)
     check_expert_ids(expert_ids, weight.shape[0])
     order, segments = expert_segments(expert_ids, weight.shape[0])
     gs = grad.float()[order]
@@ -138,4 +145,4 @@ def moe_gemm_backward(grad, expert_ids, weight, scales, biases, global_scale, fo
         out_sorted[start:stop] = gs[start:stop] @ w_hat
     out = torch.empty_like(out_sorted)
     out[order] = out_sorted
-    return out.to(grad.dtype)
+    return out.to(grad.dtype).reshape(*lead, in_features)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .._native import load_extension, note_fallback
-from . import kv, moe, reference
+from . import kv, moe, moe_route, reference
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -30,6 +30,7 @@ REFERENCE: dict[str, Callable] = {
     "hadamard": reference.hadamard,
     "moe_gemm": moe.moe_gemm,
     "moe_gemm_backward": moe.moe_gemm_backward,
+    "moe_route": moe_route.moe_route,
     **kv.REFERENCE,  # quantized KV cache ops
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
@@ -119,7 +120,7 @@ def _has_metal_kernel(op: str) -> bool:
 register_torch_kernels(("cpu", "cuda"))
 load_extension()  # metal_marlin_torch._C registers its Metal kernels for MPS (macOS arm64 only)
 # Ops with a Metal kernel (from _C) keep it; the others (all of them without the extension, and
-# e.g. moe_gemm, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
+# e.g. moe_gemm_backward, which has no Metal kernel yet) run on MPS tensors through their pure-torch kernels.
 METAL_OPS: tuple[str, ...] = tuple(op for op in SCHEMAS if _has_metal_kernel(op))
 register_torch_kernels(("mps",), [op for op in SCHEMAS if op not in METAL_OPS])
 if torch.backends.mps.is_available() and len(METAL_OPS) < len(SCHEMAS):

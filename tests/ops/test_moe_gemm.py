@@ -127,7 +127,8 @@ def test_bad_input_names_the_argument():
         ops.moe_gemm(x, torch.tensor([0, 2, 1]), w, s, b, gs, None, "int4", 32)
     with pytest.raises(ValueError, match="expert_ids must be int32/int64"):
         ops.moe_gemm(x, torch.tensor([0.0, 1.0, 1.0]), w, s, b, gs, None, "int4", 32)
-    with pytest.raises(ValueError, match="x must be 2-D"):
+    # x [..., K] takes ids of its leading shape: a 3-D x with 1-D ids is refused
+    with pytest.raises(ValueError, match=r"expert_ids must be int32/int64 of x's leading shape \(1, 3\)"):
         ops.moe_gemm(x[None], torch.tensor([0, 1, 1]), w, s, b, gs, None, "int4", 32)
     with pytest.raises(ValueError, match="weight must be 3-D"):
         ops.moe_gemm(x, torch.tensor([0, 1, 1]), w[0], s, b, gs, None, "int4", 32)
@@ -137,3 +138,19 @@ def test_bad_input_names_the_argument():
         ops.moe_gemm(torch.randn(3, 32), torch.tensor([0, 1, 1]), w, s, b, gs, None, "int4", 32)
     with pytest.raises(ValueError, match=r"bias must have shape \(2, 8\)"):
         ops.moe_gemm(x, torch.tensor([0, 1, 1]), w, s, b, gs, torch.zeros(8), "int4", 32)
+
+
+def test_leading_dimensions_match_the_flattened_call():
+    # x [T, k, K] with ids [T, k] (a router's layout) equals the same rows flattened to [T*k, K]
+    _, (w, s, b, gs) = make_experts("int4", 32, 3, 8, 64)
+    x = torch.randn(2, 3, 64)
+    ids = torch.tensor([[0, 2, 1], [2, 2, 0]])
+    flat = ops.moe_gemm(x.reshape(6, 64), ids.reshape(6), w, s, b, gs, None, "int4", 32)
+    y = ops.moe_gemm(x, ids, w, s, b, gs, None, "int4", 32)
+    assert y.shape == (2, 3, 8)
+    assert torch.equal(y.reshape(6, 8), flat)
+    xr = x.clone().requires_grad_(True)
+    ops.moe_gemm(xr, ids, w, s, b, gs, None, "int4", 32).sum().backward()
+    xf = x.reshape(6, 64).clone().requires_grad_(True)
+    ops.moe_gemm(xf, ids.reshape(6), w, s, b, gs, None, "int4", 32).sum().backward()
+    assert torch.equal(xr.grad.reshape(6, 64), xf.grad)

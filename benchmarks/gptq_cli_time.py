@@ -9,7 +9,10 @@ after are recorded, because on a shared machine wall time says as much about the
 about the code (run the checkouts back to back and compare CPU time too).
 
     python benchmarks/gptq_cli_time.py --label after=. --label before=/path/to/old/checkout \\
-        --out benchmarks/results/gptq_cli_time.json
+        --label after-1thread=.@1 --out benchmarks/results/gptq_cli_time.json
+
+``NAME=CHECKOUT@T`` runs that child with ``OMP_NUM_THREADS=T`` (torch's intra-op threads): on a
+machine whose cores are already busy, one thread is both cheaper and faster (see gptq_time.md).
 """
 
 from __future__ import annotations
@@ -28,16 +31,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_quantize(code_dir: Path, src: Path, out: Path) -> dict:
-    """Run the checkout's ``marlin quantize --method gptq`` once; its times and the load."""
+def time_quantize(code_dir: Path, src: Path, out: Path, threads: int | None = None) -> dict:
+    """Run the checkout's ``marlin quantize --method gptq`` once (``threads``: its
+    ``OMP_NUM_THREADS``, None = torch's default); its times and the load."""
+    env = dict(os.environ)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     load0 = os.getloadavg()[0]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "metal_marlin_torch.cli", "quantize", str(src), str(out),
-                    "--method", "gptq"], cwd=code_dir, check=True, capture_output=True)
+                    "--method", "gptq"], cwd=code_dir, check=True, capture_output=True, env=env)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"wall_s": wall, "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime,
+    return {"threads": threads or "default", "wall_s": wall, "user_s": after.ru_utime - before.ru_utime,
+            "sys_s": after.ru_stime - before.ru_stime,
             "load_start": load0, "load_end": os.getloadavg()[0]}
 
 
@@ -66,7 +74,7 @@ def kl(checkpoints: list[Path], src: Path, tokens: int) -> dict[str, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--label", action="append", required=True, metavar="NAME=CHECKOUT")
+    ap.add_argument("--label", action="append", required=True, metavar="NAME=CHECKOUT[@THREADS]")
     ap.add_argument("--src", default=str(ROOT.parent / "shared" / "models" / "pylm-s"))
     ap.add_argument("--tokens", type=int, default=8192, help="evaluation tokens for the KL (default 8192)")
     ap.add_argument("--out", default=None, help="JSON file to write")
@@ -76,17 +84,19 @@ def main() -> None:
         outs = {}
         for item in args.label:
             name, _, code = item.partition("=")
+            code, _, threads = code.partition("@")
             outs[name] = Path(tmp) / name
-            rows[name] = time_quantize(Path(code).resolve(), Path(args.src), outs[name])
+            rows[name] = time_quantize(Path(code).resolve(), Path(args.src), outs[name],
+                                       int(threads) if threads else None)
             print(name, rows[name], flush=True)
         metrics = kl(list(outs.values()), Path(args.src), args.tokens)
         for name, path in outs.items():
             rows[name]["kl_mean"] = metrics[str(path)]["kl_mean"]
             rows[name]["top1_agreement"] = metrics[str(path)]["top1_agreement"]
-    print("| run | wall s | user s | sys s | load start / end | KL mean | top-1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | threads | wall s | user s | sys s | load start / end | KL mean | top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['wall_s']:.1f} | {r['user_s']:.1f} | {r['sys_s']:.1f} | "
+        print(f"| {name} | {r['threads']} | {r['wall_s']:.1f} | {r['user_s']:.1f} | {r['sys_s']:.1f} | "
               f"{r['load_start']:.1f} / {r['load_end']:.1f} | {r['kl_mean']:.6f} | {r['top1_agreement']:.4f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"machine": f"{platform.machine()} {platform.processor()}",

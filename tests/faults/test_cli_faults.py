@@ -195,6 +195,56 @@ def test_stream_disk_full_then_resume(sharded_src, tmp_path, capsys, monkeypatch
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stream_disk_full_at_the_progress_file_then_resume(sharded_src, tmp_path, capsys, monkeypatch):
+    """The disk fills while the progress file is rewritten after the second shard: that shard is
+    on disk but not recorded. The resumed run keeps the first shard as it is (not rewritten),
+    redoes the unrecorded one and the rest, and ends equal to an uninterrupted run."""
+    from metal_marlin_torch.io import streaming as S  # noqa: PLC0415
+
+    real_json, failed = S.write_json, []
+
+    def write_json(path, data):
+        if Path(path).name == S.MANIFEST and len(data.get("shards", {})) == 2 and not failed:
+            failed.append(path)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_json(path, data)
+
+    out = tmp_path / "out"
+    argv = ["quantize", str(sharded_src), str(out), "--format", "int4", "--stream"]
+    monkeypatch.setattr(S, "write_json", write_json)
+    _, line = run(argv, capsys)
+    assert failed and "no space left" in line.lower(), line
+    recorded = json.loads((out / S.MANIFEST).read_text())["shards"]
+    assert len(recorded) == 1, recorded  # the progress file on disk is the last whole one
+    first = out / next(iter(recorded))
+    first_stat = first.stat()
+    assert not (out / "config.json").exists()
+    assert [p.name for p in out.glob(".*tmp*")] == []
+    monkeypatch.undo()
+
+    written = []
+    real_save = C.save_file
+
+    def counting_save(tensors, filename, metadata=None):
+        written.append(Path(filename))
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(C, "save_file", counting_save)
+    assert main(argv) == 0
+    assert "1 already done" in capsys.readouterr().out
+    n_shards = len(list(out.glob("*.safetensors")))
+    assert n_shards >= 3 and len(written) == n_shards - 1  # everything but the recorded shard
+    assert first.stat().st_ino == first_stat.st_ino and first.stat().st_mtime_ns == first_stat.st_mtime_ns
+    monkeypatch.undo()
+    fresh = tmp_path / "fresh"
+    assert main(["quantize", str(sharded_src), str(fresh), "--format", "int4", "--stream"]) == 0
+    assert sorted(p.name for p in fresh.glob("*.safetensors")) == sorted(p.name for p in out.glob("*.safetensors"))
+    for shard in sorted(fresh.glob("*.safetensors")):
+        a, b = load_file(str(shard)), load_file(str(out / shard.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / S.MANIFEST).read_text())["complete"] is True
+
+
 # --- import-mlx -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -162,3 +162,66 @@ def test_bad_inputs():
         gptq_quantize(torch.randn(4, 64), h, "mxfp4", 64)
     with pytest.raises(ValueError, match="NaN or Inf"):
         gptq_quantize(torch.randn(4, 64), h * float("inf"), "int4", 32)
+
+
+@pytest.mark.parametrize("fmt", [*FORMATS, "nf4", "fp8_e4m3", "int8"])
+def test_column_coder_is_bitwise_the_formats_encode_decode(fmt):
+    # the GPTQ column loop's coder precomputes per-group divisors; its codes and values must be
+    # those of fmt.encode / fmt.decode exactly, including all-zero groups (scale 0) and values
+    # exactly on a rounding midpoint (ties go toward zero, docs/FORMAT.md)
+    from metal_marlin_torch.quant.gptq import _ColumnCoder
+
+    n, k = 48, 256
+    g = group_for(fmt, k)
+    spec = F.get_format(fmt)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(11)) ** 3
+    w[5] = 0.0  # all-zero rows: every group of row 5 has scale 0
+    params = search_group_params(spec, w.view(n, k // g, g), torch.float16)
+    # put some values exactly on midpoints of the decoded grid of their group
+    rows = torch.arange(0, n, 3)
+    q = spec.decode(spec.encode(w.view(n, k // g, g), params), params).view(n, k)
+    w[rows, 1] = (q[rows, 1] + q[rows, 2]) / 2
+    coder = _ColumnCoder(spec, params, n)
+    for j in range(k):
+        col = w[:, j].contiguous()
+        p = F.GroupParams(params.scales[:, j // g:j // g + 1],
+                          None if params.biases is None else params.biases[:, j // g:j // g + 1],
+                          params.global_scale)
+        ref_c = spec.encode(col.view(n, 1, 1), p)
+        ref_q = spec.decode(ref_c, p).view(n)
+        c, qv = coder(col, j // g)
+        assert torch.equal(c, ref_c.view(n)), (fmt, j)
+        assert torch.equal(qv, ref_q), (fmt, j)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "mxfp4", "nvfp4", "int4", "int2", "nf3", "fp8_e4m3"])
+def test_scale_search_equals_brute_force_over_whole_groups(fmt):
+    # the search builds candidates from each group's [min, max] only; the reference builds each
+    # candidate from the whole group times alpha (the plain definition) and keeps the best
+    from metal_marlin_torch.quant.scale_search import candidate_params
+
+    n, k = 24, 256
+    g = group_for(fmt, k)
+    spec = F.get_format(fmt)
+    groups = (torch.randn(n, k, generator=torch.Generator().manual_seed(5)) ** 3).view(n, k // g, g)
+    weights = torch.rand(k // g, g, generator=torch.Generator().manual_seed(6))
+    sdt = spec.scale_dtype(torch.float16)
+
+    def err(p):
+        return ((spec.decode(spec.encode(groups, p), p) - groups) ** 2 * weights).sum(-1)
+
+    base = spec.group_params(groups, sdt)
+    best_err, best_scale = err(base), base.scales.float() if base.scales.dtype != torch.uint8 else base.scales
+    alphas = torch.linspace(1.0, 0.6, 16)[1:].tolist() + [1.05]
+    if spec.fixed_scale_dtype == torch.uint8:
+        alphas.append(2.0)
+    for a in alphas:
+        cand = candidate_params(spec, groups, sdt, a, base)  # the whole groups, times a
+        e = err(cand)
+        cs = cand.scales.float() if cand.scales.dtype != torch.uint8 else cand.scales
+        best_scale = torch.where(e < best_err, cs, best_scale)
+        best_err = torch.minimum(e, best_err)
+    got = search_group_params(spec, groups, torch.float16, weights)
+    got_scale = got.scales.float() if got.scales.dtype != torch.uint8 else got.scales
+    assert torch.equal(got_scale, best_scale)
+    torch.testing.assert_close(err(got), best_err, rtol=0, atol=0)

@@ -56,6 +56,12 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
         "Tensor(a!) out) -> ()");
   m.def("kv_attention(Tensor q, Tensor k_packed, Tensor k_norms, Tensor v_packed, Tensor v_norms, "
         "Tensor codebook, SymInt length, int bits, float scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps) -> Tensor[]");
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) -> Tensor[]");
+  m.def("silu_mul(Tensor gate, Tensor? up) -> Tensor");
+  m.def("gelu_mul(Tensor gate, Tensor? up) -> Tensor");
+  m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
+        "-> (Tensor, Tensor)");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
   m.def("_families() -> str[]", &families);

@@ -35,6 +35,9 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"hadamard",      "marlin_hadamard_",      "hadamard.metal"},
     {"fake_quantize", "marlin_fake_quantize_", "fake_quantize.metal"},
     {"kv",            "marlin_kv_",            "kv_quantize.metal kv_dequantize.metal"},
+    {"norm",          "marlin_rms_norm_ marlin_layer_norm_", "norm.metal"},
+    {"act",           "marlin_silu_mul_ marlin_gelu_mul_",   "act.metal"},
+    {"rope",          "marlin_rope_",          "rope.metal"},
 };
 // clang-format on
 inline constexpr int kNumKernelFamilies = int(sizeof(kKernelFamilies) / sizeof(kKernelFamilies[0]));

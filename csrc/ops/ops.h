@@ -7,6 +7,7 @@
 #include <c10/util/Optional.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "ops/launcher.h"
@@ -56,6 +57,19 @@ std::vector<std::string> gemm_kernel_names();
 // K per split, splits, gemv lanes per weight row (0 for gemm)}. Exposed so tests can check
 // which kernels and work splits their shapes exercise.
 std::vector<int64_t> gemm_plan(int64_t M, int64_t N, int64_t K);
+
+// Decoder-layer ops (csrc/ops/layer.cpp; shaders/norm.h, act.h, rope.h).
+std::vector<at::Tensor> rms_norm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& residual, double eps);
+std::vector<at::Tensor> layer_norm(Launcher& launcher, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                   double eps);
+at::Tensor silu_mul(Launcher& launcher, const at::Tensor& gate, const std::optional<at::Tensor>& up);
+at::Tensor gelu_mul(Launcher& launcher, const at::Tensor& gate, const std::optional<at::Tensor>& up);
+std::tuple<at::Tensor, at::Tensor> rope(Launcher& launcher, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& positions, const at::Tensor& inv_freq, double scaling,
+                                        bool interleaved);
+std::vector<std::string> layer_kernel_names();
 
 // Union of the above: what a test compares with the instantiated kernels.
 std::vector<std::string> host_kernel_names();

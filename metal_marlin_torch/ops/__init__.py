@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import autograd, cpu, cuda, fake, kv_fake, library, moe, reference, registry  # noqa: F401  (registration)
+from . import autograd, cpu, cuda, fake, kv_fake, layer_fake, library, moe, reference, registry  # noqa: F401  (registration)
 from .registry import active_kernels, override, reset_kernel, set_kernel
 
 cuda.register()  # marlin::gemm on CUDA tensors -> Triton kernels when Triton and a GPU exist
@@ -81,7 +81,45 @@ def moe_gemm(
     return torch.ops.marlin.moe_gemm(x, expert_ids, weight, scales, biases, global_scale, bias, format, group_size)
 
 
+# decoder-layer ops (ops/layer.py: the exact semantics, matching the transformers modules)
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``LlamaRMSNorm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``."""
+    out = torch.ops.marlin.rms_norm(x, weight, residual, eps)
+    return out[0] if residual is None else (out[0], out[1])
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``F.layer_norm`` over the last dim; with ``residual``: ``(norm(x + residual), x + residual)``."""
+    out = torch.ops.marlin.layer_norm(x, weight, bias, residual, eps)
+    return out[0] if residual is None else (out[0], out[1])
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up``; ``up=None``: ``gate`` is ``[..., 2I]`` (gate half first)."""
+    return torch.ops.marlin.silu_mul(gate, up)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu_tanh(gate) * up``; ``up=None``: ``gate`` is ``[..., 2I]`` (gate half first)."""
+    return torch.ops.marlin.gelu_mul(gate, up)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+    scaling: float = 1.0, interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of ``q [B, Hq, S, D]`` and ``k [B, Hk, S, D]`` at ``positions [B or 1, S]``
+    (one launch); ``inv_freq``/``scaling`` from :func:`.layer.rope_parameters`."""
+    return torch.ops.marlin.rope(q, k, positions, inv_freq, scaling, interleaved)
+
+
 __all__ = [
     "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "moe_gemm", "override",
     "quantize", "reset_kernel", "set_kernel",
+    "gelu_mul", "layer_norm", "rms_norm", "rope", "silu_mul",
 ]

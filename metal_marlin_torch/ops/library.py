@@ -61,6 +61,16 @@ SCHEMAS: dict[str, str] = {
         "kv_attention(Tensor q, Tensor k_packed, Tensor k_norms, Tensor v_packed, Tensor v_norms, Tensor codebook, "
         "SymInt length, int bits, float scale) -> Tensor"
     ),
+    # decoder-layer ops (ops/layer.py, issue 22): norms with an optional fused residual add
+    # (returns [y] or [y, x + residual]), gated activations (up=None: gate is [..., 2I]), RoPE
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps) -> Tensor[]",
+    "layer_norm": "layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) -> Tensor[]",
+    "silu_mul": "silu_mul(Tensor gate, Tensor? up) -> Tensor",
+    "gelu_mul": "gelu_mul(Tensor gate, Tensor? up) -> Tensor",
+    "rope": (
+        "rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
+        "-> (Tensor, Tensor)"
+    ),
 }
 
 for _schema in SCHEMAS.values():

@@ -118,8 +118,23 @@ def rope(
     return torch.ops.marlin.rope(q, k, positions, inv_freq, scaling, interleaved)
 
 
+def sample(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+    repetition_penalty: float = 1.0, prev_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` (int64 ``[B]``), semantics in :mod:`.sampling`;
+    ``temperature=0`` is greedy. The uniform draws come from ``generator`` (reproducible under
+    its seed) unless given as ``uniforms`` (float32 ``[B]``)."""
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float32,
+                              device=generator.device if generator is not None else "cpu").to(logits.device)
+    return torch.ops.marlin.sample(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p,
+                                   min_p)
+
+
 __all__ = [
     "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "moe_gemm", "override",
     "quantize", "reset_kernel", "set_kernel",
-    "gelu_mul", "layer_norm", "rms_norm", "rope", "silu_mul",
+    "gelu_mul", "layer_norm", "rms_norm", "rope", "sample", "silu_mul",
 ]

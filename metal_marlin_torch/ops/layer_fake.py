@@ -1,4 +1,4 @@
-"""Fake (meta) kernels of the decoder-layer ops (ops/layer.py): shapes and dtypes for
+"""Fake (meta) kernels of the decoder-layer ops (ops/layer.py) and of sample (ops/sampling.py): shapes and dtypes for
 ``torch.compile``, after the same argument checks as the pure-torch kernels."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import torch
 
 from .layer import check_act_args, check_norm_args, check_rope_args
 from .library import NAMESPACE
+from .sampling import check_sample_args
 
 
 @torch.library.register_fake(f"{NAMESPACE}::rms_norm")
@@ -38,3 +39,9 @@ def _rope_fake(q, k, positions, inv_freq, scaling, interleaved):
     check_rope_args(q, k, positions, inv_freq)
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(
         k, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::sample")
+def _sample_fake(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p, min_p):
+    check_sample_args(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p, min_p)
+    return logits.new_empty((logits.shape[0],), dtype=torch.int64)

@@ -71,6 +71,11 @@ SCHEMAS: dict[str, str] = {
         "rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
         "-> (Tensor, Tensor)"
     ),
+    # token sampling (ops/sampling.py): one uniform draw per row -> int64 [B]
+    "sample": (
+        "sample(Tensor logits, Tensor uniforms, Tensor? prev_tokens, float repetition_penalty, float temperature, "
+        "int top_k, float top_p, float min_p) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():

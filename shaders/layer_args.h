@@ -36,3 +36,15 @@ struct RopeArgs {
   marlin_u32 pos_batch;   // 1: positions [B, S]; 0: one row [1, S] for every batch
   float scaling;          // attention scaling applied to cos and sin (1 unless YaRN/longrope)
 };
+
+// marlin::attention: one threadgroup per query row (b, h, i) of q [B, Hq, Sq, D].
+struct AttentionArgs {
+  marlin_u32 heads_q;  // Hq
+  marlin_u32 heads_k;  // Hk (Hq % Hk == 0: GQA group Hq / Hk)
+  marlin_u32 seq_q;    // Sq: query row i sits at position Sk - Sq + i
+  marlin_u32 seq_k;    // Sk
+  marlin_u32 d;        // head dim, <= ATTN_MAX_D
+  marlin_u32 causal;   // 1: keys j <= position only
+  marlin_u32 window;   // > 0: keys with position - j < window only
+  float scale;         // softmax scale (1/sqrt(D) by default)
+};

@@ -62,6 +62,7 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("gelu_mul(Tensor gate, Tensor? up) -> Tensor");
   m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
         "-> (Tensor, Tensor)");
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
   m.def("_families() -> str[]", &families);

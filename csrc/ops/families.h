@@ -38,6 +38,7 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"norm",          "marlin_rms_norm_ marlin_layer_norm_", "norm.metal"},
     {"act",           "marlin_silu_mul_ marlin_gelu_mul_",   "act.metal"},
     {"rope",          "marlin_rope_",          "rope.metal"},
+    {"attention",     "marlin_attention_",     "attention.metal"},
 };
 // clang-format on
 inline constexpr int kNumKernelFamilies = int(sizeof(kKernelFamilies) / sizeof(kKernelFamilies[0]));

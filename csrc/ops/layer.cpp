@@ -1,7 +1,8 @@
 // Host code of the decoder-layer ops (metal_marlin_torch/ops/layer.py is the semantics):
 // rms_norm and layer_norm (shaders/norm.h: one 256-thread threadgroup per row), silu_mul and
 // gelu_mul (shaders/act.h: one thread per output element), rope (shaders/rope.h: one thread per
-// rotated pair, q and k rows in one grid).
+// rotated pair, q and k rows in one grid), attention (shaders/attention.h: one threadgroup per
+// query row).
 #include <ATen/ops/empty.h>
 
 #include <tuple>
@@ -177,10 +178,48 @@ std::tuple<at::Tensor, at::Tensor> rope(Launcher& launcher, const at::Tensor& q,
   return {q_out, k_out};
 }
 
+at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                     bool causal, int64_t window) {
+  constexpr const char* kOp = "marlin.attention";
+  constexpr int64_t kMaxD = 256;  // ATTN_MAX_D (shaders/attention.h)
+  constexpr uint32_t kThreads = 256;  // ATTN_THREADS
+  check_activation_dtype(kOp, "q", q.scalar_type());
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), kOp,
+                    ": q must be [B, Hq, Sq, D] and k, v [B, Hk, Sk, D] of one shape, got ", q.sizes(), ", ",
+                    k.sizes(), ", ", v.sizes());
+  const int64_t b = q.size(0), hq = q.size(1), sq = q.size(2), d = q.size(3), hk = k.size(1), sk = k.size(2);
+  TORCH_CHECK_VALUE(k.size(0) == b && k.size(3) == d && hk >= 1 && hq % hk == 0, kOp, ": k ", k.sizes(),
+                    " must match q ", q.sizes(), " in batch and head_dim, with q's heads a multiple of k's");
+  TORCH_CHECK_VALUE(sq <= sk, kOp, ": q has more rows (", sq, ") than there are keys (", sk, ")");
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type() && t->device() == q.device(), kOp,
+                      ": k and v must have q's dtype and device (", q.scalar_type(), ", ", q.device(), "), got ",
+                      t->scalar_type(), ", ", t->device());
+  TORCH_CHECK_VALUE(window >= 0, kOp, ": window must be >= 0 (0 = none), got ", window);
+  TORCH_CHECK_VALUE(d <= kMaxD, kOp, ": head_dim must be <= ", kMaxD, " for the Metal kernel, got ", d);
+  check_u32(kOp, "k.numel()", k.numel());
+  check_u32(kOp, "q.numel()", q.numel());
+  check_u32(kOp, "window", window);
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
+  at::Tensor out = at::empty(q.sizes(), qc.options());
+  const int64_t rows = b * hq * sq;
+  if (rows == 0 || d == 0) return out;
+  AttentionArgs args{uint32_t(hq), uint32_t(hk), uint32_t(sq), uint32_t(sk), uint32_t(d), causal, uint32_t(window),
+                     float(scale)};
+  launcher.set_kernel(kernel_name("attention", q.scalar_type()));
+  launcher.bind_tensor(0, qc, Access::Read, "q");
+  launcher.bind_tensor(1, kc, Access::Read, "k");
+  launcher.bind_tensor(2, vc, Access::Read, "v");
+  launcher.bind_tensor(3, out, Access::Write, "out");
+  launcher.bind_value(4, args, "args");
+  launcher.dispatch_threadgroups({uint32_t(rows), 1, 1}, {kThreads, 1, 1});
+  return out;
+}
+
 std::vector<std::string> layer_kernel_names() {
   std::vector<std::string> names;
   for (at::ScalarType t : kActivationTypes)
-    for (const char* op : {"rms_norm", "layer_norm", "silu_mul", "gelu_mul", "rope"})
+    for (const char* op : {"rms_norm", "layer_norm", "silu_mul", "gelu_mul", "rope", "attention"})
       names.push_back(kernel_name(op, t));
   return names;
 }

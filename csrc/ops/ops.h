@@ -69,6 +69,8 @@ at::Tensor gelu_mul(Launcher& launcher, const at::Tensor& gate, const std::optio
 std::tuple<at::Tensor, at::Tensor> rope(Launcher& launcher, const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& positions, const at::Tensor& inv_freq, double scaling,
                                         bool interleaved);
+at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                     bool causal, int64_t window);
 std::vector<std::string> layer_kernel_names();
 
 // Union of the above: what a test compares with the instantiated kernels.

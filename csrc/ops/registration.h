@@ -210,6 +210,16 @@ struct OpsOn {
       return {out[0].toTensor(), out[1].toTensor()};
     }
   }
+
+  static at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                              bool causal, int64_t window) {
+    try {
+      L l;
+      return marlin::attention(l, q, k, v, scale, causal, window);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("attention", q, k, v, scale, causal, window)[0].toTensor();
+    }
+  }
 };
 
 // m.impl() for every op that has a schema in metal_marlin_torch/ops/library.py (all but
@@ -231,6 +241,7 @@ void impl_ops(torch::Library& m) {
   m.impl("silu_mul", &OpsOn<L>::silu_mul);
   m.impl("gelu_mul", &OpsOn<L>::gelu_mul);
   m.impl("rope", &OpsOn<L>::rope);
+  m.impl("attention", &OpsOn<L>::attention);
 }
 
 }  // namespace marlin

@@ -133,8 +133,18 @@ def sample(
                                    min_p)
 
 
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = True,
+    window: int = 0,
+) -> torch.Tensor:
+    """Softmax attention of ``q [B, Hq, Sq, D]`` over ``k``/``v [B, Hk, Sk, D]`` (GQA), the last
+    query row at the last key; ``scale`` defaults to ``1/sqrt(D)``; ``window > 0``: sliding window."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.marlin.attention(q, k, v, scale, causal, window)
+
+
 __all__ = [
     "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "moe_gemm", "override",
     "quantize", "reset_kernel", "set_kernel",
-    "gelu_mul", "layer_norm", "rms_norm", "rope", "sample", "silu_mul",
+    "attention", "gelu_mul", "layer_norm", "rms_norm", "rope", "sample", "silu_mul",
 ]

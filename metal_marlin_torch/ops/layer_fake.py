@@ -1,10 +1,12 @@
-"""Fake (meta) kernels of the decoder-layer ops (ops/layer.py) and of sample (ops/sampling.py): shapes and dtypes for
-``torch.compile``, after the same argument checks as the pure-torch kernels."""
+"""Fake (meta) kernels of the decoder-layer ops (ops/layer.py), of sample (ops/sampling.py) and
+of attention (ops/attention.py): shapes and dtypes for ``torch.compile``, after the same argument
+checks as the pure-torch kernels."""
 
 from __future__ import annotations
 
 import torch
 
+from .attention import check_attention_args
 from .layer import check_act_args, check_norm_args, check_rope_args
 from .library import NAMESPACE
 from .sampling import check_sample_args
@@ -45,3 +47,9 @@ def _rope_fake(q, k, positions, inv_freq, scaling, interleaved):
 def _sample_fake(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p, min_p):
     check_sample_args(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p, min_p)
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::attention")
+def _attention_fake(q, k, v, scale, causal, window):
+    check_attention_args(q, k, v, scale, causal, window)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -76,6 +76,8 @@ SCHEMAS: dict[str, str] = {
         "sample(Tensor logits, Tensor uniforms, Tensor? prev_tokens, float repetition_penalty, float temperature, "
         "int top_k, float top_p, float min_p) -> Tensor"
     ),
+    # attention over fp16/bf16/fp32 K/V (ops/attention.py): GQA, causal, sliding window (0 = none)
+    "attention": "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():

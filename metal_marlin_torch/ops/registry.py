@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .._native import load_extension, note_fallback
-from . import kv, layer, moe, reference, sampling
+from . import attention, kv, layer, moe, reference, sampling
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -33,6 +33,7 @@ REFERENCE: dict[str, Callable] = {
     **kv.REFERENCE,  # quantized KV cache ops
     **layer.REFERENCE,  # decoder-layer ops: norms, gated activations, RoPE
     **sampling.REFERENCE,  # token sampling
+    **attention.REFERENCE,  # attention over unquantized K/V
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
 

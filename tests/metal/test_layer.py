@@ -133,3 +133,31 @@ def test_rope_int32_positions(emu):
 def test_bad_arguments(emu, call, match):
     with pytest.raises(ValueError, match=match):
         call(emu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "hq", "hk", "sq", "sk", "d", "causal", "window"), [
+    (1, 4, 2, 1, 37, 64, True, 0),     # decode step over 37 cached keys, GQA 2
+    (2, 2, 2, 5, 5, 40, True, 0),      # prefill, head dim off 32
+    (1, 3, 1, 4, 11, 16, True, 3),     # sliding window, GQA 3, queries after a cache
+    (1, 2, 1, 3, 6, 96, False, 0),     # not causal
+])
+def test_attention(emu, dtype, b, hq, hk, sq, sk, d, causal, window):
+    q = torch.randn(b, hq, sq, d).to(dtype)
+    k, v = torch.randn(b, hk, sk, d).to(dtype), torch.randn(b, hk, sk, d).to(dtype)
+    got = emu.attention(q, k, v, d ** -0.5, causal, window)
+    want = torch.ops.marlin.attention(q, k, v, d ** -0.5, causal, window)
+    # both accumulate in float (another order): within a rounding of the output dtype
+    close(got, want, dtype)
+
+
+def test_attention_specials_and_errors(emu):
+    q, k, v = torch.randn(1, 2, 2, 32), torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32)
+    v[0, 0, 1, 3] = float("nan")  # key 1 of head 0: rows attending it get NaN, head 1 does not
+    got = emu.attention(q, k, v, 0.2, True, 0)
+    torch.testing.assert_close(got, torch.ops.marlin.attention(q, k, v, 0.2, True, 0), equal_nan=True)
+    assert torch.isnan(got[0, 0]).any() and torch.isfinite(got[0, 1]).all()
+    with pytest.raises(ValueError, match="head_dim must be <= 256"):
+        emu.attention(torch.randn(1, 1, 1, 288), torch.randn(1, 1, 2, 288), torch.randn(1, 1, 2, 288), 1.0, True, 0)
+    with pytest.raises(ValueError, match="more rows"):
+        emu.attention(torch.randn(1, 1, 3, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8), 1.0, True, 0)

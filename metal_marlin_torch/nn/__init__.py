@@ -2,6 +2,7 @@
 
 from .config import DEFAULT_EXCLUDE, MIXED_4_3_RULES, LayerPlan, QuantConfig
 from .experts import MarlinExperts, plan_experts
+from .layers import MarlinGatedMLP, MarlinRMSNorm, patch_layers
 from .linear import MarlinLinear
 from .quantize import (
     QUANTIZERS,
@@ -16,4 +17,5 @@ __all__ = [
     "DEFAULT_EXCLUDE", "MIXED_4_3_RULES", "QUANTIZERS", "LayerPlan", "MarlinExperts", "MarlinLinear",
     "QuantConfig", "QuantizeSummary", "plan_experts", "plan_layers", "quantize_model", "register_quantizer",
     "replace_module",
+    "MarlinGatedMLP", "MarlinRMSNorm", "patch_layers",
 ]

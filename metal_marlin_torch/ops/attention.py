@@ -50,12 +50,15 @@ def attention_mask(sq: int, sk: int, causal: bool, window: int, device=None) -> 
 
 def attention(q, k, v, scale, causal, window):
     check_attention_args(q, k, v, scale, causal, window)
-    group = q.shape[1] // k.shape[1]
-    kf = k.float().repeat_interleave(group, 1)
-    vf = v.float().repeat_interleave(group, 1)
-    s = (q.float() @ kf.transpose(-1, -2)) * scale
-    s = s.masked_fill(~attention_mask(q.shape[2], k.shape[2], causal, window, q.device), -float("inf"))
-    return (torch.softmax(s, -1) @ vf).to(q.dtype)
+    b, hq, sq, d = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    group = hq // hk
+    # the query heads of one K/V head side by side ([B, Hk, G * Sq, D]): no repeated K/V copy
+    qf = q.float().reshape(b, hk, group * sq, d)
+    s = (qf @ k.float().transpose(-1, -2)) * scale
+    mask = attention_mask(sq, sk, causal, window, q.device).repeat(group, 1)
+    s = s.masked_fill(~mask, -float("inf"))
+    return (torch.softmax(s, -1) @ v.float()).reshape(b, hq, sq, d).to(q.dtype)
 
 
 REFERENCE = {"attention": attention}

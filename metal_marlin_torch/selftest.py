@@ -10,11 +10,13 @@ Comparison: dequantize, fake_quantize, hadamard and the KV-cache quantize/dequan
 torch op's order and are expected bitwise equal (a tolerance of one unit of the last place is still
 allowed on a GPU, whose compiler may contract or flush differently; ``bitwise`` says which);
 gemm/gemv and KV attention sum in another order and are held to an error bound derived from the
-arithmetic (see :func:`gemm_bound`).
+arithmetic (see :func:`gemm_bound`); the decoder-layer ops (norms, gated activations, RoPE,
+attention) to a few units of their dtype's last place.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import platform
@@ -309,12 +311,61 @@ def _moe_cases(quick: bool) -> Iterator[Case]:
                     torch.cat([rw.flatten().double(), ri.flatten().double()]), allowed)
 
         yield Case("moe_route", "moe", {"mode": mode, "n_group": n_group, "top_k": 8, "E": 64}, run_r)
+def _layer_cases(quick: bool) -> Iterator[Case]:
+    """Decoder-layer ops (norms, gated activations, RoPE, attention): they sum in another order
+    or call another libm than torch, so each output may differ by about an ulp of its dtype."""
+    def near(ref: torch.Tensor) -> torch.Tensor:
+        # a few ulps of the dtype, and 1e-5 for float32 (a sum of 300 floats in another order)
+        return max(4 * UNIT[ref.dtype], 1e-5) * (ref.double().abs() + 1)
+
+    for dtype in ((torch.float16, torch.float32) if quick else DTYPES):
+
+        def run_rms(ops, dev, dtype=dtype):
+            x, r = (torch.randn(3, 300, generator=_gen(s)).to(dtype) for s in (1, 2))
+            w = torch.randn(300, generator=_gen(3)).to(dtype)
+            ref = _ref("rms_norm", x, w, r, 1e-6)[0]
+            return ops.rms_norm(*_to((x, w, r), dev), 1e-6)[0], ref, near(ref)
+
+        def run_ln(ops, dev, dtype=dtype):
+            x = (torch.randn(2, 67, generator=_gen(4)) * 3 + 5).to(dtype)
+            w, b = (torch.randn(67, generator=_gen(s)).to(dtype) for s in (5, 6))
+            ref = _ref("layer_norm", x, w, b, None, 1e-5)[0]
+            return ops.layer_norm(*_to((x, w, b), dev), None, 1e-5)[0], ref, near(ref)
+
+        def run_act(ops, dev, dtype=dtype, op="silu_mul"):
+            g = (torch.randn(3, 2 * 100, generator=_gen(7)) * 4).to(dtype)  # fused [.., 2I] input
+            ref = _ref(op, g, None)
+            return getattr(ops, op)(g.to(dev), None), ref, near(ref)
+
+        def run_rope(ops, dev, dtype=dtype):
+            q = torch.randn(1, 4, 3, 64, generator=_gen(8)).to(dtype)
+            k = torch.randn(1, 2, 3, 64, generator=_gen(9)).to(dtype)
+            pos = torch.tensor([[7, 900, 3000]])
+            inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+            rq, rk = _ref("rope", q, k, pos, inv, 1.0, False)
+            oq, ok = ops.rope(*_to((q, k, pos, inv), dev), 1.0, False)
+            ref = torch.cat([rq.flatten(), rk.flatten()])
+            return torch.cat([oq.flatten(), ok.flatten()]), ref, near(ref)
+
+        def run_attn(ops, dev, dtype=dtype):
+            q = torch.randn(1, 4, 3, 64, generator=_gen(10)).to(dtype)
+            k, v = (torch.randn(1, 2, 37, 64, generator=_gen(s)).to(dtype) for s in (11, 12))
+            ref = _ref("attention", q, k, v, 0.125, True, 0)
+            return ops.attention(*_to((q, k, v), dev), 0.125, True, 0), ref, near(ref)
+
+        p = {"dtype": str(dtype)}
+        yield Case("rms_norm", "norm", p, run_rms)
+        yield Case("layer_norm", "norm", p, run_ln)
+        yield Case("silu_mul", "act", p, run_act)
+        yield Case("gelu_mul", "act", p, functools.partial(run_act, op="gelu_mul"))
+        yield Case("rope", "rope", p, run_rope)
+        yield Case("attention", "attention", p, run_attn)
 
 
 def cases(quick: bool, fake_quantize_variant: Callable) -> list[Case]:
     """Every case, in family order."""
     return [*_dequantize_cases(quick), *_gemm_cases(quick), *_elementwise_cases(quick, fake_quantize_variant),
-            *_kv_cases(quick), *_moe_cases(quick)]
+            *_kv_cases(quick), *_moe_cases(quick), *_layer_cases(quick)]
 
 
 # ---- running ---------------------------------------------------------------------------------

@@ -61,6 +61,13 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("_moe_gemm_plan(int M, int E) -> int[]", &marlin::moe_gemm_plan);
   m.def("moe_route(Tensor logits, Tensor? bias, int top_k, str mode, bool renormalize, int n_group, "
         "int topk_group, float scaling) -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps) -> Tensor[]");
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) -> Tensor[]");
+  m.def("silu_mul(Tensor gate, Tensor? up) -> Tensor");
+  m.def("gelu_mul(Tensor gate, Tensor? up) -> Tensor");
+  m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
+        "-> (Tensor, Tensor)");
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
   m.def("_families() -> str[]", &families);

@@ -36,6 +36,10 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"fake_quantize", "marlin_fake_quantize_", "fake_quantize.metal"},
     {"kv",            "marlin_kv_",            "kv_quantize.metal kv_dequantize.metal"},
     {"moe",           "marlin_moe_",           "moe_gemv.metal moe_gemm.metal moe_route.metal"},
+    {"norm",          "marlin_rms_norm_ marlin_layer_norm_", "norm.metal"},
+    {"act",           "marlin_silu_mul_ marlin_gelu_mul_",   "act.metal"},
+    {"rope",          "marlin_rope_",          "rope.metal"},
+    {"attention",     "marlin_attention_",     "attention.metal"},
 };
 // clang-format on
 inline constexpr int kNumKernelFamilies = int(sizeof(kKernelFamilies) / sizeof(kKernelFamilies[0]));

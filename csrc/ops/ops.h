@@ -74,6 +74,20 @@ std::tuple<at::Tensor, at::Tensor> moe_route(Launcher& launcher, const at::Tenso
                                              const std::string& mode, bool renormalize, int64_t n_group,
                                              int64_t topk_group, double scaling);
 std::vector<std::string> moe_route_kernel_names();
+// Decoder-layer ops (csrc/ops/layer.cpp; shaders/norm.h, act.h, rope.h).
+std::vector<at::Tensor> rms_norm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& residual, double eps);
+std::vector<at::Tensor> layer_norm(Launcher& launcher, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                   double eps);
+at::Tensor silu_mul(Launcher& launcher, const at::Tensor& gate, const std::optional<at::Tensor>& up);
+at::Tensor gelu_mul(Launcher& launcher, const at::Tensor& gate, const std::optional<at::Tensor>& up);
+std::tuple<at::Tensor, at::Tensor> rope(Launcher& launcher, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& positions, const at::Tensor& inv_freq, double scaling,
+                                        bool interleaved);
+at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                     bool causal, int64_t window);
+std::vector<std::string> layer_kernel_names();
 
 // Union of the above: what a test compares with the instantiated kernels.
 std::vector<std::string> host_kernel_names();

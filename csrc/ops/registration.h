@@ -185,6 +185,67 @@ struct OpsOn {
           .toTensor();
     }
   }
+
+  // Decoder-layer ops (csrc/ops/layer.cpp).
+  static std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& residual, double eps) {
+    try {
+      L l;
+      return marlin::rms_norm(l, x, weight, residual, eps);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("rms_norm", x, weight, residual, eps)[0].toTensorVector();
+    }
+  }
+
+  static std::vector<at::Tensor> layer_norm(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& residual, double eps) {
+    try {
+      L l;
+      return marlin::layer_norm(l, x, weight, bias, residual, eps);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("layer_norm", x, weight, bias, residual, eps)[0].toTensorVector();
+    }
+  }
+
+  static at::Tensor silu_mul(const at::Tensor& gate, const std::optional<at::Tensor>& up) {
+    try {
+      L l;
+      return marlin::silu_mul(l, gate, up);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("silu_mul", gate, up)[0].toTensor();
+    }
+  }
+
+  static at::Tensor gelu_mul(const at::Tensor& gate, const std::optional<at::Tensor>& up) {
+    try {
+      L l;
+      return marlin::gelu_mul(l, gate, up);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("gelu_mul", gate, up)[0].toTensor();
+    }
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                                                 const at::Tensor& inv_freq, double scaling, bool interleaved) {
+    try {
+      L l;
+      return marlin::rope(l, q, k, positions, inv_freq, scaling, interleaved);
+    } catch (const KernelUnavailable&) {
+      auto out = call_torch_kernel("rope", q, k, positions, inv_freq, scaling, interleaved);
+      return {out[0].toTensor(), out[1].toTensor()};
+    }
+  }
+
+  static at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                              bool causal, int64_t window) {
+    try {
+      L l;
+      return marlin::attention(l, q, k, v, scale, causal, window);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("attention", q, k, v, scale, causal, window)[0].toTensor();
+    }
+  }
 };
 
 // m.impl() for every op that has a schema in metal_marlin_torch/ops/library.py (all but
@@ -203,6 +264,12 @@ void impl_ops(torch::Library& m) {
   m.impl("kv_dequantize_seq", &OpsOn<L>::kv_dequantize_seq);
   m.impl("kv_dequantize_seq_out", &OpsOn<L>::kv_dequantize_seq_out);
   m.impl("kv_attention", &OpsOn<L>::kv_attention);
+  m.impl("rms_norm", &OpsOn<L>::rms_norm);
+  m.impl("layer_norm", &OpsOn<L>::layer_norm);
+  m.impl("silu_mul", &OpsOn<L>::silu_mul);
+  m.impl("gelu_mul", &OpsOn<L>::gelu_mul);
+  m.impl("rope", &OpsOn<L>::rope);
+  m.impl("attention", &OpsOn<L>::attention);
 }
 
 }  // namespace marlin

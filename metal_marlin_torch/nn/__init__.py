@@ -3,6 +3,7 @@
 from .config import DEFAULT_EXCLUDE, MIXED_4_3_RULES, LayerPlan, QuantConfig
 from .dequantize import dequantize_model
 from .experts import MarlinExperts, plan_experts
+from .layers import MarlinGatedMLP, MarlinRMSNorm, patch_layers
 from .linear import MarlinLinear
 from .quantize import (
     QUANTIZERS,
@@ -18,4 +19,5 @@ __all__ = [
     "QuantConfig", "QuantizeSummary", "plan_experts", "plan_layers", "quantize_model", "register_quantizer",
     "replace_module",
     "dequantize_model",
+    "MarlinGatedMLP", "MarlinRMSNorm", "patch_layers",
 ]

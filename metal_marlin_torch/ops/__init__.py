@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import autograd, cpu, cuda, fake, kv_fake, library, moe, reference, registry  # noqa: F401  (registration)
+from . import autograd, cpu, cuda, fake, kv_fake, layer_fake, library, moe, reference, registry  # noqa: F401  (registration)
 from .registry import active_kernels, override, reset_kernel, set_kernel
 
 cuda.register()  # marlin::gemm on CUDA tensors -> Triton kernels when Triton and a GPU exist
@@ -99,9 +99,70 @@ def moe_route(
     :mod:`metal_marlin_torch.ops.moe_route`.
     """
     return torch.ops.marlin.moe_route(logits, bias, top_k, mode, renormalize, n_group, topk_group, scaling)
+# decoder-layer ops (ops/layer.py: the exact semantics, matching the transformers modules)
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``LlamaRMSNorm(x)``; with ``residual``: ``(norm(x + residual), x + residual)``."""
+    out = torch.ops.marlin.rms_norm(x, weight, residual, eps)
+    return out[0] if residual is None else (out[0], out[1])
+
+
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``F.layer_norm`` over the last dim; with ``residual``: ``(norm(x + residual), x + residual)``."""
+    out = torch.ops.marlin.layer_norm(x, weight, bias, residual, eps)
+    return out[0] if residual is None else (out[0], out[1])
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """``silu(gate) * up``; ``up=None``: ``gate`` is ``[..., 2I]`` (gate half first)."""
+    return torch.ops.marlin.silu_mul(gate, up)
+
+
+def gelu_mul(gate: torch.Tensor, up: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu_tanh(gate) * up``; ``up=None``: ``gate`` is ``[..., 2I]`` (gate half first)."""
+    return torch.ops.marlin.gelu_mul(gate, up)
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+    scaling: float = 1.0, interleaved: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding of ``q [B, Hq, S, D]`` and ``k [B, Hk, S, D]`` at ``positions [B or 1, S]``
+    (one launch); ``inv_freq``/``scaling`` from :func:`.layer.rope_parameters`."""
+    return torch.ops.marlin.rope(q, k, positions, inv_freq, scaling, interleaved)
+
+
+def sample(
+    logits: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+    repetition_penalty: float = 1.0, prev_tokens: torch.Tensor | None = None,
+    generator: torch.Generator | None = None, uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token per row of ``logits [B, V]`` (int64 ``[B]``), semantics in :mod:`.sampling`;
+    ``temperature=0`` is greedy. The uniform draws come from ``generator`` (reproducible under
+    its seed) unless given as ``uniforms`` (float32 ``[B]``)."""
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float32,
+                              device=generator.device if generator is not None else "cpu").to(logits.device)
+    return torch.ops.marlin.sample(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p,
+                                   min_p)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, causal: bool = True,
+    window: int = 0,
+) -> torch.Tensor:
+    """Softmax attention of ``q [B, Hq, Sq, D]`` over ``k``/``v [B, Hk, Sk, D]`` (GQA), the last
+    query row at the last key; ``scale`` defaults to ``1/sqrt(D)``; ``window > 0``: sliding window."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.marlin.attention(q, k, v, scale, causal, window)
 
 
 __all__ = [
     "active_kernels", "dequantize", "fake_quantize", "gemm", "hadamard", "moe_gemm", "moe_route", "override",
     "quantize", "reset_kernel", "set_kernel",
+    "attention", "gelu_mul", "layer_norm", "rms_norm", "rope", "sample", "silu_mul",
 ]

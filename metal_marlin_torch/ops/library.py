@@ -66,6 +66,23 @@ SCHEMAS: dict[str, str] = {
         "kv_attention(Tensor q, Tensor k_packed, Tensor k_norms, Tensor v_packed, Tensor v_norms, Tensor codebook, "
         "SymInt length, int bits, float scale) -> Tensor"
     ),
+    # decoder-layer ops (ops/layer.py, issue 22): norms with an optional fused residual add
+    # (returns [y] or [y, x + residual]), gated activations (up=None: gate is [..., 2I]), RoPE
+    "rms_norm": "rms_norm(Tensor x, Tensor weight, Tensor? residual, float eps) -> Tensor[]",
+    "layer_norm": "layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps) -> Tensor[]",
+    "silu_mul": "silu_mul(Tensor gate, Tensor? up) -> Tensor",
+    "gelu_mul": "gelu_mul(Tensor gate, Tensor? up) -> Tensor",
+    "rope": (
+        "rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
+        "-> (Tensor, Tensor)"
+    ),
+    # token sampling (ops/sampling.py): one uniform draw per row -> int64 [B]
+    "sample": (
+        "sample(Tensor logits, Tensor uniforms, Tensor? prev_tokens, float repetition_penalty, float temperature, "
+        "int top_k, float top_p, float min_p) -> Tensor"
+    ),
+    # attention over fp16/bf16/fp32 K/V (ops/attention.py): GQA, causal, sliding window (0 = none)
+    "attention": "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor",
 }
 
 for _schema in SCHEMAS.values():

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .._native import load_extension, note_fallback
-from . import kv, moe, moe_route, reference
+from . import attention, kv, layer, moe, moe_route, reference, sampling
 from .library import LIB, NAMESPACE, SCHEMAS
 
 log = logging.getLogger("metal_marlin_torch")
@@ -32,6 +32,9 @@ REFERENCE: dict[str, Callable] = {
     "moe_gemm_backward": moe.moe_gemm_backward,
     "moe_route": moe_route.moe_route,
     **kv.REFERENCE,  # quantized KV cache ops
+    **layer.REFERENCE,  # decoder-layer ops: norms, gated activations, RoPE
+    **sampling.REFERENCE,  # token sampling
+    **attention.REFERENCE,  # attention over unquantized K/V
 }
 _active: dict[tuple[str, str], tuple[str, Callable]] = {}
 

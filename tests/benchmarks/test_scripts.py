@@ -64,3 +64,15 @@ def test_bench_decode_cpu_tiny_model(tmp_path):
 def test_bench_decode_rejects_one_token():
     with pytest.raises(SystemExit):
         bench_decode.main(["--model", "x", "--new-tokens", "1"])
+
+
+def test_bench_layer_ops_cpu_rows(tmp_path):
+    from benchmarks import bench_layer_ops  # noqa: PLC0415
+
+    out = tmp_path / "layer.json"
+    bench_layer_ops.main(["--device", "cpu", "--m", "1,3", "--kv", "8", "--hidden", "64", "--inter", "96",
+                          "--heads", "4,2,16", "--rounds", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    ops_m = {(r["op"], r["M"]) for r in result["rows"]}
+    assert {("rms_norm+residual", 1), ("rope", 3), ("attention", 3), ("silu_mul", 1)} <= ops_m
+    assert all(r["stock_ms"] > 0 and r["marlin_ms"] > 0 and r["kernel"] == "torch" for r in result["rows"])

@@ -1,0 +1,67 @@
+"""marlin::attention's pure-torch kernel against scaled_dot_product_attention, opcheck, and
+attn_implementation="marlin" (io/attention.py) on the test Llama against SDPA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+from metal_marlin_torch import emulator, ops
+from metal_marlin_torch.ops.attention import attention_mask
+
+
+@pytest.mark.parametrize(("sq", "sk", "causal", "window"), [(1, 9, True, 0), (6, 6, True, 0), (3, 10, True, 4),
+                                                            (4, 7, False, 0)])
+def test_equals_sdpa(sq, sk, causal, window):
+    q, k, v = torch.randn(2, 6, sq, 32), torch.randn(2, 2, sk, 32), torch.randn(2, 2, sk, 32)
+    mask = attention_mask(sq, sk, causal, window)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ops.attention(q, k, v, causal=causal, window=window), want, rtol=1e-5, atol=1e-5)
+    if window:  # the window removes keys: differs from the plain causal result
+        assert not torch.allclose(ops.attention(q, k, v), want)
+
+
+def test_mask_is_transformers_sliding_window():
+    from transformers.masking_utils import sliding_window_causal_mask_function  # noqa: PLC0415
+
+    fn = sliding_window_causal_mask_function(3)
+    t = torch.tensor
+    want = torch.tensor([[bool(fn(t(0), t(0), t(q + 4), t(kv))) for kv in range(7)] for q in range(3)])
+    assert torch.equal(attention_mask(3, 7, True, 3), want)
+
+
+def test_opcheck():
+    opcheck(torch.ops.marlin.attention, (torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16),
+                                         0.25, True, 2))
+
+
+MODEL = "/work/shared/models/pylm-s"
+
+
+@pytest.mark.skipif(not os.path.isdir(MODEL), reason=f"test model {MODEL} not present")
+def test_llama_attn_implementation_marlin_equals_sdpa():
+    import transformers  # noqa: PLC0415
+
+    from metal_marlin_torch.io.attention import register_attention  # noqa: PLC0415
+
+    register_attention()
+    sdpa = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="sdpa")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32,
+                                                             attn_implementation="marlin")
+    ids = torch.tensor([[0, 17, 400, 9, 1200, 33, 5]])
+    with torch.no_grad():
+        a, b = sdpa(ids).logits, ours(ids).logits
+    # stated bound: fp32 attention in another summation order, through 6 layers
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    want = sdpa.generate(ids, **kw)
+    assert torch.equal(ours.generate(ids, **kw), want)  # decode steps over the KV cache too
+    if emulator.available():
+        with emulator.use() as session:  # the emulated Metal kernel in every attention layer
+            got = ours.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert "attention" in session.calls
+        assert torch.equal(got, want[:, : ids.shape[1] + 2])

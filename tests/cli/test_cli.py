@@ -63,3 +63,6 @@ def test_quantize_at_a_bit_budget(tmp_path, pylm_s_path, capsys):
     plan = cfg["budget"]["plan"]
     assert {n: [s["format"], s["group_size"]] for n, s in cfg["layers"].items()} == plan
     assert len({tuple(v) for v in plan.values()}) > 1  # mixed: the budget is spent unevenly
+    model = load_quantized(out)  # each layer loads with its own format and group
+    layers = {n: [m.format, m.group_size] for n, m in model.named_modules() if hasattr(m, "group_size")}
+    assert layers == plan

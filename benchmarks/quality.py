@@ -19,6 +19,12 @@ per row in the JSON, so an interrupted run continues. Writes
 ``benchmarks/results/quality.{json,md}``.
 
     PYTHONPATH=. python3 benchmarks/quality.py
+
+Budget mode (issue 20): ``--budgets 2.5 3.5 4.25 4.5 5.5`` quantizes with
+``QuantConfig(bits_per_weight=B)`` (per-layer format and group from measured sensitivity,
+``quant/budget.py``) by ``--budget-method`` (default gptq) for each budget instead of the
+format sweep, and writes ``benchmarks/results/quality_budget.{json,md}`` beside the peer rows
+of issue 20's table (MLX affine, HQQ: measured there with the same protocol, not re-run here).
 """
 
 from __future__ import annotations
@@ -96,6 +102,86 @@ SENTENCES = (
 )
 
 GPTQ_OPTIONS = {"damp": 0.01, "block_size": 128, "act_order": True, "scale_search": True}
+
+
+# issue 20's table (pylm-s, 24 x 512 held-out tokens, KL vs dense fp32): the best single-format
+# result per budget before budgets existed, the calibration-free peers, the goal. Not re-run here.
+PEER_ROWS: dict[float, dict[str, str]] = {
+    2.5: {"before": "0.351 (gptq int2 g128)", "mlx": "0.914 (2-bit g64)", "hqq": "1.113 (2-bit g64)",
+          "goal": "<= 0.167"},
+    3.5: {"before": "0.0779 (mr-gptq int3 g64)", "mlx": "0.167 (3-bit g64)", "hqq": "0.153 (3-bit g64)",
+          "goal": "<= 0.044"},
+    4.25: {"before": "0.0186 (gptq nf4 g64)", "mlx": "0.0443 (4-bit g128)", "hqq": "0.0423 (4-bit g128)",
+           "goal": "<= 0.012"},
+    4.5: {"before": "0.0172 (mr-gptq nf4 g32)", "mlx": "0.0364 (4-bit g64)", "hqq": "0.0329 (4-bit g64)",
+          "goal": "<= 0.0110"},
+    5.5: {"before": "0.0172", "mlx": "0.0288 (4-bit g32)", "hqq": "0.0247 (4-bit g32)", "goal": "<= 0.0050"},
+}
+
+
+def budget_config(bits: float, method: str, n_samples: int, seq_len: int) -> QuantConfig:
+    """``QuantConfig(bits_per_weight=bits)`` for ``method`` with the sweep's GPTQ options."""
+    opts: dict[str, Any] = {"n_samples": n_samples, "seq_len": seq_len}
+    if method != "rtn":
+        opts.update(GPTQ_OPTIONS)
+    return QuantConfig(bits_per_weight=bits, method=method, method_options=opts)
+
+
+def run_budgets(bench: Any, budgets: list[float], method: str, cache: dict[str, Any], save) -> None:
+    for bits in budgets:
+        key = f"{bench.name}|budget {bits:g}|{method}"
+        if key in cache:
+            continue
+        cfg = budget_config(bits, method, bench.calib.shape[0], bench.calib.shape[1])
+        holder: dict[str, Any] = {}
+
+        def apply_budget(m: torch.nn.Module, cfg: QuantConfig = cfg, holder: dict = holder) -> None:
+            kw = {} if cfg.method == "rtn" else {"progress": False}
+            holder["summary"] = quantize_model(m, cfg, calibration=bench.calib, **kw)
+
+        model, qtime, bpw = quantized_copy(bench.base, apply_budget, bench.calib[:1, :64])
+        plan = holder["summary"].budget
+        row = {"model": bench.name, "budget": bits, "method": method, "bits_per_weight": bpw,
+               "quantize_s": qtime, "plan": plan.histogram(), "layers": plan.to_dict()["plan"],
+               **bench.score(model)}
+        cache[key] = row
+        save()
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                          if k != "layers" and not isinstance(v, dict)}), flush=True)
+
+
+def budget_markdown(result: dict[str, Any]) -> str:
+    out = ["# Quality at a bit budget (issue 20)\n\n",
+           "Written by `benchmarks/quality.py --budgets ...`: `QuantConfig(bits_per_weight=B)` chooses each "
+           "layer's format and group (diagonal-Fisher sensitivity of round-to-nearest error, knapsack; "
+           "`quant/budget.py`), then the method quantizes. Bits per weight count codes, scales and biases "
+           "of every Linear but lm_head.\n",
+           f"Settings: {json.dumps(result.get('settings', {}))}.\n"]
+    for m in result["models"]:
+        rows = sorted((r for r in result["rows"].values() if r["model"] == m["name"]),
+                      key=lambda r: (r["budget"], r["method"]))
+        out.append(f"\n## {m['name']}\n\nRun on {m.get('device_name', '?')} (`--device {m.get('device', 'cpu')}`), "
+                   f"{m.get('threads', '?')} threads, machine shared with other jobs (times are wall, contended). "
+                   f"Evaluation: {m['eval']}. Calibration: {m['calibration']}.\n")
+        plans = "\n".join(f"- budget {r['budget']:g} ({r['method']}): "
+                          + ", ".join(f"{k} x{v}" for k, v in r["plan"].items()) for r in rows)
+        if m["name"] == "pylm-s":
+            ref = m["reference"]
+            out.append(f"Unquantized: perplexity {ref['perplexity']:.4f}. Peer columns: issue 20's table "
+                       "(same protocol; not re-run here).\n\n")
+            out.append(md_table(
+                ["budget", "method", "bits/weight", "perplexity", "mean KL", "KL p99", "top-1 agree",
+                 "quantize s", "best single format before", "MLX affine", "HQQ", "goal"],
+                [[r["budget"], r["method"], r["bits_per_weight"], r["perplexity"], r["kl_mean"],
+                  r["kl_percentiles"]["p99"], r["top1_agreement"], r["quantize_s"],
+                  *PEER_ROWS.get(r["budget"], {}).values()] for r in rows]))
+        else:
+            out.append("\n" + md_table(
+                ["budget", "method", "bits/weight", "cosine mean", "cosine min", "quantize s"],
+                [[r["budget"], r["method"], r["bits_per_weight"], r["cosine_mean"], r["cosine_min"],
+                  r["quantize_s"]] for r in rows]))
+        out.append(f"\nPlans (layers per format and group):\n\n{plans}\n")
+    return "".join(out)
 
 
 def quant_config(fmt: str, group: int | None, method: str, n_samples: int, seq_len: int) -> QuantConfig:
@@ -226,9 +312,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--stdlib", default=None, help="stdlib folder for eval/calibration text (default: this Python's)")
-    ap.add_argument("--out", default=str(RESULTS / "quality"))
+    ap.add_argument("--out", default=None, help="output stem (default results/quality, or quality_budget)")
+    ap.add_argument("--budgets", nargs="*", type=float, default=None,
+                    help="budget mode: bits per weight to quantize at (e.g. 2.5 3.5 4.25 4.5 5.5)")
+    ap.add_argument("--budget-method", default="gptq", choices=("rtn", "gptq", "mr-gptq"))
     args = ap.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("quality_budget" if args.budgets else "quality"))
     jpath = out.with_suffix(".json")
     result: dict[str, Any] = json.loads(jpath.read_text()) if jpath.exists() else {"rows": {}, "models": []}
     result["machine"] = machine()
@@ -248,11 +337,19 @@ def main() -> None:
         benches.append(MiniLMBench(args.device, args.stdlib))
     for bench in benches:
         info = {"name": bench.name, "eval": bench.eval_desc, "calibration": bench.calib_desc,
-                "reference": bench.reference(), "device": args.device,
+                "reference": bench.reference(), "device": args.device, "threads": torch.get_num_threads(),
                 "device_name": result["machine"].get("device", result["machine"]["cpu"])}
         result["models"] = [m for m in result["models"] if m["name"] != bench.name] + [info]
+        if args.budgets:
+            run_budgets(bench, args.budgets, args.budget_method, cache, save)
+            continue
         plan = [(f, 128, m) for f in args.formats for m in args.methods]
         run_rows(bench, plan, cache, save)
+    if args.budgets:
+        save()
+        write_text(out.with_suffix(".md"), budget_markdown(result))
+        print(budget_markdown(result))
+        return
     best = best_4bit(cache)
     result["best_4bit"] = best
     for bench in benches:

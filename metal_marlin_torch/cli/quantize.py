@@ -36,6 +36,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="group size: 32/64/128/256, -1 per-channel (default: 128, or the format's)")
     p.add_argument("--method", default="rtn", choices=METHODS, help="quantizer (default rtn)")
+    p.add_argument("--bits", type=float, default=None, metavar="B",
+                   help="bit budget: stored bits per weight of the quantized layers (e.g. 3.5); each layer's "
+                        "format and group are chosen from measured sensitivity (needs calibration text, see "
+                        "below; --format/--group-size are then ignored, --mixed rules pin their layers)")
     p.add_argument("--mixed", action="store_true",
                    help="mixed precision: attention and down_proj fp4, rest of the MLP nf3")
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB",
@@ -95,12 +99,16 @@ def run(args: argparse.Namespace) -> int:
     from ..io.hf import check_source, load_pretrained, tokenizer_files  # noqa: PLC0415
     from ..nn import DEFAULT_EXCLUDE, MIXED_4_3_RULES, QuantConfig, quantize_model  # noqa: PLC0415
 
+    budget = args.bits is not None
+    options = gptq_options(args) if args.method != "rtn" else {}
+    if budget and args.method == "rtn":  # the sensitivities read calibration windows of this length
+        options = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len}
     config = QuantConfig(
         format=args.format, group_size=args.group_size, method=args.method,
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
         rules=MIXED_4_3_RULES if args.mixed else (),
         dtype_config=DTypeConfig(scales=args.scales),
-        method_options=gptq_options(args) if args.method != "rtn" else {},
+        method_options=options, bits_per_weight=args.bits,
     )
     # the cheap checks first: a bad path should not cost a quantization run
     max_shard_size = shard_size(args.max_shard_size)
@@ -109,8 +117,11 @@ def run(args: argparse.Namespace) -> int:
     if args.stream is None:
         from ..io.streaming import is_sharded  # noqa: PLC0415
 
-        args.stream = args.method == "rtn" and is_sharded(args.src)
+        args.stream = args.method == "rtn" and not budget and is_sharded(args.src)
     if args.stream:
+        if budget:
+            raise ValueError("--stream quantizes shard by shard and cannot measure the sensitivities a --bits "
+                             "budget needs; use --no-stream")
         if args.method != "rtn":
             raise ValueError(f"--stream quantizes shard by shard and supports --method rtn only, got {args.method}")
         return run_streaming(args, config)
@@ -120,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     # skipped layers are listed below (print_skipped); quantize_model's own warnings would repeat them
     warnings.filterwarnings("ignore", message="metal_marlin_torch: leaving", category=UserWarning)
     try:
-        if args.method == "rtn":
+        if args.method == "rtn" and not budget:
             summary = quantize_model(model, config)
         else:
             from transformers import AutoTokenizer  # noqa: PLC0415
@@ -130,8 +141,10 @@ def run(args: argparse.Namespace) -> int:
                                      device=args.device or default_device(), work_dir=work_dir)
         print(summary)
         print_skipped(summary.skipped)
-        out = save_quantized(model, args.out, max_shard_size=max_shard_size,
-                             extra_config={"method": args.method, "config": config.to_dict()},
+        extra = {"method": args.method, "config": config.to_dict()}
+        if summary.budget is not None:  # the plan and achieved bits (layers also record their own setting)
+            extra["budget"] = summary.budget.to_dict()
+        out = save_quantized(model, args.out, max_shard_size=max_shard_size, extra_config=extra,
                              copy_files=tokenizer_files(args.src))
     except OSError as err:
         if args.method == "rtn" or not Path(work_dir).is_dir():

@@ -48,6 +48,16 @@ class QuantConfig:
         method_options: extra options of the method (e.g. GPTQ damping).
         experts: also convert fused mixture-of-experts modules (transformers 5's 3-D
             ``gate_up_proj``/``down_proj`` experts) to ``MarlinExperts``; False leaves them dense.
+        bits_per_weight: a bit budget: stored bits per weight (codes, scales, biases) over the
+            converted ``nn.Linear`` layers. Each layer not pinned by ``rules`` then gets the
+            format and group among ``candidates`` that minimize the model's predicted error
+            under the budget (``quant/budget.py``; needs calibration text or tokens as GPTQ
+            does). None: every layer gets ``format``/``group_size`` (or its rule).
+        candidates: ``(format, group_size)`` pairs the budget chooses from; None = the
+            default set of ``quant.budget.DEFAULT_CANDIDATES`` (int2/3/4/8, nf3/nf4 at
+            groups 32-128).
+        budget_samples: calibration windows used to measure the sensitivities (a backward
+            pass per 4 windows).
     """
 
     format: str = "fp4"
@@ -59,6 +69,9 @@ class QuantConfig:
     dtype_config: DTypeConfig | None = None
     method_options: dict[str, Any] = field(default_factory=dict)
     experts: bool = True
+    bits_per_weight: float | None = None
+    candidates: tuple[tuple[str, int], ...] | None = None
+    budget_samples: int = 16
 
     def __post_init__(self) -> None:
         fmt = F.get_format(self.format)
@@ -80,12 +93,41 @@ class QuantConfig:
                     f"overridden, got {sorted(bad)}"
                 )
             self.plan_for("", overrides)  # validates the override's format/group
+        if self.bits_per_weight is not None:
+            bpw = self.bits_per_weight
+            if isinstance(bpw, bool) or not isinstance(bpw, (int, float)) or not 1.0 <= bpw <= 32.0:
+                raise ValueError(f"QuantConfig.bits_per_weight must be a number in [1, 32] or None, got {bpw!r}")
+            self.bits_per_weight = float(bpw)
+        if self.candidates is not None:
+            self.candidates = tuple((str(f), int(g)) for f, g in self.candidates)
+            if not self.candidates:
+                raise ValueError("QuantConfig.candidates must name at least one (format, group_size), got ()")
+            for fmt_name, group in self.candidates:
+                fmt = F.get_format(fmt_name)
+                if group not in fmt.group_sizes:
+                    raise ValueError(f"QuantConfig.candidates: format {fmt_name!r} takes group_size in "
+                                     f"{fmt.group_sizes}, got {group!r}")
+        if isinstance(self.budget_samples, bool) or not isinstance(self.budget_samples, int) \
+                or self.budget_samples < 1:
+            raise ValueError(f"QuantConfig.budget_samples must be a positive int, got {self.budget_samples!r}")
+
+    def budget_candidates(self) -> tuple[tuple[str, int], ...]:
+        """The ``(format, group_size)`` pairs a bit budget chooses from."""
+        if self.candidates is not None:
+            return self.candidates
+        from ..quant.budget import DEFAULT_CANDIDATES  # noqa: PLC0415 (quant sits above nn)
+
+        return DEFAULT_CANDIDATES
 
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` is to be converted."""
         if any(fnmatchcase(name, p) for p in self.exclude):
             return False
         return self.include is None or any(fnmatchcase(name, p) for p in self.include)
+
+    def pinned(self, name: str) -> bool:
+        """Whether a rule fixes the setting of the layer called ``name`` (a bit budget leaves it)."""
+        return any(fnmatchcase(name, p) for p, _ in self.rules)
 
     def plan(self, name: str) -> LayerPlan:
         """The format and group size for the layer called ``name``."""
@@ -124,4 +166,6 @@ class QuantConfig:
             "include": list(self.include) if self.include is not None else None,
             "exclude": list(self.exclude), "rules": [[p, o] for p, o in self.rules],
             "method_options": dict(self.method_options), "experts": self.experts,
+            "bits_per_weight": self.bits_per_weight,
+            "candidates": None if self.candidates is None else [list(c) for c in self.candidates],
         }

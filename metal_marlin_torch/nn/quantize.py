@@ -29,16 +29,29 @@ class QuantizeSummary:
         skipped: selected layers left as they were -> reason (shape the format cannot take).
         bytes_before: bytes of the converted layers' weights and biases before.
         bytes_after: the same layers' bytes after (packed codes, scales, biases).
+        quant_bits: stored bits of the converted ``nn.Linear`` layers' codes, scales, biases,
+            global scales and rotation signs (not their own bias vectors): what a bit budget
+            counts.
+        quant_weights: number of weights of those layers.
+        budget: the allocation (``quant.budget.BudgetPlan``) when the config has a bit budget.
     """
 
     layers: dict[str, tuple[str, int]] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
+    quant_bits: int = 0
+    quant_weights: int = 0
+    budget: Any = None
 
     @property
     def compression(self) -> float:
         return self.bytes_before / self.bytes_after if self.bytes_after else 1.0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight of the converted ``nn.Linear`` layers (see ``quant_bits``)."""
+        return self.quant_bits / self.quant_weights if self.quant_weights else 0.0
 
     def __str__(self) -> str:
         skipped = f" ({len(self.skipped)} skipped: {', '.join(list(self.skipped)[:4])}" \
@@ -46,13 +59,20 @@ class QuantizeSummary:
         return (
             f"quantized {len(self.layers)} layers{skipped}: "
             f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB "
-            f"({self.compression:.2f}x)"
+            f"({self.compression:.2f}x), {self.bits_per_weight:.4f} bits/weight"
+            + (f"\n{self.budget}" if self.budget is not None else "")
         )
 
 
 def _tensor_bytes(module: nn.Module) -> int:
     tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def stored_bits(layer: MarlinLinear) -> int:
+    """Bits of ``layer``'s codes, scales, biases, global scale and rotation signs."""
+    tensors = (layer.weight, layer.scales, layer.biases, layer.global_scale, layer.rotation_signs)
+    return sum(t.numel() * t.element_size() * 8 for t in tensors if t is not None)
 
 
 def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[dict[str, LayerPlan], dict[str, str]]:
@@ -63,6 +83,16 @@ def plan_layers(model: nn.Module, config: QuantConfig) -> tuple[dict[str, LayerP
         if type(module) is not nn.Linear or not config.selects(name):
             continue
         plan = config.plan(name)
+        if config.bits_per_weight is not None and not config.pinned(name):
+            # a bit budget chooses the setting later: the layer needs one candidate that fits
+            fits = [LayerPlan(f, g) for f, g in config.budget_candidates()
+                    if g == -1 or module.in_features % g == 0]
+            if fits:
+                plans[name] = fits[0]
+            else:
+                skipped[name] = (f"no bit-budget candidate fits in_features K={module.in_features} "
+                                 f"(candidates {config.budget_candidates()})")
+            continue
         try:
             F.get_format(plan.format).check_group_size(plan.group_size, module.in_features)
         except ValueError as err:
@@ -122,19 +152,27 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         if config.method not in QUANTIZERS:
             raise ValueError(f"quantize_model: method {config.method!r} is not available")
     plans, skipped = plan_layers(model, config)
+    budget = None
+    if config.bits_per_weight is not None and plans:
+        from ..quant.budget import plan_budget  # noqa: PLC0415 (quant sits above nn)
+
+        budget = plan_budget(model, plans, config, **method_kwargs)
+        plans = budget.plans
     expert_plans, expert_skipped = plan_experts(model, config)
     skipped.update(expert_skipped)
     for name, reason in skipped.items():  # a warning the user sees (Python shows UserWarnings by default)
         warnings.warn(f"metal_marlin_torch: leaving {name} unquantized: {reason}", UserWarning, stacklevel=2)
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
     QUANTIZERS[config.method](model, plans, config, **method_kwargs)
-    summary = QuantizeSummary(skipped=skipped)
+    summary = QuantizeSummary(skipped=skipped, budget=budget)
     for name in plans:
         module = model.get_submodule(name)
         if isinstance(module, MarlinLinear):
             summary.layers[name] = (module.format, module.group_size)
             summary.bytes_before += before[name]
             summary.bytes_after += _tensor_bytes(module)
+            summary.quant_bits += stored_bits(module)
+            summary.quant_weights += module.in_features * module.out_features
     if expert_plans and config.method != "rtn":
         log.info("metal_marlin_torch: experts are quantized by rtn (%s applies to nn.Linear layers)", config.method)
     dtype_config = resolve(config.dtype_config)

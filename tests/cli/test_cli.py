@@ -38,3 +38,31 @@ def test_demo_runs(capsys):
     cos_mean = float(row.split("|")[4])
     assert cos_mean > 0.999  # int8 keeps sentence embeddings nearly identical
     assert "identical embeddings" in out
+
+
+def test_quantize_at_a_bit_budget(tmp_path, pylm_s_path, capsys):
+    import shutil
+
+    from tests.conftest import tiny_llama
+
+    src = tmp_path / "tiny"  # a tiny Llama with pylm-s's tokenizer: the budget path end to end, fast
+    torch.manual_seed(0)
+    tiny_llama(vocab=4096).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(pylm_s_path / name, src / name)
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return [x + i for i in range(10)]\n" * 200)
+    out = tmp_path / "tiny-3.5"
+    assert main(["quantize", str(src), str(out), "--bits", "3.5", "--calibration", str(text),
+                 "--calib-samples", "2", "--calib-seq-len", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "bit budget 3.5 bits/weight" in printed
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert 3.3 < cfg["budget"]["achieved_bits_per_weight"] <= 3.5
+    assert cfg["config"]["bits_per_weight"] == 3.5
+    plan = cfg["budget"]["plan"]
+    assert {n: [s["format"], s["group_size"]] for n, s in cfg["layers"].items()} == plan
+    assert len({tuple(v) for v in plan.values()}) > 1  # mixed: the budget is spent unevenly
+    model = load_quantized(out)  # each layer loads with its own format and group
+    layers = {n: [m.format, m.group_size] for n, m in model.named_modules() if hasattr(m, "group_size")}
+    assert layers == plan

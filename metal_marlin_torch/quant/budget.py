@@ -1,0 +1,355 @@
+"""Bit budgets: per-layer format and group chosen to minimize the model's error at a given
+number of stored bits per weight (``QuantConfig(bits_per_weight=3.5)``).
+
+Three steps:
+
+1. **Sensitivity** (:func:`fisher_diagonals`): the diagonal of the Fisher information of each
+   selected layer's weight, from calibration windows. For a model with ``logits`` the labels
+   are *sampled from the model's own distribution*, so the Fisher is the expected Hessian of
+   the KL divergence to the dense model: a weight error ``d`` costs about
+   ``0.5 * sum(F * d**2)`` nats of mean KL per token. For other models (encoders) the loss is
+   a random projection ``<r, h>`` of the main output with ``r ~ N(0, 1)``, whose squared
+   gradient estimates ``J^T J``: the cost is then half the mean squared output change. Both
+   are unbiased with several windows per backward pass (the per-token score has zero mean
+   under the sampled labels, so cross terms vanish in expectation). One backward pass per
+   batch, no per-candidate forward passes: the cheapest measure that weighs layers against
+   each other in the model's own units (a layer's output error alone does not say how much
+   the rest of the network amplifies it).
+2. **Candidates** (:func:`layer_costs`): for every layer and every candidate (format, group)
+   that fits its shape, the exact stored bits (codes, scales, biases, global scale and
+   rotation signs, as the layer will hold them) and the predicted cost of the
+   round-to-nearest quantized weight.
+3. **Allocation** (:func:`allocate`): the multiple-choice knapsack (one candidate per layer,
+   least total predicted cost, total bits within the budget) solved by dynamic programming.
+   Layers pinned by ``QuantConfig.rules`` keep their setting and their bits count against
+   the budget.
+
+The method (RTN, GPTQ, MR-GPTQ) then quantizes each layer with its allocated setting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import formats as F
+from ..dtypes import resolve
+from ..nn.config import LayerPlan, QuantConfig
+
+log = logging.getLogger("metal_marlin_torch")
+
+# (format, group) pairs tried by default: integer and NormalFloat grids from 2 to 8 bits at
+# the groups every kernel takes. fp4/mxfp4/nvfp4 are left out: at equal bits nf4/int4 are
+# ahead in the quality table (benchmarks/results/quality.md), so they would only add noise.
+DEFAULT_CANDIDATES: tuple[tuple[str, int], ...] = (
+    ("int2", 32), ("int2", 64), ("int2", 128),
+    ("nf3", 64), ("nf3", 128), ("int3", 32), ("int3", 64), ("int3", 128),
+    ("nf4", 32), ("nf4", 64), ("nf4", 128), ("int4", 32), ("int4", 64), ("int4", 128),
+    ("int8", 32), ("int8", 64), ("int8", 128),
+)
+DEFAULT_FISHER_SAMPLES = 16  # calibration windows for the Fisher (a backward pass per batch)
+FISHER_BATCH = 4
+
+
+@dataclass
+class Candidate:
+    """One way to store one layer: its setting, stored bits and predicted cost (nats)."""
+
+    format: str
+    group_size: int
+    bits: int
+    cost: float
+
+
+@dataclass
+class BudgetPlan:
+    """The allocation of :func:`plan_budget`.
+
+    Attributes:
+        target: requested bits per weight.
+        achieved: stored bits per weight of the plan over the planned layers (<= target).
+        plans: layer name -> :class:`LayerPlan`.
+        pinned: names of the layers whose setting a rule fixed.
+        cost: predicted cost (nats of mean KL per token, or half the mean squared output
+            change for models without logits) of each layer at its chosen setting.
+        weights: number of weights of each layer.
+    """
+
+    target: float
+    achieved: float
+    plans: dict[str, LayerPlan] = field(default_factory=dict)
+    pinned: list[str] = field(default_factory=list)
+    cost: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, int] = field(default_factory=dict)
+
+    def histogram(self) -> dict[str, int]:
+        """``"format g{group}" -> number of layers`` of the plan."""
+        out: dict[str, int] = {}
+        for p in self.plans.values():
+            key = f"{p.format} g{p.group_size}"
+            out[key] = out.get(key, 0) + 1
+        return dict(sorted(out.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bits_per_weight": self.target, "achieved_bits_per_weight": self.achieved,
+                "predicted_cost": sum(self.cost.values()), "pinned": list(self.pinned),
+                "plan": {n: [p.format, p.group_size] for n, p in self.plans.items()}}
+
+    def __str__(self) -> str:
+        parts = ", ".join(f"{k}: {v}" for k, v in self.histogram().items())
+        return (f"bit budget {self.target:g} bits/weight: {self.achieved:.4f} achieved over "
+                f"{len(self.plans)} layers ({len(self.pinned)} pinned by rules); {parts}")
+
+
+def _main_output(out: Any) -> tuple[torch.Tensor, bool]:
+    """``(tensor, is_logits)``: the model's logits, else its main hidden output."""
+    if getattr(out, "logits", None) is not None:
+        return out.logits, True
+    if getattr(out, "last_hidden_state", None) is not None:
+        return out.last_hidden_state, False
+    if isinstance(out, (tuple, list)):
+        return out[0], False
+    if isinstance(out, torch.Tensor):
+        return out, False
+    raise ValueError(f"fisher_diagonals: cannot find the output tensor of the model (got {type(out).__name__})")
+
+
+def fisher_diagonals(
+    model: nn.Module, names: Iterable[str], tokens: torch.Tensor, batch_size: int = FISHER_BATCH,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher ``float32 [N, K]`` per output token of the weights of the ``nn.Linear``
+    layers called ``names``, from calibration windows ``tokens int64 [n, L]`` (module doc).
+
+    The model's parameters are left as they were (``requires_grad`` restored, gradients
+    cleared); its mode is set to eval for the passes and restored."""
+    names = list(names)
+    if tokens.dim() != 2 or tokens.dtype != torch.int64:
+        raise ValueError(f"fisher_diagonals: tokens must be int64 [n, L], got {tokens.dtype} {tuple(tokens.shape)}")
+    layers = {n: model.get_submodule(n) for n in names}
+    params = list(model.parameters())
+    old_grad = [p.requires_grad for p in params]
+    was_training = model.training
+    fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
+              for n, m in layers.items()}
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    n_tokens = 0
+    cfg = getattr(model, "config", None)
+    use_cache = getattr(cfg, "use_cache", None)
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for m in layers.values():
+            m.weight.requires_grad_(True)
+        if use_cache is not None:
+            cfg.use_cache = False
+        model.eval()
+        for start in range(0, tokens.shape[0], batch_size):
+            batch = tokens[start:start + batch_size].to(device)
+            out, is_logits = _main_output(model(input_ids=batch))
+            out = out.float()
+            if is_logits:
+                # logits: labels drawn from the model's own distribution (true Fisher of the KL)
+                logp = torch.log_softmax(out, dim=-1)
+                probs = logp.detach().exp().reshape(-1, out.shape[-1]).cpu()
+                labels = torch.multinomial(probs, 1, generator=gen).to(device)
+                loss = -logp.reshape(-1, out.shape[-1]).gather(1, labels).sum()
+                n_tokens += labels.numel()
+            else:
+                r = torch.randn(out.shape, generator=gen).to(device)
+                loss = (out * r).sum()
+                n_tokens += out[..., 0].numel()
+            # allow_unused: a layer the main output does not depend on (BERT's pooler beside
+            # last_hidden_state) gets zero sensitivity, hence the cheapest setting
+            grads = torch.autograd.grad(loss, [m.weight for m in layers.values()], allow_unused=True)
+            for n, g in zip(layers, grads, strict=True):
+                if g is not None:
+                    fisher[n] += g.float().square()
+    finally:
+        for p, r in zip(params, old_grad, strict=True):
+            p.requires_grad_(r)
+        if use_cache is not None:
+            cfg.use_cache = use_cache
+        model.train(was_training)
+    return {n: f / max(n_tokens, 1) for n, f in fisher.items()}
+
+
+def stored_bits(fmt: str, group_size: int, n: int, k: int, scale_dtype: torch.dtype,
+                rotation_signs: bool = False) -> int:
+    """Exact stored bits of an ``[n, k]`` layer in ``fmt``/``group_size``: packed codes, scales,
+    biases, global scale, and (``rotation_signs``) the float32 signs of an MR-GPTQ rotation."""
+    spec = F.get_format(fmt)
+    g = spec.check_group_size(group_size, k)
+    bits = n * F.packed_words(k, spec.bits) * 32
+    scale_bytes = torch.empty((), dtype=spec.scale_dtype(scale_dtype)).element_size()
+    bits += n * (k // g) * scale_bytes * 8 * (2 if spec.has_biases else 1)
+    if spec.has_global_scale:
+        bits += 32
+    if rotation_signs:
+        bits += 32 * k
+    return bits
+
+
+def layer_costs(
+    weight: torch.Tensor, fisher: torch.Tensor, candidates: Iterable[tuple[str, int]],
+    scale_dtype: torch.dtype, rotation_signs: bool = False,
+) -> list[Candidate]:
+    """Every candidate that fits ``weight [N, K]``, with its stored bits and predicted cost
+    ``0.5 * sum(fisher * (W - RTN(W))**2)``."""
+    n, k = weight.shape
+    w = weight.detach().float()
+    out = []
+    for fmt, group in candidates:
+        spec = F.get_format(fmt)
+        try:
+            spec.check_group_size(group, k)
+        except ValueError:
+            continue
+        g = F.resolve_group_size(group, k)
+        groups = w.reshape(n, k // g, g)
+        params = spec.group_params(groups, spec.scale_dtype(scale_dtype))  # RTN, without packing
+        w_hat = spec.decode(spec.encode(groups, params), params).reshape(n, k)
+        cost = 0.5 * float((fisher * (w - w_hat).square()).sum())
+        out.append(Candidate(fmt, group, stored_bits(fmt, group, n, k, scale_dtype, rotation_signs), cost))
+    return out
+
+
+MAX_UNITS = 20000  # resolution of the knapsack: at most this many bit units per budget
+
+
+def allocate(options: dict[str, list[Candidate]], budget_bits: float) -> dict[str, Candidate]:
+    """Choose one candidate per layer: the least total cost with total bits <= ``budget_bits``.
+
+    A multiple-choice knapsack solved by dynamic programming over bit units: the unit is the
+    greatest common divisor of all candidates' bits (then the answer is exact), or coarser
+    when that would need more than :data:`MAX_UNITS` units, with every candidate's bits
+    rounded *up* to whole units so the plan can never exceed the budget; a final pass spends
+    what the rounding left on the single changes that lower the cost most and still fit.
+    Raises ``ValueError`` when even the cheapest choices exceed the budget."""
+    import math
+
+    import numpy as np
+
+    empty = [n for n, c in options.items() if not c]
+    if empty:
+        raise ValueError(f"allocate: layers {empty[:4]} have no candidate setting that fits their shape")
+    cheapest = sum(min(c.bits for c in cands) for cands in options.values())
+    if cheapest > budget_bits:
+        raise ValueError(f"allocate: the cheapest settings need {cheapest} bits, more than the budget "
+                         f"{budget_bits:.0f}")
+    names = list(options)
+    unit = 0
+    for cands in options.values():
+        for c in cands:
+            unit = math.gcd(unit, int(c.bits))
+    unit = max(unit, math.ceil(budget_bits / MAX_UNITS))
+    cap = int(budget_bits // unit)
+    best = np.zeros(cap + 1)  # best[u]: least cost of the layers so far within u units
+    picks = []
+    for name in names:
+        cands = options[name]
+        new = np.full(cap + 1, np.inf)
+        arg = np.zeros(cap + 1, dtype=np.int32)
+        for j, c in enumerate(cands):
+            w = -(-int(c.bits) // unit)  # rounded up: the plan stays within the budget
+            if w > cap:
+                continue
+            trial = np.full(cap + 1, np.inf)
+            trial[w:] = best[:cap + 1 - w] + c.cost
+            better = trial < new
+            new[better] = trial[better]
+            arg[better] = j
+        best = new
+        picks.append(arg)
+    if not np.isfinite(best[cap]):  # rounding up made the cheapest plan too large: take it anyway
+        choice = {n: min(options[n], key=lambda c: (c.bits, c.cost)) for n in names}
+    else:
+        choice = {}
+        u = cap
+        for name, arg in zip(reversed(names), reversed(picks), strict=True):
+            c = options[name][int(arg[u])]
+            choice[name] = c
+            u -= -(-int(c.bits) // unit)
+    used = sum(c.bits for c in choice.values())
+    while True:  # fill pass: the single change with the largest cost drop that fits
+        top: tuple[float, str, Candidate] | None = None
+        for name, cands in options.items():
+            cur = choice[name]
+            for c in cands:
+                if c.cost < cur.cost and used - cur.bits + c.bits <= budget_bits:
+                    gain = cur.cost - c.cost
+                    if top is None or gain > top[0]:
+                        top = (gain, name, c)
+        if top is None:
+            break
+        _, name, c = top
+        used += c.bits - choice[name].bits
+        choice[name] = c
+    return {n: choice[n] for n in names}
+
+
+def plan_budget(
+    model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, *,
+    calibration: Any = None, tokenizer: Any = None, **_: Any,
+) -> BudgetPlan:
+    """Per-layer settings for ``config.bits_per_weight`` over the layers of ``plans`` (those
+    :func:`~metal_marlin_torch.nn.quantize.plan_layers` selected). Layers matched by a rule of
+    ``config.rules`` keep their planned setting; the others get the allocation.
+
+    ``calibration``/``tokenizer``: as for GPTQ (:func:`~.calibration.load_calibration`; None:
+    the default standard-library text, which needs ``tokenizer``)."""
+    from .calibration import DEFAULT_SEED, DEFAULT_SEQ_LEN, load_calibration
+
+    target = float(config.bits_per_weight)
+    opts = config.method_options
+    sdt = resolve(config.dtype_config).torch_scales
+    signs = config.method == "mr-gptq" and bool(opts.get("rotation_signs", False))
+    n_fisher = min(int(opts.get("n_samples", DEFAULT_FISHER_SAMPLES)), config.budget_samples)
+    if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+        tokens = calibration[:n_fisher].to(torch.int64)
+    else:
+        tokens = load_calibration(calibration, tokenizer, n_samples=n_fisher,
+                                  seq_len=int(opts.get("seq_len", DEFAULT_SEQ_LEN)),
+                                  seed=int(opts.get("calibration_seed", DEFAULT_SEED)))
+    pinned = [n for n in plans if config.pinned(n)]
+    free = [n for n in plans if n not in pinned]
+    weights = {n: model.get_submodule(n).weight.numel() for n in plans}
+    total = sum(weights.values())
+    budget_bits = target * total
+    fixed_bits = 0
+    result = BudgetPlan(target, 0.0, pinned=pinned, weights=weights)
+    for n in pinned:
+        w = model.get_submodule(n).weight
+        fixed_bits += stored_bits(plans[n].format, plans[n].group_size, *w.shape, sdt, signs)
+    fisher = fisher_diagonals(model, free, tokens) if free else {}
+    options: dict[str, list[Candidate]] = {}
+    for n in free:
+        options[n] = layer_costs(model.get_submodule(n).weight, fisher.pop(n), config.budget_candidates(),
+                                 sdt, signs)
+    if fixed_bits > budget_bits:
+        raise ValueError(f"QuantConfig.bits_per_weight={target:g}: the layers pinned by rules alone need "
+                         f"{fixed_bits / total:.4f} bits per weight of the quantized layers")
+    try:
+        choice = allocate(options, budget_bits - fixed_bits) if free else {}
+    except ValueError as err:
+        cheapest = (fixed_bits + sum(min(c.bits for c in o) for o in options.values() if o)) / total
+        raise ValueError(f"QuantConfig.bits_per_weight={target:g} is below the cheapest plan of the candidate "
+                         f"settings ({cheapest:.4f} bits/weight): {err}") from None
+    used = fixed_bits
+    for n in plans:
+        if n in choice:
+            c = choice[n]
+            result.plans[n] = LayerPlan(c.format, c.group_size)
+            result.cost[n] = c.cost
+            used += c.bits
+        else:
+            result.plans[n] = plans[n]
+    result.achieved = used / total
+    log.info("metal_marlin_torch: %s", result)
+    return result

@@ -224,9 +224,10 @@ MUTANTS: list[Mutant] = [
            alternatives=(("csrc/metal/metal_launcher.mm",
                           "offset:b.tensor.storage_offset() * b.tensor.element_size()",
                           "offset:b.tensor.storage_offset()"),),
-           note="while the byte offset is computed in the Objective-C++ glue it runs only on macOS "
-                "(compiled here for syntax only); issue 'Metal trust 2' moves it into "
-                "csrc/ops/launcher.h, which the emulator's launcher uses, and the first edit then applies"),
+           # The byte offset is computed in csrc/ops/launcher.h (Binding), which the emulator's
+           # launcher runs too; the .mm edit is where it lived before ("Metal trust 2"), when this
+           # mutant ran only on macOS and was NOT CAUGHT here.
+           note="the byte offset is computed in shared host code the emulator runs: a pass is a test gap"),
     # ---- bounds, indices, reductions, bit twiddling ------------------------------------------
     Mutant("gemv-rows-drop-row", "off by one", "shaders/gemm.h",
            "const uint rows = min(uint(ROWS), args.m - m0);",

@@ -437,6 +437,15 @@ def inputs_digest(m: Mutant, files: dict[str, bytes]) -> str:
     return h.hexdigest()[:16]
 
 
+def code_digest(m: Mutant, files: dict[str, bytes]) -> str:
+    """The mutant's definition with the files it edits (not its tests): a row whose code
+    digest differs from the tested commit's ran on other sources."""
+    h = hashlib.sha256(m.digest().encode())
+    for rel in sorted({f for f, _, _ in m.edits()}):
+        h.update(rel.encode() + b"\0" + files.get(rel, b"") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def outcome(m: Mutant, result: str) -> str:
     if result == "fail":
         return "caught"
@@ -475,7 +484,7 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
         "is re-run by --resume when its edit, the edited file or its test files change). "
         "Each row is one planted bug applied alone to a scratch copy; the listed tests were run "
         "(pytest -x, the schedules of tests/metal/conftest.py); a row marked '(older sources)' ran before "
-        "its file or tests last changed and is re-run by --resume. Outcomes: "
+        "the file it edits last changed, and is re-run by --resume (as is a row whose tests changed). Outcomes: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)}).",
         "",
         "| id | class | file | planted change | tests | outcome | evidence / reason | s |",
@@ -542,8 +551,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         digests = {m.id: inputs_digest(m, files) for m in MUTANTS}
         if args.resume:
             rows = [r for r in prev if r["id"] in digests and r.get("digest") == digests[r["id"]]]
-        else:  # --only: the other rows stay, those that ran on older sources marked so
-            rows = [dict(r, stale=r.get("digest") != digests[r["id"]]) for r in prev if r["id"] in digests]
+        else:  # --only: the other rows stay, those whose code changed since they ran marked so
+            at: dict[str, dict[str, bytes]] = {}
+            rows = []
+            for r in prev:
+                if r["id"] not in digests:
+                    continue
+                m = by_id[r["id"]]
+                if r.get("digest") == digests[r["id"]]:
+                    rows.append(dict(r, stale=False))
+                    continue
+                try:
+                    old_files = at.setdefault(r["commit"], snapshot(REPO, r["commit"]))
+                except subprocess.CalledProcessError:  # a commit that is gone
+                    old_files = {}
+                rows.append(dict(r, stale=code_digest(m, old_files) != code_digest(m, files)))
         if args.resume:  # skip the chosen mutants that already have a current row
             done = {r["id"] for r in rows}
             chosen = [m for m in chosen if m.id not in done]

@@ -213,8 +213,10 @@ MUTANTS: list[Mutant] = [
            "  float acc[ROWS][R];", "  half acc[ROWS][R];",
            (GEMM, "-k", "m_sweep or long_k_decode")),
     Mutant("gemm-reduce-half", "data: long K", "shaders/gemm.h",
-           "  float s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];",
-           "  half s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];",
+           "  float s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];\n"
+           "  if (args.has_bias) s += bias[idx % args.n];\n  out[idx] = T(s);",
+           "  half s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];\n"
+           "  if (args.has_bias) s += bias[idx % args.n];\n  out[idx] = T(float(s));",  # bfloat(half) does not compile
            (GEMM, "-k", "split_k or padding")),
     # ---- code that never runs here (Objective-C++ glue) -------------------------------------
     Mutant("bind-offset-in-elements", "never runs here", "csrc/ops/launcher.h",

@@ -217,7 +217,7 @@ MUTANTS: list[Mutant] = [
            "  if (args.has_bias) s += bias[idx % args.n];\n  out[idx] = T(s);",
            "  half s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];\n"
            "  if (args.has_bias) s += bias[idx % args.n];\n  out[idx] = T(float(s));",  # bfloat(half) does not compile
-           (GEMM, "-k", "split_k or padding")),
+           (GEMM, "-k", "split_k")),
     # ---- code that never runs here (Objective-C++ glue) -------------------------------------
     Mutant("bind-offset-in-elements", "never runs here", "csrc/ops/launcher.h",
            "const size_t byte_offset = size_t(t.storage_offset()) * t.element_size();",

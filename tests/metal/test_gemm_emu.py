@@ -486,3 +486,18 @@ def test_gemv_idle_lanes_are_not_counted_active(emu):
     assert p.kernel.startswith("marlin_gemv_int4_")
     (ph,) = p.phases  # no barriers in the gemv
     assert ph["threads_active"] == ph["threads_weight"] == ph["thread_slots"] * 13 // 16
+
+
+def test_split_k_partials_are_summed_in_fp32(emu):
+    # gemm_reduce adds the splits' fp32 partials in fp32. Here (float32 activations near 100,
+    # weights in [0, 1]) the sums pass 1e5, beyond half's largest finite value (65504): a
+    # reduction carried in half overflows to inf. (The error bound of check_against_torch is
+    # too loose at this K to see half's rounding alone: it allows K * 2^-24 * sum |x||w|.)
+    m, n, k, g = 9, 8, 2048, 32
+    plan = emu._gemm_plan(m, n, k)
+    assert plan[0] == GEMM and plan[2] > 1  # split-K, then gemm_reduce
+    gen = torch.Generator().manual_seed(12)
+    qt = F.quantize(torch.rand(n, k, generator=gen), "int4", g, torch.float16)
+    x = 90 + 20 * torch.rand(m, k, generator=gen)
+    assert reference.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g).min() > 65504
+    check_against_torch(emu, qt, x)

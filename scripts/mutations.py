@@ -571,8 +571,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.resume:  # skip the chosen mutants that already have a current row
             done = {r["id"] for r in rows}
             chosen = [m for m in chosen if m.id not in done]
-        else:  # re-run the chosen ones, keep the others
-            rows = [r for r in rows if r["id"] not in args.only]
+        # (--only: a chosen mutant's old row stays until its new one replaces it, so an
+        # interrupted run loses no rows)
 
     if not args.no_baseline:
         # The unmutated tests must pass, or every mutant would look caught.

@@ -20,8 +20,11 @@ memory counters on (``emulator.profile()``), and turns the counts into:
   instructions, the lines an ideal access of the same bytes would touch (ceil(bytes / line))
   divided by the distinct 128-byte (64-byte) lines actually touched. 1.00 = every
   instruction reads whole contiguous lines.
-* **threads active**: the fraction of thread slots that access memory in the barrier
-  intervals that move device bytes (a gemv lane with no piece of K to read is inactive);
+* **threads active**: the fraction of thread slots that access data (any buffer but the
+  argument block, or threadgroup memory) in the barrier intervals that move device bytes (a gemv
+  lane with no piece of K to read is inactive); **weight threads** (``thr weight``): the fraction
+  of thread slots that load packed weights in the intervals that load them, i.e. the threads
+  that take part in dequantization (each thread decodes the pieces it loads);
   **simd lanes**: the mean fraction of lanes active at simd operations.
 * **roofline time** per Apple GPU: max(DRAM bytes / bandwidth, 2 M N K / fp16 FLOP/s) at
   the full shape, next to dense fp16 (2 N K weight bytes) at the same shape. ``best``: DRAM
@@ -115,14 +118,27 @@ def layer(fmt: str, g: int, n: int, k: int) -> F.QuantizedTensor:
 
 
 def threads_active(launches) -> float:  # noqa: ANN001 (list of emulator.LaunchProfile)
-    """Fraction of thread slots that touch memory, over the barrier intervals that move device
+    """Fraction of thread slots that touch data, over the barrier intervals that move device
     bytes: idle gemv lanes (no piece of K) count as inactive, every thread of a full gemm tile
-    as active (the emulator counts a thread once per interval, at its first access)."""
+    as active (the emulator counts a thread once per interval, at its first access to anything
+    but the argument block)."""
     active = slots = 0
     for p in launches[:1]:
         for ph in p.phases:
             if ph["device_bytes"] > 0:
                 active += ph["threads_active"]
+                slots += ph["thread_slots"]
+    return active / slots if slots else 0.0
+
+
+def threads_weight(launches) -> float:  # noqa: ANN001 (list of emulator.LaunchProfile)
+    """Fraction of thread slots that load packed weights, over the barrier intervals that load
+    them: the threads that decode (a thread dequantizes the pieces it loads)."""
+    active = slots = 0
+    for p in launches[:1]:
+        for ph in p.phases:
+            if ph.get("weight_bytes", 0) > 0:
+                active += ph["threads_weight"]
                 slots += ph["thread_slots"]
     return active / slots if slots else 0.0
 
@@ -167,6 +183,7 @@ def measure(ops, fmt: str, g: int, m: int, n: int, k: int) -> dict:  # noqa: ANN
         "simd_ops": main.simd_ops,
         "simd_active_lanes": main.simd_active_lanes if main.simd_ops else None,
         "threads_active": threads_active(launches),
+        "threads_weight": threads_weight(launches),
         "emulator_seconds": wall,
     }
 
@@ -209,7 +226,8 @@ def run(args: argparse.Namespace) -> dict:
                                                          r["moved_bytes_per_weight"]))
                 rows.append(r)
                 print(f"  {shape:14s} {kname:9s} {fmt:9s} moved/min {r['moved_over_min']:.3f} "
-                      f"coal128 {r['coalescing128']:.3f} ({r['emulator_seconds']:.1f} s)", flush=True)
+                      f"coal128 {r['coalescing128']:.3f} thr weight {r['threads_weight']:.2f} "
+                      f"({r['emulator_seconds']:.1f} s)", flush=True)
     # The short rows of issue 17 (lanes idle in a lane-per-32-codes gemv): thread use, not time.
     for shape, g, k in (("short K=512", 128, 512), ("short K=100 per-channel", -1, 100)):
         for kname in ("gemv", "gemv_rows"):
@@ -221,7 +239,8 @@ def run(args: argparse.Namespace) -> dict:
                      n_run=args.rows, roofline=roofline(m, args.rows, k, r["min_bytes_per_weight"],
                                                         r["moved_bytes_per_weight"]))
             rows.append(r)
-            print(f"  {shape:14s} {kname:9s} int4 threads active {r['threads_active']:.3f}", flush=True)
+            print(f"  {shape:14s} {kname:9s} int4 threads active {r['threads_active']:.3f} "
+                  f"weight {r['threads_weight']:.3f}", flush=True)
     return {
         "label": "MODEL: predicted from emulator counters and published chip figures; nothing "
                  "here was timed on Apple hardware",
@@ -246,14 +265,14 @@ def table(result: dict) -> str:
     """Markdown table: one line per (shape, kernel, format)."""
     chips = list(result["chips"])
     head = ("| shape | kernel | M | format | B/w min | moved/min | x B/w | coal128 | coal64 | simd lanes "
-            "| thr active | " + " | ".join(f"{c} us: best / no reuse (dense, dense/best)" for c in chips)
+            "| thr active | thr weight | " + " | ".join(f"{c} us: best / no reuse (dense, dense/best)" for c in chips)
             + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["results"]:
         cells = [r["shape"], r["variant"], str(r["m"]), f"{r['format']} g{r['group_size']}",
                  _f(r["min_bytes_per_weight"], ".3f"), _f(r["moved_over_min"], ".3f"),
                  _f(r["x_bytes_per_weight"], ".3f"), _f(r["coalescing128"]), _f(r["coalescing64"]),
-                 _f(r["simd_active_lanes"]), _f(r["threads_active"])]
+                 _f(r["simd_active_lanes"]), _f(r["threads_active"]), _f(r.get("threads_weight"))]
         for c in chips:
             t = r["roofline"][c]
             cells.append(f"{t['quant_us']:.1f} / {t['quant_no_reuse_us']:.1f} ({t['dense_us']:.1f}, "
@@ -274,7 +293,9 @@ def markdown(result: dict) -> str:
             "requested by the kernel over that minimum; `x B/w` activation bytes requested per weight "
             "(cache-served); `coal128`/`coal64` ideal/actual lines per simdgroup instruction; `simd lanes` "
             "mean active lanes at simd operations; `thr active` fraction of thread slots that access "
-            "memory in the barrier intervals that move device bytes; per chip: predicted us for the "
+            "data (not counting argument reads) in the barrier intervals that move device bytes; `thr weight` "
+            "fraction of thread slots that load (and so decode) packed weights in the intervals that load "
+            "them; per chip: predicted us for the "
             "quantized layer with every re-read cached (best) and none (no reuse), dense fp16 us, "
             "dense/best.\n\n" + table(result) + "\n")
 

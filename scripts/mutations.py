@@ -152,28 +152,32 @@ MUTANTS: list[Mutant] = [
            "args.x_wide_loads = x2.storage_offset() % 8 == 0 ? 1u : 0u;",
            (GEMM, "-k", "padding or m_sweep")),  # rows misaligned only for K % 4 != 0 (K = 102)
     Mutant("w-wide-no-offset-check", "alignment", "csrc/ops/gemm.cpp",
-           "w.words % vec == 0 && wc.storage_offset() % vec == 0 ? 1u : 0u;",
-           "w.words % vec == 0 ? 1u : 0u;",
-           (GEMM, "-k", "storage_offsets or unaligned")),
+           "f.bits == 8 && w.words % 2 == 0 && wc.storage_offset() % 2 == 0 ? 1u : 0u;",
+           "f.bits == 8 && w.words % 2 == 0 ? 1u : 0u;",
+           (GEMM, "-k", "8bit_pieces_at_storage_offsets")),
     Mutant("w-wide-no-row-check", "alignment", "csrc/ops/gemm.cpp",
-           "w.words % vec == 0 && wc.storage_offset() % vec == 0 ? 1u : 0u;",
-           "wc.storage_offset() % vec == 0 ? 1u : 0u;",
-           (GEMM, "-k", "every_format_group_and_dtype or m_sweep or padding")),
+           "f.bits == 8 && w.words % 2 == 0 && wc.storage_offset() % 2 == 0 ? 1u : 0u;",
+           "f.bits == 8 && wc.storage_offset() % 2 == 0 ? 1u : 0u;",
+           (GEMM, "-k", "8bit_pieces_at_storage_offsets or padding")),
     Mutant("fq-no-misaligned-copy", "alignment", "csrc/ops/fake_quantize.cpp",
            "  if (xc.storage_offset() % 4 != 0) xc = xc.clone();\n", "",
            (FQ,)),
     # ---- data the tests used to lack ----------------------------------------------------------
     Mutant("gemv-bias-kind", "data: scale/bias dtypes", "shaders/gemm.h",
-           "if (Fmt::affine) a = fma(load_scale(biases, g, args.bias_kind), xsum[p], a);",
-           "if (Fmt::affine) a = fma(load_scale(biases, g, args.scale_kind), xsum[p], a);",
-           (GEMM, "-k", "different_dtypes")),
+           "    if (Fmt::affine) sb.y = load_scale(biases, g, bias_kind);",
+           "    if (Fmt::affine) sb.y = load_scale(biases, g, scale_kind);",
+           (GEMM, "-k", "different_dtypes")),  # group_params: gemv and gemv_rows, grouped
+    Mutant("gemv-channel-bias-kind", "data: scale/bias dtypes", "shaders/gemm.h",
+           "if (Fmt::affine) y = fma(load_scale(biases, n, args.bias_kind), xsum_row, y);",
+           "if (Fmt::affine) y = fma(load_scale(biases, n, args.scale_kind), xsum_row, y);",
+           (GEMM, "-k", "different_dtypes")),  # gemv, per-channel
     Mutant("gemv-rows-bias-kind", "data: scale/bias dtypes", "shaders/gemm.h",
-           "const float b = load_scale(biases, g, args.bias_kind);",
-           "const float b = load_scale(biases, g, args.scale_kind);",
+           "args.scale_kind, args.bias_kind, ok && lane == gl.leader, gl.leader);",
+           "args.scale_kind, args.scale_kind, ok && lane == gl.leader, gl.leader);",
            (GEMM, "-k", "different_dtypes")),
     Mutant("gemm-bias-kind", "data: scale/bias dtypes", "shaders/gemm.h",
-           "breg[p] = Fmt::affine ? load_scale(biases, g, bias_kind) : 0.0f;",
-           "breg[p] = Fmt::affine ? load_scale(biases, g, scale_kind) : 0.0f;",
+           "if (Fmt::affine) sbreg.y = load_scale(biases, g, bias_kind);",
+           "if (Fmt::affine) sbreg.y = load_scale(biases, g, scale_kind);",
            (GEMM, "-k", "different_dtypes")),
     Mutant("dequantize-bias-kind", "data: scale/bias dtypes", "shaders/dequantize.h",
            "v = q[i] * s + load_scale(biases, g, args.bias_kind);",
@@ -184,13 +188,16 @@ MUTANTS: list[Mutant] = [
            "w.bias_kind = w.scale_kind;",
            (GEMM, DEQ, "-k", "different_dtypes or scale_dtypes")),
     Mutant("gemm-no-zero-past-k", "data: padding", "shaders/gemm.h",
-           "      for (int j = 0; j < 32; ++j) v[j] = k0 + j < k_end ? v[j] : 0.0f;\n", "",
-           (GEMM, "-k", "padding")),
+           "        v[j] = k0 + j < k_end ? (Fmt::affine ? fma(v[j], se, sb.y) : v[j] * se) : 0.0f;",
+           "        v[j] = Fmt::affine ? fma(v[j], se, sb.y) : v[j] * se;",
+           (GEMM, "-k", "padding or split_k")),
     Mutant("gemv-no-clear-padding", "data: padding", "shaders/gemm.h",
-           "      if (k0 + 32 > args.k) clear_codes_from<Fmt::bits>(w, args.k - k0);\n", "",
+           "for (uint i = 0; i < 8; ++i) d = fma(x[i], i < valid ? q[i] : 0.0f, d);",
+           "for (uint i = 0; i < 8; ++i) d = fma(x[i], q[i], d);",
            (GEMM, "-k", "padding")),
     Mutant("gemv-rows-no-clear-padding", "data: padding", "shaders/gemm.h",
-           "      if (valid < 32) clear_codes_from<Fmt::bits>(w, valid);\n", "",
+           "        v[j] = j < valid ? (Fmt::affine ? fma(v[j], se, sb.y) : v[j] * se) : 0.0f;",
+           "        v[j] = Fmt::affine ? fma(v[j], se, sb.y) : v[j] * se;",
            (GEMM, "-k", "padding")),
     Mutant("gemm-half-accumulators", "data: long K", "shaders/gemm.h",
            "  simdgroup_matrix<float, 8, 8> acc[2][2];\n  for (int i = 0; i < 2; ++i)\n"
@@ -206,9 +213,11 @@ MUTANTS: list[Mutant] = [
            "  float acc[ROWS][R];", "  half acc[ROWS][R];",
            (GEMM, "-k", "m_sweep or long_k_decode")),
     Mutant("gemm-reduce-half", "data: long K", "shaders/gemm.h",
-           "  float s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];",
-           "  half s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];",
-           (GEMM, "-k", "split_k or padding")),
+           "  float s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];\n"
+           "  if (args.has_bias) s += bias[idx % args.n];\n  out[idx] = T(s);",
+           "  half s = 0.0f;\n  for (uint p = 0; p < args.splits; ++p) s += partials[ulong(p) * total + idx];\n"
+           "  if (args.has_bias) s += bias[idx % args.n];\n  out[idx] = T(float(s));",  # bfloat(half) does not compile
+           (GEMM, "-k", "split_k")),
     # ---- code that never runs here (Objective-C++ glue) -------------------------------------
     Mutant("bind-offset-in-elements", "never runs here", "csrc/ops/launcher.h",
            "const size_t byte_offset = size_t(t.storage_offset()) * t.element_size();",
@@ -217,23 +226,24 @@ MUTANTS: list[Mutant] = [
            alternatives=(("csrc/metal/metal_launcher.mm",
                           "offset:b.tensor.storage_offset() * b.tensor.element_size()",
                           "offset:b.tensor.storage_offset()"),),
-           note="while the byte offset is computed in the Objective-C++ glue it runs only on macOS "
-                "(compiled here for syntax only); issue 'Metal trust 2' moves it into "
-                "csrc/ops/launcher.h, which the emulator's launcher uses, and the first edit then applies"),
+           # The byte offset is computed in csrc/ops/launcher.h (Binding), which the emulator's
+           # launcher runs too; the .mm edit is where it lived before ("Metal trust 2"), when this
+           # mutant ran only on macOS and was NOT CAUGHT here.
+           note="the byte offset is computed in shared host code the emulator runs: a pass is a test gap"),
     # ---- bounds, indices, reductions, bit twiddling ------------------------------------------
     Mutant("gemv-rows-drop-row", "off by one", "shaders/gemm.h",
            "const uint rows = min(uint(ROWS), args.m - m0);",
            "const uint rows = min(uint(ROWS) - 1u, args.m - m0);",
            (GEMM, "-k", "m_sweep")),
-    Mutant("load-chunk-tail-bound", "off by one", "shaders/gemm.h",
-           "w[j] = first + j < words_per_row ? row[first + j] : 0u;",
-           "w[j] = first + j <= words_per_row ? row[first + j] : 0u;",
-           (GEMM, "-k", "m_sweep or padding or every_format_group_and_dtype")),
-    Mutant("load-chunk-full-bound", "off by one", "shaders/gemm.h",
-           "  if (first + bits <= words_per_row) {\n    ChunkLoad<bits>::run(row + first, wide, w);",
-           "  if (first + bits < words_per_row) {\n    ChunkLoad<bits>::run(row + first, wide, w);",
-           (GEMM, "-k", "m_sweep or every_format_group_and_dtype"),
-           equivalent="a full last chunk then takes the scalar tail path, which reads the same words"),
+    Mutant("load-piece-tail-bound", "off by one", "shaders/gemm.h",
+           "      if (first + j < row_bytes) v[j / 4] |= uint(p[j]) << (8 * (j % 4));",
+           "      if (first + j <= row_bytes) v[j / 4] |= uint(p[j]) << (8 * (j % 4));",
+           (GEMM, "-k", "padding or every_format_group_and_dtype")),
+    Mutant("load-piece-full-bound", "off by one", "shaders/gemm.h",
+           "  if (first + bits <= row_bytes) {\n    PieceLoad<bits>::run(p, wide, w);",
+           "  if (first + bits < row_bytes) {\n    PieceLoad<bits>::run(p, wide, w);",
+           (GEMM, "-k", "padding or every_format_group_and_dtype"),
+           equivalent="a full last piece then takes the byte-by-byte tail path, which reads the same bytes"),
     Mutant("dequantize-count", "off by one", "shaders/dequantize.h",
            "const uint count = min(32u, args.k - k0);", "const uint count = min(31u, args.k - k0);",
            (DEQ,)),
@@ -241,24 +251,35 @@ MUTANTS: list[Mutant] = [
            "  if (base + 4 <= args.n) {", "  if (base + 4 < args.n) {",
            (FQ,),
            equivalent="a full last 4-vector then goes through the scalar tail loop: same values"),
-    Mutant("gemv-group-slice", "group index", "shaders/gemm.h",
-           "return group_size > 0 ? (k0 + uint(p) * (32u / uint(parts))) / uint(group_size) : 0u;",
-           "return group_size > 0 ? k0 / uint(group_size) : 0u;",
-           (GEMM, "-k", "every_format_group_and_dtype and nvfp4")),
+    Mutant("gemv-group-of-piece", "group index", "shaders/gemm.h",
+           "const uint g = n * args.groups_per_row + k0 / uint(group_size);",
+           "const uint g = n * args.groups_per_row + piece / uint(group_size);",
+           (GEMM, "-k", "every_format_group_and_dtype and 1")),
+    Mutant("gemv-group-leader", "group index", "shaders/gemm.h",
+           "min(uint(group_size) / GemvShape::PIECE, g.lanes) : g.lanes;",
+           "g.lanes : g.lanes;",
+           (GEMM, "-k", "every_format_group_and_dtype and 1")),
     Mutant("gemm-group-row", "group index", "shaders/gemm.h",
-           "const uint g = wn * groups_per_row + chunk_group<group_size>(kstart, p, PARTS);",
-           "const uint g = wn + chunk_group<group_size>(kstart, p, PARTS);",
+           "const uint g = wn * groups_per_row + (group_size > 0 ? k0 / uint(group_size) : 0u);",
+           "const uint g = wn + (group_size > 0 ? k0 / uint(group_size) : 0u);",
            (GEMM, "-k", "every_format_group_and_dtype and 9")),
+    Mutant("gemm-group-leader", "group index", "shaders/gemm.h",
+           "min(uint(group_size) / 8u, uint(GemmTile::PIECES))",
+           "uint(GemmTile::PIECES)",
+           (GEMM, "-k", "every_format_group_and_dtype and 9 and nvfp4")),
     Mutant("dequantize-group", "group index", "shaders/dequantize.h",
            "(group_size > 0 ? (k0 + i) / uint(group_size) : 0u)",
            "(group_size > 0 ? k0 / uint(group_size) : 0u)",
            (DEQ, "-k", "every_format")),
     Mutant("gemv-no-simd-sum", "missing simd_sum", "shaders/gemm.h",
-           "    const float y = simd_sum(acc[i]);  // every lane takes part, even for rows past N",
-           "    const float y = acc[i];",
+           "  if (lanes == 32) return simd_sum(v);", "  if (lanes == 32) return v;",
            (GEMM, "-k", "every_format_group_and_dtype and 1 or long_k_decode")),
+    Mutant("gemv-segment-sum-short", "missing simd_sum", "shaders/gemm.h",
+           "for (ushort off = ushort(lanes / 2); off > 0; off >>= 1)",
+           "for (ushort off = ushort(lanes / 4); off > 0; off >>= 1)",
+           (GEMM, "-k", "lane_split or every_format_group_and_dtype and 1")),
     Mutant("gemv-rows-no-simd-sum", "missing simd_sum", "shaders/gemm.h",
-           "      const float y = simd_sum(acc[r][i]);", "      const float y = acc[r][i];",
+           "      const float y = segment_sum(acc[r][i], gl.lanes);", "      const float y = acc[r][i];",
            (GEMM, "-k", "m_sweep or long_k_decode")),
     Mutant("kv-attention-no-simd-sum", "missing simd_sum", "shaders/kv.h",
            "const float s = simd_sum(dot) * a.scale;", "const float s = dot * a.scale;",
@@ -418,6 +439,15 @@ def inputs_digest(m: Mutant, files: dict[str, bytes]) -> str:
     return h.hexdigest()[:16]
 
 
+def code_digest(m: Mutant, files: dict[str, bytes]) -> str:
+    """The mutant's definition with the files it edits (not its tests): a row whose code
+    digest differs from the tested commit's ran on other sources."""
+    h = hashlib.sha256(m.digest().encode())
+    for rel in sorted({f for f, _, _ in m.edits()}):
+        h.update(rel.encode() + b"\0" + files.get(rel, b"") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def outcome(m: Mutant, result: str) -> str:
     if result == "fail":
         return "caught"
@@ -455,7 +485,8 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
         f"Machine: {meta['machine']}. Rows ran at commit(s) {', '.join(commits)} (last run {meta['date']}; a row "
         "is re-run by --resume when its edit, the edited file or its test files change). "
         "Each row is one planted bug applied alone to a scratch copy; the listed tests were run "
-        "(pytest -x, the schedules of tests/metal/conftest.py). Outcomes: "
+        "(pytest -x, the schedules of tests/metal/conftest.py); a row marked '(older sources)' ran before "
+        "the file it edits last changed, and is re-run by --resume (as is a row whose tests changed). Outcomes: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)}).",
         "",
         "| id | class | file | planted change | tests | outcome | evidence / reason | s |",
@@ -463,7 +494,8 @@ def write_results(rows: list[dict], meta: dict, out_dir: Path) -> None:
     ]
     for r in rows:
         lines.append("| " + " | ".join(_cell(str(c)) for c in (
-            r["id"], r["class"], r["file"], r["change"], r["tests"], f"**{r['outcome']}**",
+            r["id"], r["class"], r["file"], r["change"], r["tests"],
+            f"**{r['outcome']}**" + (" (older sources)" if r.get("stale") else ""),
             r["evidence"], f"{r['seconds']:.0f}")) + " |")
     write_atomic(out_dir / "mutations.md", "\n".join(lines) + "\n")
 
@@ -519,12 +551,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.resume or args.only) and old_json.exists():
         prev = json.loads(old_json.read_text())["rows"]
         digests = {m.id: inputs_digest(m, files) for m in MUTANTS}
-        rows = [r for r in prev if r["id"] in digests and r.get("digest") == digests[r["id"]]]
+        if args.resume:
+            rows = [r for r in prev if r["id"] in digests and r.get("digest") == digests[r["id"]]]
+        else:  # --only: the other rows stay, those whose code changed since they ran marked so
+            at: dict[str, dict[str, bytes]] = {}
+            rows = []
+            for r in prev:
+                if r["id"] not in digests:
+                    continue
+                m = by_id[r["id"]]
+                if r.get("digest") == digests[r["id"]]:
+                    rows.append(dict(r, stale=False))
+                    continue
+                try:
+                    old_files = at.setdefault(r["commit"], snapshot(REPO, r["commit"]))
+                except subprocess.CalledProcessError:  # a commit that is gone
+                    old_files = {}
+                rows.append(dict(r, stale=code_digest(m, old_files) != code_digest(m, files)))
         if args.resume:  # skip the chosen mutants that already have a current row
             done = {r["id"] for r in rows}
             chosen = [m for m in chosen if m.id not in done]
-        else:  # re-run the chosen ones, keep the others
-            rows = [r for r in rows if r["id"] not in args.only]
+        # (--only: a chosen mutant's old row stays until its new one replaces it, so an
+        # interrupted run loses no rows)
 
     if not args.no_baseline:
         # The unmutated tests must pass, or every mutant would look caught.

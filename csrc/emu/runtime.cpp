@@ -54,6 +54,7 @@ struct Fiber {
   int line = 0;
   int parity = 0;
   int last_phase = -1;                                // profiling: last phase it touched memory in
+  int last_weight_phase = -1;                         // ... and read the 'weight' buffer in
   bool collective = false;                            // inside simdgroup_load/store
   bool collective_leader = false;                     // ... and the simdgroup's first live lane
   const void* collective_site = nullptr;              // its call site (site_token)
@@ -158,6 +159,7 @@ struct Instr {
 struct PhaseStat {
   std::string site;
   uint64_t thread_slots = 0, threads_active = 0, device_bytes = 0, tg_accesses = 0;
+  uint64_t threads_weight = 0, weight_bytes = 0;  // threads reading the 'weight' buffer, its bytes
 };
 struct BufferStat {
   std::string name;
@@ -387,6 +389,7 @@ void run_group(Worker& w, uint3_t group, uint3_t size) {
     f.lane = i % kSimdWidth;
     f.parity = 0;
     f.last_phase = -1;
+    f.last_weight_phase = -1;
     f.occurrence.clear();
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = w.stacks.get(i, n);
@@ -565,7 +568,17 @@ void tg_race(Worker& w, const TgAlloc& t, size_t off, const char* kind, unsigned
                      ", with no threadgroup_barrier between them");
 }
 
-void count_access(Worker& w, const void* pc, uint64_t where, size_t size, bool tg) {
+// What an access is to, for the per-phase thread counts: the argument block (which every thread
+// reads, so it does not make a thread "active"), the packed weights, or other data.
+enum class Touch { Data, Args, Weight };
+
+Touch touch_of(const char* buffer_name) {
+  if (std::strcmp(buffer_name, "args") == 0) return Touch::Args;
+  if (std::strcmp(buffer_name, "weight") == 0) return Touch::Weight;
+  return Touch::Data;
+}
+
+void count_access(Worker& w, const void* pc, uint64_t where, size_t size, bool tg, Touch touch = Touch::Data) {
   Fiber& f = *w.cur;
   const uint32_t occ = f.occurrence[pc]++;
   Instr& in = w.instrs[InstrKey{pc, f.simd, occ}];
@@ -573,9 +586,16 @@ void count_access(Worker& w, const void* pc, uint64_t where, size_t size, bool t
   in.lanes.emplace_back(where, uint32_t(size));
   const int p = int(w.group_phases.size()) - 1;
   PhaseStat& ph = w.group_phases[size_t(p)];
-  if (f.last_phase != p) {
+  if (touch != Touch::Args && f.last_phase != p) {
     f.last_phase = p;
     ++ph.threads_active;
+  }
+  if (touch == Touch::Weight) {
+    ph.weight_bytes += size;
+    if (f.last_weight_phase != p) {
+      f.last_weight_phase = p;
+      ++ph.threads_weight;
+    }
   }
   if (tg) ++ph.tg_accesses; else ph.device_bytes += size;
 }
@@ -659,7 +679,7 @@ void on_device(Worker& w, const DevRegion& r, const char* a, size_t size, bool w
         for (size_t i = 0; i < size; ++i) b.touched[off + i] = true;
     }
     count_access(w, pc, reinterpret_cast<uint64_t>(a) - reinterpret_cast<uint64_t>(r.data) + r.byte_offset +
-                            (uint64_t(r.index) << 48), size, false);
+                            (uint64_t(r.index) << 48), size, false, touch_of(r.name));
   }
 }
 
@@ -720,6 +740,8 @@ void finish_group_profile(Worker& w) {
     const PhaseStat& g = w.group_phases[i];
     d.thread_slots += g.thread_slots;
     d.threads_active += g.threads_active;
+    d.threads_weight += g.threads_weight;
+    d.weight_bytes += g.weight_bytes;
     d.device_bytes += g.device_bytes;
     d.tg_accesses += g.tg_accesses;
   }
@@ -1019,7 +1041,8 @@ std::string profile_json(const LaunchSpec& spec, const LaunchStats& s) {
     const PhaseStat& p = s.phases[i];
     j += std::string(i ? ", " : "") + "{\"index\": " + u(i) + ", \"site\": " + json_str(p.site) +
          ", \"thread_slots\": " + u(p.thread_slots) + ", \"threads_active\": " + u(p.threads_active) +
-         ", \"device_bytes\": " + u(p.device_bytes) + ", \"tg_accesses\": " + u(p.tg_accesses) + "}";
+         ", \"device_bytes\": " + u(p.device_bytes) + ", \"tg_accesses\": " + u(p.tg_accesses) +
+         ", \"threads_weight\": " + u(p.threads_weight) + ", \"weight_bytes\": " + u(p.weight_bytes) + "}";
   }
   return j + "]}";
 }

@@ -3,6 +3,7 @@ and the reports it must give for planted bugs (tests/emulator/kernels/engine.met
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -360,7 +361,10 @@ def test_reports_misaligned_threadgroup_vector_load(lib):
 
 def test_reports_device_write_write_conflict(lib):
     msg = run_bug(lib, "emu_bug_device_ww", {0: torch.empty(8)}, (16,), (1,))
-    assert "device memory write/write conflict on buffer(0) 'arg0' at byte offset 0" in msg
+    # Threadgroups 2j and 2j+1 both write y[j]; which pair is met first depends on how the
+    # worker OS threads interleave (it was not always j = 0 on a loaded machine).
+    hit = re.search(r"device memory write/write conflict on buffer\(0\) 'arg0' at byte offset (\d+):", msg)
+    assert hit and int(hit.group(1)) in range(0, 32, 4), msg
     y = torch.empty(1)
     lib.launch("emu_device_ww_ordered", {0: y}, (2,), (2,))
     assert y.item() == 2.0

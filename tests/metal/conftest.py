@@ -17,10 +17,15 @@ parametrized cases of each test function take the four schedules in turn (case i
 case is run twice, under two different schedules. A test that wants every schedule asks for the
 ``thread_order`` fixture instead. The schedule a case ran under is part of a single-case
 test's id and recorded for every case as the user property ``schedule`` (``--junitxml``).
+
+``METAL_MARLIN_EMU_ORDER=<schedule> pytest tests/metal`` instead runs every case (single-case
+functions once) under that one schedule, for checking the whole suite under each in turn
+(docs/METAL.md); ``thread_order`` tests still run all four.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import pytest
@@ -34,6 +39,10 @@ needs_emulator = pytest.mark.skipif(
 # The runtime's schedules (METAL_MARLIN_EMU_ORDER values).
 SCHEDULES = ("forward", "reverse", "skew", "skew-reverse")
 _ROTATED = pytest.StashKey[str]()
+# A schedule given in the environment when the session starts replaces the rotation.
+FORCED = os.environ.get("METAL_MARLIN_EMU_ORDER") or None
+if FORCED is not None and FORCED not in SCHEDULES:
+    raise pytest.UsageError(f"METAL_MARLIN_EMU_ORDER must be one of {', '.join(SCHEDULES)}, got {FORCED!r}")
 
 
 def _offset(name: str) -> int:
@@ -51,6 +60,8 @@ def _is_single_case(metafunc: pytest.Metafunc) -> bool:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Run each single-case emulator test under two schedules (parametrizing `schedule`)."""
+    if FORCED is not None:
+        return
     if "emu" in metafunc.fixturenames and "schedule" in metafunc.fixturenames and _is_single_case(metafunc):
         off = _offset(metafunc.definition.nodeid)
         metafunc.parametrize("schedule", [SCHEDULES[off % 4], SCHEDULES[(off + 2) % 4]], indirect=True)
@@ -64,7 +75,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         key = f"{item.nodeid.split('::')[0]}::{fn}"
         i = count.get(key, 0)
         count[key] = i + 1
-        item.stash[_ROTATED] = SCHEDULES[(i + _offset(key)) % 4]
+        item.stash[_ROTATED] = FORCED or SCHEDULES[(i + _offset(key)) % 4]
 
 
 @pytest.fixture(autouse=True)

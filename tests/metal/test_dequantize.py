@@ -1,6 +1,6 @@
 """marlin_emu.dequantize (host code + Metal kernel, emulated) against the pure-torch op.
 
-The reference is torch.ops.marlin.dequantize; the kernel computes in the same order, so
+The reference is the pure-torch metal_marlin_torch.ops.reference.dequantize; the kernel computes in the same order, so
 results must be bitwise equal (NaN where the reference has NaN). Packed words are random
 bits, so every code of every format occurs, including the fp8 NaN/Inf codes.
 """
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from metal_marlin_torch import formats as F
+from metal_marlin_torch.ops import reference
 
 from .conftest import needs_emulator
 
@@ -39,7 +40,7 @@ def random_tensors(fmt: F.WeightFormat, n: int, k: int, g: int, scale_dtype: tor
 def check(emu, fmt_name, g, n, k, dtype, scale_dtype=torch.float16):
     fmt = F.get_format(fmt_name)
     weight, scales, biases, gscale = random_tensors(fmt, n, k, g if g > 0 else k, scale_dtype)
-    ref = torch.ops.marlin.dequantize(weight, scales, biases, gscale, fmt_name, g, k, dtype)
+    ref = reference.dequantize(weight, scales, biases, gscale, fmt_name, g, k, dtype)
     out = emu.dequantize(weight, scales, biases, gscale, fmt_name, g, k, dtype)
     assert out.dtype == dtype and out.shape == (n, k)
     torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
@@ -143,7 +144,7 @@ def test_scales_and_biases_of_different_dtypes(emu, fmt_name, g, scale_dtype, bi
     k = 100 if g == -1 else 4 * g
     weight, scales, biases, _ = random_tensors(fmt, 3, k, k if g == -1 else g, torch.float32)
     scales, biases = scales.to(scale_dtype), (biases * 3).to(bias_dtype)
-    ref = torch.ops.marlin.dequantize(weight, scales, biases, None, fmt_name, g, k, torch.float32)
+    ref = reference.dequantize(weight, scales, biases, None, fmt_name, g, k, torch.float32)
     out = emu.dequantize(weight, scales, biases, None, fmt_name, g, k, torch.float32)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
@@ -162,6 +163,6 @@ def test_bindings_at_storage_offsets(emu, offset):
 
     moved = [inside(t) for t in (weight, scales, biases)]
     assert all(t.storage_offset() == offset for t in moved)
-    ref = torch.ops.marlin.dequantize(weight, scales, biases, None, "int4", 32, 128, torch.float16)
+    ref = reference.dequantize(weight, scales, biases, None, "int4", 32, 128, torch.float16)
     out = emu.dequantize(*moved, None, "int4", 32, 128, torch.float16)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)

@@ -1,4 +1,6 @@
-"""marlin_emu.gemm (host code + Metal kernels, emulated) against the pure-torch marlin.gemm.
+"""marlin_emu.gemm (host code + Metal kernels, emulated) against the pure-torch
+metal_marlin_torch.ops.reference.gemm (not torch.ops.marlin.gemm: on CPU that is our C++ kernel,
+and the oracle must be independent of every kernel of ours).
 
 The kernels sum in another order than the torch op and the prefill kernel rounds dequantized
 weights to the activation type before the simdgroup MMA, so results are not bitwise equal.
@@ -22,6 +24,7 @@ import torch
 
 from metal_marlin_torch import emulator
 from metal_marlin_torch import formats as F
+from metal_marlin_torch.ops import reference
 
 from .conftest import needs_emulator
 
@@ -49,7 +52,7 @@ def make_layer(fmt_name: str, g: int, n: int, k: int, seed: int = 0) -> F.Quanti
 def magnitude(qt: F.QuantizedTensor, k: int) -> torch.Tensor:
     """|s*q| + |b| per weight (= |W| for codebook formats): the size of the terms the kernels
     add, which bounds their rounding errors even where s*q and b cancel."""
-    w = torch.ops.marlin.dequantize(qt.weight, qt.scales, qt.biases, qt.global_scale, qt.format,
+    w = reference.dequantize(qt.weight, qt.scales, qt.biases, qt.global_scale, qt.format,
                                     qt.group_size, k, torch.float32).double()
     if qt.biases is None:
         return w.abs()
@@ -81,7 +84,7 @@ def run_case(emu, fmt_name: str, g: int, m: int, n: int, k: int, dtype: torch.dt
         x = (torch.randn(m, k, generator=gen) / k**0.5).to(dtype)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     args = (qt.weight, qt.scales, qt.biases, qt.global_scale, bias, fmt_name, g)
-    ref = torch.ops.marlin.gemm(x, *args)
+    ref = reference.gemm(x, *args)
     out = emu.gemm(x, *args)
     assert out.dtype == dtype and out.shape == ref.shape
     variant = emu._gemm_plan(x.numel() // k, n, k)[0]
@@ -204,7 +207,7 @@ def test_storage_offsets(emu, m):
     x_store = torch.randn(3 + m * k).to(torch.float16)
     x = x_store[3:].view(m, k)
     assert weight.storage_offset() == 1 and x.storage_offset() == 3
-    ref = torch.ops.marlin.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g)
+    ref = reference.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g)
     out = emu.gemm(x, weight, qt.scales, qt.biases, None, None, "int4", g)
     lim = bound(x, qt, ref, weights_rounded=m > 8)
     assert ((out.double() - ref.double()).abs() <= lim).all()
@@ -223,7 +226,7 @@ def test_8bit_pieces_at_storage_offsets(emu, m, offset):
         store[offset:] = qt.weight.reshape(-1)
         weight = store[offset:].view(-1, words)
         x = (torch.randn(m, k) / k**0.5).to(torch.float16)
-        ref = torch.ops.marlin.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int8", g)
+        ref = reference.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int8", g)
         out = emu.gemm(x, weight, qt.scales, qt.biases, None, None, "int8", g)
         lim = bound(x, qt, ref, weights_rounded=m > 8)
         assert ((out.double() - ref.double()).abs() <= lim).all(), (k, g, offset, m)
@@ -331,7 +334,7 @@ def check_against_torch(emu, qt: F.QuantizedTensor, x: torch.Tensor, bias: torch
     is what the kernel is given, e.g. the same codes with other padding bits. Returns the variant."""
     k = x.shape[-1]
     args = (qt.scales, qt.biases, qt.global_scale, bias, qt.format, qt.group_size)
-    ref = torch.ops.marlin.gemm(x, qt.weight, *args)
+    ref = reference.gemm(x, qt.weight, *args)
     out = emu.gemm(x, qt.weight if weight is None else weight, *args)
     variant = emu._gemm_plan(x.numel() // k, qt.shape[0], k)[0]
     err = (out.double() - ref.double()).abs()
@@ -341,11 +344,12 @@ def check_against_torch(emu, qt: F.QuantizedTensor, x: torch.Tensor, bias: torch
 
 
 @pytest.mark.parametrize(("scale_dtype", "bias_dtype"), MIXED_KINDS)
-@pytest.mark.parametrize(("fmt_name", "g", "m"), [("int4", 32, 1), ("int3", -1, 5), ("int2", 64, 12),
-                                                   ("int8", 128, 3)])
+@pytest.mark.parametrize(("fmt_name", "g", "m"), [("int4", 32, 1), ("int4", -1, 1), ("int3", -1, 5),
+                                                   ("int2", 64, 12), ("int8", 128, 3)])
 def test_scales_and_biases_of_different_dtypes(emu, fmt_name, g, m, scale_dtype, bias_dtype):
     # A kernel that read the biases with the scales' storage type would decode fp32 biases as
-    # pairs of halves (or read past an fp16 buffer): caught here on every variant.
+    # pairs of halves (or read past an fp16 buffer): caught here on every variant, grouped and
+    # per-channel (the per-channel gemv applies its row's bias after the reduction, apart).
     k = k_for(g)
     qt = with_kinds(make_layer(fmt_name, g, 12, k, seed=3), scale_dtype, bias_dtype)
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(4)) / k**0.5).to(torch.float16)
@@ -390,8 +394,8 @@ def test_padding_bits_are_ignored(emu, fmt_name, k, m, n):
     x = (torch.randn(m, k, generator=torch.Generator().manual_seed(7)) / k**0.5).to(torch.bfloat16)
     args = (qt.scales, qt.biases, qt.global_scale, None, fmt_name, -1)
     # The oracle's own handling: padding changes nothing, bitwise (unpack keeps codes 0..K-1).
-    assert torch.equal(torch.ops.marlin.gemm(x, padded, *args), torch.ops.marlin.gemm(x, qt.weight, *args))
-    assert torch.equal(torch.ops.marlin.dequantize(padded, qt.scales, qt.biases, None, fmt_name, -1, k, torch.float32),
+    assert torch.equal(reference.gemm(x, padded, *args), reference.gemm(x, qt.weight, *args))
+    assert torch.equal(reference.dequantize(padded, qt.scales, qt.biases, None, fmt_name, -1, k, torch.float32),
                        F.dequantize(qt, torch.float32))
     variant = check_against_torch(emu, qt, x, weight=padded)
     if k > 1024:
@@ -452,6 +456,48 @@ def test_unaligned_bindings_of_every_argument(emu, m, x_off):
     x = at_offset((torch.randn(m, k) / 8).to(torch.float16), x_off)
     moved = F.QuantizedTensor(at_offset(qt.weight, 1), at_offset(qt.scales, 1), at_offset(qt.biases, 1),
                               None, "int4", g, qt.shape)
-    ref = torch.ops.marlin.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g)
+    ref = reference.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g)
     out = emu.gemm(x, moved.weight, moved.scales, moved.biases, None, None, "int4", g)
     assert ((out.double() - ref.double()).abs() <= bound(x, qt, ref, weights_rounded=m > 8)).all()
+
+
+def test_every_gemm_thread_loads_and_decodes_weights(emu):
+    # Issue 17: the gemm decoded each weight tile with 32 of its 128 threads (3 of 4 simdgroups
+    # idle). Now every thread loads, and so decodes, one weight piece per step. The profiler
+    # counts, per barrier interval, the threads that read the 'weight' buffer.
+    qt = make_layer("int4", 32, 32, 128)
+    x = (torch.randn(64, 128) / 128**0.5).to(torch.float16)
+    with emulator.profile() as launches:
+        emu.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", 32)
+    p = launches[0]
+    assert p.kernel.startswith("marlin_gemm_int4_")
+    loading = [ph for ph in p.phases if ph["weight_bytes"] > 0]
+    assert loading and all(ph["threads_weight"] == ph["thread_slots"] for ph in loading)
+
+
+def test_gemv_idle_lanes_are_not_counted_active(emu):
+    # Per-channel K = 100 is 13 pieces: a 16-lane slot per row leaves lanes 13..15 with nothing
+    # to load. They still read the argument block, which must not count as taking part.
+    qt = make_layer("int4", -1, 64, 100)
+    x = (torch.randn(1, 100) / 10).to(torch.float16)
+    with emulator.profile() as launches:
+        emu.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", -1)
+    (p,) = launches
+    assert p.kernel.startswith("marlin_gemv_int4_")
+    (ph,) = p.phases  # no barriers in the gemv
+    assert ph["threads_active"] == ph["threads_weight"] == ph["thread_slots"] * 13 // 16
+
+
+def test_split_k_partials_are_summed_in_fp32(emu):
+    # gemm_reduce adds the splits' fp32 partials in fp32. Here (float32 activations near 100,
+    # weights in [0, 1]) the sums pass 1e5, beyond half's largest finite value (65504): a
+    # reduction carried in half overflows to inf. (The error bound of check_against_torch is
+    # too loose at this K to see half's rounding alone: it allows K * 2^-24 * sum |x||w|.)
+    m, n, k, g = 9, 8, 2048, 32
+    plan = emu._gemm_plan(m, n, k)
+    assert plan[0] == GEMM and plan[2] > 1  # split-K, then gemm_reduce
+    gen = torch.Generator().manual_seed(12)
+    qt = F.quantize(torch.rand(n, k, generator=gen), "int4", g, torch.float16)
+    x = 90 + 20 * torch.rand(m, k, generator=gen)
+    assert reference.gemm(x, qt.weight, qt.scales, qt.biases, None, None, "int4", g).min() > 65504
+    check_against_torch(emu, qt, x)

@@ -14,6 +14,7 @@ import torch
 
 from metal_marlin_torch import _metal_sources, emulator
 from metal_marlin_torch import formats as F
+from metal_marlin_torch.ops import reference
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "check_objc_syntax.sh"
@@ -175,7 +176,7 @@ def test_bindings_use_byte_offsets_dequantize(emu):
     n, k, g = 4, 256, 64
     weight = torch.randint(-(2**31), 2**31, (n, F.packed_words(k, fmt.bits)), dtype=torch.int64).to(torch.int32)
     scales, biases = torch.rand(n, k // g).half(), torch.randn(n, k // g).half()
-    ref = torch.ops.marlin.dequantize(weight, scales, biases, None, "int4", g, k, torch.float16)
+    ref = reference.dequantize(weight, scales, biases, None, "int4", g, k, torch.float16)
     args = (_at_offset(weight, 3), _at_offset(scales, 3), _at_offset(biases, 5))
     out = emu.dequantize(*args, None, "int4", g, k, torch.float16)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
@@ -196,4 +197,4 @@ def test_bindings_use_byte_offsets_gemm_and_fake_quantize(emu):
     x = torch.randn(300).half()
     for variant in ("vec", "block"):
         out = emu.fake_quantize_variant(_at_offset(x, 4), 4, variant)  # 4 elements = 8 bytes: bound in place
-        torch.testing.assert_close(out, torch.ops.marlin.fake_quantize(x, 4), rtol=0, atol=0)
+        torch.testing.assert_close(out, reference.fake_quantize(x, 4), rtol=0, atol=0)

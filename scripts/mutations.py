@@ -578,9 +578,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The unmutated tests must pass, or every mutant would look caught.
         sync(files, repo_dir)
         # One run of every test file the chosen mutants name (their -k selections are subsets).
-        files = sorted({t for m in chosen for t in m.tests if t.startswith("tests/")})
-        print(f"baseline: {' '.join(files)}", flush=True)
-        res, ev, secs = run_tests(repo_dir, files, cache, args.timeout * 2)
+        test_files = sorted({t for m in chosen for t in m.tests if t.startswith("tests/")})
+        print(f"baseline: {' '.join(test_files)}", flush=True)
+        res, ev, secs = run_tests(repo_dir, test_files, cache, args.timeout * 2)
         if res != "pass":
             raise SystemExit(f"baseline fails (unmutated): {res} {ev}")
         print(f"baseline passed in {secs:.0f} s", flush=True)

@@ -108,13 +108,7 @@ at::Tensor gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weigh
   // 1. Checks.
   const FormatInfo& f = check_format(kOp, format);
   check_activation_dtype(kOp, "x", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have at least one dimension [..., K]");
-  check_group_size(kOp, f, group_size);
-  const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(K > 0, kOp, ": x's last dimension K must be positive, got shape ", x.sizes());
-  const int64_t G = group_size == kPerChannel ? K : group_size;
-  TORCH_CHECK_VALUE(K % G == 0, kOp, ": format '", format, "': in_features K=", K,
-                    " is not divisible by group_size=", G);
+  const auto [K, G] = check_x_and_group(kOp, f, x, format, group_size);
   const WeightArgs w = check_weight_args(kOp, f, weight, scales, biases, global_scale, K, G);
   const int64_t N = w.n;
   at::Tensor lb;

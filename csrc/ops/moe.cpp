@@ -78,13 +78,7 @@ at::Tensor moe_gemm(Launcher& launcher, const at::Tensor& x, const at::Tensor& e
   // 1. Checks.
   const FormatInfo& f = check_format(kOp, format);
   check_activation_dtype(kOp, "x", x.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have at least one dimension [..., K]");
-  check_group_size(kOp, f, group_size);
-  const int64_t K = x.size(-1);
-  TORCH_CHECK_VALUE(K > 0, kOp, ": x's last dimension K must be positive, got shape ", x.sizes());
-  const int64_t G = group_size == kPerChannel ? K : group_size;
-  TORCH_CHECK_VALUE(K % G == 0, kOp, ": format '", format, "': in_features K=", K,
-                    " is not divisible by group_size=", G);
+  const auto [K, G] = check_x_and_group(kOp, f, x, format, group_size);
   TORCH_CHECK_VALUE(expert_ids.scalar_type() == at::kInt || expert_ids.scalar_type() == at::kLong, kOp,
                     ": expert_ids must be int32 or int64, got ", expert_ids.scalar_type());
   TORCH_CHECK_VALUE(expert_ids.sizes() == x.sizes().slice(0, x.dim() - 1), kOp,

@@ -44,6 +44,18 @@ void check_group_size(const char* op, const FormatInfo& f, int64_t group_size) {
                     ", got ", group_size);
 }
 
+std::pair<int64_t, int64_t> check_x_and_group(const char* op, const FormatInfo& f, const at::Tensor& x,
+                                              const std::string& format, int64_t group_size) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension [..., K]");
+  check_group_size(op, f, group_size);
+  const int64_t K = x.size(-1);
+  TORCH_CHECK_VALUE(K > 0, op, ": x's last dimension K must be positive, got shape ", x.sizes());
+  const int64_t G = group_size == kPerChannel ? K : group_size;
+  TORCH_CHECK_VALUE(K % G == 0, op, ": format '", format, "': in_features K=", K,
+                    " is not divisible by group_size=", G);
+  return {K, G};
+}
+
 std::string group_name(int group_size) {
   return group_size == kPerChannel ? "K" : std::to_string(group_size);
 }

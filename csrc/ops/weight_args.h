@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "ops/formats.h"
 
@@ -19,6 +20,12 @@ const FormatInfo& check_format(const char* op, const std::string& format);
 void check_group_size(const char* op, const FormatInfo& f, int64_t group_size);
 // Group size inside kernel names: the number, or "K" for per-channel scales.
 std::string group_name(int group_size);
+
+// In features K and group size G of an activation x [..., K] for a gemm-like op: x has a
+// dimension and its last one is positive, group_size is one of the format's, and G (K for
+// per-channel) divides K. Returns {K, G}.
+std::pair<int64_t, int64_t> check_x_and_group(const char* op, const FormatInfo& f, const at::Tensor& x,
+                                              const std::string& format, int64_t group_size);
 
 // The checked weight-side tensors, ready to bind.
 struct WeightArgs {

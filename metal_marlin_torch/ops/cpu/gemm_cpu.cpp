@@ -404,6 +404,24 @@ Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* 
   return a;
 }
 
+// Rows n0..n1 of the weight `a` describes, decoded to float32 rows of stride ldo (both dequant
+// entry points below: whole rows, or a K slice whose Args point into the rows).
+void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, int64_t ldo, int threads) {
+#ifdef MARLIN_AVX2
+  if (avx2_ok(a)) {
+    parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+      if (bits == 4) avx2_dequant_rows<4>(a, n0, r0, r1, out, ldo);
+      else if (bits == 2) avx2_dequant_rows<2>(a, n0, r0, r1, out, ldo);
+      else avx2_dequant_rows<8>(a, n0, r0, r1, out, ldo);
+    });
+    return;
+  }
+#endif
+  parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, out + r * ldo);
+  });
+}
+
 }  // namespace
 
 extern "C" {
@@ -463,19 +481,7 @@ void marlin_cpu_dequant(const uint32_t* w, int64_t n, int64_t kw, int64_t k, con
                         const float* lut, int64_t n0, int64_t n1, float* out, int64_t ldo,
                         int threads) {
   const Args a = make_args(w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut);
-#ifdef MARLIN_AVX2
-  if (avx2_ok(a)) {
-    parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
-      if (bits == 4) avx2_dequant_rows<4>(a, n0, r0, r1, out, ldo);
-      else if (bits == 2) avx2_dequant_rows<2>(a, n0, r0, r1, out, ldo);
-      else avx2_dequant_rows<8>(a, n0, r0, r1, out, ldo);
-    });
-    return;
-  }
-#endif
-  parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, out + r * ldo);
-  });
+  dequant_rows(a, bits, n0, n1, out, ldo, threads);
 }
 
 // out[r - n0, c - k0] = W_hat[r, c] for r in [n0, n1), c in [k0, k1): a K slice of the rows
@@ -498,19 +504,7 @@ void marlin_cpu_dequant_slice(const uint32_t* w, int64_t n, int64_t kw, int64_t 
   Args a = make_args(w + off, n, kw, len, sp, bp, scale_kind, (len + g - 1) / g, g, bits, lut);
   a.gstride = n_groups;
   a.row_words = kw - off;
-#ifdef MARLIN_AVX2
-  if (avx2_ok(a)) {
-    parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
-      if (bits == 4) avx2_dequant_rows<4>(a, n0, r0, r1, out, ldo);
-      else if (bits == 2) avx2_dequant_rows<2>(a, n0, r0, r1, out, ldo);
-      else avx2_dequant_rows<8>(a, n0, r0, r1, out, ldo);
-    });
-    return;
-  }
-#endif
-  parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, out + r * ldo);
-  });
+  dequant_rows(a, bits, n0, n1, out, ldo, threads);
 }
 
 }  // extern "C"

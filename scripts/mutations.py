@@ -551,28 +551,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if (args.resume or args.only) and old_json.exists():
         prev = json.loads(old_json.read_text())["rows"]
         digests = {m.id: inputs_digest(m, files) for m in MUTANTS}
-        if args.resume:
-            rows = [r for r in prev if r["id"] in digests and r.get("digest") == digests[r["id"]]]
-        else:  # --only: the other rows stay, those whose code changed since they ran marked so
-            at: dict[str, dict[str, bytes]] = {}
-            rows = []
-            for r in prev:
-                if r["id"] not in digests:
-                    continue
-                m = by_id[r["id"]]
-                if r.get("digest") == digests[r["id"]]:
-                    rows.append(dict(r, stale=False))
-                    continue
-                try:
-                    old_files = at.setdefault(r["commit"], snapshot(REPO, r["commit"]))
-                except subprocess.CalledProcessError:  # a commit that is gone
-                    old_files = {}
-                rows.append(dict(r, stale=code_digest(m, old_files) != code_digest(m, files)))
+        # Every row stays until a new result replaces it (an interrupted run loses none); rows
+        # whose code changed since they ran are marked stale, and --resume re-runs those.
+        at: dict[str, dict[str, bytes]] = {}
+        current: set[str] = set()
+        for r in prev:
+            if r["id"] not in digests:
+                continue
+            m = by_id[r["id"]]
+            if r.get("digest") == digests[r["id"]]:
+                rows.append(dict(r, stale=False))
+                current.add(r["id"])
+                continue
+            try:
+                old_files = at.setdefault(r["commit"], snapshot(REPO, r["commit"]))
+            except subprocess.CalledProcessError:  # a commit that is gone
+                old_files = {}
+            rows.append(dict(r, stale=code_digest(m, old_files) != code_digest(m, files)))
         if args.resume:  # skip the chosen mutants that already have a current row
-            done = {r["id"] for r in rows}
-            chosen = [m for m in chosen if m.id not in done]
-        # (--only: a chosen mutant's old row stays until its new one replaces it, so an
-        # interrupted run loses no rows)
+            chosen = [m for m in chosen if m.id not in current]
 
     if not args.no_baseline:
         # The unmutated tests must pass, or every mutant would look caught.

@@ -23,6 +23,14 @@ def lib():
     return emulator.build_library([KERNELS], "marlin_emu_engine_test", with_ops=False)
 
 
+@pytest.fixture(autouse=True)
+def forward_order(monkeypatch):
+    """These tests state what the engine reports under its default (forward) schedule and set
+    any other order themselves, so a METAL_MARLIN_EMU_ORDER given to the whole run (to check
+    tests/metal under one schedule) must not reach them."""
+    monkeypatch.setenv("METAL_MARLIN_EMU_ORDER", "forward")
+
+
 def test_kernels_are_registered(lib):
     assert "emu_positions" in lib.kernels and "emu_bug_oob" in lib.kernels
     # one registry per process: this library's kernels are among all registered ones

@@ -70,6 +70,21 @@ def test_prefill_k_slices_match_reference(monkeypatch, fmt, group):
 
 
 @needs_kernel
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("nf4", -1), ("int8", 64)])
+def test_prefill_row_tiles_match_reference(monkeypatch, fmt, group):
+    """Prefill in whole-row tiles: with tiles shrunk to 64 rows a 200-row layer takes four
+    (the last partial), so each tile's first row n0 > 0 must select its own rows."""
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 64 * 128)
+    torch.manual_seed(4)
+    n, k = 200, 128
+    weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
+    x = torch.randn(20, k) / k**0.5
+    y = cpu.gemm(x, weight, scales, biases, gscale, None, fmt, group)
+    ref = reference.gemm(x, weight, scales, biases, gscale, None, fmt, group)
+    assert _rel(y, ref) < TOL[torch.float32]
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 20])
 def test_cpu_kernel_16bit_batched_and_no_bias(dtype, m):

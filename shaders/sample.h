@@ -80,9 +80,8 @@ METAL_FUNC ulong sample_mul24(ulong w, uint p) { return (w >> 24) * ulong(p) + (
 
 // Sum of a per-thread ulong (< 2^47) over the simdgroup, exact: two uint halves.
 METAL_FUNC ulong sample_simd_sum(ulong c) {
-  const uint lo = simd_sum(uint(c & 0xFFFFFFul));
-  const uint hi = simd_sum(uint(c >> 24));
-  return (ulong(hi) << 24) + ulong(lo);
+  const uint2 s = simd_sum(uint2(uint(c & 0xFFFFFFul), uint(c >> 24)));  // low 24 bits, the rest
+  return (ulong(s.y) << 24) + ulong(s.x);
 }
 
 // Sum over the threadgroup of a per-thread ulong, returned to every thread.
@@ -100,11 +99,19 @@ METAL_FUNC ulong sample_group_sum(ulong c, threadgroup ulong* partial, uint simd
 // K (bits below last_shift zero) at which the mass of the keys above K stays below `target` and
 // the mass including K's reaches it. Mass: 1 per token (WEIGHTED false: top-k counting) or the
 // token's top-k weight. Every thread returns the same K.
+// The index half of the key is ~i: for i < vocab its bits from index_bits (vocab - 1's bit
+// length, rounded up to a digit) to 31 are all ones, so those digits are 0xF without a pass.
 template <bool WEIGHTED>
 METAL_FUNC ulong sample_radix_select(device const float* t, uint vocab, float m, uint topk_key, ulong target,
                                      uint last_shift, threadgroup ulong* hist, uint tid, uint simd_id, uint lane) {
+  uint index_bits = 4;
+  while (index_bits < 32 && ((vocab - 1) >> index_bits) != 0) index_bits += 4;
   ulong prefix = 0;
   for (int shift = 60; shift >= int(last_shift); shift -= 4) {
+    if (shift < 32 && shift >= int(index_bits)) {  // uniform: every thread skips the same passes
+      prefix |= ulong(SAMPLE_RADIX - 1) << shift;
+      continue;
+    }
     ulong cnt[SAMPLE_RADIX];
     for (uint b = 0; b < SAMPLE_RADIX; ++b) cnt[b] = 0;
     const int above = shift + 4;

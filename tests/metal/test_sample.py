@@ -53,13 +53,27 @@ def test_matches_the_torch_kernel(emu, vocab, dtype, settings):
         both(emu, logits, u, prev, penalty, temperature, top_k, top_p, min_p)
 
 
+@pytest.mark.parametrize(("top_k", "top_p", "min_p"), [(5, 1.0, 0.0), (0, 0.65, 0.0), (6, 0.8, 0.15)])
+def test_drawn_set_is_the_transformers_filter(emu, top_k, top_p, min_p):
+    # 32 copies of one row, u on a grid: every token kept with probability > 1/32 is drawn, so the
+    # drawn set is the kept set; it must be the one transformers' processors keep (filter_logits,
+    # held against them in tests/ops/test_sampling.py). Logits 0.3 apart: no probability within
+    # the fixed point's 0.02% of a cut (the nearest is 0.17% away), each kept token has p > 0.1. An
+    # off-by-one cut (one token too many or too few) fails here even where random draws miss it.
+    logits = (-0.3 * torch.randperm(50, generator=torch.Generator().manual_seed(1)).float())[None].repeat(32, 1)
+    u = (torch.arange(32, dtype=torch.float32) + 0.5) / 32
+    drawn = set(both(emu, logits, u, top_k=top_k, top_p=top_p, min_p=min_p).tolist())
+    kept = sampling.filter_logits(logits[:1], None, 1.0, 1.0, top_k, top_p, min_p)[0]
+    assert drawn == set(torch.nonzero(torch.isfinite(kept)).flatten().tolist())
+
+
 def test_ties_and_all_equal_rows(emu):
     v = 300
     logits = torch.zeros(4, v)  # row 0: all equal
     logits[1, ::7] = 2.0        # row 1: 43 tied maxima
     logits[2] = torch.randint(0, 4, (v,)).float()  # row 2: four values, each tied ~75 times
     logits[3, 100:200] = 1.0    # row 3: ties straddling a top-k / top-p cut
-    for u in (torch.tensor([0.0, 0.3, 0.6, 0.999]), torch.rand(4)):
+    for u in (torch.tensor([0.0, 0.3, 0.6, 0.999]),):
         assert both(emu, logits, u, temperature=0.0).tolist()[:2] == [0, 0]  # greedy: first index of the max
         both(emu, logits, u)
         both(emu, logits, u, top_k=50)   # the cut falls inside a run of ties: all of it stays

@@ -101,8 +101,9 @@ def test_tiny_models_patched_whole_layer(model_type):
 
 
 def test_patched_layer_fuses_the_residual_add(monkeypatch):
-    # the post-attention norm gets residual= (one launch returning both), and the decoder layer
-    # returns residual + mlp: planting a wrong fused add (h = x, residual dropped) must change it
+    # the post-attention norm gets residual= (one launch returning both) in every layer, and the
+    # logits stay the unpatched ones (planted: carrying the normed output on as the residual
+    # failed this; an interleaved RoPE layout in the patched attention failed the test above)
     base = _tiny("llama")
     patched = copy.deepcopy(base)
     patch_layers(patched, attention=False)

@@ -222,7 +222,8 @@ METAL_FUNC void sample_impl(device const T* logits, device const float* uniforms
       if (sample_order_key(v) >= topk_key) w_sum += sample_weight(v, m);
     }
     const ulong total = sample_group_sum(w_sum, red_l, simd_id, lane);
-    const ulong target = max(sample_mul24(total, a.top_p), ulong(1));
+    const ulong cut = sample_mul24(total, a.top_p);
+    const ulong target = cut > 0 ? cut : ulong(1);  // the best token always stays
     cut_key = sample_radix_select<true>(t, vocab, m, topk_key, target, 0, hist, tid, simd_id, lane);
   }
   // 5. draw over the survivors (min-p last), inverse CDF in vocab order

@@ -1,6 +1,8 @@
 """The decoder-layer ``marlin`` ops against the stock torch/transformers ops they replace, per
-op, on one device (issue 22 item 7): CPU or CUDA rows run the pure-torch kernels (what those
-devices use), MPS rows the Metal kernels (on a Mac with the extension built).
+op, on one device (issue 22 item 7): CPU rows run the CPU kernels (ops/layer_cpu.py: torch's
+fused functions for the norms, activations and RoPE; attention's pure-torch kernel), CUDA rows
+the pure-torch kernels, MPS rows the Metal kernels (on a Mac with the extension built). On a
+shared machine run it with OMP_NUM_THREADS=1 (the JSON records the thread count).
 
     python benchmarks/bench_layer_ops.py --device cpu --json benchmarks/results/bench_layer_ops_cpu.json
 

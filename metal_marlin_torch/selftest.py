@@ -362,10 +362,26 @@ def _layer_cases(quick: bool) -> Iterator[Case]:
         yield Case("attention", "attention", p, run_attn)
 
 
+def _sample_cases(quick: bool) -> Iterator[Case]:
+    """marlin::sample: the kernel's token equals the torch kernel's exactly (integer weights,
+    ops/sampling.py), greedy and with every filter on, vocab off the threadgroup size."""
+    for dtype in ((torch.float16,) if quick else DTYPES):
+        for settings in ((1.0, 0.0, 0, 1.0, 0.0), (1.2, 0.8, 40, 0.9, 0.05)):
+
+            def run(ops, dev, dtype=dtype, settings=settings):
+                logits = (torch.randn(3, 1000, generator=_gen(13)) * 3).to(dtype)
+                u = torch.rand(3, generator=_gen(14))
+                prev = torch.randint(0, 1000, (3, 9), generator=_gen(15))
+                ref = _ref("sample", logits, u, prev, *settings)
+                return ops.sample(*_to((logits, u, prev), dev), *settings), ref, None
+
+            yield Case("sample", "sample", {"dtype": str(dtype), "temperature": settings[1]}, run)
+
+
 def cases(quick: bool, fake_quantize_variant: Callable) -> list[Case]:
     """Every case, in family order."""
     return [*_dequantize_cases(quick), *_gemm_cases(quick), *_elementwise_cases(quick, fake_quantize_variant),
-            *_kv_cases(quick), *_moe_cases(quick), *_layer_cases(quick)]
+            *_kv_cases(quick), *_moe_cases(quick), *_layer_cases(quick), *_sample_cases(quick)]
 
 
 # ---- running ---------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
         "-> (Tensor, Tensor)");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor");
+  m.def("sample(Tensor logits, Tensor uniforms, Tensor? prev_tokens, float repetition_penalty, float temperature, "
+        "int top_k, float top_p, float min_p) -> Tensor");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
   m.def("_families() -> str[]", &families);

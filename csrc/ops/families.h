@@ -40,6 +40,7 @@ inline constexpr KernelFamily kKernelFamilies[] = {
     {"act",           "marlin_silu_mul_ marlin_gelu_mul_",   "act.metal"},
     {"rope",          "marlin_rope_",          "rope.metal"},
     {"attention",     "marlin_attention_",     "attention.metal"},
+    {"sample",        "marlin_sample_",        "sample.metal"},
 };
 // clang-format on
 inline constexpr int kNumKernelFamilies = int(sizeof(kKernelFamilies) / sizeof(kKernelFamilies[0]));

@@ -56,7 +56,8 @@ std::vector<std::string> host_kernel_names() {
   std::vector<std::string> all;
   for (auto* f : {&dequantize_kernel_names, &fake_quantize_kernel_names, &hadamard_kernel_names,
                   &kv_kernel_names, &gemm_kernel_names,
-                  &moe_kernel_names, &moe_route_kernel_names, &layer_kernel_names})
+                  &moe_kernel_names, &moe_route_kernel_names, &layer_kernel_names,
+                  &sample_kernel_names})
     for (auto& n : (*f)()) all.push_back(n);
   return all;
 }

@@ -74,6 +74,11 @@ std::tuple<at::Tensor, at::Tensor> moe_route(Launcher& launcher, const at::Tenso
                                              const std::string& mode, bool renormalize, int64_t n_group,
                                              int64_t topk_group, double scaling);
 std::vector<std::string> moe_route_kernel_names();
+// Token sampling (csrc/ops/sample.cpp, shaders/sample.h; semantics metal_marlin_torch/ops/sampling.py).
+at::Tensor sample(Launcher& launcher, const at::Tensor& logits, const at::Tensor& uniforms,
+                  const std::optional<at::Tensor>& prev_tokens, double repetition_penalty, double temperature,
+                  int64_t top_k, double top_p, double min_p);
+std::vector<std::string> sample_kernel_names();
 // Decoder-layer ops (csrc/ops/layer.cpp; shaders/norm.h, act.h, rope.h).
 std::vector<at::Tensor> rms_norm(Launcher& launcher, const at::Tensor& x, const at::Tensor& weight,
                                  const std::optional<at::Tensor>& residual, double eps);

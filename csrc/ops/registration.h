@@ -186,6 +186,20 @@ struct OpsOn {
     }
   }
 
+  // Token sampling (csrc/ops/sample.cpp).
+  static at::Tensor sample(const at::Tensor& logits, const at::Tensor& uniforms,
+                           const std::optional<at::Tensor>& prev_tokens, double repetition_penalty,
+                           double temperature, int64_t top_k, double top_p, double min_p) {
+    try {
+      L l;
+      return marlin::sample(l, logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p, min_p);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("sample", logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p,
+                               min_p)[0]
+          .toTensor();
+    }
+  }
+
   // Decoder-layer ops (csrc/ops/layer.cpp).
   static std::vector<at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight,
                                           const std::optional<at::Tensor>& residual, double eps) {
@@ -264,6 +278,7 @@ void impl_ops(torch::Library& m) {
   m.impl("kv_dequantize_seq", &OpsOn<L>::kv_dequantize_seq);
   m.impl("kv_dequantize_seq_out", &OpsOn<L>::kv_dequantize_seq_out);
   m.impl("kv_attention", &OpsOn<L>::kv_attention);
+  m.impl("sample", &OpsOn<L>::sample);
   m.impl("rms_norm", &OpsOn<L>::rms_norm);
   m.impl("layer_norm", &OpsOn<L>::layer_norm);
   m.impl("silu_mul", &OpsOn<L>::silu_mul);

@@ -143,12 +143,19 @@ def sample(
 ) -> torch.Tensor:
     """One token per row of ``logits [B, V]`` (int64 ``[B]``), semantics in :mod:`.sampling`;
     ``temperature=0`` is greedy. The uniform draws come from ``generator`` (reproducible under
-    its seed) unless given as ``uniforms`` (float32 ``[B]``)."""
+    its seed) unless given as ``uniforms`` (float32 ``[B]``). A row with no token to draw (a NaN
+    score, or no finite maximum when sampling) gets -1 from the op; this wrapper raises then
+    (which reads the tokens back: on MPS a sync, as ``generate()`` does for every token anyway)."""
     if uniforms is None:
         uniforms = torch.rand(logits.shape[0], generator=generator, dtype=torch.float32,
                               device=generator.device if generator is not None else "cpu").to(logits.device)
-    return torch.ops.marlin.sample(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p,
-                                   min_p)
+    tokens = torch.ops.marlin.sample(logits, uniforms, prev_tokens, repetition_penalty, temperature, top_k, top_p,
+                                     min_p)
+    if not torch.compiler.is_compiling() and bool((tokens < 0).any()):
+        rows = torch.nonzero(tokens < 0).flatten().tolist()
+        raise ValueError(f"marlin.sample: rows {rows} have no token to draw (a NaN score, or an all -inf / "
+                         f"+inf row when sampling)")
+    return tokens
 
 
 def attention(

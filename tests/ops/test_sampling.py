@@ -8,6 +8,7 @@ import torch
 from torch.library import opcheck
 
 from metal_marlin_torch import ops
+from metal_marlin_torch.ops import sampling
 from metal_marlin_torch.ops.sampling import filter_logits
 
 transformers = pytest.importorskip("transformers")
@@ -89,11 +90,51 @@ def test_bad_arguments(kwargs, match):
         ops.sample(torch.randn(3, 10), **kwargs)
 
 
-def test_nan_logits_raise():
-    logits = torch.randn(2, 10)
-    logits[1] = float("nan")
-    with pytest.raises(ValueError, match="not finite"):
+def test_nan_and_empty_rows_give_minus_one_and_the_wrapper_raises():
+    logits = torch.randn(4, 10)
+    logits[1, 3] = float("nan")
+    logits[2] = -float("inf")
+    logits[3, 0] = float("inf")
+    u = torch.rand(4)
+    sampled = torch.ops.marlin.sample(logits, u, None, 1.0, 1.0, 0, 1.0, 0.0)
+    assert sampled[0] >= 0 and sampled[1:].tolist() == [-1, -1, -1]
+    greedy = torch.ops.marlin.sample(logits, u, None, 1.0, 0.0, 0, 1.0, 0.0)
+    assert greedy[1:].tolist() == [-1, 0, 0]  # greedy: NaN -> -1, else argmax (first index)
+    with pytest.raises(ValueError, match=r"rows \[1, 2, 3\] have no token"):
         ops.sample(logits, temperature=1.0)
+
+
+def test_fixed_point_weights_are_exp():
+    # W(d) = 2^31 exp(d) within the tables' rounding and the 1/4096 step in log2: 0.02%
+    d = torch.cat([torch.zeros(1), -torch.rand(2000) * 22])
+    w = sampling.weights(d, torch.zeros(1)).double()
+    torch.testing.assert_close(w, 2.0 ** 31 * torch.exp(d.double()), rtol=2e-4, atol=1.0)
+    assert sampling.weights(torch.tensor([0.0, -23.0, -float("inf")]), torch.zeros(1)).tolist() == [2 ** 31, 0, 0]
+
+
+@pytest.mark.parametrize(("penalty", "temperature", "top_k", "top_p", "min_p"), SETTINGS)
+def test_kept_set_is_the_transformers_filter(penalty, temperature, top_k, top_p, min_p):
+    # a token the op can draw is one transformers' processors keep: sweep u over a fine grid
+    torch.manual_seed(0)
+    logits = (torch.randn(1, 61) * 2).repeat(2000, 1)
+    prev = torch.randint(0, 61, (1, 6)).repeat(2000, 1)
+    u = (torch.arange(2000, dtype=torch.float32) + 0.5) / 2000
+    drawn = set(torch.ops.marlin.sample(logits, u, prev, penalty, temperature, top_k, top_p, min_p).tolist())
+    kept = filter_logits(logits[:1], prev[:1], penalty, temperature, top_k, top_p, min_p)[0]
+    probs = torch.softmax(kept, -1)
+    assert drawn <= set(torch.nonzero(probs > 0).flatten().tolist())
+    assert drawn >= set(torch.nonzero(probs > 1e-3).flatten().tolist())  # the grid hits every likely one
+
+
+def test_prev_token_padding_is_ignored():
+    logits, u = torch.randn(2, 30), torch.rand(2)
+    prev = torch.tensor([[3, -1, 40], [7, 7, -5]])
+    s = sampling.penalized_scores(logits, prev, 1.5)
+    expect = logits.clone()
+    for row, tok in ((0, 3), (1, 7)):
+        expect[row, tok] = expect[row, tok] * 1.5 if expect[row, tok] < 0 else expect[row, tok] / 1.5
+    assert torch.equal(s, expect)
+    assert torch.ops.marlin.sample(logits, u, prev, 1.5, 0.9, 0, 1.0, 0.0).shape == (2,)
 
 
 MODEL = "/work/shared/models/pylm-s"

@@ -16,6 +16,7 @@ from ..dtypes import resolve
 from .config import LayerPlan, QuantConfig
 from .experts import MarlinExperts, plan_experts
 from .linear import MarlinLinear
+from .router import convert_routers
 
 log = logging.getLogger("metal_marlin_torch")
 
@@ -34,6 +35,8 @@ class QuantizeSummary:
             counts.
         quant_weights: number of weights of those layers.
         budget: the allocation (``quant.budget.BudgetPlan``) when the config has a bit budget.
+        routers: MoE routers swapped for :class:`~.router.MarlinRouter` (``marlin::moe_route``).
+        kept_routers: routers of converted MoE blocks left on transformers' code -> reason.
     """
 
     layers: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -43,6 +46,8 @@ class QuantizeSummary:
     quant_bits: int = 0
     quant_weights: int = 0
     budget: Any = None
+    routers: list[str] = field(default_factory=list)
+    kept_routers: dict[str, str] = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -184,4 +189,17 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         first = projections[layer.shape.up_name]
         summary.layers[name] = (first.format, first.group_size)
         summary.bytes_after += _tensor_bytes(layer)
+    summary.routers, summary.kept_routers = convert_routers(model, moe_router_names(model, list(expert_plans)))
     return summary
+
+
+def moe_router_names(model: nn.Module, experts_names: list[str]) -> list[str]:
+    """The ``gate`` modules beside the named experts modules (the MoE blocks' routers)."""
+    names = []
+    for name in experts_names:
+        parent, _, _ = name.rpartition(".")
+        block = model.get_submodule(parent) if parent else model
+        gate = getattr(block, "gate", None)
+        if isinstance(gate, nn.Module) and not isinstance(gate, nn.Linear):
+            names.append(f"{parent}.gate" if parent else "gate")
+    return names

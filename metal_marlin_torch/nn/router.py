@@ -113,20 +113,39 @@ def _candidates(router: nn.Module) -> list[RouteSpec]:
     return [RouteSpec(top_k, "softmax_topk", norm) for norm in norms]
 
 
-def _same_routing(ref: tuple, ours: tuple) -> bool:
-    """Same experts per token (as sets: some routers return them unsorted) and the same weights."""
+def _choice_scores(spec: RouteSpec, logits: torch.Tensor, score_bias: torch.Tensor | None) -> torch.Tensor:
+    """The scores top-k ranks under ``spec`` (fp32, as moe_route computes them)."""
+    if spec.mode == "softmax_topk":  # probabilities: saturated logits tie at 0 (underflow)
+        return torch.softmax(logits.float(), dim=-1)
+    if spec.mode == "topk_softmax":
+        return logits.float()
+    s = torch.sigmoid(logits.float())
+    return s if score_bias is None else s + score_bias.float()
+
+
+def _same_routing(ref: tuple, ours: tuple, spec: RouteSpec, score_bias: torch.Tensor | None) -> bool:
+    """Same experts per token (as sets: some routers return them unsorted) and the same weights.
+
+    Half-precision logits tie often; a tie may be broken either way (torch.topk's order is
+    unspecified), so a token whose chosen sets differ passes only when the differing experts'
+    choice scores are exactly equal (the sorted scores of both choices agree)."""
     if not (isinstance(ref, tuple) and len(ref) == 3):
         return False
     rw, ri = ref[1], ref[2]
     ow, oi = ours[1], ours[2]
     if not (isinstance(ri, torch.Tensor) and tuple(ri.shape) == tuple(oi.shape)):
         return False
-    r_order, o_order = ri.argsort(-1), oi.argsort(-1)
-    if not torch.equal(ri.gather(-1, r_order).long(), oi.gather(-1, o_order)):
-        return False
-    # the transformers router may round its weights to the activations' dtype (Qwen-MoE)
+    ri = ri.long()
+    r_sorted, o_sorted = ri.sort(-1)[0], oi.sort(-1)[0]
+    differ = (r_sorted != o_sorted).any(-1)
+    if differ.any():
+        score = _choice_scores(spec, ours[0], score_bias)[differ]
+        if not torch.equal(score.gather(-1, ri[differ]).sort(-1)[0], score.gather(-1, oi[differ]).sort(-1)[0]):
+            return False
+    # weights compared sorted by value (a tie swaps ids, not values); transformers may round
+    # them to the activations' dtype (Qwen-MoE)
     tol = 1e-5 if rw.dtype == torch.float32 else 1e-2
-    return torch.allclose(rw.float().gather(-1, r_order), ow.gather(-1, o_order), rtol=tol, atol=tol)
+    return torch.allclose(rw.float().sort(-1)[0], ow.sort(-1)[0], rtol=tol, atol=tol)
 
 
 def router_for(router: nn.Module) -> tuple[MarlinRouter | None, str]:
@@ -149,7 +168,7 @@ def router_for(router: nn.Module) -> tuple[MarlinRouter | None, str]:
             for spec in _candidates(router):
                 try:
                     cand = MarlinRouter(weight, spec, score_bias, bias)
-                    if _same_routing(ref, cand(probe)):
+                    if _same_routing(ref, cand(probe), spec, score_bias):
                         return cand, ""
                 except ValueError as err:  # moe_route rejects the settings (e.g. > 1024 experts)
                     return None, str(err)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     q_bytes = sum(t.numel() * t.element_size() for t in q.experts.buffers() if t is not None)
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    # a shared machine's load at the end of the run (timings are only as good as this)
+                    "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "shape": {"experts": args.experts, "top_k": args.top_k, "hidden": args.hidden, "inter": args.inter,
                   "format": args.format, "group_size": args.group_size},
         "experts_MiB": {"dense_bf16": dense_bytes / 2**20, "quantized": q_bytes / 2**20},

@@ -174,3 +174,21 @@ def test_nemotron_h_hybrid_mamba_linears_and_moe():
         got = model(ids).logits
     rel = ((got - want).norm() / want.norm()).item()
     assert rel < 0.02, rel
+
+
+def test_bf16_router_with_saturated_softmax_is_converted():
+    # bf16 logits of std 16: the softmax underflows to exactly 0 beyond the first pick, so the
+    # second pick is a tie that torch.topk and moe_route may break differently; the probe must
+    # accept ties (equal choice scores) and still reject a different routing. (Regression: the
+    # probe compared logits, not probabilities, and kept every such router.)
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+    from metal_marlin_torch.nn.router import router_for
+
+    cfg = transformers.Qwen3MoeConfig(hidden_size=256, num_experts=E, num_experts_per_tok=2, norm_topk_prob=True)
+    router = Qwen3MoeTopKRouter(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(0)))
+    new, reason = router_for(router)
+    assert isinstance(new, MarlinRouter), reason
+    assert new.spec.mode == "softmax_topk" and new.spec.renormalize

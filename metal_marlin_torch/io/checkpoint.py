@@ -26,7 +26,8 @@ from .. import formats as F
 from ..dtypes import DTypeConfig, get_default_config
 from ..nn.experts import MarlinExperts, experts_shape
 from ..nn.linear import MarlinLinear
-from ..nn.quantize import replace_module
+from ..nn.quantize import moe_router_names, replace_module
+from ..nn.router import convert_routers
 from .atomic import staged_dir, write_json
 from .hf import copy_into
 from .skeleton import hf_skeleton
@@ -421,6 +422,9 @@ def load_quantized(
                 if t.is_meta]
     if leftover:
         raise ValueError(f"load_quantized: tensors never loaded: {leftover[:8]}")
+    # MoE routers on marlin.moe_route, as quantize_model leaves them (their weights are loaded now)
+    convert_routers(model, moe_router_names(model, [n for n, m in model.named_modules()
+                                                     if isinstance(m, MarlinExperts)]))
     return model.eval()
 
 

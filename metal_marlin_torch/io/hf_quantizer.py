@@ -185,6 +185,12 @@ class MarlinHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         self.quantization_config.layers = layer_table(model)
+        # MoE routers on marlin.moe_route (nn/router.py), now that their weights are loaded
+        from ..nn.quantize import moe_router_names  # noqa: PLC0415
+        from ..nn.router import convert_routers  # noqa: PLC0415
+
+        convert_routers(model, moe_router_names(model, [n for n, m in model.named_modules()
+                                                         if isinstance(m, MarlinExperts)]))
         # save_pretrained must write the state_dict names (fused, quantized expert tensors), not
         # revert transformers' load-time weight conversions (which would split packed tensors)
         model._weight_conversions = []

@@ -13,6 +13,7 @@ from .quantize import (
     register_quantizer,
     replace_module,
 )
+from .router import MarlinRouter, RouteSpec, convert_routers
 
 __all__ = [
     "DEFAULT_EXCLUDE", "MIXED_4_3_RULES", "QUANTIZERS", "LayerPlan", "MarlinExperts", "MarlinLinear",
@@ -20,4 +21,5 @@ __all__ = [
     "replace_module",
     "dequantize_model",
     "MarlinGatedMLP", "MarlinRMSNorm", "patch_layers",
+    "MarlinRouter", "RouteSpec", "convert_routers",
 ]

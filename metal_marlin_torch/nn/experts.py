@@ -101,6 +101,26 @@ def _default_gate(module: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
     return module.act_fn(gate) * up
 
 
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return torch.ops.marlin.silu_mul(gate_up, None)
+
+
+def _gelu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    return torch.ops.marlin.gelu_mul(gate_up, None)
+
+
+def fused_act_mul(act_fn: nn.Module | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``marlin::silu_mul`` / ``gelu_mul`` on ``[..., 2I]`` (gate half first) when ``act_fn`` is
+    SiLU or tanh-GELU (transformers' ``silu``/``swish``/``gelu_pytorch_tanh``), else None: one
+    launch for ``act(gate) * up`` instead of three elementwise ops."""
+    name = type(act_fn).__name__
+    if name in ("SiLU", "SiLUActivation"):
+        return _silu_mul
+    if name == "GELUTanh" or (isinstance(act_fn, nn.GELU) and act_fn.approximate == "tanh"):
+        return _gelu_mul
+    return None
+
+
 class MarlinExperts(nn.Module):
     """Mixture-of-experts projections with quantized 3-D weights (module docstring: layout).
 
@@ -165,6 +185,10 @@ class MarlinExperts(nn.Module):
         if shape is None:
             raise TypeError(f"MarlinExperts: {type(experts).__name__} is not a fused experts module")
         gate_fn = getattr(type(experts), "_apply_gate", None)
+        if getattr(gate_fn, "__name__", "") == "_default_apply_gate":
+            # transformers' shared default (chunk, act_fn(gate) * up) is ours: keeps the fused
+            # silu_mul/gelu_mul path; a model's own _apply_gate (gpt-oss's clamp) stays its own
+            gate_fn = None
         bias = getattr(experts, f"{shape.up_name}_bias", None) if shape.has_bias else None
         layer = cls(shape, plans, dtype_config, getattr(experts, "act_fn", None), gate_fn, device,
                     bias_dtype=None if bias is None else bias.dtype)
@@ -249,7 +273,14 @@ class MarlinExperts(nn.Module):
         weights = torch.where(valid, weights, torch.zeros_like(weights))
         rows = x.repeat_interleave(k, dim=0)  # row t*k + j goes to expert top_k_index[t, j]
         up = self.project(self.shape.up_name, rows, ids)
-        act = self._gate_fn(self, up) if self.shape.has_gate else self.act_fn(up)
+        if not self.shape.has_gate:
+            act = self.act_fn(up)
+        elif self._gate_fn is _default_gate and not (torch.is_grad_enabled() and up.requires_grad) \
+                and (fused := fused_act_mul(self.act_fn)) is not None:
+            # silu_mul/gelu_mul have no autograd formula: training (LoRA) takes the model's own gate
+            act = fused(up)
+        else:
+            act = self._gate_fn(self, up)
         out = self.project(DOWN, act, ids)
         if getattr(self, "post_expert_norm", None) is not None:
             out = self.post_expert_norm(out)

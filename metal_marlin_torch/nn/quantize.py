@@ -16,6 +16,7 @@ from ..dtypes import resolve
 from .config import LayerPlan, QuantConfig
 from .experts import MarlinExperts, plan_experts
 from .linear import MarlinLinear
+from .router import convert_routers
 
 log = logging.getLogger("metal_marlin_torch")
 
@@ -34,6 +35,10 @@ class QuantizeSummary:
             counts.
         quant_weights: number of weights of those layers.
         budget: the allocation (``quant.budget.BudgetPlan``) when the config has a bit budget.
+        routers: MoE routers swapped for :class:`~.router.MarlinRouter` (``marlin::moe_route``).
+        kept_routers: routers of converted MoE blocks left on transformers' code -> reason.
+        method_report: what the method returned (GPTQ: ``quantize_layerwise``'s report, with
+            ``experts``: rows per expert and the experts that fell back to round to nearest).
     """
 
     layers: dict[str, tuple[str, int]] = field(default_factory=dict)
@@ -43,6 +48,9 @@ class QuantizeSummary:
     quant_bits: int = 0
     quant_weights: int = 0
     budget: Any = None
+    routers: list[str] = field(default_factory=list)
+    kept_routers: dict[str, str] = field(default_factory=dict)
+    method_report: dict[str, Any] = field(default_factory=dict)
 
     @property
     def compression(self) -> float:
@@ -135,8 +143,10 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         **method_kwargs: passed to the method (e.g. ``calibration=`` for GPTQ).
 
     Fused mixture-of-experts modules (transformers 5's 3-D expert weights) become
-    :class:`MarlinExperts` unless ``config.experts`` is False; they are always quantized by
-    round to nearest (the config's method applies to the ``nn.Linear`` layers).
+    :class:`MarlinExperts` unless ``config.experts`` is False: with ``gptq``/``mr-gptq`` each
+    expert is GPTQ-quantized against the Hessian of the calibration tokens routed to it (too
+    few tokens: round to nearest, reported in ``summary.method_report["experts"]``), with
+    ``rtn`` by round to nearest. Their blocks' routers become :class:`MarlinRouter`.
 
     Returns:
         :class:`QuantizeSummary`. Selected layers whose shape the format cannot take (K not
@@ -163,8 +173,15 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
     for name, reason in skipped.items():  # a warning the user sees (Python shows UserWarnings by default)
         warnings.warn(f"metal_marlin_torch: leaving {name} unquantized: {reason}", UserWarning, stacklevel=2)
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
-    QUANTIZERS[config.method](model, plans, config, **method_kwargs)
+    experts_before = {name: _tensor_bytes(model.get_submodule(name)) for name in expert_plans}
+    quantizer = QUANTIZERS[config.method]
+    if expert_plans and getattr(quantizer, "handles_experts", False):
+        # GPTQ / MR-GPTQ quantize the experts too, each expert against the Hessian of its routed tokens
+        method_kwargs = {**method_kwargs, "expert_plans": expert_plans}
+    result = quantizer(model, plans, config, **method_kwargs)
     summary = QuantizeSummary(skipped=skipped, budget=budget)
+    if isinstance(result, dict):
+        summary.method_report = result
     for name in plans:
         module = model.get_submodule(name)
         if isinstance(module, MarlinLinear):
@@ -173,15 +190,31 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
             summary.bytes_after += _tensor_bytes(module)
             summary.quant_bits += stored_bits(module)
             summary.quant_weights += module.in_features * module.out_features
-    if expert_plans and config.method != "rtn":
-        log.info("metal_marlin_torch: experts are quantized by rtn (%s applies to nn.Linear layers)", config.method)
     dtype_config = resolve(config.dtype_config)
+    rtn_experts = [n for n in expert_plans if not isinstance(model.get_submodule(n), MarlinExperts)]
+    if rtn_experts and config.method != "rtn":
+        log.info("metal_marlin_torch: experts %s are quantized by rtn (no calibration inputs reach them)",
+                 rtn_experts)
     for name, projections in expert_plans.items():
-        experts = model.get_submodule(name)
-        summary.bytes_before += _tensor_bytes(experts)
-        layer = MarlinExperts.from_experts(experts, projections, dtype_config)
-        replace_module(model, name, layer)
+        summary.bytes_before += experts_before[name]
+        layer = model.get_submodule(name)
+        if not isinstance(layer, MarlinExperts):  # not converted by the method: round to nearest
+            layer = MarlinExperts.from_experts(layer, projections, dtype_config)
+            replace_module(model, name, layer)
         first = projections[layer.shape.up_name]
         summary.layers[name] = (first.format, first.group_size)
         summary.bytes_after += _tensor_bytes(layer)
+    summary.routers, summary.kept_routers = convert_routers(model, moe_router_names(model, list(expert_plans)))
     return summary
+
+
+def moe_router_names(model: nn.Module, experts_names: list[str]) -> list[str]:
+    """The ``gate`` modules beside the named experts modules (the MoE blocks' routers)."""
+    names = []
+    for name in experts_names:
+        parent, _, _ = name.rpartition(".")
+        block = model.get_submodule(parent) if parent else model
+        gate = getattr(block, "gate", None)
+        if isinstance(gate, nn.Module) and not isinstance(gate, nn.Linear):
+            names.append(f"{parent}.gate" if parent else "gate")
+    return names

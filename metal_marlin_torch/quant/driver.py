@@ -37,8 +37,10 @@ from ..dtypes import DTypeConfig, resolve
 from ..io.atomic import atomic_path, write_json
 from ..io.checkpoint import write_safetensors
 from ..nn.config import LayerPlan
+from ..nn.experts import MarlinExperts
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
+from .experts import DEFAULT_MIN_TOKENS, quantize_experts
 from .gptq import HessianAccumulator
 from .hadamard import unrotate
 from .mr_gptq import DEFAULT_ROTATION_BLOCK, Rotation, quantize_linear, rotation_for
@@ -99,6 +101,8 @@ class DriverOptions:
             from the unquantized block's inputs in one pass).
         batch_size: calibration windows per forward pass.
         offload_inputs: keep captured block inputs on CPU between uses (saves device memory).
+        expert_min_tokens: an expert routed fewer calibration rows than this is quantized by
+            RTN (and reported) instead of GPTQ (:mod:`.experts`).
         gptq: options of :func:`~.gptq.gptq_quantize` (damp, block_size, act_order, ...).
     """
 
@@ -110,6 +114,7 @@ class DriverOptions:
     true_sequential: bool = True
     batch_size: int = 8
     offload_inputs: bool = False
+    expert_min_tokens: int = DEFAULT_MIN_TOKENS
     gptq: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -189,13 +194,15 @@ def _restore_dtypes(block: nn.Module, old: dict[str, torch.dtype], biases_only: 
     linear's dtype, as :meth:`MarlinLinear.like` would have made it). ``biases_only``: only
     those biases (before a block is saved, while the rest still computes in float32)."""
     for name, mod in block.named_modules():
-        marlin = isinstance(mod, MarlinLinear)
+        # MarlinExperts reuse the fused experts' tensor names (gate_up_proj, down_proj, *_bias)
+        marlin = isinstance(mod, (MarlinLinear, MarlinExperts))
         if biases_only and not marlin:
             continue
         prefix = f"{name}." if name else ""
         for key, p in mod._parameters.items():
             dt = old.get(prefix + key)
-            if p is None or dt is None or (marlin and key != "bias") or p.dtype == dt:
+            if p is None or dt is None or (marlin and key != "bias" and not key.endswith("_proj_bias")) \
+                    or p.dtype == dt:
                 continue
             p.data = p.data.to(dt)
         if marlin:
@@ -312,6 +319,11 @@ def _block_tensors(block: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             layers[name] = {"format": m.format, "group_size": m.group_size, "in": m.in_features,
                             "out": m.out_features, "bias": m.bias is not None,
                             "rotation_block": m.rotation_block}
+        elif isinstance(m, MarlinExperts):
+            for key, t in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                if t is not None:
+                    tensors[f"{name}.{key}"] = t.detach().cpu().contiguous()
+            layers[name] = m.layer_spec()
     return tensors, layers
 
 
@@ -329,6 +341,16 @@ def load_block(path: Path, block: nn.Module, dtype_config: DTypeConfig, device) 
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iterator)
     for name, spec in layers.items():
         state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if spec.get("kind") == "experts":
+            layer = MarlinExperts.like(block.get_submodule(name), MarlinExperts.plans_from_spec(spec),
+                                       dtype_config, device=device)
+            for key, t in state.items():  # assigned: the module's own bias dtype is the saved one
+                if isinstance(getattr(layer, key), nn.Parameter):
+                    setattr(layer, key, nn.Parameter(t.to(device), requires_grad=False))
+                else:
+                    setattr(layer, key, t.to(device))
+            replace_module(block, name, layer)
+            continue
         # the bias keeps the dtype it was saved in, as quantize_linear gave it (the source's)
         layer = MarlinLinear(spec["in"], spec["out"], spec["bias"], spec["format"], spec["group_size"],
                              dtype_config, spec["rotation_block"], device=device,
@@ -366,6 +388,7 @@ def quantize_layerwise(
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
     layer_fn: Callable[..., MarlinLinear] = quantize_linear,
+    expert_plans: dict[str, dict[str, LayerPlan]] | None = None,
 ) -> dict[str, Any]:
     """Quantize the planned linear layers of ``model`` in place, block by block.
 
@@ -379,9 +402,15 @@ def quantize_layerwise(
         work_dir: folder for finished blocks (resume); None = no persistence.
         progress: tqdm progress bar over blocks.
         layer_fn: the per-layer quantizer (tests substitute a counting wrapper).
+        expert_plans: fused experts modules to quantize (name -> projection -> plan, from
+            :func:`~metal_marlin_torch.nn.plan_experts`): per-expert Hessians (:mod:`.experts`).
+            Those inside the blocks become ``MarlinExperts``; the others are left for the caller.
 
     Returns:
-        ``{"resumed_blocks": [...], "quantized_blocks": [...], "rtn_outside": [...]}``.
+        ``{"resumed_blocks": [...], "quantized_blocks": [...], "rtn_outside": [...],
+        "experts": {name: {"tokens": [rows per expert], "rtn": {projection: {expert: rows}}}}}``
+        (``experts``: the GPTQ-quantized experts modules; ``rtn`` lists the experts that saw
+        fewer than ``options.expert_min_tokens`` rows and got round-to-nearest).
     """
     options = options or DriverOptions()
     dcfg = resolve(dtype_config)
@@ -393,14 +422,26 @@ def quantize_layerwise(
     prefix, blocks = find_blocks(model)
     per_block: list[dict[str, LayerPlan]] = [{} for _ in blocks]
     outside: dict[str, LayerPlan] = {}
-    for name, plan in plans.items():
+    per_block_experts: list[dict[str, dict[str, LayerPlan]]] = [{} for _ in blocks]
+
+    def locate(name: str) -> tuple[int, str] | None:
         head = f"{prefix}." if prefix else ""
         rest = name[len(head):] if name.startswith(head) else None
         idx, _, sub = (rest or "").partition(".")
         if rest is not None and idx.isdigit() and int(idx) < len(blocks) and sub:
-            per_block[int(idx)][sub] = plan
+            return int(idx), sub
+        return None
+
+    for name, plan in plans.items():
+        where = locate(name)
+        if where is not None:
+            per_block[where[0]][where[1]] = plan
         else:
             outside[name] = plan
+    for name, projections in (expert_plans or {}).items():
+        where = locate(name)
+        if where is not None:
+            per_block_experts[where[0]][where[1]] = projections
 
     wd: Path | None = None
     if work_dir is not None:
@@ -409,9 +450,12 @@ def quantize_layerwise(
         settings = {"plans": {k: [p.format, p.group_size] for k, p in sorted(plans.items())},
                     "options": {**options.__dict__}, "dtype_config": dcfg.to_dict(),
                     "n_blocks": len(blocks)}
+        if expert_plans:
+            settings["experts"] = {k: {p: [pl.format, pl.group_size] for p, pl in sorted(v.items())}
+                                   for k, v in sorted(expert_plans.items())}
         _check_run(wd, _fingerprint(settings, tokens))
 
-    report: dict[str, Any] = {"resumed_blocks": [], "quantized_blocks": [], "rtn_outside": []}
+    report: dict[str, Any] = {"resumed_blocks": [], "quantized_blocks": [], "rtn_outside": [], "experts": {}}
     gptq_opts = dict(options.gptq)
     model_was_training = model.training
     model.eval()
@@ -441,9 +485,11 @@ def quantize_layerwise(
                 if path is not None and path.exists():
                     load_block(path, block, dcfg, device)
                     report["resumed_blocks"].append(i)
-                elif per_block[i]:
-                    _quantize_block(block, per_block[i], inputs, options, gptq_opts, dcfg, device, store,
-                                    layer_fn)
+                elif per_block[i] or per_block_experts[i]:
+                    experts_report = _quantize_block(block, per_block[i], inputs, options, gptq_opts, dcfg,
+                                                     device, store, layer_fn, per_block_experts[i])
+                    head = f"{prefix}.{i}." if prefix else f"{i}."
+                    report["experts"].update({head + k: v for k, v in experts_report.items()})
                     _restore_dtypes(block, old_dtypes, biases_only=True)
                     if path is not None:
                         save_block(path, block)
@@ -467,6 +513,10 @@ def quantize_layerwise(
             if options.rotate else Rotation()
         replace_module(model, name, layer_fn(linear, plan, dcfg, None, rot, None))
         report["rtn_outside"].append(name)
+    fallbacks = {n: r["rtn"] for n, r in report["experts"].items() if any(r["rtn"].values())}
+    if fallbacks:
+        log.warning("quantize_layerwise: experts with fewer than %d calibration rows got round-to-nearest "
+                    "(module: projection: {expert: rows}): %s", options.expert_min_tokens, fallbacks)
     if report["rtn_outside"]:
         log.info("quantize_layerwise: no calibration inputs reach %s; used round-to-nearest", report["rtn_outside"])
     model.train(model_was_training)
@@ -476,19 +526,34 @@ def quantize_layerwise(
 def _quantize_block(
     block: nn.Module, plans: dict[str, LayerPlan], inputs: list[tuple[tuple, dict]],
     options: DriverOptions, gptq_opts: dict[str, Any], dcfg: DTypeConfig, device, store,
-    layer_fn: Callable[..., MarlinLinear],
-) -> None:
+    layer_fn: Callable[..., MarlinLinear], expert_plans: dict[str, dict[str, LayerPlan]] | None = None,
+) -> dict[str, Any]:
+    """Quantize the block's planned linears stage by stage, then its planned experts modules
+    (their Hessians from the block with every linear already quantized); returns the experts'
+    reports by name."""
     names = [n for n in plans if isinstance(block.get_submodule(n), nn.Linear)]
     if options.hessian and options.true_sequential:
         stages = _stages(block, names, inputs[0], device)
     else:
         stages = [names]
     finals: dict[str, MarlinLinear] = {}
+    reports: dict[str, Any] = {}
     try:
         for stage in stages:
             _quantize_stage(block, stage, plans, inputs, options, gptq_opts, dcfg, device, layer_fn, finals)
+        for name, projections in (expert_plans or {}).items():
+            def run(args: tuple, kwargs: dict) -> Any:
+                return block(*_to(args, device), **_to(kwargs, device))
+            hessian = options.hessian
+            q, reports[name] = quantize_experts(
+                block, name, projections, inputs, run, dcfg, gptq_opts, layer_fn,
+                options.expert_min_tokens if hessian else 2**62)  # no Hessians: every expert RTN
+            if options.rotate:
+                reports[name]["note"] = "experts get no input rotation (moe_gemm has none): plain GPTQ"
+            replace_module(block, name, q)
     finally:
         _restore(block, finals)
+    return reports
 
 
 def _stage_hessians(block: nn.Module, stage: list[str], inputs: list[tuple[tuple, dict]], device,

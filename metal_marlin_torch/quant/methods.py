@@ -25,7 +25,8 @@ from .driver import DriverOptions, quantize_layerwise
 
 def _layerwise(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, *,
                calibration: Any = None, tokenizer: Any = None, device: Any = None,
-               work_dir: Any = None, progress: bool = True) -> dict[str, Any]:
+               work_dir: Any = None, progress: bool = True,
+               expert_plans: dict[str, dict[str, LayerPlan]] | None = None) -> dict[str, Any]:
     opts = config.method_options
     tokens = load_calibration(
         calibration, tokenizer,
@@ -34,7 +35,11 @@ def _layerwise(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfi
         seed=int(opts.get("calibration_seed", DEFAULT_SEED)),
     )
     options = DriverOptions.from_options(config.method, opts)
-    return quantize_layerwise(model, plans, tokens, options, config.dtype_config, device, work_dir, progress)
+    return quantize_layerwise(model, plans, tokens, options, config.dtype_config, device, work_dir, progress,
+                              expert_plans=expert_plans)
+
+
+_layerwise.handles_experts = True  # quantize_model passes expert_plans (per-expert Hessians, .experts)
 
 
 def register_methods() -> None:

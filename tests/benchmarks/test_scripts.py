@@ -76,3 +76,30 @@ def test_bench_layer_ops_cpu_rows(tmp_path):
     ops_m = {(r["op"], r["M"]) for r in result["rows"]}
     assert {("rms_norm+residual", 1), ("rope", 3), ("attention", 3), ("silu_mul", 1)} <= ops_m
     assert all(r["stock_ms"] > 0 and r["marlin_ms"] > 0 and r["kernel"] == "torch" for r in result["rows"])
+
+
+def test_bench_moe_tiny_block_and_decode_counters(tmp_path):
+    # tiny shapes; the counters run the emulated decode kernel: its weight reads must be exactly
+    # the selected experts' packed bytes (each once), and its output equal the torch op's
+    from benchmarks import bench_moe
+
+    out = tmp_path / "moe.json"
+    result = bench_moe.main(["--experts", "8", "--top-k", "2", "--hidden", "128", "--inter", "64",
+                             "--group-size", "64", "--prefill-tokens", "20", "--decode-rounds", "1",
+                             "--prefill-rounds", "1", "--counters", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert result["routers"] == ["gate"]
+    rows = {(r["phase"], r["method"]): r for r in result["rows"]}
+    assert set(rows) == {(p, m) for p in ("decode", "prefill") for m in ("dense bf16", "marlin", "oracle")}
+    for (_, method), r in rows.items():
+        assert r["ms"] > 0 and r["tok_s"] > 0
+        assert r["rel_err_vs_dense"] < (1e-9 if method == "dense bf16" else 0.3)  # int4 g64
+    # on CPU the marlin block and the oracle compute the same function
+    assert abs(rows["decode", "marlin"]["rel_err_vs_dense"] - rows["decode", "oracle"]["rel_err_vs_dense"]) < 1e-2
+    c = result["decode_counters"]
+    assert [r["projection"] for r in c["launches"]] == ["gate_up_proj", "down_proj"]
+    for r in c["launches"]:
+        assert all("moe_gemv" in k for k in r["kernels"])
+        assert r["weight_bytes_read"] == r["selected_expert_bytes"]
+        assert r["rel_err_vs_torch"] < 1e-2
+    assert c["weight_bytes_per_token"] == c["min_weight_bytes_per_token"]

@@ -240,8 +240,9 @@ def test_moe_route_ties_and_errors(emu):
 def test_tiny_qwen3_moe_end_to_end(tokens):
     # A tiny Qwen3-MoE (random weights, transformers' own modules), int8-quantized by
     # quantize_model: its logits under emulator.use() (every marlin op on the emulated Metal
-    # kernels: gemm for the linear layers, moe_gemm for the experts) equal the pure-torch
-    # kernels' to fp32 rounding, and both stay within quantization error of the dense model.
+    # kernels: gemm for the linear layers, moe_route for the routers, moe_gemm and silu_mul for
+    # the experts) equal the pure-torch kernels' to fp32 rounding, and both stay within
+    # quantization error of the dense model.
     from metal_marlin_torch import QuantConfig, quantize_model
 
     from ..nn.test_experts import tiny_qwen3_moe
@@ -254,7 +255,7 @@ def test_tiny_qwen3_moe_end_to_end(tokens):
         torch_q = model(ids).logits.double()
         with emulator.use() as session:
             emu_q = model(ids).logits.double()
-    assert {"gemm", "moe_gemm"} <= set(session.calls)
+    assert {"gemm", "moe_gemm", "moe_route", "silu_mul"} <= set(session.calls)
     torch.testing.assert_close(emu_q, torch_q, rtol=1e-4, atol=1e-4 * torch_q.abs().max().item())
     sqnr = 10 * torch.log10(dense.pow(2).sum() / (torch_q - dense).pow(2).sum()).item()
     assert sqnr > 30, f"int8 model vs dense: SQNR {sqnr:.1f} dB"

@@ -38,6 +38,7 @@
 
 #include <metal_stdlib>
 
+#include "formats/common.h"
 #include "layer_args.h"
 
 using namespace metal;
@@ -53,8 +54,29 @@ constant constexpr uint ATTN_DIMS_PER_LANE = ATTN_MAX_D / 32;
 METAL_FUNC float attn_weight(float s, float m) { return s == -INFINITY ? 0.0f : exp(s - m); }
 METAL_FUNC float attn_rescale(float m_old, float m_new) { return m_old == m_new ? 1.0f : exp(m_old - m_new); }
 
-template <typename T>  // element type of q, k, v and the output: half, bfloat or float
-METAL_FUNC void attention_impl(device const T* q, device const T* k, device const T* v, device T* out,
+// Where K and V come from: element `at` (= token * D + dim) of token `tok` (= (b * Hk + h) * Sk + j),
+// as the kernels' element type T. Plain: the T tensors. FP8: E4M3 bytes times the token's float32
+// scale, rounded to T (what the torch op's dequantize gives: FP8Store.dequantize).
+template <typename T>
+struct AttnKvPlain {
+  device const T* k;
+  device const T* v;
+  METAL_FUNC T key(ulong tok, ulong at) const { return k[at]; }
+  METAL_FUNC T value(ulong tok, ulong at) const { return v[at]; }
+};
+template <typename T>
+struct AttnKvFp8 {
+  device const uchar* k;
+  device const uchar* v;
+  device const float* k_scales;  // [B, Hk, Sk]
+  device const float* v_scales;
+  METAL_FUNC T key(ulong tok, ulong at) const { return T(fp8_e4m3_to_float(k[at]) * k_scales[tok]); }
+  METAL_FUNC T value(ulong tok, ulong at) const { return T(fp8_e4m3_to_float(v[at]) * v_scales[tok]); }
+};
+
+template <typename T,   // element type of q and the output: half, bfloat or float
+          typename KV>  // K/V source (AttnKvPlain<T> or AttnKvFp8<T>)
+METAL_FUNC void attention_impl(device const T* q, KV kv, device T* out,
                                device float* part_ml, device float* part_o, constant AttentionArgs& args,
                                threadgroup float* part_m, threadgroup float* part_l, threadgroup float* part_acc,
                                uint row, uint split, uint tid, uint sg, uint lane) {
@@ -64,7 +86,7 @@ METAL_FUNC void attention_impl(device const T* q, device const T* k, device cons
   const uint h = bh % args.heads_q, b = bh / args.heads_q;
   const uint kv_head = h / (args.heads_q / args.heads_k);
   device const T* qrow = q + ulong(row) * d;
-  const ulong kv_base = (ulong(b) * args.heads_k + kv_head) * args.seq_k * d;
+  const ulong tok_base = (ulong(b) * args.heads_k + kv_head) * args.seq_k;
   const uint pos = args.seq_k - args.seq_q + i;
   const uint row_hi = args.causal ? pos + 1 : args.seq_k;  // the row's keys: [row_lo, row_hi)
   const uint row_lo = (args.window > 0 && pos + 1 > args.window) ? pos + 1 - args.window : 0;
@@ -80,12 +102,11 @@ METAL_FUNC void attention_impl(device const T* q, device const T* k, device cons
   }
   float m = -INFINITY, l = 0.0f;
   for (uint j = lo + sg; j < hi; j += ATTN_SIMDGROUPS) {
-    device const T* krow = k + kv_base + ulong(j) * d;
-    device const T* vrow = v + kv_base + ulong(j) * d;
+    const ulong tok = tok_base + j;
     float s = 0.0f;
     for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
       const uint c = lane + 32 * t;
-      if (c < d) s += qv[t] * float(krow[c]);
+      if (c < d) s += qv[t] * float(kv.key(tok, tok * d + c));
     }
     s = simd_sum(s) * args.scale;
     const float m_new = max(m, s);
@@ -94,7 +115,7 @@ METAL_FUNC void attention_impl(device const T* q, device const T* k, device cons
     l = l * keep + p;
     for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
       const uint c = lane + 32 * t;
-      if (c < d) acc[t] = acc[t] * keep + p * float(vrow[c]);
+      if (c < d) acc[t] = acc[t] * keep + p * float(kv.value(tok, tok * d + c));
     }
     m = m_new;
   }
@@ -168,8 +189,9 @@ static_assert(AttnTile::BQ == 2 * AttnTile::BK, "the Q tile must fit the K and V
 static_assert(AttnTile::BQ == 8 * AttnTile::SIMDGROUPS, "8 query rows per simdgroup");
 static_assert(AttnTile::BK == 16, "4 lanes x 4 keys per query row in the softmax step");
 
-template <typename T>  // element type of q, k, v and the output: half, bfloat or float
-METAL_FUNC void attention_prefill_impl(device const T* q, device const T* k, device const T* v, device T* out,
+template <typename T,   // element type of q and the output: half, bfloat or float
+          typename KV>  // K/V source (AttnKvPlain<T> or AttnKvFp8<T>)
+METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
                                        constant AttentionArgs& args, threadgroup T* kv_tile,
                                        threadgroup float* s_tile, threadgroup float* scratch, uint q_tile,
                                        uint bh, uint tid, uint sg, uint lane) {
@@ -180,9 +202,7 @@ METAL_FUNC void attention_prefill_impl(device const T* q, device const T* k, dev
   const uint kv_head = h / (args.heads_q / args.heads_k);
   device const T* qh = q + ulong(bh) * sq * d;
   device T* oh = out + ulong(bh) * sq * d;
-  const ulong kv_base = (ulong(b) * args.heads_k + kv_head) * sk * d;
-  device const T* kh = k + kv_base;
-  device const T* vh = v + kv_base;
+  const ulong tok_base = (ulong(b) * args.heads_k + kv_head) * sk;
   const uint q0 = q_tile * AttnTile::BQ;
   const uint rows = min(uint(AttnTile::BQ), sq - q0);
   threadgroup float* my_s = s_tile + sg * 8 * AttnTile::BK;  // this simdgroup's 8 score rows
@@ -217,9 +237,9 @@ METAL_FUNC void attention_prefill_impl(device const T* q, device const T* k, dev
     for (uint e = tid; e < AttnTile::BK * dp; e += AttnTile::THREADS) {
       const uint kr = e / dp, c = e % dp;
       const bool ok = kt + kr < sk && c < d;
-      const ulong at = ulong(kt + kr) * d + c;
-      kv_tile[kr * AttnTile::LD + c] = ok ? kh[at] : T(0);
-      kv_tile[(AttnTile::BK + kr) * AttnTile::LD + c] = ok ? vh[at] : T(0);
+      const ulong tok = tok_base + kt + kr;
+      kv_tile[kr * AttnTile::LD + c] = ok ? kv.key(tok, tok * d + c) : T(0);
+      kv_tile[(AttnTile::BK + kr) * AttnTile::LD + c] = ok ? kv.value(tok, tok * d + c) : T(0);
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 
@@ -294,6 +314,16 @@ METAL_FUNC void attention_prefill_impl(device const T* q, device const T* k, dev
   }
 }
 
+#define ATTN_ROW_TG_MEMORY                          \
+  threadgroup float part_m[ATTN_SIMDGROUPS];        \
+  threadgroup float part_l[ATTN_SIMDGROUPS];        \
+  threadgroup float part_acc[ATTN_SIMDGROUPS * ATTN_MAX_D];
+#define ATTN_PREFILL_TG_MEMORY(T)                                \
+  threadgroup T kv_tile[2 * AttnTile::BK * AttnTile::LD];        \
+  threadgroup float s_tile[AttnTile::BQ * AttnTile::BK];         \
+  threadgroup float scratch[AttnTile::SIMDGROUPS * 64];
+
+// Buffers: q 0, k 1, v 2, out 3, args 4, partials 5 and 6 (split rows), K/V scales 7 and 8 (fp8).
 #define instantiate_attention(type_name, T)                                                           \
   kernel void marlin_attention_##type_name(                                                           \
       device const T* q [[buffer(0)]], device const T* k [[buffer(1)]], device const T* v [[buffer(2)]], \
@@ -301,11 +331,23 @@ METAL_FUNC void attention_prefill_impl(device const T* q, device const T* k, dev
       device float* part_ml [[buffer(5)]], device float* part_o [[buffer(6)]],                        \
       uint2 group [[threadgroup_position_in_grid]], uint tid [[thread_position_in_threadgroup]],      \
       uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {          \
-    threadgroup float part_m[ATTN_SIMDGROUPS];                                                        \
-    threadgroup float part_l[ATTN_SIMDGROUPS];                                                        \
-    threadgroup float part_acc[ATTN_SIMDGROUPS * ATTN_MAX_D];                                         \
-    attention_impl<T>(q, k, v, out, part_ml, part_o, args, part_m, part_l, part_acc, group.x, group.y, tid, \
-                      sg, lane);                                                                      \
+    ATTN_ROW_TG_MEMORY                                                                                \
+    const AttnKvPlain<T> kv = {k, v};                                                                 \
+    attention_impl<T>(q, kv, out, part_ml, part_o, args, part_m, part_l, part_acc, group.x, group.y, tid, sg, \
+                      lane);                                                                          \
+  }                                                                                                   \
+  kernel void marlin_attention_fp8_##type_name(                                                       \
+      device const T* q [[buffer(0)]], device const uchar* k [[buffer(1)]],                           \
+      device const uchar* v [[buffer(2)]], device T* out [[buffer(3)]],                               \
+      constant AttentionArgs& args [[buffer(4)]], device float* part_ml [[buffer(5)]],                \
+      device float* part_o [[buffer(6)]], device const float* k_scales [[buffer(7)]],                 \
+      device const float* v_scales [[buffer(8)]], uint2 group [[threadgroup_position_in_grid]],       \
+      uint tid [[thread_position_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],        \
+      uint lane [[thread_index_in_simdgroup]]) {                                                      \
+    ATTN_ROW_TG_MEMORY                                                                                \
+    const AttnKvFp8<T> kv = {k, v, k_scales, v_scales};                                               \
+    attention_impl<T>(q, kv, out, part_ml, part_o, args, part_m, part_l, part_acc, group.x, group.y, tid, sg, \
+                      lane);                                                                          \
   }                                                                                                   \
   kernel void marlin_attention_reduce_##type_name(                                                    \
       device T* out [[buffer(3)]], constant AttentionArgs& args [[buffer(4)]],                        \
@@ -318,8 +360,18 @@ METAL_FUNC void attention_prefill_impl(device const T* q, device const T* k, dev
       device T* out [[buffer(3)]], constant AttentionArgs& args [[buffer(4)]],                        \
       uint2 group [[threadgroup_position_in_grid]], uint tid [[thread_position_in_threadgroup]],      \
       uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {          \
-    threadgroup T kv_tile[2 * AttnTile::BK * AttnTile::LD];                                           \
-    threadgroup float s_tile[AttnTile::BQ * AttnTile::BK];                                            \
-    threadgroup float scratch[AttnTile::SIMDGROUPS * 64];                                             \
-    attention_prefill_impl<T>(q, k, v, out, args, kv_tile, s_tile, scratch, group.x, group.y, tid, sg, lane); \
+    ATTN_PREFILL_TG_MEMORY(T)                                                                         \
+    const AttnKvPlain<T> kv = {k, v};                                                                 \
+    attention_prefill_impl<T>(q, kv, out, args, kv_tile, s_tile, scratch, group.x, group.y, tid, sg, lane); \
+  }                                                                                                   \
+  kernel void marlin_attention_prefill_fp8_##type_name(                                               \
+      device const T* q [[buffer(0)]], device const uchar* k [[buffer(1)]],                           \
+      device const uchar* v [[buffer(2)]], device T* out [[buffer(3)]],                               \
+      constant AttentionArgs& args [[buffer(4)]], device const float* k_scales [[buffer(7)]],         \
+      device const float* v_scales [[buffer(8)]], uint2 group [[threadgroup_position_in_grid]],       \
+      uint tid [[thread_position_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],        \
+      uint lane [[thread_index_in_simdgroup]]) {                                                      \
+    ATTN_PREFILL_TG_MEMORY(T)                                                                         \
+    const AttnKvFp8<T> kv = {k, v, k_scales, v_scales};                                               \
+    attention_prefill_impl<T>(q, kv, out, args, kv_tile, s_tile, scratch, group.x, group.y, tid, sg, lane); \
   }

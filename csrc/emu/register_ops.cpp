@@ -68,6 +68,8 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("rope(Tensor q, Tensor k, Tensor positions, Tensor inv_freq, float scaling, bool interleaved) "
         "-> (Tensor, Tensor)");
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor");
+  m.def("attention_fp8(Tensor q, Tensor k, Tensor k_scales, Tensor v, Tensor v_scales, float scale, bool causal, "
+        "int window) -> Tensor");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_attention_plan(int rows, int sq, int sk, int d, bool causal, int window) -> int[]",
         &marlin::attention_plan);

@@ -233,10 +233,14 @@ std::vector<int64_t> attention_plan(int64_t rows, int64_t sq, int64_t sk, int64_
   return {int64_t(p.variant), p.splits, p.keys_per_split};
 }
 
-at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                     bool causal, int64_t window) {
-  constexpr const char* kOp = "marlin.attention";
+namespace {
+
+// k, v: the T tensors, or (fp8) the E4M3 codes as uint8 with float32 scales [B, Hk, Sk].
+at::Tensor run_attention(Launcher& launcher, const char* kOp, const at::Tensor& q, const at::Tensor& k,
+                         const at::Tensor& v, const at::Tensor* k_scales, const at::Tensor* v_scales, double scale,
+                         bool causal, int64_t window) {
   constexpr int64_t kMaxD = 256;  // ATTN_MAX_D (shaders/attention.h)
+  const bool fp8 = k_scales != nullptr;
   check_activation_dtype(kOp, "q", q.scalar_type());
   TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), kOp,
                     ": q must be [B, Hq, Sq, D] and k, v [B, Hk, Sk, D] of one shape, got ", q.sizes(), ", ",
@@ -245,10 +249,16 @@ at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK_VALUE(k.size(0) == b && k.size(3) == d && hk >= 1 && hq % hk == 0, kOp, ": k ", k.sizes(),
                     " must match q ", q.sizes(), " in batch and head_dim, with q's heads a multiple of k's");
   TORCH_CHECK_VALUE(sq <= sk, kOp, ": q has more rows (", sq, ") than there are keys (", sk, ")");
+  const at::ScalarType kv_type = fp8 ? at::kByte : q.scalar_type();
   for (const at::Tensor* t : {&k, &v})
-    TORCH_CHECK_VALUE(t->scalar_type() == q.scalar_type() && t->device() == q.device(), kOp,
-                      ": k and v must have q's dtype and device (", q.scalar_type(), ", ", q.device(), "), got ",
-                      t->scalar_type(), ", ", t->device());
+    TORCH_CHECK_VALUE(t->scalar_type() == kv_type && t->device() == q.device(), kOp, ": k and v must be ",
+                      kv_type, " on q's device ", q.device(), ", got ", t->scalar_type(), ", ", t->device());
+  if (fp8)
+    for (const at::Tensor* t : {k_scales, v_scales})
+      TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat && t->device() == q.device() &&
+                            t->sizes() == at::IntArrayRef({b, hk, sk}),
+                        kOp, ": k_scales and v_scales must be float32 [B, Hk, Sk] = [", b, ", ", hk, ", ", sk,
+                        "] on q's device, got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
   TORCH_CHECK_VALUE(window >= 0, kOp, ": window must be >= 0 (0 = none), got ", window);
   TORCH_CHECK_VALUE(d <= kMaxD, kOp, ": head_dim must be <= ", kMaxD, " for the Metal kernel, got ", d);
   check_u32(kOp, "k.numel()", k.numel());
@@ -261,11 +271,19 @@ at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& 
   const AttnPlan plan = plan_attention(b * hq, sq, sk, d, causal, window);
   AttentionArgs args{uint32_t(hq), uint32_t(hk), uint32_t(sq), uint32_t(sk), uint32_t(d), causal, uint32_t(window),
                      float(scale), uint32_t(plan.splits), uint32_t(plan.keys_per_split)};
-  if (plan.variant == AttnVariant::Prefill) {
-    launcher.set_kernel(kernel_name("attention_prefill", q.scalar_type()));
+  const std::string suffix = fp8 ? "_fp8" : "";
+  auto bind_inputs = [&] {
     launcher.bind_tensor(0, qc, Access::Read, "q");
     launcher.bind_tensor(1, kc, Access::Read, "k");
     launcher.bind_tensor(2, vc, Access::Read, "v");
+    if (fp8) {
+      launcher.bind_tensor(7, k_scales->contiguous(), Access::Read, "k_scales");
+      launcher.bind_tensor(8, v_scales->contiguous(), Access::Read, "v_scales");
+    }
+  };
+  if (plan.variant == AttnVariant::Prefill) {
+    launcher.set_kernel(kernel_name(("attention_prefill" + suffix).c_str(), q.scalar_type()));
+    bind_inputs();
     launcher.bind_tensor(3, out, Access::Write, "out");
     launcher.bind_value(4, args, "args");
     launcher.dispatch_threadgroups({uint32_t(div_up(sq, kAttnPrefillRows)), uint32_t(b * hq), 1},
@@ -273,10 +291,8 @@ at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& 
     return out;
   }
   at::Tensor part_ml, part_o;
-  launcher.set_kernel(kernel_name("attention", q.scalar_type()));
-  launcher.bind_tensor(0, qc, Access::Read, "q");
-  launcher.bind_tensor(1, kc, Access::Read, "k");
-  launcher.bind_tensor(2, vc, Access::Read, "v");
+  launcher.set_kernel(kernel_name(("attention" + suffix).c_str(), q.scalar_type()));
+  bind_inputs();
   if (plan.splits == 1) {
     launcher.bind_tensor(3, out, Access::Write, "out");
   } else {
@@ -301,11 +317,23 @@ at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& 
   return out;
 }
 
+}  // namespace
+
+at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                     bool causal, int64_t window) {
+  return run_attention(launcher, "marlin.attention", q, k, v, nullptr, nullptr, scale, causal, window);
+}
+
+at::Tensor attention_fp8(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scales,
+                         const at::Tensor& v, const at::Tensor& v_scales, double scale, bool causal, int64_t window) {
+  return run_attention(launcher, "marlin.attention_fp8", q, k, v, &k_scales, &v_scales, scale, causal, window);
+}
+
 std::vector<std::string> layer_kernel_names() {
   std::vector<std::string> names;
   for (at::ScalarType t : kActivationTypes)
     for (const char* op : {"rms_norm", "layer_norm", "silu_mul", "gelu_mul", "rope", "attention", "attention_reduce",
-                           "attention_prefill"})
+                           "attention_prefill", "attention_fp8", "attention_prefill_fp8"})
       names.push_back(kernel_name(op, t));
   return names;
 }

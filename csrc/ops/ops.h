@@ -87,6 +87,9 @@ std::tuple<at::Tensor, at::Tensor> rope(Launcher& launcher, const at::Tensor& q,
                                         bool interleaved);
 at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                      bool causal, int64_t window);
+// attention over K/V held as FP8 E4M3 codes (uint8 [B, Hk, Sk, D]) with float32 scales [B, Hk, Sk].
+at::Tensor attention_fp8(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scales,
+                         const at::Tensor& v, const at::Tensor& v_scales, double scale, bool causal, int64_t window);
 // [variant (0: row kernel, 1: prefill), key slices, keys per slice] that attention launches for
 // rows = B * Hq query heads of sq rows over sk keys (csrc/ops/layer.cpp: plan_attention).
 std::vector<int64_t> attention_plan(int64_t rows, int64_t sq, int64_t sk, int64_t d, bool causal, int64_t window);

@@ -246,6 +246,17 @@ struct OpsOn {
       return call_torch_kernel("attention", q, k, v, scale, causal, window)[0].toTensor();
     }
   }
+
+  static at::Tensor attention_fp8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scales,
+                                  const at::Tensor& v, const at::Tensor& v_scales, double scale, bool causal,
+                                  int64_t window) {
+    try {
+      L l;
+      return marlin::attention_fp8(l, q, k, k_scales, v, v_scales, scale, causal, window);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("attention_fp8", q, k, k_scales, v, v_scales, scale, causal, window)[0].toTensor();
+    }
+  }
 };
 
 // m.impl() for every op that has a schema in metal_marlin_torch/ops/library.py (all but
@@ -270,6 +281,7 @@ void impl_ops(torch::Library& m) {
   m.impl("gelu_mul", &OpsOn<L>::gelu_mul);
   m.impl("rope", &OpsOn<L>::rope);
   m.impl("attention", &OpsOn<L>::attention);
+  m.impl("attention_fp8", &OpsOn<L>::attention_fp8);
 }
 
 }  // namespace marlin

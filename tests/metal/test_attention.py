@@ -143,3 +143,47 @@ def test_sdpa_bound(emu):
     torch.testing.assert_close(emu.attention(q, k, v, 64 ** -0.5, True, 0), want, rtol=1e-3, atol=1e-3)
     want1 = F.scaled_dot_product_attention(q[:, :, -1:].float(), kr, vr).half()
     torch.testing.assert_close(emu.attention(q[:, :, -1:], k, v, 64 ** -0.5, True, 0), want1, rtol=1e-3, atol=1e-3)
+
+
+def fp8_inputs(b: int, hq: int, hk: int, sq: int, sk: int, d: int, dtype: torch.dtype, seed: int = 0):
+    """q and an FP8 E4M3 K/V cache in kv.stores.FP8Store's layout (bytes + per-token scales)."""
+    from metal_marlin_torch.kv.stores import FP8Store  # noqa: PLC0415
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
+    k = torch.randn(b, hk, sk, d, generator=g) * (1 + 5 * torch.rand(b, hk, sk, 1, generator=g))
+    v = torch.randn(b, hk, sk, d, generator=g)
+    (kc, ks), (vc, vs) = FP8Store.quantize(k), FP8Store.quantize(v)
+    return q, kc, ks[..., 0], vc, vs[..., 0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "hq", "hk", "sq", "sk", "d", "causal", "window", "variant", "splits"), [
+    (1, 2, 1, 33, 40, 40, True, 0, PREFILL, 1),    # prefill tiles, GQA 2
+    (1, 1, 1, 20, 20, 24, True, 5, PREFILL, 1),    # prefill with a window
+    (1, 2, 2, 1, 37, 64, True, 0, ROWS, 1),        # decode, one slice
+    (1, 2, 1, 1, 600, 32, True, 0, ROWS, 3),       # decode split over 600 keys
+    (1, 1, 1, 3, 11, 16, False, 0, ROWS, 1),       # short rows, not causal
+])
+def test_fp8(emu, dtype, b, hq, hk, sq, sk, d, causal, window, variant, splits):
+    """attention_fp8's kernels read the E4M3 bytes and scales and dequantize in the tile loads
+    (to q's dtype, as the torch op's dequantize): the torch op within one ulp of the dtype."""
+    assert emu._attention_plan(b * hq, sq, sk, d, causal, window)[:2] == [variant, splits]
+    q, kc, ks, vc, vs = fp8_inputs(b, hq, hk, sq, sk, d, dtype)
+    got = emu.attention_fp8(q, kc, ks, vc, vs, d ** -0.5, causal, window)
+    want = torch.ops.marlin.attention_fp8(q, kc, ks, vc, vs, d ** -0.5, causal, window)
+    close(got, want, dtype)
+
+
+def test_fp8_every_schedule(emu, thread_order):
+    q, kc, ks, vc, vs = fp8_inputs(1, 1, 1, 35, 35, 16, torch.float16, seed=5)
+    close(emu.attention_fp8(q, kc, ks, vc, vs, 0.25, True, 0), torch.ops.marlin.attention_fp8(q, kc, ks, vc, vs, 0.25,
+                                                                                              True, 0), torch.float16)
+
+
+def test_fp8_errors(emu):
+    q, kc, ks, vc, vs = fp8_inputs(1, 2, 1, 2, 5, 16, torch.float32)
+    with pytest.raises(ValueError, match="k and v must be Byte"):
+        emu.attention_fp8(q, kc.float(), ks, vc, vs, 0.25, True, 0)
+    with pytest.raises(ValueError, match=r"k_scales and v_scales must be float32 \[B, Hk, Sk\]"):
+        emu.attention_fp8(q, kc, ks[..., None], vc, vs, 0.25, True, 0)

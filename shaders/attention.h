@@ -54,25 +54,39 @@ constant constexpr uint ATTN_DIMS_PER_LANE = ATTN_MAX_D / 32;
 METAL_FUNC float attn_weight(float s, float m) { return s == -INFINITY ? 0.0f : exp(s - m); }
 METAL_FUNC float attn_rescale(float m_old, float m_new) { return m_old == m_new ? 1.0f : exp(m_old - m_new); }
 
-// Where K and V come from: element `at` (= token * D + dim) of token `tok` (= (b * Hk + h) * Sk + j),
-// as the kernels' element type T. Plain: the T tensors. FP8: E4M3 bytes times the token's float32
-// scale, rounded to T (what the torch op's dequantize gives: FP8Store.dequantize).
+// Where K and V come from, as the kernels' element type T: element `at` (= token * D + dim) with
+// its token's scale (token `tok` = (b * Hk + h) * Sk + j). Plain: the T tensors (scale 1, unused).
+// FP8: E4M3 bytes times the token's float32 scale, rounded to T (what the torch op's dequantize
+// gives: FP8Store.dequantize). The scales are read by one lane per token and handed to the others
+// by simd_shuffle (scale_of), so a token's scale crosses memory once, not once per element.
 template <typename T>
 struct AttnKvPlain {
+  enum { has_scales = 0 };
   device const T* k;
   device const T* v;
-  METAL_FUNC T key(ulong tok, ulong at) const { return k[at]; }
-  METAL_FUNC T value(ulong tok, ulong at) const { return v[at]; }
+  METAL_FUNC float2 scales(ulong tok) const { return float2(1.0f); }
+  METAL_FUNC T key(ulong at, float s) const { return k[at]; }
+  METAL_FUNC T value(ulong at, float s) const { return v[at]; }
 };
 template <typename T>
 struct AttnKvFp8 {
+  enum { has_scales = 1 };
   device const uchar* k;
   device const uchar* v;
   device const float* k_scales;  // [B, Hk, Sk]
   device const float* v_scales;
-  METAL_FUNC T key(ulong tok, ulong at) const { return T(fp8_e4m3_to_float(k[at]) * k_scales[tok]); }
-  METAL_FUNC T value(ulong tok, ulong at) const { return T(fp8_e4m3_to_float(v[at]) * v_scales[tok]); }
+  METAL_FUNC float2 scales(ulong tok) const { return float2(k_scales[tok], v_scales[tok]); }
+  METAL_FUNC T key(ulong at, float s) const { return T(fp8_e4m3_to_float(k[at]) * s); }
+  METAL_FUNC T value(ulong at, float s) const { return T(fp8_e4m3_to_float(v[at]) * s); }
 };
+// (k scale, v scale) of token tok, read by lane `leader` only and shuffled to the calling lanes
+// (every lane of the simdgroup calls it; `valid`: the token exists, else (1, 1)).
+template <typename KV>
+METAL_FUNC float2 scale_of(KV kv, ulong tok, bool valid, uint lane, uint leader) {
+  if (!KV::has_scales) return float2(1.0f);  // compile-time: the plain kernels skip the shuffle
+  const float2 s = (valid && lane == leader) ? kv.scales(tok) : float2(1.0f);
+  return simd_shuffle(s, ushort(leader));
+}
 
 template <typename T,   // element type of q and the output: half, bfloat or float
           typename KV>  // K/V source (AttnKvPlain<T> or AttnKvFp8<T>)
@@ -103,10 +117,11 @@ METAL_FUNC void attention_impl(device const T* q, KV kv, device T* out,
   float m = -INFINITY, l = 0.0f;
   for (uint j = lo + sg; j < hi; j += ATTN_SIMDGROUPS) {
     const ulong tok = tok_base + j;
+    const float2 kvs = scale_of(kv, tok, true, lane, 0);
     float s = 0.0f;
     for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
       const uint c = lane + 32 * t;
-      if (c < d) s += qv[t] * float(kv.key(tok, tok * d + c));
+      if (c < d) s += qv[t] * float(kv.key(tok * d + c, kvs.x));
     }
     s = simd_sum(s) * args.scale;
     const float m_new = max(m, s);
@@ -115,7 +130,7 @@ METAL_FUNC void attention_impl(device const T* q, KV kv, device T* out,
     l = l * keep + p;
     for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
       const uint c = lane + 32 * t;
-      if (c < d) acc[t] = acc[t] * keep + p * float(kv.value(tok, tok * d + c));
+      if (c < d) acc[t] = acc[t] * keep + p * float(kv.value(tok * d + c, kvs.y));
     }
     m = m_new;
   }
@@ -188,6 +203,7 @@ constant constexpr uint ATTN_PREFILL_MAX_D = AttnTile::MAX_D;
 static_assert(AttnTile::BQ == 2 * AttnTile::BK, "the Q tile must fit the K and V tiles' memory");
 static_assert(AttnTile::BQ == 8 * AttnTile::SIMDGROUPS, "8 query rows per simdgroup");
 static_assert(AttnTile::BK == 16, "4 lanes x 4 keys per query row in the softmax step");
+static_assert(AttnTile::BK * 8 == AttnTile::THREADS, "8 threads per key row in the K/V tile copy");
 
 template <typename T,   // element type of q and the output: half, bfloat or float
           typename KV>  // K/V source (AttnKvPlain<T> or AttnKvFp8<T>)
@@ -234,12 +250,18 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
   for (uint kt = lo / AttnTile::BK * AttnTile::BK; kt < hi; kt += AttnTile::BK) {
     // Every simdgroup is done with the previous tile (and the Q staging) before it is overwritten.
     threadgroup_barrier(mem_flags::mem_threadgroup);
-    for (uint e = tid; e < AttnTile::BK * dp; e += AttnTile::THREADS) {
-      const uint kr = e / dp, c = e % dp;
-      const bool ok = kt + kr < sk && c < d;
+    {
+      // thread t copies key row t / 8 (8 threads per row, an aligned run of lanes), columns
+      // t % 8 + 8 i: adjacent threads read adjacent elements
+      const uint kr = tid / 8, part = tid % 8;
       const ulong tok = tok_base + kt + kr;
-      kv_tile[kr * AttnTile::LD + c] = ok ? kv.key(tok, tok * d + c) : T(0);
-      kv_tile[(AttnTile::BK + kr) * AttnTile::LD + c] = ok ? kv.value(tok, tok * d + c) : T(0);
+      const bool row_ok = kt + kr < sk;
+      const float2 kvs = scale_of(kv, tok, row_ok, lane, lane & ~7u);
+      for (uint c = part; c < dp; c += 8) {
+        const bool ok = row_ok && c < d;
+        kv_tile[kr * AttnTile::LD + c] = ok ? kv.key(tok * d + c, kvs.x) : T(0);
+        kv_tile[(AttnTile::BK + kr) * AttnTile::LD + c] = ok ? kv.value(tok * d + c, kvs.y) : T(0);
+      }
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
 

@@ -64,6 +64,9 @@ struct AttnKvPlain {
   enum { has_scales = 0 };
   device const T* k;
   device const T* v;
+  uint heads_k, seq_k;
+  // token j of K/V head h of batch b: [B, Hk, Sk, D]
+  METAL_FUNC ulong token(uint b, uint h, uint j) const { return (ulong(b) * heads_k + h) * seq_k + j; }
   METAL_FUNC float2 scales(ulong tok) const { return float2(1.0f); }
   METAL_FUNC T key(ulong at, float s) const { return k[at]; }
   METAL_FUNC T value(ulong at, float s) const { return v[at]; }
@@ -75,10 +78,31 @@ struct AttnKvFp8 {
   device const uchar* v;
   device const float* k_scales;  // [B, Hk, Sk]
   device const float* v_scales;
+  uint heads_k, seq_k;
+  METAL_FUNC ulong token(uint b, uint h, uint j) const { return (ulong(b) * heads_k + h) * seq_k + j; }
   METAL_FUNC float2 scales(ulong tok) const { return float2(k_scales[tok], v_scales[tok]); }
   METAL_FUNC T key(ulong at, float s) const { return T(fp8_e4m3_to_float(k[at]) * s); }
   METAL_FUNC T value(ulong at, float s) const { return T(fp8_e4m3_to_float(v[at]) * s); }
 };
+// Paged K/V (fp16/bf16/fp32): pages [num_pages, Hk, P, D] (a head's P tokens contiguous), sequence
+// b's token j on page block_table[b][j / P] at slot j % P. The host cannot check the table's
+// entries without reading them back; the torch op does.
+template <typename T>
+struct AttnKvPaged {
+  enum { has_scales = 0 };
+  device const T* k;
+  device const T* v;
+  device const int* block_table;  // [B, pages_per_seq]
+  uint heads_k, page_size, pages_per_seq;
+  METAL_FUNC ulong token(uint b, uint h, uint j) const {
+    const ulong page = ulong(uint(block_table[ulong(b) * pages_per_seq + j / page_size]));
+    return (page * heads_k + h) * page_size + j % page_size;
+  }
+  METAL_FUNC float2 scales(ulong tok) const { return float2(1.0f); }
+  METAL_FUNC T key(ulong at, float s) const { return k[at]; }
+  METAL_FUNC T value(ulong at, float s) const { return v[at]; }
+};
+
 // (k scale, v scale) of token tok, read by lane `leader` only and shuffled to the calling lanes
 // (every lane of the simdgroup calls it; `valid`: the token exists, else (1, 1)).
 template <typename KV>
@@ -100,7 +124,6 @@ METAL_FUNC void attention_impl(device const T* q, KV kv, device T* out,
   const uint h = bh % args.heads_q, b = bh / args.heads_q;
   const uint kv_head = h / (args.heads_q / args.heads_k);
   device const T* qrow = q + ulong(row) * d;
-  const ulong tok_base = (ulong(b) * args.heads_k + kv_head) * args.seq_k;
   const uint pos = args.seq_k - args.seq_q + i;
   const uint row_hi = args.causal ? pos + 1 : args.seq_k;  // the row's keys: [row_lo, row_hi)
   const uint row_lo = (args.window > 0 && pos + 1 > args.window) ? pos + 1 - args.window : 0;
@@ -116,7 +139,7 @@ METAL_FUNC void attention_impl(device const T* q, KV kv, device T* out,
   }
   float m = -INFINITY, l = 0.0f;
   for (uint j = lo + sg; j < hi; j += ATTN_SIMDGROUPS) {
-    const ulong tok = tok_base + j;
+    const ulong tok = kv.token(b, kv_head, j);
     const float2 kvs = scale_of(kv, tok, true, lane, 0);
     float s = 0.0f;
     for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
@@ -218,7 +241,6 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
   const uint kv_head = h / (args.heads_q / args.heads_k);
   device const T* qh = q + ulong(bh) * sq * d;
   device T* oh = out + ulong(bh) * sq * d;
-  const ulong tok_base = (ulong(b) * args.heads_k + kv_head) * sk;
   const uint q0 = q_tile * AttnTile::BQ;
   const uint rows = min(uint(AttnTile::BQ), sq - q0);
   threadgroup float* my_s = s_tile + sg * 8 * AttnTile::BK;  // this simdgroup's 8 score rows
@@ -254,8 +276,8 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
       // thread t copies key row t / 8 (8 threads per row, an aligned run of lanes), columns
       // t % 8 + 8 i: adjacent threads read adjacent elements
       const uint kr = tid / 8, part = tid % 8;
-      const ulong tok = tok_base + kt + kr;
       const bool row_ok = kt + kr < sk;
+      const ulong tok = row_ok ? kv.token(b, kv_head, kt + kr) : 0;  // no table read past Sk
       const float2 kvs = scale_of(kv, tok, row_ok, lane, lane & ~7u);
       for (uint c = part; c < dp; c += 8) {
         const bool ok = row_ok && c < d;
@@ -345,7 +367,8 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
   threadgroup float s_tile[AttnTile::BQ * AttnTile::BK];         \
   threadgroup float scratch[AttnTile::SIMDGROUPS * 64];
 
-// Buffers: q 0, k 1, v 2, out 3, args 4, partials 5 and 6 (split rows), K/V scales 7 and 8 (fp8).
+// Buffers: q 0, k 1, v 2, out 3, args 4, partials 5 and 6 (split rows), K/V scales 7 and 8 (fp8),
+// block table 9 (paged).
 #define instantiate_attention(type_name, T)                                                           \
   kernel void marlin_attention_##type_name(                                                           \
       device const T* q [[buffer(0)]], device const T* k [[buffer(1)]], device const T* v [[buffer(2)]], \
@@ -354,7 +377,7 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
       uint2 group [[threadgroup_position_in_grid]], uint tid [[thread_position_in_threadgroup]],      \
       uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {          \
     ATTN_ROW_TG_MEMORY                                                                                \
-    const AttnKvPlain<T> kv = {k, v};                                                                 \
+    const AttnKvPlain<T> kv = {k, v, args.heads_k, args.seq_k};                                                                 \
     attention_impl<T>(q, kv, out, part_ml, part_o, args, part_m, part_l, part_acc, group.x, group.y, tid, sg, \
                       lane);                                                                          \
   }                                                                                                   \
@@ -367,7 +390,7 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
       uint tid [[thread_position_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],        \
       uint lane [[thread_index_in_simdgroup]]) {                                                      \
     ATTN_ROW_TG_MEMORY                                                                                \
-    const AttnKvFp8<T> kv = {k, v, k_scales, v_scales};                                               \
+    const AttnKvFp8<T> kv = {k, v, k_scales, v_scales, args.heads_k, args.seq_k};                                               \
     attention_impl<T>(q, kv, out, part_ml, part_o, args, part_m, part_l, part_acc, group.x, group.y, tid, sg, \
                       lane);                                                                          \
   }                                                                                                   \
@@ -383,7 +406,7 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
       uint2 group [[threadgroup_position_in_grid]], uint tid [[thread_position_in_threadgroup]],      \
       uint sg [[simdgroup_index_in_threadgroup]], uint lane [[thread_index_in_simdgroup]]) {          \
     ATTN_PREFILL_TG_MEMORY(T)                                                                         \
-    const AttnKvPlain<T> kv = {k, v};                                                                 \
+    const AttnKvPlain<T> kv = {k, v, args.heads_k, args.seq_k};                                                                 \
     attention_prefill_impl<T>(q, kv, out, args, kv_tile, s_tile, scratch, group.x, group.y, tid, sg, lane); \
   }                                                                                                   \
   kernel void marlin_attention_prefill_fp8_##type_name(                                               \
@@ -394,6 +417,28 @@ METAL_FUNC void attention_prefill_impl(device const T* q, KV kv, device T* out,
       uint tid [[thread_position_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],        \
       uint lane [[thread_index_in_simdgroup]]) {                                                      \
     ATTN_PREFILL_TG_MEMORY(T)                                                                         \
-    const AttnKvFp8<T> kv = {k, v, k_scales, v_scales};                                               \
+    const AttnKvFp8<T> kv = {k, v, k_scales, v_scales, args.heads_k, args.seq_k};                                               \
+    attention_prefill_impl<T>(q, kv, out, args, kv_tile, s_tile, scratch, group.x, group.y, tid, sg, lane); \
+  } \
+  kernel void marlin_attention_paged_##type_name(                                                     \
+      device const T* q [[buffer(0)]], device const T* k [[buffer(1)]], device const T* v [[buffer(2)]], \
+      device T* out [[buffer(3)]], constant AttentionArgs& args [[buffer(4)]],                        \
+      device float* part_ml [[buffer(5)]], device float* part_o [[buffer(6)]],                        \
+      device const int* block_table [[buffer(9)]], uint2 group [[threadgroup_position_in_grid]],      \
+      uint tid [[thread_position_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],        \
+      uint lane [[thread_index_in_simdgroup]]) {                                                      \
+    ATTN_ROW_TG_MEMORY                                                                                \
+    const AttnKvPaged<T> kv = {k, v, block_table, args.heads_k, args.page_size, args.pages_per_seq};  \
+    attention_impl<T>(q, kv, out, part_ml, part_o, args, part_m, part_l, part_acc, group.x, group.y, tid, sg, \
+                      lane);                                                                          \
+  }                                                                                                   \
+  kernel void marlin_attention_prefill_paged_##type_name(                                             \
+      device const T* q [[buffer(0)]], device const T* k [[buffer(1)]], device const T* v [[buffer(2)]], \
+      device T* out [[buffer(3)]], constant AttentionArgs& args [[buffer(4)]],                        \
+      device const int* block_table [[buffer(9)]], uint2 group [[threadgroup_position_in_grid]],      \
+      uint tid [[thread_position_in_threadgroup]], uint sg [[simdgroup_index_in_threadgroup]],        \
+      uint lane [[thread_index_in_simdgroup]]) {                                                      \
+    ATTN_PREFILL_TG_MEMORY(T)                                                                         \
+    const AttnKvPaged<T> kv = {k, v, block_table, args.heads_k, args.page_size, args.pages_per_seq};  \
     attention_prefill_impl<T>(q, kv, out, args, kv_tile, s_tile, scratch, group.x, group.y, tid, sg, lane); \
   }

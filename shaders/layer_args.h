@@ -51,4 +51,6 @@ struct AttentionArgs {
   float scale;                // softmax scale (1/sqrt(D) by default)
   marlin_u32 splits;          // row kernel: key slices per row (1: the row kernel writes out itself)
   marlin_u32 keys_per_split;  // row kernel: keys of a row's range [lo, hi) per slice
+  marlin_u32 page_size;       // paged K/V: tokens per page P (0: contiguous K/V)
+  marlin_u32 pages_per_seq;   // paged K/V: block table columns
 };

@@ -70,6 +70,8 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor");
   m.def("attention_fp8(Tensor q, Tensor k, Tensor k_scales, Tensor v, Tensor v_scales, float scale, bool causal, "
         "int window) -> Tensor");
+  m.def("attention_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, int seq_k, float scale, "
+        "bool causal, int window) -> Tensor");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
   m.def("_attention_plan(int rows, int sq, int sk, int d, bool causal, int window) -> int[]",
         &marlin::attention_plan);

@@ -235,19 +235,36 @@ std::vector<int64_t> attention_plan(int64_t rows, int64_t sq, int64_t sk, int64_
 
 namespace {
 
-// k, v: the T tensors, or (fp8) the E4M3 codes as uint8 with float32 scales [B, Hk, Sk].
+// k, v: the T tensors [B, Hk, Sk, D], or (fp8) the E4M3 codes as uint8 with float32 scales
+// [B, Hk, Sk], or (paged) T pages [num_pages, Hk, P, D] with an int32 block table [B, pages] and
+// the sequence length paged_sk.
 at::Tensor run_attention(Launcher& launcher, const char* kOp, const at::Tensor& q, const at::Tensor& k,
-                         const at::Tensor& v, const at::Tensor* k_scales, const at::Tensor* v_scales, double scale,
-                         bool causal, int64_t window) {
+                         const at::Tensor& v, const at::Tensor* k_scales, const at::Tensor* v_scales,
+                         const at::Tensor* block_table, int64_t paged_sk, double scale, bool causal, int64_t window) {
   constexpr int64_t kMaxD = 256;  // ATTN_MAX_D (shaders/attention.h)
-  const bool fp8 = k_scales != nullptr;
+  const bool fp8 = k_scales != nullptr, paged = block_table != nullptr;
   check_activation_dtype(kOp, "q", q.scalar_type());
-  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), kOp,
-                    ": q must be [B, Hq, Sq, D] and k, v [B, Hk, Sk, D] of one shape, got ", q.sizes(), ", ",
+  TORCH_CHECK_VALUE(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes(), kOp, ": q must be [B, Hq, Sq, D] and k, v ",
+                    paged ? "[num_pages, Hk, P, D]" : "[B, Hk, Sk, D]", " of one shape, got ", q.sizes(), ", ",
                     k.sizes(), ", ", v.sizes());
-  const int64_t b = q.size(0), hq = q.size(1), sq = q.size(2), d = q.size(3), hk = k.size(1), sk = k.size(2);
-  TORCH_CHECK_VALUE(k.size(0) == b && k.size(3) == d && hk >= 1 && hq % hk == 0, kOp, ": k ", k.sizes(),
-                    " must match q ", q.sizes(), " in batch and head_dim, with q's heads a multiple of k's");
+  const int64_t b = q.size(0), hq = q.size(1), sq = q.size(2), d = q.size(3), hk = k.size(1);
+  const int64_t sk = paged ? paged_sk : k.size(2);
+  int64_t page_size = 0, pages_per_seq = 0;
+  if (paged) {
+    page_size = k.size(2);
+    TORCH_CHECK_VALUE(block_table->scalar_type() == at::kInt && block_table->dim() == 2 &&
+                          block_table->size(0) == b && block_table->device() == q.device(),
+                      kOp, ": block_table must be int32 [B, pages] with B = ", b, " on q's device, got ",
+                      block_table->scalar_type(), " ", block_table->sizes(), " on ", block_table->device());
+    pages_per_seq = block_table->size(1);
+    TORCH_CHECK_VALUE(page_size >= 1 && sk >= 0 && sk <= pages_per_seq * page_size, kOp, ": seq_k must be in [0, ",
+                      pages_per_seq * page_size, "] (block_table's ", pages_per_seq, " pages of ", page_size,
+                      " tokens), got ", sk);
+    check_u32(kOp, "block_table.numel()", block_table->numel());
+  }
+  TORCH_CHECK_VALUE((paged || k.size(0) == b) && k.size(3) == d && hk >= 1 && hq % hk == 0, kOp, ": k ", k.sizes(),
+                    " must match q ", q.sizes(), paged ? " in head_dim" : " in batch and head_dim",
+                    ", with q's heads a multiple of k's");
   TORCH_CHECK_VALUE(sq <= sk, kOp, ": q has more rows (", sq, ") than there are keys (", sk, ")");
   const at::ScalarType kv_type = fp8 ? at::kByte : q.scalar_type();
   for (const at::Tensor* t : {&k, &v})
@@ -270,8 +287,9 @@ at::Tensor run_attention(Launcher& launcher, const char* kOp, const at::Tensor& 
   if (rows == 0 || d == 0) return out;
   const AttnPlan plan = plan_attention(b * hq, sq, sk, d, causal, window);
   AttentionArgs args{uint32_t(hq), uint32_t(hk), uint32_t(sq), uint32_t(sk), uint32_t(d), causal, uint32_t(window),
-                     float(scale), uint32_t(plan.splits), uint32_t(plan.keys_per_split)};
-  const std::string suffix = fp8 ? "_fp8" : "";
+                     float(scale), uint32_t(plan.splits), uint32_t(plan.keys_per_split), uint32_t(page_size),
+                     uint32_t(pages_per_seq)};
+  const std::string suffix = fp8 ? "_fp8" : paged ? "_paged" : "";
   auto bind_inputs = [&] {
     launcher.bind_tensor(0, qc, Access::Read, "q");
     launcher.bind_tensor(1, kc, Access::Read, "k");
@@ -280,6 +298,7 @@ at::Tensor run_attention(Launcher& launcher, const char* kOp, const at::Tensor& 
       launcher.bind_tensor(7, k_scales->contiguous(), Access::Read, "k_scales");
       launcher.bind_tensor(8, v_scales->contiguous(), Access::Read, "v_scales");
     }
+    if (paged) launcher.bind_tensor(9, block_table->contiguous(), Access::Read, "block_table");
   };
   if (plan.variant == AttnVariant::Prefill) {
     launcher.set_kernel(kernel_name(("attention_prefill" + suffix).c_str(), q.scalar_type()));
@@ -321,19 +340,28 @@ at::Tensor run_attention(Launcher& launcher, const char* kOp, const at::Tensor& 
 
 at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                      bool causal, int64_t window) {
-  return run_attention(launcher, "marlin.attention", q, k, v, nullptr, nullptr, scale, causal, window);
+  return run_attention(launcher, "marlin.attention", q, k, v, nullptr, nullptr, nullptr, 0, scale, causal, window);
 }
 
 at::Tensor attention_fp8(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scales,
                          const at::Tensor& v, const at::Tensor& v_scales, double scale, bool causal, int64_t window) {
-  return run_attention(launcher, "marlin.attention_fp8", q, k, v, &k_scales, &v_scales, scale, causal, window);
+  return run_attention(launcher, "marlin.attention_fp8", q, k, v, &k_scales, &v_scales, nullptr, 0, scale, causal,
+                       window);
+}
+
+at::Tensor attention_paged(Launcher& launcher, const at::Tensor& q, const at::Tensor& k_pages,
+                           const at::Tensor& v_pages, const at::Tensor& block_table, int64_t seq_k, double scale,
+                           bool causal, int64_t window) {
+  return run_attention(launcher, "marlin.attention_paged", q, k_pages, v_pages, nullptr, nullptr, &block_table, seq_k,
+                       scale, causal, window);
 }
 
 std::vector<std::string> layer_kernel_names() {
   std::vector<std::string> names;
   for (at::ScalarType t : kActivationTypes)
     for (const char* op : {"rms_norm", "layer_norm", "silu_mul", "gelu_mul", "rope", "attention", "attention_reduce",
-                           "attention_prefill", "attention_fp8", "attention_prefill_fp8"})
+                           "attention_prefill", "attention_fp8", "attention_prefill_fp8", "attention_paged",
+                           "attention_prefill_paged"})
       names.push_back(kernel_name(op, t));
   return names;
 }

@@ -257,6 +257,18 @@ struct OpsOn {
       return call_torch_kernel("attention_fp8", q, k, k_scales, v, v_scales, scale, causal, window)[0].toTensor();
     }
   }
+
+  static at::Tensor attention_paged(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                                    const at::Tensor& block_table, int64_t seq_k, double scale, bool causal,
+                                    int64_t window) {
+    try {
+      L l;
+      return marlin::attention_paged(l, q, k_pages, v_pages, block_table, seq_k, scale, causal, window);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("attention_paged", q, k_pages, v_pages, block_table, seq_k, scale, causal, window)[0]
+          .toTensor();
+    }
+  }
 };
 
 // m.impl() for every op that has a schema in metal_marlin_torch/ops/library.py (all but
@@ -282,6 +294,7 @@ void impl_ops(torch::Library& m) {
   m.impl("rope", &OpsOn<L>::rope);
   m.impl("attention", &OpsOn<L>::attention);
   m.impl("attention_fp8", &OpsOn<L>::attention_fp8);
+  m.impl("attention_paged", &OpsOn<L>::attention_paged);
 }
 
 }  // namespace marlin

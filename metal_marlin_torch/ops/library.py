@@ -88,6 +88,11 @@ SCHEMAS: dict[str, str] = {
         "attention_fp8(Tensor q, Tensor k, Tensor k_scales, Tensor v, Tensor v_scales, float scale, bool causal, "
         "int window) -> Tensor"
     ),
+    # attention over paged K/V: pages [num_pages, Hk, P, D] + int32 block table [B, pages] (ops/attention.py)
+    "attention_paged": (
+        "attention_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, int seq_k, float scale, "
+        "bool causal, int window) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():

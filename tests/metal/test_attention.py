@@ -187,3 +187,58 @@ def test_fp8_errors(emu):
         emu.attention_fp8(q, kc.float(), ks, vc, vs, 0.25, True, 0)
     with pytest.raises(ValueError, match=r"k_scales and v_scales must be float32 \[B, Hk, Sk\]"):
         emu.attention_fp8(q, kc, ks[..., None], vc, vs, 0.25, True, 0)
+
+
+def paged(k: torch.Tensor, v: torch.Tensor, page: int, seed: int = 0):
+    """Contiguous K/V [B, Hk, Sk, D] -> pages [num_pages, Hk, P, D] in a shuffled order plus a
+    spare page, and the block table; table columns past the used pages hold a page id far out of
+    range (the kernels must never read them)."""
+    b, hk, sk, d = k.shape
+    used = -(-sk // page)
+    cols = used + 1
+    n = b * used + 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    kp = torch.randn(n, hk, page, d).to(k.dtype)  # garbage in unused slots
+    vp = torch.randn(n, hk, page, d).to(k.dtype)
+    table = torch.full((b, cols), 1 << 30, dtype=torch.int32)
+    for bi in range(b):
+        for i in range(used):
+            pid = int(perm[bi * used + i])
+            table[bi, i] = pid
+            lo, hi = i * page, min(sk, (i + 1) * page)
+            kp[pid, :, : hi - lo] = k[bi, :, lo:hi]
+            vp[pid, :, : hi - lo] = v[bi, :, lo:hi]
+    return kp, vp, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "hq", "hk", "sq", "sk", "d", "page", "causal", "window", "variant", "splits"), [
+    (2, 2, 1, 33, 45, 40, 16, True, 0, PREFILL, 1),   # prefill over pages of 16, last page partial
+    (1, 2, 2, 12, 12, 24, 5, True, 6, PREFILL, 1),    # pages of 5 (not a tile divisor), window
+    (2, 4, 2, 1, 37, 64, 8, True, 0, ROWS, 1),        # decode, one slice
+    (1, 1, 1, 1, 600, 32, 64, True, 0, ROWS, 3),      # decode split over paged keys
+])
+def test_paged(emu, dtype, b, hq, hk, sq, sk, d, page, causal, window, variant, splits):
+    """attention_paged's kernels map each token through the block table: equal to the contiguous
+    op on the same K/V (torch op) within one ulp of the dtype."""
+    assert emu._attention_plan(b * hq, sq, sk, d, causal, window)[:2] == [variant, splits]
+    q, k, v = inputs(b, hq, hk, sq, sk, d, dtype)
+    kp, vp, table = paged(k, v, page)
+    got = emu.attention_paged(q, kp, vp, table, sk, d ** -0.5, causal, window)
+    close(got, torch.ops.marlin.attention(q, k, v, d ** -0.5, causal, window), dtype)
+
+
+def test_paged_every_schedule(emu, thread_order):
+    q, k, v = inputs(1, 1, 1, 34, 34, 16, torch.float16, seed=6)
+    kp, vp, table = paged(k, v, 7)
+    close(emu.attention_paged(q, kp, vp, table, 34, 0.25, True, 0), torch.ops.marlin.attention(q, k, v, 0.25, True, 0),
+          torch.float16)
+
+
+def test_paged_errors(emu):
+    q, k, v = inputs(1, 2, 1, 2, 10, 16, torch.float32)
+    kp, vp, table = paged(k, v, 4)
+    with pytest.raises(ValueError, match="block_table must be int32"):
+        emu.attention_paged(q, kp, vp, table.long(), 10, 0.25, True, 0)
+    with pytest.raises(ValueError, match=r"seq_k must be in \[0, 16\]"):
+        emu.attention_paged(q, kp, vp, table, 17, 0.25, True, 0)

@@ -79,6 +79,29 @@ def test_fp8_opcheck_and_errors():
         torch.ops.marlin.attention_fp8(q, kc, ks[..., None], vc, vs, 0.25, True, 0)
 
 
+def test_paged_equals_contiguous_and_sdpa():
+    """attention_paged gathers sequence b's token j from slot j % P of page block_table[b, j // P]."""
+    from metal_marlin_torch.ops.attention import gather_pages  # noqa: PLC0415
+
+    k, v = torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 16)
+    kp, vp = torch.zeros(7, 2, 4, 16), torch.zeros(7, 2, 4, 16)
+    table = torch.tensor([[5, 0, 3, 99], [1, 6, 2, 99]], dtype=torch.int32)  # column 3 unused (11 tokens)
+    for b in range(2):
+        for i in range(3):
+            n = min(4, 11 - 4 * i)
+            kp[table[b, i], :, :n], vp[table[b, i], :, :n] = k[b, :, 4 * i:4 * i + n], v[b, :, 4 * i:4 * i + n]
+    assert torch.equal(gather_pages(kp, table, 11), k)
+    q = torch.randn(2, 4, 3, 16)
+    got = torch.ops.marlin.attention_paged(q, kp, vp, table, 11, 0.25, True, 0)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(3, 11, True, 0), enable_gqa=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    opcheck(torch.ops.marlin.attention_paged, (q, kp, vp, table, 11, 0.25, True, 0))
+    with pytest.raises(ValueError, match=r"name pages in \[0, 7\)"):
+        torch.ops.marlin.attention_paged(q, kp, vp, table, 13, 0.25, True, 0)  # a 4th page: id 99
+    with pytest.raises(ValueError, match=r"seq_k must be in \[0, 16\]"):
+        torch.ops.marlin.attention_paged(q, kp, vp, table, 17, 0.25, True, 0)
+
+
 MODEL = "/work/shared/models/pylm-s"
 
 

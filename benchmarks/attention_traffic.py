@@ -6,13 +6,13 @@ attend, for fp16 and FP8 E4M3 caches at a few cache lengths.
 
 The counters come from the emulator's instrumentation (emulator.profile(): every load and store
 the kernel code executes, per launch; docs/METAL.md "What the counters mean"). They count what the
-code asks for, not what a GPU's caches make of it, and no time is measured: a GQA group's query
-heads that each read their K/V head count that head once per query head here, where a GPU's L2 may
-serve the repeats. ``read / cache`` (K/V and scale bytes the kernels read, over the cache's bytes) is therefore the
-figure to watch: 1.0 means every cache byte crosses once per decoded token; the row kernel reads a
-K/V head once per query head of its group, so it is Hq / Hk. ``moved / cache`` adds q, the split's
-fp32 partials (written, then read by the reduce) and the output. The argument block (constant
-memory, read by every thread) is reported apart.
+code asks for, not what a GPU's caches make of it, and no time is measured. ``read / cache`` (K/V
+and scale bytes the kernels read, over the cache's bytes) is the figure to watch: 1.0 means every
+cache byte crosses once per decoded token. The row kernel reads a K/V head once per threadgroup of
+its GQA group's query heads (up to 4 heads per threadgroup), so the figure is
+Hq / Hk / heads per threadgroup: 1.0 for the default 8 query over 2 K/V heads. ``moved / cache``
+adds q, the split's fp32 partials (written, then read by the reduce) and the output. The argument
+block (constant memory, read by every thread) is reported apart.
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ def measure(kind: str, b: int, hq: int, hk: int, sk: int, d: int) -> dict:
         args = (q, kc, ks[..., 0], vc, vs[..., 0])
         cache = kc.numel() + vc.numel() + 4 * (ks.numel() + vs.numel())
         call = ops.attention_fp8
-    plan = ops._attention_plan(b * hq, 1, sk, d, True, 0)
     t0 = time.perf_counter()
     with emulator.profile() as launches:
         call(*args, d ** -0.5, True, 0)
@@ -67,7 +66,8 @@ def measure(kind: str, b: int, hq: int, hk: int, sk: int, d: int) -> dict:
     lines = sum(p.lines64 for p in launches)
     ideal = sum(p.ideal_lines64 for p in launches)
     return {
-        "cache": kind, "B": b, "Hq": hq, "Hk": hk, "Sk": sk, "D": d, "splits": plan[1],
+        "cache": kind, "B": b, "Hq": hq, "Hk": hk, "Sk": sk, "D": d, "splits": launches[0].grid[1],
+        "row_threadgroups": launches[0].grid[0],
         "launches": [p.kernel for p in launches], "cache_bytes": cache,
         "cache_bytes_read": kv_read, "cache_bytes_touched": total("unique_read", kv_names),
         "other_bytes_read": other_read, "bytes_written": written, "args_bytes_read": total("read", {"args"}),

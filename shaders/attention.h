@@ -47,6 +47,7 @@ constant constexpr uint ATTN_SIMDGROUPS = 8;
 constant constexpr uint ATTN_THREADS = ATTN_SIMDGROUPS * 32;
 constant constexpr uint ATTN_MAX_D = 256;
 constant constexpr uint ATTN_DIMS_PER_LANE = ATTN_MAX_D / 32;
+constant constexpr uint ATTN_GROUP = 4;  // most query heads of one GQA group per row threadgroup
 
 // Online-softmax helpers shared by the kernels. A key with score -inf (masked or -inf) adds
 // weight 0, and a running max that stays -inf keeps the old sums (scale 1): so no inf - inf
@@ -113,17 +114,19 @@ METAL_FUNC float2 scale_of(KV kv, ulong tok, bool valid, uint lane, uint leader)
 }
 
 template <typename T,   // element type of q and the output: half, bfloat or float
-          typename KV>  // K/V source (AttnKvPlain<T> or AttnKvFp8<T>)
+          typename KV>  // K/V source (AttnKvPlain<T>, AttnKvFp8<T> or AttnKvPaged<T>)
 METAL_FUNC void attention_impl(device const T* q, KV kv, device T* out,
                                device float* part_ml, device float* part_o, constant AttentionArgs& args,
                                threadgroup float* part_m, threadgroup float* part_l, threadgroup float* part_acc,
-                               uint row, uint split, uint tid, uint sg, uint lane) {
-  const uint d = args.d;
-  const uint i = row % args.seq_q;
-  const uint bh = row / args.seq_q;  // b * Hq + h
-  const uint h = bh % args.heads_q, b = bh / args.heads_q;
-  const uint kv_head = h / (args.heads_q / args.heads_k);
-  device const T* qrow = q + ulong(row) * d;
+                               uint unit, uint split, uint tid, uint sg, uint lane) {
+  // unit = (first query head's b * Hq + h) / heads_per_tg * Sq + i: this threadgroup serves query
+  // row i of heads_per_tg consecutive query heads of one GQA group, which share the K/V head, so
+  // each key and value element is read once for all of them.
+  const uint d = args.d, gh = args.heads_per_tg;
+  const uint i = unit % args.seq_q;
+  const uint bh0 = unit / args.seq_q * gh;  // b * Hq + h of the first head
+  const uint h0 = bh0 % args.heads_q, b = bh0 / args.heads_q;
+  const uint kv_head = h0 / (args.heads_q / args.heads_k);
   const uint pos = args.seq_k - args.seq_q + i;
   const uint row_hi = args.causal ? pos + 1 : args.seq_k;  // the row's keys: [row_lo, row_hi)
   const uint row_lo = (args.window > 0 && pos + 1 > args.window) ? pos + 1 - args.window : 0;
@@ -131,62 +134,73 @@ METAL_FUNC void attention_impl(device const T* q, KV kv, device T* out,
   const uint lo = min(row_hi, row_lo + split * args.keys_per_split);
   const uint hi = min(row_hi, lo + args.keys_per_split);
 
-  float qv[ATTN_DIMS_PER_LANE], acc[ATTN_DIMS_PER_LANE];
-  for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
-    const uint c = lane + 32 * t;
-    qv[t] = c < d ? float(qrow[c]) : 0.0f;
-    acc[t] = 0.0f;
+  float qv[ATTN_GROUP][ATTN_DIMS_PER_LANE], acc[ATTN_GROUP][ATTN_DIMS_PER_LANE];
+  float m[ATTN_GROUP], l[ATTN_GROUP];
+  for (uint g = 0; g < ATTN_GROUP; ++g) {
+    device const T* qrow = q + (ulong(bh0 + min(g, gh - 1)) * args.seq_q + i) * d;
+    for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
+      const uint c = lane + 32 * t;
+      qv[g][t] = (g < gh && c < d) ? float(qrow[c]) : 0.0f;
+      acc[g][t] = 0.0f;
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
   }
-  float m = -INFINITY, l = 0.0f;
   for (uint j = lo + sg; j < hi; j += ATTN_SIMDGROUPS) {
     const ulong tok = kv.token(b, kv_head, j);
     const float2 kvs = scale_of(kv, tok, true, lane, 0);
-    float s = 0.0f;
+    float kf[ATTN_DIMS_PER_LANE], vf[ATTN_DIMS_PER_LANE];
     for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
       const uint c = lane + 32 * t;
-      if (c < d) s += qv[t] * float(kv.key(tok * d + c, kvs.x));
+      kf[t] = c < d ? float(kv.key(tok * d + c, kvs.x)) : 0.0f;
+      vf[t] = c < d ? float(kv.value(tok * d + c, kvs.y)) : 0.0f;
     }
-    s = simd_sum(s) * args.scale;
-    const float m_new = max(m, s);
-    const float keep = attn_rescale(m, m_new);
-    const float p = attn_weight(s, m_new);
-    l = l * keep + p;
+    for (uint g = 0; g < gh; ++g) {
+      float s = 0.0f;
+      for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) s += qv[g][t] * kf[t];
+      s = simd_sum(s) * args.scale;
+      const float m_new = max(m[g], s);
+      const float keep = attn_rescale(m[g], m_new);
+      const float p = attn_weight(s, m_new);
+      l[g] = l[g] * keep + p;
+      for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) acc[g][t] = acc[g][t] * keep + p * vf[t];
+      m[g] = m_new;
+    }
+  }
+  // merge the simdgroups' partial softmaxes, one head at a time through threadgroup memory
+  for (uint g = 0; g < gh; ++g) {
+    const uint row = (bh0 + g) * args.seq_q + i;
+    if (lane == 0) {
+      part_m[sg] = m[g];
+      part_l[sg] = l[g];
+    }
     for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
       const uint c = lane + 32 * t;
-      if (c < d) acc[t] = acc[t] * keep + p * float(kv.value(tok * d + c, kvs.y));
+      if (c < d) part_acc[sg * ATTN_MAX_D + c] = acc[g][t];
     }
-    m = m_new;
-  }
-  // merge the simdgroups' partial softmaxes
-  if (lane == 0) {
-    part_m[sg] = m;
-    part_l[sg] = l;
-  }
-  for (uint t = 0; t < ATTN_DIMS_PER_LANE; ++t) {
-    const uint c = lane + 32 * t;
-    if (c < d) part_acc[sg * ATTN_MAX_D + c] = acc[t];
-  }
-  threadgroup_barrier(mem_flags::mem_threadgroup);
-  if (tid < d) {
-    float big = -INFINITY;
-    for (uint g = 0; g < ATTN_SIMDGROUPS; ++g) big = max(big, part_m[g]);
-    float num = 0.0f, den = 0.0f;
-    for (uint g = 0; g < ATTN_SIMDGROUPS; ++g) {
-      // l = 0 exactly: the simdgroup added no weight (no key, or only -inf scores); its acc is 0
-      const float w = part_l[g] == 0.0f ? 0.0f : exp(part_m[g] - big);
-      num += part_acc[g * ATTN_MAX_D + tid] * w;
-      den += part_l[g] * w;
-    }
-    if (args.splits == 1) {
-      out[ulong(row) * d + tid] = T(num / den);
-    } else {
-      const ulong slot = ulong(row) * args.splits + split;
-      part_o[slot * d + tid] = num;
-      if (tid == 0) {
-        part_ml[2 * slot] = big;
-        part_ml[2 * slot + 1] = den;
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (tid < d) {
+      float big = -INFINITY;
+      for (uint w = 0; w < ATTN_SIMDGROUPS; ++w) big = max(big, part_m[w]);
+      float num = 0.0f, den = 0.0f;
+      for (uint w = 0; w < ATTN_SIMDGROUPS; ++w) {
+        // l = 0 exactly: the simdgroup added no weight (no key, or only -inf scores); its acc is 0
+        const float wt = part_l[w] == 0.0f ? 0.0f : exp(part_m[w] - big);
+        num += part_acc[w * ATTN_MAX_D + tid] * wt;
+        den += part_l[w] * wt;
+      }
+      if (args.splits == 1) {
+        out[ulong(row) * d + tid] = T(num / den);
+      } else {
+        const ulong slot = ulong(row) * args.splits + split;
+        part_o[slot * d + tid] = num;
+        if (tid == 0) {
+          part_ml[2 * slot] = big;
+          part_ml[2 * slot + 1] = den;
+        }
       }
     }
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the next head reuses part_m, part_l, part_acc
   }
 }
 

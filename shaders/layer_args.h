@@ -53,4 +53,5 @@ struct AttentionArgs {
   marlin_u32 keys_per_split;  // row kernel: keys of a row's range [lo, hi) per slice
   marlin_u32 page_size;       // paged K/V: tokens per page P (0: contiguous K/V)
   marlin_u32 pages_per_seq;   // paged K/V: block table columns
+  marlin_u32 heads_per_tg;    // row kernel: query heads (of one GQA group) per threadgroup, <= ATTN_GROUP
 };

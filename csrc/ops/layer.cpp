@@ -185,6 +185,7 @@ constexpr uint32_t kAttnThreads = 256;          // ATTN_THREADS (shaders/attenti
 constexpr uint32_t kAttnPrefillThreads = 128;   // AttnTile::THREADS
 constexpr uint32_t kAttnPrefillRows = 32;       // AttnTile::BQ
 constexpr int64_t kAttnPrefillMaxD = 128;       // ATTN_PREFILL_MAX_D
+constexpr int64_t kAttnGroup = 4;               // ATTN_GROUP
 // Decode split (flash-decoding). A slice of fewer than 256 keys gives each of the 8 simdgroups
 // fewer than 32 keys, and the merge (threadgroup exchange + a second launch) starts to cost more
 // than the keys; past ~256 threadgroups in flight even the largest Apple GPUs (up to 40 cores,
@@ -285,10 +286,18 @@ at::Tensor run_attention(Launcher& launcher, const char* kOp, const at::Tensor& 
   at::Tensor out = at::empty(q.sizes(), qc.options());
   const int64_t rows = b * hq * sq;
   if (rows == 0 || d == 0) return out;
-  const AttnPlan plan = plan_attention(b * hq, sq, sk, d, causal, window);
+  // The row kernel serves up to 4 query heads of a GQA group per threadgroup (ATTN_GROUP), reading
+  // each K/V element once for all of them: the largest divisor of the group size that is <= 4.
+  int64_t per_tg = 1;
+  for (int64_t g = std::min<int64_t>(kAttnGroup, hq / hk); g >= 1; --g)
+    if ((hq / hk) % g == 0) {
+      per_tg = g;
+      break;
+    }
+  const AttnPlan plan = plan_attention(b * hq / per_tg * sq, sq, sk, d, causal, window);
   AttentionArgs args{uint32_t(hq), uint32_t(hk), uint32_t(sq), uint32_t(sk), uint32_t(d), causal, uint32_t(window),
                      float(scale), uint32_t(plan.splits), uint32_t(plan.keys_per_split), uint32_t(page_size),
-                     uint32_t(pages_per_seq)};
+                     uint32_t(pages_per_seq), uint32_t(per_tg)};
   const std::string suffix = fp8 ? "_fp8" : paged ? "_paged" : "";
   auto bind_inputs = [&] {
     launcher.bind_tensor(0, qc, Access::Read, "q");
@@ -323,7 +332,7 @@ at::Tensor run_attention(Launcher& launcher, const char* kOp, const at::Tensor& 
     launcher.bind_tensor(6, part_o, Access::Write, "part_o");
   }
   launcher.bind_value(4, args, "args");
-  launcher.dispatch_threadgroups({uint32_t(rows), uint32_t(plan.splits), 1}, {kAttnThreads, 1, 1});
+  launcher.dispatch_threadgroups({uint32_t(rows / per_tg), uint32_t(plan.splits), 1}, {kAttnThreads, 1, 1});
   if (plan.splits > 1) {
     launcher.set_kernel(kernel_name("attention_reduce", q.scalar_type()));
     launcher.bind_tensor(3, out, Access::Write, "out");

@@ -96,7 +96,8 @@ at::Tensor attention_paged(Launcher& launcher, const at::Tensor& q, const at::Te
                            const at::Tensor& v_pages, const at::Tensor& block_table, int64_t seq_k, double scale,
                            bool causal, int64_t window);
 // [variant (0: row kernel, 1: prefill), key slices, keys per slice] that attention launches for
-// rows = B * Hq query heads of sq rows over sk keys (csrc/ops/layer.cpp: plan_attention).
+// `rows` row-kernel threadgroups per key slice (B * Hq / query heads per threadgroup * sq) for
+// queries of sq rows over sk keys (csrc/ops/layer.cpp: plan_attention).
 std::vector<int64_t> attention_plan(int64_t rows, int64_t sq, int64_t sk, int64_t d, bool causal, int64_t window);
 std::vector<std::string> layer_kernel_names();
 

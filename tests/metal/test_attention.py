@@ -81,8 +81,11 @@ def test_prefill_head_dim_over_128_uses_rows(emu):
     (1, 1, 1, 1, 600, 40, True, 300, 2),   # sliding window of 300: slices cover the window only
     (2, 2, 2, 3, 530, 32, True, 0, 3),     # three query rows (rows' ranges differ: last slice short)
     (1, 1, 1, 1, 520, 16, False, 0, 3),    # not causal
+    (1, 8, 1, 1, 600, 32, True, 0, 3),     # GQA 8: two threadgroups of 4 query heads per K/V head
+    (2, 6, 1, 2, 300, 16, True, 0, 2),     # GQA 6: threadgroups of 3 heads, two query rows
 ])
 def test_decode_split(emu, dtype, b, hq, hk, sq, sk, d, causal, window, splits):
+    # (the host asks the plan for B * Hq * Sq / heads per threadgroup rows; these sizes split alike)
     variant, n, per = emu._attention_plan(b * hq, sq, sk, d, causal, window)
     assert (variant, n) == (ROWS, splits) and n * per >= (window or sk)
     q, k, v = inputs(b, hq, hk, sq, sk, d, dtype)

@@ -361,6 +361,40 @@ def _layer_cases(quick: bool) -> Iterator[Case]:
         yield Case("rope", "rope", p, run_rope)
         yield Case("attention", "attention", p, run_attn)
 
+        # the flash prefill kernel (Sq >= 9), the decode split over 600 keys, FP8 and paged K/V
+        def run_attn_prefill(ops, dev, dtype=dtype):
+            q = torch.randn(1, 2, 20, 64, generator=_gen(13)).to(dtype)
+            k, v = (torch.randn(1, 1, 20, 64, generator=_gen(s)).to(dtype) for s in (14, 15))
+            ref = _ref("attention", q, k, v, 0.125, True, 0)
+            return ops.attention(*_to((q, k, v), dev), 0.125, True, 0), ref, near(ref)
+
+        def run_attn_split(ops, dev, dtype=dtype):
+            q = torch.randn(1, 2, 1, 64, generator=_gen(16)).to(dtype)
+            k, v = (torch.randn(1, 1, 600, 64, generator=_gen(s)).to(dtype) for s in (17, 18))
+            ref = _ref("attention", q, k, v, 0.125, True, 0)
+            return ops.attention(*_to((q, k, v), dev), 0.125, True, 0), ref, near(ref)
+
+        def run_attn_fp8(ops, dev, dtype=dtype):
+            q = torch.randn(1, 2, 3, 64, generator=_gen(19)).to(dtype)
+            kc, vc = (torch.randint(0, 126, (1, 1, 37, 64), generator=_gen(s), dtype=torch.uint8) for s in (20, 21))
+            ks, vs = (torch.rand(1, 1, 37, generator=_gen(s)) * 0.01 for s in (22, 23))
+            args = (q, kc, ks, vc, vs, 0.125, True, 0)
+            ref = _ref("attention_fp8", *args)
+            return ops.attention_fp8(*_to(args, dev)), ref, near(ref)
+
+        def run_attn_paged(ops, dev, dtype=dtype):
+            q = torch.randn(2, 2, 12, 32, generator=_gen(24)).to(dtype)
+            kp, vp = (torch.randn(6, 1, 5, 32, generator=_gen(s)).to(dtype) for s in (25, 26))
+            table = torch.tensor([[4, 1, 3], [0, 5, 2]], dtype=torch.int32)
+            args = (q, kp, vp, table, 13, 0.125, True, 0)
+            ref = _ref("attention_paged", *args)
+            return ops.attention_paged(*_to(args, dev)), ref, near(ref)
+
+        yield Case("attention", "attention", {**p, "variant": "prefill"}, run_attn_prefill)
+        yield Case("attention", "attention", {**p, "variant": "split decode"}, run_attn_split)
+        yield Case("attention_fp8", "attention", p, run_attn_fp8)
+        yield Case("attention_paged", "attention", p, run_attn_paged)
+
 
 def _sample_cases(quick: bool) -> Iterator[Case]:
     """marlin::sample: the kernel's token equals the torch kernel's exactly (integer weights,

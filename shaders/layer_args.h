@@ -37,14 +37,21 @@ struct RopeArgs {
   float scaling;          // attention scaling applied to cos and sin (1 unless YaRN/longrope)
 };
 
-// marlin::attention: one threadgroup per query row (b, h, i) of q [B, Hq, Sq, D].
+// marlin::attention (shaders/attention.h). The row kernel: one threadgroup per query row (b, h, i)
+// of q [B, Hq, Sq, D] and key split (grid y); the prefill kernel: one threadgroup per 32-row query
+// tile (grid x) of head b * Hq + h (grid y); the reduce kernel: thread (c, row).
 struct AttentionArgs {
-  marlin_u32 heads_q;  // Hq
-  marlin_u32 heads_k;  // Hk (Hq % Hk == 0: GQA group Hq / Hk)
-  marlin_u32 seq_q;    // Sq: query row i sits at position Sk - Sq + i
-  marlin_u32 seq_k;    // Sk
-  marlin_u32 d;        // head dim, <= ATTN_MAX_D
-  marlin_u32 causal;   // 1: keys j <= position only
-  marlin_u32 window;   // > 0: keys with position - j < window only
-  float scale;         // softmax scale (1/sqrt(D) by default)
+  marlin_u32 heads_q;         // Hq
+  marlin_u32 heads_k;         // Hk (Hq % Hk == 0: GQA group Hq / Hk)
+  marlin_u32 seq_q;           // Sq: query row i sits at position Sk - Sq + i
+  marlin_u32 seq_k;           // Sk
+  marlin_u32 d;               // head dim, <= ATTN_MAX_D (prefill: <= ATTN_PREFILL_MAX_D)
+  marlin_u32 causal;          // 1: keys j <= position only
+  marlin_u32 window;          // > 0: keys with position - j < window only
+  float scale;                // softmax scale (1/sqrt(D) by default)
+  marlin_u32 splits;          // row kernel: key slices per row (1: the row kernel writes out itself)
+  marlin_u32 keys_per_split;  // row kernel: keys of a row's range [lo, hi) per slice
+  marlin_u32 page_size;       // paged K/V: tokens per page P (0: contiguous K/V)
+  marlin_u32 pages_per_seq;   // paged K/V: block table columns
+  marlin_u32 heads_per_tg;    // row kernel: query heads (of one GQA group) per threadgroup, <= ATTN_GROUP
 };

@@ -1,7 +1,7 @@
 // marlin_emu::*: the marlin ops' host code (csrc/ops) driven by the emulator's Launcher, for
 // CPU tensors. Same schemas as marlin:: (metal_marlin_torch/ops/library.py) and the same
 // wrappers and impl list as the Metal glue (csrc/ops/registration.h), plus
-// fake_quantize_variant (pick the vec or block kernel), _gemm_plan and _host_kernel_names, and
+// fake_quantize_variant (pick the vec or block kernel), _gemm_plan, _attention_plan and _host_kernel_names, and
 // the kernel-family hooks (csrc/ops/families.h, csrc/emu/emu_families.h): _families,
 // _reject_family, _set_bfloat, _reset_families, _kernel_family, _msl_choice.
 #include <torch/library.h>
@@ -70,7 +70,13 @@ TORCH_LIBRARY_FRAGMENT(marlin_emu, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor");
   m.def("sample(Tensor logits, Tensor uniforms, Tensor? prev_tokens, float repetition_penalty, float temperature, "
         "int top_k, float top_p, float min_p) -> Tensor");
+  m.def("attention_fp8(Tensor q, Tensor k, Tensor k_scales, Tensor v, Tensor v_scales, float scale, bool causal, "
+        "int window) -> Tensor");
+  m.def("attention_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, int seq_k, float scale, "
+        "bool causal, int window) -> Tensor");
   m.def("_gemm_plan(int M, int N, int K) -> int[]", &marlin::gemm_plan);
+  m.def("_attention_plan(int rows, int sq, int sk, int d, bool causal, int window) -> int[]",
+        &marlin::attention_plan);
   m.def("_host_kernel_names() -> str[]", &marlin::host_kernel_names);
   m.def("_families() -> str[]", &families);
   m.def("_reject_family(str family, str message) -> ()", &reject_family);

@@ -92,6 +92,18 @@ std::tuple<at::Tensor, at::Tensor> rope(Launcher& launcher, const at::Tensor& q,
                                         bool interleaved);
 at::Tensor attention(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                      bool causal, int64_t window);
+// attention over K/V held as FP8 E4M3 codes (uint8 [B, Hk, Sk, D]) with float32 scales [B, Hk, Sk].
+at::Tensor attention_fp8(Launcher& launcher, const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scales,
+                         const at::Tensor& v, const at::Tensor& v_scales, double scale, bool causal, int64_t window);
+// attention over paged K/V: pages [num_pages, Hk, P, D], sequence b's token j on page
+// block_table[b][j / P] (int32 [B, pages]) at slot j % P; every sequence holds seq_k tokens.
+at::Tensor attention_paged(Launcher& launcher, const at::Tensor& q, const at::Tensor& k_pages,
+                           const at::Tensor& v_pages, const at::Tensor& block_table, int64_t seq_k, double scale,
+                           bool causal, int64_t window);
+// [variant (0: row kernel, 1: prefill), key slices, keys per slice] that attention launches for
+// `rows` row-kernel threadgroups per key slice (B * Hq / query heads per threadgroup * sq) for
+// queries of sq rows over sk keys (csrc/ops/layer.cpp: plan_attention).
+std::vector<int64_t> attention_plan(int64_t rows, int64_t sq, int64_t sk, int64_t d, bool causal, int64_t window);
 std::vector<std::string> layer_kernel_names();
 
 // Union of the above: what a test compares with the instantiated kernels.

@@ -260,6 +260,29 @@ struct OpsOn {
       return call_torch_kernel("attention", q, k, v, scale, causal, window)[0].toTensor();
     }
   }
+
+  static at::Tensor attention_fp8(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k_scales,
+                                  const at::Tensor& v, const at::Tensor& v_scales, double scale, bool causal,
+                                  int64_t window) {
+    try {
+      L l;
+      return marlin::attention_fp8(l, q, k, k_scales, v, v_scales, scale, causal, window);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("attention_fp8", q, k, k_scales, v, v_scales, scale, causal, window)[0].toTensor();
+    }
+  }
+
+  static at::Tensor attention_paged(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
+                                    const at::Tensor& block_table, int64_t seq_k, double scale, bool causal,
+                                    int64_t window) {
+    try {
+      L l;
+      return marlin::attention_paged(l, q, k_pages, v_pages, block_table, seq_k, scale, causal, window);
+    } catch (const KernelUnavailable&) {
+      return call_torch_kernel("attention_paged", q, k_pages, v_pages, block_table, seq_k, scale, causal, window)[0]
+          .toTensor();
+    }
+  }
 };
 
 // m.impl() for every op that has a schema in metal_marlin_torch/ops/library.py (all but
@@ -285,6 +308,8 @@ void impl_ops(torch::Library& m) {
   m.impl("gelu_mul", &OpsOn<L>::gelu_mul);
   m.impl("rope", &OpsOn<L>::rope);
   m.impl("attention", &OpsOn<L>::attention);
+  m.impl("attention_fp8", &OpsOn<L>::attention_fp8);
+  m.impl("attention_paged", &OpsOn<L>::attention_paged);
 }
 
 }  // namespace marlin

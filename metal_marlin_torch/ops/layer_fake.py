@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import check_attention_args
+from .attention import check_attention_args, check_attention_fp8_args, check_attention_paged_args
 from .layer import check_act_args, check_norm_args, check_rope_args
 from .library import NAMESPACE
 from .sampling import check_sample_args
@@ -52,4 +52,16 @@ def _sample_fake(logits, uniforms, prev_tokens, repetition_penalty, temperature,
 @torch.library.register_fake(f"{NAMESPACE}::attention")
 def _attention_fake(q, k, v, scale, causal, window):
     check_attention_args(q, k, v, scale, causal, window)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::attention_fp8")
+def _attention_fp8_fake(q, k, k_scales, v, v_scales, scale, causal, window):
+    check_attention_fp8_args(q, k, k_scales, v, v_scales, window)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::attention_paged")
+def _attention_paged_fake(q, k_pages, v_pages, block_table, seq_k, scale, causal, window):
+    check_attention_paged_args(q, k_pages, v_pages, block_table, seq_k, window)
     return torch.empty_like(q, memory_format=torch.contiguous_format)

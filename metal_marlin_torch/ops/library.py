@@ -83,6 +83,16 @@ SCHEMAS: dict[str, str] = {
     ),
     # attention over fp16/bf16/fp32 K/V (ops/attention.py): GQA, causal, sliding window (0 = none)
     "attention": "attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, int window) -> Tensor",
+    # attention over K/V held as FP8 E4M3 codes (uint8) + float32 scales per token and head (ops/attention.py)
+    "attention_fp8": (
+        "attention_fp8(Tensor q, Tensor k, Tensor k_scales, Tensor v, Tensor v_scales, float scale, bool causal, "
+        "int window) -> Tensor"
+    ),
+    # attention over paged K/V: pages [num_pages, Hk, P, D] + int32 block table [B, pages] (ops/attention.py)
+    "attention_paged": (
+        "attention_paged(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, int seq_k, float scale, "
+        "bool causal, int window) -> Tensor"
+    ),
 }
 
 for _schema in SCHEMAS.values():

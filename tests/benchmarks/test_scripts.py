@@ -103,3 +103,23 @@ def test_bench_moe_tiny_block_and_decode_counters(tmp_path):
         assert r["weight_bytes_read"] == r["selected_expert_bytes"]
         assert r["rel_err_vs_torch"] < 1e-2
     assert c["weight_bytes_per_token"] == c["min_weight_bytes_per_token"]
+
+
+def test_attention_traffic_counts_the_gqa_rereads(tmp_path):
+    """The decode traffic script on a tiny cache: a row threadgroup serves up to 4 query heads of
+    a GQA group, reading each K/V element once for them, so with 8 query heads per K/V head the
+    K/V bytes read are exactly 2x the cache's bytes (1x would be one threadgroup per group)."""
+    from metal_marlin_torch import emulator  # noqa: PLC0415
+
+    if not emulator.available():
+        pytest.skip("needs clang-19 for the MSL emulator")
+    from benchmarks import attention_traffic  # noqa: PLC0415
+
+    out = tmp_path / "traffic.json"
+    result = attention_traffic.main(["--lengths", "40", "--heads", "8,1", "--head-dim", "16", "--json", str(out)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = {r["cache"]: r for r in result["rows"]}
+    assert set(rows) == {"fp16", "fp8"}
+    for r in rows.values():
+        assert r["read_per_cache_byte"] == 2.0 and r["cache_bytes_touched"] == r["cache_bytes"]
+    assert rows["fp8"]["cache_bytes"] == 2 * 40 * (16 + 4)  # K and V: codes + one fp32 scale per token

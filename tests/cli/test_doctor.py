@@ -48,7 +48,8 @@ def test_selftest_quick_covers_every_family_and_passes(tmp_path, capsys):
     ops = {c["op"] for c in report["cases"]}
     assert ops == {"dequantize", "gemm", "hadamard", "fake_quantize", "kv_quantize", "kv_dequantize_seq",
                    "kv_attention", "moe_gemm", "moe_route",
-                   "rms_norm", "layer_norm", "silu_mul", "gelu_mul", "rope", "attention", "sample"}
+                   "rms_norm", "layer_norm", "silu_mul", "gelu_mul", "rope", "attention", "sample",
+                   "attention_fp8", "attention_paged"}
     gemm = [c["params"] for c in report["cases"] if c["op"] == "gemm"]
     assert {p["M"] for p in gemm} == {1, 3, 9} and max(p["K"] for p in gemm) >= 1024  # every gemm variant
     assert {"torch.float16", "torch.bfloat16", "torch.float32"} <= {p["dtype"] for p in gemm}

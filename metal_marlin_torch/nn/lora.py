@@ -226,15 +226,18 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
 
 
 def register() -> None:
-    """Make every ``peft.LoraConfig`` map :class:`MarlinLinear` to :class:`MarlinLoraLinear`
-    (through ``LoraConfig._register_custom_module``, peft's extension point); idempotent."""
+    """Make every ``peft.LoraConfig`` map :class:`MarlinLinear` to :class:`MarlinLoraLinear` and
+    :class:`~.experts.MarlinExperts` to :class:`~.lora_experts.MarlinLoraExperts` (through ``LoraConfig._register_custom_module``, peft's extension point); idempotent."""
     if getattr(LoraConfig, "_metal_marlin_registered", False):
         return
     original = LoraConfig.__post_init__
 
+    from .experts import MarlinExperts  # noqa: PLC0415
+    from .lora_experts import MarlinLoraExperts  # noqa: PLC0415
+
     def __post_init__(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        self._register_custom_module({MarlinLinear: MarlinLoraLinear})
+        self._register_custom_module({MarlinLinear: MarlinLoraLinear, MarlinExperts: MarlinLoraExperts})
 
     LoraConfig.__post_init__ = __post_init__
     LoraConfig._metal_marlin_registered = True
@@ -244,14 +247,17 @@ def merge_and_unload(model: nn.Module, dense: bool = False) -> tuple[nn.Module, 
     """``model.merge_and_unload()`` of a peft model, and the merge error of every merged layer
     (by module name). ``dense``: merged layers become ``nn.Linear`` (exact) instead of being
     requantized."""
+    from .lora_experts import MarlinLoraExperts  # noqa: PLC0415
+
     wrappers = {id(m): n.removeprefix("base_model.model.") for n, m in model.named_modules()
-                if isinstance(m, MarlinLoraLinear)}
+                if isinstance(m, (MarlinLoraLinear, MarlinLoraExperts))}
     MERGE_REPORT.clear()
     with merge_dense() if dense else contextlib.nullcontext():
         merged = model.merge_and_unload()
     report = {}
     for key, err in MERGE_REPORT.items():
         wid, _, adapter = key.partition(":")
-        name = wrappers.get(int(wid, 16), key)
+        adapter, _, proj = adapter.partition(":")  # experts: one entry per projection
+        name = wrappers.get(int(wid, 16), key) + (f".{proj}" if proj else "")
         report[name if adapter == "default" else f"{name}:{adapter}"] = err
     return merged, report

@@ -227,7 +227,8 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
 
 def register() -> None:
     """Make every ``peft.LoraConfig`` map :class:`MarlinLinear` to :class:`MarlinLoraLinear` and
-    :class:`~.experts.MarlinExperts` to :class:`~.lora_experts.MarlinLoraExperts` (through ``LoraConfig._register_custom_module``, peft's extension point); idempotent."""
+    :class:`~.experts.MarlinExperts` to :class:`~.lora_experts.MarlinLoraExperts` (through
+    ``LoraConfig._register_custom_module``, peft's extension point); idempotent."""
     if getattr(LoraConfig, "_metal_marlin_registered", False):
         return
     original = LoraConfig.__post_init__

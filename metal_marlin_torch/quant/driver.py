@@ -9,7 +9,10 @@ processed one at a time on the compute device, everything else staying where it 
    layers that read the same input tensor (q/k/v; gate/up) form a stage, stages run in
    execution order, and each stage's input Hessians are collected by running the block with
    the earlier stages already quantized; then run the quantized block to produce the next
-   block's inputs; move it back.
+   block's inputs; move it back. Outputs of submodules whose layers are all quantized are
+   kept per batch and replayed in the block's later passes (:class:`_Replay`, within
+   ``DriverOptions.replay_mib``), so each linear runs once per block instead of up to four
+   times (bitwise the same result).
 3. After each block its quantized tensors go to ``work_dir/block_NNNNN.safetensors`` (written
    under a temporary name and renamed). A rerun with the same ``work_dir`` and settings loads
    finished blocks instead of quantizing them again: an interrupted run resumes where it stopped.

@@ -175,10 +175,14 @@ def run(args: argparse.Namespace) -> int:
 
             tokenizer = AutoTokenizer.from_pretrained(args.src, local_files_only=True)
             device = args.device or default_device()
+            threads = torch.get_num_threads()
             if str(device).startswith("cpu"):
                 set_cpu_threads(args.threads)
-            summary = quantize_model(model, config, calibration=args.calibration, tokenizer=tokenizer,
-                                     device=device, work_dir=work_dir)
+            try:
+                summary = quantize_model(model, config, calibration=args.calibration, tokenizer=tokenizer,
+                                         device=device, work_dir=work_dir)
+            finally:  # main() also runs in-process (tests, notebooks): leave torch as it was
+                torch.set_num_threads(threads)
         print(summary)
         print_skipped(summary.skipped)
         extra = {"method": args.method, "config": config.to_dict()}

@@ -7,7 +7,8 @@ of unequal scale plus a shared rank-16 component, fixed seed; the timing does no
 values).
 Settings: int4, group 128, damp 0.01, lazy block 128, act-order with static groups.
 Phases timed separately: Hessian accumulation (``X^T X`` in chunks of 2048 tokens) and the
-column-by-column solve. Ours is also timed with its MSE scale search (its default).
+column-by-column solve. Ours is also timed with its MSE scale search (its default), and on
+CUDA without its graph-captured block loop (``solve s ours eager``; on CPU the same path).
 
 GPTQModel (the public GPTQ implementation) is not the comparison: version 7.7.0 on PyPI is a
 source distribution whose requirements (torch >= 2.14.1, transformers >= 5.20.2, accelerate,
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gptq_reference import add_batch, gptq_reference  # noqa: E402
 
+from metal_marlin_torch.quant import gptq as G  # noqa: E402
 from metal_marlin_torch.quant.gptq import HessianAccumulator, gptq_quantize  # noqa: E402
 
 LAYERS = ((4096, 4096), (14336, 4096))
@@ -56,16 +58,18 @@ def timed(fn, device, repeats):
 
 def render(paths: list[str]) -> str:
     """A markdown table of result JSON files written by this script."""
-    lines = ["| machine | layer | Hessian s (ours / ref) | solve s ours | solve s ours + scale search | "
-             "solve s reference | ours vs ref (solve) | rel. output error ours / +search / ref |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| machine | layer | Hessian s (ours / ref) | solve s ours | solve s ours eager | "
+             "solve s ours + scale search | solve s reference | ours vs ref (solve) | "
+             "rel. output error ours / +search / ref |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for p in paths:
         r = json.loads(Path(p).read_text())
         name = f"{r['device_name']} ({r['device']}, {r['cpu_threads']} threads)"
         for row in r["layers"]:
             lines.append(
                 f"| {name} | {row['layer']} | {r['hessian_s_ours']:.3f} / {r['hessian_s_reference']:.3f} | "
-                f"{row['solve_s_ours']:.3f} | {row['solve_s_ours_scale_search']:.3f} | "
+                f"{row['solve_s_ours']:.3f} | {row.get('solve_s_ours_eager', float('nan')):.3f} | "
+                f"{row['solve_s_ours_scale_search']:.3f} | "
                 f"{row['solve_s_reference']:.3f} | "
                 f"{row['speedup_vs_reference']:.2f}x | {row['rel_output_error_ours']:.5f} / "
                 f"{row['rel_output_error_ours_scale_search']:.5f} / {row['rel_output_error_reference']:.5f} |")
@@ -122,6 +126,10 @@ def main() -> None:
         w = (torch.randn(n_out, k_in, generator=torch.Generator(device=device).manual_seed(2), device=device)
              * 0.02)
         t_ours, res = timed(lambda w=w: gptq_quantize(w, h, "int4", 128, scale_search=False), device, args.repeats)
+        G.USE_CUDA_GRAPHS = False  # the same solve op by op (on CPU the two are the same path)
+        t_eager, res_e = timed(lambda w=w: gptq_quantize(w, h, "int4", 128, scale_search=False), device,
+                               args.repeats)
+        G.USE_CUDA_GRAPHS = True
         t_search, res_s = timed(lambda w=w: gptq_quantize(w, h, "int4", 128), device, args.repeats)
         t_ref, w_ref = timed(lambda w=w: gptq_reference(w, h, 4, 128), device, args.repeats)
 
@@ -130,7 +138,10 @@ def main() -> None:
             return float(((d @ h) * d).sum() / ((w @ h) * w).sum())
 
         row = {"layer": f"{n_out}x{k_in}", "out_features": n_out, "in_features": k_in,
-               "solve_s_ours": t_ours, "solve_s_ours_scale_search": t_search, "solve_s_reference": t_ref,
+               "solve_s_ours": t_ours, "solve_s_ours_eager": t_eager,
+               "graph_vs_eager_max_abs_diff": float((res.w_hat - res_e.w_hat).abs().max()),
+               "graph_vs_eager_codes_differ": float((res.qt.weight != res_e.qt.weight).float().mean()),
+               "solve_s_ours_scale_search": t_search, "solve_s_reference": t_ref,
                "speedup_vs_reference": t_ref / t_ours,
                "total_s_ours": t_h_ours + t_ours, "total_s_reference": t_h_ref + t_ref,
                "rel_output_error_ours": proxy(res.w_hat), "rel_output_error_ours_scale_search": proxy(res_s.w_hat),

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import warnings
 from pathlib import Path
+
+import torch
 
 from .. import formats as F
 from ..io.checkpoint import DEFAULT_SHARD_BYTES
@@ -67,6 +71,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--rotation-signs", action="store_true", help="mr-gptq: random +-1 signs before the rotation")
     g.add_argument("--device", default=None, help="compute device for GPTQ (cpu, cuda, mps; default: cuda if "
                    "available, else mps, else cpu)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for GPTQ on the CPU (default: the cores not already busy, from the load "
+                        "average; OMP_NUM_THREADS, if set, is respected)")
     g.add_argument("--work-dir", default=None,
                    help="folder for finished blocks: an interrupted GPTQ run resumes from it (default OUT.work)")
     p.set_defaults(func=run)
@@ -89,6 +96,36 @@ def default_device() -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def free_cores() -> int:
+    """Cores not already busy: ``cpu_count - load average (1 min)``, rounded, at least 1."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        load = 0.0
+    return max(1, round((os.cpu_count() or 1) - load))
+
+
+def set_cpu_threads(threads: int | None) -> None:
+    """torch's intra-op threads for a CPU GPTQ run: ``threads`` if given, else (unless
+    ``OMP_NUM_THREADS`` is set) no more than :func:`free_cores`.
+
+    Calibration forwards and the per-layer solve are many mid-sized ops, each a fork/join of
+    the thread pool; a thread whose core is taken by another process stalls every join (measured
+    on the shared 2-core test machine under load: a pylm-s forward cost 3.3 s of CPU on two
+    threads against 1.8 s on one, and took twice the wall time)."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+    elif os.environ.get("OMP_NUM_THREADS"):
+        return
+    else:
+        threads = min(torch.get_num_threads(), free_cores())
+    if threads != torch.get_num_threads():
+        print(f"using {threads} CPU thread{'s' if threads > 1 else ''} (of {torch.get_num_threads()}; "
+              f"--threads to choose)", file=sys.stderr)
+        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,8 +174,15 @@ def run(args: argparse.Namespace) -> int:
             from transformers import AutoTokenizer  # noqa: PLC0415
 
             tokenizer = AutoTokenizer.from_pretrained(args.src, local_files_only=True)
-            summary = quantize_model(model, config, calibration=args.calibration, tokenizer=tokenizer,
-                                     device=args.device or default_device(), work_dir=work_dir)
+            device = args.device or default_device()
+            threads = torch.get_num_threads()
+            if str(device).startswith("cpu"):
+                set_cpu_threads(args.threads)
+            try:
+                summary = quantize_model(model, config, calibration=args.calibration, tokenizer=tokenizer,
+                                         device=device, work_dir=work_dir)
+            finally:  # main() also runs in-process (tests, notebooks): leave torch as it was
+                torch.set_num_threads(threads)
         print(summary)
         print_skipped(summary.skipped)
         extra = {"method": args.method, "config": config.to_dict()}

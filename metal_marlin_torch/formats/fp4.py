@@ -21,13 +21,34 @@ _E2M1_DECODED = (0.0,) + E2M1_VALUES[1:8] + (0.0,) + E2M1_VALUES[9:]  # code 8 (
 _E2M1_MIDS = tuple((a + b) / 2 for a, b in zip(E2M1_MAGNITUDES[:-1], E2M1_MAGNITUDES[1:], strict=True))
 
 
+# Nearest magnitude by a table instead of a search. Every midpoint is a multiple of 1/4, so
+# c = ceil(4|x|) (exact: a power-of-two multiply) tells which quarter interval ((c-1)/4, c/4]
+# |x| lies in, and no midpoint falls inside one: _E2M1_QUARTER_IDX[c] = the number of midpoints
+# below it, i.e. bucketize(|x|, mids, right=False) (ties toward zero). c >= 21 means |x| > 5.
+# Measured on the 2-core test machine, one thread, 393k values: 3.5 ms against 11 ms for
+# bucketize (a binary search per element); it runs for every scale-search candidate.
+_E2M1_QUARTER_IDX = tuple(sum(m <= (c - 1) / 4 for m in _E2M1_MIDS) if c else 0 for c in range(22))
+_E2M1_QUARTER_MAG = tuple(E2M1_MAGNITUDES[i] for i in _E2M1_QUARTER_IDX)
+
+
+def _e2m1_quarters(x: torch.Tensor) -> torch.Tensor:
+    """``ceil(4 |x|)`` clamped to 21, as int64 indices into the quarter tables."""
+    return torch.ceil(x.abs() * 4).clamp_(max=21).long()
+
+
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """E2M1 codes of float32 ``x`` (already divided by the scale); saturates at +-6."""
-    # |x| is never negative, so nearest_index's tie rule (ties toward zero) is bucketize with
-    # right=False on the midpoints: one search instead of two (this runs once per GPTQ column)
-    idx = torch.bucketize(x.abs(), device_table(_E2M1_MIDS, torch.float32, x.device), right=False)
+    idx = device_table(_E2M1_QUARTER_IDX, torch.int64, x.device)[_e2m1_quarters(x)]
     negative = (x < 0) & (idx > 0)  # zero always gets code 0, never -0
     return idx | (negative.to(torch.int64) << 3)
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """``e2m1_decode(e2m1_encode(x))`` without the codes (the scale search and GPTQ's column
+    loop need only the values): the nearest E2M1 value, except that a negative ``x`` rounded to
+    magnitude 0 gives -0.0 instead of +0.0 (equal in every difference and product)."""
+    mag = device_table(_E2M1_QUARTER_MAG, torch.float32, x.device)[_e2m1_quarters(x)]
+    return torch.copysign(mag, x)
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,10 @@ adapter's ``lora_A``/``lora_B`` train. Merging adds ``scaling * B @ A`` to the d
 weight and quantizes the sum again with the layer's own format, group and rotation (round to
 nearest), or keeps it dense (``nn.Linear``) inside :func:`merge_dense`; either way the error
 of the merge is measured per layer and kept in :data:`MERGE_REPORT` (logged at INFO).
-DoRA is not supported yet (its weight norm needs the dense base weight at every step).
+DoRA (``LoraConfig(use_dora=True)``) works too: its column norm ``||W + scaling * B A||`` is
+computed from the dequantized base weight at every step (as peft does for bitsandbytes and HQQ
+bases), and merging scales the merged weight by ``m / ||W + scaling * B A||`` before
+requantizing.
 """
 
 from __future__ import annotations
@@ -131,20 +134,53 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
                  lora_alpha: int = 1, **kwargs: Any) -> None:
         if config.lora_bias:
             raise ValueError("MarlinLoraLinear: lora_bias is not supported; set LoraConfig(lora_bias=False)")
-        if config.use_dora:
-            raise ValueError("MarlinLoraLinear: DoRA is not supported on quantized Marlin layers; "
-                             "set LoraConfig(use_dora=False)")
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         self.fan_in_fan_out = False
         self._active_adapter = adapter_name
+        self._dora_factor: dict[str, torch.Tensor] = {}
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
 
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         return module.in_features, module.out_features
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any) -> None:
-        return None
+        return None  # DoRA is done here (peft's DoRA variant would read the packed codes as weights)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+        """peft's LoRA setup, plus DoRA's magnitude vector when ``config.use_dora``."""
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        self.use_dora[adapter_name] = bool(config.use_dora)
+        if config.use_dora:
+            if "lora_magnitude_vector" not in self.adapter_layer_names:
+                self.adapter_layer_names = (*self.adapter_layer_names, "lora_magnitude_vector")
+            with torch.no_grad():
+                norm = self._dora_norm(adapter_name)
+            mag = nn.Module()
+            mag.weight = nn.Parameter(norm.to(self.lora_A[adapter_name].weight.dtype))
+            self.lora_magnitude_vector[adapter_name] = mag
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _dora_norm(self, adapter: str) -> torch.Tensor:
+        """``||W + scaling * B A||`` per output row, in float32, W dequantized (as peft's DoRA
+        does for bitsandbytes and HQQ bases: the norm needs the dense weight)."""
+        return (self._current_weight() + self.get_delta_weight(adapter)).norm(dim=1)
+
+    def _dora_update(self, adapter: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """DoRA's output: ``m / ||W + s B A|| * (W x + s B A x)``, returned as the part to add
+        to ``result`` (= ``W x + bias``). The norm is detached, as in the DoRA paper (sec. 4.3)
+        and peft: gradients reach ``m``, ``A`` and ``B`` through the rest."""
+        lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
+        w = self._current_weight()
+        delta = (lora_b.weight.float() @ lora_a.weight.float()) * self.scaling[adapter]
+        norm = (w + delta).norm(dim=1).detach()
+        factor = self.lora_magnitude_vector[adapter].weight.float() / norm  # [N]
+        base = self.get_base_layer()
+        plain = result if base.bias is None else result - base.bias.to(result.dtype)
+        h = self._cast_input_dtype(x, lora_a.weight.dtype)
+        lora = lora_b(lora_a(self.lora_dropout[adapter](h))).float() * self.scaling[adapter]
+        # with dropout on, peft's DoRA applies it to the LoRA path only; (factor - 1) W x uses x
+        return ((factor - 1) * plain.float() + factor * lora).to(result.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``scaling * B @ A`` in float32, ``[out_features, in_features]``."""
@@ -175,6 +211,7 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
         base = self.get_base_layer()
         return _dense_weight(base) if isinstance(base, MarlinLinear) else base.weight.detach().float()
 
+    @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the adapters to the base weight and requantize it (dense inside :func:`merge_dense`)."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
@@ -183,11 +220,18 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
                 continue
             delta = self.get_delta_weight(adapter)
             w = self._current_weight() + delta
+            if self.use_dora.get(adapter, False):
+                # W' = m / ||W + dW|| * (W + dW); the factor is kept to undo it on unmerge
+                factor = (self.lora_magnitude_vector[adapter].weight.detach().float() / w.norm(dim=1))[:, None]
+                self._dora_factor[adapter] = factor
+                w = factor * w
+                delta = w - self._current_weight()
             if safe_merge and not torch.isfinite(w).all():
                 raise ValueError(f"merge: NaN or Inf in the merged weights; the adapter {adapter!r} seems broken")
             self._replace_base(w, delta, adapter)
             self.merged_adapters.append(adapter)
 
+    @torch.no_grad()
     def unmerge(self) -> None:
         """Subtract merged adapters again (requantized: a second rounding, not the original codes)."""
         if not self.merged:
@@ -197,7 +241,10 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
             adapter = self.merged_adapters.pop()
             if adapter in self.lora_A:
                 delta = self.get_delta_weight(adapter)
-                self._replace_base(self._current_weight() - delta, -delta, adapter)
+                w = self._current_weight()
+                factor = self._dora_factor.pop(adapter, None)
+                new = (w / factor if factor is not None else w) - delta
+                self._replace_base(new, new - w, adapter)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -213,8 +260,11 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
             if adapter not in self.lora_A:
                 continue
             lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-            h = self._cast_input_dtype(x, lora_a.weight.dtype)
-            update = lora_b(lora_a(self.lora_dropout[adapter](h))) * self.scaling[adapter]
+            if self.use_dora.get(adapter, False):
+                update = self._dora_update(adapter, x, result)
+            else:
+                h = self._cast_input_dtype(x, lora_a.weight.dtype)
+                update = lora_b(lora_a(self.lora_dropout[adapter](h))) * self.scaling[adapter]
             if adapter_names is not None:  # mixed batch: each row uses its own adapter
                 rows = torch.tensor([n == adapter for n in adapter_names], device=x.device)
                 update = update * rows.view(-1, *([1] * (update.dim() - 1))).to(update.dtype)
@@ -226,15 +276,19 @@ class MarlinLoraLinear(nn.Module, LoraLayer):
 
 
 def register() -> None:
-    """Make every ``peft.LoraConfig`` map :class:`MarlinLinear` to :class:`MarlinLoraLinear`
-    (through ``LoraConfig._register_custom_module``, peft's extension point); idempotent."""
+    """Make every ``peft.LoraConfig`` map :class:`MarlinLinear` to :class:`MarlinLoraLinear` and
+    :class:`~.experts.MarlinExperts` to :class:`~.lora_experts.MarlinLoraExperts` (through
+    ``LoraConfig._register_custom_module``, peft's extension point); idempotent."""
     if getattr(LoraConfig, "_metal_marlin_registered", False):
         return
     original = LoraConfig.__post_init__
 
+    from .experts import MarlinExperts  # noqa: PLC0415
+    from .lora_experts import MarlinLoraExperts  # noqa: PLC0415
+
     def __post_init__(self: LoraConfig, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        self._register_custom_module({MarlinLinear: MarlinLoraLinear})
+        self._register_custom_module({MarlinLinear: MarlinLoraLinear, MarlinExperts: MarlinLoraExperts})
 
     LoraConfig.__post_init__ = __post_init__
     LoraConfig._metal_marlin_registered = True
@@ -244,14 +298,17 @@ def merge_and_unload(model: nn.Module, dense: bool = False) -> tuple[nn.Module, 
     """``model.merge_and_unload()`` of a peft model, and the merge error of every merged layer
     (by module name). ``dense``: merged layers become ``nn.Linear`` (exact) instead of being
     requantized."""
+    from .lora_experts import MarlinLoraExperts  # noqa: PLC0415
+
     wrappers = {id(m): n.removeprefix("base_model.model.") for n, m in model.named_modules()
-                if isinstance(m, MarlinLoraLinear)}
+                if isinstance(m, (MarlinLoraLinear, MarlinLoraExperts))}
     MERGE_REPORT.clear()
     with merge_dense() if dense else contextlib.nullcontext():
         merged = model.merge_and_unload()
     report = {}
     for key, err in MERGE_REPORT.items():
         wid, _, adapter = key.partition(":")
-        name = wrappers.get(int(wid, 16), key)
+        adapter, _, proj = adapter.partition(":")  # experts: one entry per projection
+        name = wrappers.get(int(wid, 16), key) + (f".{proj}" if proj else "")
         report[name if adapter == "default" else f"{name}:{adapter}"] = err
     return merged, report

@@ -9,7 +9,10 @@ processed one at a time on the compute device, everything else staying where it 
    layers that read the same input tensor (q/k/v; gate/up) form a stage, stages run in
    execution order, and each stage's input Hessians are collected by running the block with
    the earlier stages already quantized; then run the quantized block to produce the next
-   block's inputs; move it back.
+   block's inputs; move it back. Outputs of submodules whose layers are all quantized are
+   kept per batch and replayed in the block's later passes (:class:`_Replay`, within
+   ``DriverOptions.replay_mib``), so each linear runs once per block instead of up to four
+   times (bitwise the same result).
 3. After each block its quantized tensors go to ``work_dir/block_NNNNN.safetensors`` (written
    under a temporary name and renamed). A rerun with the same ``work_dir`` and settings loads
    finished blocks instead of quantizing them again: an interrupted run resumes where it stopped.
@@ -87,6 +90,134 @@ def _restore(block: nn.Module, finals: dict[str, MarlinLinear]) -> None:
         replace_module(block, name, layer)
 
 
+class _ReplayState:
+    """What the :class:`_Replay` wrappers of one block share: the calibration batch being run,
+    whether new outputs may still be kept (not in a block's last pass), and the memory left."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.batch = -1
+        self.storing = True
+        self.left = budget_bytes
+
+
+def _tensors_only(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return True
+    if isinstance(out, (tuple, list)):
+        return all(o is None or _tensors_only(o) for o in out)
+    return False
+
+
+def _nbytes(out: Any) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    return sum(_nbytes(o) for o in out if o is not None)
+
+
+def _clone(out: Any, device=None) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.to(device, copy=True) if device is not None else out.clone()
+    return type(out)(None if o is None else _clone(o, device) for o in out)
+
+
+class _Replay(nn.Module):
+    """A finished submodule of the block being quantized, whose output per calibration batch is
+    kept the first time it is computed and returned in later passes instead of recomputing it.
+
+    True-sequential GPTQ runs the block once per stage (each stage's Hessian needs the earlier
+    stages quantized) and once more for the next block's inputs: on a decoder layer about 2.2x
+    the arithmetic of one forward, the cost that dominated ``marlin quantize --method gptq``
+    on a CPU. A submodule is wrapped once every planned linear inside it is quantized (its
+    stand-in fixed): its weights no longer change, and neither do its inputs, because stages
+    run in execution order, so everything computed before it is finished too (or never
+    quantized), and the block's own inputs are fixed while it is processed. Its outputs are
+    therefore bitwise those a recomputation would give. Only plain tensor outputs (or tuples
+    of them) are kept, within the memory budget; copies go in and out, so a caller's in-place
+    change cannot alter what is kept. E.g. in a Llama layer the attention (q/k/v/o and the
+    attention itself) runs twice instead of four times, and every linear once per block."""
+
+    def __init__(self, inner: nn.Module, state: _ReplayState, store: torch.device | str) -> None:
+        super().__init__()
+        self.inner = inner
+        self.state = state
+        self.store = store
+        self.kept: dict[int, Any] = {}
+        self.refused = False  # an output that cannot be kept: stop trying
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        st = self.state
+        hit = self.kept.get(st.batch)
+        if hit is not None:
+            return _clone(hit, args[0].device if args and isinstance(args[0], torch.Tensor) else None)
+        out = self.inner(*args, **kwargs)
+        if st.storing and not self.refused and st.batch >= 0:
+            if not _tensors_only(out):
+                self.refused = True
+            else:
+                size = _nbytes(out)
+                if size <= st.left:
+                    self.kept[st.batch] = _clone(out, self.store)
+                    st.left -= size
+        return out
+
+    def drop(self) -> None:
+        """Forget the kept outputs (an enclosing wrapper has them all), returning their memory."""
+        self.state.left += sum(_nbytes(o) for o in self.kept.values())
+        self.kept.clear()
+        self.refused = True
+
+
+class _Replays:
+    """The :class:`_Replay` wrappers of one block: added before each pass around submodules
+    that have become finished, pruned after it, removed when the block is done."""
+
+    def __init__(self, block: nn.Module, planned: list[str], budget_bytes: int, store) -> None:
+        self.block = block
+        self.planned = planned
+        self.state = _ReplayState(budget_bytes)
+        self.store = store
+        self.wrapped: dict[str, _Replay] = {}  # in the order added (deepest first per round)
+        self.enabled = budget_bytes > 0
+
+    def before_pass(self, finished: set[str], n_batches: int, last: bool) -> None:
+        """Wrap every submodule (not the block) all of whose planned linears are ``finished``."""
+        self.state.storing = not last
+        if not self.enabled:
+            return
+        names = [n for n, _ in self.block.named_modules(remove_duplicate=False) if n]
+        eligible = []
+        for name in names:
+            if name in self.wrapped or any(name.startswith(w + ".") for w in self.wrapped):
+                continue
+            inside = [p for p in self.planned if p == name or p.startswith(name + ".")]
+            if inside and all(p in finished for p in inside):
+                eligible.append(name)
+        for name in sorted(eligible, key=lambda n: -n.count(".")):  # children before parents
+            mod = self.block.get_submodule(name)
+            wrapper = _Replay(mod, self.state, self.store)
+            replace_module(self.block, name, wrapper)
+            self.wrapped[name] = wrapper
+        self._prune(n_batches)
+
+    def _prune(self, n_batches: int) -> None:
+        full = [n for n, w in self.wrapped.items() if len(w.kept) == n_batches]
+        for name, w in self.wrapped.items():
+            if any(name.startswith(f + ".") for f in full):
+                w.drop()
+
+    def batch(self, b: int) -> None:
+        self.state.batch = b
+
+    def remove(self) -> None:
+        """Put the original submodules back (parents first) and free everything kept."""
+        for name in reversed(list(self.wrapped)):
+            w = self.wrapped[name]
+            w.drop()
+            replace_module(self.block, name, w.inner)
+        self.wrapped.clear()
+        self.state.batch = -1
+
+
 @dataclass
 class DriverOptions:
     """Settings of :func:`quantize_layerwise` (also ``QuantConfig.method_options`` keys).
@@ -103,6 +234,9 @@ class DriverOptions:
         offload_inputs: keep captured block inputs on CPU between uses (saves device memory).
         expert_min_tokens: an expert routed fewer calibration rows than this is quantized by
             RTN (and reported) instead of GPTQ (:mod:`.experts`).
+        replay_mib: memory (MiB, where the block inputs are kept) for outputs of finished
+            submodules replayed in later calibration passes of the same block (see
+            :class:`_Replay`); 0 recomputes them. Does not change results.
         gptq: options of :func:`~.gptq.gptq_quantize` (damp, block_size, act_order, ...).
     """
 
@@ -115,6 +249,7 @@ class DriverOptions:
     batch_size: int = 8
     offload_inputs: bool = False
     expert_min_tokens: int = DEFAULT_MIN_TOKENS
+    replay_mib: int = 2048
     gptq: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -272,9 +407,12 @@ def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tu
     raise ValueError("quantize_layerwise: cannot find the hidden states among the block's arguments")
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device, store) -> list[torch.Tensor]:
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]], device, store,
+               replays: _Replays | None = None) -> list[torch.Tensor]:
     outs = []
-    for args, kwargs in inputs:
+    for b, (args, kwargs) in enumerate(inputs):
+        if replays is not None:
+            replays.batch(b)
         out = _hidden(block(*_to(args, device), **_to(kwargs, device)))
         outs.append(out.to(store))
     return outs
@@ -448,7 +586,8 @@ def quantize_layerwise(
         wd = Path(work_dir)
         wd.mkdir(parents=True, exist_ok=True)
         settings = {"plans": {k: [p.format, p.group_size] for k, p in sorted(plans.items())},
-                    "options": {**options.__dict__}, "dtype_config": dcfg.to_dict(),
+                    "options": {k: v for k, v in options.__dict__.items() if k != "replay_mib"},
+                    "dtype_config": dcfg.to_dict(),
                     "n_blocks": len(blocks)}
         if expert_plans:
             settings["experts"] = {k: {p: [pl.format, pl.group_size] for p, pl in sorted(v.items())}
@@ -480,14 +619,16 @@ def quantize_layerwise(
         block.to(device)
         old_dtypes = _upcast(block, cdt) if cdt is not None else {}
         path = wd / f"block_{i:05d}.safetensors" if wd is not None else None
+        outs = None
         try:
             with torch.no_grad():
                 if path is not None and path.exists():
                     load_block(path, block, dcfg, device)
                     report["resumed_blocks"].append(i)
                 elif per_block[i] or per_block_experts[i]:
-                    experts_report = _quantize_block(block, per_block[i], inputs, options, gptq_opts, dcfg,
-                                                     device, store, layer_fn, per_block_experts[i])
+                    outs, experts_report = _quantize_block(
+                        block, per_block[i], inputs, options, gptq_opts, dcfg, device, store, layer_fn,
+                        per_block_experts[i], need_outputs=i + 1 < len(blocks))
                     head = f"{prefix}.{i}." if prefix else f"{i}."
                     report["experts"].update({head + k: v for k, v in experts_report.items()})
                     _restore_dtypes(block, old_dtypes, biases_only=True)
@@ -495,11 +636,12 @@ def quantize_layerwise(
                         save_block(path, block)
                     report["quantized_blocks"].append(i)
                 if i + 1 < len(blocks):
-                    finals = _swap_in_standins(block)
-                    try:
-                        outs = _run_block(block, inputs, device, store)
-                    finally:
-                        _restore(block, finals)
+                    if outs is None:  # resumed, or nothing planned in this block
+                        finals = _swap_in_standins(block)
+                        try:
+                            outs = _run_block(block, inputs, device, store)
+                        finally:
+                            _restore(block, finals)
                     inputs = [_replace_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
         finally:
             _restore_dtypes(block, old_dtypes)
@@ -527,10 +669,15 @@ def _quantize_block(
     block: nn.Module, plans: dict[str, LayerPlan], inputs: list[tuple[tuple, dict]],
     options: DriverOptions, gptq_opts: dict[str, Any], dcfg: DTypeConfig, device, store,
     layer_fn: Callable[..., MarlinLinear], expert_plans: dict[str, dict[str, LayerPlan]] | None = None,
-) -> dict[str, Any]:
+    need_outputs: bool = False,
+) -> tuple[list[torch.Tensor] | None, dict[str, Any]]:
     """Quantize the block's planned linears stage by stage, then its planned experts modules
-    (their Hessians from the block with every linear already quantized); returns the experts'
-    reports by name."""
+    (their Hessians from the block with every linear already quantized); with ``need_outputs``
+    also run the quantized block (stand-ins) over ``inputs`` and return its outputs (the next
+    block's inputs) with the experts' reports by name. Outputs of finished submodules are
+    replayed across the linear stages (:class:`_Replay`); the experts pass and the final run
+    after it recompute (the experts change what any submodule holding them returns).
+    """
     names = [n for n in plans if isinstance(block.get_submodule(n), nn.Linear)]
     if options.hessian and options.true_sequential:
         stages = _stages(block, names, inputs[0], device)
@@ -538,26 +685,40 @@ def _quantize_block(
         stages = [names]
     finals: dict[str, MarlinLinear] = {}
     reports: dict[str, Any] = {}
+    # the experts modules count as planned, so no submodule holding one is replayed
+    replays = _Replays(block, names + list(expert_plans or {}), max(0, int(options.replay_mib)) << 20, store)
+    outs = None
     try:
         for stage in stages:
-            _quantize_stage(block, stage, plans, inputs, options, gptq_opts, dcfg, device, layer_fn, finals)
-        for name, projections in (expert_plans or {}).items():
-            def run(args: tuple, kwargs: dict) -> Any:
-                return block(*_to(args, device), **_to(kwargs, device))
-            hessian = options.hessian
-            q, reports[name] = quantize_experts(
-                block, name, projections, inputs, run, dcfg, gptq_opts, layer_fn,
-                options.expert_min_tokens if hessian else 2**62)  # no Hessians: every expert RTN
-            if options.rotate:
-                reports[name]["note"] = "experts get no input rotation (moe_gemm has none): plain GPTQ"
-            replace_module(block, name, q)
+            replays.before_pass(set(finals), len(inputs), last=False)
+            _quantize_stage(block, stage, plans, inputs, options, gptq_opts, dcfg, device, layer_fn, finals,
+                            replays)
+        if expert_plans:
+            replays.remove()  # the experts pass runs the block without batch indices
+            for name, projections in expert_plans.items():
+                def run(args: tuple, kwargs: dict) -> Any:
+                    return block(*_to(args, device), **_to(kwargs, device))
+                hessian = options.hessian
+                q, reports[name] = quantize_experts(
+                    block, name, projections, inputs, run, dcfg, gptq_opts, layer_fn,
+                    options.expert_min_tokens if hessian else 2**62)  # no Hessians: every expert RTN
+                if options.rotate:
+                    reports[name]["note"] = "experts get no input rotation (moe_gemm has none): plain GPTQ"
+                replace_module(block, name, q)
+        if need_outputs:
+            if expert_plans:
+                outs = _run_block(block, inputs, device, store)
+            else:
+                replays.before_pass(set(finals), len(inputs), last=True)
+                outs = _run_block(block, inputs, device, store, replays)
     finally:
+        replays.remove()
         _restore(block, finals)
-    return reports
+    return outs, reports
 
 
 def _stage_hessians(block: nn.Module, stage: list[str], inputs: list[tuple[tuple, dict]], device,
-                    shared: bool) -> dict[str, torch.Tensor]:
+                    shared: bool, replays: _Replays | None = None) -> dict[str, torch.Tensor]:
     """Input Hessians of the stage's layers over all calibration batches.
 
     With ``shared`` (a true-sequential stage: its layers read one tensor, see :func:`_stages`)
@@ -574,7 +735,9 @@ def _stage_hessians(block: nn.Module, stage: list[str], inputs: list[tuple[tuple
 
         handle = block.get_submodule(stage[0]).register_forward_pre_hook(grab)
         try:
-            for args, kwargs in inputs:
+            for b, (args, kwargs) in enumerate(inputs):
+                if replays is not None:
+                    replays.batch(b)
                 try:
                     block(*_to(args, device), **_to(kwargs, device))
                 except _Stop:
@@ -587,7 +750,9 @@ def _stage_hessians(block: nn.Module, stage: list[str], inputs: list[tuple[tuple
     accs = {n: HessianAccumulator(block.get_submodule(n).in_features, device) for n in stage}
     handles = [block.get_submodule(n).register_forward_hook(accs[n].hook()) for n in stage]
     try:
-        for args, kwargs in inputs:
+        for b, (args, kwargs) in enumerate(inputs):
+            if replays is not None:
+                replays.batch(b)
             block(*_to(args, device), **_to(kwargs, device))
     finally:
         for h in handles:
@@ -598,12 +763,13 @@ def _stage_hessians(block: nn.Module, stage: list[str], inputs: list[tuple[tuple
 def _quantize_stage(
     block: nn.Module, stage: list[str], plans: dict[str, LayerPlan], inputs: list[tuple[tuple, dict]],
     options: DriverOptions, gptq_opts: dict[str, Any], dcfg: DTypeConfig, device,
-    layer_fn: Callable[..., MarlinLinear], finals: dict[str, MarlinLinear],
+    layer_fn: Callable[..., MarlinLinear], finals: dict[str, MarlinLinear], replays: _Replays | None = None,
 ) -> None:
     """Collect the stage's Hessians (earlier stages run as stand-ins), then quantize its layers."""
     hessians: dict[str, torch.Tensor] = {}
     if options.hessian:
-        hessians = _stage_hessians(block, stage, inputs, device, shared=options.true_sequential)
+        hessians = _stage_hessians(block, stage, inputs, device, shared=options.true_sequential,
+                                   replays=replays)
     for name in stage:
         linear = block.get_submodule(name)
         rot = rotation_for(linear.in_features, options.rotation_block, options.rotation_signs, options.seed) \

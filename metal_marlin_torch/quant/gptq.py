@@ -32,7 +32,7 @@ import torch
 from .. import formats as F
 from ..formats import GroupParams, QuantizedTensor
 from ..formats.base import safe_divisor
-from ..formats.fp4 import _E2M1_DECODED, _E2M1Format, e2m1_encode
+from ..formats.fp4 import _E2M1_DECODED, _E2M1Format, e2m1_encode, e2m1_round
 from ..formats.integer import _Affine
 from ..formats.nf import _NormalFloat
 from ..formats.tables import device_table
@@ -195,6 +195,7 @@ class _ColumnCoder:
             self.div = safe_divisor(params.scales).T.contiguous()
             self.bias = params.biases.float().T.contiguous()
             self.zero = (params.scales == 0).T.contiguous()
+            self.any_zero = bool(self.zero.any())
             self.levels = fmt.levels
         else:
             self.cols = [_column_params(params, j) for j in range(n_groups)]
@@ -216,6 +217,133 @@ class _ColumnCoder:
         p = self.cols[g]
         c = self.fmt.encode(col.view(self.n, 1, 1), p)
         return c.view(self.n), self.fmt.decode(c, p).view(self.n)
+
+    @property
+    def values_only(self) -> bool:
+        """Whether :meth:`values` (and :meth:`codes_of` after the loop) serve this format."""
+        return self.kind != "generic"
+
+    def tables(self) -> list[torch.Tensor]:
+        """The per-group parameter tables ``[n_groups, N]`` that :meth:`values` reads, in the
+        order it takes their rows (for the CUDA graph loop, which gathers them per block)."""
+        if self.kind == "affine":
+            return [self.div, self.mul, self.bias, self.zero]
+        return [self.div, self.mul]
+
+    def values(self, col: torch.Tensor, g: int, out: torch.Tensor) -> None:
+        """The reconstruction of column ``col`` in group ``g`` written to ``out``, without its
+        codes: the column loop needs only the values, and the codes are recovered from all of
+        them at once afterwards (:meth:`codes_of`). Fewer ops per column than :meth:`__call__`
+        (on CUDA each op is a kernel launch, and the loop is launch bound): E2M1 takes its
+        value from a table and ``copysign`` without building the code. Values equal
+        ``__call__``'s except that a negative input rounded to magnitude 0 gives -0.0."""
+        self.values_rows(col, [t[g] for t in self.tables()], out)
+
+    def values_rows(self, col: torch.Tensor, rows: list[torch.Tensor], out: torch.Tensor) -> None:
+        """:meth:`values` with the group's parameter rows given (``tables()``'s order)."""
+        if self.kind == "e2m1":
+            torch.mul(e2m1_round(col / rows[0]), rows[1], out=out)
+        elif self.kind == "table":
+            x = col / rows[0]
+            codes = torch.where(x < 0, torch.bucketize(x, self.mids, right=True),
+                                torch.bucketize(x, self.mids, right=False))
+            torch.mul(self.table[codes], rows[1], out=out)
+        else:  # affine
+            div, mul, bias, zero = rows
+            q = torch.round((col - bias) / div).clamp_(0, self.levels)
+            if self.any_zero:
+                q.masked_fill_(zero, 0.0)
+            torch.mul(q, mul, out=out).add_(bias)
+
+    def codes_of(self, w_hat: torch.Tensor) -> torch.Tensor:
+        """Codes ``int64 [N, K]`` of a reconstruction ``w_hat`` built by :meth:`values`.
+
+        Every value is a grid point times its group's scale (plus bias), so dividing by the
+        scale lands within a rounding error of the grid point, far from the rounding midpoints:
+        re-encoding gives back exactly the codes of the column loop (for an all-zero group,
+        whose scale is 0, the code of 0; any code decodes to 0 there). The test checks that
+        decoding these codes reproduces ``w_hat``."""
+        n_groups = self.mul.shape[0]
+        x = w_hat.view(self.n, n_groups, -1)
+        if self.kind == "affine":
+            q = torch.round((x - self.bias.T.unsqueeze(-1)) / self.div.T.unsqueeze(-1)).clamp_(0, self.levels)
+            return q.masked_fill_(self.zero.T.unsqueeze(-1), 0.0).to(torch.int64).view(self.n, -1)
+        x = x / self.div.T.unsqueeze(-1)
+        if self.kind == "e2m1":
+            return e2m1_encode(x).view(self.n, -1)
+        codes = torch.where(x < 0, torch.bucketize(x, self.mids, right=True),
+                            torch.bucketize(x, self.mids, right=False))
+        return codes.view(self.n, -1)
+
+
+USE_CUDA_GRAPHS = True
+"""Run each full lazy block's column loop as a captured CUDA graph (see :class:`_GraphBlockLoop`);
+False: eager, op by op (benchmarks compare the two)."""
+_STATIC_LOOP_ON_CPU = False  # tests: run the graph loop's static-buffer code on CPU (no capture)
+
+
+class _GraphBlockLoop:
+    """The column loop of one lazy block on static buffers, captured once per layer as a CUDA
+    graph and replayed for every full block.
+
+    On a GPU the loop is bound by the host: each column is ~10 tiny kernels, each costing the
+    CPU a Python call and a dispatch (~10 us) while the GPU idles. A graph replays the 10 x
+    ``block_size`` launches of a block in one call. Everything that changes between blocks
+    lives in the static buffers, refilled before each replay: the block's columns ``w1
+    [B, N]``, its part ``u1`` of the Cholesky factor and its diagonal, and each column's group
+    parameters gathered into ``[B, N]`` rows (the group of a column depends on the block under
+    act-order). The ops are those of the eager loop; only the divisor of each error is a 0-d
+    tensor instead of a Python float (CUDA divides by a host scalar as a multiply by its
+    reciprocal, so results may differ from the eager loop's in the last bit)."""
+
+    def __init__(self, coder: _ColumnCoder, n: int, b: int, u_dtype: torch.dtype, device: torch.device) -> None:
+        self.coder = coder
+        self.b = b
+        self.w1 = torch.empty(b, n, device=device)
+        self.q1 = torch.empty(b, n, device=device)
+        self.err1 = torch.empty(b, n, device=device)
+        self.u1 = torch.empty(b, b, dtype=u_dtype, device=device)
+        self.diag = torch.empty(b, dtype=u_dtype, device=device)
+        self.gidx = torch.empty(b, dtype=torch.int64, device=device)
+        self.rows = [torch.empty(b, n, dtype=t.dtype, device=device) for t in coder.tables()]
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def _columns(self) -> None:
+        for t, r in zip(self.coder.tables(), self.rows, strict=True):
+            torch.index_select(t, 0, self.gidx, out=r)
+        for i in range(self.b):
+            col = self.w1[i]
+            self.coder.values_rows(col, [r[i] for r in self.rows], self.q1[i])
+            e = torch.sub(col, self.q1[i], out=self.err1[i]).div_(self.diag[i])
+            self.w1[i + 1:].addr_(self.u1[i, i + 1:], e, alpha=-1.0)
+
+    def run(self, w1: torch.Tensor, u1: torch.Tensor, gidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize the block ``w1 [B, N]`` (transposed columns); ``(q1, err1)``, views of
+        static buffers valid until the next call."""
+        self.w1.copy_(w1)
+        self.u1.copy_(u1)
+        self.diag.copy_(torch.diagonal(u1))
+        self.gidx.copy_(gidx)
+        if self.w1.device.type != "cuda":  # the tests run the same static loop on CPU, eagerly
+            self._columns()
+            return self.q1, self.err1
+        if self.graph is None:
+            # warm up on a side stream (CUDA graph rule: lazy init and allocator warm-up happen
+            # outside capture), then capture; the warm-up's result is this block's
+            side = torch.cuda.Stream(self.w1.device)
+            side.wait_stream(torch.cuda.current_stream(self.w1.device))
+            with torch.cuda.stream(side):
+                self._columns()
+            torch.cuda.current_stream(self.w1.device).wait_stream(side)
+            q1, err1 = self.q1.clone(), self.err1.clone()
+            self.w1.copy_(w1)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._columns()
+            self.graph = graph
+            return q1, err1
+        self.graph.replay()
+        return self.q1, self.err1
 
 
 def gptq_quantize(
@@ -299,34 +427,45 @@ def _gptq_solve(
 
     u, used_damp = damped_inverse_cholesky(h, damp)
     del h
-    codes = torch.empty(n, k, dtype=torch.int64, device=work.device)
+    fast = coder.values_only
+    codes = None if fast else torch.empty(n, k, dtype=torch.int64, device=work.device)
     w_hat = torch.empty_like(work)
     losses = torch.zeros(n, dtype=torch.float32, device=work.device)
+    graph_loop = None
+    if fast and USE_CUDA_GRAPHS and (work.device.type == "cuda" or _STATIC_LOOP_ON_CPU) and k >= 2 * block_size:
+        graph_loop = _GraphBlockLoop(coder, n, block_size, u.dtype, work.device)
+        groups_perm = perm // g
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         # the block is processed transposed ([columns, N]) so each column is contiguous
         w1 = work[:, i1:i2].T.contiguous()
-        err1 = torch.empty_like(w1)
-        q1 = torch.empty_like(w1)
-        c1 = torch.empty(i2 - i1, n, dtype=torch.int64, device=work.device)
         u1 = u[i1:i2, i1:i2]
-        diag = torch.diagonal(u1).tolist()  # Python floats: no 0-d tensor op per column
-        for i in range(i2 - i1):
-            col = w1[i]
-            c, q = coder(col, group_of[i1 + i])
-            c1[i] = c
-            q1[i] = q
-            e = torch.sub(col, q, out=err1[i]).div_(diag[i])
-            w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)  # w1[j] -= U[i, j] * e for j > i
+        if graph_loop is not None and i2 - i1 == block_size:
+            q1, err1 = graph_loop.run(w1, u1, groups_perm[i1:i2])
+        else:
+            err1 = torch.empty_like(w1)
+            q1 = torch.empty_like(w1)
+            c1 = None if fast else torch.empty(i2 - i1, n, dtype=torch.int64, device=work.device)
+            diag = torch.diagonal(u1).tolist()  # Python floats: no 0-d tensor op per column
+            for i in range(i2 - i1):
+                col = w1[i]
+                q = q1[i]
+                if fast:
+                    coder.values(col, group_of[i1 + i], q)
+                else:
+                    c1[i], q1[i] = coder(col, group_of[i1 + i])
+                e = torch.sub(col, q, out=err1[i]).div_(diag[i])
+                w1[i + 1:].addr_(u1[i, i + 1:], e, alpha=-1.0)  # w1[j] -= U[i, j] * e for j > i
+            if not fast:
+                codes[:, i1:i2] = c1.T
         losses += err1.pow(2).sum(0) / 2
-        codes[:, i1:i2] = c1.T
         w_hat[:, i1:i2] = q1.T
         if i2 < k:
             work[:, i2:].addmm_(err1.T, u[i1:i2, i2:], alpha=-1.0)
 
     inv = torch.argsort(perm)
-    codes = codes[:, inv]
     w_hat = w_hat[:, inv]
+    codes = coder.codes_of(w_hat) if fast else codes[:, inv]
     qt = QuantizedTensor(
         weight=F.pack(codes, fmt.bits), scales=params.scales, biases=params.biases,
         global_scale=params.global_scale, format=fmt.name, group_size=group_size, shape=(n, k),

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..formats import GroupParams, WeightFormat
-from ..formats.fp4 import E2M1_MAX, NVFP4
+from ..formats.base import safe_divisor
+from ..formats.fp4 import E2M1_MAX, NVFP4, _E2M1Format, e2m1_round
 
 DEFAULT_GRID = 16
 DEFAULT_MIN_SHRINK = 0.6
@@ -82,8 +83,14 @@ def search_group_params(
     if grid == 1:
         return best
 
+    e2m1 = isinstance(fmt, _E2M1Format)
+
     def error(p: GroupParams) -> torch.Tensor:
-        d = fmt.decode(fmt.encode(groups, p), p) - groups
+        if e2m1:  # the values of decode(encode(...)) without building codes (bitwise, up to the sign of 0)
+            eff = fmt._effective_scale(p).unsqueeze(-1)
+            d = e2m1_round(groups / safe_divisor(eff)) * eff - groups
+        else:
+            d = fmt.decode(fmt.encode(groups, p), p) - groups
         d = d * d
         if weights is not None:
             d = d * weights

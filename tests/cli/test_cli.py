@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from metal_marlin_torch import load_quantized
@@ -66,3 +67,35 @@ def test_quantize_at_a_bit_budget(tmp_path, pylm_s_path, capsys):
     model = load_quantized(out)  # each layer loads with its own format and group
     layers = {n: [m.format, m.group_size] for n, m in model.named_modules() if hasattr(m, "group_size")}
     assert layers == plan
+
+
+def test_gptq_cpu_threads_follow_the_free_cores(monkeypatch):
+    # --threads N wins; without it, OMP_NUM_THREADS is respected, else torch's threads are cut
+    # to the cores the load average leaves free (at least 1)
+    import torch
+
+    from metal_marlin_torch.cli import quantize as Q
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(Q.os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(Q.os, "getloadavg", lambda: (3.4, 0.0, 0.0))
+        assert Q.free_cores() == 1
+        monkeypatch.setattr(Q.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+        assert Q.free_cores() == 1
+        monkeypatch.setattr(Q.os, "getloadavg", lambda: (0.6, 0.0, 0.0))
+        assert Q.free_cores() == 3
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        monkeypatch.setattr(Q.os, "getloadavg", lambda: (3.9, 0.0, 0.0))
+        Q.set_cpu_threads(None)
+        assert torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        Q.set_cpu_threads(None)
+        assert torch.get_num_threads() == 1
+        Q.set_cpu_threads(2)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+            Q.set_cpu_threads(0)
+    finally:
+        torch.set_num_threads(before)

@@ -138,3 +138,19 @@ def test_errors_name_the_problem():
         F.quantize(torch.full((2, 32), 1e6), "fp4", 32, torch.float16)
     with pytest.raises(ValueError, match="must be 2-D"):
         F.quantize(torch.randn(32), "fp4", 32)
+
+
+def test_e2m1_encode_and_round_match_a_search_on_every_midpoint():
+    # e2m1_encode / e2m1_round find the nearest magnitude by a table of quarter intervals, not a
+    # search: hold them against bucketize (ties toward zero) on a dense sweep, every midpoint,
+    # its float32 neighbours, zeros of both signs and values past saturation
+    from metal_marlin_torch.formats.fp4 import _E2M1_MIDS, e2m1_decode, e2m1_encode, e2m1_round
+
+    mids = torch.tensor(_E2M1_MIDS)
+    x = torch.cat([torch.arange(-8 * 64, 8 * 64 + 1) / 64.0, mids, -mids,
+                   torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(9.0)),
+                   -torch.nextafter(mids, torch.tensor(9.0)), torch.tensor([0.0, -0.0, 1e30, -1e30, 1e-30])])
+    idx = torch.bucketize(x.abs(), mids, right=False)
+    ref = idx | (((x < 0) & (idx > 0)).long() << 3)
+    assert torch.equal(e2m1_encode(x), ref)
+    assert torch.equal(e2m1_round(x), e2m1_decode(ref))  # -0.0 == 0.0 here, as the docstring says

@@ -236,3 +236,29 @@ def test_half_precision_model_keeps_its_dtypes_on_cpu():
     assert torch.equal(half.get_submodule(first).weight, full.get_submodule(first).weight)
     err_half, err_full = output_error(half.float(), ref, ids), output_error(full, ref, ids)
     assert 0.8 < err_half / err_full < 1.25, (err_half, err_full)
+
+
+def test_replayed_outputs_change_nothing_and_save_the_reruns():
+    """Finished submodules' outputs are kept per batch and replayed in the block's later passes
+    (_Replay): the quantized model is bitwise the one of recomputing everything, and each
+    block's attention completes once (in gate/up's pass) instead of in up to 3 passes."""
+    ids = tokens(6, 32, seed=2)
+    results, attn_calls = {}, {}
+    for mib in (0, 64):
+        model = tiny_llama()
+        calls = []
+        for layer in model.model.layers:
+            layer.self_attn.register_forward_hook(lambda *a, calls=calls: calls.append(1))
+        plans, _ = plan_layers(model, QuantConfig(format="fp4", group_size=32, method="gptq"))
+        quantize_layerwise(model, plans, ids, DriverOptions(batch_size=2, replay_mib=mib), progress=False)
+        attn_calls[mib] = len(calls) - 2  # completed forwards, minus each block's stage-grouping pass
+        results[mib] = {k: v.clone() for k, v in model.state_dict().items()}
+        assert not any("inner" in k for k in results[mib])  # the wrappers are gone
+    assert results[0].keys() == results[64].keys()
+    for key, value in results[0].items():
+        assert torch.equal(value, results[64][key]), key
+    batches = 3
+    # (o_proj's pass stops inside the attention) block 0: gate/up, down and output passes;
+    # block 1: no output pass
+    assert attn_calls[0] == (3 + 2) * batches
+    assert attn_calls[64] == (1 + 1) * batches

@@ -93,6 +93,7 @@ def test_static_groups_give_canonical_layout(fmt):
     g = group_for(fmt, k)
     x = correlated_inputs(512, k, seed=5)
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(6))
+    w[3] = 0.0  # all-zero groups (scale 0): the codes recovered after the column loop must still decode to w_hat
     res = gptq_quantize(w, x.T @ x / 512, fmt, g, torch.float16, act_order=True, scale_search=False)
     qt = res.qt
     deq = torch.ops.marlin.dequantize(qt.weight, qt.scales, qt.biases, qt.global_scale, fmt, g, k, torch.float32)
@@ -225,3 +226,23 @@ def test_scale_search_equals_brute_force_over_whole_groups(fmt):
     got_scale = got.scales.float() if got.scales.dtype != torch.uint8 else got.scales
     assert torch.equal(got_scale, best_scale)
     torch.testing.assert_close(err(got), best_err, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["fp4", "int4", "nf3"])
+def test_static_block_loop_equals_the_eager_loop(fmt, monkeypatch):
+    # CUDA captures the column loop of each full block as a graph over static buffers (refilled
+    # per block, group parameters gathered per column); its code runs eagerly on CPU here and
+    # must give the eager loop's codes and reconstruction (the capture itself needs a GPU:
+    # benchmarks/gptq_time.py checks it there)
+    from metal_marlin_torch.quant import gptq as G
+
+    n, k = 24, 512
+    x = correlated_inputs(1024, k, seed=7)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(8))
+    w[2] = 0.0
+    h = x.T @ x / 1024
+    eager = gptq_quantize(w, h, fmt, 128, block_size=64)
+    monkeypatch.setattr(G, "_STATIC_LOOP_ON_CPU", True)
+    static = gptq_quantize(w, h, fmt, 128, block_size=64)
+    assert torch.equal(static.qt.weight, eager.qt.weight)
+    assert torch.equal(static.w_hat, eager.w_hat)

@@ -19,6 +19,12 @@ Q5_K      ``int8`` g32             5-bit ``q`` widened, scale ``d*sc``, bias ``-
 IQ4_NL    ``int8`` g32             ``kvalues[q] + 128``, scale ``d``, bias ``-128 d``    yes
 IQ4_XS    ``int8`` g32             ``kvalues[q] + 128``, scale ``d*(ls-32)``, bias       yes
                                    ``-128 d*(ls-32)``
+Q6_K      ``int8`` g16             ``q``, scale ``d*sc``, bias ``-32 d*sc``              yes
+Q3_K      ``int3`` g16             ``q + 4``, scale ``d*(sc-32)``, bias ``-4`` scale     yes
+Q2_K      ``int2`` g16             ``q``, scale ``d*sc``, bias ``-dmin*m``               yes
+IQ2/IQ3/  ``int8`` g16/g32,        integer levels times a per-group scale, resolved by   yes
+IQ1       IQ3_S ``int4`` g32       :mod:`.gguf_levels` (grid, signs, delta)
+TQ1/TQ2   ``int2`` g256            ``q``, scale ``d``, bias ``-d``                       yes
 other     re-quantized (RTN)       ``gguf.quants.dequantize``, then ``requantize`` fmt   no
 F32/F16/BF16  dense tensor         as stored                                             yes
 ========  =======================  ====================================================  =====
@@ -34,9 +40,10 @@ it exactly). ``compact=True`` (``marlin import-gguf --compact``) re-quantizes th
 to ``requantize`` (default: int4 below 5 bits per weight, else int8) instead, with the added error
 reported per tensor.
 
-Q6_K, Q2_K and Q3_K have a scale per 16 weights, finer than our smallest group of 32, and no
-exact mapping: they are always re-quantized, with the error reported. Q8_K is llama.cpp's
-activation type for dot products, never stored in model files; ``gguf`` cannot read it either.
+Q6_K, Q3_K, Q2_K and some IQ types have a scale per 16 weights: the integer formats' group 16.
+Every exact mapping of a type of fewer than 8 bits is widened (``WIDENED_TYPES``); ``compact``
+re-quantizes them. Q8_K is llama.cpp's activation type for dot products, never stored in model
+files; ``gguf`` cannot read it either.
 
 """
 
@@ -297,7 +304,7 @@ def convert_tensor(
             per weight, else int8).
         group_size: group of the re-quantized format.
         compact: re-quantize the types whose exact mapping takes more bits than they do
-            (``WIDENED_TYPES``: Q4_K, Q5_K, IQ4_NL, IQ4_XS) instead of keeping them exactly.
+            (``WIDENED_TYPES``: the K-quants and IQ types) instead of keeping them exactly.
         dense_dtype: dtype of dense tensors (None: as stored; F32 stays F32).
         scale_dtype: scale dtype of re-quantized tensors.
     """

@@ -231,9 +231,10 @@ def tq1_0(blocks: np.ndarray) -> Levels:
     n = blocks.shape[0]
     qs, qh, d = _split(blocks, (QK_K - 4 * QK_K // 64) // 5, QK_K // 64)
     qs0, qs1 = qs[..., :32], qs[..., 32:]
-    qs0 = (qs0.reshape((n, -1, 1, 32)) * np.array([1, 3, 9, 27, 81], dtype=np.uint8).reshape((1, 1, 5, 1))).reshape((n, -1))
-    qs1 = (qs1.reshape((n, -1, 1, 16)) * np.array([1, 3, 9, 27, 81], dtype=np.uint8).reshape((1, 1, 5, 1))).reshape((n, -1))
-    qh = (qh.reshape((n, -1, 1, 4)) * np.array([1, 3, 9, 27], dtype=np.uint8).reshape((1, 1, 4, 1))).reshape((n, -1))
+    pow3 = np.array([1, 3, 9, 27, 81], dtype=np.uint8).reshape((1, 1, 5, 1))  # uint8 wrap-around, as gguf
+    qs0 = (qs0.reshape((n, -1, 1, 32)) * pow3).reshape((n, -1))
+    qs1 = (qs1.reshape((n, -1, 1, 16)) * pow3).reshape((n, -1))
+    qh = (qh.reshape((n, -1, 1, 4)) * pow3[:, :, :4]).reshape((n, -1))
     q = np.concatenate([qs0, qs1, qh], axis=-1)
     q = ((q.astype(np.uint16) * 3) >> 8).astype(np.int32) - 1
     return Levels(q, _f16(d), QK_K)

@@ -4,8 +4,10 @@ Quantizing a model layer by layer allocates float32 temporaries of every layer (
 upcast, its groups, codes) between the allocations that stay (the packed weights). glibc keeps
 the freed temporaries in its heap (the dynamic mmap threshold sends repeated large allocations
 there after the first free), and the packed weights between them stop the heap from shrinking:
-measured on pylm-s (24 MiB bf16, 42 layers), in-memory RTN quantization grew the process by
-96 MiB, of which ``malloc_trim(0)`` returned 73 MiB (benchmarks/quantize_memory.py).
+on pylm-s (24 MiB bf16, 42 layers, a second quantization in a warm process), RTN quantization
+grew the process by 96 MiB, of which ``malloc_trim(0)`` returned 73 MiB. With it (and the row
+blocks of ``formats.quantize``) ``marlin quantize``'s peak went from 108.5 to 49.3 MiB above the
+import baseline (benchmarks/results/quantize_memory.md).
 ``malloc_trim`` also releases whole free pages inside the heap (glibc >= 2.8, ``madvise``), so
 calling it after each layer bounds the growth to the live tensors plus one layer's temporaries.
 """

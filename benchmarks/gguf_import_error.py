@@ -46,7 +46,14 @@ const char * ggml_type_name(int type) { (void)type; return "?"; }
 size_t ggml_type_size(int type) { (void)type; return 0; }
 """
 
-TYPES = ("Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS", "Q6_K", "Q3_K", "Q2_K")
+TYPES = ("Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS", "Q6_K", "Q3_K", "Q2_K", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS",
+         "IQ3_S", "IQ1_S", "IQ1_M", "TQ2_0", "TQ1_0")
+# the IQ quantizers search lattices that llama.cpp builds once per type (iq2xs_init_impl takes
+# the ggml type number, iq3xs_init_impl the grid size); IQ2_XXS, IQ2_XS and IQ1_S refuse to run
+# without importance weights (llama-quantize wants an imatrix for them), so every IQ type gets
+# uniform weights here: the error is that of a quantization without an imatrix
+IQ2_INIT = {"IQ2_XXS": 16, "IQ2_XS": 17, "IQ1_S": 19, "IQ2_S": 22, "IQ1_M": 29}
+IQ3_INIT = {"IQ3_XXS": 256, "IQ3_S": 512}
 
 
 def build(llama_cpp: Path, work: Path) -> ctypes.CDLL:
@@ -69,7 +76,14 @@ def llama_quantize(lib: ctypes.CDLL, w: np.ndarray, qtype: str) -> np.ndarray:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     fn.restype = ctypes.c_size_t
     w = np.ascontiguousarray(w, dtype=np.float32)
-    fn(w.ctypes.data, out.ctypes.data, n, k, None)
+    weights = None
+    if qtype in IQ2_INIT:
+        lib.iq2xs_init_impl(ctypes.c_int(IQ2_INIT[qtype]))
+    if qtype in IQ3_INIT:
+        lib.iq3xs_init_impl(ctypes.c_int(IQ3_INIT[qtype]))
+    if qtype.startswith("IQ") and qtype not in ("IQ4_NL", "IQ4_XS"):
+        weights = np.ones(k, dtype=np.float32)
+    fn(w.ctypes.data, out.ctypes.data, n, k, None if weights is None else weights.ctypes.data)
     return out
 
 

@@ -70,3 +70,8 @@ METAL_FUNC void dequantize_impl(device const uint* weight, device const uchar* s
   instantiate_dequantize_types(fmt_name, Fmt, 128, 128)     \
   instantiate_dequantize_types(fmt_name, Fmt, 256, 256)     \
   instantiate_dequantize_types(fmt_name, Fmt, K, -1)
+
+// The affine integer formats: the standard groups and 16 (GGUF's K-quant sub-blocks).
+#define instantiate_dequantize_affine_groups(fmt_name, Fmt) \
+  instantiate_dequantize_types(fmt_name, Fmt, 16, 16)       \
+  instantiate_dequantize_groups(fmt_name, Fmt)

@@ -680,15 +680,20 @@ METAL_FUNC void gemm_reduce_impl(device const float* partials, device const floa
   instantiate_gemm_types(inst, fmt_name, Fmt, 256, 256)        \
   instantiate_gemm_types(inst, fmt_name, Fmt, K, -1)
 
+// The affine integer formats: the standard groups and 16 (GGUF's K-quant sub-blocks).
+#define instantiate_gemm_affine_groups(inst, fmt_name, Fmt)    \
+  instantiate_gemm_types(inst, fmt_name, Fmt, 16, 16)          \
+  instantiate_gemm_groups(inst, fmt_name, Fmt)
+
 // One row per format (the table of docs/FORMAT.md §3), for kernel family `inst`.
 #define instantiate_gemm_formats(inst)                           \
   instantiate_gemm_groups(inst, fp4, fp4_format)                 \
   instantiate_gemm_types(inst, mxfp4, mxfp4_format, 32, 32)      \
   instantiate_gemm_types(inst, nvfp4, nvfp4_format, 16, 16)      \
-  instantiate_gemm_groups(inst, int8, int8_format)               \
-  instantiate_gemm_groups(inst, int4, int4_format)               \
-  instantiate_gemm_groups(inst, int3, int3_format)               \
-  instantiate_gemm_groups(inst, int2, int2_format)               \
+  instantiate_gemm_affine_groups(inst, int8, int8_format)        \
+  instantiate_gemm_affine_groups(inst, int4, int4_format)        \
+  instantiate_gemm_affine_groups(inst, int3, int3_format)        \
+  instantiate_gemm_affine_groups(inst, int2, int2_format)        \
   instantiate_gemm_groups(inst, nf4, nf4_format)                 \
   instantiate_gemm_groups(inst, nf3, nf3_format)                 \
   instantiate_gemm_groups(inst, fp8_e4m3, fp8_e4m3_format)       \

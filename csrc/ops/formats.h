@@ -19,9 +19,17 @@ struct FormatInfo {
   std::vector<int> group_sizes;
 };
 
+// The affine integer formats also take groups of 16 (metal_marlin_torch/formats/integer.py
+// AFFINE_GROUPS): one rule on `affine`, so every intN row of the table below gets it.
+inline std::vector<FormatInfo> with_affine_g16(std::vector<FormatInfo> table) {
+  for (auto& f : table)
+    if (f.affine) f.group_sizes.insert(f.group_sizes.begin(), 16);
+  return table;
+}
+
 inline const std::vector<FormatInfo>& all_formats() {
   static const std::vector<int> std_groups{32, 64, 128, 256, kPerChannel};
-  static const std::vector<FormatInfo> table{
+  static const std::vector<FormatInfo> table = with_affine_g16({
       {"fp4", 4, false, false, "float", std_groups},
       {"mxfp4", 4, false, false, "e8m0", {32}},
       {"nvfp4", 4, false, true, "e4m3", {16}},
@@ -33,7 +41,7 @@ inline const std::vector<FormatInfo>& all_formats() {
       {"nf3", 3, false, false, "float", std_groups},
       {"fp8_e4m3", 8, false, false, "float", std_groups},
       {"fp8_e5m2", 8, false, false, "float", std_groups},
-  };
+  });
   return table;
 }
 

@@ -19,7 +19,8 @@ import traceback
 
 COMMANDS: tuple[str, ...] = ("quantize", "info", "demo", "generate", "import-mlx", "import-gguf", "eval", "doctor",
                              "selftest", "build",
-                             "export-mlx", "export-gguf", "serve")
+                             "export-mlx", "export-gguf", "serve",
+                             "chat")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,11 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(f"OUT: expected a file name, got the directory {out}")
-    export_gguf(load_quantized(args.src), out)
-    print(f"wrote {out.resolve()} (weights and hyper-parameters; no tokenizer)")
+    tokenizer, note = None, "no tokenizer in SRC"
+    if any((Path(args.src) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer  # noqa: PLC0415
+
+        tokenizer, note = AutoTokenizer.from_pretrained(args.src), "tokenizer"
+    export_gguf(load_quantized(args.src), out, tokenizer=tokenizer)
+    print(f"wrote {out.resolve()} (weights, hyper-parameters, {note})")
     return 0

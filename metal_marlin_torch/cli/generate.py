@@ -46,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache", default="dynamic", choices=KV_CACHES,
                    help="KV cache storage: dynamic (transformers' own, default), bf16, fp16, fp8, or turboquantB "
                         "(B-bit rotated codebook, B in 4/5/6/8)")
+    p.add_argument("--draft", default=None, metavar="DRAFT_MODEL",
+                   help="speculative decoding: a smaller model (checkpoint or Hugging Face folder, quantized like "
+                        "MODEL when it is not pre-quantized) proposes tokens that MODEL verifies "
+                        "(transformers' generate(assistant_model=...)); greedy output is unchanged")
     p.set_defaults(func=run)
 
 
@@ -151,6 +155,23 @@ def load_model(args: argparse.Namespace) -> tuple[Any, str]:
     return model, f"quantized on the fly: {summary}"
 
 
+def load_draft(args: argparse.Namespace, device, dtype):
+    """The ``--draft`` model on ``device``: loaded like MODEL (same --format/--group-size/
+    --no-quantize when it is a Hugging Face folder); it must share MODEL's tokenizer vocabulary,
+    which transformers' assisted generation checks itself."""
+    import copy  # noqa: PLC0415
+
+    draft_args = copy.copy(args)
+    draft_args.model = args.draft
+    if is_marlin_checkpoint(Path(args.draft)):
+        draft_args.format, draft_args.no_quantize = None, False
+    draft, how = load_model(draft_args)
+    require_causal_lm(draft, args.draft, "generate --draft")
+    cast_dense(draft, dtype)
+    print(f"[draft {args.draft}: {how}]", file=sys.stderr)
+    return draft.to(device).eval()
+
+
 def require_causal_lm(model, path: str, command: str) -> None:
     """ValueError unless ``model`` generates text (a causal LM), naming what it is instead."""
     can = getattr(model, "can_generate", None)
@@ -222,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k must be a positive integer, got {args.top_k}")
     if args.min_p is not None and not 0 <= args.min_p <= 1:
         raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if args.draft is not None and args.kv_cache != "dynamic":
+        raise ValueError(f"--draft runs with transformers' own KV cache; drop --kv-cache {args.kv_cache}")
     if (args.top_k is not None or args.min_p is not None) and args.temperature == 0:
         raise ValueError("--top-k/--min-p filter sampling: give --temperature > 0 (the default 0 is greedy)")
     device = pick_device(args.device)
@@ -248,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         kwargs.update(temperature=args.temperature, top_p=args.top_p)
         kwargs.update({k: v for k, v in (("top_k", args.top_k), ("min_p", args.min_p)) if v is not None})
+    if args.draft is not None:
+        kwargs["assistant_model"] = load_draft(args, device, dtype)
     cache = kv_cache(model, args.kv_cache)
     if cache is not None:
         kwargs["cache"] = cache  # transformers 5.x: the past_key_values argument is deprecated

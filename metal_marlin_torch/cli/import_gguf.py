@@ -10,8 +10,8 @@ from .. import formats as F
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import-gguf",
-                       help="convert a GGUF model: Q4_0/Q4_1/Q5_x/Q8_0/MXFP4/Q4_K/Q5_K/IQ4_NL/IQ4_XS exactly, "
-                            "others (Q6_K, Q2_K, Q3_K, IQ2/IQ3) re-quantized with the error printed")
+                       help="convert a GGUF model: Q4_x/Q5_x/Q8_0/MXFP4, the K-quants (Q2_K-Q6_K), IQ1/IQ2/IQ3/IQ4 and "
+                            "TQ1_0/TQ2_0 exactly (--compact: fewer bits, the error printed)")
     p.add_argument("src", help="the .gguf file")
     p.add_argument("out", help="output checkpoint directory")
     p.add_argument("--requantize", default=None, choices=sorted(F.FORMATS),
@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: int4 below 5 bits/weight, else int8)")
     p.add_argument("--group-size", type=int, default=32, help="group size of re-quantized tensors (default 32)")
     p.add_argument("--compact", action="store_true",
-                   help="re-quantize Q4_K/Q5_K/IQ4_NL/IQ4_XS (exact only with more bits per weight) to "
+                   help="re-quantize the K-quants and IQ types (exact only with more bits per weight) to "
                         "--requantize instead, printing the added error per tensor")
     p.set_defaults(func=run)
 

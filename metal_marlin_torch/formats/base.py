@@ -16,6 +16,8 @@ import torch
 from .packing import pack, packed_words, unpack
 
 PER_CHANNEL = -1
+# WeightFormat.quantize works through a large weight in blocks of about this many elements
+QUANTIZE_BLOCK_ELEMENTS = 1 << 17
 STANDARD_GROUPS: tuple[int, ...] = (32, 64, 128, 256, PER_CHANNEL)
 
 
@@ -156,11 +158,22 @@ class WeightFormat:
             raise ValueError(f"quantize: scale_dtype must be float16/float32/bfloat16, got {scale_dtype}")
         n, k = w.shape
         g = self.check_group_size(group_size, k)
-        groups = w.detach().float().reshape(n, k // g, g)
-        params = self.group_params(groups, self.scale_dtype(scale_dtype))
-        codes = self.encode(groups, params).reshape(n, k)
+        # Rows are quantized independently (a format with a tensor-wide global scale excepted), so
+        # a large weight goes through in blocks of rows: the float32 upcast, codes and packing
+        # temporaries (about 60 bytes per weight) then cost one block, not the whole matrix
+        # (pylm-s: a 384 x 1024 layer took 25 MiB of temporaries; benchmarks/quantize_memory.py).
+        rows = n if self.has_global_scale else max(1, QUANTIZE_BLOCK_ELEMENTS // k)
+        blocks = [self._quantize_rows(w[i:i + rows], g, self.scale_dtype(scale_dtype)) for i in range(0, n, rows)]
+        if len(blocks) == 1:
+            words, params = blocks[0]
+        else:
+            words = torch.cat([b[0] for b in blocks])
+            params = GroupParams(
+                torch.cat([b[1].scales for b in blocks]),
+                torch.cat([b[1].biases for b in blocks]) if self.has_biases else None,
+            )
         return QuantizedTensor(
-            weight=pack(codes, self.bits),
+            weight=words,
             scales=params.scales,
             biases=params.biases,
             global_scale=params.global_scale,
@@ -168,6 +181,15 @@ class WeightFormat:
             group_size=group_size,
             shape=(n, k),
         )
+
+    def _quantize_rows(self, w: torch.Tensor, g: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, GroupParams]:
+        """Packed words and group parameters of the rows ``w [n, k]`` (group length ``g``)."""
+        n, k = w.shape
+        groups = w.detach().float().reshape(n, k // g, g)
+        params = self.group_params(groups, scale_dtype)
+        codes = self.encode(groups, params).reshape(n, k)
+        del groups
+        return pack(codes, self.bits), params
 
     def dequantize_packed(
         self,

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import GroupParams, WeightFormat, round_scale, safe_divisor
+from .base import STANDARD_GROUPS, GroupParams, WeightFormat, round_scale, safe_divisor
+
+# The integer formats also take groups of 16 (GGUF's Q2_K/Q3_K/Q6_K sub-blocks import exactly
+# as int2/int3/int8 g16). Every _Affine subclass inherits it, so a new intN gets g16 too.
+AFFINE_GROUPS: tuple[int, ...] = (16, *STANDARD_GROUPS)
 
 
 class _Affine(WeightFormat):
     has_biases = True
+    group_sizes = AFFINE_GROUPS
 
     @property
     def levels(self) -> int:

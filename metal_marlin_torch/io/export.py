@@ -238,16 +238,61 @@ def _dense(t: torch.Tensor) -> tuple[np.ndarray, Any]:
     return t.float().numpy(), None
 
 
-def export_gguf(model: nn.Module, out: str | os.PathLike) -> Path:
+def gguf_tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
+    """llama.cpp's tokenizer metadata for a Hugging Face *byte-level BPE* fast tokenizer (what
+    ``convert_hf_to_gguf.py`` writes as ``tokenizer.ggml.model = gpt2``): the token strings by id,
+    padded to the model's ``vocab_size`` with ``[PAD<id>]`` (type UNUSED), token types (CONTROL
+    for special added tokens, USER_DEFINED for other added ones, else NORMAL), the merges as
+    ``"a b"`` strings, the bos/eos/unk/pad ids and the chat template.
+
+    Raises:
+        ExportError: not a fast tokenizer, or not a byte-level BPE one (SentencePiece/Unigram
+            vocabularies need scores and another GGUF tokenizer model, not converted here).
+    """
+    import json  # noqa: PLC0415
+
+    import gguf  # noqa: PLC0415
+
+    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"export-gguf: the tokenizer must be a fast (tokenizers) one, got {type(tokenizer).__name__}")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise ExportError(f"export-gguf: only byte-level BPE tokenizers are written (llama.cpp 'gpt2'), got "
+                          f"{model.get('type')!r} with pre-tokenizer {pre[:80]}")
+    vocab = backend.get_vocab(with_added_tokens=True)
+    if max(vocab.values()) >= vocab_size:
+        raise ExportError(f"export-gguf: tokenizer ids reach {max(vocab.values())}, beyond vocab_size {vocab_size}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [gguf.TokenType.UNUSED] * vocab_size
+    for text, i in vocab.items():
+        tokens[i], types[i] = text, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens") or []:
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    ids = {}
+    for role in ("bos", "eos", "unk", "pad"):
+        token = getattr(tokenizer, f"{role}_token", None)
+        if token is not None and token in vocab:
+            ids[role] = vocab[token]
+    return {"tokens": tokens, "types": [int(t) for t in types], "merges": merges, "ids": ids,
+            "chat_template": getattr(tokenizer, "chat_template", None)}
+
+
+def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Path:
     """Write a transformers Llama model with MarlinLinear layers as a llama-architecture GGUF file.
 
     Quantized layers become the GGUF block type that holds them exactly (module docstring);
     dense tensors keep their dtype. The hyper-parameters transformers' and llama.cpp's loaders
-    read are written (no tokenizer: llama.cpp needs the vocabulary in the file, which this does
-    not convert yet).
+    read are written, and with ``tokenizer`` (a byte-level BPE fast tokenizer) its vocabulary,
+    merges, special ids and chat template (:func:`gguf_tokenizer_fields`), which llama.cpp needs
+    in the file.
 
     Raises:
-        ExportError: a non-llama model, or a layer no GGUF type holds exactly (named, with why).
+        ExportError: a non-llama model, a layer no GGUF type holds exactly (named, with why), or a
+            tokenizer of a kind not converted.
     """
     import gguf  # noqa: PLC0415
 
@@ -270,6 +315,7 @@ def export_gguf(model: nn.Module, out: str | os.PathLike) -> Path:
         if key == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         planned[key] = _dense(value)
+    tok = gguf_tokenizer_fields(tokenizer, cfg.vocab_size) if tokenizer is not None else None
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
     with atomic_path(out) as tmp:
@@ -286,6 +332,16 @@ def export_gguf(model: nn.Module, out: str | os.PathLike) -> Path:
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
+        if tok is not None:
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre("default")
+            writer.add_token_list(tok["tokens"])
+            writer.add_token_types(tok["types"])
+            writer.add_token_merges(tok["merges"])
+            for role, i in tok["ids"].items():
+                getattr(writer, f"add_{role}_token_id")(i)
+            if tok["chat_template"]:
+                writer.add_chat_template(tok["chat_template"])
         for key, (data, qtype) in planned.items():
             if key.endswith("q_proj.weight"):
                 data = _llama_permute(data, heads)

@@ -19,6 +19,12 @@ Q5_K      ``int8`` g32             5-bit ``q`` widened, scale ``d*sc``, bias ``-
 IQ4_NL    ``int8`` g32             ``kvalues[q] + 128``, scale ``d``, bias ``-128 d``    yes
 IQ4_XS    ``int8`` g32             ``kvalues[q] + 128``, scale ``d*(ls-32)``, bias       yes
                                    ``-128 d*(ls-32)``
+Q6_K      ``int8`` g16             ``q``, scale ``d*sc``, bias ``-32 d*sc``              yes
+Q3_K      ``int3`` g16             ``q + 4``, scale ``d*(sc-32)``, bias ``-4`` scale     yes
+Q2_K      ``int2`` g16             ``q``, scale ``d*sc``, bias ``-dmin*m``               yes
+IQ2/IQ3/  ``int8`` g16/g32,        integer levels times a per-group scale, resolved by   yes
+IQ1       IQ3_S ``int4`` g32       :mod:`.gguf_levels` (grid, signs, delta)
+TQ1/TQ2   ``int2`` g256            ``q``, scale ``d``, bias ``-d``                       yes
 other     re-quantized (RTN)       ``gguf.quants.dequantize``, then ``requantize`` fmt   no
 F32/F16/BF16  dense tensor         as stored                                             yes
 ========  =======================  ====================================================  =====
@@ -34,9 +40,10 @@ it exactly). ``compact=True`` (``marlin import-gguf --compact``) re-quantizes th
 to ``requantize`` (default: int4 below 5 bits per weight, else int8) instead, with the added error
 reported per tensor.
 
-Q6_K, Q2_K and Q3_K have a scale per 16 weights, finer than our smallest group of 32, and no
-exact mapping: they are always re-quantized, with the error reported. Q8_K is llama.cpp's
-activation type for dot products, never stored in model files; ``gguf`` cannot read it either.
+Q6_K, Q3_K, Q2_K and some IQ types have a scale per 16 weights: the integer formats' group 16.
+Every exact mapping of a type of fewer than 8 bits is widened (``WIDENED_TYPES``); ``compact``
+re-quantizes them. Q8_K is llama.cpp's activation type for dot products, never stored in model
+files; ``gguf`` cannot read it either.
 
 """
 
@@ -54,12 +61,13 @@ from torch import nn
 
 from .. import formats as F
 from ..dtypes import DTypeConfig
+from . import gguf_levels
 from .mlx_import import lossless_scale_dtype
 
 BLOCK = 32
-EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4")
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "TQ2_0", "TQ1_0")
 # exact, but with more bits than the GGUF type: ``compact=True`` re-quantizes these instead
-WIDENED_TYPES = ("Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS")
+WIDENED_TYPES = ("Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS", *(t for t in gguf_levels.READERS if t not in EXACT_TYPES))
 # llama.cpp's IQ4_NL / IQ4_XS codebook (kvalues_iq4nl in ggml-common.h), integers in [-127, 113]
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 DENSE_TYPES = ("F32", "F16", "BF16")
@@ -127,10 +135,34 @@ def _nibbles(qs: np.ndarray) -> np.ndarray:
     return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
 
 
-def _affine(codes: np.ndarray, bits: int, scale: torch.Tensor, bias: torch.Tensor, n: int, k: int) -> F.QuantizedTensor:
+def _affine(codes: np.ndarray, bits: int, scale: torch.Tensor, bias: torch.Tensor, n: int, k: int,
+            group: int = BLOCK) -> F.QuantizedTensor:
     sdt = lossless_scale_dtype(scale, bias)
     words = F.pack(torch.from_numpy(codes.reshape(n, k).astype(np.int64)), bits)
-    return F.QuantizedTensor(words, scale.to(sdt), bias.to(sdt), None, f"int{bits}", BLOCK, (n, k))
+    return F.QuantizedTensor(words, scale.reshape(n, k // group).to(sdt), bias.reshape(n, k // group).to(sdt),
+                             None, f"int{bits}", group, (n, k))
+
+
+def _convert_levels(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.QuantizedTensor:
+    """A type of :data:`gguf_levels.READERS`: code ``(level + offset) / step``, scale
+    ``step * scale``, bias ``-offset * scale`` (plus Q2_K's own ``-dmin * m``)."""
+    reader, size, fmt, offset, step = gguf_levels.READERS[ggml_type]
+    if k % gguf_levels.QK_K:
+        raise ValueError(f"gguf import: {ggml_type} needs K divisible by {gguf_levels.QK_K}, got {k}")
+    lv = reader(np.ascontiguousarray(data).view(np.uint8).reshape(-1, size))
+    bits = F.get_format(fmt).bits
+    codes = lv.levels + offset
+    if step != 1:
+        if np.any(codes % step):
+            raise ValueError(f"gguf import: {ggml_type} has levels off its grid of step {step}")
+        codes = codes // step
+    if codes.min() < 0 or codes.max() >= (1 << bits):
+        raise ValueError(f"gguf import: {ggml_type} codes {codes.min()}..{codes.max()} do not fit {fmt}")
+    scale = torch.from_numpy(np.ascontiguousarray(lv.scales, dtype=np.float32))
+    bias = -offset * scale  # exact: offset is a small integer (at most 8 bits)
+    if lv.bias is not None:
+        bias = bias + torch.from_numpy(np.ascontiguousarray(lv.bias, dtype=np.float32))
+    return _affine(codes, bits, scale * step, bias, n, k, lv.group)
 
 
 def _q5_codes(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
@@ -173,6 +205,8 @@ def convert_exact(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.Quantiz
         return _convert_iq4_xs(data, n, k)
     if ggml_type in ("Q4_K", "Q5_K"):
         return _convert_k(data, ggml_type, n, k)
+    if ggml_type in gguf_levels.READERS:
+        return _convert_levels(data, ggml_type, n, k)
     raise ValueError(f"gguf import: {ggml_type} has no exact mapping; expected one of {EXACT_TYPES + WIDENED_TYPES}")
 
 
@@ -270,7 +304,7 @@ def convert_tensor(
             per weight, else int8).
         group_size: group of the re-quantized format.
         compact: re-quantize the types whose exact mapping takes more bits than they do
-            (``WIDENED_TYPES``: Q4_K, Q5_K, IQ4_NL, IQ4_XS) instead of keeping them exactly.
+            (``WIDENED_TYPES``: the K-quants and IQ types) instead of keeping them exactly.
         dense_dtype: dtype of dense tensors (None: as stored; F32 stays F32).
         scale_dtype: scale dtype of re-quantized tensors.
     """

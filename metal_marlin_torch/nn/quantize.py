@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import formats as F
+from .._memory import release_freed_memory
 from ..dtypes import resolve
 from .config import LayerPlan, QuantConfig
 from .experts import MarlinExperts, plan_experts
@@ -123,6 +124,8 @@ def _rtn(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, **_
         linear = model.get_submodule(name)
         replace_module(model, name, MarlinLinear.from_linear(
             linear, plan.format, plan.group_size, dtype_config))
+        del linear
+        release_freed_memory()  # this layer's temporaries and dense weight (see _memory.py)
 
 
 # method name -> function(model, plans, config, **kwargs) that converts the planned layers
@@ -199,8 +202,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         summary.bytes_before += experts_before[name]
         layer = model.get_submodule(name)
         if not isinstance(layer, MarlinExperts):  # not converted by the method: round to nearest
-            layer = MarlinExperts.from_experts(layer, projections, dtype_config)
+            experts = layer
+            layer = MarlinExperts.from_experts(experts, projections, dtype_config)
             replace_module(model, name, layer)
+            del experts
+            release_freed_memory()
         first = projections[layer.shape.up_name]
         summary.layers[name] = (first.format, first.group_size)
         summary.bytes_after += _tensor_bytes(layer)

@@ -181,3 +181,31 @@ def test_sampling_option_errors(int8_checkpoint, capsys) -> None:
                       "--min-p"), (["--top-k", "5"], "--temperature")):
         assert main(["generate", str(path), PROMPT, "--device", "cpu", *bad]) == 2
         assert flag in capsys.readouterr().err
+
+
+
+def test_draft_model_speculative_decoding(int8_checkpoint, pylm_s_path, tokenizer, capsys, monkeypatch) -> None:
+    # greedy assisted decoding returns exactly the greedy text of MODEL alone; the draft (pylm-s,
+    # quantized on the fly to the default fp4, so it disagrees with the int8 model now and then)
+    # must have run forward passes
+    forwards = []
+    real = G.load_draft
+
+    def load_draft(*args):
+        draft = real(*args)
+        draft.register_forward_hook(lambda *_: forwards.append(1))
+        return draft
+
+    monkeypatch.setattr(G, "load_draft", load_draft)
+    path, model = int8_checkpoint
+    new = 6
+    assert main(["generate", str(path), PROMPT, "--max-new-tokens", str(new), "--device", "cpu",
+                 "--draft", str(pylm_s_path)]) == 0
+    out = capsys.readouterr()
+    assert "[draft " in out.err and "quantized on the fly" in out.err and forwards
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    with torch.inference_mode():
+        ref = model.generate(**ids, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert out.out.rstrip("\n") == PROMPT + tokenizer.decode(ref[0, ids["input_ids"].shape[-1]:])
+    assert main(["generate", str(path), PROMPT, "--device", "cpu", "--draft", str(path), "--kv-cache", "fp8"]) == 2
+    assert "--draft runs with transformers' own KV cache" in capsys.readouterr().err

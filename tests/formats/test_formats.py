@@ -154,3 +154,23 @@ def test_e2m1_encode_and_round_match_a_search_on_every_midpoint():
     ref = idx | (((x < 0) & (idx > 0)).long() << 3)
     assert torch.equal(e2m1_encode(x), ref)
     assert torch.equal(e2m1_round(x), e2m1_decode(ref))  # -0.0 == 0.0 here, as the docstring says
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3", "fp4", "nf3", "mxfp4", "nvfp4", "fp8_e4m3"])
+def test_quantize_in_row_blocks_is_the_same(fmt, monkeypatch):
+    """quantize() works through large weights in blocks of rows (bounded temporaries); the result
+    must equal the whole-matrix quantization bit for bit, for a block size that does not divide N
+    (nvfp4's tensor-wide global scale keeps it whole)."""
+    from metal_marlin_torch.formats import base  # noqa: PLC0415
+
+    w = torch.randn(37, 256, dtype=torch.bfloat16)
+    group = F.get_format(fmt).group_sizes[0]
+    whole = F.quantize(w, fmt, group)
+    monkeypatch.setattr(base, "QUANTIZE_BLOCK_ELEMENTS", 5 * 256)  # 5 rows a block: 8 blocks, the last of 2
+    blocked = F.quantize(w, fmt, group)
+    for name in ("weight", "scales", "biases", "global_scale"):
+        a, b = getattr(whole, name), getattr(blocked, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a,
+                                                      b.view(torch.uint8) if b.dtype.itemsize == 1 else b), name

@@ -133,3 +133,50 @@ def test_cli_exports(tmp_path: Path, capsys) -> None:
     save_quantized(quantized_llama(QuantConfig(format="nf4", group_size=64)), tmp_path / "nf4")
     assert main(["export-mlx", str(tmp_path / "nf4"), str(tmp_path / "bad")]) == 2
     assert "nf4, which no MLX mode holds exactly" in capsys.readouterr().err
+
+
+def test_export_gguf_writes_the_tokenizer(tmp_path: Path, pylm_s_path, capsys) -> None:
+    """The exported file carries the HF tokenizer (byte-level BPE -> llama.cpp 'gpt2'): gguf reads
+    the vocabulary, merges and special ids back, and transformers' GGUF loader rebuilds a
+    tokenizer from the file that encodes text to the same ids as the original."""
+    from transformers import AutoTokenizer  # noqa: PLC0415
+
+    from metal_marlin_torch.cli import main  # noqa: PLC0415
+    from metal_marlin_torch.io import save_quantized  # noqa: PLC0415
+    from metal_marlin_torch.io.hf import copy_tokenizer, load_pretrained  # noqa: PLC0415
+    from metal_marlin_torch.nn import quantize_model  # noqa: PLC0415
+
+    model = load_pretrained(pylm_s_path, dtype=torch.float32)
+    quantize_model(model, QuantConfig(format="int4", group_size=32))
+    save_quantized(model, tmp_path / "ckpt")
+    copy_tokenizer(pylm_s_path, tmp_path / "ckpt")
+    assert main(["export-gguf", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf")]) == 0
+    assert "tokenizer)" in capsys.readouterr().out
+    tok = AutoTokenizer.from_pretrained(str(pylm_s_path))
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+
+    def field(name):
+        f = reader.fields[name]
+        return [bytes(f.parts[i]).decode() if f.types[-1] == gguf.GGUFValueType.STRING else f.parts[i].item()
+                for i in f.data]
+
+    vocab = tok.get_vocab()
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == model.config.vocab_size
+    assert all(tokens[i] == t for t, i in vocab.items())
+    assert field("tokenizer.ggml.model") == ["gpt2"]
+    assert field("tokenizer.ggml.eos_token_id") == [tok.eos_token_id]
+    merges = json.loads((pylm_s_path / "tokenizer.json").read_text())["model"]["merges"]
+    assert field("tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m for m in merges]
+    back = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    text = "Once upon a time, def main():\n    return 42  # ünïcödé"
+    assert back(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_export_gguf_refuses_other_tokenizers(tmp_path: Path) -> None:
+    class Slow:  # no backend tokenizer: not converted
+        pass
+
+    with pytest.raises(ExportError, match="fast"):
+        export_gguf(quantized_llama(QuantConfig(format="int4", group_size=32)), tmp_path / "a.gguf", tokenizer=Slow())
+    assert not (tmp_path / "a.gguf").exists()

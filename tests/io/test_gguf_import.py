@@ -46,15 +46,17 @@ def reader_data(path: Path) -> dict[str, tuple[np.ndarray, T]]:
     return {t.name: (np.array(t.data), t.tensor_type) for t in gguf.GGUFReader(str(path)).tensors}
 
 
-@pytest.mark.parametrize(("qtype", "fmt"), [
-    (T.Q4_0, "int4"), (T.Q4_1, "int4"), (T.Q5_0, "int8"), (T.Q5_1, "int8"), (T.Q8_0, "int8"), (T.MXFP4, "mxfp4"),
+@pytest.mark.parametrize(("qtype", "fmt", "group"), [
+    (T.Q4_0, "int4", 32), (T.Q4_1, "int4", 32), (T.Q5_0, "int8", 32), (T.Q5_1, "int8", 32), (T.Q8_0, "int8", 32),
+    (T.MXFP4, "mxfp4", 32),
+    (T.TQ2_0, "int2", 256), (T.TQ1_0, "int2", 256),  # ternary: level q - 1, one fp16 scale per 256
 ])
-def test_exact_types(tmp_path: Path, qtype: T, fmt: str) -> None:
+def test_exact_types(tmp_path: Path, qtype: T, fmt: str, group: int) -> None:
     w = weights(12, 256)
     write_gguf(tmp_path / "m.gguf", {"w": (gguf.quants.quantize(w, qtype), qtype)})
     out = read_gguf(tmp_path / "m.gguf")
     qt, report = out.tensors["w"], out.report["w"]
-    assert (qt.format, qt.group_size, report.exact, report.rel_rms_error) == (fmt, 32, True, 0.0)
+    assert (qt.format, qt.group_size, report.exact, report.rel_rms_error) == (fmt, group, True, 0.0)
     data, _ = reader_data(tmp_path / "m.gguf")["w"]
     ref = torch.from_numpy(gguf.quants.dequantize(data, qtype))
     assert torch.equal(F.dequantize(qt, torch.float32), ref)
@@ -110,7 +112,7 @@ def encode_q6_k(w: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize(("qtype", "encode", "target", "bound", "compact"), [
     (T.Q4_K, encode_q4_k, "int4/g32", 0.12, True),    # 4-bit codes either way: error of a second RTN step
-    (T.Q6_K, encode_q6_k, "int8/g32", 0.012, False),  # scale per 16: no exact mapping, 6 -> 8 bits: small
+    (T.Q6_K, encode_q6_k, "int8/g32", 0.012, True),   # scale per 16 -> 32, 6 -> 8 bits: small
 ])
 def test_k_quants_requantized_with_error(tmp_path: Path, qtype: T, encode, target: str, bound: float,
                                          compact: bool) -> None:
@@ -132,14 +134,30 @@ def test_k_quants_requantized_with_error(tmp_path: Path, qtype: T, encode, targe
 
 
 # byte offset of the fp16 super-block scale(s) that must be finite; every other byte may be anything
-_D_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
+_D_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.IQ4_NL: (0,), T.IQ4_XS: (0,), T.Q6_K: (208,), T.Q3_K: (108,),
+              T.Q2_K: (80, 82), T.IQ2_XXS: (0,), T.IQ2_XS: (0,), T.IQ2_S: (0,), T.IQ3_XXS: (0,), T.IQ3_S: (0,),
+              T.IQ1_S: (0,), T.IQ1_M: ()}
 
 
-@pytest.mark.parametrize(("qtype", "fmt"), [(T.Q4_K, "int4"), (T.Q5_K, "int8"), (T.IQ4_NL, "int8"),
-                                            (T.IQ4_XS, "int8")])
-def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str) -> None:
+def _set_iq1_m_d(blocks: np.ndarray, d: np.ndarray) -> None:
+    """IQ1_M keeps its fp16 ``d`` in the top nibbles of its 4 uint16 scale words (bytes 48-55)."""
+    bits = d.astype(np.float16).view(np.uint16).astype(np.uint32)
+    words = blocks[:, 48:56].copy().view(np.uint16).astype(np.uint32)
+    for i in range(4):
+        words[:, i] = (words[:, i] & 0x0FFF) | (((bits >> (4 * i)) & 0xF) << 12)
+    blocks[:, 48:56] = words.astype(np.uint16).view(np.uint8)
+
+
+@pytest.mark.parametrize(("qtype", "fmt", "group"), [
+    (T.Q4_K, "int4", 32), (T.Q5_K, "int8", 32), (T.IQ4_NL, "int8", 32), (T.IQ4_XS, "int8", 32),
+    (T.Q6_K, "int8", 16), (T.Q3_K, "int3", 16), (T.Q2_K, "int2", 16),   # a scale per 16 values
+    (T.IQ2_XXS, "int8", 32), (T.IQ2_XS, "int8", 16), (T.IQ2_S, "int8", 16), (T.IQ3_XXS, "int8", 32),
+    (T.IQ3_S, "int4", 32),                                                 # odd levels -15..15
+    (T.IQ1_S, "int8", 32), (T.IQ1_M, "int8", 16),
+])
+def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str, group: int) -> None:
     # random bytes are valid blocks of these types once their fp16 scales are finite: every code,
-    # sub-block scale and min is exercised, unlike blocks of one encoder
+    # sub-block scale, grid entry and sign is exercised, unlike blocks of one encoder
     rng = np.random.default_rng(int(qtype))
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     k = 512
@@ -148,10 +166,12 @@ def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str) -> N
     for i, off in enumerate(_D_OFFSETS[qtype]):
         d = rng.uniform(1e-4, 0.5, size=len(blocks)) * (1 if i == 0 else 0.3)
         blocks[:, off:off + 2] = d.astype(np.float16)[:, None].view(np.uint8)
+    if qtype == T.IQ1_M:
+        _set_iq1_m_d(blocks, rng.uniform(1e-4, 0.5, size=len(blocks)))
     write_gguf(tmp_path / "x.gguf", {"w": (data, qtype)})
     out = read_gguf(tmp_path / "x.gguf")
     qt, report = out.tensors["w"], out.report["w"]
-    assert report.exact and (qt.format, qt.group_size, qt.shape) == (fmt, 32, (6, k))
+    assert report.exact and (qt.format, qt.group_size, qt.shape) == (fmt, group, (6, k))
     ref = torch.from_numpy(gguf.quants.dequantize(reader_data(tmp_path / "x.gguf")["w"][0], qtype))
     assert torch.equal(F.dequantize(qt), ref)
     # compact: fewer bits, the added error measured against the same reference

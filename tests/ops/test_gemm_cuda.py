@@ -89,6 +89,21 @@ def test_every_format_and_group(fmt, group, m):
     assert_close(y, oracle(x, weight, scales, biases, gscale, bias, fmt, group), ACT)
 
 
+def test_gemv_refuses_groups_that_split_its_items():
+    # Regression: int3 with group 16 (GGUF Q3_K imports) ran the gemv kernel with 0 items per
+    # group (an item is a 3-word unit of 32 codes): relative error 0.52 at M = 1. The choice by M
+    # now takes the gemm kernel (covered by test_every_format_and_group); asking for gemv fails.
+    assert not D.gemv_takes_group(16, 256, 3) and D.gemv_takes_group(32, 256, 3)
+    assert D.gemv_takes_group(16, 256, 2) and D.gemv_takes_group(16, 256, 4) and D.gemv_takes_group(16, 256, 8)
+    assert D.gemv_takes_group(48, 48, 3)  # per-channel: the whole row is one group
+    if DEVICE is None:
+        return
+    weight, scales, biases, gscale, bias = make("int3", 16, 8, 64)
+    with pytest.raises(ValueError, match="whole items"):
+        fast(torch.randn(1, 64).to(ACT), weight, scales, biases, gscale, bias, "int3", 16, path="gemv",
+             config=D.GemvConfig(1, 8, 4, 1, 1))
+
+
 @needs_kernels
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("fp4", 32), ("nf4", 64)])
 @pytest.mark.parametrize("m", [1, 2, 5, 7, 8, 9, 15, 17, 31, 63, 65, 127, 129, 255, 257, 383, 511,

@@ -508,6 +508,13 @@ def mma_gemv_tma_unavailable_reason(device: torch.device | None = None) -> str:
     return ""
 
 
+def gemv_takes_group(group: int, k: int, bits: int) -> bool:
+    """Whether ``gemv_kernel`` can scale per group: its items (a word, or at 3 bits a 3-word unit
+    of 32 codes) must not straddle two groups, so 3-bit groups of 16 (GGUF Q3_K imports) take
+    the gemm kernel, whose tiles look a scale up per input."""
+    return group == k or group % layout.codes_per_item(bits) == 0
+
+
 def choose_path(m: int, n: int = 0, sms: int = 132, kf: KernelFormat | None = None,
                 group_tiles: bool = False, k: int = 0, mma_gemv: bool = False,
                 tma: bool = False) -> str:
@@ -579,8 +586,13 @@ def gemm_prepared(
         mma = tma or (small and mma_gemv_eligible(kf, x.dtype, pw.group_size, k, n)
                       and not mma_gemv_unavailable_reason(x.device))
         path = choose_path(m, n, sms, kf, pw.group % 64 == 0 or pw.group == k, k, mma, tma)
+        if path == "gemv" and not gemv_takes_group(pw.group, k, kf.bits):
+            path = "gemm"
     if path not in PATHS:
         raise ValueError(f"gemm_prepared: path must be one of {PATHS}, got {path!r}")
+    if path == "gemv" and not gemv_takes_group(pw.group, k, kf.bits):
+        raise ValueError(f"gemm_prepared: the gemv path needs scale groups of whole items "
+                         f"({layout.codes_per_item(kf.bits)} codes at {kf.bits} bits), got group {pw.group}")
     group = pw.group
     biases = pw.biases if pw.biases is not None else pw.scales  # dummy pointer when unused
     has_bias = bias is not None

@@ -129,7 +129,7 @@ def test_3d_and_non_contiguous_input():
 
 @needs_kernels
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int3", 32), ("nf4", -1), ("fp8_e4m3", 64),
-                                       ("int2", 256)])
+                                       ("int2", 256), ("int5", 64), ("int6", -1)])
 @pytest.mark.parametrize("path,config", [
     ("gemv", D.GemvConfig(2, 8, 8, 3, 4)),  # split-K through the workspace
     ("gemv", D.GemvConfig(4, 32, 32, 1, 8)),
@@ -204,10 +204,11 @@ def test_split_k_inside_a_cuda_graph(path, config):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["int3", "nf3", "int4", "int2"])
+@pytest.mark.parametrize("fmt", ["int3", "nf3", "int4", "int2", "int5", "int6"])
 @pytest.mark.parametrize("m", [1, 20])
 def test_per_channel_k_not_word_aligned(fmt, m):
-    # K = 100: 3-bit rows end inside a word (zero padding bits), 4-bit rows in half a word
+    # K = 100: 3-, 5- and 6-bit rows end inside a word (zero padding bits; the last unit is
+    # short: the row has 16 of its 4 units' 20 words at 5 bits, 19 of 24 at 6), 4-bit rows in half a word
     k, n = 100, 24
     weight, scales, biases, gscale, bias = make(fmt, -1, n, k)
     x = (torch.randn(m, k) / k**0.5).to(ACT)

@@ -88,7 +88,7 @@ class PreparedWeight:
         in_features: K.
         out_features: N.
         weight: ``int32 [ceil(N / 16), KW, 16]``: the canonical uint32 words, K-major inside
-            blocks of 16 features (layout.k_major; 3-bit rows padded to whole 3-word units).
+            blocks of 16 features (layout.k_major; 3-, 5- and 6-bit rows padded to whole units).
         scales: float ``[n_groups, N]`` effective scales.
         biases: ``[n_groups, N]`` affine biases or None.
         lut: float32 code values on the weight's device (one dummy entry when unused).
@@ -112,7 +112,7 @@ class PreparedWeight:
 class GemvConfig:
     block_m: int  # activation rows per program: 1, 2 or 4
     block_n: int  # output features per program
-    chunk: int  # items (words; 3-word units for 3 bits) per K step, a power of two
+    chunk: int  # items (words; bits-word units for 3, 5, 6 bits) per K step, a power of two
     split_k: int  # K splits (reduced in the kernel through a workspace when > 1)
     num_warps: int
     maxnreg: int | None = None  # register cap a thread (ptxas), to fit more programs on an SM

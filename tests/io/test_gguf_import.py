@@ -47,7 +47,7 @@ def reader_data(path: Path) -> dict[str, tuple[np.ndarray, T]]:
 
 
 @pytest.mark.parametrize(("qtype", "fmt"), [
-    (T.Q4_0, "int4"), (T.Q4_1, "int4"), (T.Q5_0, "int8"), (T.Q5_1, "int8"), (T.Q8_0, "int8"), (T.MXFP4, "mxfp4"),
+    (T.Q4_0, "int4"), (T.Q4_1, "int4"), (T.Q5_0, "int5"), (T.Q5_1, "int5"), (T.Q8_0, "int8"), (T.MXFP4, "mxfp4"),
 ])
 def test_exact_types(tmp_path: Path, qtype: T, fmt: str) -> None:
     w = weights(12, 256)
@@ -135,19 +135,23 @@ def test_k_quants_requantized_with_error(tmp_path: Path, qtype: T, encode, targe
 _D_OFFSETS = {T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.IQ4_NL: (0,), T.IQ4_XS: (0,)}
 
 
-@pytest.mark.parametrize(("qtype", "fmt"), [(T.Q4_K, "int4"), (T.Q5_K, "int8"), (T.IQ4_NL, "int8"),
-                                            (T.IQ4_XS, "int8")])
-def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str) -> None:
-    # random bytes are valid blocks of these types once their fp16 scales are finite: every code,
-    # sub-block scale and min is exercised, unlike blocks of one encoder
+def random_blocks(qtype: T, n: int, k: int) -> np.ndarray:
+    """Random bytes, which are valid blocks of these types once their fp16 scales are finite:
+    every code, sub-block scale and min is exercised, unlike blocks of one encoder."""
     rng = np.random.default_rng(int(qtype))
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    k = 512
-    data = rng.integers(0, 256, size=(6, k // block * size), dtype=np.uint8)
+    data = rng.integers(0, 256, size=(n, k // block * size), dtype=np.uint8)
     blocks = data.reshape(-1, size)
     for i, off in enumerate(_D_OFFSETS[qtype]):
         d = rng.uniform(1e-4, 0.5, size=len(blocks)) * (1 if i == 0 else 0.3)
         blocks[:, off:off + 2] = d.astype(np.float16)[:, None].view(np.uint8)
+    return data
+
+
+@pytest.mark.parametrize(("qtype", "fmt"), [(T.Q4_K, "int4"), (T.IQ4_NL, "int8"), (T.IQ4_XS, "int8")])
+def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str) -> None:
+    k = 512
+    data = random_blocks(qtype, 6, k)
     write_gguf(tmp_path / "x.gguf", {"w": (data, qtype)})
     out = read_gguf(tmp_path / "x.gguf")
     qt, report = out.tensors["w"], out.report["w"]
@@ -158,6 +162,22 @@ def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str) -> N
     qc, rc = convert_tensor(data, qtype.name, (6, k), compact=True)
     assert not rc.exact and qc.nbytes < qt.nbytes
     assert rc.rel_rms_error == pytest.approx(float((F.dequantize(qc) - ref).norm() / ref.norm()), rel=1e-6)
+
+
+def test_q5_k_exact_as_int5_even_compact(tmp_path: Path) -> None:
+    # 5-bit codes kept as int5 (earlier: widened to int8): the same words whatever `compact`
+    # says, since its default target for a 5.5-bit type, int8, would be larger
+    k = 512
+    data = random_blocks(T.Q5_K, 6, k)
+    write_gguf(tmp_path / "x.gguf", {"w": (data, T.Q5_K)})
+    out = read_gguf(tmp_path / "x.gguf")
+    qt, report = out.tensors["w"], out.report["w"]
+    assert report.exact and (qt.format, qt.group_size, qt.shape) == ("int5", 32, (6, k))
+    assert qt.weight.shape == (6, k * 5 // 32)
+    ref = torch.from_numpy(gguf.quants.dequantize(reader_data(tmp_path / "x.gguf")["w"][0], T.Q5_K))
+    assert torch.equal(F.dequantize(qt), ref)
+    qc, rc = convert_tensor(data, "Q5_K", (6, k), compact=True)
+    assert rc.exact and torch.equal(qc.weight, qt.weight)
 
 
 def test_iq4_table_is_llama_cpps() -> None:

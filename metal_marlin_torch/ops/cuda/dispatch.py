@@ -366,7 +366,12 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     16 x 64. Split K only when the N blocks alone cannot give every SM one program (a split
     costs a partial round trip through the workspace)."""
     maxnreg = None
-    if m == 1:
+    if m == 1 and bits in (5, 6):
+        # 5/6-bit units hold 5-6 word tiles a step: the 8 x 128 tile below asked for 316 KB of
+        # shared memory on the H200 (int5, N = 384, K = 1024: OutOfResources); 16 x 64 with 4
+        # warps ran (tests/ops/test_gemm_cuda.py, H200). Not tuned for speed.
+        block_m, block_n, chunk, warps = 1, 16, 64, 4
+    elif m == 1:
         block_m, chunk = 1, 128
         fast = bits in (2, 4) and decode in (layout.DECODE_INT, layout.DECODE_E2M1)
         block_n, warps = (16, 8) if fast else (8, 4)

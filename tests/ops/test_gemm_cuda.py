@@ -693,3 +693,15 @@ def test_mma_gemv_dispatch_rules():
         assert n % (32 * cfg.warps) == 0 and 1 <= cfg.split_k <= k // group
         programs = n // (32 * cfg.warps) * cfg.split_k
         assert programs >= 3 * 132 or cfg.split_k * 2 > k // group, (n, k, cfg)
+
+
+@pytest.mark.parametrize("m", [8, 33])
+@pytest.mark.parametrize("group,k", [(32, 1024), (64, 1024), (128, 1024), (1024, 1024)])
+def test_straddle_gemm_config_fits_shared_memory(m, group, k):
+    # int5 g64 / int6 g32 at N = 384, K = 1024, M = 8 asked Triton for 316 KB of shared memory
+    # on the H200 with the default 16 x 64 x 128 x 4-stage tile (the K tile spanned groups:
+    # a scale and a bias gathered per input, two words per code); the 5/6-bit tile stays
+    # inside one group, at most 64 inputs and 3 stages
+    cfg = D.straddle_gemm_config(D.default_gemm_config(m, 384, k, 5, 132), group, k)
+    assert cfg.block_k <= 64 and (group == k or group % cfg.block_k == 0)
+    assert cfg.num_stages <= 3 and 1 <= cfg.split_k and cfg.split_k * cfg.block_k <= k

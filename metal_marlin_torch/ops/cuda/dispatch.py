@@ -366,12 +366,7 @@ def default_gemv_config(m: int, n: int, k: int, bits: int, sms: int,
     16 x 64. Split K only when the N blocks alone cannot give every SM one program (a split
     costs a partial round trip through the workspace)."""
     maxnreg = None
-    if m == 1 and bits in (5, 6):
-        # 5/6-bit units hold 5-6 word tiles a step: the 8 x 128 tile below asked for 316 KB of
-        # shared memory on the H200 (int5, N = 384, K = 1024: OutOfResources); 16 x 64 with 4
-        # warps ran (tests/ops/test_gemm_cuda.py, H200). Not tuned for speed.
-        block_m, block_n, chunk, warps = 1, 16, 64, 4
-    elif m == 1:
+    if m == 1:
         block_m, chunk = 1, 128
         fast = bits in (2, 4) and decode in (layout.DECODE_INT, layout.DECODE_E2M1)
         block_n, warps = (16, 8) if fast else (8, 4)
@@ -435,6 +430,19 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConf
     else:  # 4096 x 14336, M = 128: 0.64x dense vs 0.47x for the 64 x 64 tile
         cfg = GemmConfig(128, 64, 64, 1, 4, 4, pairs=False)
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
+
+
+def straddle_gemm_config(cfg: GemmConfig, group: int, k: int) -> GemmConfig:
+    """``cfg`` fitted to 5- and 6-bit codes: a K tile inside one scale group (at most 64 inputs)
+    and at most 3 stages. The straddling decode gathers two words per input and, when the tile
+    spans groups, a scale and a bias per input, and Triton's pipeliner stages all of them in
+    shared memory: the default 16 x 64 x 128 tile with 4 stages asked for 316 KB on the H200
+    (int5 g64 / int6 g32, N = 384, K = 1024, M = 8: OutOfResources, limit 227 KB). Tiles of
+    at most 64 inputs inside a group ran there (tests/ops/test_gemm_cuda.py forced configs).
+    Not tuned for speed."""
+    block_k = min(cfg.block_k, 64, group if group < k else 64)
+    return replace(cfg, block_k=block_k, num_stages=min(cfg.num_stages, 3),
+                   split_k=max(1, min(cfg.split_k, k // (2 * block_k))))
 
 
 def default_pairs_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
@@ -668,6 +676,8 @@ def gemm_prepared(
         cfg = default_pairs_config(m, n, k, sms)
         if not pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
             cfg = default_gemm_config(m, n, k, kf.bits, sms)
+            if kf.bits in (5, 6):
+                cfg = straddle_gemm_config(cfg, group, k)
     if not isinstance(cfg, GemmConfig):
         raise TypeError(f"gemm_prepared: gemm path takes a GemmConfig, got {type(cfg).__name__}")
     k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k

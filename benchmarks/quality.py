@@ -63,6 +63,7 @@ from metal_marlin_torch.quant.metrics import (  # noqa: E402
 )
 
 FORMATS = ("fp4", "mxfp4", "nvfp4", "int4", "nf4", "int3", "nf3", "int2")
+ROW_ORDER = (*FORMATS, "int6", "int5")  # table order; int5/int6 rows come from a --groups run
 METHODS = ("rtn", "rtn+had", "gptq", "mr-gptq")
 GROUP_FORMATS = ("fp4", "int4", "nf4")  # 4-bit formats that take groups 32/64/128
 
@@ -283,7 +284,7 @@ def markdown(result: dict[str, Any]) -> str:
            f"Settings: {json.dumps(result.get('settings', {}))}.\n"]
     for m in result["models"]:
         rows = [r for r in result["rows"].values() if r["model"] == m["name"]]
-        rows.sort(key=lambda r: (FORMATS.index(r["format"]), r["group_size"], METHODS.index(r["method"])))
+        rows.sort(key=lambda r: (ROW_ORDER.index(r["format"]), r["group_size"], METHODS.index(r["method"])))
         out.append(f"\n## {m['name']}\n\nRun on {m.get('device_name', '?')} (`--device {m.get('device', 'cpu')}`). "
                    f"Evaluation: {m['eval']}. Calibration: {m['calibration']}.\n")
         if m["name"] == "pylm-s":
@@ -316,6 +317,10 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="*", type=float, default=None,
                     help="budget mode: bits per weight to quantize at (e.g. 2.5 3.5 4.25 4.5 5.5)")
     ap.add_argument("--budget-method", default="gptq", choices=("rtn", "gptq", "mr-gptq"))
+    ap.add_argument("--groups", nargs="*", type=int, default=None,
+                    help="format sweep at these group sizes only (e.g. int5/int6 at 32 64 128: "
+                         "--formats int5 int6 --groups 32 64 128 --out results/quality_int56); "
+                         "default: 128, then 32 and 64 for the best 4-bit format")
     args = ap.parse_args()
     out = Path(args.out or RESULTS / ("quality_budget" if args.budgets else "quality"))
     jpath = out.with_suffix(".json")
@@ -343,17 +348,19 @@ def main() -> None:
         if args.budgets:
             run_budgets(bench, args.budgets, args.budget_method, cache, save)
             continue
-        plan = [(f, 128, m) for f in args.formats for m in args.methods]
+        plan = [(f, g, m) for f in args.formats for g in (args.groups or [128]) for m in args.methods]
         run_rows(bench, plan, cache, save)
     if args.budgets:
         save()
         write_text(out.with_suffix(".md"), budget_markdown(result))
         print(budget_markdown(result))
         return
-    best = best_4bit(cache)
-    result["best_4bit"] = best
-    for bench in benches:
-        run_rows(bench, [(best, g, m) for g in (32, 64) for m in args.methods if m != "rtn+had"], cache, save)
+    if not args.groups:
+        best = best_4bit(cache)
+        result["best_4bit"] = best
+        for bench in benches:
+            run_rows(bench, [(best, g, m) for g in (32, 64) for m in args.methods if m != "rtn+had"], cache,
+                     save)
     save()
     write_text(out.with_suffix(".md"), markdown(result))
     print(markdown(result))

@@ -35,8 +35,8 @@ from ._files import write_atomic
 UNIT = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # --quick: one format per decoder kind (E2M1, E8M0 and E4M3 scales, magic-bias int, 3-bit straddle,
-# codebook, fp8), fp16 everywhere plus bf16 and fp32 on one format per op.
-QUICK_FORMATS = ("fp4", "mxfp4", "nvfp4", "int4", "int3", "nf3", "fp8_e4m3")
+# 5-bit pieces over two words, codebook, fp8), fp16 everywhere plus bf16 and fp32 on one format per op.
+QUICK_FORMATS = ("fp4", "mxfp4", "nvfp4", "int4", "int3", "int5", "nf3", "fp8_e4m3")
 KV_HEADS, KV_CAPACITY = 2, 40  # KV-cache cases: heads, cache positions
 
 

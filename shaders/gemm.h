@@ -33,7 +33,8 @@ using namespace metal;
 
 // The `bits` bytes of one piece at p (p is 2-byte aligned for bits = 2, 4-byte for bits = 4,
 // 8-byte for bits = 8 when the host found rows 8-byte aligned: args.wide_loads). One load per
-// lane, adjacent lanes adjacent; 3-bit pieces (3 bytes) are three byte loads.
+// lane, adjacent lanes adjacent; 3-bit pieces (3 bytes) are three byte loads, 5-bit pieces five,
+// 6-bit pieces three 2-byte loads.
 template <int bits>
 struct PieceLoad;
 template <>
@@ -48,6 +49,23 @@ struct PieceLoad<3> {
   static METAL_FUNC void run(device const uchar* p, bool wide, thread uint* w) {
     (void)wide;
     w[0] = uint(p[0]) | (uint(p[1]) << 8) | (uint(p[2]) << 16);
+  }
+};
+template <>
+struct PieceLoad<5> {  // 5 bytes at any byte offset: five byte loads (w[1]: stream bits 32..39)
+  static METAL_FUNC void run(device const uchar* p, bool wide, thread uint* w) {
+    (void)wide;
+    w[0] = uint(p[0]) | (uint(p[1]) << 8) | (uint(p[2]) << 16) | (uint(p[3]) << 24);
+    w[1] = uint(p[4]);
+  }
+};
+template <>
+struct PieceLoad<6> {  // 6 bytes at an even offset (6 * piece): three 2-byte loads
+  static METAL_FUNC void run(device const uchar* p, bool wide, thread uint* w) {
+    (void)wide;
+    device const ushort* h = (device const ushort*)p;
+    w[0] = uint(h[0]) | (uint(h[1]) << 16);
+    w[1] = uint(h[2]);
   }
 };
 template <>
@@ -71,10 +89,10 @@ struct PieceLoad<8> {
   }
 };
 
-// Words holding one piece (formats/decode.h: w[1] only for 8-bit codes).
+// Words holding one piece (formats/decode.h: w[1] only for 5-, 6- and 8-bit codes).
 template <int bits>
 struct PieceWords {
-  enum { value = bits == 8 ? 2 : 1 };
+  enum { value = bits > 4 ? 2 : 1 };
 };
 
 // Piece `piece` of a row of `row_bytes` bytes (words_per_row * 4). The last piece of a
@@ -697,4 +715,6 @@ METAL_FUNC void gemm_reduce_impl(device const float* partials, device const floa
   instantiate_gemm_groups(inst, nf4, nf4_format)                 \
   instantiate_gemm_groups(inst, nf3, nf3_format)                 \
   instantiate_gemm_groups(inst, fp8_e4m3, fp8_e4m3_format)       \
-  instantiate_gemm_groups(inst, fp8_e5m2, fp8_e5m2_format)
+  instantiate_gemm_groups(inst, fp8_e5m2, fp8_e5m2_format)       \
+  instantiate_gemm_affine_groups(inst, int6, int6_format)        \
+  instantiate_gemm_affine_groups(inst, int5, int5_format)

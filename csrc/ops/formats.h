@@ -41,6 +41,8 @@ inline const std::vector<FormatInfo>& all_formats() {
       {"nf3", 3, false, false, "float", std_groups},
       {"fp8_e4m3", 8, false, false, "float", std_groups},
       {"fp8_e5m2", 8, false, false, "float", std_groups},
+      {"int6", 6, true, false, "float", std_groups},
+      {"int5", 5, true, false, "float", std_groups},
   });
   return table;
 }

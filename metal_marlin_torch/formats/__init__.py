@@ -21,14 +21,14 @@ from .base import (
 )
 from .fp4 import E2M1_VALUES, FP4, MXFP4, NVFP4
 from .fp8 import FP8E4M3, FP8E5M2
-from .integer import INT2, INT3, INT4, INT8
+from .integer import INT2, INT3, INT4, INT5, INT6, INT8
 from .nf import NF3, NF3_VALUES, NF4, NF4_VALUES
 from .packing import pack, packed_words, unpack
 
 FORMATS: dict[str, WeightFormat] = {
     f.name: f
     for f in (FP4(), MXFP4(), NVFP4(), INT8(), INT4(), INT3(), INT2(), NF4(), NF3(),
-              FP8E4M3(), FP8E5M2())
+              FP8E4M3(), FP8E5M2(), INT6(), INT5())
 }
 
 

@@ -1,4 +1,4 @@
-"""Asymmetric affine integer formats ``int8``, ``int4``, ``int3``, ``int2``: per group
+"""Asymmetric affine integer formats ``int8``, ``int6``, ``int5``, ``int4``, ``int3``, ``int2``: per group
 ``w = scale * q + bias`` with unsigned ``q`` in ``[0, 2^bits - 1]`` (the MLX convention)."""
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def _make(bits: int) -> type[_Affine]:
 
 
 INT8 = _make(8)
+INT6 = _make(6)  # MLX's 6-bit: 32 codes in 6 words (docs/FORMAT.md §2)
+INT5 = _make(5)  # MLX's 5-bit: 32 codes in 5 words
 INT4 = _make(4)
 INT3 = _make(3)
 INT2 = _make(2)

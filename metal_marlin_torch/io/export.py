@@ -9,7 +9,7 @@ MLX (mlx-lm's folder: ``config.json`` with a ``quantization`` entry, ``model.saf
 ==========================  ======================================  ==========================
 metal_marlin                MLX                                     condition
 ==========================  ======================================  ==========================
-``int2/3/4/8`` g32/64/128   ``affine``, same bits: same words,      no rotation
+``int2/3/4/5/6/8`` g32-128  ``affine``, same bits: same words,      no rotation
                             scales and biases (kept in their dtype)
 ``mxfp4`` g32               ``mxfp4``: same words and E8M0 bytes    no rotation
 other formats, group 256,   refused                                 MLX has no such mode/group
@@ -74,7 +74,7 @@ def _mlx_entry(name: str, m: MarlinLinear) -> dict[str, Any]:
     if m.rotation_block:
         raise ExportError(f"export-mlx: layer {name!r} has an input rotation (Hadamard block {m.rotation_block}), "
                           "which MLX's QuantizedLinear cannot apply; dequantize it or quantize without rotation")
-    if m.format in ("int2", "int3", "int4", "int8"):
+    if m.format in ("int2", "int3", "int4", "int5", "int6", "int8"):
         if m.group_size not in MLX_AFFINE_GROUPS:
             raise ExportError(f"export-mlx: layer {name!r} is {m.format} with group {m.group_size}; MLX's affine mode "
                               f"takes groups {MLX_AFFINE_GROUPS}")

@@ -10,12 +10,12 @@ GGUF      metal_marlin             parameters                                   
 ========  =======================  ====================================================  =====
 Q4_0      ``int4`` g32             ``q``, scale ``d``, bias ``-8 d``                     yes
 Q4_1      ``int4`` g32             ``q``, scale ``d``, bias ``m``                        yes
-Q5_0      ``int8`` g32             5-bit ``q`` widened, scale ``d``, bias ``-16 d``      yes
-Q5_1      ``int8`` g32             5-bit ``q`` widened, scale ``d``, bias ``m``          yes
+Q5_0      ``int5`` g32             ``q``, scale ``d``, bias ``-16 d``                    yes
+Q5_1      ``int5`` g32             ``q``, scale ``d``, bias ``m``                        yes
 Q8_0      ``int8`` g32             ``q + 128``, scale ``d``, bias ``-128 d``             yes
 MXFP4     ``mxfp4`` g32            same E2M1 nibbles and E8M0 byte                       yes
 Q4_K      ``int4`` g32             ``q``, scale ``d*sc``, bias ``-dmin*m``               yes
-Q5_K      ``int8`` g32             5-bit ``q`` widened, scale ``d*sc``, bias ``-dmin*m`` yes
+Q5_K      ``int5`` g32             ``q``, scale ``d*sc``, bias ``-dmin*m``               yes
 IQ4_NL    ``int8`` g32             ``kvalues[q] + 128``, scale ``d``, bias ``-128 d``    yes
 IQ4_XS    ``int8`` g32             ``kvalues[q] + 128``, scale ``d*(ls-32)``, bias       yes
                                    ``-128 d*(ls-32)``
@@ -32,13 +32,15 @@ F32/F16/BF16  dense tensor         as stored                                    
 Scales and biases are products of an fp16 value and a power of two or a small integer, so they
 are computed exactly in fp32 and stored as fp16 when every value converts exactly (else fp32).
 "Exact" means the imported tensor dequantizes in float32 to exactly what
-``gguf.quants.dequantize`` returns. The exact mappings of the K-quants and IQ4 types cost more
+``gguf.quants.dequantize`` returns. The exact mappings of Q4_K and the IQ4 types cost more
 bits than the GGUF type (Q4_K: 4 + 2*16/32 = 5 bits per weight with fp16 scales, 6 with fp32,
 instead of 4.5; IQ4_NL/IQ4_XS: 8 bits plus scales, instead of 4.5/4.25: our formats have no
 arbitrary 16-entry codebook, and llama.cpp's IQ4 table is integers in [-127, 113], so int8 holds
 it exactly). ``compact=True`` (``marlin import-gguf --compact``) re-quantizes those widened types
 to ``requantize`` (default: int4 below 5 bits per weight, else int8) instead, with the added error
-reported per tensor.
+reported per tensor. Q5_K's exact ``int5`` (6 bits per weight with fp16 scales, 7 with fp32,
+instead of 5.5) is kept under ``compact`` too: the default re-quantization target of a 5.5-bit
+type (int8) would be larger.
 
 Q6_K, Q3_K, Q2_K and some IQ types have a scale per 16 weights: the integer formats' group 16.
 Every exact mapping of a type of fewer than 8 bits is widened (``WIDENED_TYPES``); ``compact``
@@ -65,9 +67,9 @@ from . import gguf_levels
 from .mlx_import import lossless_scale_dtype
 
 BLOCK = 32
-EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "TQ2_0", "TQ1_0")
+EXACT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "Q5_K", "TQ2_0", "TQ1_0")
 # exact, but with more bits than the GGUF type: ``compact=True`` re-quantizes these instead
-WIDENED_TYPES = ("Q4_K", "Q5_K", "IQ4_NL", "IQ4_XS", *(t for t in gguf_levels.READERS if t not in EXACT_TYPES))
+WIDENED_TYPES = ("Q4_K", "IQ4_NL", "IQ4_XS", *(t for t in gguf_levels.READERS if t not in EXACT_TYPES))
 # llama.cpp's IQ4_NL / IQ4_XS codebook (kvalues_iq4nl in ggml-common.h), integers in [-127, 113]
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 DENSE_TYPES = ("F32", "F16", "BF16")
@@ -184,10 +186,10 @@ def convert_exact(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.Quantiz
     if ggml_type == "Q5_0":
         b = _blocks(data, n, k, 22)
         d = _f16(b[..., 0:2])
-        return _affine(_q5_codes(b[..., 2:6], b[..., 6:]), 8, d, -16 * d, n, k)
+        return _affine(_q5_codes(b[..., 2:6], b[..., 6:]), 5, d, -16 * d, n, k)
     if ggml_type == "Q5_1":
         b = _blocks(data, n, k, 24)
-        return _affine(_q5_codes(b[..., 4:8], b[..., 8:]), 8, _f16(b[..., 0:2]), _f16(b[..., 2:4]), n, k)
+        return _affine(_q5_codes(b[..., 4:8], b[..., 8:]), 5, _f16(b[..., 0:2]), _f16(b[..., 2:4]), n, k)
     if ggml_type == "Q8_0":
         b = _blocks(data, n, k, 34)
         d = _f16(b[..., 0:2])
@@ -259,7 +261,7 @@ def _convert_k(data: np.ndarray, ggml_type: str, n: int, k: int) -> F.QuantizedT
         low = np.stack([qs & 0x0F, qs >> 4], axis=2).reshape(-1, 8, 32)
         high = (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
         codes = (low | (high << 4)).reshape(-1, 256)
-        bits = 8
+        bits = 5
     return _affine(codes, bits, scale, bias, n, k)
 
 
@@ -304,7 +306,8 @@ def convert_tensor(
             per weight, else int8).
         group_size: group of the re-quantized format.
         compact: re-quantize the types whose exact mapping takes more bits than they do
-            (``WIDENED_TYPES``: the K-quants and IQ types) instead of keeping them exactly.
+            (``WIDENED_TYPES``: Q4_K, IQ4_NL, IQ4_XS and the group-16 K-quants and IQ types) instead of
+            keeping them exactly.
         dense_dtype: dtype of dense tensors (None: as stored; F32 stays F32).
         scale_dtype: scale dtype of re-quantized tensors.
     """

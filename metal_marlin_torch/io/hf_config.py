@@ -26,7 +26,7 @@ class MarlinConfig(QuantizationConfigMixin):
     """Quantization config of the ``metal_marlin`` method.
 
     Args:
-        format: weight format (``fp4``, ``mxfp4``, ``nvfp4``, ``int8``/``4``/``3``/``2``,
+        format: weight format (``fp4``, ``mxfp4``, ``nvfp4``, ``int8``/``6``/``5``/``4``/``3``/``2``,
             ``nf4``, ``nf3``, ``fp8_e4m3``, ``fp8_e5m2``).
         group_size: group length (32/64/128/256, -1 per-channel); None = the format's default.
         method: how the weights were quantized; quantize-on-load does ``rtn`` only (GPTQ needs

@@ -9,9 +9,8 @@ docs/FORMAT.md §2 for every width, 3 and 6 bits included — so the mapping is:
 ============  ==========================  ====================================================
 MLX           metal_marlin                how
 ============  ==========================  ====================================================
-affine 2/3/4/8  ``int2``/``int3``/``int4``/``int8``  same words, scales, biases (``w = s*q + b``)
+affine 2-6/8  ``int2`` .. ``int6``/``int8``  same words, scales, biases (``w = s*q + b``)
 affine 1      ``int2``                    codes widened 1 -> 2 bits, same scales and biases
-affine 5/6    ``int8``                    codes widened to 8 bits, same scales and biases
 mxfp4         ``mxfp4``                   same words and E8M0 scale bytes
 nvfp4         ``nvfp4``                   same words; scale bytes read as E4M3; global scale
                                           ``g_mlx / (6 * 448)`` (1 when absent)
@@ -21,8 +20,8 @@ mxfp8         ``fp8_e4m3``                same bytes; E8M0 scale -> fp32 ``2^(e-
 Every mapping keeps the stored codes and parameters, so no weight changes: the imported layer
 dequantizes (in float32) to exactly what ``mx.dequantize`` gives for the same tensors in float32.
 (MLX itself dequantizes in the scale dtype, rounding ``s*q`` before adding ``b``; in bf16/fp16
-its values can differ from the exact ones by one rounding.) 1-, 5- and 6-bit layers have no
-Marlin format of their width and cost 2 or 8 bits per weight after import. bf16 scales
+its values can differ from the exact ones by one rounding.) 1-bit layers have no Marlin
+format of their width and cost 2 bits per weight after import. bf16 scales
 become fp16 when every value converts exactly, else fp32.
 
 Quantized embeddings (MLX ``QuantizedEmbedding``) are dequantized to dense weights: Marlin
@@ -136,7 +135,7 @@ def convert_mlx_tensors(
                 f"with bits={bits}, group_size={group_size}; got {tuple(scales.shape)} / {tuple(biases.shape)}"
             )
         sdt = lossless_scale_dtype(scales, biases)
-        target = {1: 2, 5: 8, 6: 8}.get(bits, bits)
+        target = {1: 2}.get(bits, bits)
         if target != bits:  # no Marlin format of this width: the same codes, wider
             words = F.pack(F.unpack(words, bits, k), target)
         note = "" if target == bits else f"{bits}-bit codes stored as {target}-bit (no {bits}-bit format)"

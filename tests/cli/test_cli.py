@@ -99,3 +99,37 @@ def test_gptq_cpu_threads_follow_the_free_cores(monkeypatch):
             Q.set_cpu_threads(0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_quantize_int5_and_gptq_int6(tmp_path, pylm_s_path, capsys):
+    # the 5- and 6-bit formats through the command line: RTN int5 and GPTQ int6, saved and
+    # reloaded with their own format, group and packed width (5 or 6 words per 32 inputs)
+    import shutil
+
+    from tests.conftest import tiny_llama
+
+    src = tmp_path / "tiny"
+    torch.manual_seed(0)
+    dense = tiny_llama(vocab=4096)
+    dense.save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(pylm_s_path / name, src / name)
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return [x + i for i in range(10)]\n" * 200)
+    ids = torch.randint(0, 4096, (1, 8))
+    with torch.no_grad():
+        ref = dense(ids).logits
+    for fmt, group, extra in (("int5", "32", []), ("int6", "64", ["--method", "gptq", "--calibration", str(text),
+                                                                  "--calib-samples", "2", "--calib-seq-len", "64"])):
+        out = tmp_path / fmt
+        assert main(["quantize", str(src), str(out), "--format", fmt, "--group-size", group, *extra]) == 0
+        capsys.readouterr()
+        cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert {(s["format"], s["group_size"]) for s in cfg["layers"].values()} == {(fmt, int(group))}
+        model = load_quantized(out)
+        up = model.model.layers[0].mlp.up_proj
+        assert up.format == fmt and up.weight.shape == (128, 64 * int(fmt[3:]) // 32)
+        with torch.no_grad():
+            got = model(ids).logits
+        # 5/6 bits keep the tiny model's logits close to the dense ones
+        assert float((got - ref).norm() / ref.norm()) < 0.05

@@ -76,7 +76,7 @@ def test_absmax_scale_rules(fmt):
     torch.testing.assert_close(qt.scales, expect)
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 def test_affine_scale_bias_and_error_bound(bits):
     w = torch.randn(6, 128)
     qt = F.quantize(w, f"int{bits}", 64, torch.float32)
@@ -115,7 +115,7 @@ def test_zero_groups_dequantize_to_exact_zero(fmt):
     assert torch.isfinite(w_hat).all()
 
 
-@pytest.mark.parametrize("fmt", ["int3", "nf3", "int2"])
+@pytest.mark.parametrize("fmt", ["int3", "nf3", "int2", "int5", "int6"])
 def test_per_channel_with_unaligned_k_pads_the_last_word(fmt):
     w = torch.randn(3, 100)
     qt = F.quantize(w, fmt, -1)

@@ -7,7 +7,7 @@ from metal_marlin_torch.formats import pack, packed_words, unpack
 from tests.reference_formats import pack_row, unpack_row
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("k", [1, 5, 31, 32, 33, 96, 100, 128])
 def test_pack_matches_python_bit_stream(bits, k):
     codes = torch.randint(0, 1 << bits, (3, k))

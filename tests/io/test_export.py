@@ -67,6 +67,30 @@ def test_export_mlx_read_by_mlx(tmp_path: Path) -> None:
         torch.testing.assert_close(back(ids).logits.float(), model(ids).logits.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_export_mlx_int5_int6(tmp_path: Path) -> None:
+    # MLX's 5- and 6-bit affine layers hold int5/int6 exactly: same words, read back by MLX itself
+    mx = pytest.importorskip("mlx.core", reason="needs mlx (pip install mlx[cpu] on Linux)")
+    from metal_marlin_torch.io.mlx_import import _quant_params, import_mlx  # noqa: PLC0415
+
+    cfg = QuantConfig(format="int5", group_size=32, rules=(("*.down_proj", {"format": "int6", "group_size": 64}),))
+    model = quantized_llama(cfg)
+    export_mlx(model, tmp_path / "mlx")
+    q = json.loads((tmp_path / "mlx" / "config.json").read_text())["quantization"]
+    assert (q["group_size"], q["bits"]) == (32, 5)
+    assert q["model.layers.0.mlp.down_proj"] == {"group_size": 64, "bits": 6, "mode": "affine"}
+    weights = mx.load(str(tmp_path / "mlx" / "model.safetensors"))
+    ours = _dequant(model)
+    for name, w in ours.items():
+        p = _quant_params(q, name)
+        got = mx.dequantize(weights[f"{name}.weight"], weights[f"{name}.scales"].astype(mx.float32),
+                            weights[f"{name}.biases"].astype(mx.float32), group_size=p["group_size"],
+                            bits=p["bits"], mode=p["mode"])
+        assert torch.equal(torch.from_numpy(np.array(got)), w), name
+    back = import_mlx(tmp_path / "mlx").model
+    assert back.model.layers[1].mlp.down_proj.format == "int6" and back.model.layers[1].mlp.up_proj.format == "int5"
+    assert all(torch.equal(w, _dequant(back)[n]) for n, w in ours.items())
+
+
 def test_export_mlx_refuses_inexact(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="nf4, which no MLX mode"):
         export_mlx(quantized_llama(QuantConfig(format="nf4", group_size=64)), tmp_path / "a")

@@ -47,7 +47,7 @@ def reader_data(path: Path) -> dict[str, tuple[np.ndarray, T]]:
 
 
 @pytest.mark.parametrize(("qtype", "fmt", "group"), [
-    (T.Q4_0, "int4", 32), (T.Q4_1, "int4", 32), (T.Q5_0, "int8", 32), (T.Q5_1, "int8", 32), (T.Q8_0, "int8", 32),
+    (T.Q4_0, "int4", 32), (T.Q4_1, "int4", 32), (T.Q5_0, "int5", 32), (T.Q5_1, "int5", 32), (T.Q8_0, "int8", 32),
     (T.MXFP4, "mxfp4", 32),
     (T.TQ2_0, "int2", 256), (T.TQ1_0, "int2", 256),  # ternary: level q - 1, one fp16 scale per 256
 ])
@@ -148,26 +148,32 @@ def _set_iq1_m_d(blocks: np.ndarray, d: np.ndarray) -> None:
     blocks[:, 48:56] = words.astype(np.uint16).view(np.uint8)
 
 
-@pytest.mark.parametrize(("qtype", "fmt", "group"), [
-    (T.Q4_K, "int4", 32), (T.Q5_K, "int8", 32), (T.IQ4_NL, "int8", 32), (T.IQ4_XS, "int8", 32),
-    (T.Q6_K, "int8", 16), (T.Q3_K, "int3", 16), (T.Q2_K, "int2", 16),   # a scale per 16 values
-    (T.IQ2_XXS, "int8", 32), (T.IQ2_XS, "int8", 16), (T.IQ2_S, "int8", 16), (T.IQ3_XXS, "int8", 32),
-    (T.IQ3_S, "int4", 32),                                                 # odd levels -15..15
-    (T.IQ1_S, "int8", 32), (T.IQ1_M, "int8", 16),
-])
-def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str, group: int) -> None:
-    # random bytes are valid blocks of these types once their fp16 scales are finite: every code,
-    # sub-block scale, grid entry and sign is exercised, unlike blocks of one encoder
+def random_blocks(qtype: T, n: int, k: int) -> np.ndarray:
+    """Random bytes, which are valid blocks of these types once their fp16 scales are finite:
+    every code, sub-block scale, min, grid entry and sign is exercised, unlike blocks of one
+    encoder."""
     rng = np.random.default_rng(int(qtype))
     block, size = gguf.GGML_QUANT_SIZES[qtype]
-    k = 512
-    data = rng.integers(0, 256, size=(6, k // block * size), dtype=np.uint8)
+    data = rng.integers(0, 256, size=(n, k // block * size), dtype=np.uint8)
     blocks = data.reshape(-1, size)
     for i, off in enumerate(_D_OFFSETS[qtype]):
         d = rng.uniform(1e-4, 0.5, size=len(blocks)) * (1 if i == 0 else 0.3)
         blocks[:, off:off + 2] = d.astype(np.float16)[:, None].view(np.uint8)
     if qtype == T.IQ1_M:
         _set_iq1_m_d(blocks, rng.uniform(1e-4, 0.5, size=len(blocks)))
+    return data
+
+
+@pytest.mark.parametrize(("qtype", "fmt", "group"), [
+    (T.Q4_K, "int4", 32), (T.IQ4_NL, "int8", 32), (T.IQ4_XS, "int8", 32),
+    (T.Q6_K, "int8", 16), (T.Q3_K, "int3", 16), (T.Q2_K, "int2", 16),   # a scale per 16 values
+    (T.IQ2_XXS, "int8", 32), (T.IQ2_XS, "int8", 16), (T.IQ2_S, "int8", 16), (T.IQ3_XXS, "int8", 32),
+    (T.IQ3_S, "int4", 32),                                                 # odd levels -15..15
+    (T.IQ1_S, "int8", 32), (T.IQ1_M, "int8", 16),
+])
+def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str, group: int) -> None:
+    k = 512
+    data = random_blocks(qtype, 6, k)
     write_gguf(tmp_path / "x.gguf", {"w": (data, qtype)})
     out = read_gguf(tmp_path / "x.gguf")
     qt, report = out.tensors["w"], out.report["w"]
@@ -178,6 +184,22 @@ def test_widened_types_exact_by_default(tmp_path: Path, qtype: T, fmt: str, grou
     qc, rc = convert_tensor(data, qtype.name, (6, k), compact=True)
     assert not rc.exact and qc.nbytes < qt.nbytes
     assert rc.rel_rms_error == pytest.approx(float((F.dequantize(qc) - ref).norm() / ref.norm()), rel=1e-6)
+
+
+def test_q5_k_exact_as_int5_even_compact(tmp_path: Path) -> None:
+    # 5-bit codes kept as int5 (earlier: widened to int8): the same words whatever `compact`
+    # says, since its default target for a 5.5-bit type, int8, would be larger
+    k = 512
+    data = random_blocks(T.Q5_K, 6, k)
+    write_gguf(tmp_path / "x.gguf", {"w": (data, T.Q5_K)})
+    out = read_gguf(tmp_path / "x.gguf")
+    qt, report = out.tensors["w"], out.report["w"]
+    assert report.exact and (qt.format, qt.group_size, qt.shape) == ("int5", 32, (6, k))
+    assert qt.weight.shape == (6, k * 5 // 32)
+    ref = torch.from_numpy(gguf.quants.dequantize(reader_data(tmp_path / "x.gguf")["w"][0], T.Q5_K))
+    assert torch.equal(F.dequantize(qt), ref)
+    qc, rc = convert_tensor(data, "Q5_K", (6, k), compact=True)
+    assert rc.exact and torch.equal(qc.weight, qt.weight)
 
 
 def test_iq4_table_is_llama_cpps() -> None:

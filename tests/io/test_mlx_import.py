@@ -56,8 +56,10 @@ def test_affine_bit_exact(bits: int, group: int, dtype: str) -> None:
     n, k = 6, 384  # 3-bit: 36 words per row, codes straddling words; 384 = 3 * 128
     wq, s, b = mx.quantize(mlx_weights(n, k, dtype, bits * group), group_size=group, bits=bits)
     qt, info = convert_mlx_tensors(to_torch(wq), to_torch(s), to_torch(b), bits, group)
-    expect_bits = {1: 2, 5: 8, 6: 8}.get(bits, bits)
+    expect_bits = {1: 2}.get(bits, bits)
     assert qt.format == f"int{expect_bits}" and info.exact
+    if bits != 1:  # the words MLX wrote, unchanged (5 and 6 bits: no widening to 8)
+        assert torch.equal(qt.weight.view(torch.int32), to_torch(wq).view(torch.int32))
     ref = mlx_reference(wq, s, b, group_size=group, bits=bits)
     assert torch.equal(F.dequantize(qt, torch.float32), ref)
     # MLX's own dequantize in the scale dtype computes (s * q) + b with a rounding after each
@@ -150,13 +152,16 @@ def write_mlx_llama(path: Path, bits: int, group: int, overrides: dict, tied: bo
 
 
 def test_import_model_and_save(tmp_path: Path) -> None:
-    overrides = {"model.layers.1.mlp.down_proj": {"bits": 6, "group_size": 32}}  # mixed, as mlx-lm writes it
+    overrides = {"model.layers.1.mlp.down_proj": {"bits": 6, "group_size": 32},  # mixed, as mlx-lm writes it
+                 "model.layers.0.mlp.up_proj": {"bits": 5, "group_size": 64}}
     dense_ref = write_mlx_llama(tmp_path / "mlx", 3, 64, overrides)
     result = import_mlx(tmp_path / "mlx")
     model = result.model
     assert isinstance(model.model.layers[0].self_attn.q_proj, MarlinLinear)
     assert model.model.layers[0].self_attn.q_proj.format == "int3"
-    assert model.model.layers[1].mlp.down_proj.format == "int8"
+    assert model.model.layers[1].mlp.down_proj.format == "int6"
+    assert model.model.layers[0].mlp.up_proj.format == "int5"
+    assert result.layers["model.layers.0.mlp.up_proj"].target == "int5/g64"
     assert result.layers["model.embed_tokens"].target == "dense"
     for name, m in model.named_modules():
         if isinstance(m, MarlinLinear):
@@ -191,7 +196,7 @@ def test_cli_import_mlx(tmp_path: Path, capsys) -> None:
 def test_mlx_lm_mixed_predicate_config(tmp_path: Path) -> None:
     """mlx-lm's mixed recipes (``--quant-predicate mixed_3_6``) write every layer's entry with
     ``"group_size": null`` (the default) and a copy under ``quantization_config``; this failed
-    with "takes group_size in (32, 64, 128), got None". 6-bit layers import exactly as int8."""
+    with "takes group_size in (32, 64, 128), got None". 6-bit layers import exactly as int6."""
     six = {"bits": 6, "group_size": 64}
     overrides = {"model.layers.0.self_attn.v_proj": six, "model.layers.1.mlp.down_proj": six}
     dense_ref = write_mlx_llama(tmp_path / "mlx", 3, 64, overrides)
@@ -210,8 +215,8 @@ def test_mlx_lm_mixed_predicate_config(tmp_path: Path) -> None:
     result = import_mlx(tmp_path / "mlx")
     model = result.model
     assert model.model.layers[0].self_attn.q_proj.format == "int3"
-    assert model.model.layers[1].mlp.down_proj.format == "int8"
-    assert "6-bit codes stored as 8-bit" in result.layers["model.layers.1.mlp.down_proj"].note
+    assert model.model.layers[1].mlp.down_proj.format == "int6"
+    assert result.layers["model.layers.1.mlp.down_proj"].note == ""  # not widened
     for name, m in model.named_modules():
         if isinstance(m, MarlinLinear):
             assert torch.equal(m.dequantized_weight(torch.float32), dense_ref[f"{name}.weight"]), name

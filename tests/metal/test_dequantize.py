@@ -69,7 +69,7 @@ def test_nvfp4_with_float_scales_and_odd_shapes(emu, fmt_name):
 
 
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (1, 7), (5, 33), (2, 320)])
-@pytest.mark.parametrize("fmt_name", ["int3", "fp4", "int8"])
+@pytest.mark.parametrize("fmt_name", ["int3", "fp4", "int8", "int5", "int6"])
 def test_per_channel_sizes(emu, fmt_name, n, k):
     check(emu, fmt_name, -1, n, k, torch.bfloat16)
 

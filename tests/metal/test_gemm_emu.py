@@ -124,6 +124,17 @@ def test_m_sweep(emu, fmt_name, g, n, dtype, m, with_bias):
     assert variant == (GEMV if m == 1 else GEMV_ROWS if m <= 8 else GEMM)
 
 
+@pytest.mark.parametrize("m", [1, 3, 9, 33])  # gemv, gemv_rows, gemm, gemm over 2 x 2 tiles
+@pytest.mark.parametrize(("g", "k"), [(32, 96), (-1, 100), (-1, 37)])
+@pytest.mark.parametrize("fmt_name", ["int5", "int6"])
+def test_int5_int6_odd_sizes(emu, fmt_name, g, k, m):
+    # 5- and 6-bit pieces span two words (formats/decode.h Decode8Wide, gemm.h PieceLoad<5/6>):
+    # 5-bit pieces start at any byte, 6-bit at even bytes; K = 37 ends inside a piece and inside
+    # a word, K = 100 inside a 32-code chunk; N = 45 is off the gemv and gemm tiles.
+    variant = run_case(emu, fmt_name, g, m, 45, k, torch.float16, with_bias=m % 2 == 1)
+    assert variant == (GEMV if m == 1 else GEMV_ROWS if m <= 8 else GEMM)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("fmt_name", "g", "m", "n", "k"),
@@ -131,6 +142,7 @@ def test_m_sweep(emu, fmt_name, g, n, dtype, m, with_bias):
         ("int4", 128, 17, 40, 1024),    # 2 x 2 tiles, K = 1024: split in two
         ("fp8_e4m3", 32, 9, 8, 2048),   # one tile: split in four
         ("nf3", -1, 33, 24, 1100),      # per-channel K not a multiple of the split or the tile
+        ("int5", 64, 12, 20, 1024),     # 5-bit pieces across split boundaries
     ],
 )
 def test_split_k(emu, fmt_name, g, m, n, k, dtype):
@@ -383,6 +395,8 @@ def random_padding(weight: torch.Tensor, k: int, bits: int, seed: int, ones: boo
         ("fp8_e4m3", 102, 12, 12),    # gemm, no split
         ("fp8_e4m3", 1102, 9, 8),     # gemm split-K: the last split ends inside a chunk, at K
         ("nf3", 1100, 33, 24),        # split-K, 3-bit straddling padding
+        ("int5", 100, 4, 12),         # gemv_rows: 500 of 512 bits, the last piece's w[1] half padding
+        ("int6", 100, 12, 12),        # gemm: 600 of 608 bits
     ],
 )
 def test_padding_bits_are_ignored(emu, fmt_name, k, m, n):

@@ -17,7 +17,7 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
 # Minimum output SQNR on Gaussian weights and inputs: about 6 dB per bit for the uniform grids,
 # a little less for the coarse 3- and 2-bit ones.
 MIN_SQNR = {"int8": 40, "fp8_e4m3": 28, "fp8_e5m2": 22, "fp4": 15, "mxfp4": 14, "nvfp4": 16, "nf4": 17,
-            "int4": 17, "int3": 11, "nf3": 11, "int2": 5}
+            "int4": 17, "int3": 11, "nf3": 11, "int2": 5, "int6": 29, "int5": 23}
 
 
 @pytest.mark.parametrize("fmt", sorted(F.FORMATS))

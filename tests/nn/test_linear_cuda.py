@@ -25,7 +25,8 @@ if HAS_GPU:
 
 # every format, at a group size it allows; 16-bit activations (bf16 through the tensor cores)
 FORMATS = [("int4", 128), ("fp4", 128), ("nf4", 128), ("int8", 128), ("int3", 128),
-           ("int2", 64), ("mxfp4", 32), ("nvfp4", 16), ("nf3", 128), ("fp8_e4m3", 128)]
+           ("int2", 64), ("mxfp4", 32), ("nvfp4", 16), ("nf3", 128), ("fp8_e4m3", 128),
+           ("int5", 64), ("int6", 32)]
 TOL = 2e-2  # relative error of bf16 outputs (the tensor-core paths round W_hat to bf16)
 
 

@@ -46,7 +46,8 @@ def test_cpu_kernel_matches_reference(fmt, group):
 
 @needs_kernel
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int3", 32), ("nf4", -1), ("int8", 64),
-                                       ("fp4", 32), ("mxfp4", 32), ("int2", 64)])
+                                       ("fp4", 32), ("mxfp4", 32), ("int2", 64), ("int5", 32),
+                                       ("int6", -1)])
 def test_prefill_k_slices_match_reference(monkeypatch, fmt, group):
     """Prefill on long K decodes K slices of every row (``marlin_cpu_dequant_slice``): each
     slice starts on a word and a scale group, the last one is partial, per-channel scales

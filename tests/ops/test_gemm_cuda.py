@@ -144,7 +144,7 @@ def test_3d_and_non_contiguous_input():
 
 @needs_kernels
 @pytest.mark.parametrize("fmt,group", [("int4", 128), ("int3", 32), ("nf4", -1), ("fp8_e4m3", 64),
-                                       ("int2", 256)])
+                                       ("int2", 256), ("int5", 64), ("int6", -1)])
 @pytest.mark.parametrize("path,config", [
     ("gemv", D.GemvConfig(2, 8, 8, 3, 4)),  # split-K through the workspace
     ("gemv", D.GemvConfig(4, 32, 32, 1, 8)),
@@ -219,10 +219,11 @@ def test_split_k_inside_a_cuda_graph(path, config):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", ["int3", "nf3", "int4", "int2"])
+@pytest.mark.parametrize("fmt", ["int3", "nf3", "int4", "int2", "int5", "int6"])
 @pytest.mark.parametrize("m", [1, 20])
 def test_per_channel_k_not_word_aligned(fmt, m):
-    # K = 100: 3-bit rows end inside a word (zero padding bits), 4-bit rows in half a word
+    # K = 100: 3-, 5- and 6-bit rows end inside a word (zero padding bits; the last unit is
+    # short: the row has 16 of its 4 units' 20 words at 5 bits, 19 of 24 at 6), 4-bit rows in half a word
     k, n = 100, 24
     weight, scales, biases, gscale, bias = make(fmt, -1, n, k)
     x = (torch.randn(m, k) / k**0.5).to(ACT)
@@ -707,3 +708,15 @@ def test_mma_gemv_dispatch_rules():
         assert n % (32 * cfg.warps) == 0 and 1 <= cfg.split_k <= k // group
         programs = n // (32 * cfg.warps) * cfg.split_k
         assert programs >= 3 * 132 or cfg.split_k * 2 > k // group, (n, k, cfg)
+
+
+@pytest.mark.parametrize("m", [8, 33])
+@pytest.mark.parametrize("group,k", [(32, 1024), (64, 1024), (128, 1024), (1024, 1024)])
+def test_straddle_gemm_config_fits_shared_memory(m, group, k):
+    # int5 g64 / int6 g32 at N = 384, K = 1024, M = 8 asked Triton for 316 KB of shared memory
+    # on the H200 with the default 16 x 64 x 128 x 4-stage tile (the K tile spanned groups:
+    # a scale and a bias gathered per input, two words per code); the 5/6-bit tile stays
+    # inside one group, at most 64 inputs and 3 stages
+    cfg = D.straddle_gemm_config(D.default_gemm_config(m, 384, k, 5, 132), group, k)
+    assert cfg.block_k <= 64 and (group == k or group % cfg.block_k == 0)
+    assert cfg.num_stages <= 3 and 1 <= cfg.split_k and cfg.split_k * cfg.block_k <= k

@@ -11,7 +11,7 @@ from metal_marlin_torch.nn import MarlinLinear
 from metal_marlin_torch.quant.gptq import HessianAccumulator, damped_inverse_cholesky, gptq_quantize
 from metal_marlin_torch.quant.scale_search import search_group_params
 
-FORMATS = ("fp4", "mxfp4", "nvfp4", "int4", "nf4", "int3", "nf3", "int2")
+FORMATS = ("fp4", "mxfp4", "nvfp4", "int4", "nf4", "int3", "nf3", "int2", "int5", "int6")
 
 
 def correlated_inputs(t: int, k: int, seed: int) -> torch.Tensor:
@@ -70,6 +70,7 @@ def obs_reference(w: torch.Tensor, h: torch.Tensor, fmt: str, g: int, damp: floa
 
 @pytest.mark.parametrize("fmt,act_order,block_size", [
     ("int4", False, 3), ("int3", True, 4), ("fp4", True, 8), ("nf3", False, 16), ("int2", True, 5),
+    ("int5", True, 7), ("int6", False, 4),
 ])
 def test_gptq_matches_plain_obs_reference(fmt, act_order, block_size):
     n, k, g = 6, 64, 32

@@ -88,7 +88,7 @@ class PreparedWeight:
         in_features: K.
         out_features: N.
         weight: ``int32 [ceil(N / 16), KW, 16]``: the canonical uint32 words, K-major inside
-            blocks of 16 features (layout.k_major; 3-bit rows padded to whole 3-word units).
+            blocks of 16 features (layout.k_major; 3-, 5- and 6-bit rows padded to whole units).
         scales: float ``[n_groups, N]`` effective scales.
         biases: ``[n_groups, N]`` affine biases or None.
         lut: float32 code values on the weight's device (one dummy entry when unused).
@@ -112,7 +112,7 @@ class PreparedWeight:
 class GemvConfig:
     block_m: int  # activation rows per program: 1, 2 or 4
     block_n: int  # output features per program
-    chunk: int  # items (words; 3-word units for 3 bits) per K step, a power of two
+    chunk: int  # items (words; bits-word units for 3, 5, 6 bits) per K step, a power of two
     split_k: int  # K splits (reduced in the kernel through a workspace when > 1)
     num_warps: int
     maxnreg: int | None = None  # register cap a thread (ptxas), to fit more programs on an SM
@@ -432,6 +432,19 @@ def default_gemm_config(m: int, n: int, k: int, bits: int, sms: int) -> GemmConf
     return replace(cfg, split_k=max(1, min(cfg.split_k, k // (2 * cfg.block_k))))
 
 
+def straddle_gemm_config(cfg: GemmConfig, group: int, k: int) -> GemmConfig:
+    """``cfg`` fitted to 5- and 6-bit codes: a K tile inside one scale group (at most 64 inputs)
+    and at most 3 stages. The straddling decode gathers two words per input and, when the tile
+    spans groups, a scale and a bias per input, and Triton's pipeliner stages all of them in
+    shared memory: the default 16 x 64 x 128 tile with 4 stages asked for 316 KB on the H200
+    (int5 g64 / int6 g32, N = 384, K = 1024, M = 8: OutOfResources, limit 227 KB). Tiles of
+    at most 64 inputs inside a group ran there (tests/ops/test_gemm_cuda.py forced configs).
+    Not tuned for speed."""
+    block_k = min(cfg.block_k, 64, group if group < k else 64)
+    return replace(cfg, block_k=block_k, num_stages=min(cfg.num_stages, 3),
+                   split_k=max(1, min(cfg.split_k, k // (2 * block_k))))
+
+
 def default_pairs_config(m: int, n: int, k: int, sms: int) -> GemmConfig:
     """``gemm_pairs_kernel`` tiles, tuned on an H100 with the in-kernel split-K reduction
     (benchmarks/results/sweep_h100_m16_64_split.json, sweep_h100_m128_split.json): 16 / 32 /
@@ -675,6 +688,8 @@ def gemm_prepared(
         cfg = default_pairs_config(m, n, k, sms)
         if not pairs_eligible(kf, x.dtype, group, k, cfg.block_k):
             cfg = default_gemm_config(m, n, k, kf.bits, sms)
+            if kf.bits in (5, 6):
+                cfg = straddle_gemm_config(cfg, group, k)
     if not isinstance(cfg, GemmConfig):
         raise TypeError(f"gemm_prepared: gemm path takes a GemmConfig, got {type(cfg).__name__}")
     k_per_split = triton_cdiv(triton_cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k

@@ -17,7 +17,7 @@ along N.
 Decoding (``DECODE``) is one of these branch-free paths, each giving the code's value *before*
 its group scale; the host folds any constant factor into ``SCALE_MUL``:
 
-* ``DECODE_INT`` (affine ``int8/4/3/2``): the exact float of ``q`` by the 2^23 magic number
+* ``DECODE_INT`` (affine ``int8/6/5/4/3/2``): the exact float of ``q`` by the 2^23 magic number
   (``bits(q | 0x4B000000) - 2^23``): one logic op and one add, where ``int -> float``
   conversion instructions run at an eighth of the FMA rate on Hopper. The GEMV decodes 2- and
   4-bit codes with one logic op each instead (:func:`_unit_field`).
@@ -137,35 +137,50 @@ def _int_field(w, C: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _code_of_3bit(w0, w1, w2, C: tl.constexpr):
-    """Code ``C`` (0..31) of a 3-bit unit (32 codes in 3 words); codes 10 and 21 straddle."""
-    SH: tl.constexpr = (C * 3) % 32
-    if (C * 3) // 32 == 0:
-        lo = w0
-        hi = w1
-    elif (C * 3) // 32 == 1:
-        lo = w1
-        hi = w2
+def _unit_word(w0, w1, w2, w3, w4, w5, T: tl.constexpr):
+    """Word ``T`` (0..5) of a unit (constexpr selection: no data movement)."""
+    if T == 0:
+        r = w0
+    elif T == 1:
+        r = w1
+    elif T == 2:
+        r = w2
+    elif T == 3:
+        r = w3
+    elif T == 4:
+        r = w4
     else:
-        lo = w2
-        hi = w2
-    q = lo >> SH
-    if SH > 29:
-        q = q | (hi << (32 - SH))
-    return q & 7
+        r = w5
+    return r
 
 
 @triton.jit
-def _load_word_rows(w_ptr, items, offs_n, ROWS, mask, T: tl.constexpr, EVEN: tl.constexpr):
-    """Words ``T`` of units ``items`` (3-bit: 3 words per unit) for rows ``offs_n``: [CH, BN]."""
-    return _ld(_wptr(w_ptr, (items * 3 + T)[:, None], offs_n[None, :], ROWS), mask, EVEN)
+def _code_of_unit(w0, w1, w2, w3, w4, w5, C: tl.constexpr, BITS: tl.constexpr):
+    """Code ``C`` (0..31) of a unit of 32 codes in ``BITS`` words (3, 5 or 6 bits). A code
+    whose field crosses a word boundary (3-bit codes 10 and 21; 5-bit 6, 12, 19, 25; 6-bit 5,
+    10, 21, 26) takes its high bits from the next word; the last code ends on the unit's end."""
+    SH: tl.constexpr = (C * BITS) % 32
+    A: tl.constexpr = (C * BITS) // 32
+    q = _unit_word(w0, w1, w2, w3, w4, w5, A) >> SH
+    if SH > 32 - BITS:
+        q = q | (_unit_word(w0, w1, w2, w3, w4, w5, A + 1) << (32 - SH))
+    return q & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _load_word_rows(w_ptr, items, offs_n, ROWS, mask, T: tl.constexpr, BITS: tl.constexpr,
+                    EVEN: tl.constexpr):
+    """Words ``T`` of units ``items`` (``BITS`` words per unit) for rows ``offs_n``: [CH, BN]."""
+    return _ld(_wptr(w_ptr, (items * BITS + T)[:, None], offs_n[None, :], ROWS), mask,
+               EVEN).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
 def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ROWS, ITEMS, IPG: tl.constexpr,
                BITS: tl.constexpr, AFFINE: tl.constexpr, EVEN: tl.constexpr):
-    """One GEMV K step's loads: words ``[CH, BN]`` (three of them for 3-bit units; else the
-    same tensor three times), float32 scales and biases (zeros when not affine)."""
+    """One GEMV K step's loads: words ``[CH, BN]`` (``BITS`` of them for 3/5/6-bit units, the
+    rest of the six repeat the first; 2/4/8 bits: one word, six times), float32 scales and
+    biases (zeros when not affine)."""
     mask = (items < ITEMS)[:, None] & n_ok[None, :]
     sg = (items // IPG)[:, None] * N + offs_n[None, :]
     s = _ld(s_ptr + sg, mask, EVEN).to(tl.float32)
@@ -173,16 +188,29 @@ def _gemv_load(w_ptr, s_ptr, b_ptr, items, offs_n, n_ok, N, ROWS, ITEMS, IPG: tl
         b = _ld(b_ptr + sg, mask, EVEN).to(tl.float32)
     else:
         b = tl.zeros_like(s)
-    if BITS == 3:
-        w0 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 0, EVEN).to(tl.uint32, bitcast=True)
-        w1 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 1, EVEN).to(tl.uint32, bitcast=True)
-        w2 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 2, EVEN).to(tl.uint32, bitcast=True)
+    if BITS == 3 or BITS == 5 or BITS == 6:
+        w0 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 0, BITS, EVEN)
+        w1 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 1, BITS, EVEN)
+        w2 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 2, BITS, EVEN)
+        if BITS >= 5:
+            w3 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 3, BITS, EVEN)
+            w4 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 4, BITS, EVEN)
+        else:
+            w3 = w0
+            w4 = w0
+        if BITS == 6:
+            w5 = _load_word_rows(w_ptr, items, offs_n, ROWS, mask, 5, BITS, EVEN)
+        else:
+            w5 = w0
     else:
         w0 = _ld(_wptr(w_ptr, items[:, None], offs_n[None, :], ROWS), mask, EVEN).to(
             tl.uint32, bitcast=True)
         w1 = w0
         w2 = w0
-    return w0, w1, w2, s, b
+        w3 = w0
+        w4 = w0
+        w5 = w0
+    return w0, w1, w2, w3, w4, w5, s, b
 
 
 @triton.jit
@@ -259,15 +287,15 @@ def _unit_field(w, C: tl.constexpr, BITS: tl.constexpr, ONE_HI, ONE_LO):
 
 
 @triton.jit
-def _gemv_step(w0, w1, w2, items, x0, stride_xm, ok0, ok1, ok2, ok3, lut_ptr, K, ONE_HI, ONE_LO,
+def _gemv_step(w0, w1, w2, w3, w4, w5, items, x0, stride_xm, ok0, ok1, ok2, ok3, lut_ptr, K, ONE_HI, ONE_LO,
                BITS: tl.constexpr, DECODE: tl.constexpr, UNIT: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CH: tl.constexpr,
                EVEN: tl.constexpr):
-    """One K step of the GEMV on the words ``w0`` (``w1``, ``w2``: the rest of a 3-bit unit) of
+    """One K step of the GEMV on the words ``w0`` (``w1`` .. ``w5``: the rest of a 3/5/6-bit unit) of
     ``items``: every code decoded once and multiplied by the activation of each of the
     BLOCK_M rows at ``x0`` (rows ``stride_xm`` apart). Returns the per-code sums ``p*`` and the
     activation sums ``xs*`` / ``xl*`` of each row (:func:`_gemv_fold` takes them)."""
-    CPI: tl.constexpr = 32 if BITS == 3 else 32 // BITS  # codes per item
+    CPI: tl.constexpr = 32 if (32 % BITS) != 0 else 32 // BITS  # codes per item
     w = w0
     p0 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
     p1 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
@@ -284,8 +312,8 @@ def _gemv_step(w0, w1, w2, items, x0, stride_xm, ok0, ok1, ok2, ok3, lut_ptr, K,
     for c in tl.static_range(CPI):
         # the slot's class in _unit_field (pair order puts slots 2j, 2j + 1 at bits 4j, 16 + 4j)
         LO = UNIT and (c // (BITS // 2)) % 2 == 1
-        if BITS == 3:
-            v = _decode(_code_of_3bit(w0, w1, w2, c), lut_ptr, DECODE)
+        if (32 % BITS) != 0:  # 3, 5, 6 bits: a unit of 32 codes in BITS words
+            v = _decode(_code_of_unit(w0, w1, w2, w3, w4, w5, c, BITS), lut_ptr, DECODE)
         elif UNIT:
             v = _unit_field(w, c, BITS, ONE_HI, ONE_LO)
         elif DECODE == 0:
@@ -314,14 +342,14 @@ def gemv_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, lut_ptr, bias_ptr, y_ptr,
     ws_ptr, cnt_ptr,  # split-K: fp32 workspace [SPLIT_K, M, N], int32 tile counters (zeros)
     M, N, K,
-    ITEMS,  # items per row: words (bits 2, 4, 8) or 3-word units (bits 3)
+    ITEMS,  # items per row: words (bits 2, 4, 8) or BITS-word units (bits 3, 5, 6)
     IPG: tl.constexpr,  # items per scale group (ITEMS when per-channel): a constant, so the
     #                     group of an item is a shift (16 for group 128), not an integer division
     #                     (one compile per group size; per-channel weights: one per K)
     CHUNKS_PER_SPLIT,  # chunks of CH items each split-K program reduces
     stride_xm, stride_ym,
     ONE,  # 0x3F800000, the bits of 1.0, as a run-time value (see _unit_field)
-    BITS: tl.constexpr,  # code width: 2, 3, 4 or 8
+    BITS: tl.constexpr,  # code width: 2, 3, 4, 5, 6 or 8
     DECODE: tl.constexpr,  # DECODE_*
     AFFINE: tl.constexpr,  # biases present: w = s * v + b
     HAS_BIAS: tl.constexpr,  # layer bias [N]
@@ -334,8 +362,8 @@ def gemv_kernel(
 ):
     """``y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])`` for 1, 2 or 4 rows ``m``, K-major weight.
 
-    A program owns BLOCK_N output features and walks K in steps of CH items (words, or 3-word
-    units of 32 codes), a ``[CH, BLOCK_N]`` tile of words per step. The codes of a word are
+    A program owns BLOCK_N output features and walks K in steps of CH items (words, or
+    ``BITS``-word units of 32 codes), a ``[CH, BLOCK_N]`` tile of words per step. The codes of a word are
     unrolled; each code's activation is loaded once per item and multiplies the decoded code of
     every row the thread holds. Per-code partial sums are scaled once per (item, row) at the end
     of the step; the affine bias enters as ``b * sum(x)``. The activation rows are separate
@@ -365,27 +393,31 @@ def gemv_kernel(
     acc3 = tl.zeros([CH, BLOCK_N], dtype=tl.float32)
     c_lo = pid_k * CHUNKS_PER_SPLIT
     c_last = c_lo + CHUNKS_PER_SPLIT - 1
-    if BITS == 3:
-        ROWS = ITEMS * 3  # word rows of the weight
+    if (32 % BITS) != 0:
+        ROWS = ITEMS * BITS  # word rows of the weight
     else:
         ROWS = ITEMS
     # software prefetch: step i+1's words and scales are loaded before step i is decoded, so
     # each warp has a load in flight while it computes (measured: loads and ALU work added up
     # without it)
-    w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, c_lo * CH + offs_i, offs_n, n_ok, N,
-                                       ROWS, ITEMS, IPG, BITS, AFFINE, EVEN)
+    w0n, w1n, w2n, w3n, w4n, w5n, sn, bn = _gemv_load(
+        w_ptr, s_ptr, b_ptr, c_lo * CH + offs_i, offs_n, n_ok, N, ROWS, ITEMS, IPG, BITS, AFFINE,
+        EVEN)
     for chunk in range(c_lo, c_lo + CHUNKS_PER_SPLIT):  # past the row end all loads are masked
         items = chunk * CH + offs_i  # [CH]
         w0 = w0n
         w1 = w1n
         w2 = w2n
+        w3 = w3n
+        w4 = w4n
+        w5 = w5n
         s = sn * SCALE_MUL
         b = bn
         nxt = tl.minimum(chunk + 1, c_last) * CH + offs_i  # the last step reloads itself
-        w0n, w1n, w2n, sn, bn = _gemv_load(w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ROWS, ITEMS,
-                                           IPG, BITS, AFFINE, EVEN)
+        w0n, w1n, w2n, w3n, w4n, w5n, sn, bn = _gemv_load(
+            w_ptr, s_ptr, b_ptr, nxt, offs_n, n_ok, N, ROWS, ITEMS, IPG, BITS, AFFINE, EVEN)
         p0, p1, p2, p3, xs0, xs1, xs2, xs3, xl0, xl1, xl2, xl3 = _gemv_step(
-            w0, w1, w2, items, x0, stride_xm, ok0, ok1, ok2, ok3, lut_ptr, K, ONE_HI, ONE_LO,
+            w0, w1, w2, w3, w4, w5, items, x0, stride_xm, ok0, ok1, ok2, ok3, lut_ptr, K, ONE_HI, ONE_LO,
             BITS, DECODE, UNIT, BLOCK_M, BLOCK_N, CH, EVEN)
         acc0 = _gemv_fold(acc0, p0, xs0, xl0, s, b, UNIT, AFFINE, BITS)
         if BLOCK_M > 1:
@@ -512,18 +544,19 @@ def _dequant_tile(
 
     Bits 2/4/8: the tile's ``BK * BITS / 32`` K-major word rows are loaded once (coalesced
     along N) and unpacked by shifting along a new middle axis of code slots, then reshaped to
-    input order. Bits 3 (codes straddle words): each input row reads its word (and the next
-    one for codes 10 and 21); inputs of one word read the same addresses, which L1 serves.
+    input order. Bits 3, 5, 6 (codes straddle words): each input row reads its word (and the
+    next one for a code that crosses into it, e.g. 3-bit codes 10 and 21); inputs of one word
+    read the same addresses, which L1 serves.
     """
     kk = k0 + offs_k
     k_ok = kk < K
     mask = k_ok[:, None] & n_ok[None, :]
-    if BITS == 3:
+    if (32 % BITS) != 0:
         word = (kk * BITS) // 32
         sh = (kk * BITS) % 32
         wp = _wptr(w_ptr, word[:, None], offs_n[None, :], ROWS)
         q = tl.load(wp, mask=mask, other=0).to(tl.uint32, bitcast=True) >> sh[:, None].to(tl.uint32)
-        straddle = (sh > 29) & k_ok
+        straddle = (sh > 32 - BITS) & k_ok
         hi = tl.load(wp + N_BLOCK, mask=straddle[:, None] & n_ok[None, :], other=0)  # next row
         q = q | (hi.to(tl.uint32, bitcast=True) << ((32 - sh) % 32)[:, None].to(tl.uint32))
     else:

@@ -90,8 +90,9 @@ def _code_values(fmt: F.WeightFormat) -> tuple[float, ...]:
 def kernel_format(name: str) -> KernelFormat:
     """The :class:`KernelFormat` of format ``name`` (unknown names raise ``ValueError``)."""
     fmt = F.get_format(name)
-    if fmt.bits not in (2, 3, 4, 8):
-        raise ValueError(f"CUDA kernels take 2-, 3-, 4- or 8-bit formats, {name!r} has {fmt.bits}")
+    if fmt.bits not in (2, 3, 4, 5, 6, 8):
+        raise ValueError(f"CUDA kernels take 2-, 3-, 4-, 5-, 6- or 8-bit formats, {name!r} has "
+                         f"{fmt.bits}")
     if fmt.has_biases:
         return KernelFormat(name, fmt.bits, DECODE_INT, True, 1.0, ())
     if _is_e2m1(fmt):
@@ -123,20 +124,27 @@ def kernel_scales(
     return fmt.decode(codes, params)[..., 0].float().contiguous()
 
 
+def straddles(bits: int) -> bool:
+    """Codes of ``bits`` cross word boundaries (3, 5, 6 bits): the kernels' item is then the
+    *unit* of 32 codes in ``bits`` words (docs/FORMAT.md §2), not one word."""
+    return 32 % bits != 0
+
+
 def items_per_row(k: int, bits: int) -> int:
-    """Kernel items of a row: words for 2/4/8 bits, 3-word units of 32 codes for 3 bits."""
-    return -(-k // 32) if bits == 3 else F.packed_words(k, bits)
+    """Kernel items of a row: words for 2/4/8 bits, ``bits``-word units of 32 codes for 3, 5
+    and 6 bits."""
+    return -(-k // 32) if straddles(bits) else F.packed_words(k, bits)
 
 
 def codes_per_item(bits: int) -> int:
-    return 32 if bits == 3 else 32 // bits
+    return 32 if straddles(bits) else 32 // bits
 
 
 def items_per_group(group: int, k: int, bits: int) -> int:
     """Items of one scale group of ``group`` inputs (the whole row when per-channel)."""
     if group == k:
         return items_per_row(k, bits)
-    return group // 32 if bits == 3 else group * bits // 32
+    return group // 32 if straddles(bits) else group * bits // 32
 
 
 def pair_order(words: torch.Tensor) -> torch.Tensor:
@@ -171,14 +179,14 @@ def k_major(weight: torch.Tensor, bits: int) -> torch.Tensor:
     transpose gives a program the same 64-byte runs at a stride of N words: the M = 1 GEMV
     read int4 4096 x 14336 in 23.1 us that way against 17.8 us blocked,
     benchmarks/results/sweep_h100_m1_gemv_blocked.json.) The last block is padded with zero
-    features. 4-bit words also have their codes re-placed in :func:`pair_order`. For 3 bits
-    the row is padded with zero words to whole 3-word units (``KW' = 3 * ceil(K / 32)``) so
+    features. 4-bit words also have their codes re-placed in :func:`pair_order`. For 3, 5 and
+    6 bits the row is padded with zero words to whole units (``KW' = bits * ceil(K / 32)``) so
     the kernels never read past a row.
     """
     w = weight.view(torch.int32)
     n, kw = w.shape
-    if bits == 3:
-        kw = 3 * -(-kw // 3)
+    if straddles(bits):
+        kw = bits * -(-kw // bits)
     nb = -(-n // N_BLOCK)
     w = torch.nn.functional.pad(w, (0, kw - w.shape[1], 0, nb * N_BLOCK - n))
     if bits == 4:

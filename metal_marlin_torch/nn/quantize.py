@@ -163,7 +163,13 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
     for name, reason in skipped.items():  # a warning the user sees (Python shows UserWarnings by default)
         warnings.warn(f"metal_marlin_torch: leaving {name} unquantized: {reason}", UserWarning, stacklevel=2)
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
-    QUANTIZERS[config.method](model, plans, config, **method_kwargs)
+    quantizer = QUANTIZERS[config.method]
+    if config.method == "rtn" and (config.refine or config.method_options):
+        from ..quant.methods import rtn_layers, wants_rtn_layers  # noqa: PLC0415 (quant sits above nn)
+
+        if wants_rtn_layers(config):  # searched / importance-weighted / refined RTN
+            quantizer = rtn_layers
+    quantizer(model, plans, config, **method_kwargs)
     summary = QuantizeSummary(skipped=skipped, budget=budget)
     for name in plans:
         module = model.get_submodule(name)

@@ -53,9 +53,9 @@ class QuantConfig:
             format and group among ``candidates`` that minimize the model's predicted error
             under the budget (``quant/budget.py``; needs calibration text or tokens as GPTQ
             does). None: every layer gets ``format``/``group_size`` (or its rule).
-        candidates: ``(format, group_size)`` pairs the budget chooses from; None = the
-            default set of ``quant.budget.DEFAULT_CANDIDATES`` (int2/3/4/8, nf3/nf4 at
-            groups 32-128).
+        candidates: ``(format, group_size)`` pairs the budget chooses from; None =
+            ``quant.budget.default_candidates()``: every registered integer and NormalFloat
+            format (int2/3/4/8, nf3/nf4, ...) at groups 32, 64 and 128.
         budget_samples: calibration windows used to measure the sensitivities (a backward
             pass per 4 windows).
         refine: after the method quantizes a block, tune its scales and biases (codes fixed)
@@ -122,9 +122,9 @@ class QuantConfig:
         """The ``(format, group_size)`` pairs a bit budget chooses from."""
         if self.candidates is not None:
             return self.candidates
-        from ..quant.budget import DEFAULT_CANDIDATES  # noqa: PLC0415 (quant sits above nn)
+        from ..quant.budget import default_candidates  # noqa: PLC0415 (quant sits above nn)
 
-        return DEFAULT_CANDIDATES
+        return default_candidates()
 
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` is to be converted."""

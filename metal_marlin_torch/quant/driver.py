@@ -139,7 +139,7 @@ class DriverOptions:
             raise ValueError(f"method_options: 'imatrix' applies to method 'rtn', not {method!r}")
         gptq = {k: opts.pop(k) for k in GPTQ_KEYS if k in opts}
         known = set(cls.__dataclass_fields__) - {"gptq"}
-        bad = set(opts) - known - {"n_samples", "seq_len", "calibration_seed"}
+        bad = set(opts) - known - {"n_samples", "seq_len", "calibration_seed", "sensitivity"}
         if bad:
             raise ValueError(f"method_options: unknown keys {sorted(bad)}; known: {sorted(known | set(GPTQ_KEYS))}")
         kw = {k: v for k, v in opts.items() if k in known}

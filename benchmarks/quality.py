@@ -150,12 +150,14 @@ def cpu_seconds() -> float:
 
 def run_budgets(bench: Any, budgets: list[float], method: str, cache: dict[str, Any], save,
                 refine: bool = False, rtn_options: dict[str, Any] | None = None) -> None:
+    from metal_marlin_torch.quant.budget import sensitivity_kind
+
     recipe = recipe_name(method, refine, rtn_options)
     for bits in budgets:
-        key = f"{bench.name}|budget {bits:g}|{recipe}"
+        cfg = budget_config(bits, method, bench.calib.shape[0], bench.calib.shape[1], refine, rtn_options)
+        key = f"{bench.name}|budget {bits:g}|{recipe}|{sensitivity_kind(cfg)} sensitivity"
         if key in cache:
             continue
-        cfg = budget_config(bits, method, bench.calib.shape[0], bench.calib.shape[1], refine, rtn_options)
         holder: dict[str, Any] = {}
 
         def apply_budget(m: torch.nn.Module, cfg: QuantConfig = cfg, holder: dict = holder) -> None:
@@ -166,8 +168,6 @@ def run_budgets(bench: Any, budgets: list[float], method: str, cache: dict[str, 
         model, qtime, bpw = quantized_copy(bench.base, apply_budget, bench.calib[:1, :64])
         cpu = cpu_seconds() - c0
         plan = holder["summary"].budget
-        from metal_marlin_torch.quant.budget import sensitivity_kind
-
         row = {"model": bench.name, "budget": bits, "method": recipe, "kind": "ours",
                "sensitivity": sensitivity_kind(cfg), "bits_per_weight": bpw,
                "quantize_s": qtime, "quantize_cpu_s": cpu, "plan": plan.histogram(),
@@ -310,7 +310,7 @@ def budget_markdown(result: dict[str, Any]) -> str:
 
         def label(r: dict[str, Any]) -> str:
             if "kind" not in r:  # rows of the run before this branch: RTN sensitivity, no refinement
-                return f"{r['method']} (main before issue 20 round 2: RTN sensitivity)"
+                return f"{r['method']} (main before this round: RTN sensitivity; 24 eval windows)"
             return r["method"] + (f" ({r['sensitivity']} sensitivity)" if r.get("sensitivity") else "")
         if m["name"] == "pylm-s":
             ref = m["reference"]

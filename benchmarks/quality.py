@@ -120,68 +120,222 @@ PEER_ROWS: dict[float, dict[str, str]] = {
 }
 
 
-def budget_config(bits: float, method: str, n_samples: int, seq_len: int) -> QuantConfig:
-    """``QuantConfig(bits_per_weight=bits)`` for ``method`` with the sweep's GPTQ options."""
+def budget_config(bits: float, method: str, n_samples: int, seq_len: int, refine: bool = False,
+                  rtn_options: dict[str, Any] | None = None) -> QuantConfig:
+    """``QuantConfig(bits_per_weight=bits)`` for ``method`` with the sweep's GPTQ options
+    (``rtn``: ``rtn_options``, e.g. the scale search or the importance matrix)."""
     opts: dict[str, Any] = {"n_samples": n_samples, "seq_len": seq_len}
     if method != "rtn":
         opts.update(GPTQ_OPTIONS)
-    return QuantConfig(bits_per_weight=bits, method=method, method_options=opts)
+    else:
+        opts.update(rtn_options or {})
+    return QuantConfig(bits_per_weight=bits, method=method, method_options=opts, refine=refine)
 
 
-def run_budgets(bench: Any, budgets: list[float], method: str, cache: dict[str, Any], save) -> None:
+def recipe_name(method: str, refine: bool, rtn_options: dict[str, Any] | None) -> str:
+    """The row label of a budget recipe, e.g. ``gptq+refine`` or ``rtn-imatrix``."""
+    name = method
+    if method == "rtn" and rtn_options:
+        name = "rtn-imatrix" if rtn_options.get("imatrix") else "rtn-search" if rtn_options.get("scale_search") \
+            else name
+    return name + ("+refine" if refine else "")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads) so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_budgets(bench: Any, budgets: list[float], method: str, cache: dict[str, Any], save,
+                refine: bool = False, rtn_options: dict[str, Any] | None = None) -> None:
+    from metal_marlin_torch.quant.budget import sensitivity_kind
+
+    recipe = recipe_name(method, refine, rtn_options)
     for bits in budgets:
-        key = f"{bench.name}|budget {bits:g}|{method}"
+        cfg = budget_config(bits, method, bench.calib.shape[0], bench.calib.shape[1], refine, rtn_options)
+        key = f"{bench.name}|budget {bits:g}|{recipe}|{sensitivity_kind(cfg)} sensitivity"
         if key in cache:
             continue
-        cfg = budget_config(bits, method, bench.calib.shape[0], bench.calib.shape[1])
         holder: dict[str, Any] = {}
 
         def apply_budget(m: torch.nn.Module, cfg: QuantConfig = cfg, holder: dict = holder) -> None:
             kw = {} if cfg.method == "rtn" else {"progress": False}
             holder["summary"] = quantize_model(m, cfg, calibration=bench.calib, **kw)
 
+        c0 = cpu_seconds()
         model, qtime, bpw = quantized_copy(bench.base, apply_budget, bench.calib[:1, :64])
+        cpu = cpu_seconds() - c0
         plan = holder["summary"].budget
-        row = {"model": bench.name, "budget": bits, "method": method, "bits_per_weight": bpw,
-               "quantize_s": qtime, "plan": plan.histogram(), "layers": plan.to_dict()["plan"],
-               **bench.score(model)}
+        row = {"model": bench.name, "budget": bits, "method": recipe, "kind": "ours",
+               "sensitivity": sensitivity_kind(cfg), "bits_per_weight": bpw,
+               "quantize_s": qtime, "quantize_cpu_s": cpu, "plan": plan.histogram(),
+               "layers": plan.to_dict()["plan"], **bench.score(model)}
         cache[key] = row
         save()
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
                           if k != "layers" and not isinstance(v, dict)}), flush=True)
 
 
+# Peers computed offline here, per budget: the largest setting of each peer within the budget
+# (bits per weight counted as each stores them: MLX affine and HQQ keep an fp16 scale and bias
+# per group, b + 32/g; GGUF's legacy blocks of 32 hold an fp16 scale (Q4_0, Q5_0: b + 0.5) or
+# scale and min (Q4_1: 5.0)). Not computable here, with the reason (printed under the table).
+PEER_SKIPPED = {
+    "GGUF K-quants / i-quants (Q2_K..Q6_K, IQ3_S, IQ4_NL, IQ4_XS), llama.cpp imatrix":
+        "the gguf package (0.19) implements quantize only for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 "
+        "(NotImplementedError for the others); llama.cpp's own tools are not built on this machine",
+}
+
+
+def peer_settings(budget: float) -> list[tuple[str, str, int, float]]:
+    """``(peer, setting, bits or GGUF type index, bits/weight)`` of the peers within ``budget``:
+    per peer the most bits, then the smallest group, that fit."""
+    out: list[tuple[str, str, int, float]] = []
+    for peer, bit_choices in (("mlx", (2, 3, 4, 5, 6, 8)), ("hqq", (2, 3, 4, 8))):
+        fits = [(b, g) for b in bit_choices for g in (128, 64, 32) if b + 32 / g <= budget + 1e-9]
+        if fits:
+            b, g = max(fits, key=lambda t: (t[0], -t[1]))
+            out.append((peer, f"{b}-bit g{g}", b * 1000 + g, b + 32 / g))
+    gguf_types = (("Q8_0", 8.5), ("Q5_1", 6.0), ("Q5_0", 5.5), ("Q4_1", 5.0), ("Q4_0", 4.5))
+    fits = [t for t in gguf_types if t[1] <= budget + 1e-9]
+    if fits:
+        out.append(("gguf", fits[0][0], 0, fits[0][1]))
+    return out
+
+
+def peer_dequantize(peer: str, setting: str, w: torch.Tensor) -> torch.Tensor:
+    """``w [N, K]`` float32 quantized by the peer's own code and dequantized to float32."""
+    import numpy as np
+
+    if peer == "mlx":
+        import mlx.core as mx
+
+        b, g = (int(x) for x in setting.replace("-bit g", " ").split())
+        wm = mx.array(w.numpy().astype(np.float16))  # MLX models keep fp16/bf16 weights; scales follow
+        q, scales, biases = mx.quantize(wm, group_size=g, bits=b)
+        out = mx.dequantize(q, scales, biases, group_size=g, bits=b).astype(mx.float32)
+        return torch.from_numpy(np.array(out))
+    if peer == "hqq":
+        from hqq.core.quantize import Quantizer
+
+        b, g = (int(x) for x in setting.replace("-bit g", " ").split())
+        wq, meta = Quantizer.quantize(w.to(torch.float16).float(), nbits=b, group_size=g, optimize=True, axis=1,
+                                      device="cpu", compute_dtype=torch.float32)
+        meta["scale"] = meta["scale"].half().float()  # HQQ stores fp16 scale/zero: count and apply them so
+        meta["zero"] = meta["zero"].half().float()
+        return Quantizer.dequantize(wq, meta).reshape(w.shape).float()
+    if peer == "gguf":
+        import gguf
+        from gguf import quants
+
+        t = gguf.GGMLQuantizationType[setting]
+        arr = w.numpy().astype(np.float32)
+        return torch.from_numpy(np.ascontiguousarray(quants.dequantize(quants.quantize(arr, t), t))).reshape(w.shape)
+    raise ValueError(f"peer_dequantize: unknown peer {peer!r}")
+
+
+def peer_available(peer: str) -> str | None:
+    """None when the peer's package imports, else the reason it is skipped."""
+    mod = {"mlx": "mlx.core", "hqq": "hqq.core.quantize", "gguf": "gguf"}[peer]
+    try:
+        __import__(mod)
+    except Exception as err:  # noqa: BLE001 (any import failure is a reason to skip the peer)
+        return f"{mod} does not import: {type(err).__name__}: {err}"
+    return None
+
+
+def run_peers(bench: Any, budgets: list[float], cache: dict[str, Any], save, skipped: dict[str, str]) -> None:
+    import copy
+    import time
+
+    for bits in budgets:
+        for peer, setting, _, bpw in peer_settings(bits):
+            key = f"{bench.name}|budget {bits:g}|peer {peer} {setting}"
+            if key in cache:
+                continue
+            reason = peer_available(peer)
+            if reason:
+                skipped[peer] = reason
+                continue
+            model = copy.deepcopy(bench.base)
+            selected = QuantConfig()
+            c0, t0 = cpu_seconds(), time.perf_counter()
+            with torch.no_grad():
+                for name, mod in model.named_modules():
+                    if type(mod) is torch.nn.Linear and selected.selects(name):
+                        mod.weight.copy_(peer_dequantize(peer, setting, mod.weight.detach().float().cpu()))
+            row = {"model": bench.name, "budget": bits, "method": f"{peer} {setting}", "kind": "peer",
+                   "bits_per_weight": bpw, "quantize_s": time.perf_counter() - t0,
+                   "quantize_cpu_s": cpu_seconds() - c0, **bench.score(model)}
+            cache[key] = row
+            save()
+            print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
+                              if not isinstance(v, dict)}), flush=True)
+
+
+GOALS = {"pylm-s": {b: float(r["goal"].split()[-1]) for b, r in PEER_ROWS.items()},
+         "all-MiniLM-L6-v2": {4.5: 0.985}}
+
+
+def goal_met(model: str, row: dict[str, Any]) -> str:
+    """``yes``/``no`` against the model's goal at the row's budget (KL at most; cosine at least)."""
+    goal = GOALS.get(model, {}).get(row["budget"])
+    if goal is None:
+        return ""
+    if "kl_mean" in row:
+        return "yes" if row["kl_mean"] <= goal else "no"
+    return "yes" if row["cosine_mean"] >= goal else "no"
+
+
 def budget_markdown(result: dict[str, Any]) -> str:
     out = ["# Quality at a bit budget (issue 20)\n\n",
            "Written by `benchmarks/quality.py --budgets ...`: `QuantConfig(bits_per_weight=B)` chooses each "
-           "layer's format and group (diagonal-Fisher sensitivity of round-to-nearest error, knapsack; "
-           "`quant/budget.py`), then the method quantizes. Bits per weight count codes, scales and biases "
-           "of every Linear but lm_head.\n",
+           "layer's format and group (diagonal-Fisher sensitivity of the method's own error, knapsack; "
+           "`quant/budget.py`), then the method quantizes (`+refine`: scales and biases refined block by block "
+           "against the dense model, `quant/refine.py`). Peer rows (`--peers`): the peers' own quantizers "
+           "(MLX `mx.quantize`, HQQ `Quantizer.quantize(optimize=True)`, GGUF `gguf.quants.quantize`) at the "
+           "largest setting each stores within the budget, dequantized into the same model. Bits per weight "
+           "count codes, scales and biases of every Linear but lm_head. Quantize s: wall; CPU s: the process's "
+           "user + system CPU time (the machine is shared, so wall time mostly measures the neighbours).\n",
            f"Settings: {json.dumps(result.get('settings', {}))}.\n"]
     for m in result["models"]:
-        rows = sorted((r for r in result["rows"].values() if r["model"] == m["name"]),
-                      key=lambda r: (r["budget"], r["method"]))
+        rows = [r for r in result["rows"].values() if r["model"] == m["name"] and "budget" in r]
+        rows.sort(key=lambda r: (r["budget"], r.get("kind", "ours") != "ours",
+                                 r.get("kl_mean", -r.get("cosine_mean", 0.0))))
         out.append(f"\n## {m['name']}\n\nRun on {m.get('device_name', '?')} (`--device {m.get('device', 'cpu')}`), "
-                   f"{m.get('threads', '?')} threads, machine shared with other jobs (times are wall, contended). "
+                   f"{m.get('threads', '?')} threads, machine shared with other jobs. "
                    f"Evaluation: {m['eval']}. Calibration: {m['calibration']}.\n")
-        plans = "\n".join(f"- budget {r['budget']:g} ({r['method']}): "
-                          + ", ".join(f"{k} x{v}" for k, v in r["plan"].items()) for r in rows)
+
+        def label(r: dict[str, Any]) -> str:
+            if "kind" not in r:  # rows of the run before this branch: RTN sensitivity, no refinement
+                return f"{r['method']} (main before this round: RTN sensitivity; 24 eval windows)"
+            return r["method"] + (f" ({r['sensitivity']} sensitivity)" if r.get("sensitivity") else "")
         if m["name"] == "pylm-s":
             ref = m["reference"]
-            out.append(f"Unquantized: perplexity {ref['perplexity']:.4f}. Peer columns: issue 20's table "
-                       "(same protocol; not re-run here).\n\n")
+            out.append(f"Unquantized: perplexity {ref['perplexity']:.4f}.\n\n")
             out.append(md_table(
-                ["budget", "method", "bits/weight", "perplexity", "mean KL", "KL p99", "top-1 agree",
-                 "quantize s", "best single format before", "MLX affine", "HQQ", "goal"],
-                [[r["budget"], r["method"], r["bits_per_weight"], r["perplexity"], r["kl_mean"],
-                  r["kl_percentiles"]["p99"], r["top1_agreement"], r["quantize_s"],
-                  *PEER_ROWS.get(r["budget"], {}).values()] for r in rows]))
+                ["budget", "recipe", "bits/weight", "perplexity", "mean KL", "KL p99", "top-1 agree",
+                 "quantize s", "CPU s", "goal", "met"],
+                [[r["budget"], label(r), r["bits_per_weight"], r["perplexity"], r["kl_mean"],
+                  r["kl_percentiles"]["p99"], r["top1_agreement"], r["quantize_s"], r.get("quantize_cpu_s"),
+                  PEER_ROWS.get(r["budget"], {}).get("goal", ""), goal_met(m["name"], r)] for r in rows]))
+            out.append("\nIssue 20's table (the peers as measured when the issue was filed, same protocol): "
+                       + "; ".join(f"{b:g}: MLX {r['mlx']}, HQQ {r['hqq']}" for b, r in PEER_ROWS.items()) + ".\n")
         else:
             out.append("\n" + md_table(
-                ["budget", "method", "bits/weight", "cosine mean", "cosine min", "quantize s"],
-                [[r["budget"], r["method"], r["bits_per_weight"], r["cosine_mean"], r["cosine_min"],
-                  r["quantize_s"]] for r in rows]))
+                ["budget", "recipe", "bits/weight", "cosine mean", "cosine min", "quantize s", "CPU s", "goal",
+                 "met"],
+                [[r["budget"], label(r), r["bits_per_weight"], r["cosine_mean"], r["cosine_min"], r["quantize_s"],
+                  r.get("quantize_cpu_s"), ">= 0.985" if r["budget"] == 4.5 else "", goal_met(m["name"], r)]
+                 for r in rows]))
+        plans = "\n".join(f"- budget {r['budget']:g} ({label(r)}): "
+                           + ", ".join(f"{k} x{v}" for k, v in r["plan"].items()) for r in rows if "plan" in r)
         out.append(f"\nPlans (layers per format and group):\n\n{plans}\n")
+    skipped = {**PEER_SKIPPED, **result.get("peers_skipped", {})}
+    out.append("\nPeers not computed here:\n\n" + "\n".join(f"- {k}: {v}" for k, v in skipped.items()) + "\n")
     return "".join(out)
 
 
@@ -321,17 +475,36 @@ def main() -> None:
                     help="format sweep at these group sizes only (e.g. int5/int6 at 32 64 128: "
                          "--formats int5 int6 --groups 32 64 128 --out results/quality_int56); "
                          "default: 128, then 32 and 64 for the best 4-bit format")
+    ap.add_argument("--refine", action="store_true", help="budget mode: QuantConfig(refine=True)")
+    ap.add_argument("--rtn", default="", choices=("", "search", "imatrix"),
+                    help="budget mode with --budget-method rtn: the scale search or the importance matrix")
+    ap.add_argument("--peers", action="store_true", help="budget mode: also the peer rows (MLX, HQQ, GGUF)")
+    ap.add_argument("--no-ours", action="store_true", help="budget mode: only the peer rows")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 is faster on a loaded 2-core machine: the pool's fork/join)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out or RESULTS / ("quality_budget" if args.budgets else "quality"))
     jpath = out.with_suffix(".json")
     result: dict[str, Any] = json.loads(jpath.read_text()) if jpath.exists() else {"rows": {}, "models": []}
     result["machine"] = machine()
+    if args.threads:
+        result["machine"]["threads"] = args.threads
     if args.device.startswith("cuda"):
         result["machine"]["device"] = torch.cuda.get_device_name()
     result["settings"] = {"gptq": GPTQ_OPTIONS, "mr_gptq_rotation_block": 128, "rotation_signs": False}
     cache = result["rows"]
 
     def save() -> None:
+        # other processes may write the same file (e.g. peers beside our rows): keep their rows
+        if jpath.exists():
+            disk = json.loads(jpath.read_text())
+            for k, v in disk.get("rows", {}).items():  # in place: callers hold result["rows"]
+                result["rows"].setdefault(k, v)
+            names = {m["name"] for m in result["models"]}
+            result["models"] = [m for m in disk.get("models", []) if m["name"] not in names] + result["models"]
+            result["peers_skipped"] = {**disk.get("peers_skipped", {}), **result.get("peers_skipped", {})}
         write_json(jpath, result)
 
     benches = []
@@ -346,7 +519,11 @@ def main() -> None:
                 "device_name": result["machine"].get("device", result["machine"]["cpu"])}
         result["models"] = [m for m in result["models"] if m["name"] != bench.name] + [info]
         if args.budgets:
-            run_budgets(bench, args.budgets, args.budget_method, cache, save)
+            rtn_options = {"search": {"scale_search": True}, "imatrix": {"imatrix": True}}.get(args.rtn)
+            if not args.no_ours:
+                run_budgets(bench, args.budgets, args.budget_method, cache, save, args.refine, rtn_options)
+            if args.peers:
+                run_peers(bench, args.budgets, cache, save, result.setdefault("peers_skipped", {}))
             continue
         plan = [(f, g, m) for f in args.formats for g in (args.groups or [128]) for m in args.methods]
         run_rows(bench, plan, cache, save)

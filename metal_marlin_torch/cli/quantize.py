@@ -74,6 +74,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for GPTQ on the CPU (default: the cores not already busy, from the load "
                         "average; OMP_NUM_THREADS, if set, is respected)")
+    g.add_argument("--refine", action="store_true",
+                   help="after the method, tune each block's scales and biases (codes fixed) to the dense block's "
+                        "output on the calibration data (any --method; resumable)")
+    g.add_argument("--refine-steps", type=int, default=None, metavar="N",
+                   help="--refine: Adam steps per block (default 64)")
+    g.add_argument("--imatrix", action="store_true",
+                   help="--method rtn: weight the scale search by the calibration inputs' importance "
+                        "(diag X^T X, llama.cpp's imatrix); seconds, not minutes")
+    g.add_argument("--rtn-search", action="store_true",
+                   help="--method rtn: MSE-optimal group scales (the shrink search GPTQ uses); no calibration")
     g.add_argument("--work-dir", default=None,
                    help="folder for finished blocks: an interrupted GPTQ run resumes from it (default OUT.work)")
     p.set_defaults(func=run)
@@ -137,15 +147,27 @@ def run(args: argparse.Namespace) -> int:
     from ..nn import DEFAULT_EXCLUDE, MIXED_4_3_RULES, QuantConfig, quantize_model  # noqa: PLC0415
 
     budget = args.bits is not None
+    if args.method != "rtn" and (args.imatrix or args.rtn_search):
+        raise ValueError(f"--imatrix and --rtn-search apply to --method rtn, got --method {args.method}")
+    # calibration data: GPTQ, a budget's sensitivities, refinement, the importance matrix
+    calibrated = args.method != "rtn" or budget or args.refine or args.imatrix
     options = gptq_options(args) if args.method != "rtn" else {}
-    if budget and args.method == "rtn":  # the sensitivities read calibration windows of this length
+    if args.method == "rtn" and calibrated:  # calibration windows of this length
         options = {"n_samples": args.calib_samples, "seq_len": args.calib_seq_len}
+    if args.method == "rtn" and (args.imatrix or args.rtn_search or args.refine):
+        options.update(scale_search=args.scale_search or args.rtn_search)
+        if args.imatrix:
+            options["imatrix"] = True
+    if args.refine_steps is not None:
+        if not args.refine:
+            raise ValueError("--refine-steps needs --refine")
+        options["refine_steps"] = args.refine_steps
     config = QuantConfig(
         format=args.format, group_size=args.group_size, method=args.method,
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
         rules=MIXED_4_3_RULES if args.mixed else (),
         dtype_config=DTypeConfig(scales=args.scales),
-        method_options=options, bits_per_weight=args.bits,
+        method_options=options, bits_per_weight=args.bits, refine=args.refine,
     )
     # the cheap checks first: a bad path should not cost a quantization run
     max_shard_size = shard_size(args.max_shard_size)
@@ -154,11 +176,14 @@ def run(args: argparse.Namespace) -> int:
     if args.stream is None:
         from ..io.streaming import is_sharded  # noqa: PLC0415
 
-        args.stream = args.method == "rtn" and not budget and is_sharded(args.src)
+        args.stream = not calibrated and is_sharded(args.src)
     if args.stream:
         if budget:
             raise ValueError("--stream quantizes shard by shard and cannot measure the sensitivities a --bits "
                              "budget needs; use --no-stream")
+        if args.refine or args.imatrix or args.rtn_search:
+            raise ValueError("--stream quantizes shard by shard with the formats' plain RTN: it cannot run --refine, "
+                             "--imatrix or --rtn-search; use --no-stream")
         if args.method != "rtn":
             raise ValueError(f"--stream quantizes shard by shard and supports --method rtn only, got {args.method}")
         return run_streaming(args, config)
@@ -168,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     # skipped layers are listed below (print_skipped); quantize_model's own warnings would repeat them
     warnings.filterwarnings("ignore", message="metal_marlin_torch: leaving", category=UserWarning)
     try:
-        if args.method == "rtn" and not budget:
+        if not calibrated:
             summary = quantize_model(model, config)
         else:
             from transformers import AutoTokenizer  # noqa: PLC0415
@@ -191,13 +216,13 @@ def run(args: argparse.Namespace) -> int:
         out = save_quantized(model, args.out, max_shard_size=max_shard_size, extra_config=extra,
                              copy_files=tokenizer_files(args.src))
     except OSError as err:
-        if args.method == "rtn" or not Path(work_dir).is_dir():
+        if not calibrated or not Path(work_dir).is_dir():
             raise
         from . import CommandError, describe  # noqa: PLC0415
 
         raise CommandError(f"{describe(err)[0]} (finished blocks are kept in {work_dir}: the same command "
                            f"resumes)") from err
-    if args.method != "rtn" and args.work_dir is None:
+    if calibrated and args.work_dir is None:
         import shutil  # noqa: PLC0415
 
         shutil.rmtree(f"{Path(args.out)}.work", ignore_errors=True)  # resume data, no longer needed

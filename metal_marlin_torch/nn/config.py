@@ -53,11 +53,15 @@ class QuantConfig:
             format and group among ``candidates`` that minimize the model's predicted error
             under the budget (``quant/budget.py``; needs calibration text or tokens as GPTQ
             does). None: every layer gets ``format``/``group_size`` (or its rule).
-        candidates: ``(format, group_size)`` pairs the budget chooses from; None = the
-            default set of ``quant.budget.DEFAULT_CANDIDATES`` (int2/3/4/8, nf3/nf4 at
-            groups 32-128).
+        candidates: ``(format, group_size)`` pairs the budget chooses from; None =
+            ``quant.budget.default_candidates()``: every registered integer and NormalFloat
+            format (int2/3/4/8, nf3/nf4, ...) at groups 32, 64 and 128.
         budget_samples: calibration windows used to measure the sensitivities (a backward
             pass per 4 windows).
+        refine: after the method quantizes a block, tune its scales and biases (codes fixed)
+            so the block's output matches the dense model's on the calibration data
+            (``quant/refine.py``; needs calibration text or tokens). ``method_options`` keys
+            ``refine_steps``, ``refine_lr``, ``refine_batch`` tune it.
     """
 
     format: str = "fp4"
@@ -72,6 +76,7 @@ class QuantConfig:
     bits_per_weight: float | None = None
     candidates: tuple[tuple[str, int], ...] | None = None
     budget_samples: int = 16
+    refine: bool = False
 
     def __post_init__(self) -> None:
         fmt = F.get_format(self.format)
@@ -107,6 +112,8 @@ class QuantConfig:
                 if group not in fmt.group_sizes:
                     raise ValueError(f"QuantConfig.candidates: format {fmt_name!r} takes group_size in "
                                      f"{fmt.group_sizes}, got {group!r}")
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"QuantConfig.refine must be a bool, got {self.refine!r}")
         if isinstance(self.budget_samples, bool) or not isinstance(self.budget_samples, int) \
                 or self.budget_samples < 1:
             raise ValueError(f"QuantConfig.budget_samples must be a positive int, got {self.budget_samples!r}")
@@ -115,9 +122,9 @@ class QuantConfig:
         """The ``(format, group_size)`` pairs a bit budget chooses from."""
         if self.candidates is not None:
             return self.candidates
-        from ..quant.budget import DEFAULT_CANDIDATES  # noqa: PLC0415 (quant sits above nn)
+        from ..quant.budget import default_candidates  # noqa: PLC0415 (quant sits above nn)
 
-        return DEFAULT_CANDIDATES
+        return default_candidates()
 
     def selects(self, name: str) -> bool:
         """Whether the module called ``name`` is to be converted."""
@@ -168,4 +175,5 @@ class QuantConfig:
             "method_options": dict(self.method_options), "experts": self.experts,
             "bits_per_weight": self.bits_per_weight,
             "candidates": None if self.candidates is None else [list(c) for c in self.candidates],
+            "refine": self.refine,
         }

@@ -178,6 +178,11 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
     experts_before = {name: _tensor_bytes(model.get_submodule(name)) for name in expert_plans}
     quantizer = QUANTIZERS[config.method]
+    if config.method == "rtn" and (config.refine or config.method_options):
+        from ..quant.methods import rtn_layers, wants_rtn_layers  # noqa: PLC0415 (quant sits above nn)
+
+        if wants_rtn_layers(config):  # searched / importance-weighted / refined RTN
+            quantizer = rtn_layers
     if expert_plans and getattr(quantizer, "handles_experts", False):
         # GPTQ / MR-GPTQ quantize the experts too, each expert against the Hessian of its routed tokens
         method_kwargs = {**method_kwargs, "expert_plans": expert_plans}

@@ -40,18 +40,30 @@ from torch import nn
 from .. import formats as F
 from ..dtypes import resolve
 from ..nn.config import LayerPlan, QuantConfig
+from .scale_search import search_group_params
 
 log = logging.getLogger("metal_marlin_torch")
 
-# (format, group) pairs tried by default: integer and NormalFloat grids from 2 to 8 bits at
-# the groups every kernel takes. fp4/mxfp4/nvfp4 are left out: at equal bits nf4/int4 are
-# ahead in the quality table (benchmarks/results/quality.md), so they would only add noise.
-DEFAULT_CANDIDATES: tuple[tuple[str, int], ...] = (
-    ("int2", 32), ("int2", 64), ("int2", 128),
-    ("nf3", 64), ("nf3", 128), ("int3", 32), ("int3", 64), ("int3", 128),
-    ("nf4", 32), ("nf4", 64), ("nf4", 128), ("int4", 32), ("int4", 64), ("int4", 128),
-    ("int8", 32), ("int8", 64), ("int8", 128),
-)
+# Groups every kernel takes that a budget tries for each format.
+CANDIDATE_GROUPS: tuple[int, ...] = (32, 64, 128)
+
+
+def default_candidates() -> tuple[tuple[str, int], ...]:
+    """``(format, group)`` pairs a budget tries by default: every *registered* affine integer
+    and NormalFloat-codebook format (``formats.FORMATS``; a format added later, e.g. int5 or
+    int6, joins automatically) at the groups of :data:`CANDIDATE_GROUPS`, ordered by bits.
+
+    fp4/mxfp4/nvfp4 and the fp8 formats are left out: at equal bits nf4/int4 and int8 are
+    ahead in the quality table (benchmarks/results/quality.md), so they would only add noise."""
+    from ..formats.integer import _Affine  # noqa: PLC0415
+    from ..formats.nf import _NormalFloat  # noqa: PLC0415
+
+    fmts = sorted((f for f in F.FORMATS.values() if isinstance(f, (_Affine, _NormalFloat))),
+                  key=lambda f: (f.bits, f.name))
+    return tuple((f.name, g) for f in fmts for g in CANDIDATE_GROUPS if g in f.group_sizes)
+
+
+DEFAULT_CANDIDATES: tuple[tuple[str, int], ...] = default_candidates()  # the formats registered at import
 DEFAULT_FISHER_SAMPLES = 16  # calibration windows for the Fisher (a backward pass per batch)
 FISHER_BATCH = 4
 
@@ -121,13 +133,15 @@ def _main_output(out: Any) -> tuple[torch.Tensor, bool]:
 
 def fisher_diagonals(
     model: nn.Module, names: Iterable[str], tokens: torch.Tensor, batch_size: int = FISHER_BATCH,
-    seed: int = 0,
+    seed: int = 0, hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher ``float32 [N, K]`` per output token of the weights of the ``nn.Linear``
     layers called ``names``, from calibration windows ``tokens int64 [n, L]`` (module doc).
 
     The model's parameters are left as they were (``requires_grad`` restored, gradients
-    cleared); its mode is set to eval for the passes and restored."""
+    cleared); its mode is set to eval for the passes and restored. ``hessians``: a dict that
+    receives each layer's input Hessian ``X^T X / T`` from the same passes (for
+    :func:`gptq_column_factors`)."""
     names = list(names)
     if tokens.dim() != 2 or tokens.dtype != torch.int64:
         raise ValueError(f"fisher_diagonals: tokens must be int64 [n, L], got {tokens.dtype} {tuple(tokens.shape)}")
@@ -142,6 +156,14 @@ def fisher_diagonals(
     n_tokens = 0
     cfg = getattr(model, "config", None)
     use_cache = getattr(cfg, "use_cache", None)
+    accs = {}
+    handles = []
+    if hessians is not None:
+        from .gptq import HessianAccumulator  # noqa: PLC0415
+
+        for n, m in layers.items():
+            accs[n] = HessianAccumulator(m.in_features, m.weight.device)
+            handles.append(m.register_forward_hook(accs[n].hook()))
     try:
         for p in params:
             p.requires_grad_(False)
@@ -172,12 +194,43 @@ def fisher_diagonals(
                 if g is not None:
                     fisher[n] += g.float().square()
     finally:
+        for h in handles:
+            h.remove()
         for p, r in zip(params, old_grad, strict=True):
             p.requires_grad_(r)
         if use_cache is not None:
             cfg.use_cache = use_cache
         model.train(was_training)
+    if hessians is not None:
+        hessians.update({n: a.hessian() for n, a in accs.items()})
     return {n: f / max(n_tokens, 1) for n, f in fisher.items()}
+
+
+def gptq_column_factors(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
+    """Per input column ``k``, how much less a rounding error costs after GPTQ than before:
+    ``(1 / U_kk^2) / H_kk`` with ``U`` the upper Cholesky factor of ``H^-1`` in GPTQ's column
+    order (float32 ``[K]``, in ``(0, 1]`` up to damping).
+
+    GPTQ's output error is ``sum_k e_k^2 / U_kk^2`` for the errors ``e_k`` of the columns as
+    rounded (its loss, :class:`~.gptq.GPTQResult`); without compensation an error costs
+    ``H_kk e_k^2`` (the diagonal that the Fisher already holds). ``1 / U_kk^2`` is the
+    precision of input ``k`` given the columns GPTQ still can move, so the ratio is small for
+    inputs the others predict well (where GPTQ gains most) and 1 for independent ones.
+    Multiplying the Fisher's columns by it makes a candidate's predicted cost that of the
+    method actually used, as long as GPTQ's column errors are about as large as RTN's."""
+    from .gptq import damped_inverse_cholesky  # noqa: PLC0415
+
+    h = hessian.float().clone()
+    diag = torch.diagonal(h).clone()
+    dead = diag == 0
+    h[dead, dead] = 1.0
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order \
+        else torch.arange(h.shape[0], device=h.device)
+    u, _ = damped_inverse_cholesky(h[perm][:, perm], damp)
+    eff = torch.empty_like(diag)
+    eff[perm] = 1.0 / torch.diagonal(u).square()
+    ratio = eff / torch.diagonal(h)
+    return torch.where(dead, torch.zeros_like(ratio), ratio.clamp(0.0, 1.0))
 
 
 def stored_bits(fmt: str, group_size: int, n: int, k: int, scale_dtype: torch.dtype,
@@ -198,10 +251,12 @@ def stored_bits(fmt: str, group_size: int, n: int, k: int, scale_dtype: torch.dt
 
 def layer_costs(
     weight: torch.Tensor, fisher: torch.Tensor, candidates: Iterable[tuple[str, int]],
-    scale_dtype: torch.dtype, rotation_signs: bool = False,
+    scale_dtype: torch.dtype, rotation_signs: bool = False, search: bool = False,
 ) -> list[Candidate]:
     """Every candidate that fits ``weight [N, K]``, with its stored bits and predicted cost
-    ``0.5 * sum(fisher * (W - RTN(W))**2)``."""
+    ``0.5 * sum(fisher * (W - Q(W))**2)``: ``Q`` the formats' plain RTN, or with ``search``
+    RTN with the group parameters of least ``fisher``-weighted error (the shrink search GPTQ
+    and searched / imatrix RTN use, :mod:`.scale_search`)."""
     n, k = weight.shape
     w = weight.detach().float()
     out = []
@@ -213,7 +268,10 @@ def layer_costs(
             continue
         g = F.resolve_group_size(group, k)
         groups = w.reshape(n, k // g, g)
-        params = spec.group_params(groups, spec.scale_dtype(scale_dtype))  # RTN, without packing
+        if search:
+            params = search_group_params(spec, groups, spec.scale_dtype(scale_dtype), fisher.view(n, k // g, g))
+        else:
+            params = spec.group_params(groups, spec.scale_dtype(scale_dtype))  # RTN, without packing
         w_hat = spec.decode(spec.encode(groups, params), params).reshape(n, k)
         cost = 0.5 * float((fisher * (w - w_hat).square()).sum())
         out.append(Candidate(fmt, group, stored_bits(fmt, group, n, k, scale_dtype, rotation_signs), cost))
@@ -294,6 +352,24 @@ def allocate(options: dict[str, list[Candidate]], budget_bits: float) -> dict[st
     return {n: choice[n] for n in names}
 
 
+def sensitivity_kind(config: QuantConfig) -> str:
+    """How a budget predicts each candidate's error, following the method that will quantize:
+    ``"rtn"`` (the formats' plain RTN), ``"search"`` (RTN with the scale search: searched or
+    importance-weighted RTN, GPTQ without a Hessian) or ``"gptq"`` (GPTQ's compensation,
+    :func:`gptq_column_factors`). ``method_options["sensitivity"]`` overrides it."""
+    opts = config.method_options
+    if "sensitivity" in opts:
+        kind = opts["sensitivity"]
+        if kind not in ("rtn", "search", "gptq"):
+            raise ValueError(f"method_options['sensitivity'] must be 'rtn', 'search' or 'gptq', got {kind!r}")
+        return kind
+    if config.method == "rtn":
+        return "search" if (opts.get("scale_search") or opts.get("imatrix")) else "rtn"
+    if not opts.get("hessian", True):
+        return "search" if opts.get("scale_search", True) else "rtn"
+    return "gptq"
+
+
 def plan_budget(
     model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, *,
     calibration: Any = None, tokenizer: Any = None, **_: Any,
@@ -327,11 +403,17 @@ def plan_budget(
     for n in pinned:
         w = model.get_submodule(n).weight
         fixed_bits += stored_bits(plans[n].format, plans[n].group_size, *w.shape, sdt, signs)
-    fisher = fisher_diagonals(model, free, tokens) if free else {}
+    sens = sensitivity_kind(config)
+    hessians: dict[str, torch.Tensor] | None = {} if sens == "gptq" else None
+    fisher = fisher_diagonals(model, free, tokens, hessians=hessians) if free else {}
     options: dict[str, list[Candidate]] = {}
     for n in free:
-        options[n] = layer_costs(model.get_submodule(n).weight, fisher.pop(n), config.budget_candidates(),
-                                 sdt, signs)
+        f = fisher.pop(n)
+        if hessians is not None:
+            f = f * gptq_column_factors(hessians.pop(n), float(opts.get("damp", 0.01)),
+                                        bool(opts.get("act_order", True))).to(f.device)
+        options[n] = layer_costs(model.get_submodule(n).weight, f, config.budget_candidates(), sdt, signs,
+                                 search=sens != "rtn")
     if fixed_bits > budget_bits:
         raise ValueError(f"QuantConfig.bits_per_weight={target:g}: the layers pinned by rules alone need "
                          f"{fixed_bits / total:.4f} bits per weight of the quantized layers")

@@ -47,6 +47,7 @@ from .experts import DEFAULT_MIN_TOKENS, quantize_experts
 from .gptq import HessianAccumulator
 from .hadamard import unrotate
 from .mr_gptq import DEFAULT_ROTATION_BLOCK, Rotation, quantize_linear, rotation_for
+from .refine import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, RefineOptions, refine_block
 
 log = logging.getLogger("metal_marlin_torch")
 
@@ -238,6 +239,12 @@ class DriverOptions:
             submodules replayed in later calibration passes of the same block (see
             :class:`_Replay`); 0 recomputes them. Does not change results.
         gptq: options of :func:`~.gptq.gptq_quantize` (damp, block_size, act_order, ...).
+        rtn: round to nearest instead of GPTQ. With ``hessian`` the inputs' second moments
+            (``diag H``, llama.cpp's "importance matrix") weight the scale search; the
+            ``gptq`` keys ``scale_search`` (default on), ``search_grid``, ``min_shrink`` apply.
+        refine: after each block is quantized, tune its scales and biases (codes fixed) to
+            the dense block's output (:mod:`.refine`).
+        refine_steps, refine_lr, refine_batch: :class:`~.refine.RefineOptions`.
     """
 
     hessian: bool = True
@@ -251,14 +258,28 @@ class DriverOptions:
     expert_min_tokens: int = DEFAULT_MIN_TOKENS
     replay_mib: int = 2048
     gptq: dict[str, Any] = field(default_factory=dict)
+    rtn: bool = False
+    refine: bool = False
+    refine_steps: int = DEFAULT_STEPS
+    refine_lr: float = DEFAULT_LR
+    refine_batch: int = DEFAULT_BATCH
+
+    def __post_init__(self) -> None:
+        RefineOptions(self.refine_steps, self.refine_lr, self.refine_batch)  # validates them
 
     @classmethod
     def from_options(cls, method: str, options: dict[str, Any]) -> DriverOptions:
-        """Options for ``method`` (``gptq`` / ``mr-gptq``) from a flat dict; unknown keys are errors."""
+        """Options for ``method`` (``rtn`` / ``gptq`` / ``mr-gptq``) from a flat dict; unknown keys
+        are errors. ``rtn``: Hessians only with ``imatrix`` (importance-weighted RTN)."""
         opts = dict(options)
+        if method == "rtn":
+            opts["rtn"] = True
+            opts["hessian"] = bool(opts.pop("imatrix", False))
+        elif "imatrix" in opts:
+            raise ValueError(f"method_options: 'imatrix' applies to method 'rtn', not {method!r}")
         gptq = {k: opts.pop(k) for k in GPTQ_KEYS if k in opts}
         known = set(cls.__dataclass_fields__) - {"gptq"}
-        bad = set(opts) - known - {"n_samples", "seq_len", "calibration_seed"}
+        bad = set(opts) - known - {"n_samples", "seq_len", "calibration_seed", "sensitivity"}
         if bad:
             raise ValueError(f"method_options: unknown keys {sorted(bad)}; known: {sorted(known | set(GPTQ_KEYS))}")
         kw = {k: v for k, v in opts.items() if k in known}
@@ -397,6 +418,15 @@ def capture_inputs(
 
 def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states among a block's captured arguments (see :func:`_replace_hidden`)."""
+    if args:
+        return args[0]
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"]
+    raise ValueError("quantize_layerwise: cannot find the hidden states among the block's arguments")
 
 
 def _replace_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
@@ -596,6 +626,8 @@ def quantize_layerwise(
 
     report: dict[str, Any] = {"resumed_blocks": [], "quantized_blocks": [], "rtn_outside": [], "experts": {}}
     gptq_opts = dict(options.gptq)
+    if options.rtn:
+        gptq_opts["rtn"] = True
     model_was_training = model.training
     model.eval()
     _move_outside(model, blocks, device)
@@ -613,6 +645,11 @@ def quantize_layerwise(
         bar = tqdm(range(len(blocks)), desc=f"quantizing {prefix}", disable=not progress)
     except ImportError:  # tqdm is a dependency; keep the driver usable without it anyway
         bar = range(len(blocks))
+    # refine: the dense model's hidden states beside the quantized ones (the targets' inputs)
+    dense_hidden = [_hidden_arg(a, k) for a, k in inputs] if options.refine else None
+    refine_opts = RefineOptions(options.refine_steps, options.refine_lr, options.refine_batch)
+    if options.refine:
+        report["refine"] = {}
     for i in bar:
         block = blocks[i]
         block_home = next(block.parameters()).device
@@ -622,15 +659,25 @@ def quantize_layerwise(
         outs = None
         try:
             with torch.no_grad():
+                targets = None
+                if dense_hidden is not None:  # before any layer of the block is replaced
+                    dense_in = [_replace_hidden(a, k, h) for (a, k), h in zip(inputs, dense_hidden, strict=True)]
+                    targets = _run_block(block, dense_in, device, store)
+                    del dense_in
                 if path is not None and path.exists():
                     load_block(path, block, dcfg, device)
                     report["resumed_blocks"].append(i)
                 elif per_block[i] or per_block_experts[i]:
+                    # refined scales change the block's outputs: then recompute them below
                     outs, experts_report = _quantize_block(
                         block, per_block[i], inputs, options, gptq_opts, dcfg, device, store, layer_fn,
-                        per_block_experts[i], need_outputs=i + 1 < len(blocks))
+                        per_block_experts[i], need_outputs=i + 1 < len(blocks) and targets is None)
                     head = f"{prefix}.{i}." if prefix else f"{i}."
                     report["experts"].update({head + k: v for k, v in experts_report.items()})
+                    if targets is not None:
+                        report["refine"][i] = refine_block(
+                            block, inputs, targets, refine_opts, device,
+                            lambda blk, a, k: _hidden(blk(*_to(a, device), **_to(k, device))), _hidden_arg)
                     _restore_dtypes(block, old_dtypes, biases_only=True)
                     if path is not None:
                         save_block(path, block)
@@ -643,6 +690,7 @@ def quantize_layerwise(
                         finally:
                             _restore(block, finals)
                     inputs = [_replace_hidden(a, k, o) for (a, k), o in zip(inputs, outs, strict=True)]
+                    dense_hidden = targets
         finally:
             _restore_dtypes(block, old_dtypes)
         block.to(block_home)
@@ -653,7 +701,7 @@ def quantize_layerwise(
         linear = model.get_submodule(name)
         rot = rotation_for(linear.in_features, options.rotation_block, options.rotation_signs, options.seed) \
             if options.rotate else Rotation()
-        replace_module(model, name, layer_fn(linear, plan, dcfg, None, rot, None))
+        replace_module(model, name, layer_fn(linear, plan, dcfg, None, rot, gptq_opts if options.rtn else None))
         report["rtn_outside"].append(name)
     fallbacks = {n: r["rtn"] for n, r in report["experts"].items() if any(r["rtn"].values())}
     if fallbacks:

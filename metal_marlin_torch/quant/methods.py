@@ -17,10 +17,12 @@ from typing import Any
 
 from torch import nn
 
+from ..dtypes import resolve
 from ..nn.config import LayerPlan, QuantConfig
-from ..nn.quantize import register_quantizer
+from ..nn.quantize import register_quantizer, replace_module
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, load_calibration
 from .driver import DriverOptions, quantize_layerwise
+from .mr_gptq import quantize_linear
 
 
 def _layerwise(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, *,
@@ -34,12 +36,42 @@ def _layerwise(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfi
         seq_len=int(opts.get("seq_len", DEFAULT_SEQ_LEN)),
         seed=int(opts.get("calibration_seed", DEFAULT_SEED)),
     )
-    options = DriverOptions.from_options(config.method, opts)
+    options = DriverOptions.from_options(config.method, _driver_options(config))
     return quantize_layerwise(model, plans, tokens, options, config.dtype_config, device, work_dir, progress,
                               expert_plans=expert_plans)
 
 
 _layerwise.handles_experts = True  # quantize_model passes expert_plans (per-expert Hessians, .experts)
+
+
+def _driver_options(config: QuantConfig) -> dict[str, Any]:
+    opts = dict(config.method_options)
+    if config.refine:
+        opts["refine"] = True
+    return opts
+
+
+def rtn_layers(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, **kwargs: Any) -> dict[str, Any]:
+    """``method="rtn"`` with ``method_options`` ``scale_search`` / ``imatrix`` or with
+    ``QuantConfig.refine``: RTN with the MSE scale search (:mod:`.rtn`), importance-weighted by
+    the calibration inputs' ``diag(X^T X)`` with ``imatrix``, refined with ``refine``. Without
+    ``imatrix`` and ``refine`` it needs no calibration data and runs layer by layer."""
+    opts = _driver_options(config)
+    if opts.get("imatrix") or opts.get("refine"):
+        return _layerwise(model, plans, config, **kwargs)
+    options = DriverOptions.from_options("rtn", opts)
+    gptq = {**options.gptq, "rtn": True}
+    dcfg = resolve(config.dtype_config)
+    for name, plan in plans.items():
+        replace_module(model, name, quantize_linear(model.get_submodule(name), plan, dcfg, None, None, gptq))
+    return {"rtn_layers": list(plans)}
+
+
+def wants_rtn_layers(config: QuantConfig) -> bool:
+    """Whether ``method="rtn"`` needs :func:`rtn_layers` rather than the formats' plain RTN."""
+    opts = config.method_options
+    return config.method == "rtn" and bool(config.refine or opts.get("imatrix") or opts.get("refine")
+                                           or opts.get("scale_search"))
 
 
 def register_methods() -> None:

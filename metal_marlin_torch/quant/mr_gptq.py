@@ -25,6 +25,8 @@ from ..nn.config import LayerPlan
 from ..nn.linear import MarlinLinear
 from .gptq import gptq_quantize
 from .hadamard import choose_block, random_signs, rotate, rotate_hessian
+from .rtn import rtn_search
+from .scale_search import DEFAULT_GRID, DEFAULT_MIN_SHRINK
 
 DEFAULT_ROTATION_BLOCK = 128
 
@@ -61,7 +63,9 @@ def quantize_linear(
         dtype_config: dtypes of the new layer (scales, activations); None = the default.
         hessian: ``[K, K]`` input Hessian of the *unrotated* inputs -> GPTQ; None -> RTN.
         rotation: input rotation (MR-GPTQ, or RTN + rotation); None = none.
-        gptq_options: keyword options of :func:`~.gptq.gptq_quantize` (damp, block_size, ...).
+        gptq_options: keyword options of :func:`~.gptq.gptq_quantize` (damp, block_size, ...);
+            with ``rtn: True`` round to nearest with the scale search instead (``scale_search``,
+            ``search_grid``, ``min_shrink``), weighted by ``diag(hessian)`` when one is given.
     """
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"quantize_linear: expected nn.Linear, got {type(linear).__name__}")
@@ -71,13 +75,22 @@ def quantize_linear(
     if rotation.block:
         w = rotate(w, rotation.block, rotation.signs)
     sdt = dcfg.torch_scales
-    if hessian is None:
+    opts = dict(gptq_options or {})
+    if opts.pop("rtn", False):  # RTN with the scale search, importance-weighted by diag(H) if given
+        imp = None
+        if hessian is not None:
+            h = hessian.to(device=w.device, dtype=torch.float32)
+            imp = torch.diagonal(rotate_hessian(h, rotation.block, rotation.signs) if rotation.block else h)
+        grid = int(opts.get("search_grid", DEFAULT_GRID)) if opts.get("scale_search", True) else 1
+        qt = rtn_search(w, plan.format, plan.group_size, sdt, imp, grid,
+                        float(opts.get("min_shrink", DEFAULT_MIN_SHRINK)))
+    elif hessian is None:
         qt = F.quantize(w, plan.format, plan.group_size, sdt)
     else:
         h = hessian.to(device=w.device, dtype=torch.float32)
         if rotation.block:
             h = rotate_hessian(h, rotation.block, rotation.signs)
-        qt = gptq_quantize(w, h, plan.format, plan.group_size, sdt, **(gptq_options or {})).qt
+        qt = gptq_quantize(w, h, plan.format, plan.group_size, sdt, **opts).qt
     layer = MarlinLinear.like(linear, plan.format, plan.group_size, dcfg, rotation.block, device=w.device)
     layer.load_quantized(qt, bias=linear.bias, rotation_block=rotation.block,
                          rotation_signs=rotation.signs)

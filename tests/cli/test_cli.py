@@ -133,3 +133,50 @@ def test_quantize_int5_and_gptq_int6(tmp_path, pylm_s_path, capsys):
             got = model(ids).logits
         # 5/6 bits keep the tiny model's logits close to the dense ones
         assert float((got - ref).norm() / ref.norm()) < 0.05
+
+
+def test_quantize_rtn_with_imatrix_and_refine(tmp_path, pylm_s_path, capsys):
+    import shutil
+
+    from tests.conftest import tiny_llama
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: the intra-op pool's fork/join costs more than the ops
+    src = tmp_path / "tiny"
+    torch.manual_seed(0)
+    tiny_llama(vocab=4096).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(pylm_s_path / name, src / name)
+    text = tmp_path / "calib.txt"
+    text.write_text("def f(x):\n    return [x + i for i in range(10)]\n" * 200)
+    try:
+        _imatrix_and_refine(src, text, tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _imatrix_and_refine(src, text, tmp_path, capsys) -> None:
+    from metal_marlin_torch import QuantConfig, quantize_model
+    from tests.conftest import tiny_llama
+
+    common = ["--format", "int4", "--group-size", "32", "--calibration", str(text), "--calib-samples", "4",
+              "--calib-seq-len", "64"]
+    out = tmp_path / "imatrix"
+    assert main(["quantize", str(src), str(out), "--imatrix", *common]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["config"]["method_options"]["imatrix"] is True and not (tmp_path / "imatrix.work").exists()
+    refined = tmp_path / "refined"
+    assert main(["quantize", str(src), str(refined), "--refine", "--refine-steps", "4", *common]) == 0
+    cfg = json.loads((refined / "config.json").read_text())["quantization_config"]
+    assert cfg["config"]["refine"] is True and cfg["config"]["method_options"]["refine_steps"] == 4
+    a, b = load_quantized(out), load_quantized(refined)
+    torch.manual_seed(0)
+    plain = tiny_llama(vocab=4096)
+    quantize_model(plain, QuantConfig(format="int4", group_size=32, method_options={"scale_search": True}))
+    up = "model.layers.0.mlp.up_proj"
+    # refined RTN keeps the searched RTN codes; the importance matrix moves some groups' scales
+    assert torch.equal(b.get_submodule(up).weight, plain.get_submodule(up).weight)
+    assert not torch.equal(b.get_submodule(up).scales, plain.get_submodule(up).scales)
+    assert not torch.equal(a.get_submodule(up).scales, plain.get_submodule(up).scales)
+    assert main(["quantize", str(src), str(tmp_path / "x"), "--method", "gptq", "--imatrix"]) == 2
+    assert "--imatrix and --rtn-search apply to --method rtn" in capsys.readouterr().err

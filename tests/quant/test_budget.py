@@ -158,3 +158,44 @@ def test_budget_on_an_encoder_and_bad_budgets():
         QuantConfig(bits_per_weight="4")
     with pytest.raises(ValueError, match="candidates: format 'mxfp4' takes group_size"):
         QuantConfig(bits_per_weight=4, candidates=(("mxfp4", 128),))
+
+
+def test_default_candidates_follow_the_registered_formats(monkeypatch):
+    from metal_marlin_torch import formats as F
+    from metal_marlin_torch.formats.integer import _make
+    from metal_marlin_torch.quant.budget import default_candidates
+
+    names = {f for f, _ in default_candidates()}
+    assert names == {"int2", "int3", "int4", "int8", "nf3", "nf4"}  # integer and codebook formats only
+    monkeypatch.setitem(F.FORMATS, "int7", _make(7)())  # a format registered later joins
+    cands = default_candidates()
+    assert ("int7", 32) in cands and ("int7", 128) in cands
+    assert QuantConfig(bits_per_weight=4.0).budget_candidates() == cands
+
+
+def test_gptq_column_factors_know_which_inputs_gptq_can_compensate():
+    from metal_marlin_torch.quant.budget import gptq_column_factors
+
+    torch.manual_seed(0)
+    x = torch.randn(4096, 6)
+    x[:, 1] = x[:, 0] + 0.05 * torch.randn(4096)  # column 1 is nearly column 0: errors there are cheap
+    h = x.T @ x / x.shape[0]
+    r = gptq_column_factors(h, damp=0.0, act_order=False)
+    assert r.shape == (6,) and bool(((r > 0) & (r <= 1)).all())
+    assert float(r[0]) < 0.01  # quantized first, its error moves onto column 1
+    assert float(r[2:].min()) > 0.95  # independent inputs: GPTQ cannot help
+    # column 0 is quantized first: its factor is its precision given all other inputs (Schur
+    # complement, 1 / [H^-1]_00) over its marginal H_00
+    torch.testing.assert_close(r[0], 1 / torch.linalg.inv(h.double())[0, 0].float() / h[0, 0], rtol=1e-3, atol=0)
+
+
+def test_budget_sensitivity_follows_the_method():
+    from metal_marlin_torch.quant.budget import sensitivity_kind
+
+    assert sensitivity_kind(QuantConfig(bits_per_weight=4.0)) == "rtn"
+    assert sensitivity_kind(QuantConfig(bits_per_weight=4.0, method_options={"imatrix": True})) == "search"
+    assert sensitivity_kind(QuantConfig(bits_per_weight=4.0, method="gptq")) == "gptq"
+    assert sensitivity_kind(QuantConfig(bits_per_weight=4.0, method="mr-gptq", method_options={"hessian": False})) \
+        == "search"
+    with pytest.raises(ValueError, match="method_options\\['sensitivity'\\] must be"):
+        sensitivity_kind(QuantConfig(bits_per_weight=4.0, method_options={"sensitivity": "x"}))

@@ -16,9 +16,11 @@ Columns:
   * ``resident_gb``: device memory held by the model (CUDA: ``memory_allocated`` after build),
     and ``checkpoint_gb``: the bytes of its state_dict (packed tensors + unquantized layers);
   * ``eager_tok_s``: ``generate()`` with a static cache and ``disable_compile=True``,
-    ``--prompt`` tokens in, ``--new`` greedy tokens out, tokens out / wall seconds;
+    ``--prompt`` tokens in, ``--new`` greedy tokens out, tokens out / wall seconds, median of
+    ``--generate-repeats`` calls after a warm-up call;
   * ``compiled_tok_s`` (CUDA): ``generate()`` with its automatic compile (static cache:
-    ``torch.compile`` of the decode step, mode reduce-overhead), timed on its second call;
+    ``torch.compile`` of the decode step, mode reduce-overhead), timed on the calls after the
+    first (median of ``--generate-repeats``);
     ``compile_s``: its first call;
   * ``eager_split`` / ``compiled_split``: the timed call's first token (prefill and setup) and
     its median per-token gap; ``compiled_counters``: dynamo's graphs and graph breaks;
@@ -119,10 +121,14 @@ class _Stamps:
         return scores
 
 
-def generate_tok_s(model, ids, new: int, device: str, compile_: bool) -> tuple[float, float, dict]:
-    """tok/s of the timed (second) call, seconds of the first, and the timed call's split:
-    ``first_ms`` (call start to the first token's logits: prefill and setup) and
-    ``step_ms`` (median gap between later tokens)."""
+def generate_tok_s(model, ids, new: int, device: str, compile_: bool,
+                   repeats: int = 1) -> tuple[float, float, dict]:
+    """tok/s of the timed calls (median of ``repeats`` calls after the first), seconds of the
+    first, and the timed calls' split: ``first_ms`` (call start to the first token's logits:
+    prefill and setup) and ``step_ms`` (median gap between later tokens), medians over the
+    timed calls. Eager ``generate()`` is bound by the host's Python, whose speed drifts by a few
+    percent from one call to the next: one timed call made the ratio to dense swing between
+    0.94x and 1.04x in two runs of the same code (docs/CUDA.md 7.5)."""
     from transformers import LogitsProcessorList
 
     stamps = _Stamps()
@@ -134,16 +140,24 @@ def generate_tok_s(model, ids, new: int, device: str, compile_: bool) -> tuple[f
     model.generate(ids, **kw)  # warm-up (compiles when compile_)
     sync(device)
     first = time.perf_counter() - t0
-    stamps.t.clear()
-    t0 = time.perf_counter()
-    out = model.generate(ids, **kw)
-    sync(device)
-    dt = time.perf_counter() - t0
-    assert out.shape[1] == ids.shape[1] + new
-    gaps = [b - a for a, b in zip(stamps.t, stamps.t[1:], strict=False)]
-    split = {"first_ms": round((stamps.t[0] - t0) * 1e3, 2) if stamps.t else None,
-             "step_ms": round(statistics.median(gaps) * 1e3, 3) if gaps else None}
-    return new / dt, first, split
+    rates, firsts, steps = [], [], []
+    for _ in range(max(1, repeats)):
+        stamps.t.clear()
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kw)
+        sync(device)
+        dt = time.perf_counter() - t0
+        assert out.shape[1] == ids.shape[1] + new
+        rates.append(new / dt)
+        gaps = [b - a for a, b in zip(stamps.t, stamps.t[1:], strict=False)]
+        if stamps.t:
+            firsts.append(stamps.t[0] - t0)
+        if gaps:
+            steps.append(statistics.median(gaps))
+    split = {"first_ms": round(statistics.median(firsts) * 1e3, 2) if firsts else None,
+             "step_ms": round(statistics.median(steps) * 1e3, 3) if steps else None,
+             "calls": len(rates)}
+    return statistics.median(rates), first, split
 
 
 def _compile_counters() -> dict:
@@ -253,7 +267,8 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
     row["checkpoint_gb"] = round(state_bytes(model) / 1e9, 3)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), device=device)
     with torch.no_grad():
-        row["eager_tok_s"], _, split = generate_tok_s(model, ids, args.new, device, False)
+        row["eager_tok_s"], _, split = generate_tok_s(model, ids, args.new, device, False,
+                                                      args.generate_repeats)
         row["eager_split"] = split
         if device == "cuda" and not args.no_compile:
             try:
@@ -261,7 +276,7 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
 
                 counters.clear()
                 row["compiled_tok_s"], first, split = generate_tok_s(model, ids, args.new, device,
-                                                                     True)
+                                                                     True, args.generate_repeats)
                 row["compile_s"] = round(first, 1)
                 row["compiled_split"] = split
                 row["compiled_counters"] = _compile_counters()
@@ -356,7 +371,7 @@ def render(result: dict) -> str:
             if r.get(k):
                 lines.append(f"\n{r['method']} {k}: `{r[k]}`")
     if any(r.get("eager_split") for r in rows):
-        lines += ["", "Where a generate() call's time goes (timed call; first: call start to the first "
+        lines += ["", "Where a generate() call's time goes (medians over the timed calls; first: call start to the first "
                   "token's logits, prefill included; step: median gap between later tokens; ms):", "",
                   "| method | eager first | eager step | compiled first | compiled step | "
                   "compiled graphs / breaks |", "|---|---|---|---|---|---|"]
@@ -389,6 +404,8 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prefill", default="512,2048")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--generate-repeats", type=int, default=3,
+                    help="timed generate() calls per method (median), after a warm-up call")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-step-graph", action="store_true")
     ap.add_argument("--step-graph-methods", default="", help="only these methods (default: all)")

@@ -214,22 +214,63 @@ inline float group_bias(const Args& a, int64_t r, int64_t g) {
 // reads the sign). 8-bit codes: 8 bytes widened, converted (affine) or gathered from the
 // 256-entry table (fp8).
 struct Avx2Table {
-  __m256 lo, hi;
+  __m256 lo, hi;      // lut[0..8), lut[8..16)
+  __m256i byte[4];    // byte j of lut[q] at byte q of both 128-bit lanes (vpshufb tables)
 };
 
 inline Avx2Table avx2_table(const Args& a) {
   float t[16] = {0};
   for (int i = 0; i < (1 << std::min(a.bits, 4)); ++i) t[i] = a.lut[i];
-  return {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)};
+  Avx2Table r;
+  r.lo = _mm256_loadu_ps(t);
+  r.hi = _mm256_loadu_ps(t + 8);
+  alignas(16) uint8_t b[4][16];
+  for (int q = 0; q < 16; ++q) {
+    uint32_t bits;
+    std::memcpy(&bits, t + q, 4);
+    for (int j = 0; j < 4; ++j) b[j][q] = static_cast<uint8_t>(bits >> (8 * j));
+  }
+  for (int j = 0; j < 4; ++j)
+    r.byte[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(b[j])));
+  return r;
+}
+
+// The GEMV reads 4-bit codes in "pair order": within each whole 8-code step, the lanes of a
+// decoded vector hold codes {0, 2, 4, 6, 1, 3, 5, 7} (what the 32-code decode below produces
+// without any cross-lane shuffle); the activations are permuted the same way once per call
+// (avx2_pair_order_x), so the products are the same ones. Codes past the last whole 8 stay.
+constexpr int kPairOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+// 32 values of 4-bit codes [c, c + 32) (c a multiple of 8), in pair order, as 4 x 8 floats,
+// for any 16-entry table: the 16 bytes split into low nibbles (lane 0: even codes) and high
+// nibbles (lane 1: odd codes); each byte of the float values looked up by vpshufb in its byte
+// table, and the four bytes interleaved into floats by unpacks (all within 128-bit lanes):
+// 3 + 12 shuffle-port ops for 32 codes, against 6 per 8 for permutes and a blend.
+inline void avx2_values32(const Avx2Table& t, const uint32_t* row, int64_t c, __m256 f[4]) {
+  const __m128i b = _mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(row) + (c >> 1)));
+  const __m256i q = _mm256_and_si256(
+      _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1),
+      _mm256_set1_epi8(15));
+  const __m256i b0 = _mm256_shuffle_epi8(t.byte[0], q), b1 = _mm256_shuffle_epi8(t.byte[1], q);
+  const __m256i b2 = _mm256_shuffle_epi8(t.byte[2], q), b3 = _mm256_shuffle_epi8(t.byte[3], q);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));  // bytes 0-3: codes 0-7
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));  // bytes 4-7: codes 8-15
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));  // bytes 8-11: codes 16-23
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));  // bytes 12-15: codes 24-31
 }
 
 // The 8 values of codes [c, c + 8) of `row`, before scale and bias; c a multiple of 8 (a whole
 // word at 4 bits, half a word at 2 bits, 8 bytes at 8 bits).
-template <int BITS>
+// PAIR (4 bits): lanes in pair order (kPairOrder), as the GEMV reads them.
+template <int BITS, bool PAIR = false>
 inline __m256 avx2_values(const Args& a, const Avx2Table& t, const uint32_t* row, int64_t c) {
   if constexpr (BITS == 4) {
-    const __m256i q = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(row[c >> 3])),
-                                        _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28));
+    const __m256i shifts = PAIR ? _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28)
+                                : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i q = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(row[c >> 3])), shifts);
     if (a.identity) return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
     const __m256 lo = _mm256_permutevar8x32_ps(t.lo, q), hi = _mm256_permutevar8x32_ps(t.hi, q);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
@@ -270,24 +311,37 @@ void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t
   for (int i = 0; i < MM; ++i) acc[i] = _mm256_setzero_ps(), bsum[i] = 0.0f;
   for (int64_t g = 0; g < a.n_groups; ++g) {
     const int64_t c0 = g * a.group, c1 = std::min(a.k, c0 + a.group);
-    const int64_t cb = c0 + (c1 - c0) / 16 * 16;  // end of the whole 16-code blocks
-    __m256 p0[MM], p1[MM];
-    for (int i = 0; i < MM; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
-    for (int64_t c = c0; c < cb; c += 16) {
-      const __m256 v0 = avx2_values<BITS>(a, t, row, c);
-      const __m256 v1 = avx2_values<BITS>(a, t, row, c + 8);
+    // four independent partial sums per activation row: one FMA chain would wait on the FMA's
+    // latency (4-5 cycles) every 8 codes, which bounded the loop before the decode did
+    __m256 p[4][MM];
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < MM; ++i) p[j][i] = _mm256_setzero_ps();
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) {  // 32 codes a step
+      __m256 v[4];
+      if constexpr (BITS == 4) {
+        avx2_values32(t, row, c, v);  // through the byte tables, pair order
+      } else {
+        for (int j = 0; j < 4; ++j) v[j] = avx2_values<BITS>(a, t, row, c + 8 * j);
+      }
       for (int i = 0; i < MM; ++i) {
         const float* xr = x + i * ldx + c;
-        p0[i] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xr), p0[i]);
-        p1[i] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xr + 8), p1[i]);
+        for (int j = 0; j < 4; ++j) p[j][i] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xr + 8 * j), p[j][i]);
       }
     }
+    for (int j = 0; c + 8 <= c1; c += 8, j = (j + 1) & 3) {  // then 8 a step
+      const __m256 v0 = avx2_values<BITS, true>(a, t, row, c);
+      for (int i = 0; i < MM; ++i)
+        p[j][i] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + i * ldx + c), p[j][i]);
+    }
+    const int64_t cb = c;  // codes [cb, c1): fewer than 8, one at a time
     float tail[MM] = {0};
     if (cb < c1) tail_dot<MM>(a, row, x, ldx, cb, c1, tail);
     const float sg = group_scale(a, r, g);
     const __m256 s = _mm256_set1_ps(sg);
     for (int i = 0; i < MM; ++i) {
-      acc[i] = _mm256_fmadd_ps(_mm256_add_ps(p0[i], p1[i]), s, acc[i]);
+      const __m256 pg = _mm256_add_ps(_mm256_add_ps(p[0][i], p[1][i]), _mm256_add_ps(p[2][i], p[3][i]));
+      acc[i] = _mm256_fmadd_ps(pg, s, acc[i]);
       bsum[i] += sg * tail[i];
     }
     if (a.biases) {
@@ -323,6 +377,27 @@ inline bool simd_gemv_ok(const Args& a) {
 }
 #define MARLIN_SIMD_GEMV 1
 #define MARLIN_SIMD_ISA "avx2+fma"
+
+// The activations as the GEMV reads them (see kPairOrder): for 4-bit codes a copy with every
+// whole 8-code step permuted (stride k), else x itself.
+inline const float* simd_gemv_x(const Args& a, const float* x, int64_t m, int64_t ldx,
+                                std::vector<float>& buf, int64_t* ld) {
+  if (a.bits != 4) {
+    *ld = ldx;
+    return x;
+  }
+  buf.resize(static_cast<size_t>(m * a.k));
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx;
+    float* o = buf.data() + i * a.k;
+    int64_t c = 0;
+    for (; c + 8 <= a.k; c += 8)
+      for (int l = 0; l < 8; ++l) o[c + l] = xi[c + kPairOrder[l]];
+    for (; c < a.k; ++c) o[c] = xi[c];
+  }
+  *ld = a.k;
+  return buf.data();
+}
 
 #elif defined(MARLIN_NEON)
 // NEON (arm64). 16 codes at a time: 8 bytes of 4-bit codes split into low and high nibbles
@@ -429,6 +504,13 @@ inline bool simd_gemv_ok(const Args& a) {
 }
 #define MARLIN_SIMD_GEMV 1
 #define MARLIN_SIMD_ISA "neon"
+
+// The activations as the GEMV reads them: in order (NEON decodes codes in order).
+inline const float* simd_gemv_x(const Args&, const float* x, int64_t, int64_t ldx,
+                                std::vector<float>&, int64_t* ld) {
+  *ld = ldx;
+  return x;
+}
 #endif  // MARLIN_AVX2 / MARLIN_NEON
 
 #ifdef MARLIN_SIMD_GEMV
@@ -613,12 +695,15 @@ void marlin_cpu_gemv(const float* x, int64_t m, int64_t ldx, const uint32_t* w, 
           for (int64_t c = g * group; c < std::min(k, (g + 1) * group); ++c) s += x[i * ldx + c];
           xsum[i * n_groups + g] = s;
         }
+    std::vector<float> xbuf;
+    int64_t lx = ldx;
+    const float* xs = simd_gemv_x(a, x, m, ldx, xbuf, &lx);
     parallel_rows(n, threads, [&](int64_t n0, int64_t n1) {
-      if (bits == 4) simd_gemv_rows<4>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
+      if (bits == 4) simd_gemv_rows<4>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
 #ifdef MARLIN_AVX2
-      else if (bits == 2) simd_gemv_rows<2>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
+      else if (bits == 2) simd_gemv_rows<2>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
 #endif
-      else simd_gemv_rows<8>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
+      else simd_gemv_rows<8>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
     });
     return;
   }

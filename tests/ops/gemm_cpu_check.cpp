@@ -33,6 +33,7 @@ struct Case {
   int64_t n, k, group;  // group == k: per-channel
   int kind;             // 0 f32, 1 f16, 2 bf16 scales
   bool identity, affine, layer_bias;
+  int f8 = 0;  // 8 bits: 1 an e5m2 table, 2 e4m3 (the kernel converts these by F16C on AVX2)
 };
 
 int failures = 0, checks = 0;
@@ -40,10 +41,20 @@ int failures = 0, checks = 0;
 void run(const Case& c, std::mt19937& rng) {
   const int64_t kw = (c.k * c.bits + 31) / 32, ng = (c.k + c.group - 1) / c.group;
   std::vector<uint32_t> w(static_cast<size_t>(c.n * kw));
-  for (auto& v : w) v = rng();
+  for (auto& v : w) v = c.f8 ? rng() & 0x3b3b3b3bu : rng();  // fp8: no inf / NaN codes
   std::uniform_real_distribution<float> u(-1.0f, 1.0f);
   std::vector<float> lut(static_cast<size_t>(1) << c.bits);
-  for (size_t q = 0; q < lut.size(); ++q) lut[q] = c.identity ? static_cast<float>(q) : u(rng);
+  for (size_t q = 0; q < lut.size(); ++q) {
+    lut[q] = c.identity ? static_cast<float>(q) : u(rng);
+    if (c.f8) {  // the format's values (NaN codes NaN), independent of the kernel's decode
+      const uint32_t e = c.f8 == 1 ? (q >> 2) & 31 : (q >> 3) & 15, m = c.f8 == 1 ? q & 3 : q & 7;
+      const int bias = c.f8 == 1 ? 15 : 7, mb = c.f8 == 1 ? 2 : 3;
+      const double mag = e ? std::ldexp(1.0 + m / double(1 << mb), int(e) - bias)
+                           : std::ldexp(m / double(1 << mb), 1 - bias);
+      lut[q] = static_cast<float>((q & 0x80) ? -mag : mag);
+      if ((c.f8 == 1 && e == 31) || (c.f8 == 2 && (q & 0x7F) == 0x7F)) lut[q] = NAN;
+    }
+  }
   // scales / biases stored in the case's kind; the reference reads them back through scale_at
   std::vector<uint16_t> s16(static_cast<size_t>(c.n * ng)), b16(s16.size());
   std::vector<float> s32(s16.size()), b32(s16.size());
@@ -121,6 +132,9 @@ int main() {
           if (kg.second == 16 && bits == 8 && kind) continue;  // keep the run short
           run({bits, 53, kg.first, kg.second, kind, identity, identity, kind == 1}, rng);
         }
+  for (int f8 : {1, 2})
+    for (auto kg : {std::pair<int64_t, int64_t>{256, 32}, {100, 100}})
+      run({8, 53, kg.first, kg.second, 1, false, false, true, f8}, rng);
   std::printf("%s %d checks, %d failures\n", failures ? "FAILED" : "ok", checks, failures);
   return failures ? 1 : 0;
 }

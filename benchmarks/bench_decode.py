@@ -459,6 +459,64 @@ def render(result: dict) -> str:
 
 
 
+def build_method(args, method: str, device: str, dtype: torch.dtype):
+    """The model of one method (quantized / swapped to tinygemm as :func:`measure` does)."""
+    model = build(args, device, dtype)
+    if method.startswith("marlin:") or method == "tinygemm":
+        fmt = "int4" if method == "tinygemm" else method.split(":")[1]
+        quantize_model(model, QuantConfig(format=fmt, group_size=args.group))
+        if method == "tinygemm":
+            for name, mod in list(model.named_modules()):
+                if isinstance(mod, MarlinLinear):
+                    parent, _, child = name.rpartition(".")
+                    setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
+    return model
+
+
+def eager_interleaved(args, methods: list[str], device: str) -> list[dict]:
+    """Eager ``generate()`` of every method with all models resident, timed in rounds: each
+    round runs one call of each method in turn, so a host that speeds up or slows down over
+    the run (eager decode is bound by its Python) moves every method alike. tok/s: median over
+    ``--generate-repeats`` rounds, after a warm-up round; ``step_ms``: median per-token gap."""
+    from transformers import LogitsProcessorList
+
+    models = {}
+    for m in methods:
+        if m == "mlx":
+            continue
+        dtype = (torch.bfloat16 if (device == "cuda" or m == "dense-bf16")
+                 else torch.float16 if device == "mps" else torch.float32)
+        models[m] = build_method(args, m, device, dtype)
+    ids = prompt_ids(args, next(iter(models.values())).config.vocab_size, device)
+    stamps = _Stamps()
+    kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+              cache_implementation="static", pad_token_id=0, disable_compile=True,
+              logits_processor=LogitsProcessorList([stamps]))
+    rates: dict[str, list[float]] = {m: [] for m in models}
+    steps: dict[str, list[float]] = {m: [] for m in models}
+    with torch.no_grad():
+        for r in range(1 + max(1, args.generate_repeats)):
+            for m, model in models.items():
+                stamps.t.clear()
+                sync(device)
+                t0 = time.perf_counter()
+                model.generate(ids, **kw)
+                sync(device)
+                if r:  # round 0 warms up
+                    rates[m].append(args.new / (time.perf_counter() - t0))
+                    steps[m].append(statistics.median(b - a for a, b in zip(stamps.t, stamps.t[1:],
+                                                                            strict=False)))
+    del models
+    dense = statistics.median(rates[methods[0]])
+    rows = [{"method": m, "eager_tok_s": round(statistics.median(rates[m]), 2),
+             "x_first": round(statistics.median(rates[m]) / dense, 3),
+             "step_ms": round(statistics.median(steps[m]) * 1e3, 3),
+             "rounds_tok_s": [round(v, 2) for v in rates[m]]} for m in rates]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def agreement(rows: list[dict]) -> None:
     """``agree`` on every row with tokens: the fraction equal to the dense row's."""
     dense = next((r for r in rows if r["method"].startswith("dense") and r.get("tokens")), None)
@@ -487,6 +545,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--per-call", default="4096x4096,4096x14336,14336x4096",
                     help="K x N shapes of the per-call host cost ('' to skip)")
     ap.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (0: default)")
+    ap.add_argument("--eager-interleaved", action="store_true",
+                    help="only eager generate(), all models resident, one call of each method per "
+                         "round (the first method is the baseline of x_first)")
     ap.add_argument("--json", default="")
     ap.add_argument("--markdown", default="")
     args = ap.parse_args(argv)
@@ -512,6 +573,25 @@ def main(argv: list[str] | None = None) -> dict:
                else f"marlin:{m}" for m in (args.methods.split(",") if args.methods else default)]
     rows: list[dict] = []
     per_call: list[dict] = []
+    if args.eager_interleaved:
+        rows = eager_interleaved(args, methods, device)
+        out = {"model": args.model or f"Llama-3-8B shapes, {args.layers} layers, random bf16 weights",
+               "machine": {**machine_info(device), "threads": torch.get_num_threads(), "cpu": cpu_name()},
+               "command": " ".join(sys.argv if argv is None else ["bench_decode.py", *argv]),
+               "args": vars(args), "rows": rows}
+        lines = [f"# bench_decode --eager-interleaved: {out['model']}", "",
+                 f"Machine: {out['machine'].get('gpu') or out['machine']['cpu']}; torch "
+                 f"{torch.__version__}; command: `{out['command']}`", "",
+                 "| method | eager tok/s (median of rounds) | x first method | step ms | rounds tok/s |",
+                 "|---|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['eager_tok_s']} | {r['x_first']}x | {r['step_ms']} | "
+                  f"{r['rounds_tok_s']} |" for r in rows]
+        if args.json:
+            write_atomic(args.json, json.dumps(out, indent=1, default=str))
+        if args.markdown:
+            write_atomic(args.markdown, "\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return out
 
     def result() -> dict:
         agreement(rows)

@@ -63,6 +63,20 @@ def test_bench_decode_cpu_tiny_model(tmp_path):
     assert "| marlin:int4 |" in table and "agree" in table
 
 
+def test_bench_decode_eager_interleaved_rounds(tmp_path):
+    model_dir = tmp_path / "tiny"
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(model_dir)
+    out = tmp_path / "eager.json"
+    result = bench_decode.main(["--model", str(model_dir), "--device", "cpu", "--methods", "dense,int4",
+                                "--prompt", "4", "--new", "3", "--generate-repeats", "2",
+                                "--eager-interleaved", "--json", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "marlin:int4"} and result["rows"][0]["x_first"] == 1.0
+    for r in rows.values():  # two timed rounds each (the warm-up round is not kept)
+        assert len(r["rounds_tok_s"]) == 2 and r["eager_tok_s"] > 0 and r["step_ms"] > 0
+
+
 def test_bench_decode_rejects_one_token():
     with pytest.raises(SystemExit):
         bench_decode.main(["--model", "x", "--new", "1"])

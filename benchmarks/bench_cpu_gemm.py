@@ -3,7 +3,8 @@ on the Llama-3-8B projection shapes (issue 24 item 4).
 
     python benchmarks/bench_cpu_gemm.py --json benchmarks/results/bench_cpu_gemm.json
 
-Each round times every method once, in turn (interleaved, so a busy machine slows them alike);
+Each round times every method once, in turn (interleaved, so a busy machine slows them alike;
+each round starts one method later, so no method always follows the same one);
 the median over ``--rounds`` rounds is reported, with the ratio dense fp32 / method (and dense
 bf16 / method) of the same rounds, and the fastest round of each (on a shared machine the
 least interrupted one; the machine's load average before and after is in the output).
@@ -80,10 +81,15 @@ def main() -> None:
             with torch.no_grad():
                 for fn in fns.values():
                     fn()
-                for _ in range(args.rounds):
-                    for name, fn in fns.items():
+                names = list(fns)
+                for r in range(args.rounds):
+                    # each round starts one method later, so every method follows every other
+                    # equally often: right after a torch op, torch's OpenMP threads spin for a
+                    # while and slow whatever runs next on a busy machine (a fixed order always
+                    # gave dense fp32 the quiet slot after int8)
+                    for name in names[r % len(names):] + names[: r % len(names)]:
                         t0 = time.perf_counter()
-                        fn()
+                        fns[name]()
                         times[name].append(time.perf_counter() - t0)
             med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
             low = {name: min(ts) * 1e3 for name, ts in times.items()}

@@ -17,10 +17,14 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
   (``marlin_cpu_dequant``) on others.
 
 Threads: ``torch.get_num_threads()`` for layers of at least :data:`PARALLEL_MIN_WEIGHTS`
-weights (below, one thread: waking a worker costs more than it saves). Rows are cut into chunks
-that the calling thread and a pool of sleeping workers take from one counter; the caller never
-waits for a worker that has not started (on a loaded machine an OpenMP fork-join cost 20 ms a
-call, gemm_cpu.cpp's ``Pool``).
+weights (below, one thread: waking a worker costs more than it saves). GEMV rows are cut into
+chunks that the calling thread and a pool of sleeping workers take from one counter; the caller
+never waits for a worker that has not started (on a loaded machine an OpenMP fork-join cost
+20 ms a call, gemm_cpu.cpp's ``Pool``). The prefill tile decode (work of milliseconds, between
+two torch matmuls) runs in an OpenMP loop on torch's own libgomp where the build has it (GCC
+and a ``libgomp`` in ``torch/lib``): there torch's threads, still spinning after the previous
+matmul, take the rows at once, where a second pool fought them for the cores (0.29-0.67x dense
+at M = 64 on the 16-core Xeon).
 
 Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
@@ -92,18 +96,35 @@ def _native_flags() -> list[list[str]]:
     return [native, []]  # the second: if the compiler refuses the first
 
 
-def _variants() -> list[tuple[str, list[str]]]:
-    """(name, compile flags) to try in order: the host's vector ISA, then without it."""
-    return [("native" if extra else "generic", ["-O3", "-std=c++17", "-fPIC", "-pthread", *extra])
-            for extra in _native_flags()]
+def torch_libgomp() -> Path | None:
+    """The OpenMP runtime torch's CPU kernels run on (Linux wheels ship ``libgomp*.so*`` in
+    ``torch/lib``), so that the prefill tile decode can share torch's thread pool instead of
+    competing with it."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libgomp*.so*")) if lib.is_dir() else []
+    return found[0] if found else None
+
+
+def _variants(version: str) -> list[tuple[str, list[str], list[str]]]:
+    """(name, compile flags, link inputs) to try in order: with OpenMP on torch's libgomp (GCC
+    only: clang's OpenMP calls another runtime; used for the prefill tile decode), then
+    without; each with the host's vector ISA, then without it."""
+    out = []
+    gomp = torch_libgomp()
+    for extra in _native_flags():
+        base = ["-O3", "-std=c++17", "-fPIC", "-pthread", *extra]
+        if gomp is not None and "clang" not in version.lower():
+            out.append(("openmp", [*base, "-fopenmp"], [str(gomp), f"-Wl,-rpath,{gomp.parent}"]))
+        out.append(("pool", base, []))
+    return out
 
 
 def _build(cxx: str) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     last_error = ""
-    for name, flags in _variants():
-        key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags).encode(),
+    for name, flags, link in _variants(version):
+        key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + link).encode(),
                                          platform.machine().encode(), platform.node().encode()]))
         lib = cache_root() / f"libmarlin_cpu-{name}-{key.hexdigest()[:16]}.so"
         if lib.exists():
@@ -111,8 +132,10 @@ def _build(cxx: str) -> Path:
         lib.parent.mkdir(parents=True, exist_ok=True)
         tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
         obj = tmp.with_suffix(".o")
+        # compile and link apart: linking with -fopenmp would add the system's -lgomp, a second
+        # OpenMP runtime beside torch's
         steps = [[cxx, *flags, "-c", str(SOURCE), "-o", str(obj)],
-                 [cxx, "-shared", "-pthread", str(obj), "-o", str(tmp)]]
+                 [cxx, "-shared", "-pthread", str(obj), *link, "-o", str(tmp)]]
         ok = True
         for cmd in steps:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -164,7 +187,9 @@ def load() -> ctypes.CDLL | None:
     _STATE["lib"], _STATE["path"] = lib, str(path)
     lib.marlin_cpu_isa.restype = ctypes.c_char_p
     _STATE["isa"] = lib.marlin_cpu_isa().decode()
-    _STATE["threads"] = "pool shared by chunks"
+    lib.marlin_cpu_openmp.restype = ctypes.c_int
+    _STATE["threads"] = ("GEMV: pool shared by chunks; prefill decode: torch's OpenMP pool"
+                         if lib.marlin_cpu_openmp() else "pool shared by chunks")
     return lib
 
 

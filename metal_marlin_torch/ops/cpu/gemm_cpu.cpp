@@ -686,11 +686,31 @@ Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* 
 
 // Rows n0..n1 of the weight `a` describes, decoded to float32 rows of stride ldo (both dequant
 // entry points below: whole rows, or a K slice whose Args point into the rows).
+// Rows [0, n) of a prefill tile over `threads` threads: with OpenMP (built against torch's own
+// libgomp, ops/cpu) an OpenMP loop, so torch's pool, still spinning after the matmul before,
+// takes the rows at once (a second pool fought it for the cores: 0.29-0.67x dense at M = 64 on
+// a 16-core Xeon); the fork-join's cost when a thread waits for a core (ms on a loaded
+// machine, see Pool) is small against a tile's decode. Without OpenMP, parallel_rows.
+template <typename F>
+void parallel_tile_rows(int64_t n, int threads, F&& body) {
+#ifdef _OPENMP
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + 15) / 16)));
+  if (threads > 1) {
+    const int64_t per = (n + 4 * threads - 1) / (4 * threads);
+    const int64_t chunks = (n + per - 1) / per;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) body(c * per, std::min<int64_t>(n, c * per + per));
+    return;
+  }
+#endif
+  parallel_rows(n, threads, std::forward<F>(body));
+}
+
 void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, int64_t ldo, int threads) {
   (void)bits;  // only the AVX2 path dispatches on it
 #ifdef MARLIN_AVX2
   if (simd_gemv_ok(a)) {
-    parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+    parallel_tile_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
       if (bits == 4) avx2_dequant_rows<4>(a, n0, r0, r1, out, ldo);
       else if (bits == 2) avx2_dequant_rows<2>(a, n0, r0, r1, out, ldo);
       else avx2_dequant_rows<8>(a, n0, r0, r1, out, ldo);
@@ -698,7 +718,7 @@ void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, i
     return;
   }
 #endif
-  parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+  parallel_tile_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, out + r * ldo);
   });
 }
@@ -708,6 +728,14 @@ void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, i
 extern "C" {
 
 int marlin_cpu_abi_version() { return 3; }
+
+int marlin_cpu_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // The GEMV's vector path in this build: "avx2+fma", "neon" or "portable".
 const char* marlin_cpu_isa() { return MARLIN_SIMD_ISA; }

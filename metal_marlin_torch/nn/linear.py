@@ -226,8 +226,13 @@ class MarlinLinear(nn.Module):
         return torch.ops.marlin.hadamard(x, self.rotation_block)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.rotate_input(x)
         plan = self._plan
+        if (plan is not None and not torch.is_grad_enabled() and not self.rotation_block
+                and not torch.compiler.is_compiling()):
+            # eager inference on a prepared layer (what generate() runs per token): straight to
+            # the recorded launch, no other Python (eager decode is bound by the host's Python)
+            return plan(x, self.bias)
+        x = self.rotate_input(x)
         if plan is None and x.is_cuda and not torch.compiler.is_compiling():
             self.prepare_kernel_layout()  # first eager call on CUDA (e.g. after from_pretrained)
             plan = self._plan

@@ -15,8 +15,7 @@ from tests.conftest import tiny_llama
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_decode_mlx as bench_decode  # noqa: E402
-from benchmarks import bench_gemm  # noqa: E402
+from benchmarks import bench_decode, bench_gemm  # noqa: E402
 
 HAVE_MLX = importlib.util.find_spec("mlx") is not None
 
@@ -42,28 +41,45 @@ def test_bench_decode_cpu_tiny_model(tmp_path):
     model_dir = tmp_path / "tiny"
     torch.manual_seed(0)
     tiny_llama().save_pretrained(model_dir)
-    out = tmp_path / "decode.json"
+    out, md = tmp_path / "decode.json", tmp_path / "decode.md"
     result = bench_decode.main(["--model", str(model_dir), "--device", "cpu", "--methods", "dense,int4,fp4,mlx",
-                                "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--json", str(out)])
-    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+                                "--prompt", "4", "--new", "3", "--prefill", "8", "--repeats", "1",
+                                "--generate-repeats", "1", "--json", str(out), "--markdown", str(md)])
+    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"], default=str))
     rows = {r["method"]: r for r in result["rows"]}
     assert set(rows) == {"dense", "marlin:int4", "marlin:fp4", "mlx"}
     for name in ("dense", "marlin:int4", "marlin:fp4"):
         r = rows[name]
-        # a rate, or None when this shared machine timed t(3) <= t(1) (the row then says "noise")
-        assert (r["decode_tok_s"] is None or r["decode_tok_s"] > 0) and r["prefill_ms"] > 0
+        assert r["eager_tok_s"] > 0 and r["prefill_8_ms"] > 0
         assert len(r["tokens"]) == 3
         assert 0 <= r["agree"] <= 1
+        assert "compiled_tok_s" not in r  # CPU: no compiled columns
     assert rows["dense"]["agree"] == 1.0
     # 4-bit weights: the quantized linears hold about a quarter of their fp32 bytes
-    assert rows["marlin:int4"]["model_MiB"] < rows["dense"]["model_MiB"]
-    assert "skipped" in rows["mlx"] or rows["mlx"]["prefill_ms"] > 0
+    assert rows["marlin:int4"]["checkpoint_bytes"] < rows["dense"]["checkpoint_bytes"]
+    assert "skipped" in rows["mlx"] or rows["mlx"]["eager_tok_s"] > 0
     assert result["machine"]["load_average"] is not None
+    table = md.read_text()
+    assert "| marlin:int4 |" in table and "agree" in table
+
+
+def test_bench_decode_eager_interleaved_rounds(tmp_path):
+    model_dir = tmp_path / "tiny"
+    torch.manual_seed(0)
+    tiny_llama().save_pretrained(model_dir)
+    out = tmp_path / "eager.json"
+    result = bench_decode.main(["--model", str(model_dir), "--device", "cpu", "--methods", "dense,int4",
+                                "--prompt", "4", "--new", "3", "--generate-repeats", "2",
+                                "--eager-interleaved", "--json", str(out)])
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "marlin:int4"} and result["rows"][0]["x_first"] == 1.0
+    for r in rows.values():  # two timed rounds each (the warm-up round is not kept)
+        assert len(r["rounds_tok_s"]) == 2 and r["eager_tok_s"] > 0 and r["step_ms"] > 0
 
 
 def test_bench_decode_rejects_one_token():
     with pytest.raises(SystemExit):
-        bench_decode.main(["--model", "x", "--new-tokens", "1"])
+        bench_decode.main(["--model", "x", "--new", "1"])
 
 
 def test_bench_layer_ops_cpu_rows(tmp_path):

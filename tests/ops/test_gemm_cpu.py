@@ -9,6 +9,8 @@ happens on the first call and is cached (a second or two with gcc on x86-64).
 from __future__ import annotations
 
 import logging
+import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,67 @@ def test_cpu_kernel_rejects_bad_input_like_the_op():
     weight, scales, biases, _ = ops.quantize(torch.randn(8, 128), "int4", 128)
     with pytest.raises(ValueError, match="x must be float16/bfloat16/float32"):
         cpu.gemm(torch.randint(0, 3, (1, 128)), weight, scales, biases, None, None, "int4", 128)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt", sorted(f for f in F.FORMATS if -1 in F.get_format(f).group_sizes))
+@pytest.mark.parametrize("k", [100, 37, 16])
+def test_gemv_per_channel_odd_k_tails(fmt, k):
+    """Per-channel rows whose K is not a whole number of 16-code SIMD blocks: the GEMV decodes
+    the blocks in registers and the last K % 16 codes one at a time (K = 100: 6 blocks and a
+    4-code tail; K = 37: an odd tail that ends inside a word; K = 16: one block, no tail)."""
+    torch.manual_seed(5)
+    n = 24
+    weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, -1)
+    bias = torch.randn(n)
+    for m in (1, 2, 5, cpu.GEMV_MAX_M):  # 1-4 rows share a decode; 5 and 8: a second block
+        x = torch.randn(m, k) / k**0.5
+        y = cpu.gemm(x, weight, scales, biases, gscale, bias, fmt, -1)
+        ref = reference.gemm(x, weight, scales, biases, gscale, bias, fmt, -1)
+        assert _rel(y, ref) < TOL[torch.float32], (k, m)
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("fp4", 128), ("nf4", 64), ("int8", 32),
+                                       ("int2", 64), ("int3", 32), ("fp8_e4m3", 32),
+                                       ("nvfp4", 16), ("mxfp4", 32)])
+def test_threaded_rows_match_reference(monkeypatch, fmt, group):
+    """Rows shared between threads in chunks (Pool in gemm_cpu.cpp): 301 rows at 3 threads are
+    19 chunks of 16 rows, the last one short; every row must be written once, by whichever
+    thread took its chunk (the GEMV and the prefill tile decode both)."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        torch.manual_seed(6)
+        n, k = 301, 256
+        weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
+        for m in (1, 3, cpu.GEMV_MAX_M + 1):
+            x = torch.randn(m, k) / k**0.5
+            for _ in range(3):  # repeated calls reuse the pool's workers
+                y = cpu.gemm(x, weight, scales, biases, gscale, None, fmt, group)
+                ref = reference.gemm(x, weight, scales, biases, gscale, None, fmt, group)
+                assert _rel(y, ref) < TOL[torch.float32], m
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_build_uses_the_hosts_vector_path():
+    """The library is built for the host's ISA (-march=native / -mcpu=native): on an x86-64
+    CPU with AVX2 and FMA the GEMV takes the AVX2 path, on arm64 NEON."""
+    cpu.load()
+    isa = cpu.info()["isa"]
+    machine = platform.machine().lower()
+    flags = ""
+    try:
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                      if ln.startswith("flags")), "")
+    except OSError:
+        pass
+    if machine in ("x86_64", "amd64") and " avx2" in flags and " fma" in flags:
+        assert isa == "avx2+fma"
+    elif machine in ("arm64", "aarch64"):
+        assert isa == "neon"
+    else:
+        assert isa in ("avx2+fma", "neon", "portable")

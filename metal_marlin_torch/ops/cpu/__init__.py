@@ -5,24 +5,34 @@ The pure-torch kernel (:mod:`..reference`) dequantizes the whole weight on every
 every format ran slower than dense fp32. Here ``gemm_cpu.cpp`` (plain C++17, no torch headers)
 reads the canonical packed weight (docs/FORMAT.md) directly:
 
-* up to :data:`GEMV_MAX_M` activation rows: each weight row is decoded one scale group at a
-  time into L1 and multiplied with every activation row (``marlin_cpu_gemv``); rows are split
-  between ``torch.get_num_threads()`` threads;
+* up to :data:`GEMV_MAX_M` activation rows: a fused dequantize-GEMV (``marlin_cpu_gemv``):
+  16 codes at a time decoded in SIMD registers (AVX2 + FMA on x86-64, NEON on arm64; shifts
+  and masks, 16-entry tables looked up in registers), FMA into float32 partial sums, the group
+  scale applied once per group (affine biases as ``b * sum(x)``); 3-bit formats and other ISAs
+  decode a row through byte tables, then an auto-vectorized dot product;
 * more rows (prefill): about :data:`TILE_ELEMENTS` weights at a time are decoded to float32 and
   multiplied by torch's BLAS (``torch.mm``), so the decoded weight is never materialized whole:
   K slices of every row (``marlin_cpu_dequant_slice``, ``y^T += W_hat[:, k0:k1] @ x^T[k0:k1]``)
   on layers of :data:`SLICE_MIN_ROWS` to :data:`SLICE_MAX_ROWS` rows, whole-row tiles
   (``marlin_cpu_dequant``) on others.
 
+Threads: ``torch.get_num_threads()`` for layers of at least :data:`PARALLEL_MIN_WEIGHTS`
+weights (below, one thread: waking a worker costs more than it saves). GEMV rows are cut into
+chunks that the calling thread and a pool of sleeping workers take from one counter; the caller
+never waits for a worker that has not started (on a loaded machine an OpenMP fork-join cost
+20 ms a call, gemm_cpu.cpp's ``Pool``). The prefill tile decode (work of milliseconds, between
+two torch matmuls) runs in an OpenMP loop on torch's own libgomp where the build has it (GCC
+and a ``libgomp`` in ``torch/lib``): there torch's threads, still spinning after the previous
+matmul, take the rows at once, where a second pool fought them for the cores (0.29-0.67x dense
+at M = 64 on the 16-core Xeon).
+
 Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
-it if refused); with GCC and a ``libgomp`` in ``torch/lib`` (Linux wheels) it is built with
-OpenMP linked to that runtime, so it runs on torch's own thread pool, else with a small pool
-of its own. About 2-3 s, cached under ``~/.cache/metal_marlin_torch/cpu`` (override:
+it if refused). About 2-3 s, cached under ``~/.cache/metal_marlin_torch/cpu`` (override:
 ``METAL_MARLIN_CPU_CACHE``) keyed by the source, the compiler's version, the flags and the
 machine. Without a compiler, or if the build fails, the pure-torch kernel stays, logged once
-at INFO; :func:`info` (in ``backend_info()``) says which and why. ``METAL_MARLIN_CPU_KERNEL=0``
-turns the C++ kernel off.
+at INFO; :func:`info` (in ``backend_info()``) says which and why, and which vector path the
+build has (``isa``). ``METAL_MARLIN_CPU_KERNEL=0`` turns the C++ kernel off.
 """
 
 from __future__ import annotations
@@ -60,9 +70,11 @@ SLICE_MAX_ROWS = 16384  # above (an lm_head's 128k rows): whole-row tiles, which
 # (Xeon, 16 threads), K slices 1024 / 2048 wide 0.76x / 0.92x; 4096 x 14336: 1024-row tiles
 # 0.55x, slices 256 / 512 / 1024 wide 0.64x / 0.96x / 0.93x; 4096 x 4096: 1024-row tiles
 # 0.67x, 1024-wide slices 0.85x.
+PARALLEL_MIN_WEIGHTS = 1 << 18  # smaller layers run on one thread (a 256 x 1024 int4 GEMV
+#                                  takes ~20 us, a worker's wake-up ~5-50 us)
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
-                             "threads": None}
+                             "threads": None, "isa": None}
 
 
 def cache_root() -> Path:
@@ -86,16 +98,17 @@ def _native_flags() -> list[list[str]]:
 
 def torch_libgomp() -> Path | None:
     """The OpenMP runtime torch's CPU kernels run on (Linux wheels ship ``libgomp*.so*`` in
-    ``torch/lib``), so that the kernel can share torch's thread pool instead of competing with it."""
+    ``torch/lib``), so that the prefill tile decode can share torch's thread pool instead of
+    competing with it."""
     lib = Path(torch.__file__).parent / "lib"
     found = sorted(lib.glob("libgomp*.so*")) if lib.is_dir() else []
     return found[0] if found else None
 
 
-def _variants(cxx: str, version: str) -> list[tuple[str, list[str], list[str]]]:
-    """(name, compile flags, link inputs) to try in order: OpenMP on torch's libgomp (GCC only:
-    clang's OpenMP calls another runtime), then the kernel's own thread pool; each with the
-    host's vector ISA, then without it."""
+def _variants(version: str) -> list[tuple[str, list[str], list[str]]]:
+    """(name, compile flags, link inputs) to try in order: with OpenMP on torch's libgomp (GCC
+    only: clang's OpenMP calls another runtime; used for the prefill tile decode), then
+    without; each with the host's vector ISA, then without it."""
     out = []
     gomp = torch_libgomp()
     for extra in _native_flags():
@@ -110,7 +123,7 @@ def _build(cxx: str) -> Path:
     src = SOURCE.read_bytes()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
     last_error = ""
-    for name, flags, link in _variants(cxx, version):
+    for name, flags, link in _variants(version):
         key = hashlib.sha256(b"\0".join([src, version.encode(), " ".join(flags + link).encode(),
                                          platform.machine().encode(), platform.node().encode()]))
         lib = cache_root() / f"libmarlin_cpu-{name}-{key.hexdigest()[:16]}.so"
@@ -151,7 +164,7 @@ def load() -> ctypes.CDLL | None:
             raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
         path = _build(cxx)
         lib = ctypes.CDLL(str(path))
-        if lib.marlin_cpu_abi_version() != 2:
+        if lib.marlin_cpu_abi_version() != 3:
             raise RuntimeError("unexpected ABI version")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
@@ -172,7 +185,11 @@ def load() -> ctypes.CDLL | None:
                                              i64, i64, i64, vp, i64, ci]
     lib.marlin_cpu_dequant_slice.restype = None
     _STATE["lib"], _STATE["path"] = lib, str(path)
-    _STATE["threads"] = "torch's OpenMP pool" if lib.marlin_cpu_openmp() else "own pool"
+    lib.marlin_cpu_isa.restype = ctypes.c_char_p
+    _STATE["isa"] = lib.marlin_cpu_isa().decode()
+    lib.marlin_cpu_openmp.restype = ctypes.c_int
+    _STATE["threads"] = ("GEMV: pool shared by chunks; prefill decode: torch's OpenMP pool"
+                         if lib.marlin_cpu_openmp() else "pool shared by chunks")
     return lib
 
 
@@ -180,6 +197,7 @@ def info() -> dict:
     """Whether the C++ CPU kernel is built and loaded here, and why not (for backend_info)."""
     return {"loaded": _STATE["lib"] is not None, "error": _STATE["error"], "library": _STATE["path"],
             "compiler": _STATE["compiler"], "threads": _STATE.get("threads"),
+            "isa": _STATE.get("isa"),
             "gemv_max_m": GEMV_MAX_M}
 
 
@@ -232,7 +250,7 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     lut = _lut(format)
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     m = x2.shape[0]
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if n * k >= PARALLEL_MIN_WEIGHTS else 1
     common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), 0 if b is None else b.data_ptr(),
               SCALE_KINDS[s.dtype], k // g, g, fmt.bits, lut.data_ptr())
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
@@ -285,5 +303,5 @@ def register() -> None:
     registry.set_kernel("gemm", "cpu", gemm, KERNEL_NAME)
 
 
-__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "SLICE_MAX_ROWS", "SLICE_MIN_COLS", "SLICE_MIN_ROWS",
+__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "PARALLEL_MIN_WEIGHTS", "SLICE_MAX_ROWS", "SLICE_MIN_COLS", "SLICE_MIN_ROWS",
            "TILE_ELEMENTS", "gemm", "info", "load", "register"]

@@ -6,19 +6,32 @@
 // layout of docs/FORMAT.md (uint32 [N, KW], row n one little-endian bit stream along K, element
 // k at bit k * bits): one row is one contiguous stream, which is what a CPU GEMV wants.
 //
-// Per row and scale group: the group's codes are decoded through the format's value table
-// (lut, 2^bits floats: q for the affine integers, the E2M1 / NF / FP8 grids otherwise; 4- and
-// 2-bit codes through a table of whole bytes, so one load gives 2 or 4 values), the group's
-// scale and bias applied (w = lut[q] * s + b, the reference's arithmetic), and the result
-// (in L1) multiplied with every activation row. Accumulation is float32 with 16 independent
-// partial sums (vectorizable without reassociation flags).
+// GEMV (M <= 8 activation rows): per weight row and scale group, 16 codes at a time are decoded
+// in SIMD registers (AVX2 + FMA on x86-64, NEON on arm64: shifts and masks spread the codes
+// over the lanes, a 16-entry table is looked up in registers: vpermps / tbl) and multiplied into
+// float32 partial sums with FMA; the group's scale multiplies the group's partial sum once
+// (acc += s * sum(v * x)), the affine bias enters as b * sum(x over the group). The group's
+// codes past the last whole 16 (a K or per-channel group that is not a multiple of 16) are
+// decoded one at a time. Other widths (3 bits) and other ISAs: a portable path that decodes a
+// whole row through byte tables, then an auto-vectorized dot product.
+//
+// Prefill (more rows): tiles of the weight decoded to float32 (the caller multiplies them with
+// BLAS), SIMD on AVX2 for 2/4/8 bits, else the portable row decoder.
+//
+// Threads: rows are cut into chunks that the calling thread and a small pool of sleeping
+// workers take from one atomic counter (Pool below), so a worker that the OS does not run
+// promptly (a loaded machine) costs nothing: the caller takes its chunks.
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define MARLIN_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define MARLIN_NEON 1
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <condition_variable>
@@ -79,6 +92,8 @@ struct Args {
   int64_t row_words = 0;  // words readable from a row pointer (kw but for a K slice)
   std::vector<float> byte_table;  // 4 bits: [256][2], 2 bits: [256][4]
   bool identity = false;  // lut[q] == q (affine integers): 8-bit codes convert directly
+  int f8 = 0;  // 8-bit tables that are an fp16 bit pattern: 1 e5m2 (the fp16's top byte),
+               // 2 e4m3 (/ 2^8, NaN at 0x7F / 0xFF); 0 other (see build_tables)
 };
 
 // Codes [k0, k0 + len) of row `row` as table values (before scale and bias).
@@ -136,9 +151,28 @@ inline float dot(const float* a, const float* b, int64_t len) {
   return s;
 }
 
+// fp16 bits of an 8-bit code read as e5m2 (kind 1) or e4m3 / 2^8 (kind 2, NaN codes as 480)
+inline uint16_t f8_half_bits(int kind, uint32_t q) {
+  return static_cast<uint16_t>(kind == 1 ? q << 8 : ((q & 0x7F) << 7) | ((q & 0x80) << 8));
+}
+
 void build_tables(Args& a) {
   a.identity = true;
   for (int q = 0; q < (1 << a.bits); ++q) a.identity = a.identity && a.lut[q] == static_cast<float>(q);
+  if (a.bits == 8 && !a.identity) {
+    // the table is e5m2 or e4m3 when every code's value is the bit formula's, exactly (NaN for
+    // NaN); the SIMD decode then converts codes with F16C instead of a gather
+    for (int kind = 1; kind <= 2 && !a.f8; ++kind) {
+      bool same = true;
+      for (uint32_t q = 0; q < 256 && same; ++q) {
+        const float want = a.lut[q];
+        const bool nan_code = kind == 2 && (q & 0x7F) == 0x7F;
+        const float got = half_to_float(f8_half_bits(kind, q)) * (kind == 2 ? 256.0f : 1.0f);
+        same = (std::isnan(want) && (std::isnan(got) || nan_code)) || (!nan_code && want == got);
+      }
+      if (same) a.f8 = kind;
+    }
+  }
   if (a.bits == 4) {
     a.byte_table.resize(512);
     for (int b = 0; b < 256; ++b) {
@@ -165,130 +199,191 @@ inline void dequant_row(const Args& a, int64_t n, float* out) {
 }
 
 
+// Code c of a row as an integer: any width, any position (a 64-bit window over the bit stream).
+inline uint32_t code_at(const Args& a, const uint32_t* row, int64_t c) {
+  const int64_t bit = c * a.bits;
+  const int64_t word = bit >> 5;
+  uint64_t v = row[word];
+  if (word + 1 < a.row_words) v |= static_cast<uint64_t>(row[word + 1]) << 32;
+  return static_cast<uint32_t>(v >> (bit & 31)) & ((1u << a.bits) - 1);
+}
+
+// Codes [c, c1) of a group (fewer than one SIMD block: a tail) times MM activation rows,
+// added to p[0..MM).
+template <int MM>
+inline void tail_dot(const Args& a, const uint32_t* row, const float* x, int64_t ldx, int64_t c,
+                     int64_t c1, float* p) {
+  for (; c < c1; ++c) {
+    const float v = a.lut[code_at(a, row, c)];
+    for (int i = 0; i < MM; ++i) p[i] += v * x[i * ldx + c];
+  }
+}
+
+// The group's scale and (affine) bias of weight row r, group g.
+inline float group_scale(const Args& a, int64_t r, int64_t g) {
+  return scale_at(a.scales, a.scale_kind, r * a.gstride + g);
+}
+inline float group_bias(const Args& a, int64_t r, int64_t g) {
+  return a.biases ? scale_at(a.biases, a.scale_kind, r * a.gstride + g) : 0.0f;
+}
+
 #ifdef MARLIN_AVX2
-// AVX2 + FMA (x86-64): 8 codes at a time decoded in registers: the codes of one word spread
-// over 8 lanes by per-lane shifts, looked up in the 16-entry (or smaller) table by two
-// in-register permutes (vpermps) and a blend on bit 3; 8-bit codes widened from 8 bytes and
-// converted (affine) or gathered from the 256-entry table (fp8). Then w = v * s + b and one FMA
-// per activation row. Used where every group starts on a whole word (K and the group a
-// multiple of 8 / 16 / 4 codes for 4 / 2 / 8 bits); otherwise the portable path below.
+// AVX2 + FMA (x86-64). 8 codes per __m256: the codes' word broadcast to 8 lanes and shifted per
+// lane (vpsrlvd), then for affine integers masked and converted (cvtdq2ps); for 16-entry tables
+// (E2M1, NF4) looked up by two in-register permutes (vpermps reads only the index's low 3
+// bits, so no mask is needed) and a blend on bit 3 (moved to the sign bit by a shift: blendv
+// reads the sign). 8-bit codes: 8 bytes widened, converted (affine) or gathered from the
+// 256-entry table (fp8).
 struct Avx2Table {
-  __m256 lo, hi;
+  __m256 lo, hi;      // lut[0..8), lut[8..16)
+  __m256i byte[4];    // byte j of lut[q] at byte q of both 128-bit lanes (vpshufb tables)
 };
 
 inline Avx2Table avx2_table(const Args& a) {
   float t[16] = {0};
   for (int i = 0; i < (1 << std::min(a.bits, 4)); ++i) t[i] = a.lut[i];
-  return {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)};
+  Avx2Table r;
+  r.lo = _mm256_loadu_ps(t);
+  r.hi = _mm256_loadu_ps(t + 8);
+  alignas(16) uint8_t b[4][16];
+  for (int q = 0; q < 16; ++q) {
+    uint32_t bits;
+    std::memcpy(&bits, t + q, 4);
+    for (int j = 0; j < 4; ++j) b[j][q] = static_cast<uint8_t>(bits >> (8 * j));
+  }
+  for (int j = 0; j < 4; ++j)
+    r.byte[j] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(b[j])));
+  return r;
 }
 
-inline bool avx2_ok(const Args& a) {
-  const int64_t per = a.bits == 4 ? 8 : a.bits == 2 ? 16 : a.bits == 8 ? 8 : 0;
-  return per && a.group % per == 0 && a.k % per == 0;
+// The GEMV reads 4-bit codes in "pair order": within each whole 8-code step, the lanes of a
+// decoded vector hold codes {0, 2, 4, 6, 1, 3, 5, 7} (what the 32-code decode below produces
+// without any cross-lane shuffle); the activations are permuted the same way once per call
+// (avx2_pair_order_x), so the products are the same ones. Codes past the last whole 8 stay.
+constexpr int kPairOrder[8] = {0, 2, 4, 6, 1, 3, 5, 7};
+
+// 32 values of 4-bit codes [c, c + 32) (c a multiple of 8), in pair order, as 4 x 8 floats,
+// for any 16-entry table: the 16 bytes split into low nibbles (lane 0: even codes) and high
+// nibbles (lane 1: odd codes); each byte of the float values looked up by vpshufb in its byte
+// table, and the four bytes interleaved into floats by unpacks (all within 128-bit lanes):
+// 3 + 12 shuffle-port ops for 32 codes, against 6 per 8 for permutes and a blend.
+inline void avx2_values32(const Avx2Table& t, const uint32_t* row, int64_t c, __m256 f[4]) {
+  const __m128i b = _mm_loadu_si128(
+      reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(row) + (c >> 1)));
+  const __m256i q = _mm256_and_si256(
+      _mm256_inserti128_si256(_mm256_castsi128_si256(b), _mm_srli_epi16(b, 4), 1),
+      _mm256_set1_epi8(15));
+  const __m256i b0 = _mm256_shuffle_epi8(t.byte[0], q), b1 = _mm256_shuffle_epi8(t.byte[1], q);
+  const __m256i b2 = _mm256_shuffle_epi8(t.byte[2], q), b3 = _mm256_shuffle_epi8(t.byte[3], q);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));  // bytes 0-3: codes 0-7
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));  // bytes 4-7: codes 8-15
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));  // bytes 8-11: codes 16-23
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));  // bytes 12-15: codes 24-31
 }
 
-// The 8 (or, 2 bits, 16) values at codes [c, c + 8) of `row`, before scale and bias.
-template <int BITS>
-inline __m256 avx2_codes(const Args& a, const Avx2Table& t, const uint32_t* row, int64_t c, int half) {
+// The 8 values of codes [c, c + 8) of `row`, before scale and bias; c a multiple of 8 (a whole
+// word at 4 bits, half a word at 2 bits, 8 bytes at 8 bits).
+// PAIR (4 bits): lanes in pair order (kPairOrder), as the GEMV reads them.
+template <int BITS, bool PAIR = false>
+inline __m256 avx2_values(const Args& a, const Avx2Table& t, const uint32_t* row, int64_t c) {
   if constexpr (BITS == 4) {
-    const __m256i q = _mm256_and_si256(
-        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(row[c >> 3])),
-                          _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)),
-        _mm256_set1_epi32(15));
-    if (a.identity) return _mm256_cvtepi32_ps(q);  // affine int4: the value is q
+    const __m256i shifts = PAIR ? _mm256_setr_epi32(0, 8, 16, 24, 4, 12, 20, 28)
+                                : _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    const __m256i q = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(row[c >> 3])), shifts);
+    if (a.identity) return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
     const __m256 lo = _mm256_permutevar8x32_ps(t.lo, q), hi = _mm256_permutevar8x32_ps(t.hi, q);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
   } else if constexpr (BITS == 2) {
+    const uint32_t w = row[c >> 4] >> (2 * (c & 15));
     const __m256i q = _mm256_and_si256(
-        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(row[c >> 4])),
+        _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(w)),
                           _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14)),
         _mm256_set1_epi32(3));
-    (void)half;
     return a.identity ? _mm256_cvtepi32_ps(q) : _mm256_permutevar8x32_ps(t.lo, q);
   } else {  // 8 bits
     (void)t;
-    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(row) + c));
+    const __m128i bytes = _mm_loadl_epi64(
+        reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(row) + c));
+#ifdef __F16C__
+    // fp8 as fp16 bit patterns, converted by vcvtph2ps (a gather of the 256-entry table ran 13x
+    // slower than the affine path on AMD, where vgatherdps is microcoded)
+    if (a.f8 == 1) return _mm256_cvtph_ps(_mm_unpacklo_epi8(_mm_setzero_si128(), bytes));
+    if (a.f8 == 2) {
+      const __m128i q = _mm_cvtepu8_epi16(bytes);
+      __m128i h = _mm_or_si128(_mm_and_si128(_mm_slli_epi16(q, 7), _mm_set1_epi16(0x3F80)),
+                               _mm_and_si128(_mm_slli_epi16(q, 8), _mm_set1_epi16(-0x8000)));
+      const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(q, _mm_set1_epi16(0x7F)), _mm_set1_epi16(0x7F));
+      h = _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7E00)));  // exponent 31, mantissa != 0
+      return _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0f));
+    }
+#endif
     const __m256i q = _mm256_cvtepu8_epi32(bytes);
     return a.identity ? _mm256_cvtepi32_ps(q) : _mm256_i32gather_ps(a.lut, q, 4);
   }
 }
 
-// 2 bits: codes c..c+7 are the low or high half of word c / 16
-template <int BITS>
-inline __m256 avx2_values(const Args& a, const Avx2Table& t, const uint32_t* row, int64_t c) {
-  if constexpr (BITS == 2) {
-    const uint32_t w = row[c >> 4] >> (2 * (c & 15));
-    return avx2_codes<2>(a, t, &w - 0, 0, 0);
-  } else {
-    return avx2_codes<BITS>(a, t, row, c, 0);
-  }
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
-// Per weight row: per scale group, p = sum(v * x) over the group's codes (v the table value,
-// one FMA per 8 codes and activation row), then acc += s * p (a vector FMA with the group's
-// scale) and, for affine formats, the bias term b * sum(x over the group) from xsum (computed
-// once per call): w = v * s + b is never formed, so the inner loop is decode + FMA.
-// Per weight row: per scale group, p = sum(v * x) over the group's codes (v the table value,
-// one FMA per 8 codes and activation row), then acc += s * p (a vector FMA with the group's
-// scale) and, for affine formats, the bias term b * sum(x over the group) from xsum (computed
-// once per call): w = v * s + b is never formed, so the inner loop is decode + FMA. MM (1-4
-// activation rows sharing each decode) is a template parameter so the partial sums stay in
-// registers (a run-time count kept them on the stack: a store-to-load chain per FMA).
+// One weight row against MM (1-4) activation rows: per scale group p = sum(v * x) over the
+// group's codes (one FMA per 8 codes and activation row; two partial sums for two FMA chains),
+// then acc += s * p and, for affine formats, b * sum(x over the group) from xsum (computed
+// once per call): w = v * s + b is never formed. MM is a template parameter so the partial sums
+// stay in registers (a run-time count kept them on the stack: a store-to-load chain per FMA).
 template <int BITS, int MM>
-void avx2_gemv_block(const Args& a, const Avx2Table& t, const uint32_t* row, const float* x,
-                     int64_t ldx, const float* xsum, int64_t r, float* out) {
+void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t ldx,
+                     const float* xsum, int64_t r, float* out) {
+  const Avx2Table t = avx2_table(a);
   __m256 acc[MM];
   float bsum[MM];
   for (int i = 0; i < MM; ++i) acc[i] = _mm256_setzero_ps(), bsum[i] = 0.0f;
   for (int64_t g = 0; g < a.n_groups; ++g) {
-    const int64_t c0 = g * a.group, c1 = c0 + a.group;
-    __m256 p0[MM], p1[MM];
-    for (int i = 0; i < MM; ++i) p0[i] = p1[i] = _mm256_setzero_ps();
-    for (int64_t c = c0; c < c1; c += 16) {
-      const __m256 v0 = avx2_values<BITS>(a, t, row, c);
-      const __m256 v1 = avx2_values<BITS>(a, t, row, c + 8);
+    const int64_t c0 = g * a.group, c1 = std::min(a.k, c0 + a.group);
+    // four independent partial sums per activation row: one FMA chain would wait on the FMA's
+    // latency (4-5 cycles) every 8 codes, which bounded the loop before the decode did
+    __m256 p[4][MM];
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < MM; ++i) p[j][i] = _mm256_setzero_ps();
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) {  // 32 codes a step
+      __m256 v[4];
+      if constexpr (BITS == 4) {
+        avx2_values32(t, row, c, v);  // through the byte tables, pair order
+      } else {
+        for (int j = 0; j < 4; ++j) v[j] = avx2_values<BITS>(a, t, row, c + 8 * j);
+      }
       for (int i = 0; i < MM; ++i) {
         const float* xr = x + i * ldx + c;
-        p0[i] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xr), p0[i]);
-        p1[i] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xr + 8), p1[i]);
+        for (int j = 0; j < 4; ++j) p[j][i] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xr + 8 * j), p[j][i]);
       }
     }
-    const __m256 s = _mm256_set1_ps(scale_at(a.scales, a.scale_kind, r * a.n_groups + g));
-    for (int i = 0; i < MM; ++i) acc[i] = _mm256_fmadd_ps(_mm256_add_ps(p0[i], p1[i]), s, acc[i]);
+    for (int j = 0; c + 8 <= c1; c += 8, j = (j + 1) & 3) {  // then 8 a step
+      const __m256 v0 = avx2_values<BITS, true>(a, t, row, c);
+      for (int i = 0; i < MM; ++i)
+        p[j][i] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(x + i * ldx + c), p[j][i]);
+    }
+    const int64_t cb = c;  // codes [cb, c1): fewer than 8, one at a time
+    float tail[MM] = {0};
+    if (cb < c1) tail_dot<MM>(a, row, x, ldx, cb, c1, tail);
+    const float sg = group_scale(a, r, g);
+    const __m256 s = _mm256_set1_ps(sg);
+    for (int i = 0; i < MM; ++i) {
+      const __m256 pg = _mm256_add_ps(_mm256_add_ps(p[0][i], p[1][i]), _mm256_add_ps(p[2][i], p[3][i]));
+      acc[i] = _mm256_fmadd_ps(pg, s, acc[i]);
+      bsum[i] += sg * tail[i];
+    }
     if (a.biases) {
-      const float bg = scale_at(a.biases, a.scale_kind, r * a.n_groups + g);
+      const float bg = group_bias(a, r, g);
       for (int i = 0; i < MM; ++i) bsum[i] += bg * xsum[i * a.n_groups + g];
     }
   }
-  for (int i = 0; i < MM; ++i) {
-    float lanes[8];
-    _mm256_storeu_ps(lanes, acc[i]);
-    float sum = bsum[i];
-    for (float v : lanes) sum += v;
-    out[i] = sum;
-  }
-}
-
-template <int BITS>
-void avx2_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const float* xsum,
-                    const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const Avx2Table t = avx2_table(a);
-  for (int64_t r = n0; r < n1; ++r) {
-    const uint32_t* row = a.w + r * a.kw;
-    for (int64_t i0 = 0; i0 < m; i0 += 4) {  // up to 4 activation rows share each decode
-      float out[4];
-      const float* xs = x + i0 * ldx;
-      const float* ss = xsum + i0 * a.n_groups;
-      switch (std::min<int64_t>(4, m - i0)) {
-        case 1: avx2_gemv_block<BITS, 1>(a, t, row, xs, ldx, ss, r, out); break;
-        case 2: avx2_gemv_block<BITS, 2>(a, t, row, xs, ldx, ss, r, out); break;
-        case 3: avx2_gemv_block<BITS, 3>(a, t, row, xs, ldx, ss, r, out); break;
-        default: avx2_gemv_block<BITS, 4>(a, t, row, xs, ldx, ss, r, out); break;
-      }
-      for (int64_t i = 0; i < std::min<int64_t>(4, m - i0); ++i)
-        y[(i0 + i) * ldy + r] = out[i] + (bias ? bias[r] : 0.0f);
-    }
-  }
+  for (int i = 0; i < MM; ++i) out[i] = hsum(acc[i]) + bsum[i];
 }
 
 template <int BITS>
@@ -298,18 +393,199 @@ void avx2_dequant_rows(const Args& a, int64_t n0, int64_t r0, int64_t r1, float*
     const uint32_t* row = a.w + (n0 + r) * a.kw;
     float* o = out + r * ldo;
     for (int64_t g = 0; g < a.n_groups; ++g) {
-      const __m256 s = _mm256_set1_ps(scale_at(a.scales, a.scale_kind, (n0 + r) * a.gstride + g));
-      const __m256 b = _mm256_set1_ps(a.biases ? scale_at(a.biases, a.scale_kind, (n0 + r) * a.gstride + g) : 0.f);
-      for (int64_t c = g * a.group, c1 = c + a.group; c < c1; c += 8)
+      const float sg = group_scale(a, n0 + r, g), bg = group_bias(a, n0 + r, g);
+      const __m256 s = _mm256_set1_ps(sg), b = _mm256_set1_ps(bg);
+      const int64_t c0 = g * a.group, c1 = std::min(a.k, c0 + a.group);
+      int64_t c = c0;
+      for (; c + 8 <= c1; c += 8)
         _mm256_storeu_ps(o + c, _mm256_fmadd_ps(avx2_values<BITS>(a, t, row, c), s, b));
+      for (; c < c1; ++c) o[c] = a.lut[code_at(a, row, c)] * sg + bg;
     }
   }
 }
-#endif  // MARLIN_AVX2
 
-// A persistent pool: threads are started once (thread creation is expensive, very much so
-// under sandboxes such as gVisor) and woken per call; idle workers sleep on a condition
-// variable (no spinning that would take cores from torch's own threads between calls).
+// SIMD GEMV widths here: 2, 4, 8 bits (each group starts on a whole 8-code step: groups are
+// multiples of 16 codes, or one per-channel group at 0).
+inline bool simd_gemv_ok(const Args& a) {
+  return (a.bits == 2 || a.bits == 4 || a.bits == 8) && (a.n_groups == 1 || a.group % 16 == 0);
+}
+#define MARLIN_SIMD_GEMV 1
+#define MARLIN_SIMD_ISA "avx2+fma"
+
+// The activations as the GEMV reads them (see kPairOrder): for 4-bit codes a copy with every
+// whole 8-code step permuted (stride k), else x itself.
+inline const float* simd_gemv_x(const Args& a, const float* x, int64_t m, int64_t ldx,
+                                std::vector<float>& buf, int64_t* ld) {
+  if (a.bits != 4) {
+    *ld = ldx;
+    return x;
+  }
+  buf.resize(static_cast<size_t>(m * a.k));
+  for (int64_t i = 0; i < m; ++i) {
+    const float* xi = x + i * ldx;
+    float* o = buf.data() + i * a.k;
+    int64_t c = 0;
+    for (; c + 8 <= a.k; c += 8)
+      for (int l = 0; l < 8; ++l) o[c + l] = xi[c + kPairOrder[l]];
+    for (; c < a.k; ++c) o[c] = xi[c];
+  }
+  *ld = a.k;
+  return buf.data();
+}
+
+#elif defined(MARLIN_NEON)
+// NEON (arm64). 16 codes at a time: 8 bytes of 4-bit codes split into low and high nibbles
+// (and / shift) and interleaved back into code order (zip) in one uint8x16; a 16-entry float
+// table is looked up as four byte tables, one per byte of the float (tbl, then zips assemble
+// the bytes into 4 float32x4), or, for affine integers, the codes widened and converted.
+// 8-bit codes: 16 bytes widened and converted (affine) or read through the table (fp8).
+struct NeonTable {
+  uint8x16_t byte[4];  // byte j of lut[q] at lane q
+};
+
+inline NeonTable neon_table(const Args& a) {
+  uint8_t b[4][16] = {};
+  for (int q = 0; q < 16 && q < (1 << a.bits); ++q) {
+    uint32_t bits;
+    std::memcpy(&bits, a.lut + q, 4);
+    for (int j = 0; j < 4; ++j) b[j][q] = static_cast<uint8_t>(bits >> (8 * j));
+  }
+  return {{vld1q_u8(b[0]), vld1q_u8(b[1]), vld1q_u8(b[2]), vld1q_u8(b[3])}};
+}
+
+// uint8 codes q (16 lanes, each < 16 or an identity format's) to 16 floats v[0..3].
+inline void neon_lookup(const Args& a, const NeonTable& t, uint8x16_t q, float32x4_t v[4]) {
+  if (a.identity) {
+    const uint16x8_t lo = vmovl_u8(vget_low_u8(q)), hi = vmovl_u8(vget_high_u8(q));
+    v[0] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(lo)));
+    v[1] = vcvtq_f32_u32(vmovl_u16(vget_high_u16(lo)));
+    v[2] = vcvtq_f32_u32(vmovl_u16(vget_low_u16(hi)));
+    v[3] = vcvtq_f32_u32(vmovl_u16(vget_high_u16(hi)));
+    return;
+  }
+  const uint8x16_t b0 = vqtbl1q_u8(t.byte[0], q), b1 = vqtbl1q_u8(t.byte[1], q);
+  const uint8x16_t b2 = vqtbl1q_u8(t.byte[2], q), b3 = vqtbl1q_u8(t.byte[3], q);
+  // little-endian float = bytes b0 b1 b2 b3: zip bytes into 16-bit halves, halves into words
+  const uint16x8_t l01 = vreinterpretq_u16_u8(vzip1q_u8(b0, b1)), h01 = vreinterpretq_u16_u8(vzip2q_u8(b0, b1));
+  const uint16x8_t l23 = vreinterpretq_u16_u8(vzip1q_u8(b2, b3)), h23 = vreinterpretq_u16_u8(vzip2q_u8(b2, b3));
+  v[0] = vreinterpretq_f32_u16(vzip1q_u16(l01, l23));
+  v[1] = vreinterpretq_f32_u16(vzip2q_u16(l01, l23));
+  v[2] = vreinterpretq_f32_u16(vzip1q_u16(h01, h23));
+  v[3] = vreinterpretq_f32_u16(vzip2q_u16(h01, h23));
+}
+
+// The 16 values of codes [c, c + 16) of `row` (c a multiple of 16), before scale and bias.
+template <int BITS>
+inline void neon_values(const Args& a, const NeonTable& t, const uint32_t* row, int64_t c,
+                        float32x4_t v[4]) {
+  const uint8_t* bytes = reinterpret_cast<const uint8_t*>(row);
+  if constexpr (BITS == 4) {
+    const uint8x8_t b = vld1_u8(bytes + (c >> 1));
+    const uint8x8x2_t z = vzip_u8(vand_u8(b, vdup_n_u8(15)), vshr_n_u8(b, 4));
+    neon_lookup(a, t, vcombine_u8(z.val[0], z.val[1]), v);
+  } else {  // 8 bits
+    const uint8x16_t q = vld1q_u8(bytes + c);
+    if (a.identity) {
+      neon_lookup(a, t, q, v);
+    } else {
+      float f[16];
+      for (int i = 0; i < 16; ++i) f[i] = a.lut[bytes[c + i]];
+      for (int j = 0; j < 4; ++j) v[j] = vld1q_f32(f + 4 * j);
+    }
+  }
+}
+
+template <int BITS, int MM>
+void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t ldx,
+                     const float* xsum, int64_t r, float* out) {
+  const NeonTable t = neon_table(a);
+  float32x4_t acc[MM];
+  float bsum[MM];
+  for (int i = 0; i < MM; ++i) acc[i] = vdupq_n_f32(0.0f), bsum[i] = 0.0f;
+  for (int64_t g = 0; g < a.n_groups; ++g) {
+    const int64_t c0 = g * a.group, c1 = std::min(a.k, c0 + a.group);
+    const int64_t cb = c0 + (c1 - c0) / 16 * 16;
+    float32x4_t p0[MM], p1[MM];
+    for (int i = 0; i < MM; ++i) p0[i] = p1[i] = vdupq_n_f32(0.0f);
+    for (int64_t c = c0; c < cb; c += 16) {
+      float32x4_t v[4];
+      neon_values<BITS>(a, t, row, c, v);
+      for (int i = 0; i < MM; ++i) {
+        const float* xr = x + i * ldx + c;
+        p0[i] = vfmaq_f32(p0[i], v[0], vld1q_f32(xr));
+        p1[i] = vfmaq_f32(p1[i], v[1], vld1q_f32(xr + 4));
+        p0[i] = vfmaq_f32(p0[i], v[2], vld1q_f32(xr + 8));
+        p1[i] = vfmaq_f32(p1[i], v[3], vld1q_f32(xr + 12));
+      }
+    }
+    float tail[MM] = {0};
+    if (cb < c1) tail_dot<MM>(a, row, x, ldx, cb, c1, tail);
+    const float sg = group_scale(a, r, g);
+    for (int i = 0; i < MM; ++i) {
+      acc[i] = vfmaq_n_f32(acc[i], vaddq_f32(p0[i], p1[i]), sg);
+      bsum[i] += sg * tail[i];
+    }
+    if (a.biases) {
+      const float bg = group_bias(a, r, g);
+      for (int i = 0; i < MM; ++i) bsum[i] += bg * xsum[i * a.n_groups + g];
+    }
+  }
+  for (int i = 0; i < MM; ++i) out[i] = vaddvq_f32(acc[i]) + bsum[i];
+}
+
+inline bool simd_gemv_ok(const Args& a) {
+  return (a.bits == 4 || a.bits == 8) && (a.n_groups == 1 || a.group % 16 == 0);
+}
+#define MARLIN_SIMD_GEMV 1
+#define MARLIN_SIMD_ISA "neon"
+
+// The activations as the GEMV reads them: in order (NEON decodes codes in order).
+inline const float* simd_gemv_x(const Args&, const float* x, int64_t, int64_t ldx,
+                                std::vector<float>&, int64_t* ld) {
+  *ld = ldx;
+  return x;
+}
+#endif  // MARLIN_AVX2 / MARLIN_NEON
+
+#ifdef MARLIN_SIMD_GEMV
+// Weight rows [n0, n1) against all m activation rows, up to 4 activation rows sharing each
+// decode.
+template <int BITS>
+void simd_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const float* xsum,
+                    const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  for (int64_t r = n0; r < n1; ++r) {
+    const uint32_t* row = a.w + r * a.kw;
+    for (int64_t i0 = 0; i0 < m; i0 += 4) {
+      float out[4];
+      const float* xs = x + i0 * ldx;
+      const float* ss = xsum + i0 * a.n_groups;
+      switch (std::min<int64_t>(4, m - i0)) {
+        case 1: simd_gemv_block<BITS, 1>(a, row, xs, ldx, ss, r, out); break;
+        case 2: simd_gemv_block<BITS, 2>(a, row, xs, ldx, ss, r, out); break;
+        case 3: simd_gemv_block<BITS, 3>(a, row, xs, ldx, ss, r, out); break;
+        default: simd_gemv_block<BITS, 4>(a, row, xs, ldx, ss, r, out); break;
+      }
+      for (int64_t i = 0; i < std::min<int64_t>(4, m - i0); ++i)
+        y[(i0 + i) * ldy + r] = out[i] + (bias ? bias[r] : 0.0f);
+    }
+  }
+}
+#else
+#define MARLIN_SIMD_ISA "portable"
+#endif
+
+// A persistent pool of sleeping workers that share each call's chunks with the caller.
+//
+// Threads are started once (thread creation is expensive, very much so under sandboxes such as
+// gVisor) and woken per call through a condition variable; idle workers sleep (no spinning that
+// would take cores from torch's own threads between calls). A call's chunks are handed out by
+// one atomic counter that the caller takes from too, and the caller waits only for chunks a
+// worker has actually started: a worker that the OS has not run yet when the counter runs out
+// finds nothing left and goes back to sleep. A fork-join split (the caller waiting for every
+// worker to run its fixed share, as an OpenMP `parallel for` does) cost a whole scheduler
+// round when the machine was busy: on the 2-core CI machine at load 9, a 2-thread OpenMP
+// region around a 0.02 ms GEMV took 20-24 ms (the caller spun at the join while the worker
+// waited for a core behind other processes), and 0.05 ms with passive waiting.
 class Pool {
  public:
   static Pool& get() {
@@ -317,81 +593,85 @@ class Pool {
     return *pool;
   }
 
-  // body(t) for t in [0, n), t = 0 on the calling thread; returns when all are done.
-  void run(int n, const std::function<void(int)>& body) {
-    if (n <= 1) {
-      body(0);
+  // body(chunk) for every chunk in [0, chunks), on the calling thread and up to `helpers`
+  // workers; returns when all are done.
+  void run(int helpers, int64_t chunks, const std::function<void(int64_t)>& body) {
+    if (helpers <= 0 || chunks <= 1) {
+      for (int64_t c = 0; c < chunks; ++c) body(c);
       return;
     }
     std::lock_guard<std::mutex> call_lock(call_mu_);  // one parallel call at a time
-    grow(n - 1);
     {
       std::lock_guard<std::mutex> lk(mu_);
+      grow(helpers);
       job_ = &body;
-      tasks_ = n - 1;
-      next_ = 1;
-      pending_ = n - 1;
+      chunks_ = chunks;
+      next_.store(0, std::memory_order_relaxed);
+      wanted_ = helpers;
       ++generation_;
     }
     cv_.notify_all();
-    body(0);
+    work(body, chunks);
     std::unique_lock<std::mutex> lk(mu_);
-    done_cv_.wait(lk, [&] { return pending_ == 0; });
+    wanted_ = 0;  // a worker waking from now on does not join
+    done_cv_.wait(lk, [&] { return active_ == 0; });
     job_ = nullptr;
   }
 
  private:
-  void grow(int want) {
+  void work(const std::function<void(int64_t)>& body, int64_t chunks) {
+    for (int64_t c; (c = next_.fetch_add(1, std::memory_order_relaxed)) < chunks;) body(c);
+  }
+
+  void grow(int want) {  // under mu_
     for (; workers_ < want; ++workers_) std::thread([this] { loop(); }).detach();
   }
 
   void loop() {
     uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(mu_);
     for (;;) {
-      std::unique_lock<std::mutex> lk(mu_);
-      cv_.wait(lk, [&] { return generation_ != seen && next_ <= tasks_; });
+      cv_.wait(lk, [&] { return generation_ != seen; });
       seen = generation_;
-      const int t = next_++;
-      const std::function<void(int)>* job = job_;
+      // join only while the caller has not started waiting (active_ is then counted before
+      // the caller can see 0) and only as many workers as the call asked for
+      if (wanted_ <= 0 || job_ == nullptr) continue;
+      --wanted_;
+      ++active_;
+      const std::function<void(int64_t)>* job = job_;
+      const int64_t chunks = chunks_;
       lk.unlock();
-      (*job)(t);
+      work(*job, chunks);
       lk.lock();
-      if (--pending_ == 0) done_cv_.notify_one();
+      if (--active_ == 0) done_cv_.notify_one();
     }
   }
 
   std::mutex call_mu_, mu_;
   std::condition_variable cv_, done_cv_;
-  int workers_ = 0;
-  const std::function<void(int)>* job_ = nullptr;
+  int workers_ = 0, wanted_ = 0, active_ = 0;
+  const std::function<void(int64_t)>* job_ = nullptr;
+  int64_t chunks_ = 0;
+  std::atomic<int64_t> next_{0};
   uint64_t generation_ = 0;
-  int tasks_ = 0, next_ = 1, pending_ = 0;
 };
 
-// body(r0, r1) over [0, n) split between up to `threads` threads, at least 64 rows each.
-// Built with OpenMP against torch's own libgomp (ops/cpu/__init__.py), the threads are torch's
-// intra-op pool: no second pool competing with torch's (its idle threads spin for a while
-// after every parallel op, and took the cores from a separate pool's threads: int4 ran at half
-// speed right after a torch matmul on a 16-core host). Otherwise the Pool above.
+// body(r0, r1) over [0, n) in chunks shared by the caller and up to threads - 1 workers (about
+// 8 chunks a thread, at least 16 rows each, so that a late or preempted thread leaves little
+// for the others to wait on).
 template <typename F>
 void parallel_rows(int64_t n, int threads, F&& body) {
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + 63) / 64)));
-  const int64_t per = (n + threads - 1) / threads;
-#ifdef _OPENMP
-  if (threads > 1) {
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int t = 0; t < threads; ++t) {
-      const int64_t a = std::min<int64_t>(n, t * per), b = std::min<int64_t>(n, a + per);
-      if (a < b) body(a, b);
-    }
+  if (threads <= 1 || n <= 16) {
+    if (n > 0) body(int64_t{0}, n);
     return;
   }
-#endif
-  const std::function<void(int)> task = [&](int t) {
-    const int64_t a = std::min<int64_t>(n, t * per), b = std::min<int64_t>(n, a + per);
-    if (a < b) body(a, b);
+  const int64_t per = std::max<int64_t>(16, (n + 8 * threads - 1) / (8 * threads));
+  const int64_t chunks = (n + per - 1) / per;
+  const std::function<void(int64_t)> task = [&](int64_t c) {
+    const int64_t a = c * per, b = std::min<int64_t>(n, a + per);
+    body(a, b);
   };
-  Pool::get().run(threads, task);
+  Pool::get().run(static_cast<int>(std::min<int64_t>(threads - 1, chunks - 1)), chunks, task);
 }
 
 Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* scales,
@@ -406,10 +686,31 @@ Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* 
 
 // Rows n0..n1 of the weight `a` describes, decoded to float32 rows of stride ldo (both dequant
 // entry points below: whole rows, or a K slice whose Args point into the rows).
+// Rows [0, n) of a prefill tile over `threads` threads: with OpenMP (built against torch's own
+// libgomp, ops/cpu) an OpenMP loop, so torch's pool, still spinning after the matmul before,
+// takes the rows at once (a second pool fought it for the cores: 0.29-0.67x dense at M = 64 on
+// a 16-core Xeon); the fork-join's cost when a thread waits for a core (ms on a loaded
+// machine, see Pool) is small against a tile's decode. Without OpenMP, parallel_rows.
+template <typename F>
+void parallel_tile_rows(int64_t n, int threads, F&& body) {
+#ifdef _OPENMP
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + 15) / 16)));
+  if (threads > 1) {
+    const int64_t per = (n + 4 * threads - 1) / (4 * threads);
+    const int64_t chunks = (n + per - 1) / per;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) body(c * per, std::min<int64_t>(n, c * per + per));
+    return;
+  }
+#endif
+  parallel_rows(n, threads, std::forward<F>(body));
+}
+
 void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, int64_t ldo, int threads) {
+  (void)bits;  // only the AVX2 path dispatches on it
 #ifdef MARLIN_AVX2
-  if (avx2_ok(a)) {
-    parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+  if (simd_gemv_ok(a)) {
+    parallel_tile_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
       if (bits == 4) avx2_dequant_rows<4>(a, n0, r0, r1, out, ldo);
       else if (bits == 2) avx2_dequant_rows<2>(a, n0, r0, r1, out, ldo);
       else avx2_dequant_rows<8>(a, n0, r0, r1, out, ldo);
@@ -417,7 +718,7 @@ void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, i
     return;
   }
 #endif
-  parallel_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
+  parallel_tile_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, out + r * ldo);
   });
 }
@@ -426,7 +727,7 @@ void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, i
 
 extern "C" {
 
-int marlin_cpu_abi_version() { return 2; }
+int marlin_cpu_abi_version() { return 3; }
 
 int marlin_cpu_openmp() {
 #ifdef _OPENMP
@@ -436,27 +737,35 @@ int marlin_cpu_openmp() {
 #endif
 }
 
+// The GEMV's vector path in this build: "avx2+fma", "neon" or "portable".
+const char* marlin_cpu_isa() { return MARLIN_SIMD_ISA; }
+
 // y[m, n] = sum_k x[m, k] * W_hat[n, k] (+ bias[n]); x float32 [M, K] (row stride ldx),
-// y float32 [M, N] (row stride ldy). Rows of W are split between `threads` threads.
+// y float32 [M, N] (row stride ldy). Rows of W are shared between up to `threads` threads.
 void marlin_cpu_gemv(const float* x, int64_t m, int64_t ldx, const uint32_t* w, int64_t n,
                      int64_t kw, int64_t k, const void* scales, const void* biases, int scale_kind,
                      int64_t n_groups, int64_t group, int bits, const float* lut, const float* bias,
                      float* y, int64_t ldy, int threads) {
   const Args a = make_args(w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut);
-#ifdef MARLIN_AVX2
-  if (avx2_ok(a) && (a.group % 16 == 0)) {
+#ifdef MARLIN_SIMD_GEMV
+  if (simd_gemv_ok(a)) {
     std::vector<float> xsum(static_cast<size_t>(m * n_groups), 0.0f);  // sum(x) per group
     if (biases)
       for (int64_t i = 0; i < m; ++i)
         for (int64_t g = 0; g < n_groups; ++g) {
           float s = 0;
-          for (int64_t c = g * group; c < (g + 1) * group; ++c) s += x[i * ldx + c];
+          for (int64_t c = g * group; c < std::min(k, (g + 1) * group); ++c) s += x[i * ldx + c];
           xsum[i * n_groups + g] = s;
         }
+    std::vector<float> xbuf;
+    int64_t lx = ldx;
+    const float* xs = simd_gemv_x(a, x, m, ldx, xbuf, &lx);
     parallel_rows(n, threads, [&](int64_t n0, int64_t n1) {
-      if (bits == 4) avx2_gemv_rows<4>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
-      else if (bits == 2) avx2_gemv_rows<2>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
-      else avx2_gemv_rows<8>(a, x, m, ldx, xsum.data(), bias, y, ldy, n0, n1);
+      if (bits == 4) simd_gemv_rows<4>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
+#ifdef MARLIN_AVX2
+      else if (bits == 2) simd_gemv_rows<2>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
+#endif
+      else simd_gemv_rows<8>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
     });
     return;
   }

@@ -116,7 +116,7 @@ def test_every_e2m1_code_matches_the_table(emu):
         ({"group_size": 48}, "group_size"),
         ({"in_features": 100}, "words per row|divisible"),
         ({"dtype": torch.float64}, "dtype must be float16, bfloat16 or float32"),
-        ({"format": "int5"}, "unknown format"),
+        ({"format": "int7"}, "unknown format"),
         ({"drop_biases": True}, "biases must have shape"),
     ],
 )

@@ -304,7 +304,7 @@ def test_emulator_use_routes_marlin_gemm(emu):
         ({"group_size": 48}, "group_size"),
         ({"x": torch.zeros(2, 100)}, "divisible|words per row"),
         ({"x": torch.zeros(2, 128, dtype=torch.float64)}, "x must be float16, bfloat16 or float32"),
-        ({"format": "int5"}, "unknown format"),
+        ({"format": "int7"}, "unknown format"),
         ({"biases": None}, "biases must have shape"),
         ({"bias": torch.zeros(5)}, "bias must have shape"),
     ],

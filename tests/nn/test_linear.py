@@ -107,7 +107,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="method"):
         QuantConfig(method="awq")
     with pytest.raises(ValueError, match="unknown format"):
-        QuantConfig(format="int5")
+        QuantConfig(format="int7")
     with pytest.raises(ValueError, match="only 'format' and 'group_size'"):
         QuantConfig(rules=(("*", {"bits": 3}),))
     with pytest.raises(TypeError, match="QuantConfig"):

@@ -121,6 +121,6 @@ def test_gemm_errors():
     with pytest.raises(ValueError, match="bias must have shape"):
         ops.gemm(torch.ones(2, 256), weight, scales, biases, gscale, torch.ones(3), "int4", 64)
     with pytest.raises(ValueError, match="unknown format"):
-        ops.gemm(torch.ones(2, 256), weight, scales, biases, gscale, bias, "int5", 64)
+        ops.gemm(torch.ones(2, 256), weight, scales, biases, gscale, bias, "int7", 64)
     with pytest.raises(ValueError, match="scales must have shape"):
         ops.gemm(torch.ones(2, 256), weight, scales[:, :1], biases, gscale, bias, "int4", 64)

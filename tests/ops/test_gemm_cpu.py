@@ -226,3 +226,36 @@ def test_build_uses_the_hosts_vector_path():
         assert isa == "neon"
     else:
         assert isa in ("avx2+fma", "neon", "portable")
+
+
+
+def test_concurrent_builds_use_their_own_temporaries(tmp_path, monkeypatch):
+    """Processes building the kernel into one empty cache at the same time (pytest-xdist workers
+    on a fresh machine) must compile and link into files of their own, then rename: with one
+    shared object file, a process linked another's half-written ``.o`` into a library without
+    its symbols (seen with 8 workers on the H200 host). Two builds as two process ids, the
+    compiler replaced by a recorder: no file one writes may be a file the other writes."""
+    import subprocess  # noqa: PLC0415
+
+    written: dict[int, set[str]] = {}
+    pid = {"now": 0}
+
+    def fake_run(cmd, **kwargs):  # noqa: ARG001
+        if "--version" in cmd:
+            return subprocess.CompletedProcess(cmd, 0, stdout="c++ (test) 1.0\n", stderr="")
+        out = Path(cmd[cmd.index("-o") + 1])
+        written.setdefault(pid["now"], set()).add(str(out))
+        out.write_bytes(b"")
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(cpu.subprocess, "run", fake_run)
+    monkeypatch.setattr(cpu.os, "getpid", lambda: pid["now"])
+    monkeypatch.setenv("METAL_MARLIN_CPU_CACHE", str(tmp_path))
+    for p in (101, 202):
+        pid["now"] = p
+        for f in tmp_path.glob("*.so"):  # each "process" finds an empty cache
+            f.unlink()
+        cpu._build("c++")
+    assert len(written[101]) >= 2 and len(written[202]) >= 2  # an object and a library each
+    assert not written[101] & written[202], written
+    assert not [f for f in tmp_path.iterdir() if ".tmp" in f.name]  # temporaries renamed or removed

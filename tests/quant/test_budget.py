@@ -166,7 +166,7 @@ def test_default_candidates_follow_the_registered_formats(monkeypatch):
     from metal_marlin_torch.quant.budget import default_candidates
 
     names = {f for f, _ in default_candidates()}
-    assert names == {"int2", "int3", "int4", "int8", "nf3", "nf4"}  # integer and codebook formats only
+    assert names == {"int2", "int3", "int4", "int5", "int6", "int8", "nf3", "nf4"}  # integer and codebook formats only
     monkeypatch.setitem(F.FORMATS, "int7", _make(7)())  # a format registered later joins
     cands = default_candidates()
     assert ("int7", 32) in cands and ("int7", 128) in cands

@@ -130,8 +130,12 @@ def _build(cxx: str) -> Path:
         if lib.exists():
             return lib
         lib.parent.mkdir(parents=True, exist_ok=True)
+        # per-process temporaries: concurrent first uses (pytest-xdist workers, several
+        # processes) each compile and link their own files, then rename into place. (A shared
+        # ``.o`` let one process link another's half-written object: a library without its
+        # symbols, seen on the H200 host with 8 xdist workers.)
         tmp = lib.with_name(f"{lib.name}.tmp{os.getpid()}")
-        obj = tmp.with_suffix(".o")
+        obj = lib.with_name(f"{lib.name}.tmp{os.getpid()}.o")
         # compile and link apart: linking with -fopenmp would add the system's -lgomp, a second
         # OpenMP runtime beside torch's
         steps = [[cxx, *flags, "-c", str(SOURCE), "-o", str(obj)],
@@ -164,8 +168,9 @@ def load() -> ctypes.CDLL | None:
             raise RuntimeError("no C++ compiler found ($CXX, c++, g++, clang++)")
         path = _build(cxx)
         lib = ctypes.CDLL(str(path))
-        if lib.marlin_cpu_abi_version() != 3:
-            raise RuntimeError("unexpected ABI version")
+        abi = getattr(lib, "marlin_cpu_abi_version", None)  # absent from a broken library
+        if abi is None or abi() != 3:
+            raise RuntimeError(f"{path} is not this version's kernel library (no ABI version 3): delete it")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         log.info("metal_marlin_torch: the C++ CPU gemm kernel is unavailable (%s); CPU gemm uses "

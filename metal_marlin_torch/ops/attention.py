@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 
-def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                         window: int) -> None:
-    where = "marlin.attention"
+def _check_qkv_shapes(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """The shape checks of the contiguous-K/V ops (plain and FP8): q ``[B, Hq, Sq, D]``, k and v
+    ``[B, Hk, Sk, D]`` of one shape, ``Hq`` a multiple of ``Hk``, no more query rows than keys."""
     if not q.dtype.is_floating_point:
         raise ValueError(f"{where}: q must be floating point, got {q.dtype}")
     if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
@@ -28,6 +28,12 @@ def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
                          f"with q's heads a multiple of k's")
     if sq > k.shape[2]:
         raise ValueError(f"{where}: q has more rows ({sq}) than there are keys ({k.shape[2]})")
+
+
+def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                         window: int) -> None:
+    where = "marlin.attention"
+    _check_qkv_shapes(where, q, k, v)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{where}: {name} must have q's dtype and device ({q.dtype}, {q.device}), "
@@ -64,17 +70,7 @@ def attention(q, k, v, scale, causal, window):
 def check_attention_fp8_args(q: torch.Tensor, k: torch.Tensor, k_scales: torch.Tensor, v: torch.Tensor,
                              v_scales: torch.Tensor, window: int) -> None:
     where = "marlin.attention_fp8"
-    if not q.dtype.is_floating_point:
-        raise ValueError(f"{where}: q must be floating point, got {q.dtype}")
-    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape:
-        raise ValueError(f"{where}: q must be [B, Hq, Sq, D] and k, v [B, Hk, Sk, D] of one shape, got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    b, hq, sq, d = q.shape
-    if k.shape[0] != b or k.shape[3] != d or k.shape[1] < 1 or hq % k.shape[1]:
-        raise ValueError(f"{where}: k {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head_dim, "
-                         f"with q's heads a multiple of k's")
-    if sq > k.shape[2]:
-        raise ValueError(f"{where}: q has more rows ({sq}) than there are keys ({k.shape[2]})")
+    _check_qkv_shapes(where, q, k, v)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != torch.uint8 or t.device != q.device:
             raise ValueError(f"{where}: {name} must be the E4M3 bytes as uint8 on q's device ({q.device}), got "

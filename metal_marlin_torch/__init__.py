@@ -9,7 +9,10 @@ One call quantizes a model's Linear layers in place; they run through ``torch.op
 
 from __future__ import annotations
 
-from . import ops  # noqa: F401  (registers torch.ops.marlin.*)
+from . import (
+    ops,  # noqa: F401  (registers torch.ops.marlin.*)
+    quant,  # noqa: F401  (registers GPTQ, MR-GPTQ, the RTN variants and the bit budget with nn)
+)
 from ._peft_hook import install as _install_peft_hook
 from .backend import backend_info
 from .dtypes import (

@@ -128,13 +128,27 @@ def _rtn(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, **_
         release_freed_memory()  # this layer's temporaries and dense weight (see _memory.py)
 
 
-# method name -> function(model, plans, config, **kwargs) that converts the planned layers
-QUANTIZERS: dict[str, Callable[..., None]] = {"rtn": _rtn}
+def _no_budget_planner(*_: Any, **__: Any) -> Any:
+    raise RuntimeError("quantize_model: bits_per_weight needs the bit-budget planner of "
+                       "metal_marlin_torch.quant, which registers itself when the package is imported")
 
 
-def register_quantizer(method: str, fn: Callable[..., None]) -> None:
+# method name -> function(model, plans, config, **kwargs) that converts the planned layers.
+# ``quant`` (which sits above ``nn`` and imports it, never the other way round) registers GPTQ,
+# MR-GPTQ, the RTN variants and the bit-budget planner here when metal_marlin_torch is imported.
+QUANTIZERS: dict[str, Callable[..., Any]] = {"rtn": _rtn}
+BUDGET_PLANNER: dict[str, Callable[..., Any]] = {"plan": _no_budget_planner}
+
+
+def register_quantizer(method: str, fn: Callable[..., Any]) -> None:
     """Register the implementation of a :class:`QuantConfig` method (GPTQ lives in ``quant``)."""
     QUANTIZERS[method] = fn
+
+
+def register_budget_planner(fn: Callable[..., Any]) -> None:
+    """Register the function that turns ``QuantConfig.bits_per_weight`` into per-layer plans
+    (``quant.budget.plan_budget``)."""
+    BUDGET_PLANNER["plan"] = fn
 
 
 def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method_kwargs: Any) -> QuantizeSummary:
@@ -160,16 +174,12 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize_model: config must be a QuantConfig, got {type(config).__name__}")
     if config.method not in QUANTIZERS:
-        if config.method in ("gptq", "mr-gptq"):
-            from .. import quant  # noqa: F401  (registers the GPTQ methods)
-        if config.method not in QUANTIZERS:
-            raise ValueError(f"quantize_model: method {config.method!r} is not available")
+        raise ValueError(f"quantize_model: method {config.method!r} is not available "
+                         f"(registered: {sorted(QUANTIZERS)})")
     plans, skipped = plan_layers(model, config)
     budget = None
     if config.bits_per_weight is not None and plans:
-        from ..quant.budget import plan_budget  # noqa: PLC0415 (quant sits above nn)
-
-        budget = plan_budget(model, plans, config, **method_kwargs)
+        budget = BUDGET_PLANNER["plan"](model, plans, config, **method_kwargs)
         plans = budget.plans
     expert_plans, expert_skipped = plan_experts(model, config)
     skipped.update(expert_skipped)
@@ -178,11 +188,6 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
     experts_before = {name: _tensor_bytes(model.get_submodule(name)) for name in expert_plans}
     quantizer = QUANTIZERS[config.method]
-    if config.method == "rtn" and (config.refine or config.method_options):
-        from ..quant.methods import rtn_layers, wants_rtn_layers  # noqa: PLC0415 (quant sits above nn)
-
-        if wants_rtn_layers(config):  # searched / importance-weighted / refined RTN
-            quantizer = rtn_layers
     if expert_plans and getattr(quantizer, "handles_experts", False):
         # GPTQ / MR-GPTQ quantize the experts too, each expert against the Hessian of its routed tokens
         method_kwargs = {**method_kwargs, "expert_plans": expert_plans}

@@ -1,7 +1,9 @@
 """Quantization quality: Hadamard rotation, GPTQ, MR-GPTQ, calibration data, quality metrics.
 
 Importing this package registers the ``gptq`` and ``mr-gptq`` methods of
-:func:`metal_marlin_torch.quantize_model` (which imports it when those methods are asked for)::
+:func:`metal_marlin_torch.quantize_model`, the searched / importance-weighted / refined RTN and
+the bit-budget planner, in ``nn.quantize``'s registries; ``metal_marlin_torch`` imports it, and
+``nn`` never does (``quant`` sits above ``nn``)::
 
     from metal_marlin_torch import QuantConfig, quantize_model
     quantize_model(model, QuantConfig(format="fp4", method="mr-gptq"), tokenizer=tok)

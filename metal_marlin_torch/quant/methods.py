@@ -19,7 +19,8 @@ from torch import nn
 
 from ..dtypes import resolve
 from ..nn.config import LayerPlan, QuantConfig
-from ..nn.quantize import register_quantizer, replace_module
+from ..nn.quantize import QUANTIZERS, register_budget_planner, register_quantizer, replace_module
+from .budget import plan_budget
 from .calibration import DEFAULT_SAMPLES, DEFAULT_SEED, DEFAULT_SEQ_LEN, load_calibration
 from .driver import DriverOptions, quantize_layerwise
 from .mr_gptq import quantize_linear
@@ -74,7 +75,22 @@ def wants_rtn_layers(config: QuantConfig) -> bool:
                                            or opts.get("scale_search"))
 
 
+_plain_rtn = QUANTIZERS["rtn"]  # nn.quantize's own RTN, before register_methods replaces the entry
+
+
+def _rtn_method(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig,
+                **kwargs: Any) -> dict[str, Any] | None:
+    """``method="rtn"``: the formats' plain RTN (``nn.quantize``), or :func:`rtn_layers` when
+    the config asks for the scale search, the importance matrix or refinement."""
+    if wants_rtn_layers(config):
+        return rtn_layers(model, plans, config, **kwargs)
+    return _plain_rtn(model, plans, config, **kwargs)
+
+
 def register_methods() -> None:
-    """Register ``gptq`` and ``mr-gptq`` with :func:`~metal_marlin_torch.nn.register_quantizer`."""
+    """Register ``gptq``, ``mr-gptq``, the RTN variants and the bit-budget planner with
+    :mod:`metal_marlin_torch.nn.quantize` (``nn`` never imports ``quant``)."""
     register_quantizer("gptq", _layerwise)
     register_quantizer("mr-gptq", _layerwise)
+    register_quantizer("rtn", _rtn_method)
+    register_budget_planner(plan_budget)

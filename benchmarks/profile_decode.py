@@ -81,6 +81,27 @@ def kernel_table(prof, steps: int) -> tuple[list[dict], float]:
     return out, sum(r["us"] for r in out)
 
 
+def idle_gaps(prof, steps: int, small_us: float = 20.0) -> dict:
+    """The device's idle time between consecutive kernels, a step: gaps under ``small_us``
+    (launch gaps inside a graph) and longer ones (the host between replays), us."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    small = large = 0.0
+    n_small = 0
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+        gap = start - end
+        if gap <= 0:
+            continue
+        if gap < small_us:
+            small += gap
+            n_small += 1
+        else:
+            large += gap
+    return {"inner_gap_us_per_step": round(small / steps, 1),
+            "inner_gaps_per_step": round(n_small / steps, 1),
+            "host_gap_us_per_step": round(large / steps, 1)}
+
+
 def by_category(rows: list[dict]) -> dict:
     cats: dict[str, dict] = {}
     for r in rows:
@@ -139,6 +160,7 @@ def profile_step(args, method: str) -> dict:
                 pos += 1
             torch.cuda.synchronize()
     rows, total_us = kernel_table(prof, args.profile_steps)
+    out.update(idle_gaps(prof, args.profile_steps))
     out["kernel_us_per_step"] = round(total_us, 1)
     out["gap_us_per_step"] = round(out["back_to_back_step_ms"] * 1e3 - total_us, 1)
     out["launches_per_step"] = round(sum(r["launches"] for r in rows), 1)
@@ -328,7 +350,9 @@ def render(res: dict) -> str:
         lines += [f"## Decode step as one graph: {s['method']}", "",
                   f"wall {s['step_ms']} ms a step (synchronized), back-to-back {s['back_to_back_step_ms']} ms; "
                   f"kernels {s['kernel_us_per_step']} us, gap {s['gap_us_per_step']} us, "
-                  f"{s['launches_per_step']} launches a step", "",
+                  f"{s['launches_per_step']} launches a step; device idle between kernels "
+                  f"{s.get('inner_gap_us_per_step')} us a step in gaps under 20 us, "
+                  f"{s.get('host_gap_us_per_step')} us in longer ones", "",
                   "| category | us a step | launches |", "|---|---|---|"]
         lines += [f"| {c} | {v['us']} | {v['launches']} |" for c, v in sorted(
             s["categories"].items(), key=lambda kv: -kv[1]["us"])]

@@ -10,7 +10,8 @@ random bf16 weights and ``--layers`` decoder layers (32 is the real model), or a
 checkpoint (``--model``). Device: ``--device`` (default mps > cuda > cpu). Methods: ``dense``
 (the activation dtype: bf16 on CUDA, fp16 on MPS, fp32 and bf16 (``dense-bf16``) on CPU),
 ``marlin:<fmt>`` (or just ``<fmt>``; ``quantize_model`` RTN, group 128, lm_head kept dense as
-by default), ``tinygemm`` (int4 through ``aten._weight_int4pack_mm``, CUDA, same codes as our
+by default, then ``fuse_projections``: q/k/v and gate/up one layer each, unless
+``--no-fuse``), ``tinygemm`` (int4 through ``aten._weight_int4pack_mm``, CUDA, same codes as our
 int4) and ``mlx`` (``mlx_lm``'s own 4-bit, group 64, on MLX's default device; needs
 ``--model`` and an importable ``mlx_lm``, else the row says why it is missing). Each method's
 model is built, measured and freed in turn.
@@ -59,6 +60,7 @@ from benchmarks.bench_cpu_gemm import cpu_name  # noqa: E402
 from benchmarks.bench_gemm import machine_info, tinygemm_pack, write_atomic  # noqa: E402
 from metal_marlin_torch import MarlinLinear, QuantConfig, quantize_model  # noqa: E402
 from metal_marlin_torch import formats as F  # noqa: E402
+from metal_marlin_torch.nn import fuse_projections  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
@@ -313,6 +315,8 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
                 if isinstance(mod, MarlinLinear):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
+        elif not args.no_fuse:
+            row["fused"] = fuse_projections(model)
     sync(device)
     quantized = not method.startswith("dense")
     row["quantize_s"] = round(time.perf_counter() - t0, 2) if quantized else None
@@ -470,6 +474,8 @@ def build_method(args, method: str, device: str, dtype: torch.dtype):
                 if isinstance(mod, MarlinLinear):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
+        elif not getattr(args, "no_fuse", False):
+            fuse_projections(model)
     return model
 
 
@@ -539,6 +545,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--generate-repeats", type=int, default=3,
                     help="timed generate() calls per method (median), after a warm-up call")
+    ap.add_argument("--no-fuse", action="store_true",
+                    help="keep q/k/v and gate/up as separate layers (default: fuse_projections on "
+                         "our methods, one quantized GEMV each)")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-step-graph", action="store_true")
     ap.add_argument("--step-graph-methods", default="", help="only these methods (default: all)")

@@ -111,11 +111,18 @@ def by_category(rows: list[dict]) -> dict:
     return cats
 
 
+def _build(args, method: str):
+    """bench_decode's model of ``method``; a ``/nofuse`` suffix keeps q/k/v and gate/up apart."""
+    base, _, opt = method.partition("/")
+    return build_method(argparse.Namespace(**{**vars(args), "no_fuse": opt == "nofuse"}), base,
+                        "cuda", torch.bfloat16)
+
+
 def profile_step(args, method: str) -> dict:
     from transformers import StaticCache
 
     torch._dynamo.reset()
-    model = build_method(args, method, "cuda", torch.bfloat16)
+    model = _build(args, method)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).cuda()
     total = args.prompt + args.steps + args.profile_steps + 2
@@ -175,7 +182,7 @@ def profile_generate(args, method: str) -> dict:
     from transformers import LogitsProcessorList
 
     torch._dynamo.reset()
-    model = build_method(args, method, "cuda", torch.bfloat16)
+    model = _build(args, method)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).cuda()
     stamps = _Stamps()
@@ -397,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--steps", type=int, default=24, help="timed steps (after compile)")
     ap.add_argument("--profile-steps", type=int, default=5)
-    ap.add_argument("--methods", default="dense,marlin:int4,marlin:nf4")
+    ap.add_argument("--methods", default="dense,marlin:int4,marlin:nf4",
+                    help="bench_decode's methods (fused as there); '/nofuse' after one: unfused")
     ap.add_argument("--generate-methods", default="dense,marlin:int4")
     ap.add_argument("--formats", default="int4,fp4,nf4")
     ap.add_argument("--shape-list", default="4096x4096,4096x1024,4096x6144,4096x14336,4096x28672,14336x4096")

@@ -19,8 +19,9 @@ Sections (``--sections``, comma separated):
     they apply; the floor is the bytes the kernel must read divided by the device-to-device copy
     bandwidth measured in the same run;
   * ``prefill``: M = 2048 on the same shapes: dense ``F.linear`` (weight [N, K]) and
-    ``x @ W^T`` with ``W^T`` stored [K, N], ours on the dequantize path with W_hat^T whole and
-    in slices of several widths, and the dequantize kernel alone.
+    ``x @ W^T`` with ``W^T`` stored [K, N], ours on the dequantize path with W_hat^T [K, N]
+    (or W_hat [N, K]: ``_nk``) whole and in slices of several widths, and the dequantize
+    kernel alone.
 Each section's result is written as soon as it is done.
 """
 
@@ -332,13 +333,15 @@ def bench_prefill(args) -> list[dict]:
             row[f"{fmt}_dequant_only_us"] = round(graph_us(partial(D.dequant_slice, pw, 0, n, buf),
                                                            calls=5, reps=7), 1)
             del buf
-            for cols in [n] + [c for c in (4096, 2048, 1024, 512) if c < n]:
-                try:
-                    row[f"{fmt}_slice{cols}_us"] = round(graph_us(
-                        partial(D.gemm_prepared, x, pw, path="dequant", slice_cols=cols),
-                        calls=5, reps=7), 1)
-                except Exception as exc:  # noqa: BLE001
-                    row[f"{fmt}_slice{cols}_us"] = f"{type(exc).__name__}: {str(exc)[:80]}"
+            for nk in (False, True):
+                tag = "_nk" if nk else ""
+                for cols in [n] + [c for c in (4096, 2048, 1024, 512) if c < n]:
+                    try:
+                        row[f"{fmt}{tag}_slice{cols}_us"] = round(graph_us(
+                            partial(D.gemm_prepared, x, pw, path="dequant", slice_cols=cols,
+                                    dequant_nk=nk), calls=5, reps=7), 1)
+                    except Exception as exc:  # noqa: BLE001
+                        row[f"{fmt}{tag}_slice{cols}_us"] = f"{type(exc).__name__}: {str(exc)[:80]}"
             del pw
         rows.append(row)
         print(json.dumps(row), flush=True)

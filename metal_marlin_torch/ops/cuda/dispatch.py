@@ -80,6 +80,9 @@ PATHS = ("gemv", "mma_gemv", "gemm", "dequant")
 DEQUANT_SLICE_BYTES = 0
 DEQUANT_SLICE_ALIGN = 64  # features: dequant_kernel's tile
 DEQUANT_SLICE_MIN_COLS = 256
+# Dequantize path: W_hat written [N, K] (nn.Linear's layout, cuBLAS "TN" as dense layers run)
+# instead of W_hat^T [K, N].
+DEQUANT_NK = False
 ONE_BITS = 0x3F800000  # float32 1.0: gemv_kernel takes it at run time (kernels._unit_field)
 
 
@@ -577,12 +580,14 @@ def gemm_prepared(
     config: GemvConfig | GemmConfig | MmaGemvConfig | None = None,
     tma: bool = True,
     slice_cols: int | None = None,
+    dequant_nk: bool | None = None,
 ) -> torch.Tensor:
     """``x[..., K] @ W_hat.T + bias`` -> ``[..., N]`` in ``x.dtype``, fp32 accumulation.
 
     ``path`` / ``config`` override the choice by M (benchmarks and tests use them). ``tma``
     False keeps the choice by M off the TMA-fed GEMV (:data:`EAGER_TMA`: eager replays).
-    ``slice_cols`` overrides the dequantize path's slice width (:func:`dequant_slice_cols`).
+    ``slice_cols`` overrides the dequantize path's slice width (:func:`dequant_slice_cols`),
+    ``dequant_nk`` its layout of the dequantized weight (:data:`DEQUANT_NK`).
     """
     from . import kernels  # Triton: imported on first use only
 
@@ -623,20 +628,22 @@ def gemm_prepared(
         if is_dry():
             return x.new_empty(*lead, n)
         width = dequant_slice_cols(n, k, x.element_size()) if slice_cols is None else slice_cols
+        nk = DEQUANT_NK if dequant_nk is None else dequant_nk
         if width >= n:
-            w_t = torch.empty(k, n, dtype=x.dtype, device=x.device)
-            dequant_slice(pw, 0, n, w_t)
-            y = x2 @ w_t
+            w = torch.empty((n, k) if nk else (k, n), dtype=x.dtype, device=x.device)
+            dequant_slice(pw, 0, n, w, nk)
+            y = x2 @ (w.t() if nk else w)
         else:
             # W_hat^T a slice of features at a time through one buffer that stays in L2: cuBLAS
             # reads each slice from L2 right after it is written, and the next slice overwrites
             # the buffer's lines while they are still there (DEQUANT_SLICE_BYTES)
             y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-            buf = torch.empty(k, width, dtype=x.dtype, device=x.device)
+            buf = torch.empty((width, k) if nk else (k, width), dtype=x.dtype, device=x.device)
             for n0 in range(0, n, width):
                 n1 = min(n, n0 + width)
-                dequant_slice(pw, n0, n1, buf[:, :n1 - n0])
-                torch.mm(x2, buf[:, :n1 - n0], out=y[:, n0:n1])
+                part = buf[:n1 - n0] if nk else buf[:, :n1 - n0]
+                dequant_slice(pw, n0, n1, part, nk)
+                torch.mm(x2, part.t() if nk else part, out=y[:, n0:n1])
         if has_bias:
             y += bias
         return y.reshape(*lead, n)
@@ -742,10 +749,10 @@ def dequant_slice_cols(n: int, k: int, elem: int) -> int:
     return n if 2 * width > n else width
 
 
-def dequant_slice(pw: PreparedWeight, n0: int, n1: int, out: torch.Tensor) -> None:
-    """``out[K, n1 - n0] = W_hat[n0:n1].T`` in ``out``'s dtype: one ``dequant_kernel`` launch
-    over a slice of features (``n0`` a multiple of 16, the K-major block; ``out`` may be a
-    view whose rows are longer than the slice)."""
+def dequant_slice(pw: PreparedWeight, n0: int, n1: int, out: torch.Tensor, nk: bool = False) -> None:
+    """``out[K, n1 - n0] = W_hat[n0:n1].T`` in ``out``'s dtype (``nk``: ``out[n1 - n0, K] =
+    W_hat[n0:n1]``): one ``dequant_kernel`` launch over a slice of features (``n0`` a multiple
+    of 16, the K-major block; ``out`` may be a view whose rows are longer than the slice)."""
     from . import kernels
 
     kf = pw.kfmt
@@ -753,8 +760,9 @@ def dequant_slice(pw: PreparedWeight, n0: int, n1: int, out: torch.Tensor) -> No
     if n0 % layout.N_BLOCK or not 0 <= n0 < n1 <= n:
         raise ValueError(f"dequant_slice: need 0 <= n0 < n1 <= {n} with n0 a multiple of "
                          f"{layout.N_BLOCK}, got n0={n0}, n1={n1}")
-    if tuple(out.shape) != (k, n1 - n0) or out.stride(1) != 1:
-        raise ValueError(f"dequant_slice: out must be [{k}, {n1 - n0}] with unit column stride, "
+    want = (n1 - n0, k) if nk else (k, n1 - n0)
+    if tuple(out.shape) != want or out.stride(1) != 1:
+        raise ValueError(f"dequant_slice: out must be {list(want)} with unit column stride, "
                          f"got shape {tuple(out.shape)} strides {out.stride()}")
     width = n1 - n0
     block_n, block_k = 64, 64
@@ -766,7 +774,7 @@ def dequant_slice(pw: PreparedWeight, n0: int, n1: int, out: torch.Tensor) -> No
         BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul,
         SCALE_ROW=(pw.group % block_k == 0 or pw.group == k),
         BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and width % block_n == 0),
-        num_warps=4,
+        OUT_NK=nk, num_warps=4,
     )
 
 

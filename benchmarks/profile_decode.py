@@ -288,19 +288,17 @@ def bench_shapes(args, bw: float) -> list[dict]:
             dflt = D.default_gemv_config(1, n, k, pw.kfmt.bits, sms, pw.kfmt.decode)
             row[f"{fmt}_gemv_default_cfg"] = str(dflt)
             variants = {}
-            for bn, ch, sp, wa, mr in ((16, 128, 1, 8, 80), (16, 128, 2, 8, 80), (16, 128, 4, 8, 80),
-                                       (16, 64, 2, 8, 80), (16, 64, 4, 4, None), (8, 128, 1, 4, None),
-                                       (8, 128, 2, 4, None), (8, 64, 4, 4, None), (16, 128, 1, 4, None),
-                                       (32, 128, 1, 8, None)):
+            for bn, ch, sp, wa, mr in (() if fmt not in args.variant_formats.split(",") else (
+                    (16, 128, 1, 8, 80), (16, 128, 2, 8, 80), (16, 64, 4, 4, None), (8, 128, 1, 4, None),
+                    (8, 128, 2, 4, None), (8, 64, 4, 4, None), (16, 128, 1, 4, None))):
                 cfg = D.GemvConfig(1, bn, ch, sp, wa, mr)
                 try:
                     variants[f"gemv {bn}x{ch} s{sp} w{wa} r{mr}"] = round(graph_us(
                         partial(D.gemm_prepared, x, pw, path="gemv", config=cfg)), 2)
                 except Exception as exc:  # noqa: BLE001 - recorded
                     variants[f"gemv {bn}x{ch} s{sp} w{wa} r{mr}"] = f"{type(exc).__name__}: {str(exc)[:80]}"
-            if fmt in ("int4", "fp4") and n % 128 == 0:
-                for cfg in (None, D.MmaGemvConfig(4, 1, stages=4), D.MmaGemvConfig(4, 2, stages=4),
-                            D.MmaGemvConfig(4, 4, stages=4), D.MmaGemvConfig(4, 8, stages=4)):
+            if fmt in ("int4", "fp4") and fmt in args.variant_formats.split(",") and n % 128 == 0:
+                for cfg in (None, D.MmaGemvConfig(4, 1, stages=4), D.MmaGemvConfig(4, 4, stages=4)):
                     key = f"mma_gemv {cfg}"
                     try:
                         variants[key] = round(graph_us(
@@ -411,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="bench_decode's methods (fused as there); '/nofuse' after one: unfused")
     ap.add_argument("--generate-methods", default="dense,marlin:int4")
     ap.add_argument("--formats", default="int4,fp4,nf4")
+    ap.add_argument("--variant-formats", default="int4,nf4", help="formats whose GEMV variants are timed")
     ap.add_argument("--shape-list", default="4096x4096,4096x1024,4096x6144,4096x14336,4096x28672,14336x4096")
     ap.add_argument("--prefill-m", type=int, default=2048)
     ap.add_argument("--prefill-formats", default="int4,nf4")

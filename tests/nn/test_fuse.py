@@ -153,3 +153,17 @@ def test_fused_model_on_cuda_eager_and_compiled(fmt):
             got = step(ids, use_cache=False).logits.clone()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
+
+
+def test_save_quantized_of_a_fused_model_loads_unfused(tmp_path):
+    # the checkpoint lists q_proj / k_proj / ... (not qkv_proj), as the state_dict's keys do
+    from metal_marlin_torch import load_quantized, save_quantized  # noqa: PLC0415
+
+    base = _tiny("llama", "int4", bias=True)
+    fused = copy.deepcopy(base)
+    fuse_projections(fused)
+    save_quantized(fused, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert isinstance(loaded.model.layers[1].self_attn.v_proj, MarlinLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, base(IDS).logits, rtol=1e-5, atol=1e-5)

@@ -153,23 +153,32 @@ def generate_tok_s(model, ids, new: int, device: str, compile_: bool,
     model.generate(ids, **kw)  # warm-up (compiles when compile_)
     sync(device)
     first = time.perf_counter() - t0
-    rates, firsts, steps = [], [], []
+    rates, firsts, steps, means, maxes, lasts = [], [], [], [], [], []
     for _ in range(max(1, repeats)):
         stamps.t.clear()
         t0 = time.perf_counter()
         out = model.generate(ids, **kw)
         sync(device)
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
         assert out.shape[1] == ids.shape[1] + new
         rates.append(new / dt)
         gaps = [b - a for a, b in zip(stamps.t, stamps.t[1:], strict=False)]
         if stamps.t:
             firsts.append(stamps.t[0] - t0)
+            lasts.append(t1 - stamps.t[-1])
         if gaps:
             steps.append(statistics.median(gaps))
-    split = {"first_ms": round(statistics.median(firsts) * 1e3, 2) if firsts else None,
-             "step_ms": round(statistics.median(steps) * 1e3, 3) if steps else None,
-             "calls": len(rates)}
+            means.append(statistics.mean(gaps))
+            maxes.append(max(gaps))
+
+    def ms(v: list[float], nd: int = 3) -> float | None:
+        return round(statistics.median(v) * 1e3, nd) if v else None
+
+    # first + (new - 1) * step_mean + after_last is the whole call: the median step alone
+    # hides slow steps (a re-recorded graph, a host hiccup)
+    split = {"first_ms": ms(firsts, 2), "step_ms": ms(steps), "step_mean_ms": ms(means),
+             "step_max_ms": ms(maxes), "after_last_ms": ms(lasts), "calls": len(rates)}
     return statistics.median(rates), first, split, out[0, ids.shape[1]:].tolist()
 
 
@@ -442,15 +451,19 @@ def render(result: dict) -> str:
     if any(r.get("eager_split") for r in rows):
         lines += ["", "Where a generate() call's time goes (medians over the timed calls; first: call "
                   "start to the first token's logits, prefill included; step: median gap between "
-                  "later tokens; ms):", "",
+                  "later tokens; mean / max: of those gaps; after last: the last token's logits to "
+                  "the call's return; ms):", "",
                   "| method | eager first | eager step | compiled first | compiled step | "
-                  "compiled graphs / breaks |", "|---|---|---|---|---|---|"]
+                  "compiled step mean / max | compiled after last | compiled graphs / breaks |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             e, c = r.get("eager_split") or {}, r.get("compiled_split") or {}
             cc = r.get("compiled_counters") or {}
             graphs = f"{cc['unique_graphs']} / {cc['graph_breaks']}" if "graph_breaks" in cc else "-"
             lines.append(f"| {r['method']} | {e.get('first_ms', '-')} | {e.get('step_ms', '-')} | "
-                         f"{c.get('first_ms', '-')} | {c.get('step_ms', '-')} | {graphs} |")
+                         f"{c.get('first_ms', '-')} | {c.get('step_ms', '-')} | "
+                         f"{c.get('step_mean_ms', '-')} / {c.get('step_max_ms', '-')} | "
+                         f"{c.get('after_last_ms', '-')} | {graphs} |")
     if result.get("per_call"):
         lines += ["", "Per-call host cost at M = 1 (us a call, back-to-back calls, one sync):", ""]
         keys = [k for k in result["per_call"][0] if k not in ("K", "N")]

@@ -28,6 +28,7 @@ Each section's result is written as soon as it is done.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -126,10 +127,18 @@ def profile_step(args, method: str) -> dict:
     model = _build(args, method)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=g).cuda()
-    total = args.prompt + args.steps + args.profile_steps + 2
-    cache = StaticCache(config=model.config, max_cache_len=total)
+    cache = StaticCache(config=model.config, max_cache_len=args.prompt + args.steps + args.profile_steps + 8)
     step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     out: dict = {"method": method}
+
+    def run(pos: int, tok: torch.Tensor) -> torch.Tensor:
+        # as bench_decode's step_graph_tok_s: one replay, synchronized
+        o = step(tok, past_key_values=cache, cache_position=torch.tensor([pos], device="cuda"),
+                 use_cache=True)
+        tok = o.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        return tok
+
     with torch.no_grad():
         o = model(ids, past_key_values=cache, cache_position=torch.arange(args.prompt, device="cuda"),
                   use_cache=True)
@@ -137,45 +146,24 @@ def profile_step(args, method: str) -> dict:
         pos = args.prompt
         times = []
         for _ in range(args.steps):
-            p = torch.tensor([pos], device="cuda")
-            torch.cuda.synchronize()
             t0 = time.perf_counter()
-            o = step(tok, past_key_values=cache, cache_position=p, use_cache=True)
-            tok = o.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
+            tok = run(pos, tok)
             times.append(time.perf_counter() - t0)
             pos += 1
         out["step_ms"] = round(statistics.median(times[args.steps // 2:]) * 1e3, 3)
-        # device time of the replayed graph alone (events around the replays, no host sync between)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(args.profile_steps):
-            p = torch.tensor([pos], device="cuda")
-            o = step(tok, past_key_values=cache, cache_position=p, use_cache=True)
-            tok = o.logits[:, -1:].argmax(-1)
-            pos += 1
-        b.record()
-        b.synchronize()
-        out["back_to_back_step_ms"] = round(a.elapsed_time(b) / args.profile_steps, 3)
-        pos -= args.profile_steps  # the cache has room: positions repeat, same work
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(args.profile_steps):
-                p = torch.tensor([pos], device="cuda")
-                o = step(tok, past_key_values=cache, cache_position=p, use_cache=True)
-                tok = o.logits[:, -1:].argmax(-1)
+                tok = run(pos, tok)
                 pos += 1
-            torch.cuda.synchronize()
     rows, total_us = kernel_table(prof, args.profile_steps)
     out.update(idle_gaps(prof, args.profile_steps))
     out["kernel_us_per_step"] = round(total_us, 1)
-    out["gap_us_per_step"] = round(out["back_to_back_step_ms"] * 1e3 - total_us, 1)
+    out["gap_us_per_step"] = round(out["step_ms"] * 1e3 - total_us, 1)
     out["launches_per_step"] = round(sum(r["launches"] for r in rows), 1)
     out["categories"] = by_category(rows)
     out["kernels"] = rows[:40]
-    del model, step, cache
-    torch.cuda.empty_cache()
     return out
 
 
@@ -356,7 +344,7 @@ def render(res: dict) -> str:
             lines += [f"step {s['method']}: error `{s['error']}`", ""]
             continue
         lines += [f"## Decode step as one graph: {s['method']}", "",
-                  f"wall {s['step_ms']} ms a step (synchronized), back-to-back {s['back_to_back_step_ms']} ms; "
+                  f"wall {s['step_ms']} ms a step (synchronized, median); "
                   f"kernels {s['kernel_us_per_step']} us, gap {s['gap_us_per_step']} us, "
                   f"{s['launches_per_step']} launches a step; device idle between kernels "
                   f"{s.get('inner_gap_us_per_step')} us a step in gaps under 20 us, "
@@ -446,6 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
                 traceback.print_exc()
                 r = {"method": method, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             r["section_s"] = round(time.perf_counter() - t0, 1)
+            gc.collect()
+            torch.cuda.empty_cache()
             res[sec].append(r)
             print(json.dumps({k: v for k, v in r.items() if k not in ("kernels", "gaps_ms")}), flush=True)
             save()

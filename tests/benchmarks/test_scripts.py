@@ -55,6 +55,8 @@ def test_bench_decode_cpu_tiny_model(tmp_path):
         assert 0 <= r["agree"] <= 1
         assert "compiled_tok_s" not in r  # CPU: no compiled columns
     assert rows["dense"]["agree"] == 1.0
+    # our rows run fuse_projections (q/k/v and gate/up one layer each), dense does not
+    assert rows["marlin:int4"]["fused"]["qkv_proj"] > 0 and "fused" not in rows["dense"]
     # 4-bit weights: the quantized linears hold about a quarter of their fp32 bytes
     assert rows["marlin:int4"]["checkpoint_bytes"] < rows["dense"]["checkpoint_bytes"]
     assert "skipped" in rows["mlx"] or rows["mlx"]["eager_tok_s"] > 0

@@ -114,11 +114,10 @@ def concat_layers(layers: list[MarlinLinear]) -> MarlinLinear:
     return out
 
 
-def _fused_forward_factory(base: type, fused: tuple[str, ...]):
+def _fused_forward_factory(base: type):
     def forward(self, *args, **kwargs):
         # the fused layer's output goes where the input went; OutputSlice projections read it
-        name = next(n for n in fused if hasattr(self, n))
-        layer = getattr(self, name)
+        layer = getattr(self, self._marlin_fused_name)
         if args:
             args = (layer(args[0]), *args[1:])
         else:
@@ -136,7 +135,7 @@ def _fused_class(cls: type) -> type:
     sub = _SUBCLASSES.get(cls)
     if sub is None:
         sub = type(f"Fused{cls.__name__}", (cls,), {
-            "forward": _fused_forward_factory(cls, tuple(GROUPS)), "__module__": __name__,
+            "forward": _fused_forward_factory(cls), "__module__": __name__,
             "_marlin_fused_base": cls})
         _SUBCLASSES[cls] = sub
     return sub
@@ -174,7 +173,8 @@ def fuse_projections(model: nn.Module, *, qkv: bool = True, gate_up: bool = True
     """Fuse every module's ``q_proj``/``k_proj``/``v_proj`` (``qkv``) and ``gate_proj``/
     ``up_proj`` (``gate_up``) ``MarlinLinear`` layers into ``qkv_proj`` / ``gate_up_proj``, in
     place (see the module docstring). Returns how many of each were fused and how many groups
-    were found but left as they are (``skipped``; the reason is logged). Run it after
+    were found but left as they are (``skipped``; the reason is logged; a module fuses one
+    group: its forward's input goes to one fused layer). Run it after
     :func:`~metal_marlin_torch.quantize_model` (and after ``patch_layers`` if used)."""
     counts = {"qkv_proj": 0, "gate_up_proj": 0, "skipped": 0}
     wanted = {"qkv_proj": qkv, "gate_up_proj": gate_up}
@@ -185,6 +185,8 @@ def fuse_projections(model: nn.Module, *, qkv: bool = True, gate_up: bool = True
                 continue
             layers = [getattr(module, n) for n in names]
             why = _fusable(layers)
+            if not why and hasattr(type(module), "_marlin_fused_base"):
+                why = "its module already runs another fused layer on its input"
             if why:
                 counts["skipped"] += 1
                 log.info("metal_marlin_torch: fuse_projections left %s.%s as they are: %s",
@@ -198,10 +200,10 @@ def fuse_projections(model: nn.Module, *, qkv: bool = True, gate_up: bool = True
                 start += m.out_features
             del layers
             module.add_module(fused, layer)
-            if not hasattr(type(module), "_marlin_fused_base"):
-                module.__class__ = _fused_class(type(module))
-                module._marlin_fuse_hooks = (module._register_state_dict_hook(_split_state),
-                                             module.register_load_state_dict_pre_hook(_join_state))
+            module.__class__ = _fused_class(type(module))
+            module._marlin_fused_name = fused
+            module._marlin_fuse_hooks = (module._register_state_dict_hook(_split_state),
+                                         module.register_load_state_dict_pre_hook(_join_state))
             counts[fused] += 1
     log.info("metal_marlin_torch: fuse_projections %s", counts)
     return counts
@@ -241,8 +243,8 @@ def unfuse_projections(model: nn.Module) -> int:
             del t
             delattr(module, fused)
             done += 1
-        for h in getattr(module, "_marlin_fuse_hooks", ()):
+        for h in module._marlin_fuse_hooks:
             h.remove()
-        del module._marlin_fuse_hooks
+        del module._marlin_fuse_hooks, module._marlin_fused_name
         module.__class__ = base
     return done

@@ -368,17 +368,35 @@ def render(res: dict) -> str:
         lines += [f"| `{h['op']}` | {h['self_cpu_ms']} | {h['calls']} |" for h in gen["host_ops"][:15]]
         lines.append("")
     if res.get("shapes"):
-        lines += ["## Kernels alone, M = 1 (us a launch, 20 in one graph)", ""]
+        fmts = res["args"]["formats"].split(",")
+        bw = res["copy_gb_s"]
+        lines += ["## Kernels alone, M = 1 (us a launch, 20 launches in one CUDA graph, median of replays)", "",
+                  "In parentheses: bytes the kernel must read / time, TB/s (H200 HBM3e: 4.8 TB/s). "
+                  "best: the fastest GEMV / tensor-core GEMV configuration timed.", "",
+                  "| K x N | dense bf16 | " + " | ".join(f"{f} | {f} best" for f in fmts) + " |",
+                  "|---|---|" + "---|---|" * len(fmts)]
+
+        def cell(us, floor_us) -> str:
+            # floor_us was computed at the run's copy bandwidth: bytes = floor_us * bw
+            return f"{us} ({floor_us * bw / us / 1e3:.2f})" if isinstance(us, float) else "-"
+
         for r in res["shapes"]:
-            lines.append(f"- {r['K']} x {r['N']}: dense {r['dense_us']} (floor {r['dense_floor_us']}); " + "; ".join(
-                f"{f} {r.get(f + '_default_us')} (floor {r.get(f + '_floor_us')}, best variant "
-                f"{min((v for v in r.get(f + '_variants', {}).values() if isinstance(v, float)), default='-')})"
-                for f in res["args"]["formats"].split(",")))
+            cells = [cell(r["dense_us"], r["dense_floor_us"])]
+            for f in fmts:
+                best = min((v for v in r.get(f + "_variants", {}).values() if isinstance(v, float)),
+                           default=None)
+                cells += [cell(r.get(f + "_default_us"), r.get(f + "_floor_us", 0.0)),
+                          "-" if best is None else str(best)]
+            lines.append(f"| {r['K']} x {r['N']} | " + " | ".join(cells) + " |")
         lines.append("")
     if res.get("prefill"):
-        lines += ["## Prefill GEMMs (us)", ""]
+        lines += [f"## Prefill GEMMs, M = {res['args']['prefill_m']} (us, 5 calls in one CUDA graph, median)", "",
+                  "dense: F.linear (weight [N, K]) and x @ W^T stored [K, N] (nn); ours: dequantize + cuBLAS, "
+                  "W_hat^T whole (sliceN) or in slices of that many features; _nk: W_hat [N, K]; "
+                  "dequant_only: the dequantize kernel alone.", ""]
         for r in res["prefill"]:
-            lines.append("- " + ", ".join(f"{k}={v}" for k, v in r.items()))
+            lines.append(f"- {r['K']} x {r['N']}: " + ", ".join(
+                f"{k.removesuffix('_us')} {v}" for k, v in r.items() if k not in ("K", "N", "M")))
         lines.append("")
     return "\n".join(lines) + "\n"
 

@@ -76,7 +76,11 @@ MMA_GEMV_M1_MIN_N = 8192
 EAGER_TMA = False
 PATHS = ("gemv", "mma_gemv", "gemm", "dequant")
 # Dequantize path: W_hat^T is written in slices of about this many bytes, each multiplied by
-# cuBLAS right after it is written (0: the whole W_hat^T at once).
+# cuBLAS right after it is written (0: the whole W_hat^T at once). Off: on the H200 at M = 2048
+# every slice width was slower than one pass (int4 4096 x 14336: 345.0 us whole against 355.9 /
+# 368.6 / 399.6 / 467.8 us in slices of 4096 / 2048 / 1024 / 512 features; the slice kept in L2
+# did not save its DRAM round trip, and thinner GEMMs lost more;
+# benchmarks/results/profile_decode_h200_shapes.md).
 DEQUANT_SLICE_BYTES = 0
 DEQUANT_SLICE_ALIGN = 64  # features: dequant_kernel's tile
 DEQUANT_SLICE_MIN_COLS = 256

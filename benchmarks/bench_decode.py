@@ -10,8 +10,8 @@ random bf16 weights and ``--layers`` decoder layers (32 is the real model), or a
 checkpoint (``--model``). Device: ``--device`` (default mps > cuda > cpu). Methods: ``dense``
 (the activation dtype: bf16 on CUDA, fp16 on MPS, fp32 and bf16 (``dense-bf16``) on CPU),
 ``marlin:<fmt>`` (or just ``<fmt>``; ``quantize_model`` RTN, group 128, lm_head kept dense as
-by default, then ``fuse_projections``: q/k/v and gate/up one layer each, unless
-``--no-fuse``), ``tinygemm`` (int4 through ``aten._weight_int4pack_mm``, CUDA, same codes as our
+by default; ``fuse_projections`` (q/k/v and gate/up one layer each) after the eager columns,
+see ``--fuse``), ``tinygemm`` (int4 through ``aten._weight_int4pack_mm``, CUDA, same codes as our
 int4) and ``mlx`` (``mlx_lm``'s own 4-bit, group 64, on MLX's default device; needs
 ``--model`` and an importable ``mlx_lm``, else the row says why it is missing). Each method's
 model is built, measured and freed in turn.
@@ -324,7 +324,7 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
                 if isinstance(mod, MarlinLinear):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
-        elif not args.no_fuse:
+        elif args.fuse == "all":
             row["fused"] = fuse_projections(model)
     sync(device)
     quantized = not method.startswith("dense")
@@ -342,6 +342,9 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
         row["eager_tok_s"], _, split, row["tokens"] = generate_tok_s(
             model, ids, args.new, device, False, args.generate_repeats)
         row["eager_split"] = split
+        if args.fuse == "after-eager" and method.startswith("marlin:"):
+            row["fused"] = fuse_projections(model)  # for the compiled, graph and prefill columns
+            sync(device)
         if device == "cuda" and not args.no_compile:
             try:
                 from torch._dynamo.utils import counters
@@ -487,7 +490,7 @@ def build_method(args, method: str, device: str, dtype: torch.dtype):
                 if isinstance(mod, MarlinLinear):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
-        elif not getattr(args, "no_fuse", False):
+        elif getattr(args, "fuse", "none") == "all":
             fuse_projections(model)
     return model
 
@@ -558,9 +561,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--generate-repeats", type=int, default=3,
                     help="timed generate() calls per method (median), after a warm-up call")
-    ap.add_argument("--no-fuse", action="store_true",
-                    help="keep q/k/v and gate/up as separate layers (default: fuse_projections on "
-                         "our methods, one quantized GEMV each)")
+    ap.add_argument("--fuse", choices=("after-eager", "all", "none"), default="after-eager",
+                    help="fuse_projections on our methods (q/k/v and gate/up one quantized GEMV "
+                         "each): after the eager columns (default: the compiled, graph and prefill "
+                         "columns run fused), for every column (and --eager-interleaved), or never")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-step-graph", action="store_true")
     ap.add_argument("--step-graph-methods", default="", help="only these methods (default: all)")

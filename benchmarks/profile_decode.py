@@ -116,8 +116,8 @@ def by_category(rows: list[dict]) -> dict:
 def _build(args, method: str):
     """bench_decode's model of ``method``; a ``/nofuse`` suffix keeps q/k/v and gate/up apart."""
     base, _, opt = method.partition("/")
-    return build_method(argparse.Namespace(**{**vars(args), "no_fuse": opt == "nofuse"}), base,
-                        "cuda", torch.bfloat16)
+    return build_method(argparse.Namespace(**{**vars(args), "fuse": "none" if opt == "nofuse" else "all"}),
+                        base, "cuda", torch.bfloat16)
 
 
 def profile_step(args, method: str) -> dict:

@@ -12,13 +12,17 @@ layer on the input and passes the *fused output* to the original ``forward`` in 
 input; ``q_proj`` / ``k_proj`` / ``v_proj`` (``gate_proj`` / ``up_proj``) become
 :class:`OutputSlice` modules that return their columns of it (a view, no copy). The original
 forward only ever passes its input to those projections and reads its leading shape, which the
-fused output shares, so any version of the forward works unchanged (Llama, Mistral, Qwen2/3,
-``patch_layers``' forwards and :class:`~metal_marlin_torch.nn.MarlinGatedMLP` alike).
+fused output shares, so any version of those forwards works unchanged (transformers' Llama,
+Mistral, Qwen2 and Qwen3 attention and MLP, ``patch_layers``' forwards and
+:class:`~metal_marlin_torch.nn.MarlinGatedMLP` alike). Only parents whose class (or a base of it)
+is named in :data:`FUSABLE_PARENTS` are fused: a forward that used its input for anything else
+would be handed the fused output instead.
 
 ``state_dict()`` still has the original keys (``q_proj.weight`` ...; a hook splits the fused
 layer's canonical tensors by rows, docs/FORMAT.md), and ``load_state_dict`` takes them (a
-pre-hook joins them). :func:`unfuse_projections` restores the original module tree (for
-``save_quantized``, which writes per-layer metadata, or for requantizing).
+pre-hook joins them); ``save_quantized`` writes the original layers, so a fused model's
+checkpoint loads unfused. :func:`unfuse_projections` restores the original module tree (e.g. for
+requantizing).
 
 Measured on an H200 (docs/CUDA.md §7.5-7.6, 16 Llama-3-8B layers): the graph-captured decode
 step 2.39 -> 2.01 ms for int4 and 3.62 -> 2.58 ms for nf4. Use it for compiled or captured decode:
@@ -44,6 +48,11 @@ log = logging.getLogger("metal_marlin_torch")
 # fused layer name -> the projections it replaces, in output order
 GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 _TENSORS = ("weight", "scales", "biases", "bias")  # split / joined by rows (output features)
+# parent classes whose forward passes its input only to the fused projections (and reads its
+# leading shape): checked against every class in the parent's MRO; extend it for another
+# architecture whose forward does the same
+FUSABLE_PARENTS = {"LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
+                   "LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "MarlinGatedMLP"}
 
 
 class OutputSlice(nn.Module):
@@ -190,6 +199,8 @@ def fuse_projections(model: nn.Module, *, qkv: bool = True, gate_up: bool = True
                 continue
             layers = [getattr(module, n) for n in names]
             why = _fusable(layers)
+            if not why and not any(c.__name__ in FUSABLE_PARENTS for c in type(module).__mro__):
+                why = f"{type(module).__name__} is not in FUSABLE_PARENTS"
             if not why and hasattr(type(module), "_marlin_fused_base"):
                 why = "its module already runs another fused layer on its input"
             if why:

@@ -191,3 +191,20 @@ def test_fused_model_in_hf_compiled_generate():
     compiled = model.generate(ids, **kw)  # the compiled step replayed
     assert (compiled == eager).float().mean().item() > 0.9, (compiled, eager)
     torch._dynamo.reset()
+
+
+def test_unknown_parent_classes_are_not_fused():
+    # a parent whose forward might use its input otherwise is left alone (FUSABLE_PARENTS)
+    class Block(torch.nn.Module):
+        def __init__(self, layers):
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = layers
+
+        def forward(self, x):
+            return self.q_proj(x) + x.sum()  # uses x beyond the projections
+
+    base = _tiny("llama", "int4")
+    attn = base.model.layers[0].self_attn
+    block = Block([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert fuse_projections(block) == {"qkv_proj": 0, "gate_up_proj": 0, "skipped": 1}
+    assert isinstance(block.q_proj, MarlinLinear)

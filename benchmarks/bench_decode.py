@@ -10,7 +10,8 @@ random bf16 weights and ``--layers`` decoder layers (32 is the real model), or a
 checkpoint (``--model``). Device: ``--device`` (default mps > cuda > cpu). Methods: ``dense``
 (the activation dtype: bf16 on CUDA, fp16 on MPS, fp32 and bf16 (``dense-bf16``) on CPU),
 ``marlin:<fmt>`` (or just ``<fmt>``; ``quantize_model`` RTN, group 128, lm_head kept dense as
-by default), ``tinygemm`` (int4 through ``aten._weight_int4pack_mm``, CUDA, same codes as our
+by default; ``fuse_projections`` (q/k/v and gate/up one layer each) after the eager columns,
+see ``--fuse``), ``tinygemm`` (int4 through ``aten._weight_int4pack_mm``, CUDA, same codes as our
 int4) and ``mlx`` (``mlx_lm``'s own 4-bit, group 64, on MLX's default device; needs
 ``--model`` and an importable ``mlx_lm``, else the row says why it is missing). Each method's
 model is built, measured and freed in turn.
@@ -59,6 +60,7 @@ from benchmarks.bench_cpu_gemm import cpu_name  # noqa: E402
 from benchmarks.bench_gemm import machine_info, tinygemm_pack, write_atomic  # noqa: E402
 from metal_marlin_torch import MarlinLinear, QuantConfig, quantize_model  # noqa: E402
 from metal_marlin_torch import formats as F  # noqa: E402
+from metal_marlin_torch.nn import fuse_projections  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
@@ -151,23 +153,32 @@ def generate_tok_s(model, ids, new: int, device: str, compile_: bool,
     model.generate(ids, **kw)  # warm-up (compiles when compile_)
     sync(device)
     first = time.perf_counter() - t0
-    rates, firsts, steps = [], [], []
+    rates, firsts, steps, means, maxes, lasts = [], [], [], [], [], []
     for _ in range(max(1, repeats)):
         stamps.t.clear()
         t0 = time.perf_counter()
         out = model.generate(ids, **kw)
         sync(device)
-        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        dt = t1 - t0
         assert out.shape[1] == ids.shape[1] + new
         rates.append(new / dt)
         gaps = [b - a for a, b in zip(stamps.t, stamps.t[1:], strict=False)]
         if stamps.t:
             firsts.append(stamps.t[0] - t0)
+            lasts.append(t1 - stamps.t[-1])
         if gaps:
             steps.append(statistics.median(gaps))
-    split = {"first_ms": round(statistics.median(firsts) * 1e3, 2) if firsts else None,
-             "step_ms": round(statistics.median(steps) * 1e3, 3) if steps else None,
-             "calls": len(rates)}
+            means.append(statistics.mean(gaps))
+            maxes.append(max(gaps))
+
+    def ms(v: list[float], nd: int = 3) -> float | None:
+        return round(statistics.median(v) * 1e3, nd) if v else None
+
+    # first + (new - 1) * step_mean + after_last is the whole call: the median step alone
+    # hides slow steps (a re-recorded graph, a host hiccup)
+    split = {"first_ms": ms(firsts, 2), "step_ms": ms(steps), "step_mean_ms": ms(means),
+             "step_max_ms": ms(maxes), "after_last_ms": ms(lasts), "calls": len(rates)}
     return statistics.median(rates), first, split, out[0, ids.shape[1]:].tolist()
 
 
@@ -313,6 +324,8 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
                 if isinstance(mod, MarlinLinear):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
+        elif args.fuse == "all":
+            row["fused"] = fuse_projections(model)
     sync(device)
     quantized = not method.startswith("dense")
     row["quantize_s"] = round(time.perf_counter() - t0, 2) if quantized else None
@@ -329,6 +342,9 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
         row["eager_tok_s"], _, split, row["tokens"] = generate_tok_s(
             model, ids, args.new, device, False, args.generate_repeats)
         row["eager_split"] = split
+        if args.fuse == "after-eager" and method.startswith("marlin:"):
+            row["fused"] = fuse_projections(model)  # for the compiled, graph and prefill columns
+            sync(device)
         if device == "cuda" and not args.no_compile:
             try:
                 from torch._dynamo.utils import counters
@@ -438,15 +454,19 @@ def render(result: dict) -> str:
     if any(r.get("eager_split") for r in rows):
         lines += ["", "Where a generate() call's time goes (medians over the timed calls; first: call "
                   "start to the first token's logits, prefill included; step: median gap between "
-                  "later tokens; ms):", "",
+                  "later tokens; mean / max: of those gaps; after last: the last token's logits to "
+                  "the call's return; ms):", "",
                   "| method | eager first | eager step | compiled first | compiled step | "
-                  "compiled graphs / breaks |", "|---|---|---|---|---|---|"]
+                  "compiled step mean / max | compiled after last | compiled graphs / breaks |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             e, c = r.get("eager_split") or {}, r.get("compiled_split") or {}
             cc = r.get("compiled_counters") or {}
             graphs = f"{cc['unique_graphs']} / {cc['graph_breaks']}" if "graph_breaks" in cc else "-"
             lines.append(f"| {r['method']} | {e.get('first_ms', '-')} | {e.get('step_ms', '-')} | "
-                         f"{c.get('first_ms', '-')} | {c.get('step_ms', '-')} | {graphs} |")
+                         f"{c.get('first_ms', '-')} | {c.get('step_ms', '-')} | "
+                         f"{c.get('step_mean_ms', '-')} / {c.get('step_max_ms', '-')} | "
+                         f"{c.get('after_last_ms', '-')} | {graphs} |")
     if result.get("per_call"):
         lines += ["", "Per-call host cost at M = 1 (us a call, back-to-back calls, one sync):", ""]
         keys = [k for k in result["per_call"][0] if k not in ("K", "N")]
@@ -470,6 +490,8 @@ def build_method(args, method: str, device: str, dtype: torch.dtype):
                 if isinstance(mod, MarlinLinear):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
+        elif getattr(args, "fuse", "none") == "all":
+            fuse_projections(model)
     return model
 
 
@@ -539,6 +561,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--generate-repeats", type=int, default=3,
                     help="timed generate() calls per method (median), after a warm-up call")
+    ap.add_argument("--fuse", choices=("after-eager", "all", "none"), default="after-eager",
+                    help="fuse_projections on our methods (q/k/v and gate/up one quantized GEMV "
+                         "each): after the eager columns (default: the compiled, graph and prefill "
+                         "columns run fused), for every column (and --eager-interleaved), or never")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--no-step-graph", action="store_true")
     ap.add_argument("--step-graph-methods", default="", help="only these methods (default: all)")

@@ -46,14 +46,24 @@ MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 def layer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every :class:`MarlinLinear` of ``model``: name -> format, bits, group, rotation, dtypes;
     and every :class:`MarlinExperts`: its :meth:`~MarlinExperts.layer_spec` (``kind: experts``)."""
+    from ..nn.fuse import OutputSlice  # noqa: PLC0415
+
     table = {}
+    fused = set()
     for name, m in model.named_modules():
+        if isinstance(m, OutputSlice):
+            # a projection fused by fuse_projections: saved under its own name (its parent's
+            # state_dict hook splits the fused layer's tensors), with the fused layer's spec
+            parent = name.rpartition(".")[0]
+            source = f"{parent}.{m.fused_name}" if parent else m.fused_name
+            fused.add(source)
+            m = model.get_submodule(source)
         if isinstance(m, MarlinLinear):
             table[name] = {"format": m.format, "bits": m.bits, "group_size": m.group_size,
                            "rotation_block": m.rotation_block, "dtype_config": m.dtype_config.to_dict()}
         elif isinstance(m, MarlinExperts):
             table[name] = m.layer_spec()
-    return table
+    return {k: v for k, v in table.items() if k not in fused}
 
 
 def quantization_config(model: nn.Module, extra: dict[str, Any] | None = None) -> dict[str, Any]:

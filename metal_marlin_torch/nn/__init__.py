@@ -3,6 +3,7 @@
 from .config import DEFAULT_EXCLUDE, MIXED_4_3_RULES, LayerPlan, QuantConfig
 from .dequantize import dequantize_model
 from .experts import MarlinExperts, plan_experts
+from .fuse import OutputSlice, concat_layers, fuse_projections, unfuse_projections
 from .layers import MarlinGatedMLP, MarlinRMSNorm, patch_layers
 from .linear import MarlinLinear
 from .quantize import (
@@ -22,4 +23,5 @@ __all__ = [
     "dequantize_model",
     "MarlinGatedMLP", "MarlinRMSNorm", "patch_layers",
     "MarlinRouter", "RouteSpec", "convert_routers",
+    "OutputSlice", "concat_layers", "fuse_projections", "unfuse_projections",
 ]

@@ -43,7 +43,7 @@ def test_bench_decode_cpu_tiny_model(tmp_path):
     tiny_llama().save_pretrained(model_dir)
     out, md = tmp_path / "decode.json", tmp_path / "decode.md"
     result = bench_decode.main(["--model", str(model_dir), "--device", "cpu", "--methods", "dense,int4,fp4,mlx",
-                                "--prompt", "4", "--new", "3", "--prefill", "8", "--repeats", "1",
+                                "--prompt", "4", "--new", "3", "--prefill", "8", "--repeats", "1", "--group", "32",
                                 "--generate-repeats", "1", "--json", str(out), "--markdown", str(md)])
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(result["rows"], default=str))
     rows = {r["method"]: r for r in result["rows"]}
@@ -55,6 +55,9 @@ def test_bench_decode_cpu_tiny_model(tmp_path):
         assert 0 <= r["agree"] <= 1
         assert "compiled_tok_s" not in r  # CPU: no compiled columns
     assert rows["dense"]["agree"] == 1.0
+    # our rows run fuse_projections (q/k/v and gate/up one layer each), dense does not
+    assert rows["marlin:int4"]["fused"] == {"qkv_proj": 2, "gate_up_proj": 2, "skipped": 0}
+    assert "fused" not in rows["dense"]
     # 4-bit weights: the quantized linears hold about a quarter of their fp32 bytes
     assert rows["marlin:int4"]["checkpoint_bytes"] < rows["dense"]["checkpoint_bytes"]
     assert "skipped" in rows["mlx"] or rows["mlx"]["eager_tok_s"] > 0

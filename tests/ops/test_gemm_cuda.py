@@ -720,3 +720,40 @@ def test_straddle_gemm_config_fits_shared_memory(m, group, k):
     cfg = D.straddle_gemm_config(D.default_gemm_config(m, 384, k, 5, 132), group, k)
     assert cfg.block_k <= 64 and (group == k or group % cfg.block_k == 0)
     assert cfg.num_stages <= 3 and 1 <= cfg.split_k and cfg.split_k * cfg.block_k <= k
+
+
+# ---- the dequantize path in slices (issue 24: prefill) -----------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt,group", [("int4", 64), ("nf4", 32), ("int3", -1), ("fp8_e4m3", 64)])
+@pytest.mark.parametrize("slice_cols", [None, 64, 128])  # whole; 5 slices; 2 slices + a partial one
+@pytest.mark.parametrize("nk", [False, True])  # W_hat^T [K, N] or W_hat [N, K]
+def test_dequant_path_in_slices(fmt, group, slice_cols, nk):
+    # 320 features: the last 128-wide slice holds 64 (its buffer view is narrower than the
+    # buffer); a slice's scales start at column n0 of the layer's (a wrong stride or offset
+    # would read another feature's scales)
+    x = torch.randn(70, 192, dtype=ACT) / 192 ** 0.5
+    args = make(fmt, group, 320, 192)
+    y = fast(x, *args, fmt, group, path="dequant", slice_cols=slice_cols, dequant_nk=nk)
+    assert_close(y, oracle(x, *args, fmt, group), ACT)
+
+
+def test_dequant_slice_cols(monkeypatch):
+    monkeypatch.setattr(D, "DEQUANT_SLICE_BYTES", 0)
+    assert D.dequant_slice_cols(14336, 4096, 2) == 14336  # off: the whole W_hat^T at once
+    monkeypatch.setattr(D, "DEQUANT_SLICE_BYTES", 16 << 20)
+    assert D.dequant_slice_cols(14336, 4096, 2) == 2048  # 16 MB of bf16 at K = 4096
+    assert D.dequant_slice_cols(4096, 14336, 2) == 576  # a multiple of 64 under 16 MB
+    assert D.dequant_slice_cols(3000, 4096, 2) == 3000  # fewer than two slices: not sliced
+    assert D.dequant_slice_cols(4096, 1 << 17, 2) == D.DEQUANT_SLICE_MIN_COLS  # never thinner
+
+
+def test_dequant_slice_checks_its_arguments():
+    pw = D.prepare_cuda_weight(*make("int4", 64, 64, 128)[:4], "int4", 64, 128)
+    with pytest.raises(ValueError, match="n0 a multiple of 16"):
+        D.dequant_slice(pw, 8, 32, torch.empty(128, 24))
+    with pytest.raises(ValueError, match=r"out must be \[128, 32\]"):
+        D.dequant_slice(pw, 0, 32, torch.empty(32, 128))
+    with pytest.raises(ValueError, match=r"out must be \[32, 128\]"):
+        D.dequant_slice(pw, 0, 32, torch.empty(128, 32), nk=True)

@@ -75,6 +75,18 @@ MMA_GEMV_M1_MIN_N = 8192
 # graphs, torch.compile's reduce-overhead) still take it: there the host work is paid once.
 EAGER_TMA = False
 PATHS = ("gemv", "mma_gemv", "gemm", "dequant")
+# Dequantize path: W_hat^T is written in slices of about this many bytes, each multiplied by
+# cuBLAS right after it is written (0: the whole W_hat^T at once). Off: on the H200 at M = 2048
+# every slice width was slower than one pass (int4 4096 x 14336: 345.0 us whole against 355.9 /
+# 368.6 / 399.6 / 467.8 us in slices of 4096 / 2048 / 1024 / 512 features; the slice kept in L2
+# did not save its DRAM round trip, and thinner GEMMs lost more;
+# benchmarks/results/profile_decode_h200_shapes.md).
+DEQUANT_SLICE_BYTES = 0
+DEQUANT_SLICE_ALIGN = 64  # features: dequant_kernel's tile
+DEQUANT_SLICE_MIN_COLS = 256
+# Dequantize path: W_hat written [N, K] (nn.Linear's layout, cuBLAS "TN" as dense layers run)
+# instead of W_hat^T [K, N].
+DEQUANT_NK = False
 ONE_BITS = 0x3F800000  # float32 1.0: gemv_kernel takes it at run time (kernels._unit_field)
 
 
@@ -571,11 +583,15 @@ def gemm_prepared(
     path: str | None = None,
     config: GemvConfig | GemmConfig | MmaGemvConfig | None = None,
     tma: bool = True,
+    slice_cols: int | None = None,
+    dequant_nk: bool | None = None,
 ) -> torch.Tensor:
     """``x[..., K] @ W_hat.T + bias`` -> ``[..., N]`` in ``x.dtype``, fp32 accumulation.
 
     ``path`` / ``config`` override the choice by M (benchmarks and tests use them). ``tma``
     False keeps the choice by M off the TMA-fed GEMV (:data:`EAGER_TMA`: eager replays).
+    ``slice_cols`` overrides the dequantize path's slice width (:func:`dequant_slice_cols`),
+    ``dequant_nk`` its layout of the dequantized weight (:data:`DEQUANT_NK`).
     """
     from . import kernels  # Triton: imported on first use only
 
@@ -613,19 +629,25 @@ def gemm_prepared(
     common = dict(BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul)
 
     if path == "dequant":
-        w_t = torch.empty(k, n, dtype=x.dtype, device=x.device)
-        block_n, block_k = 64, 64
-        grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
-        launch(
-            kernels.dequant_kernel, grid, pw.weight, pw.scales, biases, pw.lut, w_t, n, k,
-            pw.weight.shape[1], group, **common,
-            SCALE_ROW=(group % block_k == 0 or group == k),
-            BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and n % block_n == 0),
-            num_warps=4,
-        )
         if is_dry():
-            return w_t.new_empty(*lead, n)
-        y = x2 @ w_t
+            return x.new_empty(*lead, n)
+        width = dequant_slice_cols(n, k, x.element_size()) if slice_cols is None else slice_cols
+        nk = DEQUANT_NK if dequant_nk is None else dequant_nk
+        if width >= n:
+            w = torch.empty((n, k) if nk else (k, n), dtype=x.dtype, device=x.device)
+            dequant_slice(pw, 0, n, w, nk)
+            y = x2 @ (w.t() if nk else w)
+        else:
+            # W_hat^T a slice of features at a time through one buffer that stays in L2: cuBLAS
+            # reads each slice from L2 right after it is written, and the next slice overwrites
+            # the buffer's lines while they are still there (DEQUANT_SLICE_BYTES)
+            y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+            buf = torch.empty((width, k) if nk else (k, width), dtype=x.dtype, device=x.device)
+            for n0 in range(0, n, width):
+                n1 = min(n, n0 + width)
+                part = buf[:n1 - n0] if nk else buf[:, :n1 - n0]
+                dequant_slice(pw, n0, n1, part, nk)
+                torch.mm(x2, part.t() if nk else part, out=y[:, n0:n1])
         if has_bias:
             y += bias
         return y.reshape(*lead, n)
@@ -718,6 +740,46 @@ def gemm_prepared(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.reshape(*lead, n)
+
+
+def dequant_slice_cols(n: int, k: int, elem: int) -> int:
+    """Features per slice of the dequantize path's ``W_hat^T`` (all ``n`` when it is not
+    sliced): about :data:`DEQUANT_SLICE_BYTES` of the activation dtype, a multiple of
+    :data:`DEQUANT_SLICE_ALIGN`, and only where at least two slices result."""
+    if DEQUANT_SLICE_BYTES <= 0:
+        return n
+    width = DEQUANT_SLICE_BYTES // (k * elem) // DEQUANT_SLICE_ALIGN * DEQUANT_SLICE_ALIGN
+    width = max(width, DEQUANT_SLICE_MIN_COLS)
+    return n if 2 * width > n else width
+
+
+def dequant_slice(pw: PreparedWeight, n0: int, n1: int, out: torch.Tensor, nk: bool = False) -> None:
+    """``out[K, n1 - n0] = W_hat[n0:n1].T`` in ``out``'s dtype (``nk``: ``out[n1 - n0, K] =
+    W_hat[n0:n1]``): one ``dequant_kernel`` launch over a slice of features (``n0`` a multiple
+    of 16, the K-major block; ``out`` may be a view whose rows are longer than the slice)."""
+    from . import kernels
+
+    kf = pw.kfmt
+    k, n = pw.in_features, pw.out_features
+    if n0 % layout.N_BLOCK or not 0 <= n0 < n1 <= n:
+        raise ValueError(f"dequant_slice: need 0 <= n0 < n1 <= {n} with n0 a multiple of "
+                         f"{layout.N_BLOCK}, got n0={n0}, n1={n1}")
+    want = (n1 - n0, k) if nk else (k, n1 - n0)
+    if tuple(out.shape) != want or out.stride(1) != 1:
+        raise ValueError(f"dequant_slice: out must be {list(want)} with unit column stride, "
+                         f"got shape {tuple(out.shape)} strides {out.stride()}")
+    width = n1 - n0
+    block_n, block_k = 64, 64
+    biases = pw.biases if pw.biases is not None else pw.scales
+    launch(
+        kernels.dequant_kernel, (triton_cdiv(width, block_n), triton_cdiv(k, block_k)),
+        pw.weight[n0 // layout.N_BLOCK:], pw.scales[:, n0:], biases[:, n0:], pw.lut, out,
+        width, k, pw.weight.shape[1], pw.group, n, out.stride(0),
+        BITS=kf.bits, DECODE=kf.decode, AFFINE=kf.affine, SCALE_MUL=kf.scale_mul,
+        SCALE_ROW=(pw.group % block_k == 0 or pw.group == k),
+        BLOCK_N=block_n, BLOCK_K=block_k, EVEN=(k % block_k == 0 and width % block_n == 0),
+        OUT_NK=nk, num_warps=4,
+    )
 
 
 def _split_args(y: torch.Tensor, split: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -644,22 +644,33 @@ def gemm_kernel(
 def dequant_kernel(
     w_ptr, s_ptr, b_ptr, lut_ptr, out_ptr,
     N, K, ROWS, G,
+    LD_S,  # row stride of the scales / biases (the layer's N; larger for a slice of features)
+    LD_OUT,  # row stride of out (N; larger when writing a slice of a wider W_hat^T)
     BITS: tl.constexpr, DECODE: tl.constexpr, AFFINE: tl.constexpr, SCALE_MUL: tl.constexpr,
     SCALE_ROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN: tl.constexpr,  # K % BLOCK_K == 0 and N % BLOCK_N == 0: no masks
+    OUT_NK: tl.constexpr = False,  # write W_hat [N, K] (rows LD_OUT apart) instead of W_hat^T
 ):
-    """``out[K, N] = W_hat.T`` in ``out``'s dtype (the large-M path multiplies it with cuBLAS)."""
+    """``out[K, N] = W_hat.T`` in ``out``'s dtype (the large-M path multiplies it with cuBLAS);
+    ``OUT_NK``: ``out[N, K] = W_hat``, nn.Linear's weight layout.
+
+    A slice of features ``[n0, n0 + N)`` (a multiple of 16 from n0) dequantizes with the weight
+    pointer at block ``n0 / 16``, the scale / bias pointers at column ``n0`` (``LD_S`` the
+    layer's N) and ``out`` at its own slice buffer (:func:`dispatch.dequant_slice`)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     k0 = pid_k * BLOCK_K
-    w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, N, K, G,
+    w = _dequant_tile(w_ptr, s_ptr, b_ptr, lut_ptr, offs_n, n_ok, k0, offs_k, LD_S, K, G,
                       ROWS, BITS, DECODE, AFFINE, SCALE_MUL, SCALE_ROW, BLOCK_K, BLOCK_N, EVEN)
     kk = k0 + offs_k
-    tl.store(out_ptr + kk[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-             mask=(kk < K)[:, None] & n_ok[None, :])
+    if OUT_NK:
+        ptrs = out_ptr + offs_n[None, :] * LD_OUT + kk[:, None]
+    else:
+        ptrs = out_ptr + kk[:, None] * LD_OUT + offs_n[None, :]
+    tl.store(ptrs, w.to(out_ptr.dtype.element_ty), mask=(kk < K)[:, None] & n_ok[None, :])
 
 
 # ---- 4-bit GEMM (int4, E2M1): the weight as the MMA's A operand, two codes per 32-bit op ---

@@ -244,6 +244,9 @@ def gguf_blocks(name: str, m: MarlinLinear) -> tuple[np.ndarray, str]:
                           "int4 (Q4_0/Q4_1), int5 (Q5_0/Q5_1), symmetric int6 (Q6_K/Q8_0) and symmetric int8 "
                           "(Q8_0) with groups of 32 or multiples of 32, and mxfp4 g32 (MXFP4)")
     t = _canonical(m)
+    if (k // t["scales"].shape[1]) % 32:  # group 16 (GGUF K-quant imports): finer than a 32-value block
+        raise ExportError(f"export-gguf: layer {name!r} is {m.format}/g{m.group_size}; a GGUF block of 32 values "
+                          "has one scale, so groups must be 32 or a multiple of 32")
     fmt = F.get_format(m.format)
     codes = F.unpack(t["weight"], fmt.bits, k).numpy().astype(np.int64).reshape(n, k // 32, 32)
     if m.format == "mxfp4":

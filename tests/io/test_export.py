@@ -146,10 +146,12 @@ def test_export_gguf_refuses_inexact(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match=r"'model.layers.0.self_attn.q_proj' is int6/g64 with affine biases.*"
                                           r"--requantize Q8_0"):
         export_gguf(quantized_llama(QuantConfig(format="int6", group_size=64)), tmp_path / "c.gguf")
+    with pytest.raises(ExportError, match="int5/g16; a GGUF block of 32 values has one scale"):
+        export_gguf(quantized_llama(QuantConfig(format="int5", group_size=16)), tmp_path / "e.gguf")
     with pytest.raises(ValueError, match="requantize must be None or one of"):
         export_gguf(quantized_llama(QuantConfig(format="int6", group_size=64)), tmp_path / "d.gguf",
                     requantize="Q4_0")
-    assert not any((tmp_path / f).exists() for f in ("a.gguf", "b.gguf", "c.gguf", "d.gguf"))
+    assert not any((tmp_path / f).exists() for f in ("a.gguf", "b.gguf", "c.gguf", "d.gguf", "e.gguf"))
 
 
 def _layer(fmt: str, codes: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, group: int) -> MarlinLinear:

@@ -231,8 +231,7 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         summary.layers[name] = (first.format, first.group_size)
         summary.bytes_after += _tensor_bytes(layer)
         summary.quant_bits += experts_stored_bits(layer)
-        summary.quant_weights += sum(e * n * k for e, (n, k) in
-                                     ((layer.num_experts, nk) for nk in layer.shape.projections().values()))
+        summary.quant_weights += layer.num_experts * sum(n * k for n, k in layer.shape.projections().values())
     summary.routers, summary.kept_routers = convert_routers(model, moe_router_names(model, list(expert_plans)))
     return summary
 

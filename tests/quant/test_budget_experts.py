@@ -115,3 +115,32 @@ def test_budget_rules_pin_an_expert_stack():
         quantize_model(tiny_moe(), QuantConfig(bits_per_weight=3.0, candidates=CANDIDATES,
                                                rules=(("*.experts.*", {"format": "int8", "group_size": 64}),)),
                        calibration=calib())
+
+
+def test_expert_stack_hessians_are_the_routed_rows_of_all_experts():
+    # GPTQ's column factors of a stack come from sum_e X_e^T X_e / sum_e T_e over the rows routed
+    # to each expert (down_proj: their hidden activations act(gate) * up): recomputed here from
+    # the router's own choice, read off the experts module's inputs
+    model = tiny_moe()
+    x = calib()[:4]
+    names = ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
+    hessians: dict[str, torch.Tensor] = {}
+    fisher_diagonals(model, names, x, hessians=hessians)
+    experts = model.model.layers[1].mlp.experts
+    seen = []
+    handle = experts.register_forward_pre_hook(lambda m, args: seen.append((args[0].detach(), args[1])))
+    with torch.no_grad():
+        model(input_ids=x)  # the Fisher's one batch (FISHER_BATCH = 4 windows)
+    handle.remove()
+    up_sum, down_sum, rows = torch.zeros(64, 64), torch.zeros(64, 64), 0
+    for h, ids in seen:
+        for e in range(8):
+            xe = h[(ids == e).any(-1)].float()
+            gate, up = (xe @ experts.gate_up_proj[e].detach().T).chunk(2, dim=-1)
+            act = torch.nn.functional.silu(gate) * up
+            up_sum += xe.T @ xe
+            down_sum += act.T @ act
+            rows += xe.shape[0]
+    assert rows == 4 * 32 * 2  # every token reaches top-2 experts
+    torch.testing.assert_close(hessians[names[0]], up_sum / rows, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(hessians[names[1]], down_sum / rows, rtol=1e-4, atol=1e-6)

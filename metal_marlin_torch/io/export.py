@@ -16,17 +16,29 @@ other formats, group 256,   refused                                 MLX has no s
 per-channel, rotated layers
 ==========================  ======================================  ==========================
 
-GGUF (llama architecture; the tensors as llama.cpp's converter writes them, Q/K rows permuted):
+GGUF (llama architecture; the tensors as llama.cpp's converter writes them, Q/K rows permuted).
+A group of 64, 128, 256 or a whole row is written as 2, 4, 8 or K/32 blocks of 32 carrying
+the same scale (and bias): exact, since each block dequantizes with its own copy.
 
 ==============================================  =======  =====================================
-metal_marlin                                    GGUF     condition
+metal_marlin (group 32 or a multiple of 32)     GGUF     condition
 ==============================================  =======  =====================================
-``int4`` g32, bias ``== -8 * scale``            Q4_0     scale exact in fp16
-``int4`` g32                                    Q4_1     scale and bias exact in fp16
-``int8`` g32, bias ``== -128 * scale``, codes   Q8_0     scale exact in fp16
+``int4``, bias ``== -8 * scale``                Q4_0     scale exact in fp16
+``int4``                                        Q4_1     scale and bias exact in fp16
+``int5``, bias ``== -16 * scale``               Q5_0     scale exact in fp16
+``int5``                                        Q5_1     scale and bias exact in fp16
+``int6``, bias ``== -32 * scale``               Q6_K     K % 256 == 0 and each 256-value
+                                                         super-block's scales are one fp16 ``d``
+                                                         times int8 sub-scales (per-channel,
+                                                         g256; rarely finer groups)
+``int6``, bias ``== -32 * scale``               Q8_0     otherwise (exact, 8.5 bits per weight)
+``int8``, bias ``== -128 * scale``, codes       Q8_0     scale exact in fp16
 in 1..255
 ``mxfp4`` g32                                   MXFP4
-other                                           refused  no GGUF block type holds it exactly
+other (affine ``int6``/``int8``, ``int2/3``,    refused  no GGUF block type holds it exactly;
+``nf*``, ``fp*``, rotated layers)                        ``requantize="Q8_0"`` writes it as
+                                                         Q8_0 from the dense weight instead,
+                                                         with the error reported
 ==============================================  =======  =====================================
 
 Dense tensors (embeddings, norms, unquantized layers) are written as F32, F16 or BF16 as stored.
@@ -37,6 +49,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -165,39 +178,165 @@ def _interleave(codes: np.ndarray) -> np.ndarray:
     return (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
 
 
+def _f16_bytes(t: torch.Tensor) -> np.ndarray:
+    """fp16-exact values ``[...]`` as their 2 little-endian bytes ``[..., 2]``."""
+    return t.half().numpy()[..., None].view(np.uint8)
+
+
+def _per_block(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-group parameters ``[N, K/g]`` -> one per 32-value GGUF block ``[N, K/32]``: a group of
+    64, 128, 256 or a whole row (per-channel) is 2, 4, 8 or K/32 blocks with the same scale and
+    bias, which is exact because every block dequantizes with its own copy."""
+    return t.repeat_interleave(k // 32 // t.shape[1], dim=1)
+
+
+def _q5_blocks(codes: np.ndarray, head: list[np.ndarray]) -> np.ndarray:
+    """Q5_0 / Q5_1 blocks: the fp16 header bytes, ``qh`` (bit j of a little-endian uint32 = bit 4
+    of value j) and the 16 nibble bytes of the low 4 bits (:func:`_interleave`)."""
+    qh = np.packbits((codes >> 4).astype(np.uint8), axis=-1, bitorder="little")
+    return np.concatenate([*head, qh, _interleave(codes & 0x0F)], axis=-1)
+
+
+def _q6_k_blocks(codes: np.ndarray, s: torch.Tensor) -> np.ndarray | None:
+    """Q6_K super-blocks (210 bytes per 256 values: ``ql``, ``qh``, int8 ``scales[16]``, fp16 ``d``)
+    for symmetric int6 codes ``[N, K/32, 32]`` (value ``s * (q - 32)``) with per-block scales ``s``
+    ``[N, K/32]``, or None when some super-block's 16 sub-scales are not ``d * sc`` exactly for
+    one fp16 ``d`` and integers ``sc`` in [-128, 127] (true of per-channel and group-256 scales,
+    rarely of finer groups). ``d`` is tried as ``max|s| / m`` for ``m = 1..127``."""
+    n, nb = s.shape
+    sub = s.float().numpy().repeat(2, axis=1).reshape(n * nb // 8, 16)  # 16-value sub-blocks
+    big = np.abs(sub).max(axis=1, keepdims=True)
+    d = np.zeros_like(big)
+    sc = np.zeros(sub.shape, np.int64)
+    todo = big[:, 0] > 0  # an all-zero super-block is d = 0, sc = 0
+    for m in range(1, 128):
+        if not todo.any():
+            break
+        cand = (big / m).astype(np.float16).astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.rint(np.where(cand > 0, sub / np.where(cand > 0, cand, 1), 0))
+        ok = todo & (cand[:, 0] > 0) & (np.abs(q) <= 127).all(1) & ((cand * q.astype(np.float32)) == sub).all(1)
+        d[ok], sc[ok] = cand[ok], q[ok].astype(np.int64)
+        todo &= ~ok
+    if todo.any():
+        return None
+    v = (codes.reshape(-1, 2, 128)).astype(np.uint8)  # two halves of 128 per super-block
+    ql = (v[..., :64] & 0x0F) | ((v[..., 64:] & 0x0F) << 4)  # value e: byte e % 64, nibble e // 64
+    hi = (v >> 4).reshape(-1, 2, 4, 32)  # value e: byte e % 32, bits 2 * (e // 32)
+    qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
+    return np.concatenate([ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8),
+                           d.astype(np.float16).view(np.uint8)], axis=-1).reshape(n, -1)
+
+
+# the types ``export_gguf(requantize=...)`` may write a layer as when no type holds it exactly
+REQUANTIZE_TYPES = ("Q8_0",)
+
+
 def gguf_blocks(name: str, m: MarlinLinear) -> tuple[np.ndarray, str]:
-    """The GGUF blocks ``uint8 [N, K/32 * type_size]`` and type name of layer ``name``, exactly
-    (module docstring table), or ExportError with the reason."""
+    """The GGUF blocks ``uint8 [N, K/32 * type_size]`` (Q6_K: ``K/256 * 210``) and type name of
+    layer ``name``, exactly (module docstring table), or ExportError with the reason."""
     if m.rotation_block:
         raise ExportError(f"export-gguf: layer {name!r} has an input rotation, which llama.cpp cannot apply")
-    if m.group_size != 32 or m.format not in ("int4", "int8", "mxfp4"):
-        raise ExportError(f"export-gguf: layer {name!r} is {m.format}/g{m.group_size}; GGUF holds exactly only "
-                          "int4 g32 (Q4_0/Q4_1), int8 g32 with bias -128*scale (Q8_0) and mxfp4 (MXFP4)")
-    t = _canonical(m)
     n, k = m.out_features, m.in_features
+    if m.format not in ("int4", "int5", "int6", "int8", "mxfp4") or k % 32 or (
+            m.format == "mxfp4" and m.group_size != 32):
+        raise ExportError(f"export-gguf: layer {name!r} is {m.format}/g{m.group_size}; GGUF holds exactly only "
+                          "int4 (Q4_0/Q4_1), int5 (Q5_0/Q5_1), symmetric int6 (Q6_K/Q8_0) and symmetric int8 "
+                          "(Q8_0) with groups of 32 or multiples of 32, and mxfp4 g32 (MXFP4)")
+    t = _canonical(m)
+    if (k // t["scales"].shape[1]) % 32:  # group 16 (GGUF K-quant imports): finer than a 32-value block
+        raise ExportError(f"export-gguf: layer {name!r} is {m.format}/g{m.group_size}; a GGUF block of 32 values "
+                          "has one scale, so groups must be 32 or a multiple of 32")
     fmt = F.get_format(m.format)
     codes = F.unpack(t["weight"], fmt.bits, k).numpy().astype(np.int64).reshape(n, k // 32, 32)
     if m.format == "mxfp4":
         blocks = np.concatenate([t["scales"].numpy().astype(np.uint8)[..., None], _interleave(codes)], axis=-1)
         return blocks.reshape(n, -1), "MXFP4"
-    s, b = t["scales"].float(), t["biases"].float()
-    if m.format == "int4":
-        if not _fp16_exact(s):
-            raise ExportError(f"export-gguf: layer {name!r} has scales that fp16 does not hold exactly")
-        d = s.half().numpy()
-        if torch.equal(b, -8 * s):
-            return np.concatenate([d[..., None].view(np.uint8), _interleave(codes)], axis=-1).reshape(n, -1), "Q4_0"
-        if not _fp16_exact(b):
-            raise ExportError(f"export-gguf: layer {name!r} (int4 -> Q4_1) has biases that fp16 does not hold exactly")
-        mins = b.half().numpy()
-        return np.concatenate([d[..., None].view(np.uint8), mins[..., None].view(np.uint8), _interleave(codes)],
-                              axis=-1).reshape(n, -1), "Q4_1"
-    if not torch.equal(b, -128 * s) or not _fp16_exact(s) or codes.min() < 1:
+    s, b = _per_block(t["scales"].float(), k), _per_block(t["biases"].float(), k)
+    if not _fp16_exact(s):
+        raise ExportError(f"export-gguf: layer {name!r} has scales that fp16 does not hold exactly")
+    half = 1 << (fmt.bits - 1)
+    symmetric = torch.equal(b, -half * s)
+    if m.format in ("int4", "int5"):
+        if symmetric:  # Q4_0 / Q5_0: w = d * (q - 8) / d * (q - 16)
+            head = [_f16_bytes(s)]
+            qtype = "Q4_0" if m.format == "int4" else "Q5_0"
+        else:  # Q4_1 / Q5_1: w = d * q + m
+            if not _fp16_exact(b):
+                raise ExportError(f"export-gguf: layer {name!r} ({m.format} -> Q{fmt.bits}_1) has biases that fp16 "
+                                  "does not hold exactly")
+            head = [_f16_bytes(s), _f16_bytes(b)]
+            qtype = "Q4_1" if m.format == "int4" else "Q5_1"
+        blocks = (np.concatenate([*head, _interleave(codes)], axis=-1) if m.format == "int4"
+                  else _q5_blocks(codes, head))
+        return blocks.reshape(n, -1), qtype
+    if m.format == "int6":
+        if not symmetric:
+            raise ExportError(f"export-gguf: layer {name!r} is int6/g{m.group_size} with affine biases; no GGUF type "
+                              "holds it exactly (Q6_K and Q8_0 are symmetric: they need bias == -32*scale)")
+        if k % 256 == 0 and (q6 := _q6_k_blocks(codes, s)) is not None:
+            return q6, "Q6_K"
+    elif not symmetric or codes.min() < 1:
         raise ExportError(f"export-gguf: layer {name!r} is int8 but not symmetric (Q8_0 needs bias == -128*scale, "
                           "codes 1..255 and fp16 scales); no GGUF type holds an 8-bit affine group exactly")
-    q = (codes - 128).astype(np.int8)
-    d = s.half().numpy()
-    return np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1).reshape(n, -1), "Q8_0"
+    # Q8_0: w = d * q8 with q8 = q - 2^(bits-1) (int6: -32..31, int8: -127..127)
+    q8 = (codes - half).astype(np.int8)
+    return np.concatenate([_f16_bytes(s), q8.view(np.uint8)], axis=-1).reshape(n, -1), "Q8_0"
+
+
+@dataclass
+class GGUFLayerExport:
+    """How one layer was written by :func:`export_gguf`.
+
+    Attributes:
+        source: ``format/gG`` of the layer.
+        ggml_type: the GGUF block type written.
+        exact: whether the blocks dequantize to exactly our weights (else re-quantized on request).
+        rel_rms_error: ``||W_gguf - W_ours|| / ||W_ours||`` (0 when exact).
+        max_abs_error: largest ``|W_gguf - W_ours|``.
+    """
+
+    source: str
+    ggml_type: str
+    exact: bool
+    rel_rms_error: float = 0.0
+    max_abs_error: float = 0.0
+
+
+@dataclass
+class GGUFExport:
+    """Result of :func:`export_gguf`: the file written and how each quantized layer went into it."""
+
+    path: Path
+    layers: dict[str, GGUFLayerExport] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"wrote {len(self.layers)} quantized layers:"]
+        rows: dict[tuple[str, str], list[GGUFLayerExport]] = {}
+        for r in self.layers.values():
+            rows.setdefault((r.source, r.ggml_type), []).append(r)
+        for (src, dst), items in sorted(rows.items()):
+            worst = max(i.rel_rms_error for i in items)
+            err = "exact" if all(i.exact for i in items) else f"re-quantized, worst relative RMS error {worst:.5f}"
+            lines.append(f"  {src} -> {dst}: {len(items)} ({err})")
+        return "\n".join(lines)
+
+
+def _requantized(name: str, m: MarlinLinear, qtype: str) -> tuple[np.ndarray, GGUFLayerExport]:
+    """Layer ``name`` re-quantized by ``gguf.quants.quantize`` from its dense weight (the input
+    rotation folded back in, as :meth:`MarlinLinear.dequantize` does), with the error measured
+    by ``gguf``'s own dequantize against that dense weight."""
+    from gguf import GGMLQuantizationType as T  # noqa: PLC0415
+    from gguf.quants import dequantize, quantize  # noqa: PLC0415
+
+    if m.in_features % 32:
+        raise ExportError(f"export-gguf: layer {name!r} has K={m.in_features}, not a multiple of {qtype}'s 32")
+    w = m.dequantize(torch.float32).weight.detach().cpu().numpy()
+    blocks = quantize(w, T[qtype])
+    diff = dequantize(blocks, T[qtype]) - w
+    norm = float(np.linalg.norm(w))
+    rel = float(np.linalg.norm(diff)) / norm if norm else 0.0
+    return blocks, GGUFLayerExport(f"{m.format}/g{m.group_size}", qtype, False, rel, float(np.abs(diff).max()))
 
 
 def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -281,11 +420,16 @@ def gguf_tokenizer_fields(tokenizer: Any, vocab_size: int) -> dict[str, Any]:
             "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
-def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None) -> Path:
+def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None,
+                requantize: str | None = None) -> GGUFExport:
     """Write a transformers Llama model with MarlinLinear layers as a llama-architecture GGUF file.
 
     Quantized layers become the GGUF block type that holds them exactly (module docstring);
-    dense tensors keep their dtype. The hyper-parameters transformers' and llama.cpp's loaders
+    dense tensors keep their dtype. A layer no type holds exactly is refused, unless
+    ``requantize`` names a type of :data:`REQUANTIZE_TYPES` (``"Q8_0"``): then that layer is
+    re-quantized to it from its dense weight and the result reports its error
+    (:class:`GGUFExport`; ``marlin export-gguf --requantize Q8_0`` prints it).
+    The hyper-parameters transformers' and llama.cpp's loaders
     read are written, and with ``tokenizer`` (a byte-level BPE fast tokenizer) its vocabulary,
     merges, special ids and chat template (:func:`gguf_tokenizer_fields`), which llama.cpp needs
     in the file.
@@ -302,10 +446,21 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
     model_type = getattr(cfg, "model_type", None)
     if model_type != "llama":
         raise ExportError(f"export-gguf: only the llama architecture is written, got {model_type!r}")
+    if requantize is not None and requantize not in REQUANTIZE_TYPES:
+        raise ValueError(f"export_gguf: requantize must be None or one of {REQUANTIZE_TYPES}, got {requantize!r}")
     layers = _layers(model)
     planned: dict[str, tuple[np.ndarray, Any]] = {}
+    result = GGUFExport(Path(out))
     for name, m in layers.items():
-        blocks, qtype = gguf_blocks(name, m)
+        try:
+            blocks, qtype = gguf_blocks(name, m)
+            result.layers[name] = GGUFLayerExport(f"{m.format}/g{m.group_size}", qtype, True)
+        except ExportError as e:
+            if requantize is None:
+                raise ExportError(f"{e}. To write such layers re-quantized (inexact, error reported), pass "
+                                  "requantize='Q8_0' (marlin export-gguf --requantize Q8_0)") from None
+            blocks, result.layers[name] = _requantized(name, m, requantize)
+            qtype = requantize
         planned[f"{name}.weight"] = (blocks, gguf.GGMLQuantizationType[qtype])
         if m.bias is not None:
             planned[f"{name}.bias"] = _dense(m.bias)
@@ -352,4 +507,4 @@ def export_gguf(model: nn.Module, out: str | os.PathLike, tokenizer: Any = None)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    return Path(out)
+    return result

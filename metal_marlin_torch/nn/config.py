@@ -49,7 +49,9 @@ class QuantConfig:
         experts: also convert fused mixture-of-experts modules (transformers 5's 3-D
             ``gate_up_proj``/``down_proj`` experts) to ``MarlinExperts``; False leaves them dense.
         bits_per_weight: a bit budget: stored bits per weight (codes, scales, biases) over the
-            converted ``nn.Linear`` layers. Each layer not pinned by ``rules`` then gets the
+            converted ``nn.Linear`` layers and MoE experts. Each layer (and each experts
+            projection stack, ``<module>.gate_up_proj`` / ``<module>.down_proj``, one setting for
+            all its experts) not pinned by ``rules`` then gets the
             format and group among ``candidates`` that minimize the model's predicted error
             under the budget (``quant/budget.py``; needs calibration text or tokens as GPTQ
             does). None: every layer gets ``format``/``group_size`` (or its rule).

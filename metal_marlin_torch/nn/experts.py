@@ -328,7 +328,9 @@ def plan_experts(
     """Fused experts modules to convert (name -> projection -> plan), and those that cannot be.
 
     The projections are planned under the names ``<module>.gate_up_proj`` and
-    ``<module>.down_proj``, so the config's rules (e.g. ``*.down_proj``) apply to them.
+    ``<module>.down_proj``, so the config's rules (e.g. ``*.down_proj``) apply to them. Under a
+    bit budget an unpinned projection gets a placeholder (the first candidate that fits) that
+    the budget's allocation replaces.
     """
     plans: dict[str, dict[str, LayerPlan]] = {}
     skipped: dict[str, str] = {}
@@ -348,6 +350,13 @@ def plan_experts(
         try:
             for proj, (_, k) in shape.projections().items():
                 plan = config.plan(f"{name}.{proj}")
+                if config.bits_per_weight is not None and not config.pinned(f"{name}.{proj}"):
+                    # a bit budget chooses the setting later (quant/budget.py): one candidate must fit
+                    fits = [LayerPlan(f, g) for f, g in config.budget_candidates() if g == -1 or k % g == 0]
+                    if not fits:
+                        raise ValueError(f"no bit-budget candidate fits {proj}'s K={k} "
+                                         f"(candidates {config.budget_candidates()})")
+                    plan = fits[0]
                 F.get_format(plan.format).check_group_size(plan.group_size, k)
                 module_plans[proj] = plan
         except ValueError as err:

@@ -31,10 +31,10 @@ class QuantizeSummary:
         skipped: selected layers left as they were -> reason (shape the format cannot take).
         bytes_before: bytes of the converted layers' weights and biases before.
         bytes_after: the same layers' bytes after (packed codes, scales, biases).
-        quant_bits: stored bits of the converted ``nn.Linear`` layers' codes, scales, biases,
-            global scales and rotation signs (not their own bias vectors): what a bit budget
-            counts.
-        quant_weights: number of weights of those layers.
+        quant_bits: stored bits of the converted ``nn.Linear`` layers' and MoE experts' codes,
+            scales, biases, global scales and rotation signs (not their own bias vectors): what
+            a bit budget counts.
+        quant_weights: number of weights of those layers and experts.
         budget: the allocation (``quant.budget.BudgetPlan``) when the config has a bit budget.
         routers: MoE routers swapped for :class:`~.router.MarlinRouter` (``marlin::moe_route``).
         kept_routers: routers of converted MoE blocks left on transformers' code -> reason.
@@ -59,7 +59,7 @@ class QuantizeSummary:
 
     @property
     def bits_per_weight(self) -> float:
-        """Stored bits per weight of the converted ``nn.Linear`` layers (see ``quant_bits``)."""
+        """Stored bits per weight of the converted layers and experts (see ``quant_bits``)."""
         return self.quant_bits / self.quant_weights if self.quant_weights else 0.0
 
     def __str__(self) -> str:
@@ -81,6 +81,14 @@ def _tensor_bytes(module: nn.Module) -> int:
 def stored_bits(layer: MarlinLinear) -> int:
     """Bits of ``layer``'s codes, scales, biases, global scale and rotation signs."""
     tensors = (layer.weight, layer.scales, layer.biases, layer.global_scale, layer.rotation_signs)
+    return sum(t.numel() * t.element_size() * 8 for t in tensors if t is not None)
+
+
+def experts_stored_bits(layer: MarlinExperts) -> int:
+    """Bits of a :class:`MarlinExperts`' codes, scales, biases and global scales (not its own
+    bias vectors): what a bit budget counts for its projection stacks."""
+    names = [f"{p}{s}" for p in layer.plans for s in ("", "_scales", "_biases", "_global_scale")]
+    tensors = [getattr(layer, n, None) for n in names]
     return sum(t.numel() * t.element_size() * 8 for t in tensors if t is not None)
 
 
@@ -177,12 +185,14 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         raise ValueError(f"quantize_model: method {config.method!r} is not available "
                          f"(registered: {sorted(QUANTIZERS)})")
     plans, skipped = plan_layers(model, config)
-    budget = None
-    if config.bits_per_weight is not None and plans:
-        budget = BUDGET_PLANNER["plan"](model, plans, config, **method_kwargs)
-        plans = budget.plans
     expert_plans, expert_skipped = plan_experts(model, config)
     skipped.update(expert_skipped)
+    budget = None
+    if config.bits_per_weight is not None and (plans or expert_plans):
+        # the experts' projection stacks are planning units of the budget like the layers
+        budget = BUDGET_PLANNER["plan"](model, plans, config, experts=expert_plans, **method_kwargs)
+        plans = budget.plans
+        expert_plans = {name: budget.experts.get(name, projs) for name, projs in expert_plans.items()}
     for name, reason in skipped.items():  # a warning the user sees (Python shows UserWarnings by default)
         warnings.warn(f"metal_marlin_torch: leaving {name} unquantized: {reason}", UserWarning, stacklevel=2)
     before = {name: _tensor_bytes(model.get_submodule(name)) for name in plans}
@@ -220,6 +230,8 @@ def quantize_model(model: nn.Module, config: QuantConfig | None = None, **method
         first = projections[layer.shape.up_name]
         summary.layers[name] = (first.format, first.group_size)
         summary.bytes_after += _tensor_bytes(layer)
+        summary.quant_bits += experts_stored_bits(layer)
+        summary.quant_weights += layer.num_experts * sum(n * k for n, k in layer.shape.projections().values())
     summary.routers, summary.kept_routers = convert_routers(model, moe_router_names(model, list(expert_plans)))
     return summary
 

@@ -90,6 +90,10 @@ class BudgetPlan:
         cost: predicted cost (nats of mean KL per token, or half the mean squared output
             change for models without logits) of each layer at its chosen setting.
         weights: number of weights of each layer.
+        experts: MoE experts module name -> projection -> :class:`LayerPlan`: each projection
+            stack (``<module>.gate_up_proj``, ``<module>.down_proj``: one matrix per expert, one
+            setting for all of them, as ``MarlinExperts`` holds it) is one planning unit;
+            ``cost``, ``weights`` and ``pinned`` name it ``<module>.<projection>``.
     """
 
     target: float
@@ -98,11 +102,16 @@ class BudgetPlan:
     pinned: list[str] = field(default_factory=list)
     cost: dict[str, float] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
+    experts: dict[str, dict[str, LayerPlan]] = field(default_factory=dict)
+
+    def units(self) -> dict[str, LayerPlan]:
+        """Every planned unit by name: the layers, then the experts' projection stacks."""
+        return {**self.plans, **{f"{m}.{p}": pl for m, projs in self.experts.items() for p, pl in projs.items()}}
 
     def histogram(self) -> dict[str, int]:
-        """``"format g{group}" -> number of layers`` of the plan."""
+        """``"format g{group}" -> number of units`` (layers and expert stacks) of the plan."""
         out: dict[str, int] = {}
-        for p in self.plans.values():
+        for p in self.units().values():
             key = f"{p.format} g{p.group_size}"
             out[key] = out.get(key, 0) + 1
         return dict(sorted(out.items()))
@@ -110,12 +119,15 @@ class BudgetPlan:
     def to_dict(self) -> dict[str, Any]:
         return {"bits_per_weight": self.target, "achieved_bits_per_weight": self.achieved,
                 "predicted_cost": sum(self.cost.values()), "pinned": list(self.pinned),
-                "plan": {n: [p.format, p.group_size] for n, p in self.plans.items()}}
+                "plan": {n: [p.format, p.group_size] for n, p in self.units().items()},
+                "experts": sorted(f"{m}.{p}" for m, projs in self.experts.items() for p in projs)}
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k}: {v}" for k, v in self.histogram().items())
+        stacks = sum(len(p) for p in self.experts.values())
+        experts = f" and {stacks} expert stacks" if stacks else ""
         return (f"bit budget {self.target:g} bits/weight: {self.achieved:.4f} achieved over "
-                f"{len(self.plans)} layers ({len(self.pinned)} pinned by rules); {parts}")
+                f"{len(self.plans)} layers{experts} ({len(self.pinned)} pinned by rules); {parts}")
 
 
 def _main_output(out: Any) -> tuple[torch.Tensor, bool]:
@@ -131,44 +143,130 @@ def _main_output(out: Any) -> tuple[torch.Tensor, bool]:
     raise ValueError(f"fisher_diagonals: cannot find the output tensor of the model (got {type(out).__name__})")
 
 
+@dataclass
+class _Unit:
+    """A planning unit: an ``nn.Linear`` (``param`` its weight ``[N, K]``) or one projection
+    stack of a fused experts module (``param`` the 3-D ``[E, N, K]``, ``[E, K, N]`` when the
+    model stores it transposed)."""
+
+    module: nn.Module
+    param: torch.Tensor
+    experts: Any = None  # ExpertsShape of the experts module, None for a Linear
+    proj: str = ""
+
+    def oriented(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` shaped like ``param`` as ``[N, K]`` / ``[E, N, K]``."""
+        return t.transpose(1, 2) if self.experts is not None and self.experts.is_transposed else t
+
+    def nk(self) -> tuple[int, int, int]:
+        """``(E, N, K)``: experts (1 for a Linear), out and in features of one matrix."""
+        if self.experts is None:
+            return 1, *self.param.shape
+        n, k = self.experts.projections()[self.proj]
+        return self.experts.num_experts, n, k
+
+
+def _unit(model: nn.Module, name: str) -> _Unit:
+    """The unit called ``name``: a Linear's module name, or ``<experts module>.<projection>``."""
+    from ..nn.experts import experts_shape  # noqa: PLC0415
+
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if isinstance(module, nn.Module) and isinstance(getattr(module, "weight", None), torch.Tensor):
+        return _Unit(module, module.weight)
+    parent, _, proj = name.rpartition(".")
+    experts = model.get_submodule(parent)
+    shape = experts_shape(experts)
+    if shape is None or proj not in shape.projections():
+        raise ValueError(f"bit budget: {name!r} is neither a Linear layer nor a projection of a fused experts module")
+    return _Unit(experts, getattr(experts, proj), shape, proj)
+
+
+class _ExpertsHessians:
+    """Input Hessians of an experts module's projection stacks, shared by its experts: the
+    routed rows of every expert together (``sum_e X_e^T X_e / sum_e T_e``; for ``down_proj``
+    the experts' hidden activations from their dense up projections). One ``K x K`` matrix per
+    stack, as for a Linear layer, where per-expert Hessians of every block at once would need
+    ``E`` times the memory; GPTQ itself (:mod:`.experts`) still uses each expert's own."""
+
+    def __init__(self, experts: nn.Module, projs: Iterable[str]) -> None:
+        from ..nn.experts import experts_shape  # noqa: PLC0415
+
+        self.experts = experts
+        self.shape = experts_shape(experts)
+        dims = {self.shape.up_name: self.shape.hidden_dim, "down_proj": self.shape.intermediate_dim}
+        device = experts.down_proj.device
+        self.sums = {p: torch.zeros(dims[p], dims[p], dtype=torch.float32, device=device) for p in projs}
+        self.rows = dict.fromkeys(self.sums, 0)
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:  # noqa: ARG002 (hook signature)
+        from .experts import _routed, expert_hidden  # noqa: PLC0415
+
+        with torch.no_grad():
+            x, ids = _routed(args, kwargs)
+            for e in torch.unique(ids).tolist():
+                if not 0 <= e < self.shape.num_experts:  # transformers' expert-parallel sentinel
+                    continue
+                rows = x[(ids == e).any(-1)].detach().float()
+                for proj, acc in self.sums.items():
+                    r = rows if proj == self.shape.up_name else expert_hidden(self.experts, e, rows)
+                    acc.addmm_(r.T, r)
+                    self.rows[proj] += r.shape[0]
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        return {p: acc / max(self.rows[p], 1) for p, acc in self.sums.items()}
+
+
 def fisher_diagonals(
     model: nn.Module, names: Iterable[str], tokens: torch.Tensor, batch_size: int = FISHER_BATCH,
     seed: int = 0, hessians: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher ``float32 [N, K]`` per output token of the weights of the ``nn.Linear``
     layers called ``names``, from calibration windows ``tokens int64 [n, L]`` (module doc).
+    A name ``<experts module>.<projection>`` is a fused MoE projection stack: its Fisher is
+    ``[E, N, K]`` (each expert's matrix; experts no calibration token reaches get zeros).
 
     The model's parameters are left as they were (``requires_grad`` restored, gradients
     cleared); its mode is set to eval for the passes and restored. ``hessians``: a dict that
     receives each layer's input Hessian ``X^T X / T`` from the same passes (for
-    :func:`gptq_column_factors`)."""
+    :func:`gptq_column_factors`; an expert stack's is shared by its experts, :class:`_ExpertsHessians`)."""
     names = list(names)
     if tokens.dim() != 2 or tokens.dtype != torch.int64:
         raise ValueError(f"fisher_diagonals: tokens must be int64 [n, L], got {tokens.dtype} {tuple(tokens.shape)}")
-    layers = {n: model.get_submodule(n) for n in names}
+    units = {n: _unit(model, n) for n in names}
     params = list(model.parameters())
     old_grad = [p.requires_grad for p in params]
     was_training = model.training
-    fisher = {n: torch.zeros(m.weight.shape, dtype=torch.float32, device=m.weight.device)
-              for n, m in layers.items()}
+    fisher = {n: torch.zeros(u.param.shape, dtype=torch.float32, device=u.param.device) for n, u in units.items()}
     gen = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     n_tokens = 0
     cfg = getattr(model, "config", None)
     use_cache = getattr(cfg, "use_cache", None)
-    accs = {}
+    accs: dict[str, Any] = {}
+    stacks: dict[int, tuple[_ExpertsHessians, list[str]]] = {}
     handles = []
     if hessians is not None:
         from .gptq import HessianAccumulator  # noqa: PLC0415
 
-        for n, m in layers.items():
-            accs[n] = HessianAccumulator(m.in_features, m.weight.device)
-            handles.append(m.register_forward_hook(accs[n].hook()))
+        for n, u in units.items():
+            if u.experts is None:
+                accs[n] = HessianAccumulator(u.module.in_features, u.param.device)
+                handles.append(u.module.register_forward_hook(accs[n].hook()))
+        for n, u in units.items():
+            if u.experts is not None:
+                stacks.setdefault(id(u.module), (u.module, []))[1].append(n)
+        for key, (module, unit_names) in list(stacks.items()):
+            acc = _ExpertsHessians(module, [units[n].proj for n in unit_names])
+            handles.append(module.register_forward_pre_hook(acc.hook, with_kwargs=True))
+            stacks[key] = (acc, unit_names)
     try:
         for p in params:
             p.requires_grad_(False)
-        for m in layers.values():
-            m.weight.requires_grad_(True)
+        for u in units.values():
+            u.param.requires_grad_(True)
         if use_cache is not None:
             cfg.use_cache = False
         model.eval()
@@ -189,8 +287,8 @@ def fisher_diagonals(
                 n_tokens += out[..., 0].numel()
             # allow_unused: a layer the main output does not depend on (BERT's pooler beside
             # last_hidden_state) gets zero sensitivity, hence the cheapest setting
-            grads = torch.autograd.grad(loss, [m.weight for m in layers.values()], allow_unused=True)
-            for n, g in zip(layers, grads, strict=True):
+            grads = torch.autograd.grad(loss, [u.param for u in units.values()], allow_unused=True)
+            for n, g in zip(units, grads, strict=True):
                 if g is not None:
                     fisher[n] += g.float().square()
     finally:
@@ -203,7 +301,10 @@ def fisher_diagonals(
         model.train(was_training)
     if hessians is not None:
         hessians.update({n: a.hessian() for n, a in accs.items()})
-    return {n: f / max(n_tokens, 1) for n, f in fisher.items()}
+        for acc, unit_names in stacks.values():
+            shared = acc.hessians()
+            hessians.update({n: shared[units[n].proj] for n in unit_names})
+    return {n: units[n].oriented(f / max(n_tokens, 1)) for n, f in fisher.items()}
 
 
 def gptq_column_factors(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
@@ -372,11 +473,16 @@ def sensitivity_kind(config: QuantConfig) -> str:
 
 def plan_budget(
     model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfig, *,
-    calibration: Any = None, tokenizer: Any = None, **_: Any,
+    calibration: Any = None, tokenizer: Any = None, experts: dict[str, dict[str, LayerPlan]] | None = None,
+    **_: Any,
 ) -> BudgetPlan:
     """Per-layer settings for ``config.bits_per_weight`` over the layers of ``plans`` (those
-    :func:`~metal_marlin_torch.nn.quantize.plan_layers` selected). Layers matched by a rule of
-    ``config.rules`` keep their planned setting; the others get the allocation.
+    :func:`~metal_marlin_torch.nn.quantize.plan_layers` selected) and the projection stacks of
+    the fused MoE modules of ``experts`` (:func:`~metal_marlin_torch.nn.experts.plan_experts`:
+    module -> projection -> plan): each stack, all its experts' matrices, is one unit with one
+    setting, its Fisher summed over the experts, its bits those of every expert. Units matched
+    by a rule of ``config.rules`` (a stack by ``<module>.<projection>``) keep their planned
+    setting; the others get the allocation.
 
     ``calibration``/``tokenizer``: as for GPTQ (:func:`~.calibration.load_calibration`; None:
     the default standard-library text, which needs ``tokenizer``)."""
@@ -393,16 +499,23 @@ def plan_budget(
         tokens = load_calibration(calibration, tokenizer, n_samples=n_fisher,
                                   seq_len=int(opts.get("seq_len", DEFAULT_SEQ_LEN)),
                                   seed=int(opts.get("calibration_seed", DEFAULT_SEED)))
-    pinned = [n for n in plans if config.pinned(n)]
-    free = [n for n in plans if n not in pinned]
-    weights = {n: model.get_submodule(n).weight.numel() for n in plans}
+    experts = experts or {}
+    unit_plans = {**plans, **{f"{m}.{p}": pl for m, projs in experts.items() for p, pl in projs.items()}}
+    units = {n: _unit(model, n) for n in unit_plans}
+
+    def bits_of(n: str, fmt: str, group: int) -> int:
+        # an expert stack: E matrices, each with its own scales (and nvfp4 global scale); MoE
+        # layers take no rotation (moe_gemm has none), so no signs
+        e, rows, k = units[n].nk()
+        return e * stored_bits(fmt, group, rows, k, sdt, signs and units[n].experts is None)
+
+    pinned = [n for n in unit_plans if config.pinned(n)]
+    free = [n for n in unit_plans if n not in pinned]
+    weights = {n: units[n].param.numel() for n in unit_plans}
     total = sum(weights.values())
     budget_bits = target * total
-    fixed_bits = 0
+    fixed_bits = sum(bits_of(n, unit_plans[n].format, unit_plans[n].group_size) for n in pinned)
     result = BudgetPlan(target, 0.0, pinned=pinned, weights=weights)
-    for n in pinned:
-        w = model.get_submodule(n).weight
-        fixed_bits += stored_bits(plans[n].format, plans[n].group_size, *w.shape, sdt, signs)
     sens = sensitivity_kind(config)
     hessians: dict[str, torch.Tensor] | None = {} if sens == "gptq" else None
     fisher = fisher_diagonals(model, free, tokens, hessians=hessians) if free else {}
@@ -412,8 +525,13 @@ def plan_budget(
         if hessians is not None:
             f = f * gptq_column_factors(hessians.pop(n), float(opts.get("damp", 0.01)),
                                         bool(opts.get("act_order", True))).to(f.device)
-        options[n] = layer_costs(model.get_submodule(n).weight, f, config.budget_candidates(), sdt, signs,
-                                 search=sens != "rtn")
+        w = units[n].oriented(units[n].param.detach())
+        k = w.shape[-1]
+        # an expert stack's matrices are rows of one [E*N, K] matrix: groups run along K per row
+        options[n] = layer_costs(w.reshape(-1, k), f.reshape(-1, k), config.budget_candidates(), sdt,
+                                 signs and units[n].experts is None, search=sens != "rtn")
+        for c in options[n]:
+            c.bits = bits_of(n, c.format, c.group_size)
     if fixed_bits > budget_bits:
         raise ValueError(f"QuantConfig.bits_per_weight={target:g}: the layers pinned by rules alone need "
                          f"{fixed_bits / total:.4f} bits per weight of the quantized layers")
@@ -424,14 +542,17 @@ def plan_budget(
         raise ValueError(f"QuantConfig.bits_per_weight={target:g} is below the cheapest plan of the candidate "
                          f"settings ({cheapest:.4f} bits/weight): {err}") from None
     used = fixed_bits
-    for n in plans:
+    for n, plan in unit_plans.items():
         if n in choice:
             c = choice[n]
-            result.plans[n] = LayerPlan(c.format, c.group_size)
+            plan = LayerPlan(c.format, c.group_size)
             result.cost[n] = c.cost
             used += c.bits
+        if units[n].experts is None:
+            result.plans[n] = plan
         else:
-            result.plans[n] = plans[n]
+            module, _, proj = n.rpartition(".")
+            result.experts.setdefault(module, {})[proj] = plan
     result.achieved = used / total
     log.info("metal_marlin_torch: %s", result)
     return result

@@ -80,6 +80,25 @@ def _collect(block: nn.Module, experts: nn.Module, inputs: list[tuple[tuple, dic
         handle.remove()
 
 
+def expert_hidden(experts: nn.Module, e: int, rows: torch.Tensor, w_up: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert ``e``'s hidden activation (the input of its ``down_proj``) for its routed ``rows
+    [T, H]``, in float32: the up projection ``w_up [N, H]`` (default: the module's own dense
+    weight), its bias, then the model's gate (``_apply_gate``, or ``act_fn(gate) * up``)."""
+    shape = experts_shape(experts)
+    if w_up is None:
+        w_up = _expert_weight(experts, shape.up_name, e, shape.is_transposed)
+    up = rows.float() @ w_up.float().T
+    if shape.has_bias:
+        up = up + getattr(experts, f"{shape.up_name}_bias")[e].float()
+    if not shape.has_gate:
+        return experts.act_fn(up)
+    gate_fn = getattr(type(experts), "_apply_gate", None)
+    if gate_fn is not None:
+        return gate_fn(experts, up)
+    gate, lin = up.chunk(2, dim=-1)
+    return experts.act_fn(gate) * lin
+
+
 def _quantize_projection(
     experts: nn.Module, proj: str, plan: LayerPlan, sums: list[torch.Tensor | None], counts: list[int],
     min_tokens: int, dcfg: DTypeConfig, gptq_opts: dict[str, Any], layer_fn: Callable[..., MarlinLinear],
@@ -156,20 +175,10 @@ def quantize_experts(
     _load(q, up_name, ups)
     del sums
     w_up = [layer.dequantized_weight(torch.float32) for layer in ups]
-    up_bias = getattr(experts, f"{up_name}_bias", None) if shape.has_bias else None
-    gate_fn = getattr(type(experts), "_apply_gate", None)
 
     def down_input(e: int, rows: torch.Tensor) -> torch.Tensor:
         # the expert's hidden activation with its quantized up projection (true-sequential)
-        up = rows.float() @ w_up[e].T
-        if up_bias is not None:
-            up = up + up_bias[e].float()
-        if not shape.has_gate:
-            return experts.act_fn(up)
-        if gate_fn is not None:
-            return gate_fn(experts, up)
-        gate, lin = up.chunk(2, dim=-1)
-        return experts.act_fn(gate) * lin
+        return expert_hidden(experts, e, rows, w_up[e])
 
     # pass 2: each expert's hidden activations -> its down projection's Hessian
     sums, counts = accumulate(shape.intermediate_dim, down_input)

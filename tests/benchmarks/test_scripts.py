@@ -124,6 +124,43 @@ def test_bench_moe_tiny_block_and_decode_counters(tmp_path):
     assert c["weight_bytes_per_token"] == c["min_weight_bytes_per_token"]
 
 
+def test_bench_moe_generate_section(tmp_path):
+    # the generate() rows on a tiny random MoE: every model generates the requested tokens, the
+    # dense rows agree with themselves, the quantized experts are smaller than the dense ones
+    from benchmarks import bench_moe
+
+    out = tmp_path / "gen.json"
+    result = bench_moe.main(["--skip-block", "--gen-layers", "1", "--gen-hidden", "128", "--gen-experts", "4",
+                             "--gen-inter", "64", "--gen-vocab", "128", "--gen-prompt", "4", "--gen-new", "3",
+                             "--gen-rounds", "1", "--json", str(out)])
+    gen = json.loads(out.read_text())["generate"]
+    assert gen["rows"] == json.loads(json.dumps(result["generate"]["rows"]))
+    rows = {r["method"]: r for r in gen["rows"]}
+    assert list(rows) == ["dense bf16", "dense fp32", "marlin experts int8/g64", "marlin experts int4/g64"]
+    assert all(r["tok_s"] > 0 and len(r["tokens"]) == 3 for r in rows.values())
+    assert rows["dense bf16"]["agree"] == 1.0 and rows["dense fp32"]["agree_fp32"] == 1.0
+    mib = gen["experts_MiB"]
+    assert mib["marlin experts int4/g64"] < mib["marlin experts int8/g64"] < mib["dense bf16"] < mib["dense fp32"]
+    assert result["machine"]["device"] == "cpu"
+
+
+def test_upcycled_mixtral_computes_the_llama_without_noise(pylm_s_path):
+    # every expert a copy of the MLP and top-k weights summing to 1: the MoE block is the MLP,
+    # so the upcycled Mixtral's logits are the Llama's (up to summation order)
+    from benchmarks import bench_moe
+    from metal_marlin_torch.io.hf import load_pretrained
+
+    moe = bench_moe.upcycle_llama(str(pylm_s_path), 4, 2, 0.0, "cpu").float()
+    llama = load_pretrained(pylm_s_path, dtype=torch.float32)
+    ids = torch.tensor([[1, 50, 300, 7, 2000, 12]])
+    with torch.no_grad():
+        want = llama(ids).logits
+        got = moe(ids).logits
+    # bf16 rounding of the upcycled weights is the only difference
+    assert float((got - want).norm() / want.norm()) < 0.02
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 def test_attention_traffic_counts_the_gqa_rereads(tmp_path):
     """The decode traffic script on a tiny cache: a row threadgroup serves up to 4 query heads of
     a GQA group, reading each K/V element once for them, so with 8 query heads per K/V head the

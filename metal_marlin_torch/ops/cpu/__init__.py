@@ -58,23 +58,18 @@ log = logging.getLogger("metal_marlin_torch")
 
 SOURCE = Path(__file__).with_name("gemm_cpu.cpp")
 KERNEL_NAME = "cpu_cxx"
-GEMV_MAX_M = 8  # above: tile dequantization + torch.mm (BLAS); see docs/CUDA.md "CPU"
-TILE_ELEMENTS = 1 << 23  # weights decoded per torch.mm (32 MB of fp32)
-SLICE_MIN_ROWS = 1024  # layers with at least this many rows decode K slices of every row
-#                        (y^T += W_hat[:, k0:k1] @ x^T[k0:k1]); smaller ones whole-row tiles
-SLICE_MIN_COLS = 512  # a slice is at least this wide (thinner ones starve BLAS)
-SLICE_MAX_ROWS = 16384  # above (an lm_head's 128k rows): whole-row tiles, which are wide
-#                         there, instead of a 512-wide slice of every row (263 MB at 128k)
-# Measured at M = 64, int4, on the 2-core CI machine under load (issue 24, docs/CUDA.md 7.4),
-# ratio dense fp32 / ours: 14336 x 4096 (K x N): whole-row tiles of 16 MB (292 rows) 0.38x
-# (Xeon, 16 threads), K slices 1024 / 2048 wide 0.76x / 0.92x; 4096 x 14336: 1024-row tiles
-# 0.55x, slices 256 / 512 / 1024 wide 0.64x / 0.96x / 0.93x; 4096 x 4096: 1024-row tiles
-# 0.67x, 1024-wide slices 0.85x.
+GEMV_MAX_M = 8  # above: the prefill GEMM (panels decoded in cache, microkernel); docs/CUDA.md 7.4
+PANEL_ROWS = 48  # weight rows decoded per prefill work unit (a multiple of the microkernel's 6)
+PANEL_MIN_ROWS = 12  # ... fewer (down to this) when a layer has too few units for the threads
+PANEL_CODES = 256  # codes (K) per decoded panel: 48 x 256 fp32 = 48 KB, in L1/L2
+PANEL_ACTS = 256  # activation rows per work unit: a weight is decoded once per this many rows
+UNITS_PER_THREAD = 4  # panels shrink (to PANEL_MIN_ROWS) until each thread has this many units
 PARALLEL_MIN_WEIGHTS = 1 << 18  # smaller layers run on one thread (a 256 x 1024 int4 GEMV
 #                                  takes ~20 us, a worker's wake-up ~5-50 us)
+GEMV_THREADS_ENV = "METAL_MARLIN_CPU_GEMV_THREADS"  # "openmp" (default where built) or "pool"
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
-                             "threads": None, "isa": None}
+                             "threads": None, "isa": None, "gemv_openmp": False, "lanes": None}
 
 
 def cache_root() -> Path:
@@ -112,7 +107,9 @@ def _variants(version: str) -> list[tuple[str, list[str], list[str]]]:
     out = []
     gomp = torch_libgomp()
     for extra in _native_flags():
-        base = ["-O3", "-std=c++17", "-fPIC", "-pthread", *extra]
+        # -ffp-contract=fast: the prefill microkernel's a * b + c on vector types become FMAs
+        # (GCC's ISO mode, -std=c++17, otherwise keeps them apart)
+        base = ["-O3", "-std=c++17", "-fPIC", "-pthread", "-ffp-contract=fast", *extra]
         if gomp is not None and "clang" not in version.lower():
             out.append(("openmp", [*base, "-fopenmp"], [str(gomp), f"-Wl,-rpath,{gomp.parent}"]))
         out.append(("pool", base, []))
@@ -169,8 +166,8 @@ def load() -> ctypes.CDLL | None:
         path = _build(cxx)
         lib = ctypes.CDLL(str(path))
         abi = getattr(lib, "marlin_cpu_abi_version", None)  # absent from a broken library
-        if abi is None or abi() != 3:
-            raise RuntimeError(f"{path} is not this version's kernel library (no ABI version 3): delete it")
+        if abi is None or abi() != 4:
+            raise RuntimeError(f"{path} is not this version's kernel library (no ABI version 4): delete it")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         log.info("metal_marlin_torch: the C++ CPU gemm kernel is unavailable (%s); CPU gemm uses "
@@ -181,20 +178,26 @@ def load() -> ctypes.CDLL | None:
         return None
     i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.marlin_cpu_gemv.argtypes = [vp, i64, i64, vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp,
-                                    vp, vp, i64, ci]
+                                    vp, vp, i64, ci, ci]
     lib.marlin_cpu_gemv.restype = None
+    lib.marlin_cpu_gemm.argtypes = [vp, i64, i64, vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp,
+                                    vp, vp, i64, i64, i64, i64, ci, ci]
+    lib.marlin_cpu_gemm.restype = None
     lib.marlin_cpu_dequant.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64, i64,
                                        vp, i64, ci]
     lib.marlin_cpu_dequant.restype = None
-    lib.marlin_cpu_dequant_slice.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64,
-                                             i64, i64, i64, vp, i64, ci]
-    lib.marlin_cpu_dequant_slice.restype = None
     _STATE["lib"], _STATE["path"] = lib, str(path)
     lib.marlin_cpu_isa.restype = ctypes.c_char_p
     _STATE["isa"] = lib.marlin_cpu_isa().decode()
     lib.marlin_cpu_openmp.restype = ctypes.c_int
-    _STATE["threads"] = ("GEMV: pool shared by chunks; prefill decode: torch's OpenMP pool"
-                         if lib.marlin_cpu_openmp() else "pool shared by chunks")
+    omp = bool(lib.marlin_cpu_openmp())
+    gemv_pool = os.environ.get(GEMV_THREADS_ENV, "openmp")
+    if gemv_pool not in ("openmp", "pool"):
+        raise ValueError(f"{GEMV_THREADS_ENV} must be 'openmp' or 'pool', got {gemv_pool!r}")
+    _STATE["gemv_openmp"] = omp and gemv_pool == "openmp"
+    _STATE["threads"] = (f"GEMV: {'torch OpenMP pool' if _STATE['gemv_openmp'] else 'own pool'}; "
+                         f"prefill: {'torch OpenMP pool' if omp else 'own pool'}")
+    _STATE["lanes"] = lib.marlin_cpu_prefill_lanes()
     return lib
 
 
@@ -203,7 +206,7 @@ def info() -> dict:
     return {"loaded": _STATE["lib"] is not None, "error": _STATE["error"], "library": _STATE["path"],
             "compiler": _STATE["compiler"], "threads": _STATE.get("threads"),
             "isa": _STATE.get("isa"),
-            "gemv_max_m": GEMV_MAX_M}
+            "gemv_max_m": GEMV_MAX_M, "prefill_lanes": _STATE.get("lanes")}
 
 
 @cache
@@ -229,17 +232,15 @@ def _operands(weight, scales, biases, global_scale, format):
             None if biases is None else biases.contiguous())
 
 
-def _slice_cols(n: int, k: int, group: int) -> int:
-    """Columns of a K slice for prefill (``k`` for one slice of the whole weight), or 0 for
-    whole-row tiles (layers of fewer than :data:`SLICE_MIN_ROWS` or more than
-    :data:`SLICE_MAX_ROWS` rows). About :data:`TILE_ELEMENTS` weights a slice, at least
-    :data:`SLICE_MIN_COLS` columns; a multiple of 32 codes (whole words at every width) and
-    of the group (unless per-channel), so each slice starts on a word and a scale group."""
-    if not SLICE_MIN_ROWS <= n <= SLICE_MAX_ROWS:
-        return 0
-    step = 32 if group >= k else math.lcm(32, group)
-    cols = max(SLICE_MIN_COLS, TILE_ELEMENTS // n) // step * step
-    return k if cols <= 0 or cols >= k else cols
+def _panel_rows(n: int, m: int, threads: int) -> int:
+    """Weight rows per prefill work unit: :data:`PANEL_ROWS`, fewer (multiples of 6, down to
+    :data:`PANEL_MIN_ROWS`) until the layer has :data:`UNITS_PER_THREAD` units a thread, so
+    that the last units do not leave most threads idle (4096 rows at 16 threads: 24 rows)."""
+    rows = PANEL_ROWS
+    m_units = -(-m // PANEL_ACTS)
+    while rows > PANEL_MIN_ROWS and -(-n // rows) * m_units < UNITS_PER_THREAD * threads:
+        rows -= 6
+    return rows
 
 
 def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
@@ -256,45 +257,18 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     m = x2.shape[0]
     threads = torch.get_num_threads() if n * k >= PARALLEL_MIN_WEIGHTS else 1
-    common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), 0 if b is None else b.data_ptr(),
+    common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), None if b is None else b.data_ptr(),
               SCALE_KINDS[s.dtype], k // g, g, fmt.bits, lut.data_ptr())
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    if m <= GEMV_MAX_M:
-        y = torch.empty(m, n, dtype=torch.float32)
-        if m and n:
-            lib.marlin_cpu_gemv(x2.data_ptr(), m, k, w.data_ptr(), n, w.shape[1], k, s.data_ptr(),
-                                common[5], common[6], k // g, g, fmt.bits, lut.data_ptr(),
-                                None if bias32 is None else bias32.data_ptr(), y.data_ptr(), n,
-                                threads)
-    else:
-        yt = torch.empty(n, m, dtype=torch.float32)
-        xt = x2.t()
-        rows = max(64, TILE_ELEMENTS // k // 64 * 64)
-        cols = _slice_cols(n, k, g)
-        if cols:
-            # long K: y^T += tile @ x^T[k0:k1], tile = W_hat[:, k0:k1] of every row
-            tile = torch.empty(n, cols, dtype=torch.float32)
-            for k0 in range(0, k, cols):
-                k1 = min(k, k0 + cols)
-                lib.marlin_cpu_dequant_slice(*common, 0, n, k0, k1, tile.data_ptr(), k1 - k0,
-                                             threads)
-                t = tile if k1 - k0 == cols else tile.view(-1)[: n * (k1 - k0)].view(n, k1 - k0)
-                if k0 == 0:
-                    torch.mm(t, xt[k0:k1], out=yt)
-                else:
-                    yt.addmm_(t, xt[k0:k1])
-        else:
-            # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
-            tile = torch.empty(min(rows, n), k, dtype=torch.float32)
-            for n0 in range(0, n, rows):
-                n1 = min(n, n0 + rows)
-                lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
-                torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
-        # contiguous like the fake kernel's output: compiled graphs assume its strides (a
-        # transposed view here gave torch.compile wrong logits)
-        y = yt.t().contiguous()
-        if bias32 is not None:
-            y += bias32
+    omp = int(_STATE["gemv_openmp"])
+    y = torch.empty(m, n, dtype=torch.float32)
+    bias_ptr = None if bias32 is None else bias32.data_ptr()
+    if m and n and m <= GEMV_MAX_M:
+        lib.marlin_cpu_gemv(x2.data_ptr(), m, k, *common, bias_ptr, y.data_ptr(), n, threads, omp)
+    elif m and n:
+        # prefill always on the OpenMP pool where built (work of milliseconds: a join's cost is small)
+        lib.marlin_cpu_gemm(x2.data_ptr(), m, k, *common, bias_ptr, y.data_ptr(), n,
+                            _panel_rows(n, m, threads), PANEL_CODES, PANEL_ACTS, threads, 1)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -308,5 +282,5 @@ def register() -> None:
     registry.set_kernel("gemm", "cpu", gemm, KERNEL_NAME)
 
 
-__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "PARALLEL_MIN_WEIGHTS", "SLICE_MAX_ROWS", "SLICE_MIN_COLS", "SLICE_MIN_ROWS",
-           "TILE_ELEMENTS", "gemm", "info", "load", "register"]
+__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "PANEL_ACTS", "PANEL_CODES", "PANEL_ROWS", "PARALLEL_MIN_WEIGHTS",
+           "gemm", "info", "load", "register"]

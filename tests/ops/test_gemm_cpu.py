@@ -1,9 +1,10 @@
 """The C++ CPU kernel of ``marlin.gemm`` (issue 24 item 4) against the pure-torch op.
 
 Every format at every group size it allows, M from 1 (the fused GEMV) to past GEMV_MAX_M (weight
-panels decoded in cache and multiplied by the C++ microkernel), K off the vector width, batched 3-D inputs, fp32 / bf16 / fp16
-activations. The oracle is ``ops.reference.gemm`` (fp32 dequantize, fp32 matmul). The build
-happens on the first call and is cached (a second or two with gcc on x86-64).
+panels decoded in cache and multiplied by the C++ microkernel), K off the vector width, batched
+3-D inputs, fp32 / bf16 / fp16 activations. The oracle is ``ops.reference.gemm`` (fp32
+dequantize, fp32 matmul). The build happens on the first call and is cached (a second or two
+with gcc on x86-64).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""CPU kernel of ``marlin::gemm``: a fused dequantize-GEMV (and, for prefill, dequantize tiles
-then BLAS), in C++ built on first use (issue 24 item 4).
+"""CPU kernel of ``marlin::gemm``: a fused dequantize-GEMV and, for prefill, a GEMM over weight
+panels decoded in cache, in C++ built on first use (issue 24 item 4).
 
 The pure-torch kernel (:mod:`..reference`) dequantizes the whole weight on every call, so on CPU
 every format ran slower than dense fp32. Here ``gemm_cpu.cpp`` (plain C++17, no torch headers)
@@ -10,21 +10,26 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
   and masks, 16-entry tables looked up in registers), FMA into float32 partial sums, the group
   scale applied once per group (affine biases as ``b * sum(x)``); 3-bit formats and other ISAs
   decode a row through byte tables, then an auto-vectorized dot product;
-* more rows (prefill): about :data:`TILE_ELEMENTS` weights at a time are decoded to float32 and
-  multiplied by torch's BLAS (``torch.mm``), so the decoded weight is never materialized whole:
-  K slices of every row (``marlin_cpu_dequant_slice``, ``y^T += W_hat[:, k0:k1] @ x^T[k0:k1]``)
-  on layers of :data:`SLICE_MIN_ROWS` to :data:`SLICE_MAX_ROWS` rows, whole-row tiles
-  (``marlin_cpu_dequant``) on others.
+* more rows (prefill): a GEMM in the same library (``marlin_cpu_gemm``). Work units of
+  :data:`PANEL_ROWS` weight rows x up to :data:`PANEL_ACTS` activation rows; a thread decodes
+  its unit's weights :data:`PANEL_CODES` codes at a time into a float32 buffer of its own
+  (96 KB: it stays in L2) with the same SIMD decoders, and multiplies that panel by the
+  activations with a register-blocked microkernel (6 weight rows x 2-4 vectors of activation
+  rows held in registers: AVX2, AVX-512 or NEON through vector extensions). The weight is
+  never decoded whole, nor written to memory decoded: the previous path (32 MB tiles decoded,
+  then ``torch.mm``) reached 0.44-0.83x dense fp32 at M = 64.
 
 Threads: ``torch.get_num_threads()`` for layers of at least :data:`PARALLEL_MIN_WEIGHTS`
-weights (below, one thread: waking a worker costs more than it saves). GEMV rows are cut into
-chunks that the calling thread and a pool of sleeping workers take from one counter; the caller
-never waits for a worker that has not started (on a loaded machine an OpenMP fork-join cost
-20 ms a call, gemm_cpu.cpp's ``Pool``). The prefill tile decode (work of milliseconds, between
-two torch matmuls) runs in an OpenMP loop on torch's own libgomp where the build has it (GCC
-and a ``libgomp`` in ``torch/lib``): there torch's threads, still spinning after the previous
-matmul, take the rows at once, where a second pool fought them for the cores (0.29-0.67x dense
-at M = 64 on the 16-core Xeon).
+weights (below, one thread: waking a worker costs more than it saves). Where the build has
+OpenMP (GCC and a ``libgomp`` in ``torch/lib``) both paths run on torch's own OpenMP pool:
+after each torch op its threads spin for a while (libgomp's default), so they take our chunks
+at once, where a second set of threads competed with them for the cores (prefill decode on an
+own pool: 0.29-0.67x dense on the 16-core Xeon; the likely cause of GEMV times spreading 2-3x
+there, see docs/CUDA.md 7.4). Elsewhere (clang, macOS), and for the
+GEMV when ``METAL_MARLIN_CPU_GEMV_THREADS=pool``, rows are cut into chunks that the calling
+thread and a pool of sleeping workers take from one counter; the caller never waits for a
+worker that has not started (on a loaded 2-core machine an OpenMP join cost up to 20 ms a
+call when a thread waited for a core: gemm_cpu.cpp's ``Pool``).
 
 Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
@@ -40,7 +45,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -61,7 +65,7 @@ KERNEL_NAME = "cpu_cxx"
 GEMV_MAX_M = 8  # above: the prefill GEMM (panels decoded in cache, microkernel); docs/CUDA.md 7.4
 PANEL_ROWS = 48  # weight rows decoded per prefill work unit (a multiple of the microkernel's 6)
 PANEL_MIN_ROWS = 12  # ... fewer (down to this) when a layer has too few units for the threads
-PANEL_CODES = 256  # codes (K) per decoded panel: 48 x 256 fp32 = 48 KB, in L1/L2
+PANEL_CODES = 512  # codes (K) per decoded panel: 48 x 512 fp32 = 96 KB, in L2
 PANEL_ACTS = 256  # activation rows per work unit: a weight is decoded once per this many rows
 UNITS_PER_THREAD = 4  # panels shrink (to PANEL_MIN_ROWS) until each thread has this many units
 PARALLEL_MIN_WEIGHTS = 1 << 18  # smaller layers run on one thread (a 256 x 1024 int4 GEMV

@@ -37,6 +37,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -851,13 +852,16 @@ void prefill(const Args& a, const float* x, int64_t m, int64_t ldx, const float*
   kc = std::max<int64_t>(32, kc / 32 * 32);  // K blocks start on a word (decode_panel)
   mc = std::max<int64_t>(kBlockM, mc / kBlockM * kBlockM);  // m chunks start on a block
   const int64_t blocks = (m + kBlockM - 1) / kBlockM;
-  std::vector<float> xp(static_cast<size_t>(blocks * kBlockM * k));
-  // pack: units of one block x 256 codes
+  // not zero-filled (a std::vector's memset of M x K floats on one thread cost ~2 ms at M = 256,
+  // K = 14336): pack_x writes every element a microkernel reads, padding rows included
+  std::unique_ptr<float[]> xbuf(new float[static_cast<size_t>(blocks * kBlockM * k)]);
+  float* const xp_data = xbuf.get();
+  // pack_x: units of one block x 256 codes
   const int64_t kparts = (k + 255) / 256;
   parallel_chunks(blocks * kparts, threads, omp, [&](int64_t u) {
     const int64_t b = u / kparts, c0 = (u % kparts) * 256, c1 = std::min(k, c0 + 256);
     const int64_t wdt = block_width(m, b), rows = std::min<int64_t>(kBlockM, m - b * kBlockM);
-    float* dst = xp.data() + b * kBlockM * k;
+    float* dst = xp_data + b * kBlockM * k;
     for (int64_t j = 0; j < wdt; ++j) {
       const float* src = x + (b * kBlockM + j) * ldx;
       if (j < rows) {
@@ -880,7 +884,7 @@ void prefill(const Args& a, const float* x, int64_t m, int64_t ldx, const float*
       decode_panel(a, n0, n0 + rows, k0, k1, wbuf.data(), kc);
       for (int64_t mb = mb0; mb < mb0 + mlen; mb += kBlockM) {
         const int64_t b = mb / kBlockM, wdt = block_width(m, b);
-        const float* xb = xp.data() + b * kBlockM * k + k0 * wdt;
+        const float* xb = xp_data + b * kBlockM * k + k0 * wdt;
         for (int64_t r = 0; r < rows; r += kMicroRows)
           micro(static_cast<int>(std::min<int64_t>(kMicroRows, rows - r)),
                 static_cast<int>(wdt / kLanes), wbuf.data() + r * kc, kc, xb, k1 - k0,

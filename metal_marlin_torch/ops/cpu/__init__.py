@@ -267,7 +267,9 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     g = fmt.check_group_size(group_size, k)
     w, s, b = _operands(weight, scales, biases, global_scale, format)
     lut = _lut(format)
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():  # each a few us per call at M = 1
+        x2 = x2.to(torch.float32).contiguous()
     m = x2.shape[0]
     threads = torch.get_num_threads() if n * k >= PARALLEL_MIN_WEIGHTS else 1
     common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), None if b is None else b.data_ptr(),

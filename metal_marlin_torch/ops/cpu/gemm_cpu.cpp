@@ -343,10 +343,11 @@ inline float hsum(__m256 v) {
 // then acc += s * p and, for affine formats, b * sum(x over the group) from xsum (computed
 // once per call): w = v * s + b is never formed. MM is a template parameter so the partial sums
 // stay in registers (a run-time count kept them on the stack: a store-to-load chain per FMA).
+using SimdTable = Avx2Table;  // built once per chunk of rows (simd_gemv_rows), not per row
+
 template <int BITS, int MM>
-void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t ldx,
-                     const float* xsum, int64_t r, float* out) {
-  const Avx2Table t = avx2_table(a);
+void simd_gemv_block(const Args& a, const SimdTable& t, const uint32_t* row, const float* x,
+                     int64_t ldx, const float* xsum, int64_t r, float* out) {
   __m256 acc[MM];
   float bsum[MM];
   for (int i = 0; i < MM; ++i) acc[i] = _mm256_setzero_ps(), bsum[i] = 0.0f;
@@ -484,10 +485,11 @@ inline void neon_values(const Args& a, const NeonTable& t, const uint32_t* row, 
   }
 }
 
+using SimdTable = NeonTable;  // built once per chunk of rows (simd_gemv_rows), not per row
+
 template <int BITS, int MM>
-void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t ldx,
-                     const float* xsum, int64_t r, float* out) {
-  const NeonTable t = neon_table(a);
+void simd_gemv_block(const Args& a, const SimdTable& t, const uint32_t* row, const float* x,
+                     int64_t ldx, const float* xsum, int64_t r, float* out) {
   float32x4_t acc[MM];
   float bsum[MM];
   for (int i = 0; i < MM; ++i) acc[i] = vdupq_n_f32(0.0f), bsum[i] = 0.0f;
@@ -542,6 +544,11 @@ inline const float* simd_gemv_x(const Args&, const float* x, int64_t, int64_t ld
 template <int BITS>
 void simd_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const float* xsum,
                     const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+#ifdef MARLIN_AVX2
+  const SimdTable t = avx2_table(a);
+#else
+  const SimdTable t = neon_table(a);
+#endif
   for (int64_t r = n0; r < n1; ++r) {
     const uint32_t* row = a.w + r * a.kw;
     for (int64_t i0 = 0; i0 < m; i0 += 4) {
@@ -549,10 +556,10 @@ void simd_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const
       const float* xs = x + i0 * ldx;
       const float* ss = xsum + i0 * a.n_groups;
       switch (std::min<int64_t>(4, m - i0)) {
-        case 1: simd_gemv_block<BITS, 1>(a, row, xs, ldx, ss, r, out); break;
-        case 2: simd_gemv_block<BITS, 2>(a, row, xs, ldx, ss, r, out); break;
-        case 3: simd_gemv_block<BITS, 3>(a, row, xs, ldx, ss, r, out); break;
-        default: simd_gemv_block<BITS, 4>(a, row, xs, ldx, ss, r, out); break;
+        case 1: simd_gemv_block<BITS, 1>(a, t, row, xs, ldx, ss, r, out); break;
+        case 2: simd_gemv_block<BITS, 2>(a, t, row, xs, ldx, ss, r, out); break;
+        case 3: simd_gemv_block<BITS, 3>(a, t, row, xs, ldx, ss, r, out); break;
+        default: simd_gemv_block<BITS, 4>(a, t, row, xs, ldx, ss, r, out); break;
       }
       for (int64_t i = 0; i < std::min<int64_t>(4, m - i0); ++i)
         y[(i0 + i) * ldy + r] = out[i] + (bias ? bias[r] : 0.0f);

@@ -21,17 +21,15 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
 
 Threads: ``torch.get_num_threads()`` for layers of at least :data:`PARALLEL_MIN_WEIGHTS`
 weights (below, one thread: waking a worker costs more than it saves). Where the build has
-OpenMP (GCC and a ``libgomp`` in ``torch/lib``) prefill, and the GEMV from
-:data:`GEMV_OPENMP_MIN_THREADS` threads, run on torch's own OpenMP pool: after each torch op
-its threads spin for a while (libgomp's default), so they take our chunks at once, where a
-second set of threads competed with them for the cores (prefill decode on an own pool:
-0.29-0.67x dense on the 16-core Xeon; the likely cause of GEMV times spreading 2-3x there, see
-docs/CUDA.md 7.4). Elsewhere (clang, macOS), for the GEMV on fewer threads, and where
-``METAL_MARLIN_CPU_GEMV_THREADS=pool`` (``openmp``: always the OpenMP pool; ``auto``: the
-default), rows are cut into chunks that the calling thread and a pool of sleeping workers
-take from one counter; the caller never waits for a worker that has not started (on a loaded
-2-core machine an OpenMP join cost up to 20 ms a call when a thread waited for a core:
-gemm_cpu.cpp's ``Pool``).
+OpenMP (GCC and a ``libgomp`` in ``torch/lib``) both paths run on torch's own OpenMP pool:
+after each torch op its threads spin for a while (libgomp's default), so they take our chunks
+at once, where a second set of threads competed with them for the cores (on the idle 16-core
+Xeon the GEMV on an own pool had medians 2-5x above its fastest rounds, and the prefill
+decode 0.29-0.67x dense). Elsewhere (clang, macOS), or for the GEMV with
+``METAL_MARLIN_CPU_GEMV_THREADS=pool``, rows are cut into chunks that the calling thread and a
+pool of sleeping workers take from one counter; the caller never waits for a worker that has
+not started, which wins on an oversubscribed machine, where an OpenMP join waits for a thread
+without a core (2 cores at load 9: 6.5 against 19.7 ms a call, gemm_cpu.cpp's ``Pool``).
 
 Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
@@ -72,14 +70,15 @@ PANEL_ACTS = 256  # activation rows per work unit: a weight is decoded once per 
 UNITS_PER_THREAD = 4  # panels shrink (to PANEL_MIN_ROWS) until each thread has this many units
 PARALLEL_MIN_WEIGHTS = 1 << 18  # smaller layers run on one thread (a 256 x 1024 int4 GEMV
 #                                  takes ~20 us, a worker's wake-up ~5-50 us)
-GEMV_THREADS_ENV = "METAL_MARLIN_CPU_GEMV_THREADS"  # "auto" (default), "openmp" or "pool"
-GEMV_OPENMP_MIN_THREADS = 4  # auto: the GEMV runs on torch's OpenMP pool from this many threads,
-#   below on the own pool. Measured (nf4 4096 x 4096, M = 1, 2 threads, the 2-core EPYC at load
-#   9): own pool 6.5 ms median, OpenMP 19.7 ms (its join waits for a thread without a core),
-#   dense fp32 18.6 ms; at 16 threads see docs/CUDA.md 7.4.
+GEMV_THREADS_ENV = "METAL_MARLIN_CPU_GEMV_THREADS"  # "openmp" (default) or "pool": which pool the
+#   GEMV's chunks run on where the build has OpenMP. Measured (docs/CUDA.md 7.4): the idle 16-core
+#   Xeon, M = 1, interleaved with torch ops, OpenMP against the own pool: 16 threads 2.75-3.13x
+#   dense fp32 on the wide layers against 1.32-4.14x with medians 2-5x above the fastest round;
+#   2 threads 2.17-2.37x against 1.50-2.24x. The own pool wins on an oversubscribed machine (2
+#   cores at load 9, 2 threads: 6.5 against 19.7 ms median, dense fp32 18.6 ms).
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
-                             "threads": None, "isa": None, "gemv_openmp_from": 0, "lanes": None}
+                             "threads": None, "isa": None, "gemv_openmp": False, "lanes": None}
 
 
 def cache_root() -> Path:
@@ -168,9 +167,9 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("METAL_MARLIN_CPU_KERNEL", "1") == "0":
         _STATE["error"] = "turned off (METAL_MARLIN_CPU_KERNEL=0)"
         return None
-    mode = os.environ.get(GEMV_THREADS_ENV, "auto")
-    if mode not in ("auto", "openmp", "pool"):
-        raise ValueError(f"{GEMV_THREADS_ENV} must be 'auto', 'openmp' or 'pool', got {mode!r}")
+    mode = os.environ.get(GEMV_THREADS_ENV, "openmp")
+    if mode not in ("openmp", "pool"):
+        raise ValueError(f"{GEMV_THREADS_ENV} must be 'openmp' or 'pool', got {mode!r}")
     cxx = compiler()
     _STATE["compiler"] = cxx
     try:
@@ -204,12 +203,9 @@ def load() -> ctypes.CDLL | None:
     _STATE["isa"] = lib.marlin_cpu_isa().decode()
     lib.marlin_cpu_openmp.restype = ctypes.c_int
     omp = bool(lib.marlin_cpu_openmp())
-    # the fewest threads at which the GEMV takes torch's OpenMP pool (0: never)
-    _STATE["gemv_openmp_from"] = (0 if not omp or mode == "pool" else 1 if mode == "openmp"
-                                  else GEMV_OPENMP_MIN_THREADS)
-    gemv = {0: "own pool", 1: "torch OpenMP pool"}.get(
-        _STATE["gemv_openmp_from"], f"torch OpenMP pool from {GEMV_OPENMP_MIN_THREADS} threads, else own pool")
-    _STATE["threads"] = f"GEMV: {gemv}; prefill: {'torch OpenMP pool' if omp else 'own pool'}"
+    _STATE["gemv_openmp"] = omp and mode == "openmp"
+    _STATE["threads"] = (f"GEMV: {'torch OpenMP pool' if _STATE['gemv_openmp'] else 'own pool'}; "
+                         f"prefill: {'torch OpenMP pool' if omp else 'own pool'}")
     _STATE["lanes"] = lib.marlin_cpu_prefill_lanes()
     return lib
 
@@ -275,8 +271,7 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), None if b is None else b.data_ptr(),
               SCALE_KINDS[s.dtype], k // g, g, fmt.bits, lut.data_ptr())
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    omp_from = _STATE["gemv_openmp_from"]
-    omp = int(0 < omp_from <= threads)  # type: ignore[operator]
+    omp = int(bool(_STATE["gemv_openmp"]))
     y = torch.empty(m, n, dtype=torch.float32)
     bias_ptr = None if bias32 is None else bias32.data_ptr()
     if m and n and m <= GEMV_MAX_M:

@@ -9,7 +9,9 @@ the median over ``--rounds`` rounds is reported, with the ratio dense fp32 / met
 bf16 / method) of the same rounds, and the fastest round of each (on a shared machine the
 least interrupted one; the machine's load average before and after is in the output).
 Activations fp32 (the op's bf16 path converts to fp32 in the kernel's wrapper).
-``torch.get_num_threads()`` threads for everything.
+``torch.get_num_threads()`` threads for everything. The JSON's ``kernel`` says which thread pool
+the GEMV and the prefill ran on (``METAL_MARLIN_CPU_GEMV_THREADS``) and the prefill's vector
+width; ``--panels`` adds prefill rows at other panel sizes (fixed rows, no shrinking).
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _with_panels(rows: int, codes: int, acts: int, fn):
+    """fn() with the prefill's panel sizes set to rows x codes x acts (for --panels)."""
+    saved = cpu.PANEL_ROWS, cpu.PANEL_MIN_ROWS, cpu.PANEL_CODES, cpu.PANEL_ACTS
+    cpu.PANEL_ROWS = cpu.PANEL_MIN_ROWS = rows
+    cpu.PANEL_CODES, cpu.PANEL_ACTS = codes, acts
+    try:
+        return fn()
+    finally:
+        cpu.PANEL_ROWS, cpu.PANEL_MIN_ROWS, cpu.PANEL_CODES, cpu.PANEL_ACTS = saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
@@ -53,6 +66,10 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--panels", default="",
+                    help="prefill panel sizes to time beside the defaults, for the first format: "
+                         "ROWSxCODES[xACTS],... (ops/cpu PANEL_ROWS, PANEL_CODES, PANEL_ACTS); "
+                         "rows named e.g. 'int4 panels 24x512x256'")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     if args.threads:
@@ -77,6 +94,13 @@ def main() -> None:
             for f, (qw, qs, qb, qg) in quant.items():
                 fns[f] = (lambda f=f, qw=qw, qs=qs, qb=qb, qg=qg, x=x:
                           torch.ops.marlin.gemm(x, qw, qs, qb, qg, None, f, args.group))
+            if m > cpu.GEMV_MAX_M and args.panels:
+                f0 = next(iter(quant))
+                for spec in args.panels.split(","):
+                    rows_, codes, *acts = (int(v) for v in spec.split("x"))
+                    fns[f"{f0} panels {rows_}x{codes}x{acts[0] if acts else cpu.PANEL_ACTS}"] = partial(
+                        _with_panels, rows_, codes, acts[0] if acts else cpu.PANEL_ACTS,
+                        partial(fns[f0]))
             times = {name: [] for name in fns}
             with torch.no_grad():
                 for fn in fns.values():

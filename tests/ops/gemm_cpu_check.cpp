@@ -5,7 +5,8 @@
 // Random packed rows (any width 2/3/4/8), a 16-entry (or 256-entry) value table that is either
 // the identity (affine integers) or arbitrary floats (NF4-like), fp32 / fp16 / bf16 scales, with
 // and without affine biases and a layer bias, group sizes 16-128 and per-channel with K that is
-// not a multiple of 16, 1-8 activation rows, 1-3 threads; marlin_cpu_gemv and
+// not a multiple of 16, 1-8 activation rows, 1-3 threads; marlin_cpu_gemv, marlin_cpu_gemm
+// (prefill: 9-70 rows, panel sizes that leave partial blocks everywhere) and
 // marlin_cpu_dequant are compared with w = lut[q] * s + b computed one code at a time. Prints one
 // line per failure and "ok N" at the end; exit status 1 on any failure.
 
@@ -90,7 +91,8 @@ void run(const Case& c, std::mt19937& rng) {
       std::vector<float> x(static_cast<size_t>(m * c.k)), y(static_cast<size_t>(m * c.n), -7.0f);
       for (auto& v : x) v = u(rng);
       marlin_cpu_gemv(x.data(), m, c.k, w.data(), c.n, kw, c.k, sp, bp, c.kind, ng, c.group,
-                      c.bits, lut.data(), c.layer_bias ? bias.data() : nullptr, y.data(), c.n, threads);
+                      c.bits, lut.data(), c.layer_bias ? bias.data() : nullptr, y.data(), c.n, threads,
+                      threads == 3);  // 3 threads: the OpenMP pool where built, else the own one
       for (int i = 0; i < m; ++i)
         for (int64_t r = 0; r < c.n; ++r) {
           double ref = c.layer_bias ? bias[r] : 0.0, mag = std::fabs(ref);
@@ -108,6 +110,34 @@ void run(const Case& c, std::mt19937& rng) {
           }
         }
     }
+  // prefill: panels of nb rows x kc codes, mc activation rows a unit; nb 7 and 6 leave partial
+  // microkernel row blocks and a partial last panel, kc 32 / 64 K blocks inside a group and a
+  // partial last K block, m past one packed block of activation rows (16 or 64) with a tail
+  const int64_t nbs[] = {7, 6, 48}, kcs[] = {32, 64, 512};
+  for (int m : {9, 20, 70})
+    for (int v = 0; v < 3; ++v) {
+      const int threads = v == 1 ? 1 : 3;
+      const int64_t mc = v == 2 ? 2 * kBlockM : kBlockM;
+      std::vector<float> x(static_cast<size_t>(m * c.k)), y(static_cast<size_t>(m * c.n), -7.0f);
+      for (auto& e : x) e = u(rng);
+      marlin_cpu_gemm(x.data(), m, c.k, w.data(), c.n, kw, c.k, sp, bp, c.kind, ng, c.group,
+                      c.bits, lut.data(), c.layer_bias ? bias.data() : nullptr, y.data(), c.n,
+                      nbs[v], kcs[v], mc, threads, v != 1);
+      for (int i = 0; i < m; ++i)
+        for (int64_t r = 0; r < c.n; ++r) {
+          double ref = c.layer_bias ? bias[r] : 0.0, mag = std::fabs(ref);
+          for (int64_t kk = 0; kk < c.k; ++kk) {
+            ref += wr[r * c.k + kk] * x[i * c.k + kk];
+            mag += std::fabs(wr[r * c.k + kk] * x[i * c.k + kk]);
+          }
+          ++checks;
+          if (std::fabs(y[i * c.n + r] - ref) > 1e-5 * mag + 1e-6 && ++failures < 20)
+            std::printf("gemm bits=%d k=%lld group=%lld kind=%d m=%d nb=%lld kc=%lld row %lld "
+                        "act %d: %g != %g\n", c.bits, (long long)c.k, (long long)c.group, c.kind,
+                        m, (long long)nbs[v], (long long)kcs[v], (long long)r, i,
+                        y[i * c.n + r], ref);
+        }
+    }
   std::vector<float> d(static_cast<size_t>(c.n * c.k), -7.0f);
   marlin_cpu_dequant(w.data(), c.n, kw, c.k, sp, bp, c.kind, ng, c.group, c.bits, lut.data(), 0,
                      c.n, d.data(), c.k, 2);
@@ -122,7 +152,7 @@ void run(const Case& c, std::mt19937& rng) {
 }  // namespace
 
 int main() {
-  std::printf("isa %s\n", marlin_cpu_isa());
+  std::printf("isa %s lanes %d\n", marlin_cpu_isa(), marlin_cpu_prefill_lanes());
   std::mt19937 rng(1234);
   for (int bits : {2, 3, 4, 8})
     for (auto kg : {std::pair<int64_t, int64_t>{256, 16}, {256, 32}, {384, 128}, {100, 100},

@@ -1,9 +1,10 @@
 """The C++ CPU kernel of ``marlin.gemm`` (issue 24 item 4) against the pure-torch op.
 
-Every format at every group size it allows, M from 1 (the fused GEMV) to past GEMV_MAX_M (tiles
-decoded, then BLAS), K off the vector width, batched 3-D inputs, fp32 / bf16 / fp16
-activations. The oracle is ``ops.reference.gemm`` (fp32 dequantize, fp32 matmul). The build
-happens on the first call and is cached (a second or two with gcc on x86-64).
+Every format at every group size it allows, M from 1 (the fused GEMV) to past GEMV_MAX_M (weight
+panels decoded in cache and multiplied by the C++ microkernel), K off the vector width, batched
+3-D inputs, fp32 / bf16 / fp16 activations. The oracle is ``ops.reference.gemm`` (fp32
+dequantize, fp32 matmul). The build happens on the first call and is cached (a second or two
+with gcc on x86-64).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def test_cpu_kernel_matches_reference(fmt, group):
             continue
         weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
         bias = torch.randn(n)
-        for m in (1, 3, cpu.GEMV_MAX_M + 1, 70):  # GEMV, GEMV with row blocks, tiles + BLAS
+        for m in (1, 3, cpu.GEMV_MAX_M + 1, 70):  # GEMV, GEMV with row blocks, prefill panels
             x = torch.randn(m, k) / k**0.5
             y = cpu.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
             ref = reference.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
@@ -50,41 +51,81 @@ def test_cpu_kernel_matches_reference(fmt, group):
 @pytest.mark.parametrize("fmt,group", [("int4", 32), ("int3", 32), ("nf4", -1), ("int8", 64),
                                        ("fp4", 32), ("mxfp4", 32), ("int2", 64), ("int5", 32),
                                        ("int6", -1)])
-def test_prefill_k_slices_match_reference(monkeypatch, fmt, group):
-    """Prefill on long K decodes K slices of every row (``marlin_cpu_dequant_slice``): each
-    slice starts on a word and a scale group, the last one is partial, per-channel scales
-    and 3-bit rows (slices inside 3-word units) included. Tiles are shrunk so that small
-    shapes take the path (at full size: layers of 1024 rows or more)."""
-    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 1 << 14)
-    monkeypatch.setattr(cpu, "SLICE_MIN_ROWS", 64)
-    monkeypatch.setattr(cpu, "SLICE_MIN_COLS", 64)
+def test_prefill_panels_match_reference(monkeypatch, fmt, group):
+    """Prefill (``marlin_cpu_gemm``) in panels shrunk so that small shapes cross every panel
+    edge: 13-row panels (two whole 6-row microkernel blocks and one of 1), 64-code K blocks
+    (the last one partial at K = 1088; inside 128-code groups; 3-bit rows inside 3-word
+    units), 16 activation rows a unit (M = 9: one partial unit, M = 70: five, the last of 6
+    rows), 101 weight rows (the last panel of 10). Per-channel scales included."""
+    monkeypatch.setattr(cpu, "PANEL_ROWS", 13)
+    monkeypatch.setattr(cpu, "PANEL_MIN_ROWS", 13)
+    monkeypatch.setattr(cpu, "PANEL_CODES", 64)
+    monkeypatch.setattr(cpu, "PANEL_ACTS", 16)
     torch.manual_seed(3)
-    n, k = 96, 1088  # 16384 // 96 = 170 -> 160-column slices (lcm 32 / 64: 128), last one partial
-    g = k if group == -1 else group
-    cols = cpu._slice_cols(n, k, g)
-    assert cols and k % cols and cols % 32 == 0 and (group == -1 or cols % group == 0), cols
+    n, k = 101, 1088
     weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
     bias = torch.randn(n)
-    x = torch.randn(70, k) / k**0.5
-    y = cpu.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
-    ref = reference.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
-    assert y.shape == (70, n) and y.is_contiguous()
-    assert _rel(y, ref) < TOL[torch.float32]
+    for m in (9, 70):
+        x = torch.randn(m, k) / k**0.5
+        y = cpu.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
+        ref = reference.gemm(x, weight, scales, biases, gscale, bias, fmt, group)
+        assert y.shape == (m, n) and y.is_contiguous()
+        assert _rel(y, ref) < TOL[torch.float32], m
 
 
 @needs_kernel
-@pytest.mark.parametrize("fmt,group", [("int4", 32), ("nf4", -1), ("int8", 64)])
-def test_prefill_row_tiles_match_reference(monkeypatch, fmt, group):
-    """Prefill in whole-row tiles: with tiles shrunk to 64 rows a 200-row layer takes four
-    (the last partial), so each tile's first row n0 > 0 must select its own rows."""
-    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 64 * 128)
-    torch.manual_seed(4)
-    n, k = 200, 128
+@pytest.mark.parametrize("fmt,group", [("int4", 128), ("nf4", 64), ("int8", -1)])
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, fmt, group):
+    """Every output is computed by one thread in a fixed order (a GEMV row, a prefill panel), so
+    1, 2 and 3 threads give the same bits, at M = 1, 5 (GEMV), 33 and 64 (prefill)."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 0)
+    threads = torch.get_num_threads()
+    torch.manual_seed(7)
+    n, k = 250, 512
     weight, scales, biases, gscale = ops.quantize(torch.randn(n, k), fmt, group)
-    x = torch.randn(20, k) / k**0.5
-    y = cpu.gemm(x, weight, scales, biases, gscale, None, fmt, group)
-    ref = reference.gemm(x, weight, scales, biases, gscale, None, fmt, group)
-    assert _rel(y, ref) < TOL[torch.float32]
+    try:
+        for m in (1, 5, 33, 64):
+            x = torch.randn(m, k) / k**0.5
+            ys = []
+            for t in (1, 2, 3):
+                torch.set_num_threads(t)
+                ys.append(cpu.gemm(x, weight, scales, biases, gscale, None, fmt, group))
+            assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2]), m
+            ref = reference.gemm(x, weight, scales, biases, gscale, None, fmt, group)
+            assert _rel(ys[0], ref) < TOL[torch.float32], m
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("openmp", [False, True])  # own pool, torch's OpenMP pool
+def test_gemv_thread_pools_give_the_same_bits(monkeypatch, openmp):
+    """The GEMV on either pool (``METAL_MARLIN_CPU_GEMV_THREADS``) at 2 and 3 threads gives
+    the bits of one thread."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 0)
+    cpu.load()
+    monkeypatch.setitem(cpu._STATE, "gemv_openmp", openmp)
+    threads = torch.get_num_threads()
+    torch.manual_seed(8)
+    weight, scales, biases, _ = ops.quantize(torch.randn(333, 256), "int4", 64)
+    x = torch.randn(3, 256) / 16
+    try:
+        torch.set_num_threads(1)
+        one = cpu.gemm(x, weight, scales, biases, None, None, "int4", 64)
+        for t in (2, 3):
+            torch.set_num_threads(t)
+            assert torch.equal(cpu.gemm(x, weight, scales, biases, None, None, "int4", 64), one), t
+    finally:
+        torch.set_num_threads(threads)
+    assert _rel(one, reference.gemm(x, weight, scales, biases, None, None, "int4", 64)) < TOL[torch.float32]
+
+
+def test_bad_gemv_threads_setting_is_named(monkeypatch):
+    monkeypatch.setattr(cpu, "_STATE", dict(cpu._STATE, lib=None, error=None))
+    monkeypatch.setenv(cpu.GEMV_THREADS_ENV, "spin")
+    with pytest.raises(ValueError, match="METAL_MARLIN_CPU_GEMV_THREADS must be 'openmp' or 'pool', "
+                                         "got 'spin'"):
+        cpu.load()
 
 
 @needs_kernel
@@ -128,8 +169,8 @@ def test_registered_as_cpu_gemm_and_reported():
 
 @needs_kernel
 def test_decode_does_not_dequantize_the_whole_weight(monkeypatch):
-    """M <= GEMV_MAX_M runs the fused GEMV: neither the pure-torch dequantize nor the tile
-    decode is called."""
+    """M <= GEMV_MAX_M runs the fused GEMV, more rows the panel GEMM: neither calls the
+    pure-torch dequantize nor decodes the whole weight (``marlin_cpu_dequant``)."""
     weight, scales, biases, _ = ops.quantize(torch.randn(16, 128), "fp4", 32)
 
     def forbidden(*a, **k):
@@ -139,6 +180,9 @@ def test_decode_does_not_dequantize_the_whole_weight(monkeypatch):
     lib = cpu.load()
     monkeypatch.setattr(lib, "marlin_cpu_dequant", forbidden)
     y = cpu.gemm(torch.randn(cpu.GEMV_MAX_M, 128), weight, scales, None, None, None, "fp4", 32)
+    assert torch.isfinite(y).all()
+    # nor does prefill: it decodes panels inside marlin_cpu_gemm
+    y = cpu.gemm(torch.randn(70, 128), weight, scales, None, None, None, "fp4", 32)
     assert torch.isfinite(y).all()
 
 
@@ -187,9 +231,10 @@ def test_gemv_per_channel_odd_k_tails(fmt, k):
                                        ("int2", 64), ("int3", 32), ("fp8_e4m3", 32),
                                        ("nvfp4", 16), ("mxfp4", 32)])
 def test_threaded_rows_match_reference(monkeypatch, fmt, group):
-    """Rows shared between threads in chunks (Pool in gemm_cpu.cpp): 301 rows at 3 threads are
-    19 chunks of 16 rows, the last one short; every row must be written once, by whichever
-    thread took its chunk (the GEMV and the prefill tile decode both)."""
+    """Rows shared between threads in chunks (torch's OpenMP pool or gemm_cpu.cpp's Pool): 301
+    rows at 3 threads are 19 GEMV chunks of 16 rows, the last one short, or prefill panels of
+    24 rows (12 units for 3 threads), the last of 13; every row must be written once, by whichever thread took its
+    chunk."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN_WEIGHTS", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(3)

@@ -1,5 +1,5 @@
-"""CPU kernel of ``marlin::gemm``: a fused dequantize-GEMV (and, for prefill, dequantize tiles
-then BLAS), in C++ built on first use (issue 24 item 4).
+"""CPU kernel of ``marlin::gemm``: a fused dequantize-GEMV and, for prefill, a GEMM over weight
+panels decoded in cache, in C++ built on first use (issue 24 item 4).
 
 The pure-torch kernel (:mod:`..reference`) dequantizes the whole weight on every call, so on CPU
 every format ran slower than dense fp32. Here ``gemm_cpu.cpp`` (plain C++17, no torch headers)
@@ -10,21 +10,26 @@ reads the canonical packed weight (docs/FORMAT.md) directly:
   and masks, 16-entry tables looked up in registers), FMA into float32 partial sums, the group
   scale applied once per group (affine biases as ``b * sum(x)``); 3-bit formats and other ISAs
   decode a row through byte tables, then an auto-vectorized dot product;
-* more rows (prefill): about :data:`TILE_ELEMENTS` weights at a time are decoded to float32 and
-  multiplied by torch's BLAS (``torch.mm``), so the decoded weight is never materialized whole:
-  K slices of every row (``marlin_cpu_dequant_slice``, ``y^T += W_hat[:, k0:k1] @ x^T[k0:k1]``)
-  on layers of :data:`SLICE_MIN_ROWS` to :data:`SLICE_MAX_ROWS` rows, whole-row tiles
-  (``marlin_cpu_dequant``) on others.
+* more rows (prefill): a GEMM in the same library (``marlin_cpu_gemm``). Work units of
+  :data:`PANEL_ROWS` weight rows x up to :data:`PANEL_ACTS` activation rows; a thread decodes
+  its unit's weights :data:`PANEL_CODES` codes at a time into a float32 buffer of its own
+  (96 KB: it stays in L2) with the same SIMD decoders, and multiplies that panel by the
+  activations with a register-blocked microkernel (6 weight rows x 2-4 vectors of activation
+  rows held in registers: AVX2, AVX-512 or NEON through vector extensions). The weight is
+  never decoded whole, nor written to memory decoded: the previous path (32 MB tiles decoded,
+  then ``torch.mm``) reached 0.44-0.83x dense fp32 at M = 64.
 
 Threads: ``torch.get_num_threads()`` for layers of at least :data:`PARALLEL_MIN_WEIGHTS`
-weights (below, one thread: waking a worker costs more than it saves). GEMV rows are cut into
-chunks that the calling thread and a pool of sleeping workers take from one counter; the caller
-never waits for a worker that has not started (on a loaded machine an OpenMP fork-join cost
-20 ms a call, gemm_cpu.cpp's ``Pool``). The prefill tile decode (work of milliseconds, between
-two torch matmuls) runs in an OpenMP loop on torch's own libgomp where the build has it (GCC
-and a ``libgomp`` in ``torch/lib``): there torch's threads, still spinning after the previous
-matmul, take the rows at once, where a second pool fought them for the cores (0.29-0.67x dense
-at M = 64 on the 16-core Xeon).
+weights (below, one thread: waking a worker costs more than it saves). Where the build has
+OpenMP (GCC and a ``libgomp`` in ``torch/lib``) both paths run on torch's own OpenMP pool:
+after each torch op its threads spin for a while (libgomp's default), so they take our chunks
+at once, where a second set of threads competed with them for the cores (on the idle 16-core
+Xeon the GEMV on an own pool had medians 2-5x above its fastest rounds, and the prefill
+decode 0.29-0.67x dense). Elsewhere (clang, macOS), or for the GEMV with
+``METAL_MARLIN_CPU_GEMV_THREADS=pool``, rows are cut into chunks that the calling thread and a
+pool of sleeping workers take from one counter; the caller never waits for a worker that has
+not started, which wins on an oversubscribed machine, where an OpenMP join waits for a thread
+without a core (2 cores at load 9: 6.5 against 19.7 ms a call, gemm_cpu.cpp's ``Pool``).
 
 Build: the system C++ compiler (``$CXX``, else ``c++``, ``g++``, ``clang++``, ``clang++-19``) with ``-O3`` and
 the host's vector ISA (``-march=native`` on x86-64, ``-mcpu=native`` on arm64; retried without
@@ -40,7 +45,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
-import math
 import os
 import platform
 import shutil
@@ -58,23 +62,23 @@ log = logging.getLogger("metal_marlin_torch")
 
 SOURCE = Path(__file__).with_name("gemm_cpu.cpp")
 KERNEL_NAME = "cpu_cxx"
-GEMV_MAX_M = 8  # above: tile dequantization + torch.mm (BLAS); see docs/CUDA.md "CPU"
-TILE_ELEMENTS = 1 << 23  # weights decoded per torch.mm (32 MB of fp32)
-SLICE_MIN_ROWS = 1024  # layers with at least this many rows decode K slices of every row
-#                        (y^T += W_hat[:, k0:k1] @ x^T[k0:k1]); smaller ones whole-row tiles
-SLICE_MIN_COLS = 512  # a slice is at least this wide (thinner ones starve BLAS)
-SLICE_MAX_ROWS = 16384  # above (an lm_head's 128k rows): whole-row tiles, which are wide
-#                         there, instead of a 512-wide slice of every row (263 MB at 128k)
-# Measured at M = 64, int4, on the 2-core CI machine under load (issue 24, docs/CUDA.md 7.4),
-# ratio dense fp32 / ours: 14336 x 4096 (K x N): whole-row tiles of 16 MB (292 rows) 0.38x
-# (Xeon, 16 threads), K slices 1024 / 2048 wide 0.76x / 0.92x; 4096 x 14336: 1024-row tiles
-# 0.55x, slices 256 / 512 / 1024 wide 0.64x / 0.96x / 0.93x; 4096 x 4096: 1024-row tiles
-# 0.67x, 1024-wide slices 0.85x.
+GEMV_MAX_M = 8  # above: the prefill GEMM (panels decoded in cache, microkernel); docs/CUDA.md 7.4
+PANEL_ROWS = 48  # weight rows decoded per prefill work unit (a multiple of the microkernel's 6)
+PANEL_MIN_ROWS = 12  # ... fewer (down to this) when a layer has too few units for the threads
+PANEL_CODES = 512  # codes (K) per decoded panel: 48 x 512 fp32 = 96 KB, in L2
+PANEL_ACTS = 256  # activation rows per work unit: a weight is decoded once per this many rows
+UNITS_PER_THREAD = 4  # panels shrink (to PANEL_MIN_ROWS) until each thread has this many units
 PARALLEL_MIN_WEIGHTS = 1 << 18  # smaller layers run on one thread (a 256 x 1024 int4 GEMV
 #                                  takes ~20 us, a worker's wake-up ~5-50 us)
+GEMV_THREADS_ENV = "METAL_MARLIN_CPU_GEMV_THREADS"  # "openmp" (default) or "pool": which pool the
+#   GEMV's chunks run on where the build has OpenMP. Measured (docs/CUDA.md 7.4): the idle 16-core
+#   Xeon, M = 1, interleaved with torch ops, OpenMP against the own pool: 16 threads 2.75-3.13x
+#   dense fp32 on the wide layers against 1.32-4.14x with medians 2-5x above the fastest round;
+#   2 threads 2.17-2.37x against 1.50-2.24x. The own pool wins on an oversubscribed machine (2
+#   cores at load 9, 2 threads: 6.5 against 19.7 ms median, dense fp32 18.6 ms).
 SCALE_KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _STATE: dict[str, object] = {"lib": None, "error": None, "path": None, "compiler": None,
-                             "threads": None, "isa": None}
+                             "threads": None, "isa": None, "gemv_openmp": False, "lanes": None}
 
 
 def cache_root() -> Path:
@@ -112,7 +116,9 @@ def _variants(version: str) -> list[tuple[str, list[str], list[str]]]:
     out = []
     gomp = torch_libgomp()
     for extra in _native_flags():
-        base = ["-O3", "-std=c++17", "-fPIC", "-pthread", *extra]
+        # -ffp-contract=fast: the prefill microkernel's a * b + c on vector types become FMAs
+        # (GCC's ISO mode, -std=c++17, otherwise keeps them apart)
+        base = ["-O3", "-std=c++17", "-fPIC", "-pthread", "-ffp-contract=fast", *extra]
         if gomp is not None and "clang" not in version.lower():
             out.append(("openmp", [*base, "-fopenmp"], [str(gomp), f"-Wl,-rpath,{gomp.parent}"]))
         out.append(("pool", base, []))
@@ -161,6 +167,9 @@ def load() -> ctypes.CDLL | None:
     if os.environ.get("METAL_MARLIN_CPU_KERNEL", "1") == "0":
         _STATE["error"] = "turned off (METAL_MARLIN_CPU_KERNEL=0)"
         return None
+    mode = os.environ.get(GEMV_THREADS_ENV, "openmp")
+    if mode not in ("openmp", "pool"):
+        raise ValueError(f"{GEMV_THREADS_ENV} must be 'openmp' or 'pool', got {mode!r}")
     cxx = compiler()
     _STATE["compiler"] = cxx
     try:
@@ -169,8 +178,8 @@ def load() -> ctypes.CDLL | None:
         path = _build(cxx)
         lib = ctypes.CDLL(str(path))
         abi = getattr(lib, "marlin_cpu_abi_version", None)  # absent from a broken library
-        if abi is None or abi() != 3:
-            raise RuntimeError(f"{path} is not this version's kernel library (no ABI version 3): delete it")
+        if abi is None or abi() != 4:
+            raise RuntimeError(f"{path} is not this version's kernel library (no ABI version 4): delete it")
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _STATE["error"] = f"{type(exc).__name__}: {exc}"
         log.info("metal_marlin_torch: the C++ CPU gemm kernel is unavailable (%s); CPU gemm uses "
@@ -181,20 +190,23 @@ def load() -> ctypes.CDLL | None:
         return None
     i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.marlin_cpu_gemv.argtypes = [vp, i64, i64, vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp,
-                                    vp, vp, i64, ci]
+                                    vp, vp, i64, ci, ci]
     lib.marlin_cpu_gemv.restype = None
+    lib.marlin_cpu_gemm.argtypes = [vp, i64, i64, vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp,
+                                    vp, vp, i64, i64, i64, i64, ci, ci]
+    lib.marlin_cpu_gemm.restype = None
     lib.marlin_cpu_dequant.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64, i64,
                                        vp, i64, ci]
     lib.marlin_cpu_dequant.restype = None
-    lib.marlin_cpu_dequant_slice.argtypes = [vp, i64, i64, i64, vp, vp, ci, i64, i64, ci, vp, i64,
-                                             i64, i64, i64, vp, i64, ci]
-    lib.marlin_cpu_dequant_slice.restype = None
     _STATE["lib"], _STATE["path"] = lib, str(path)
     lib.marlin_cpu_isa.restype = ctypes.c_char_p
     _STATE["isa"] = lib.marlin_cpu_isa().decode()
     lib.marlin_cpu_openmp.restype = ctypes.c_int
-    _STATE["threads"] = ("GEMV: pool shared by chunks; prefill decode: torch's OpenMP pool"
-                         if lib.marlin_cpu_openmp() else "pool shared by chunks")
+    omp = bool(lib.marlin_cpu_openmp())
+    _STATE["gemv_openmp"] = omp and mode == "openmp"
+    _STATE["threads"] = (f"GEMV: {'torch OpenMP pool' if _STATE['gemv_openmp'] else 'own pool'}; "
+                         f"prefill: {'torch OpenMP pool' if omp else 'own pool'}")
+    _STATE["lanes"] = lib.marlin_cpu_prefill_lanes()
     return lib
 
 
@@ -203,7 +215,7 @@ def info() -> dict:
     return {"loaded": _STATE["lib"] is not None, "error": _STATE["error"], "library": _STATE["path"],
             "compiler": _STATE["compiler"], "threads": _STATE.get("threads"),
             "isa": _STATE.get("isa"),
-            "gemv_max_m": GEMV_MAX_M}
+            "gemv_max_m": GEMV_MAX_M, "prefill_lanes": _STATE.get("lanes")}
 
 
 @cache
@@ -229,17 +241,15 @@ def _operands(weight, scales, biases, global_scale, format):
             None if biases is None else biases.contiguous())
 
 
-def _slice_cols(n: int, k: int, group: int) -> int:
-    """Columns of a K slice for prefill (``k`` for one slice of the whole weight), or 0 for
-    whole-row tiles (layers of fewer than :data:`SLICE_MIN_ROWS` or more than
-    :data:`SLICE_MAX_ROWS` rows). About :data:`TILE_ELEMENTS` weights a slice, at least
-    :data:`SLICE_MIN_COLS` columns; a multiple of 32 codes (whole words at every width) and
-    of the group (unless per-channel), so each slice starts on a word and a scale group."""
-    if not SLICE_MIN_ROWS <= n <= SLICE_MAX_ROWS:
-        return 0
-    step = 32 if group >= k else math.lcm(32, group)
-    cols = max(SLICE_MIN_COLS, TILE_ELEMENTS // n) // step * step
-    return k if cols <= 0 or cols >= k else cols
+def _panel_rows(n: int, m: int, threads: int) -> int:
+    """Weight rows per prefill work unit: :data:`PANEL_ROWS`, fewer (multiples of 6, down to
+    :data:`PANEL_MIN_ROWS`) until the layer has :data:`UNITS_PER_THREAD` units a thread, so
+    that the last units do not leave most threads idle (4096 rows at 16 threads: 24 rows)."""
+    rows = PANEL_ROWS
+    m_units = -(-m // PANEL_ACTS)
+    while rows > PANEL_MIN_ROWS and -(-n // rows) * m_units < UNITS_PER_THREAD * threads:
+        rows -= 6
+    return rows
 
 
 def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
@@ -253,48 +263,23 @@ def gemm(x, weight, scales, biases, global_scale, bias, format, group_size):
     g = fmt.check_group_size(group_size, k)
     w, s, b = _operands(weight, scales, biases, global_scale, format)
     lut = _lut(format)
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    x2 = x.reshape(-1, k)
+    if x2.dtype != torch.float32 or not x2.is_contiguous():  # each a few us per call at M = 1
+        x2 = x2.to(torch.float32).contiguous()
     m = x2.shape[0]
     threads = torch.get_num_threads() if n * k >= PARALLEL_MIN_WEIGHTS else 1
-    common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), 0 if b is None else b.data_ptr(),
+    common = (w.data_ptr(), n, w.shape[1], k, s.data_ptr(), None if b is None else b.data_ptr(),
               SCALE_KINDS[s.dtype], k // g, g, fmt.bits, lut.data_ptr())
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    if m <= GEMV_MAX_M:
-        y = torch.empty(m, n, dtype=torch.float32)
-        if m and n:
-            lib.marlin_cpu_gemv(x2.data_ptr(), m, k, w.data_ptr(), n, w.shape[1], k, s.data_ptr(),
-                                common[5], common[6], k // g, g, fmt.bits, lut.data_ptr(),
-                                None if bias32 is None else bias32.data_ptr(), y.data_ptr(), n,
-                                threads)
-    else:
-        yt = torch.empty(n, m, dtype=torch.float32)
-        xt = x2.t()
-        rows = max(64, TILE_ELEMENTS // k // 64 * 64)
-        cols = _slice_cols(n, k, g)
-        if cols:
-            # long K: y^T += tile @ x^T[k0:k1], tile = W_hat[:, k0:k1] of every row
-            tile = torch.empty(n, cols, dtype=torch.float32)
-            for k0 in range(0, k, cols):
-                k1 = min(k, k0 + cols)
-                lib.marlin_cpu_dequant_slice(*common, 0, n, k0, k1, tile.data_ptr(), k1 - k0,
-                                             threads)
-                t = tile if k1 - k0 == cols else tile.view(-1)[: n * (k1 - k0)].view(n, k1 - k0)
-                if k0 == 0:
-                    torch.mm(t, xt[k0:k1], out=yt)
-                else:
-                    yt.addmm_(t, xt[k0:k1])
-        else:
-            # y^T tile by tile: tile = W_hat[n0:n1] (float32, decoded here), y^T[n0:n1] = tile @ x^T
-            tile = torch.empty(min(rows, n), k, dtype=torch.float32)
-            for n0 in range(0, n, rows):
-                n1 = min(n, n0 + rows)
-                lib.marlin_cpu_dequant(*common, n0, n1, tile.data_ptr(), k, threads)
-                torch.mm(tile[: n1 - n0], xt, out=yt[n0:n1])
-        # contiguous like the fake kernel's output: compiled graphs assume its strides (a
-        # transposed view here gave torch.compile wrong logits)
-        y = yt.t().contiguous()
-        if bias32 is not None:
-            y += bias32
+    omp = int(bool(_STATE["gemv_openmp"]))
+    y = torch.empty(m, n, dtype=torch.float32)
+    bias_ptr = None if bias32 is None else bias32.data_ptr()
+    if m and n and m <= GEMV_MAX_M:
+        lib.marlin_cpu_gemv(x2.data_ptr(), m, k, *common, bias_ptr, y.data_ptr(), n, threads, omp)
+    elif m and n:
+        # prefill always on the OpenMP pool where built (work of milliseconds: a join's cost is small)
+        lib.marlin_cpu_gemm(x2.data_ptr(), m, k, *common, bias_ptr, y.data_ptr(), n,
+                            _panel_rows(n, m, threads), PANEL_CODES, PANEL_ACTS, threads, 1)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -308,5 +293,5 @@ def register() -> None:
     registry.set_kernel("gemm", "cpu", gemm, KERNEL_NAME)
 
 
-__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "PARALLEL_MIN_WEIGHTS", "SLICE_MAX_ROWS", "SLICE_MIN_COLS", "SLICE_MIN_ROWS",
-           "TILE_ELEMENTS", "gemm", "info", "load", "register"]
+__all__ = ["GEMV_MAX_M", "KERNEL_NAME", "PANEL_ACTS", "PANEL_CODES", "PANEL_ROWS", "PARALLEL_MIN_WEIGHTS",
+           "gemm", "info", "load", "register"]

@@ -37,6 +37,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -68,7 +69,13 @@ inline float half_to_float(uint16_t h) {
 
 inline float scale_at(const void* p, int kind, int64_t i) {
   switch (kind) {
+#if defined(__F16C__) && defined(MARLIN_AVX2)
+    case F16: return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);  // one vcvtph2ps
+#elif defined(__aarch64__)
+    case F16: return static_cast<float>(static_cast<const __fp16*>(p)[i]);  // one fcvt
+#else
     case F16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+#endif
     case BF16: {
       const uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p)[i]) << 16;
       float f;
@@ -336,10 +343,11 @@ inline float hsum(__m256 v) {
 // then acc += s * p and, for affine formats, b * sum(x over the group) from xsum (computed
 // once per call): w = v * s + b is never formed. MM is a template parameter so the partial sums
 // stay in registers (a run-time count kept them on the stack: a store-to-load chain per FMA).
+using SimdTable = Avx2Table;  // built once per chunk of rows (simd_gemv_rows), not per row
+
 template <int BITS, int MM>
-void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t ldx,
-                     const float* xsum, int64_t r, float* out) {
-  const Avx2Table t = avx2_table(a);
+void simd_gemv_block(const Args& a, const SimdTable& t, const uint32_t* row, const float* x,
+                     int64_t ldx, const float* xsum, int64_t r, float* out) {
   __m256 acc[MM];
   float bsum[MM];
   for (int i = 0; i < MM; ++i) acc[i] = _mm256_setzero_ps(), bsum[i] = 0.0f;
@@ -384,24 +392,6 @@ void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t
     }
   }
   for (int i = 0; i < MM; ++i) out[i] = hsum(acc[i]) + bsum[i];
-}
-
-template <int BITS>
-void avx2_dequant_rows(const Args& a, int64_t n0, int64_t r0, int64_t r1, float* out, int64_t ldo) {
-  const Avx2Table t = avx2_table(a);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint32_t* row = a.w + (n0 + r) * a.kw;
-    float* o = out + r * ldo;
-    for (int64_t g = 0; g < a.n_groups; ++g) {
-      const float sg = group_scale(a, n0 + r, g), bg = group_bias(a, n0 + r, g);
-      const __m256 s = _mm256_set1_ps(sg), b = _mm256_set1_ps(bg);
-      const int64_t c0 = g * a.group, c1 = std::min(a.k, c0 + a.group);
-      int64_t c = c0;
-      for (; c + 8 <= c1; c += 8)
-        _mm256_storeu_ps(o + c, _mm256_fmadd_ps(avx2_values<BITS>(a, t, row, c), s, b));
-      for (; c < c1; ++c) o[c] = a.lut[code_at(a, row, c)] * sg + bg;
-    }
-  }
 }
 
 // SIMD GEMV widths here: 2, 4, 8 bits (each group starts on a whole 8-code step: groups are
@@ -495,10 +485,11 @@ inline void neon_values(const Args& a, const NeonTable& t, const uint32_t* row, 
   }
 }
 
+using SimdTable = NeonTable;  // built once per chunk of rows (simd_gemv_rows), not per row
+
 template <int BITS, int MM>
-void simd_gemv_block(const Args& a, const uint32_t* row, const float* x, int64_t ldx,
-                     const float* xsum, int64_t r, float* out) {
-  const NeonTable t = neon_table(a);
+void simd_gemv_block(const Args& a, const SimdTable& t, const uint32_t* row, const float* x,
+                     int64_t ldx, const float* xsum, int64_t r, float* out) {
   float32x4_t acc[MM];
   float bsum[MM];
   for (int i = 0; i < MM; ++i) acc[i] = vdupq_n_f32(0.0f), bsum[i] = 0.0f;
@@ -553,6 +544,11 @@ inline const float* simd_gemv_x(const Args&, const float* x, int64_t, int64_t ld
 template <int BITS>
 void simd_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const float* xsum,
                     const float* bias, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+#ifdef MARLIN_AVX2
+  const SimdTable t = avx2_table(a);
+#else
+  const SimdTable t = neon_table(a);
+#endif
   for (int64_t r = n0; r < n1; ++r) {
     const uint32_t* row = a.w + r * a.kw;
     for (int64_t i0 = 0; i0 < m; i0 += 4) {
@@ -560,10 +556,10 @@ void simd_gemv_rows(const Args& a, const float* x, int64_t m, int64_t ldx, const
       const float* xs = x + i0 * ldx;
       const float* ss = xsum + i0 * a.n_groups;
       switch (std::min<int64_t>(4, m - i0)) {
-        case 1: simd_gemv_block<BITS, 1>(a, row, xs, ldx, ss, r, out); break;
-        case 2: simd_gemv_block<BITS, 2>(a, row, xs, ldx, ss, r, out); break;
-        case 3: simd_gemv_block<BITS, 3>(a, row, xs, ldx, ss, r, out); break;
-        default: simd_gemv_block<BITS, 4>(a, row, xs, ldx, ss, r, out); break;
+        case 1: simd_gemv_block<BITS, 1>(a, t, row, xs, ldx, ss, r, out); break;
+        case 2: simd_gemv_block<BITS, 2>(a, t, row, xs, ldx, ss, r, out); break;
+        case 3: simd_gemv_block<BITS, 3>(a, t, row, xs, ldx, ss, r, out); break;
+        default: simd_gemv_block<BITS, 4>(a, t, row, xs, ldx, ss, r, out); break;
       }
       for (int64_t i = 0; i < std::min<int64_t>(4, m - i0); ++i)
         y[(i0 + i) * ldy + r] = out[i] + (bias ? bias[r] : 0.0f);
@@ -656,22 +652,47 @@ class Pool {
   uint64_t generation_ = 0;
 };
 
-// body(r0, r1) over [0, n) in chunks shared by the caller and up to threads - 1 workers (about
-// 8 chunks a thread, at least 16 rows each, so that a late or preempted thread leaves little
-// for the others to wait on).
+// body(c) for every chunk c in [0, chunks) on up to `threads` threads: with `omp` (and a build
+// with OpenMP, on torch's own libgomp: ops/cpu) an OpenMP loop, so torch's threads, which spin
+// for a while after each torch op (libgomp's default GOMP_SPINCOUNT: ~300k pauses, milliseconds),
+// take the chunks at once instead of competing for the cores with a second set of threads (our
+// own workers woken while torch's spun: 0.29-0.67x dense at M = 64, and GEMV times spread 2-3x,
+// on a 16-core Xeon); otherwise the Pool, whose caller never waits for a worker that has not
+// started (an OpenMP join waits for every thread: ms per call when a thread waits for a core on
+// a loaded machine, see Pool).
 template <typename F>
-void parallel_rows(int64_t n, int threads, F&& body) {
+void parallel_chunks(int64_t chunks, int threads, bool omp, F&& body) {
+  threads = static_cast<int>(std::min<int64_t>(threads, chunks));
+  if (threads <= 1) {
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+#ifdef _OPENMP
+  if (omp) {
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) body(c);
+    return;
+  }
+#else
+  (void)omp;
+#endif
+  const std::function<void(int64_t)> task = [&](int64_t c) { body(c); };
+  Pool::get().run(threads - 1, chunks, task);
+}
+
+// body(r0, r1) over [0, n) in chunks (about 8 a thread, at least 16 rows each, so that a late
+// or preempted thread leaves little for the others to wait on).
+template <typename F>
+void parallel_rows(int64_t n, int threads, bool omp, F&& body) {
   if (threads <= 1 || n <= 16) {
     if (n > 0) body(int64_t{0}, n);
     return;
   }
   const int64_t per = std::max<int64_t>(16, (n + 8 * threads - 1) / (8 * threads));
   const int64_t chunks = (n + per - 1) / per;
-  const std::function<void(int64_t)> task = [&](int64_t c) {
-    const int64_t a = c * per, b = std::min<int64_t>(n, a + per);
-    body(a, b);
-  };
-  Pool::get().run(static_cast<int>(std::min<int64_t>(threads - 1, chunks - 1)), chunks, task);
+  parallel_chunks(chunks, threads, omp, [&](int64_t c) {
+    body(c * per, std::min<int64_t>(n, c * per + per));
+  });
 }
 
 Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* scales,
@@ -684,42 +705,203 @@ Args make_args(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* 
   return a;
 }
 
-// Rows n0..n1 of the weight `a` describes, decoded to float32 rows of stride ldo (both dequant
-// entry points below: whole rows, or a K slice whose Args point into the rows).
-// Rows [0, n) of a prefill tile over `threads` threads: with OpenMP (built against torch's own
-// libgomp, ops/cpu) an OpenMP loop, so torch's pool, still spinning after the matmul before,
-// takes the rows at once (a second pool fought it for the cores: 0.29-0.67x dense at M = 64 on
-// a 16-core Xeon); the fork-join's cost when a thread waits for a core (ms on a loaded
-// machine, see Pool) is small against a tile's decode. Without OpenMP, parallel_rows.
-template <typename F>
-void parallel_tile_rows(int64_t n, int threads, F&& body) {
-#ifdef _OPENMP
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, (n + 15) / 16)));
-  if (threads > 1) {
-    const int64_t per = (n + 4 * threads - 1) / (4 * threads);
-    const int64_t chunks = (n + per - 1) / per;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; ++c) body(c * per, std::min<int64_t>(n, c * per + per));
-    return;
-  }
+// Weight rows [r0, r1), codes [k0, k1), decoded and scaled (w = lut[q] * s + b) into float32
+// rows of stride ldo: out[(r - r0) * ldo + (c - k0)]. k0 a multiple of 32 codes (a whole word
+// at every width, a whole SIMD step). Group by group: SIMD (8 codes a step on AVX2, 16 on
+// NEON) where the group's codes start on a step, the rest (3 bits, unaligned tails) through
+// the byte-table / bit-window decoder.
+void decode_panel(const Args& a, int64_t r0, int64_t r1, int64_t k0, int64_t k1, float* out,
+                  int64_t ldo) {
+#ifdef MARLIN_AVX2
+  const Avx2Table t = avx2_table(a);
+#elif defined(MARLIN_NEON)
+  const NeonTable t = neon_table(a);
 #endif
-  parallel_rows(n, threads, std::forward<F>(body));
+#ifdef MARLIN_SIMD_GEMV
+  const bool simd = simd_gemv_ok(a);
+#endif
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint32_t* row = a.w + r * a.kw;
+    float* o = out + (r - r0) * ldo - k0;  // o[c] for c in [k0, k1)
+    for (int64_t g = k0 / a.group; g < a.n_groups && g * a.group < k1; ++g) {
+      const int64_t c0 = std::max(k0, g * a.group), c1 = std::min({k1, a.k, (g + 1) * a.group});
+      const float sg = group_scale(a, r, g), bg = group_bias(a, r, g);
+      int64_t c = c0;
+#ifdef MARLIN_AVX2
+      if (simd) {
+        const __m256 s = _mm256_set1_ps(sg), b = _mm256_set1_ps(bg);
+        if (a.bits == 4) {
+          for (; c + 8 <= c1; c += 8)
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(avx2_values<4>(a, t, row, c), s, b));
+        } else if (a.bits == 2) {
+          for (; c + 8 <= c1; c += 8)
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(avx2_values<2>(a, t, row, c), s, b));
+        } else {
+          for (; c + 8 <= c1; c += 8)
+            _mm256_storeu_ps(o + c, _mm256_fmadd_ps(avx2_values<8>(a, t, row, c), s, b));
+        }
+      }
+#elif defined(MARLIN_NEON)
+      if (simd) {
+        for (; c + 16 <= c1; c += 16) {
+          float32x4_t v[4];
+          if (a.bits == 4) neon_values<4>(a, t, row, c, v);
+          else neon_values<8>(a, t, row, c, v);
+          for (int j = 0; j < 4; ++j)
+            vst1q_f32(o + c + 4 * j, vfmaq_n_f32(vdupq_n_f32(bg), v[j], sg));
+        }
+      }
+#endif
+      if (c < c1) {
+        decode(a, row, c, c1 - c, o + c);
+        apply_scale(o + c, c1 - c, sg, bg);
+      }
+    }
+  }
 }
 
-void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, int64_t ldo, int threads) {
-  (void)bits;  // only the AVX2 path dispatches on it
-#ifdef MARLIN_AVX2
-  if (simd_gemv_ok(a)) {
-    parallel_tile_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
-      if (bits == 4) avx2_dequant_rows<4>(a, n0, r0, r1, out, ldo);
-      else if (bits == 2) avx2_dequant_rows<2>(a, n0, r0, r1, out, ldo);
-      else avx2_dequant_rows<8>(a, n0, r0, r1, out, ldo);
-    });
-    return;
-  }
+// ---- Prefill (M > GEMV_MAX_M): decode a panel of weight rows in cache, multiply it at once ----
+//
+// y[m, n] = sum_k x[m, k] * W_hat[n, k]. Work units are NB weight rows x up to MC activation
+// rows; a thread takes a unit and, K-block by K-block (KC codes), decodes the unit's NB x KC
+// weights into a float32 buffer of its own (NB * KC * 4 bytes: 48 KB at 48 x 256, in L1/L2)
+// and multiplies it into the unit's C^T[NB][MC] (a second buffer of its own) with a
+// register-blocked microkernel; at the end it writes its tile of y, plus the layer bias. So a
+// weight is decoded once per MC activation rows (about one instruction per 8 weights against
+// MC / 8 FMAs per weight on AVX2), the decoded weight never leaves the core's cache, and the
+// whole weight is never materialized (the previous path decoded 32 MB tiles for torch.mm:
+// 0.44-0.83x dense fp32 at M = 64, written to and read back from memory).
+//
+// Vectors run along M: the microkernel holds R (<= 6) weight rows x V vectors of activation
+// rows in registers; per code k it loads V vectors of x^T[k] and broadcasts R weights. x is
+// packed once per call (pack_x) into blocks of BW = kMaxV * L activation rows, each block
+// [K][width] (width BW; the last block's rows rounded up to L, zero rows added), so each
+// microkernel reads one contiguous stream. GCC / Clang vector extensions (one source for
+// AVX2, AVX-512 and NEON; FMA through -ffp-contract=fast in the build).
+#if defined(MARLIN_VEC_BYTES)  // tests: another width's code on this host (correctness only)
+constexpr int kVecBytes = MARLIN_VEC_BYTES, kMaxV = 4;
+#elif defined(__AVX512F__)
+constexpr int kVecBytes = 64, kMaxV = 4;  // 32 registers: 6 x 4 accumulators, 4 x, 1 weight
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32, kMaxV = 2;  // 16 registers: 6 x 2 accumulators, 2 x, 1 weight
+#elif defined(__aarch64__)
+constexpr int kVecBytes = 16, kMaxV = 4;  // 32 registers
+#else
+constexpr int kVecBytes = 16, kMaxV = 2;
 #endif
-  parallel_tile_rows(n1 - n0, threads, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) dequant_row(a, n0 + r, out + r * ldo);
+typedef float VecF __attribute__((vector_size(kVecBytes)));
+constexpr int kLanes = kVecBytes / 4;
+constexpr int kBlockM = kMaxV * kLanes;  // activation rows per packed block (BW)
+constexpr int kMicroRows = 6;            // weight rows per microkernel (R)
+
+// c[r][v * L ...] (+)= sum_k w[r * ldw + k] * xb[k * V * L + v * L ...] for r < R, v < V:
+// R x V accumulators in registers over kc codes (a run-time R or V spilled them to the stack).
+template <int R, int V>
+void micro_tile(const float* w, int64_t ldw, const float* xb, int64_t kc, float* c, int64_t ldc,
+                bool accumulate) {
+  VecF acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = VecF{};
+  for (int64_t k = 0; k < kc; ++k) {
+    VecF xv[V];
+    for (int v = 0; v < V; ++v) std::memcpy(&xv[v], xb + (k * V + v) * kLanes, sizeof(VecF));
+    for (int r = 0; r < R; ++r) {
+      const float s = w[r * ldw + k];
+      for (int v = 0; v < V; ++v) acc[r][v] += xv[v] * s;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) {
+      float* p = c + r * ldc + v * kLanes;
+      VecF o = acc[r][v];
+      if (accumulate) {
+        VecF old;
+        std::memcpy(&old, p, sizeof(VecF));
+        o += old;
+      }
+      std::memcpy(p, &o, sizeof(VecF));
+    }
+}
+
+template <int V>
+void micro_rows(int rows, const float* w, int64_t ldw, const float* xb, int64_t kc, float* c,
+                int64_t ldc, bool accumulate) {
+  switch (rows) {
+    case 1: micro_tile<1, V>(w, ldw, xb, kc, c, ldc, accumulate); break;
+    case 2: micro_tile<2, V>(w, ldw, xb, kc, c, ldc, accumulate); break;
+    case 3: micro_tile<3, V>(w, ldw, xb, kc, c, ldc, accumulate); break;
+    case 4: micro_tile<4, V>(w, ldw, xb, kc, c, ldc, accumulate); break;
+    case 5: micro_tile<5, V>(w, ldw, xb, kc, c, ldc, accumulate); break;
+    default: micro_tile<6, V>(w, ldw, xb, kc, c, ldc, accumulate); break;
+  }
+}
+
+void micro(int rows, int vecs, const float* w, int64_t ldw, const float* xb, int64_t kc, float* c,
+           int64_t ldc, bool accumulate) {
+  switch (vecs) {
+    case 1: micro_rows<1>(rows, w, ldw, xb, kc, c, ldc, accumulate); break;
+    case 2: micro_rows<2>(rows, w, ldw, xb, kc, c, ldc, accumulate); break;
+    case 3: if constexpr (kMaxV >= 3) micro_rows<3>(rows, w, ldw, xb, kc, c, ldc, accumulate); break;
+    default: if constexpr (kMaxV >= 4) micro_rows<4>(rows, w, ldw, xb, kc, c, ldc, accumulate); break;
+  }
+}
+
+// Packed x: block b holds activation rows [b * BW, b * BW + width) as [K][width] at b * BW * K.
+inline int64_t block_width(int64_t m, int64_t b) {
+  const int64_t rows = std::min<int64_t>(kBlockM, m - b * kBlockM);
+  return (rows + kLanes - 1) / kLanes * kLanes;
+}
+
+void prefill(const Args& a, const float* x, int64_t m, int64_t ldx, const float* bias, float* y,
+             int64_t ldy, int64_t nb, int64_t kc, int64_t mc, int threads, bool omp) {
+  const int64_t k = a.k, n = a.n;
+  nb = std::max<int64_t>(1, nb);
+  kc = std::max<int64_t>(32, kc / 32 * 32);  // K blocks start on a word (decode_panel)
+  mc = std::max<int64_t>(kBlockM, mc / kBlockM * kBlockM);  // m chunks start on a block
+  const int64_t blocks = (m + kBlockM - 1) / kBlockM;
+  // not zero-filled (a std::vector's memset of M x K floats on one thread cost ~2 ms at M = 256,
+  // K = 14336): pack_x writes every element a microkernel reads, padding rows included
+  std::unique_ptr<float[]> xbuf(new float[static_cast<size_t>(blocks * kBlockM * k)]);
+  float* const xp_data = xbuf.get();
+  // pack_x: units of one block x 256 codes
+  const int64_t kparts = (k + 255) / 256;
+  parallel_chunks(blocks * kparts, threads, omp, [&](int64_t u) {
+    const int64_t b = u / kparts, c0 = (u % kparts) * 256, c1 = std::min(k, c0 + 256);
+    const int64_t wdt = block_width(m, b), rows = std::min<int64_t>(kBlockM, m - b * kBlockM);
+    float* dst = xp_data + b * kBlockM * k;
+    for (int64_t j = 0; j < wdt; ++j) {
+      const float* src = x + (b * kBlockM + j) * ldx;
+      if (j < rows) {
+        for (int64_t c = c0; c < c1; ++c) dst[c * wdt + j] = src[c];
+      } else {
+        for (int64_t c = c0; c < c1; ++c) dst[c * wdt + j] = 0.0f;
+      }
+    }
+  });
+  const int64_t n_units = (n + nb - 1) / nb, m_units = (m + mc - 1) / mc;
+  parallel_chunks(n_units * m_units, threads, omp, [&](int64_t u) {
+    thread_local std::vector<float> wbuf, cbuf;
+    const int64_t n0 = (u % n_units) * nb, rows = std::min(nb, n - n0);
+    const int64_t mb0 = (u / n_units) * mc, mlen = std::min(mc, m - mb0);
+    const int64_t ldc = (mlen + kLanes - 1) / kLanes * kLanes;
+    wbuf.resize(static_cast<size_t>(nb * kc));
+    cbuf.resize(static_cast<size_t>(nb * ldc));
+    for (int64_t k0 = 0; k0 < k; k0 += kc) {
+      const int64_t k1 = std::min(k, k0 + kc);
+      decode_panel(a, n0, n0 + rows, k0, k1, wbuf.data(), kc);
+      for (int64_t mb = mb0; mb < mb0 + mlen; mb += kBlockM) {
+        const int64_t b = mb / kBlockM, wdt = block_width(m, b);
+        const float* xb = xp_data + b * kBlockM * k + k0 * wdt;
+        for (int64_t r = 0; r < rows; r += kMicroRows)
+          micro(static_cast<int>(std::min<int64_t>(kMicroRows, rows - r)),
+                static_cast<int>(wdt / kLanes), wbuf.data() + r * kc, kc, xb, k1 - k0,
+                cbuf.data() + r * ldc + (mb - mb0), ldc, k0 > 0);
+      }
+    }
+    for (int64_t j = 0; j < mlen; ++j) {
+      float* yr = y + (mb0 + j) * ldy + n0;
+      for (int64_t r = 0; r < rows; ++r) yr[r] = cbuf[r * ldc + j] + (bias ? bias[n0 + r] : 0.0f);
+    }
   });
 }
 
@@ -727,7 +909,7 @@ void dequant_rows(const Args& a, int bits, int64_t n0, int64_t n1, float* out, i
 
 extern "C" {
 
-int marlin_cpu_abi_version() { return 3; }
+int marlin_cpu_abi_version() { return 4; }
 
 int marlin_cpu_openmp() {
 #ifdef _OPENMP
@@ -740,12 +922,16 @@ int marlin_cpu_openmp() {
 // The GEMV's vector path in this build: "avx2+fma", "neon" or "portable".
 const char* marlin_cpu_isa() { return MARLIN_SIMD_ISA; }
 
+// Floats per vector of the prefill microkernel (8 AVX2, 16 AVX-512, 4 NEON).
+int marlin_cpu_prefill_lanes() { return kLanes; }
+
 // y[m, n] = sum_k x[m, k] * W_hat[n, k] (+ bias[n]); x float32 [M, K] (row stride ldx),
-// y float32 [M, N] (row stride ldy). Rows of W are shared between up to `threads` threads.
+// y float32 [M, N] (row stride ldy). Rows of W are shared between up to `threads` threads
+// (omp: on the OpenMP pool where the build has one, see parallel_chunks).
 void marlin_cpu_gemv(const float* x, int64_t m, int64_t ldx, const uint32_t* w, int64_t n,
                      int64_t kw, int64_t k, const void* scales, const void* biases, int scale_kind,
                      int64_t n_groups, int64_t group, int bits, const float* lut, const float* bias,
-                     float* y, int64_t ldy, int threads) {
+                     float* y, int64_t ldy, int threads, int omp) {
   const Args a = make_args(w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut);
 #ifdef MARLIN_SIMD_GEMV
   if (simd_gemv_ok(a)) {
@@ -760,7 +946,7 @@ void marlin_cpu_gemv(const float* x, int64_t m, int64_t ldx, const uint32_t* w, 
     std::vector<float> xbuf;
     int64_t lx = ldx;
     const float* xs = simd_gemv_x(a, x, m, ldx, xbuf, &lx);
-    parallel_rows(n, threads, [&](int64_t n0, int64_t n1) {
+    parallel_rows(n, threads, omp != 0, [&](int64_t n0, int64_t n1) {
       if (bits == 4) simd_gemv_rows<4>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
 #ifdef MARLIN_AVX2
       else if (bits == 2) simd_gemv_rows<2>(a, xs, m, lx, xsum.data(), bias, y, ldy, n0, n1);
@@ -770,7 +956,7 @@ void marlin_cpu_gemv(const float* x, int64_t m, int64_t ldx, const uint32_t* w, 
     return;
   }
 #endif
-  parallel_rows(n, threads, [&](int64_t n0, int64_t n1) {
+  parallel_rows(n, threads, omp != 0, [&](int64_t n0, int64_t n1) {
     // the whole row is decoded before it is read back: values stored one or two at a time and
     // read back as vectors right away would stall on store-to-load forwarding
     std::vector<float> buf(static_cast<size_t>(k) + 16);
@@ -784,36 +970,27 @@ void marlin_cpu_gemv(const float* x, int64_t m, int64_t ldx, const uint32_t* w, 
   });
 }
 
+// The same product for many activation rows (prefill): panels of NB weight rows x KC codes
+// decoded in cache and multiplied by a microkernel, MC activation rows at a time (see
+// prefill above; the Python side picks nb, kc, mc). kc is rounded down to a multiple of 32.
+void marlin_cpu_gemm(const float* x, int64_t m, int64_t ldx, const uint32_t* w, int64_t n,
+                     int64_t kw, int64_t k, const void* scales, const void* biases, int scale_kind,
+                     int64_t n_groups, int64_t group, int bits, const float* lut, const float* bias,
+                     float* y, int64_t ldy, int64_t nb, int64_t kc, int64_t mc, int threads,
+                     int omp) {
+  const Args a = make_args(w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut);
+  if (m > 0 && n > 0) prefill(a, x, m, ldx, bias, y, ldy, nb, kc, mc, threads, omp != 0);
+}
+
 // out[r - n0, :] = W_hat[r, :] for r in [n0, n1): float32 rows of length K (row stride ldo).
 void marlin_cpu_dequant(const uint32_t* w, int64_t n, int64_t kw, int64_t k, const void* scales,
                         const void* biases, int scale_kind, int64_t n_groups, int64_t group, int bits,
                         const float* lut, int64_t n0, int64_t n1, float* out, int64_t ldo,
                         int threads) {
   const Args a = make_args(w, n, kw, k, scales, biases, scale_kind, n_groups, group, bits, lut);
-  dequant_rows(a, bits, n0, n1, out, ldo, threads);
-}
-
-// out[r - n0, c - k0] = W_hat[r, c] for r in [n0, n1), c in [k0, k1): a K slice of the rows
-// (prefill on long K: slices of every row keep the BLAS call's shape wide, see ops/cpu).
-// k0 must be a multiple of 32 codes (whole words for every width) and, unless the layer is
-// per-channel (group >= k), of the group; k1 a multiple of the group or k.
-void marlin_cpu_dequant_slice(const uint32_t* w, int64_t n, int64_t kw, int64_t k,
-                              const void* scales, const void* biases, int scale_kind,
-                              int64_t n_groups, int64_t group, int bits, const float* lut,
-                              int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out,
-                              int64_t ldo, int threads) {
-  const int64_t off = k0 * bits / 32;  // words before the slice in each row
-  const int64_t len = k1 - k0;
-  const bool per_channel = group >= k;
-  const int64_t g = per_channel ? len : group;
-  const int64_t g0 = per_channel ? 0 : k0 / group;
-  const int64_t es = scale_kind == F32 ? 4 : 2;
-  const char* sp = static_cast<const char*>(scales) + g0 * es;
-  const char* bp = biases ? static_cast<const char*>(biases) + g0 * es : nullptr;
-  Args a = make_args(w + off, n, kw, len, sp, bp, scale_kind, (len + g - 1) / g, g, bits, lut);
-  a.gstride = n_groups;
-  a.row_words = kw - off;
-  dequant_rows(a, bits, n0, n1, out, ldo, threads);
+  parallel_rows(n1 - n0, threads, true, [&](int64_t r0, int64_t r1) {
+    decode_panel(a, n0 + r0, n0 + r1, 0, k, out + r0 * ldo, ldo);
+  });
 }
 
 }  // extern "C"

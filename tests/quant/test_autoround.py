@@ -72,7 +72,7 @@ def test_codes_stay_in_range_and_move_at_most_one_codebook_step():
     for fmt, init in (("int2", "gptq"), ("nf3", "gptq"), ("int3", "rtn")):
         born: dict[int, torch.Tensor] = {}
 
-        def recording(linear, plan, *args):
+        def recording(linear, plan, *args, born=born):
             layer = quantize_linear(linear, plan, *args)
             born[id(layer)] = layer.weight.clone()
             return layer

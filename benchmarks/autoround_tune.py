@@ -50,6 +50,8 @@ def variant(name: str) -> tuple[str, dict[str, Any]]:
             opts["autoround_init"] = "rtn"
         elif p == "noscale":
             opts["autoround_scales"] = False
+        elif p == "token":
+            opts["autoround_loss"] = "token"
         elif p.startswith("lr"):
             opts["autoround_lr"] = float(p[2:])
         elif p.startswith("b"):

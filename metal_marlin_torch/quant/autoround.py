@@ -56,9 +56,14 @@ from .hadamard import rotate, unrotate
 
 log = logging.getLogger("metal_marlin_torch")
 
-DEFAULT_STEPS = 100
+# chosen on pylm-s's held-out *calibration* windows at a 3.5-bit budget (benchmarks/autoround_tune.py,
+# results/autoround_tune.json): 50 steps at 1/steps = 0.02 left the KL where GPTQ had it (0.0524 ->
+# 0.0525; every step moves every group's scale by 2 %), 0.005 lowered it to 0.0433
+DEFAULT_STEPS = 50
+DEFAULT_LR = 5e-3
 DEFAULT_BATCH = 4
 INITS = ("gptq", "rtn")
+LOSSES = ("mse", "token")
 CENTRE_MARGIN = 0.49  # |c - j0| <= this: round(c) is j0 whatever the rounding of ties
 
 
@@ -71,18 +76,23 @@ class AutoRoundOptions:
         steps: signed-gradient steps per block (each one forward and backward pass on
             ``batch`` windows); 0 keeps the base method's result.
         lr: step size of the signed descent, decayed linearly to zero; None = ``1 / steps``
-            (AutoRound's default: an offset can cross the whole ``[-0.5, 0.5]`` range).
+            (AutoRound's default, which with few steps and small batches moves too much here).
         batch: calibration windows per step.
         scales: also learn each group's scale and bias (relative, see the module doc).
         init: the base method whose codes are the starting point: ``gptq`` (GPTQ with the
             driver's GPTQ options) or ``rtn`` (round to nearest with the scale search).
+        loss: ``mse`` (AutoRound's: the squared error over every output element, relative to
+            the target's mean square) or ``token`` (each token's squared error relative to its
+            own target's: a few tokens with huge hidden states, e.g. an attention sink, do not
+            outweigh the rest, as the next block's RMS/LayerNorm would not let them).
     """
 
     steps: int = DEFAULT_STEPS
-    lr: float | None = None
+    lr: float | None = DEFAULT_LR
     batch: int = DEFAULT_BATCH
     scales: bool = True
     init: str = "gptq"
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
@@ -96,6 +106,8 @@ class AutoRoundOptions:
             raise ValueError(f"autoround: scales must be a bool, got {self.scales!r}")
         if self.init not in INITS:
             raise ValueError(f"autoround: init must be one of {INITS}, got {self.init!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"autoround: loss must be one of {LOSSES}, got {self.loss!r}")
 
     @property
     def step_size(self) -> float:
@@ -262,16 +274,25 @@ def _pieces(inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], size:
     return out
 
 
+def _error(out: torch.Tensor, target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(numerator, denominator)`` of the relative error ``kind`` (:class:`AutoRoundOptions`)."""
+    t = target.to(out.device).float()
+    sq = (out.float() - t).pow(2)
+    if kind == "token":
+        per_token = sq.sum(-1) / t.pow(2).sum(-1).clamp_min(1e-30)
+        return per_token.sum(), torch.tensor(float(per_token.numel()))
+    return sq.sum(), t.pow(2).sum().clamp_min(1e-30)
+
+
 def _loss(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor],
-          run: Callable[[nn.Module, tuple, dict], torch.Tensor]) -> float:
-    """``|out - target|^2 / |target|^2`` over every batch."""
+          run: Callable[[nn.Module, tuple, dict], torch.Tensor], kind: str = "mse") -> float:
+    """The relative error ``kind`` over every batch."""
     num = den = 0.0
     with torch.no_grad():
         for (args, kwargs), target in zip(inputs, targets, strict=True):
-            out = run(block, args, kwargs).float()
-            t = target.to(out.device).float()
-            num += float((out - t).pow(2).sum())
-            den += float(t.pow(2).sum())
+            a, b = _error(run(block, args, kwargs), target, kind)
+            num += float(a)
+            den += float(b)
     return num / max(den, 1e-30)
 
 
@@ -321,7 +342,7 @@ def autoround_block(
     for name, mod in train.items():
         replace_module(block, name, mod)
     try:
-        loss_before = _loss(block, inputs, targets, run)
+        loss_before = _loss(block, inputs, targets, run, options.loss)
         params = [p for m in train.values() for p in m.parameters() if p.requires_grad]
         pieces = _pieces(inputs, targets, options.batch, hidden_of)
         order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(0)).tolist()
@@ -329,9 +350,8 @@ def autoround_block(
         with torch.enable_grad():
             for step in range(options.steps):
                 args, kwargs, target = pieces[order[step % len(order)]]
-                out = run(block, args, kwargs).float()
-                t = target.to(out.device).float()
-                loss = (out - t).pow(2).mean() / t.pow(2).mean().clamp_min(1e-30)
+                num, den = _error(run(block, args, kwargs), target, options.loss)
+                loss = num / den
                 for p in params:
                     p.grad = None
                 loss.backward()
@@ -341,7 +361,7 @@ def autoround_block(
                         for p, bound in ((m.v, 0.5), (m.a, 0.5), (m.c, 1.0)):
                             if p is not None and p.grad is not None:
                                 p.sub_(rate * sign(p.grad)).clamp_(-bound, bound)
-        loss_after = _loss(block, inputs, targets, run)
+        loss_after = _loss(block, inputs, targets, run, options.loss)
         keep = loss_after < loss_before
         if keep:
             for name, mod in train.items():

@@ -44,6 +44,7 @@ from ..nn.experts import MarlinExperts
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
 from .autoround import DEFAULT_BATCH as AR_BATCH
+from .autoround import DEFAULT_LR as AR_LR
 from .autoround import DEFAULT_STEPS as AR_STEPS
 from .autoround import AutoRoundOptions, autoround_block
 from .experts import DEFAULT_MIN_TOKENS, quantize_experts
@@ -251,7 +252,7 @@ class DriverOptions:
         autoround: after each block is quantized (the base method's codes as the start), learn
             its rounding, scales and biases against the dense block's output
             (:mod:`.autoround`; method ``autoround``).
-        autoround_steps, autoround_lr, autoround_batch, autoround_scales, autoround_init:
+        autoround_steps, autoround_lr, autoround_batch, autoround_scales, autoround_init, autoround_loss:
             :class:`~.autoround.AutoRoundOptions` (``init``: ``gptq`` or ``rtn`` base codes).
     """
 
@@ -273,10 +274,11 @@ class DriverOptions:
     refine_batch: int = DEFAULT_BATCH
     autoround: bool = False
     autoround_steps: int = AR_STEPS
-    autoround_lr: float | None = None
+    autoround_lr: float | None = AR_LR
     autoround_batch: int = AR_BATCH
     autoround_scales: bool = True
     autoround_init: str = "gptq"
+    autoround_loss: str = "mse"
 
     def __post_init__(self) -> None:
         RefineOptions(self.refine_steps, self.refine_lr, self.refine_batch)  # validates them
@@ -285,7 +287,7 @@ class DriverOptions:
     def autoround_options(self) -> AutoRoundOptions:
         """The :class:`~.autoround.AutoRoundOptions` of these settings."""
         return AutoRoundOptions(self.autoround_steps, self.autoround_lr, self.autoround_batch,
-                                self.autoround_scales, self.autoround_init)
+                                self.autoround_scales, self.autoround_init, self.autoround_loss)
 
     @classmethod
     def from_options(cls, method: str, options: dict[str, Any]) -> DriverOptions:

@@ -183,8 +183,9 @@ def _imatrix_and_refine(src, text, tmp_path, capsys) -> None:
 
 
 def test_quantize_autoround(tmp_path, pylm_s_path, capsys):
-    """``--method autoround`` learns the rounding from GPTQ's codes (quant/autoround.py): the
-    options reach the checkpoint's config and some codes differ from plain GPTQ's."""
+    """``--method autoround`` (quant/autoround.py; its effect is tested in
+    tests/quant/test_autoround.py): the options reach the checkpoint's config, the layers load in
+    the format asked for, and the options are refused with another method."""
     import shutil
 
     from tests.conftest import tiny_llama
@@ -201,15 +202,13 @@ def test_quantize_autoround(tmp_path, pylm_s_path, capsys):
         text.write_text("def f(x):\n    return [x + i for i in range(10)]\n" * 200)
         common = ["--format", "int3", "--group-size", "32", "--calibration", str(text), "--calib-samples", "4",
                   "--calib-seq-len", "64"]
-        plain, learned = tmp_path / "gptq", tmp_path / "autoround"
-        assert main(["quantize", str(src), str(plain), "--method", "gptq", *common]) == 0
+        learned = tmp_path / "autoround"
         assert main(["quantize", str(src), str(learned), "--method", "autoround", "--autoround-steps", "8",
                      *common]) == 0
         cfg = json.loads((learned / "config.json").read_text())["quantization_config"]
         assert cfg["config"]["method"] == "autoround" and cfg["config"]["method_options"]["autoround_steps"] == 8
-        up = "model.layers.0.mlp.up_proj"
-        a, b = load_quantized(plain).get_submodule(up), load_quantized(learned).get_submodule(up)
-        assert a.format == b.format == "int3" and not torch.equal(a.weight, b.weight)
+        formats = {m.format for m in load_quantized(learned).modules() if hasattr(m, "format")}
+        assert formats == {"int3"}
         capsys.readouterr()
         assert main(["quantize", str(src), str(tmp_path / "x"), "--autoround-steps", "4", *common]) == 2
         assert "--autoround-steps needs --method autoround, got --method rtn" in capsys.readouterr().err

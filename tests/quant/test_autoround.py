@@ -159,6 +159,8 @@ def test_bad_options_are_errors():
         DriverOptions.from_options("autoround", {"autoround_init": "hqq"})
     with pytest.raises(ValueError, match="autoround: lr must be a number in"):
         AR.AutoRoundOptions(lr=2.0)
+    with pytest.raises(ValueError, match=r"autoround: loss must be one of \('mse', 'token'\), got 'kl'"):
+        DriverOptions.from_options("autoround", {"autoround_loss": "kl"})
     with pytest.raises(ValueError, match="autoround: batch must be a positive int"):
         AR.AutoRoundOptions(batch=0)
     with pytest.raises(ValueError, match=r"\['autoround_steps'\] apply to method 'autoround', not 'gptq'"):

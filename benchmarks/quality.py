@@ -127,7 +127,7 @@ def budget_config(bits: float, method: str, n_samples: int, seq_len: int, refine
     opts: dict[str, Any] = {"n_samples": n_samples, "seq_len": seq_len}
     if method != "rtn":
         opts.update(GPTQ_OPTIONS)
-    else:
+    if method in ("rtn", "autoround"):
         opts.update(rtn_options or {})
     return QuantConfig(bits_per_weight=bits, method=method, method_options=opts, refine=refine)
 
@@ -135,10 +135,32 @@ def budget_config(bits: float, method: str, n_samples: int, seq_len: int, refine
 def recipe_name(method: str, refine: bool, rtn_options: dict[str, Any] | None) -> str:
     """The row label of a budget recipe, e.g. ``gptq+refine`` or ``rtn-imatrix``."""
     name = method
+    if method == "autoround" and rtn_options:  # e.g. autoround(init=rtn,steps=200)
+        name += "(" + ",".join(f"{k[len('autoround_'):]}={v}" for k, v in sorted(rtn_options.items())) + ")"
     if method == "rtn" and rtn_options:
         name = "rtn-imatrix" if rtn_options.get("imatrix") else "rtn-search" if rtn_options.get("scale_search") \
             else name
     return name + ("+refine" if refine else "")
+
+
+def autoround_options(pairs: list[str]) -> dict[str, Any]:
+    """``--autoround init=rtn steps=200`` -> ``{"autoround_init": "rtn", "autoround_steps": 200}``."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--autoround: expected KEY=VALUE, got {pair!r}")
+        value: Any = text
+        for conv in (int, float):
+            try:
+                value = conv(text)
+                break
+            except ValueError:
+                pass
+        if text in ("true", "false"):
+            value = text == "true"
+        out[f"autoround_{key}"] = value
+    return out
 
 
 def cpu_seconds() -> float:
@@ -470,7 +492,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="output stem (default results/quality, or quality_budget)")
     ap.add_argument("--budgets", nargs="*", type=float, default=None,
                     help="budget mode: bits per weight to quantize at (e.g. 2.5 3.5 4.25 4.5 5.5)")
-    ap.add_argument("--budget-method", default="gptq", choices=("rtn", "gptq", "mr-gptq"))
+    ap.add_argument("--budget-method", default="gptq", choices=("rtn", "gptq", "mr-gptq", "autoround"))
+    ap.add_argument("--autoround", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="budget mode with --budget-method autoround: autoround_* method options, e.g. "
+                         "init=rtn steps=200 (the recipe's name lists them)")
     ap.add_argument("--groups", nargs="*", type=int, default=None,
                     help="format sweep at these group sizes only (e.g. int5/int6 at 32 64 128: "
                          "--formats int5 int6 --groups 32 64 128 --out results/quality_int56); "
@@ -520,6 +545,8 @@ def main() -> None:
         result["models"] = [m for m in result["models"] if m["name"] != bench.name] + [info]
         if args.budgets:
             rtn_options = {"search": {"scale_search": True}, "imatrix": {"imatrix": True}}.get(args.rtn)
+            if args.budget_method == "autoround":  # learned rounding's options (quant/autoround.py)
+                rtn_options = autoround_options(args.autoround)
             if not args.no_ours:
                 run_budgets(bench, args.budgets, args.budget_method, cache, save, args.refine, rtn_options)
             if args.peers:

@@ -79,6 +79,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "output on the calibration data (any --method; resumable)")
     g.add_argument("--refine-steps", type=int, default=None, metavar="N",
                    help="--refine: Adam steps per block (default 64)")
+    g.add_argument("--autoround-steps", type=int, default=None, metavar="N",
+                   help="--method autoround: signed-gradient steps of learned rounding per block (default 50)")
+    g.add_argument("--autoround-init", default=None, choices=("gptq", "rtn"),
+                   help="--method autoround: the codes it starts from (default gptq)")
     g.add_argument("--imatrix", action="store_true",
                    help="--method rtn: weight the scale search by the calibration inputs' importance "
                         "(diag X^T X, llama.cpp's imatrix); seconds, not minutes")
@@ -162,6 +166,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.refine:
             raise ValueError("--refine-steps needs --refine")
         options["refine_steps"] = args.refine_steps
+    for key in ("autoround_steps", "autoround_init"):  # learned rounding (quant/autoround.py)
+        if getattr(args, key) is not None:
+            if args.method != "autoround":
+                raise ValueError(f"--{key.replace('_', '-')} needs --method autoround, got --method {args.method}")
+            options[key] = getattr(args, key)
     config = QuantConfig(
         format=args.format, group_size=args.group_size, method=args.method,
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,

@@ -19,7 +19,7 @@ MIXED_4_3_RULES: tuple[tuple[str, dict[str, Any]], ...] = (
     ("*.self_attn.*", {"format": "fp4"}),
 )
 
-METHODS: tuple[str, ...] = ("rtn", "gptq", "mr-gptq")
+METHODS: tuple[str, ...] = ("rtn", "gptq", "mr-gptq", "autoround")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class QuantConfig:
         format: weight format (``fp4``, ``mxfp4``, ``nvfp4``, ``int8``/``6``/``5``/``4``/``3``/``2``,
             ``nf4``, ``nf3``, ``fp8_e4m3``, ``fp8_e5m2``).
         group_size: group length (32/64/128/256, -1 per-channel); None = the format's default.
-        method: ``rtn`` (round to nearest), ``gptq`` or ``mr-gptq`` (need calibration data).
+        method: ``rtn`` (round to nearest), ``gptq``, ``mr-gptq`` or ``autoround`` (learned
+            rounding from GPTQ's codes, ``quant/autoround.py``) (need calibration data).
         include: glob patterns of module names to convert (None = every ``nn.Linear``).
         exclude: glob patterns never converted (default: ``lm_head`` and embeddings).
         rules: ``(pattern, overrides)`` pairs; the first pattern matching a layer's name

@@ -464,6 +464,8 @@ def sensitivity_kind(config: QuantConfig) -> str:
         if kind not in ("rtn", "search", "gptq"):
             raise ValueError(f"method_options['sensitivity'] must be 'rtn', 'search' or 'gptq', got {kind!r}")
         return kind
+    if config.method == "autoround" and opts.get("autoround_init", "gptq") == "rtn":
+        return "search"  # learned rounding from searched RTN's codes
     if config.method == "rtn":
         return "search" if (opts.get("scale_search") or opts.get("imatrix")) else "rtn"
     if not opts.get("hessian", True):

@@ -43,6 +43,10 @@ from ..nn.config import LayerPlan
 from ..nn.experts import MarlinExperts
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
+from .autoround import DEFAULT_BATCH as AR_BATCH
+from .autoround import DEFAULT_LR as AR_LR
+from .autoround import DEFAULT_STEPS as AR_STEPS
+from .autoround import AutoRoundOptions, autoround_block
 from .experts import DEFAULT_MIN_TOKENS, quantize_experts
 from .gptq import HessianAccumulator
 from .hadamard import unrotate
@@ -245,6 +249,11 @@ class DriverOptions:
         refine: after each block is quantized, tune its scales and biases (codes fixed) to
             the dense block's output (:mod:`.refine`).
         refine_steps, refine_lr, refine_batch: :class:`~.refine.RefineOptions`.
+        autoround: after each block is quantized (the base method's codes as the start), learn
+            its rounding, scales and biases against the dense block's output
+            (:mod:`.autoround`; method ``autoround``).
+        autoround_steps, autoround_lr, autoround_batch, autoround_scales, autoround_init, autoround_loss:
+            :class:`~.autoround.AutoRoundOptions` (``init``: ``gptq`` or ``rtn`` base codes).
     """
 
     hessian: bool = True
@@ -263,9 +272,22 @@ class DriverOptions:
     refine_steps: int = DEFAULT_STEPS
     refine_lr: float = DEFAULT_LR
     refine_batch: int = DEFAULT_BATCH
+    autoround: bool = False
+    autoround_steps: int = AR_STEPS
+    autoround_lr: float | None = AR_LR
+    autoround_batch: int = AR_BATCH
+    autoround_scales: bool = True
+    autoround_init: str = "gptq"
+    autoround_loss: str = "mse"
 
     def __post_init__(self) -> None:
         RefineOptions(self.refine_steps, self.refine_lr, self.refine_batch)  # validates them
+        self.autoround_options()  # validates them
+
+    def autoround_options(self) -> AutoRoundOptions:
+        """The :class:`~.autoround.AutoRoundOptions` of these settings."""
+        return AutoRoundOptions(self.autoround_steps, self.autoround_lr, self.autoround_batch,
+                                self.autoround_scales, self.autoround_init, self.autoround_loss)
 
     @classmethod
     def from_options(cls, method: str, options: dict[str, Any]) -> DriverOptions:
@@ -277,6 +299,14 @@ class DriverOptions:
             opts["hessian"] = bool(opts.pop("imatrix", False))
         elif "imatrix" in opts:
             raise ValueError(f"method_options: 'imatrix' applies to method 'rtn', not {method!r}")
+        if method == "autoround":  # learned rounding from GPTQ's codes or from searched RTN's
+            opts["autoround"] = True
+            if opts.get("autoround_init", "gptq") == "rtn":
+                opts["rtn"] = True
+                opts["hessian"] = False
+        elif any(k.startswith("autoround") for k in opts):
+            raise ValueError(f"method_options: {sorted(k for k in opts if k.startswith('autoround'))} "
+                             f"apply to method 'autoround', not {method!r}")
         gptq = {k: opts.pop(k) for k in GPTQ_KEYS if k in opts}
         known = set(cls.__dataclass_fields__) - {"gptq"}
         bad = set(opts) - known - {"n_samples", "seq_len", "calibration_seed", "sensitivity"}
@@ -646,10 +676,12 @@ def quantize_layerwise(
     except ImportError:  # tqdm is a dependency; keep the driver usable without it anyway
         bar = range(len(blocks))
     # refine: the dense model's hidden states beside the quantized ones (the targets' inputs)
-    dense_hidden = [_hidden_arg(a, k) for a, k in inputs] if options.refine else None
+    dense_hidden = [_hidden_arg(a, k) for a, k in inputs] if options.refine or options.autoround else None
     refine_opts = RefineOptions(options.refine_steps, options.refine_lr, options.refine_batch)
     if options.refine:
         report["refine"] = {}
+    if options.autoround:
+        report["autoround"] = {}
     for i in bar:
         block = blocks[i]
         block_home = next(block.parameters()).device
@@ -668,13 +700,21 @@ def quantize_layerwise(
                     load_block(path, block, dcfg, device)
                     report["resumed_blocks"].append(i)
                 elif per_block[i] or per_block_experts[i]:
+                    # the dense weights learned rounding starts from (one block's worth)
+                    dense_w = {n: block.get_submodule(n).weight.detach().clone() for n in per_block[i]
+                               if isinstance(block.get_submodule(n), nn.Linear)} if options.autoround else {}
                     # refined scales change the block's outputs: then recompute them below
                     outs, experts_report = _quantize_block(
                         block, per_block[i], inputs, options, gptq_opts, dcfg, device, store, layer_fn,
                         per_block_experts[i], need_outputs=i + 1 < len(blocks) and targets is None)
                     head = f"{prefix}.{i}." if prefix else f"{i}."
                     report["experts"].update({head + k: v for k, v in experts_report.items()})
-                    if targets is not None:
+                    if targets is not None and options.autoround:
+                        report["autoround"][i] = autoround_block(
+                            block, dense_w, inputs, targets, options.autoround_options(),
+                            lambda blk, a, k: _hidden(blk(*_to(a, device), **_to(k, device))), _hidden_arg)
+                        del dense_w
+                    if targets is not None and options.refine:
                         report["refine"][i] = refine_block(
                             block, inputs, targets, refine_opts, device,
                             lambda blk, a, k: _hidden(blk(*_to(a, device), **_to(k, device))), _hidden_arg)

@@ -92,5 +92,6 @@ def register_methods() -> None:
     :mod:`metal_marlin_torch.nn.quantize` (``nn`` never imports ``quant``)."""
     register_quantizer("gptq", _layerwise)
     register_quantizer("mr-gptq", _layerwise)
+    register_quantizer("autoround", _layerwise)  # learned rounding after GPTQ or RTN (.autoround)
     register_quantizer("rtn", _rtn_method)
     register_budget_planner(plan_budget)

@@ -180,3 +180,37 @@ def _imatrix_and_refine(src, text, tmp_path, capsys) -> None:
     assert not torch.equal(a.get_submodule(up).scales, plain.get_submodule(up).scales)
     assert main(["quantize", str(src), str(tmp_path / "x"), "--method", "gptq", "--imatrix"]) == 2
     assert "--imatrix and --rtn-search apply to --method rtn" in capsys.readouterr().err
+
+
+def test_quantize_autoround(tmp_path, pylm_s_path, capsys):
+    """``--method autoround`` (quant/autoround.py; its effect is tested in
+    tests/quant/test_autoround.py): the options reach the checkpoint's config, the layers load in
+    the format asked for, and the options are refused with another method."""
+    import shutil
+
+    from tests.conftest import tiny_llama
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: the intra-op pool's fork/join costs more than the ops
+    try:
+        src = tmp_path / "tiny"
+        torch.manual_seed(0)
+        tiny_llama(vocab=4096).save_pretrained(src)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(pylm_s_path / name, src / name)
+        text = tmp_path / "calib.txt"
+        text.write_text("def f(x):\n    return [x + i for i in range(10)]\n" * 200)
+        common = ["--format", "int3", "--group-size", "32", "--calibration", str(text), "--calib-samples", "4",
+                  "--calib-seq-len", "64"]
+        learned = tmp_path / "autoround"
+        assert main(["quantize", str(src), str(learned), "--method", "autoround", "--autoround-steps", "8",
+                     *common]) == 0
+        cfg = json.loads((learned / "config.json").read_text())["quantization_config"]
+        assert cfg["config"]["method"] == "autoround" and cfg["config"]["method_options"]["autoround_steps"] == 8
+        formats = {m.format for m in load_quantized(learned).modules() if hasattr(m, "format")}
+        assert formats == {"int3"}
+        capsys.readouterr()
+        assert main(["quantize", str(src), str(tmp_path / "x"), "--autoround-steps", "4", *common]) == 2
+        assert "--autoround-steps needs --method autoround, got --method rtn" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)

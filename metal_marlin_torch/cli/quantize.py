@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "each block toward the dense block's output; 'model' all layers together toward the dense "
                         "model's next-token distribution (encoders: its last hidden state)")
     g.add_argument("--refine-steps", type=int, default=None, metavar="N",
-                   help="--refine: Adam steps per block (default 64), or of the whole model (default 128)")
+                   help="--refine: Adam steps per block (default 64), or of the whole model (default 32)")
     g.add_argument("--imatrix", action="store_true",
                    help="--method rtn: weight the scale search by the calibration inputs' importance "
                         "(diag X^T X, llama.cpp's imatrix); seconds, not minutes")

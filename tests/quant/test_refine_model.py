@@ -50,7 +50,7 @@ def test_model_refinement_lowers_held_out_kl_and_keeps_the_codes():
     assert kl_refined < 0.9 * kl_plain, (kl_plain, kl_refined)
     # the report's held-out calibration windows (4 of 32) improved too, and its "before" is GPTQ's model
     assert rep["heldout_after"] < rep["heldout_before"] and rep["windows"] == {"train": 28, "heldout": 4}
-    assert rep["train_before"] == pytest.approx(mean_kl(base, plain, calib[:28]), rel=2e-2)  # gemm vs fp32
+    assert rep["train_before"] == pytest.approx(mean_kl(base, plain, calib[:4]), rel=2e-2)  # gemm vs fp32
     a, b = layers(plain), layers(refined)
     assert a.keys() == b.keys() and len(a) == 14
     for name in a:  # GPTQ's codes (the same calibration, no block refinement): untouched

@@ -458,7 +458,7 @@ def refine_model(model: nn.Module, tokens: torch.Tensor, teacher: Teacher, optio
         val_before = _mean_loss(model, teacher, val_windows, tokens, batch, device) if n_val else None
         run.best, run.best_val = run.snapshot(), val_before if n_val else math.inf
         if path is not None and path.exists():
-            state = torch.load(path, map_location=device, weights_only=False)
+            state = torch.load(path, map_location=device, weights_only=True)
             if state.get("fingerprint") != fingerprint:
                 raise ValueError(f"refine_model: {path} holds a refinement of other layers, calibration data or "
                                  "options; use a new work_dir (or delete the file)")

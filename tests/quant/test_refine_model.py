@@ -186,3 +186,21 @@ def test_bad_refine_mode_and_too_few_windows_are_errors():
         RM.refine_model(model, calib, teacher, RM.ModelRefineOptions(holdout=0.5), progress=False)
     with pytest.raises(ValueError, match="the teacher's outputs cover"):
         RM.refine_model(model, tokens(2, 16), teacher, RM.ModelRefineOptions(holdout=0.0), progress=False)
+
+
+def test_a_non_finite_loss_skips_the_step_and_the_scales_stay_finite(caplog):
+    calib = tokens(8, 32, seed=2)
+    model = tiny_llama()
+    teacher = RM.teacher_outputs(model, calib, topk=16)
+    teacher.logp[1, 3, 0] = float("nan")  # a corrupt teacher entry in one training window
+    quantize_model(model, QuantConfig(format="int3", group_size=32))
+    before = {n: m.scales.clone() for n, m in layers(model).items()}
+    opts = RM.ModelRefineOptions(steps=8, lr=5e-3, batch=1, holdout=0.0, topk=16)  # one epoch: meets window 1
+    with caplog.at_level("WARNING", logger="metal_marlin_torch"):
+        rep = RM.refine_model(model, calib, teacher, opts, progress=False)
+    assert "has a non-finite loss; skipped" in caplog.text
+    assert rep["steps"] == 8 and rep["train_after"] < rep["train_before"]  # the other steps trained
+    after = layers(model)
+    assert all(torch.isfinite(m.scales.float()).all() and torch.isfinite(m.biases.float()).all()
+               for m in after.values())
+    assert any(not torch.equal(before[n], m.scales) for n, m in after.items())

@@ -120,7 +120,7 @@ PEER_ROWS: dict[float, dict[str, str]] = {
 }
 
 
-def budget_config(bits: float, method: str, n_samples: int, seq_len: int, refine: bool = False,
+def budget_config(bits: float, method: str, n_samples: int, seq_len: int, refine: bool | str = False,
                   rtn_options: dict[str, Any] | None = None) -> QuantConfig:
     """``QuantConfig(bits_per_weight=bits)`` for ``method`` with the sweep's GPTQ options
     (``rtn``: ``rtn_options``, e.g. the scale search or the importance matrix)."""
@@ -132,15 +132,15 @@ def budget_config(bits: float, method: str, n_samples: int, seq_len: int, refine
     return QuantConfig(bits_per_weight=bits, method=method, method_options=opts, refine=refine)
 
 
-def recipe_name(method: str, refine: bool, rtn_options: dict[str, Any] | None) -> str:
-    """The row label of a budget recipe, e.g. ``gptq+refine`` or ``rtn-imatrix``."""
+def recipe_name(method: str, refine: bool | str, rtn_options: dict[str, Any] | None) -> str:
+    """The row label of a budget recipe, e.g. ``gptq+refine``, ``gptq+refine-model`` or ``rtn-imatrix``."""
     name = method
     if method == "autoround" and rtn_options:  # e.g. autoround(init=rtn,steps=200)
         name += "(" + ",".join(f"{k[len('autoround_'):]}={v}" for k, v in sorted(rtn_options.items())) + ")"
     if method == "rtn" and rtn_options:
         name = "rtn-imatrix" if rtn_options.get("imatrix") else "rtn-search" if rtn_options.get("scale_search") \
             else name
-    return name + ("+refine" if refine else "")
+    return name + ("+refine-model" if refine == "model" else "+refine" if refine else "")
 
 
 def autoround_options(pairs: list[str]) -> dict[str, Any]:
@@ -172,7 +172,7 @@ def cpu_seconds() -> float:
 
 
 def run_budgets(bench: Any, budgets: list[float], method: str, cache: dict[str, Any], save,
-                refine: bool = False, rtn_options: dict[str, Any] | None = None) -> None:
+                refine: bool | str = False, rtn_options: dict[str, Any] | None = None) -> None:
     from metal_marlin_torch.quant.budget import sensitivity_kind
 
     recipe = recipe_name(method, refine, rtn_options)
@@ -195,6 +195,9 @@ def run_budgets(bench: Any, budgets: list[float], method: str, cache: dict[str, 
                "sensitivity": sensitivity_kind(cfg), "bits_per_weight": bpw,
                "quantize_s": qtime, "quantize_cpu_s": cpu, "plan": plan.histogram(),
                "layers": plan.to_dict()["plan"], **bench.score(model)}
+        refined = holder["summary"].method_report.get("refine_model")
+        if refined:  # the whole-model stage's own losses on the calibration windows (train / held out)
+            row["refine_model"] = {k: v for k, v in refined.items() if k != "history"}
         cache[key] = row
         save()
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()
@@ -312,13 +315,19 @@ def goal_met(model: str, row: dict[str, Any]) -> str:
     return "yes" if row["cosine_mean"] >= goal else "no"
 
 
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
 def budget_markdown(result: dict[str, Any]) -> str:
     out = ["# Quality at a bit budget (issue 20)\n\n",
            "Written by `benchmarks/quality.py --budgets ...`: `QuantConfig(bits_per_weight=B)` chooses each "
            "layer's format and group (diagonal-Fisher sensitivity of the method's own error, knapsack; "
            "`quant/budget.py`), then the method quantizes (`+refine`: scales and biases refined block by block "
-           "against the dense model, `quant/refine.py`). Peer rows (`--peers`): the peers' own quantizers "
-           "(MLX `mx.quantize`, HQQ `Quantizer.quantize(optimize=True)`, GGUF `gguf.quants.quantize`) at the "
+           "against the dense model, `quant/refine.py`; `+refine-model`: all layers' scales and biases refined "
+           "together against the dense model's output, `quant/refine_model.py`). Peer rows (`--peers`): the "
+           "peers' own quantizers (MLX `mx.quantize`, HQQ `Quantizer.quantize(optimize=True)`, GGUF "
+           "`gguf.quants.quantize`) at the "
            "largest setting each stores within the budget, dequantized into the same model. Bits per weight "
            "count codes, scales and biases of every Linear but lm_head. Quantize s: wall; CPU s: the process's "
            "user + system CPU time (the machine is shared, so wall time mostly measures the neighbours).\n",
@@ -356,6 +365,16 @@ def budget_markdown(result: dict[str, Any]) -> str:
         plans = "\n".join(f"- budget {r['budget']:g} ({label(r)}): "
                            + ", ".join(f"{k} x{v}" for k, v in r["plan"].items()) for r in rows if "plan" in r)
         out.append(f"\nPlans (layers per format and group):\n\n{plans}\n")
+        refined = [r for r in rows if r.get("refine_model")]
+        if refined:
+            loss = "KL" if m["name"] == "pylm-s" else "relative hidden-state error"
+            out.append(f"\nWhole-model refinement on the calibration windows ({loss}, before -> after; the "
+                       "held-out windows choose the steps kept and are never trained on):\n\n" + "\n".join(
+                           f"- budget {r['budget']:g} ({label(r)}): train {_fmt(rm['train_before'])} -> "
+                           f"{_fmt(rm['train_after'])}, held out {_fmt(rm['heldout_before'])} -> "
+                           f"{_fmt(rm['heldout_after'])} ({rm['windows']['train']} / {rm['windows']['heldout']} "
+                           f"windows); {rm['steps']} steps (best {rm['best_step']}), {rm['seconds']:.0f} s"
+                           for r in refined for rm in [r["refine_model"]]) + "\n")
     skipped = {**PEER_SKIPPED, **result.get("peers_skipped", {})}
     out.append("\nPeers not computed here:\n\n" + "\n".join(f"- {k}: {v}" for k, v in skipped.items()) + "\n")
     return "".join(out)
@@ -500,7 +519,9 @@ def main() -> None:
                     help="format sweep at these group sizes only (e.g. int5/int6 at 32 64 128: "
                          "--formats int5 int6 --groups 32 64 128 --out results/quality_int56); "
                          "default: 128, then 32 and 64 for the best 4-bit format")
-    ap.add_argument("--refine", action="store_true", help="budget mode: QuantConfig(refine=True)")
+    ap.add_argument("--refine", nargs="?", const=True, default=False, choices=(True, "model"),
+                    help="budget mode: QuantConfig(refine=True) (block by block), or --refine model: "
+                         "QuantConfig(refine='model') (all layers against the model's output)")
     ap.add_argument("--rtn", default="", choices=("", "search", "imatrix"),
                     help="budget mode with --budget-method rtn: the scale search or the importance matrix")
     ap.add_argument("--peers", action="store_true", help="budget mode: also the peer rows (MLX, HQQ, GGUF)")

@@ -74,11 +74,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads for GPTQ on the CPU (default: the cores not already busy, from the load "
                         "average; OMP_NUM_THREADS, if set, is respected)")
-    g.add_argument("--refine", action="store_true",
-                   help="after the method, tune each block's scales and biases (codes fixed) to the dense block's "
-                        "output on the calibration data (any --method; resumable)")
+    g.add_argument("--refine", nargs="?", const="block", default=None, choices=("block", "model"),
+                   help="after the method, tune the scales and biases (codes fixed) against the dense model on the "
+                        "calibration data (any --method; resumable): 'block' (the default of a bare --refine) "
+                        "each block toward the dense block's output; 'model' all layers together toward the dense "
+                        "model's next-token distribution (encoders: its last hidden state)")
     g.add_argument("--refine-steps", type=int, default=None, metavar="N",
-                   help="--refine: Adam steps per block (default 64)")
+                   help="--refine: Adam steps per block (default 64), or of the whole model (default 32)")
     g.add_argument("--autoround-steps", type=int, default=None, metavar="N",
                    help="--method autoround: signed-gradient steps of learned rounding per block (default 50)")
     g.add_argument("--autoround-init", default=None, choices=("gptq", "rtn"),
@@ -176,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         exclude=tuple(args.exclude) if args.exclude else DEFAULT_EXCLUDE,
         rules=MIXED_4_3_RULES if args.mixed else (),
         dtype_config=DTypeConfig(scales=args.scales),
-        method_options=options, bits_per_weight=args.bits, refine=args.refine,
+        method_options=options, bits_per_weight=args.bits,
+        refine={"block": True, "model": "model"}.get(args.refine, False),  # a bare --refine: True, as before
     )
     # the cheap checks first: a bad path should not cost a quantization run
     max_shard_size = shard_size(args.max_shard_size)

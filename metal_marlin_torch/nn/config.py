@@ -20,6 +20,7 @@ MIXED_4_3_RULES: tuple[tuple[str, dict[str, Any]], ...] = (
 )
 
 METHODS: tuple[str, ...] = ("rtn", "gptq", "mr-gptq", "autoround")
+REFINE_MODES: tuple[str, ...] = ("block", "model")  # QuantConfig.refine besides False / True (= "block")
 
 
 @dataclass(frozen=True)
@@ -61,10 +62,15 @@ class QuantConfig:
             format (int2/3/4/8, nf3/nf4, ...) at groups 32, 64 and 128.
         budget_samples: calibration windows used to measure the sensitivities (a backward
             pass per 4 windows).
-        refine: after the method quantizes a block, tune its scales and biases (codes fixed)
-            so the block's output matches the dense model's on the calibration data
-            (``quant/refine.py``; needs calibration text or tokens). ``method_options`` keys
-            ``refine_steps``, ``refine_lr``, ``refine_batch`` tune it.
+        refine: tune the quantized layers' scales and biases (codes fixed) against the dense
+            model on the calibration data (needs calibration text or tokens). ``False``: off;
+            ``True`` or ``"block"``: after the method quantizes a block, toward that block's
+            dense output (``quant/refine.py``; ``method_options`` keys ``refine_steps``,
+            ``refine_lr``, ``refine_batch``); ``"model"``: after every layer is quantized, all
+            of them together toward the dense model's output (next-token KL for causal LMs,
+            last hidden state for encoders; ``quant/refine_model.py``, whose ``method_options``
+            keys are the same plus ``refine_holdout``, ``refine_eval_every``,
+            ``refine_save_every``, ``refine_topk``, ``refine_norms``, ``refine_patience``).
     """
 
     format: str = "fp4"
@@ -79,7 +85,7 @@ class QuantConfig:
     bits_per_weight: float | None = None
     candidates: tuple[tuple[str, int], ...] | None = None
     budget_samples: int = 16
-    refine: bool = False
+    refine: bool | str = False
 
     def __post_init__(self) -> None:
         fmt = F.get_format(self.format)
@@ -115,8 +121,8 @@ class QuantConfig:
                 if group not in fmt.group_sizes:
                     raise ValueError(f"QuantConfig.candidates: format {fmt_name!r} takes group_size in "
                                      f"{fmt.group_sizes}, got {group!r}")
-        if not isinstance(self.refine, bool):
-            raise ValueError(f"QuantConfig.refine must be a bool, got {self.refine!r}")
+        if not isinstance(self.refine, bool) and self.refine not in REFINE_MODES:
+            raise ValueError(f"QuantConfig.refine must be a bool or one of {REFINE_MODES}, got {self.refine!r}")
         if isinstance(self.budget_samples, bool) or not isinstance(self.budget_samples, int) \
                 or self.budget_samples < 1:
             raise ValueError(f"QuantConfig.budget_samples must be a positive int, got {self.budget_samples!r}")

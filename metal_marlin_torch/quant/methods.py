@@ -38,8 +38,18 @@ def _layerwise(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfi
         seed=int(opts.get("calibration_seed", DEFAULT_SEED)),
     )
     options = DriverOptions.from_options(config.method, _driver_options(config))
-    return quantize_layerwise(model, plans, tokens, options, config.dtype_config, device, work_dir, progress,
-                              expert_plans=expert_plans)
+    if config.refine != "model":
+        return quantize_layerwise(model, plans, tokens, options, config.dtype_config, device, work_dir, progress,
+                                  expert_plans=expert_plans)
+    # whole-model refinement: the dense teacher's outputs first (the method overwrites the model)
+    from .refine_model import ModelRefineOptions, refine_model, teacher_outputs  # noqa: PLC0415
+
+    refine_opts = ModelRefineOptions.from_method_options(opts)  # bad options fail before the long run
+    teacher = teacher_outputs(model, tokens, refine_opts.topk, device=device)
+    report = quantize_layerwise(model, plans, tokens, options, config.dtype_config, device, work_dir, progress,
+                                expert_plans=expert_plans)
+    report["refine_model"] = refine_model(model, tokens, teacher, refine_opts, work_dir, progress, device)
+    return report
 
 
 _layerwise.handles_experts = True  # quantize_model passes expert_plans (per-expert Hessians, .experts)
@@ -47,6 +57,10 @@ _layerwise.handles_experts = True  # quantize_model passes expert_plans (per-exp
 
 def _driver_options(config: QuantConfig) -> dict[str, Any]:
     opts = dict(config.method_options)
+    if config.refine == "model":  # the whole-model stage's keys are not the driver's
+        from .refine_model import OPTION_KEYS  # noqa: PLC0415
+
+        return {k: v for k, v in opts.items() if k not in OPTION_KEYS}
     if config.refine:
         opts["refine"] = True
     return opts
@@ -58,7 +72,7 @@ def rtn_layers(model: nn.Module, plans: dict[str, LayerPlan], config: QuantConfi
     the calibration inputs' ``diag(X^T X)`` with ``imatrix``, refined with ``refine``. Without
     ``imatrix`` and ``refine`` it needs no calibration data and runs layer by layer."""
     opts = _driver_options(config)
-    if opts.get("imatrix") or opts.get("refine"):
+    if opts.get("imatrix") or opts.get("refine") or config.refine == "model":
         return _layerwise(model, plans, config, **kwargs)
     options = DriverOptions.from_options("rtn", opts)
     gptq = {**options.gptq, "rtn": True}

@@ -178,6 +178,13 @@ def _imatrix_and_refine(src, text, tmp_path, capsys) -> None:
     assert torch.equal(b.get_submodule(up).weight, plain.get_submodule(up).weight)
     assert not torch.equal(b.get_submodule(up).scales, plain.get_submodule(up).scales)
     assert not torch.equal(a.get_submodule(up).scales, plain.get_submodule(up).scales)
+    whole = tmp_path / "whole"  # the whole-model stage: recorded in the checkpoint, RTN codes kept
+    assert main(["quantize", str(src), str(whole), "--refine", "model", "--refine-steps", "4", *common]) == 0
+    cfg = json.loads((whole / "config.json").read_text())["quantization_config"]
+    assert cfg["config"]["refine"] == "model" and cfg["config"]["method_options"]["refine_steps"] == 4
+    c = load_quantized(whole)
+    assert torch.equal(c.get_submodule(up).weight, plain.get_submodule(up).weight)
+    assert not torch.equal(c.get_submodule(up).scales, plain.get_submodule(up).scales)
     assert main(["quantize", str(src), str(tmp_path / "x"), "--method", "gptq", "--imatrix"]) == 2
     assert "--imatrix and --rtn-search apply to --method rtn" in capsys.readouterr().err
 

@@ -53,6 +53,7 @@ from ..formats.base import round_scale
 from ..nn.linear import MarlinLinear
 from ..nn.quantize import replace_module
 from .hadamard import rotate, unrotate
+from .refine import minibatches
 
 log = logging.getLogger("metal_marlin_torch")
 
@@ -249,31 +250,6 @@ class _Rounding(nn.Module):
         return int((codes != old.view(n, k)).sum())
 
 
-def _take(obj: Any, batch: int, idx: slice) -> Any:
-    """``obj`` with every tensor whose first dimension is the calibration batch cut to ``idx``
-    (tensors broadcast over the batch, e.g. rotary tables, are kept whole)."""
-    if isinstance(obj, torch.Tensor):
-        return obj[idx] if obj.dim() > 0 and obj.shape[0] == batch else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_take(o, batch, idx) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _take(v, batch, idx) for k, v in obj.items()}
-    return obj
-
-
-def _pieces(inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], size: int,
-            hidden_of: Callable[[tuple, dict], torch.Tensor]) -> list[tuple[tuple, dict, torch.Tensor]]:
-    """The driver's calibration batches cut into pieces of at most ``size`` windows."""
-    out = []
-    for (args, kwargs), target in zip(inputs, targets, strict=True):
-        h = hidden_of(args, kwargs)
-        b = h.shape[0] if h.dim() > 0 else 1
-        for start in range(0, b, size):
-            idx = slice(start, min(start + size, b))
-            out.append((_take(args, b, idx), _take(kwargs, b, idx), target[idx]))
-    return out
-
-
 def _error(out: torch.Tensor, target: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(numerator, denominator)`` of the relative error ``kind`` (:class:`AutoRoundOptions`)."""
     t = target.to(out.device).float()
@@ -344,7 +320,7 @@ def autoround_block(
     try:
         loss_before = _loss(block, inputs, targets, run, options.loss)
         params = [p for m in train.values() for p in m.parameters() if p.requires_grad]
-        pieces = _pieces(inputs, targets, options.batch, hidden_of)
+        pieces = minibatches(inputs, targets, options.batch, hidden_of)
         order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(0)).tolist()
         lr = options.step_size
         with torch.enable_grad():

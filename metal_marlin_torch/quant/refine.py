@@ -156,7 +156,7 @@ def _take(obj: Any, batch: int, idx: slice) -> Any:
     return obj
 
 
-def _minibatches(inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], size: int,
+def minibatches(inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor], size: int,
                  hidden_of: Callable[[tuple, dict], torch.Tensor]) -> list[tuple[tuple, dict, torch.Tensor]]:
     """The driver's calibration batches cut into pieces of at most ``size`` windows."""
     out = []
@@ -214,7 +214,7 @@ def refine_block(
         opt = torch.optim.Adam(params, lr=float(options.lr))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda i: 0.5 * (1.0 + math.cos(math.pi * i / options.steps)))
-        pieces = _minibatches(inputs, targets, options.batch, hidden_of)
+        pieces = minibatches(inputs, targets, options.batch, hidden_of)
         order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(0)).tolist()
         with torch.enable_grad():
             for step in range(options.steps):

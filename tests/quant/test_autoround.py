@@ -12,25 +12,16 @@ from torch import nn
 
 from metal_marlin_torch import QuantConfig, quantize_model
 from metal_marlin_torch import formats as F
-from metal_marlin_torch.nn import MarlinLinear, plan_layers
+from metal_marlin_torch.nn import plan_layers
 from metal_marlin_torch.quant import autoround as AR
 from metal_marlin_torch.quant.budget import sensitivity_kind
 from metal_marlin_torch.quant.driver import DriverOptions, capture_inputs, find_blocks, quantize_layerwise
 from metal_marlin_torch.quant.mr_gptq import quantize_linear
 from tests.quant.test_driver import tiny_llama, tokens
+from tests.quant.test_refine import layers
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: the intra-op pool's fork/join costs more than the ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def layers(model: nn.Module) -> dict[str, MarlinLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MarlinLinear)}
 
 
 def block0_error(dense: nn.Module, quantized: nn.Module, ids: torch.Tensor) -> float:

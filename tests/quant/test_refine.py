@@ -17,14 +17,7 @@ from metal_marlin_torch.quant.refine import RefineOptions, _take
 from metal_marlin_torch.quant.rtn import rtn_search
 from tests.quant.test_driver import tiny_llama, tokens
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: the intra-op pool's fork/join costs more than the ops (35x under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mean_kl(ref: nn.Module, model: nn.Module, ids: torch.Tensor) -> float:

@@ -9,30 +9,13 @@ import torch
 from torch import nn
 
 from metal_marlin_torch import QuantConfig, quantize_model
-from metal_marlin_torch.nn import MarlinLinear
 from metal_marlin_torch.quant import refine_model as RM
 from tests.quant.test_driver import tiny_bert, tiny_llama, tokens
+from tests.quant.test_refine import layers, mean_kl
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: the intra-op pool's fork/join costs more than the ops
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def mean_kl(ref: nn.Module, model: nn.Module, ids: torch.Tensor) -> float:
-    """Exact KL(dense || quantized) of the next-token distributions, averaged over tokens."""
-    with torch.no_grad():
-        p = torch.log_softmax(ref(input_ids=ids).logits.float(), -1)
-        q = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
-def layers(model: nn.Module) -> dict[str, MarlinLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, MarlinLinear)}
 
 
 OPTS = {"refine_steps": 40, "refine_lr": 5e-3, "refine_batch": 4, "refine_eval_every": 8, "refine_patience": 0}

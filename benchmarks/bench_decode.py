@@ -480,7 +480,12 @@ def render(result: dict) -> str:
 
 
 def build_method(args, method: str, device: str, dtype: torch.dtype):
-    """The model of one method (quantized / swapped to tinygemm as :func:`measure` does)."""
+    """The model of one method (quantized / swapped to tinygemm as :func:`measure` does). A
+    ``+fused`` suffix (``marlin:int4+fused``) fuses that model whatever ``--fuse`` says, so
+    ``--eager-interleaved`` can time a fused and an unfused model in the same rounds."""
+    method, _, opt = method.partition("+")
+    if opt not in ("", "fused") or (opt and not method.startswith("marlin:")):
+        raise ValueError(f"--methods: the only suffix is '+fused' after a marlin method, got {method}+{opt}")
     model = build(args, device, dtype)
     if method.startswith("marlin:") or method == "tinygemm":
         fmt = "int4" if method == "tinygemm" else method.split(":")[1]
@@ -490,7 +495,7 @@ def build_method(args, method: str, device: str, dtype: torch.dtype):
                 if isinstance(mod, MarlinLinear):
                     parent, _, child = name.rpartition(".")
                     setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
-        elif getattr(args, "fuse", "none") == "all":
+        elif opt == "fused" or getattr(args, "fuse", "none") == "all":
             fuse_projections(model)
     return model
 

@@ -25,9 +25,10 @@ checkpoint loads unfused. :func:`unfuse_projections` restores the original modul
 requantizing).
 
 Measured on an H200 (docs/CUDA.md §7.5-7.6, 16 Llama-3-8B layers): the graph-captured decode
-step 2.39 -> 2.01 ms for int4 and 3.62 -> 2.58 ms for nf4. Use it for compiled or captured decode:
-in eager ``generate()`` the fused int4 and nf4 models ran slower in that run (cause not found;
-fp4 did not), and prefill (the dequantize path) gains nothing from it.
+step 2.39 -> 2.01 ms for int4 and 3.62 -> 2.58 ms for nf4; eager ``generate()``, fused and
+unfused models timed in the same rounds, 1.08x dense fused against 1.02-1.04x unfused for int4,
+fp4 and nf4 (``benchmarks/results/bench_decode_h200_eager.md``). Prefill (the dequantize path)
+gains nothing from it.
 
 Layers fuse when they share format, group size, dtype config, input size and whether they have a
 layer bias (and its dtype), and have no input rotation or per-tensor global scale (nvfp4): a

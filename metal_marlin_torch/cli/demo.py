@@ -158,8 +158,9 @@ def run(args: argparse.Namespace) -> int:
         from ..backend import backend_info  # noqa: PLC0415
 
         kernel = backend_info()["kernels"]["cpu"]["gemm"]
-        how = ("the C++ CPU kernel: fused dequantize-GEMV up to 8 rows, decoded tiles + BLAS for more"
+        how = ("the C++ CPU kernel: a fused dequantize-GEMV up to 8 rows; for more rows, as here, panels "
+               "of the weight decoded in cache and multiplied by a register-blocked microkernel"
                if kernel == "cpu_cxx" else "the pure-torch reference (dequantize, then matmul)")
-        print(f"note: on CPU marlin.gemm runs {how}; these batches have more than 8 rows, where it is "
-              "slower than dense. The fused kernels for batches are the Metal (MPS) and CUDA paths.")
+        print(f"note: on CPU marlin.gemm runs {how}. Compare ms/batch with fp32's row above; "
+              "benchmarks/bench_cpu_gemm.py times each layer shape against dense.")
     return 0 if same else 1

@@ -51,9 +51,8 @@ from .. import formats as F
 from ..formats import GroupParams
 from ..formats.base import round_scale
 from ..nn.linear import MarlinLinear
-from ..nn.quantize import replace_module
 from .hadamard import rotate, unrotate
-from .refine import minibatches
+from .refine import minibatches, trained_in_place
 
 log = logging.getLogger("metal_marlin_torch")
 
@@ -312,12 +311,7 @@ def autoround_block(
                               "weights": sum(m.v.numel() for m in train.values()), "kept_base": kept_base}
     if not train or options.steps == 0:
         return report
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for name, mod in train.items():
-        replace_module(block, name, mod)
-    try:
+    with trained_in_place(block, train, layers):
         loss_before = _loss(block, inputs, targets, run, options.loss)
         params = [p for m in train.values() for p in m.parameters() if p.requires_grad]
         pieces = minibatches(inputs, targets, options.batch, hidden_of)
@@ -345,11 +339,6 @@ def autoround_block(
         else:
             log.info("autoround: block loss %.4g did not improve on %.4g; the base method's codes are kept",
                      loss_after, loss_before)
-    finally:
-        for name, layer in layers.items():
-            replace_module(block, name, layer)
-        for p, r in frozen:
-            p.requires_grad_(r)
     report["loss_before"] = loss_before
     report["loss_after"] = loss_after if keep else loss_before
     return report

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,12 +204,7 @@ def refine_block(
         train[name] = _Refinable(layer)
     if not train or options.steps == 0:
         return {"loss_before": math.nan, "loss_after": math.nan}
-    frozen = [(p, p.requires_grad) for p in block.parameters()]
-    for p, _ in frozen:
-        p.requires_grad_(False)
-    for name, mod in train.items():
-        replace_module(block, name, mod)
-    try:
+    with trained_in_place(block, train, layers):
         loss_before = _loss(block, inputs, targets, run)
         params = [p for m in train.values() for p in m.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=float(options.lr))
@@ -234,12 +230,28 @@ def refine_block(
         else:
             log.info("refine: block loss %.4g did not improve on %.4g; parameters left as they were",
                      loss_after, loss_before)
+    return {"loss_before": loss_before, "loss_after": loss_after if keep else loss_before}
+
+
+@contextmanager
+def trained_in_place(block: nn.Module, train: dict[str, nn.Module],
+                     layers: dict[str, MarlinLinear]) -> Iterator[None]:
+    """Inside: every parameter ``block`` had is frozen and ``train``'s modules stand in for the
+    layers of the same names (only their own parameters get gradients); on exit, also on error,
+    ``layers`` are back in place and the parameters' ``requires_grad`` as it was. Shared by
+    :func:`refine_block` and learned rounding (:mod:`.autoround`)."""
+    frozen = [(p, p.requires_grad) for p in block.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    for name, mod in train.items():
+        replace_module(block, name, mod)
+    try:
+        yield
     finally:
         for name, layer in layers.items():
             replace_module(block, name, layer)
         for p, r in frozen:
             p.requires_grad_(r)
-    return {"loss_before": loss_before, "loss_after": loss_after if keep else loss_before}
 
 
 def _loss(block: nn.Module, inputs: list[tuple[tuple, dict]], targets: list[torch.Tensor],

@@ -316,16 +316,9 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
     model = build(args, device, dtype)
     row: dict = {"method": method}
     t0 = time.perf_counter()
-    if method.startswith("marlin:") or method == "tinygemm":
-        fmt = "int4" if method == "tinygemm" else method.split(":")[1]
-        quantize_model(model, QuantConfig(format=fmt, group_size=args.group))
-        if method == "tinygemm":
-            for name, mod in list(model.named_modules()):
-                if isinstance(mod, MarlinLinear):
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
-        elif args.fuse == "all":
-            row["fused"] = fuse_projections(model)
+    fused = convert(args, model, method)
+    if fused is not None:
+        row["fused"] = fused
     sync(device)
     quantized = not method.startswith("dense")
     row["quantize_s"] = round(time.perf_counter() - t0, 2) if quantized else None
@@ -342,7 +335,7 @@ def measure(args, method: str, device: str, dtype: torch.dtype) -> dict:
         row["eager_tok_s"], _, split, row["tokens"] = generate_tok_s(
             model, ids, args.new, device, False, args.generate_repeats)
         row["eager_split"] = split
-        if args.fuse == "after-eager" and method.startswith("marlin:"):
+        if args.fuse == "after-eager" and method.startswith("marlin:") and "fused" not in row:
             row["fused"] = fuse_projections(model)  # for the compiled, graph and prefill columns
             sync(device)
         if device == "cuda" and not args.no_compile:
@@ -483,21 +476,30 @@ def build_method(args, method: str, device: str, dtype: torch.dtype):
     """The model of one method (quantized / swapped to tinygemm as :func:`measure` does). A
     ``+fused`` suffix (``marlin:int4+fused``) fuses that model whatever ``--fuse`` says, so
     ``--eager-interleaved`` can time a fused and an unfused model in the same rounds."""
+    model = build(args, device, dtype)
+    convert(args, model, method)
+    return model
+
+
+def convert(args, model, method: str) -> dict | None:
+    """Quantize ``model`` in place for ``method`` (dense: nothing; tinygemm: int4 layers swapped
+    to :class:`TinyGemmLinear`; ours fused with ``--fuse all`` or a ``+fused`` suffix). Returns
+    :func:`fuse_projections`' counts when it fused, else None."""
     method, _, opt = method.partition("+")
     if opt not in ("", "fused") or (opt and not method.startswith("marlin:")):
         raise ValueError(f"--methods: the only suffix is '+fused' after a marlin method, got {method}+{opt}")
-    model = build(args, device, dtype)
-    if method.startswith("marlin:") or method == "tinygemm":
-        fmt = "int4" if method == "tinygemm" else method.split(":")[1]
-        quantize_model(model, QuantConfig(format=fmt, group_size=args.group))
-        if method == "tinygemm":
-            for name, mod in list(model.named_modules()):
-                if isinstance(mod, MarlinLinear):
-                    parent, _, child = name.rpartition(".")
-                    setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
-        elif opt == "fused" or getattr(args, "fuse", "none") == "all":
-            fuse_projections(model)
-    return model
+    if not (method.startswith("marlin:") or method == "tinygemm"):
+        return None
+    fmt = "int4" if method == "tinygemm" else method.split(":")[1]
+    quantize_model(model, QuantConfig(format=fmt, group_size=args.group))
+    if method == "tinygemm":
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, MarlinLinear):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, TinyGemmLinear(mod))
+    elif opt == "fused" or getattr(args, "fuse", "none") == "all":
+        return fuse_projections(model)
+    return None
 
 
 def eager_interleaved(args, methods: list[str], device: str) -> list[dict]:
